@@ -1,0 +1,213 @@
+"""The abstract syntax of a spec file: frozen dataclasses that keep their source spans.
+
+`attndsl.parse` returns a `SpecFile`; every field of every block is filled in, defaults
+included, and every argument has been checked (see `attndsl.check`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+
+@dataclass(frozen=True)
+class Span:
+    """A place in the source: 1-based line and column, end exclusive."""
+
+    filename: str
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+    source: str = field(default="", compare=False, repr=False)  # the whole text, for diagnostics
+
+    def line_text(self) -> str:
+        lines = self.source.splitlines()
+        return lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+
+    def __str__(self) -> str:
+        return f"{self.filename}:{self.line}:{self.column}"
+
+
+NOWHERE = Span("<builtin>", 0, 0, 0, 0)
+
+
+# --- expressions of user maps: kernel(x) = EXPR, position(r) = EXPR -------------------------
+
+
+@dataclass(frozen=True)
+class Num:
+    value: float
+    span: Span = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str  # "x" in a kernel map, "r" in a position function
+    span: Span = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Unary:
+    op: str  # "-"
+    operand: "Expr"
+    span: Span = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: str  # "+", "-", "*", "/", "**"
+    left: "Expr"
+    right: "Expr"
+    span: Span = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
+class Call:
+    func: str  # one of FUNCTIONS
+    args: tuple["Expr", ...]
+    span: Span = field(default=NOWHERE, compare=False)
+
+
+Expr = Union[Num, Var, Unary, Binary, Call]
+
+# name -> arity of the functions an EXPR may call
+FUNCTIONS: dict[str, int] = {
+    "exp": 1, "log": 1, "abs": 1, "sqrt": 1, "relu": 1, "elu": 1, "sigmoid": 1,
+    "tanh": 1, "softplus": 1, "sin": 1, "cos": 1, "min": 2, "max": 2,
+}
+
+
+# --- field values -----------------------------------------------------------------------------
+
+Value = Union[int, float, bool, str]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A field value such as `favor(features=256, seed=0)`, `causal` or `kernel(x) = EXPR`.
+
+    `name` is the canonical choice ("favor", "user", "none", ...); `params` holds every parameter
+    of that choice with defaults filled in, in declaration order; `expr` is set for user maps.
+    """
+
+    name: str
+    params: tuple[tuple[str, Value], ...] = ()
+    expr: Expr | None = None
+    span: Span = field(default=NOWHERE, compare=False)
+
+    def __getitem__(self, key: str) -> Value:
+        for k, v in self.params:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def get(self, key: str, default: Value | None = None) -> Value | None:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One `attention NAME { ... }` block, every field present (defaults filled in).
+
+    kernel:   softmax | relu | elu1 | exp_shift | favor | hyperbolic | trig | user
+    position: none | toeplitz | alibi | user
+    apply:    scores | values
+    sampling: none | kde | uniform
+    mask:     none | causal
+    scale:    None means 1/sqrt(head_dim)
+    """
+
+    name: str
+    kernel: Choice
+    position: Choice
+    apply: Choice
+    sampling: Choice
+    mask: Choice
+    scale: float | None
+    span: Span = field(default=NOWHERE, compare=False)
+    # span of each field as written (absent when the field took its default)
+    field_spans: tuple[tuple[str, Span], ...] = field(default=(), compare=False)
+
+    def span_of(self, field_name: str) -> Span:
+        for k, s in self.field_spans:
+            if k == field_name:
+                return s
+        return self.span
+
+    @property
+    def causal(self) -> bool:
+        return self.mask.name == "causal"
+
+
+@dataclass(frozen=True)
+class SpecFile:
+    filename: str
+    blocks: tuple[AttentionSpec, ...]
+    source: str = field(default="", compare=False, repr=False)
+
+    def block(self, name: str | None = None) -> AttentionSpec:
+        """The block called `name`, or the only block when `name` is None."""
+        from .diagnostics import SpecError
+
+        if name is None:
+            if len(self.blocks) == 1:
+                return self.blocks[0]
+            names = ", ".join(b.name for b in self.blocks)
+            raise SpecError(f"{self.filename} holds {len(self.blocks)} attention blocks ({names}); "
+                            f"pass name= to choose one")
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        names = ", ".join(b.name for b in self.blocks) or "none"
+        raise SpecError(f"{self.filename} has no attention block named {name!r}; it has: {names}")
+
+
+# --- the spec as written: what `parse` hands to `check` (names, spans, no defaults) ----------
+
+
+@dataclass(frozen=True)
+class WrittenValue:
+    """A field or argument value as written: `causal`, `favor(256, seed=0)`, `-0.5`, `true`.
+
+    kind is "name", "call", "number" or "bool"; `value` is the name (for a call, its callee),
+    the number (int or float) or the bool; `text` is the source text, for messages.
+    """
+
+    kind: str
+    value: Value
+    text: str
+    span: Span
+    args: tuple["WrittenArg", ...] = ()
+    name_span: Span | None = None  # the callee of a call
+
+
+@dataclass(frozen=True)
+class WrittenArg:
+    keyword: str | None  # None for a positional argument
+    value: WrittenValue
+    span: Span
+    keyword_span: Span | None = None
+
+
+@dataclass(frozen=True)
+class WrittenField:
+    """`name = value`, or a user map `name(param) = expr`."""
+
+    name: str
+    span: Span
+    name_span: Span
+    value: WrittenValue | None = None
+    param: str | None = None
+    param_span: Span | None = None
+    expr: Expr | None = None
+
+
+@dataclass(frozen=True)
+class WrittenBlock:
+    name: str
+    fields: tuple[WrittenField, ...]
+    span: Span
+    name_span: Span

@@ -1,0 +1,348 @@
+"""Written spec -> AST: the table of valid choices, defaults filled in, every semantic check.
+
+Each mistake is a `SpecError` at its culprit's span, with a help line saying what is valid.
+Order: per block, the header, then each field in source order, then cross-field rules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .ast import (FUNCTIONS, AttentionSpec, Binary, Call, Choice, Expr, Num, SpecFile, Span, Unary,
+                  Value, Var, WrittenArg, WrittenBlock, WrittenField, WrittenValue)
+from .diagnostics import SpecError, did_you_mean
+
+REQUIRED = object()   # a parameter with no default
+INT_MAX = 2**63 - 1   # anything beyond int64 is a typo, not a setting
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a choice: its type (int, float, bool or str = one of `names`) and range."""
+
+    name: str
+    type: type
+    default: object = REQUIRED          # None: optional, absent means "the standard value"
+    lo: float | None = None             # lo <= value
+    hi: float | None = None             # value <= hi
+    gt: float | None = None             # gt < value
+    names: tuple[str, ...] = ()         # the identifiers a str parameter accepts
+    absent: str = ""                    # what a None default stands for
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    params: tuple[Param, ...] = ()
+
+    def signature(self) -> str:
+        def one(p: Param) -> str:
+            if p.default is REQUIRED:
+                return p.name
+            if p.default is None:
+                return f"[{p.name}]"
+            return f"{p.name}={_fmt(p.default)}"
+        return f"{self.name}({', '.join(map(one, self.params))})" if self.params else self.name
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """A field whose value is one of `options`, or a user map over `user_var` when it has one."""
+
+    name: str
+    plural: str                          # for "valid kernels: ..."
+    options: dict[str, Option]
+    default: str
+    user_var: str | None = None
+
+
+def _options(*opts: Option) -> dict[str, Option]:
+    return {o.name: o for o in opts}
+
+
+def _seed() -> Param:
+    return Param("seed", int, 0, lo=0)
+
+
+FIELDS: dict[str, FieldSpec] = {f.name: f for f in [
+    FieldSpec("kernel", "kernels", _options(
+        Option("softmax"), Option("relu"), Option("elu1"), Option("exp_shift"),
+        Option("favor", (Param("features", int, 256, lo=1, hi=65536), Param("orthogonal", bool, True),
+                         Param("stabilize", bool, True), _seed())),
+        Option("hyperbolic", (Param("features", int, 128, lo=1, hi=65536), _seed())),
+        Option("trig", (Param("features", int, 128, lo=1, hi=65536), Param("sigma", float, 1.0, gt=0),
+                        _seed())),
+    ), default="softmax", user_var="x"),
+    FieldSpec("position", "positions", _options(
+        Option("none"),
+        Option("toeplitz", (Param("max_distance", int, lo=0, hi=1048576),
+                            Param("init", str, "zeros", names=("zeros", "normal")))),
+        Option("alibi", (Param("slope", float, None, gt=0, absent="the standard per-head slopes 2^(-8h/H)"),)),
+    ), default="none", user_var="r"),
+    FieldSpec("apply", "apply modes", _options(Option("scores"), Option("values")), default="scores"),
+    FieldSpec("sampling", "sampling methods", _options(
+        Option("none"),
+        Option("kde", (Param("buckets", int, 16, lo=2, hi=65536), Param("block", int, 128, lo=1),
+                       Param("samples", int, 128, lo=0), _seed())),
+        Option("uniform", (Param("samples", int, 256, lo=1), _seed())),
+    ), default="none"),
+    FieldSpec("mask", "masks", _options(Option("none"), Option("causal")), default="none"),
+]}
+SCALE = Param("scale", float, None, gt=0, absent="1/sqrt(head_dim)")
+FIELD_NAMES = (*FIELDS, "scale")
+
+
+def check(blocks: tuple[WrittenBlock, ...], filename: str, source: str) -> SpecFile:
+    """The checked `SpecFile`; raises `SpecError` at the first mistake."""
+    if not blocks:
+        raise SpecError(f"{filename} holds no attention block", Span(filename, 1, 1, 1, 2, source),
+                        help="a spec file holds one or more `attention NAME { ... }` blocks")
+    first: dict[str, Span] = {}
+    out = []
+    for b in blocks:
+        if b.name in first:
+            raise SpecError(f"duplicate attention block '{b.name}' (first defined at line "
+                            f"{first[b.name].line})", b.name_span, help="give each block its own name")
+        first[b.name] = b.name_span
+        out.append(check_block(b))
+    return SpecFile(filename, tuple(out), source)
+
+
+def check_block(b: WrittenBlock) -> AttentionSpec:
+    written: dict[str, WrittenField] = {}
+    values: dict[str, Choice | float | None] = {}
+    for f in b.fields:
+        if f.name not in FIELD_NAMES:
+            raise SpecError(f"unknown field '{f.name}'", f.name_span,
+                            help=did_you_mean(f.name, FIELD_NAMES, "fields"))
+        if f.name in written:
+            raise SpecError(f"duplicate field '{f.name}' (first set at line {written[f.name].span.line})",
+                            f.name_span, help=f"set each field once; remove one of the two '{f.name}' lines")
+        written[f.name] = f
+        values[f.name] = check_scale(f) if f.name == "scale" else check_field(FIELDS[f.name], f)
+    for name, fs in FIELDS.items():
+        if name not in values:
+            values[name] = Choice(fs.default, default_params(fs.options[fs.default]), span=b.span)
+    spec = AttentionSpec(b.name, values["kernel"], values["position"], values["apply"],
+                         values["sampling"], values["mask"], values.get("scale"), span=b.span,
+                         field_spans=tuple((k, f.span) for k, f in written.items()))
+    check_combination(spec)
+    return spec
+
+
+# --- one field ---------------------------------------------------------------------------------
+
+
+def check_field(fs: FieldSpec, f: WrittenField) -> Choice:
+    if f.expr is not None:
+        return check_user_map(fs, f)
+    v = f.value
+    if v.kind not in ("name", "call"):
+        raise SpecError(f"{fs.name} must be a {fs.plural[:-1]} name, got {_short(v.text)}", v.span, help=f"valid {fs.plural}: {', '.join(fs.options)}{_user_map_hint(fs)}")
+    option = fs.options.get(v.value)
+    if option is None:
+        raise SpecError(f"unknown {fs.plural[:-1]} '{v.value}'", v.name_span or v.span,
+                        help=did_you_mean(v.value, fs.options, fs.plural) + _user_map_hint(fs))
+    return Choice(option.name, bind(option, v), span=v.span)
+
+
+def _user_map_hint(fs: FieldSpec) -> str:
+    return f", or a user map {fs.name}({fs.user_var}) = EXPR" if fs.user_var else ""
+
+
+def check_scale(f: WrittenField) -> float:
+    if f.expr is not None:
+        raise SpecError("scale is a number, not a map", f.name_span, help="write e.g. scale = 0.125")
+    return convert(SCALE, f.value, "scale")
+
+
+def default_params(option: Option) -> tuple[tuple[str, Value], ...]:
+    return tuple((p.name, p.default) for p in option.params)
+
+
+def bind(option: Option, v: WrittenValue) -> tuple[tuple[str, Value], ...]:
+    """Arguments -> every parameter of `option`, in declaration order, defaults filled in."""
+    params = {p.name: p for p in option.params}
+    bound: dict[str, tuple[WrittenArg, Value]] = {}
+    keyword_seen = False
+    for i, a in enumerate(v.args):
+        if a.keyword is None:
+            if keyword_seen:
+                raise SpecError("positional argument after a keyword argument", a.span,
+                                help=f"write positional arguments first: {option.signature()}")
+            if i >= len(option.params):
+                takes = f"takes {len(option.params)}" if option.params else "takes no"
+                raise SpecError(f"too many arguments: {option.name} {takes} argument"
+                                f"{'' if len(option.params) == 1 else 's'}, got {len(v.args)}",
+                                a.span, help=f"write {option.signature()}")
+            p = option.params[i]
+        else:
+            keyword_seen = True
+            p = params.get(a.keyword)
+            if p is None:
+                help = (did_you_mean(a.keyword, params, f"parameters of {option.name}") if params
+                        else f"{option.name} takes no parameters")
+                raise SpecError(f"unknown parameter '{a.keyword}' of {option.name}", a.keyword_span, help=help)
+        if p.name in bound:
+            first = bound[p.name][0].span
+            raise SpecError(f"duplicate argument '{p.name}' of {option.name} (first given at column "
+                            f"{first.column})", a.keyword_span or a.span, help=f"write {option.signature()}")
+        bound[p.name] = (a, convert(p, a.value, f"'{p.name}' of {option.name}"))
+    out = []
+    for p in option.params:
+        if p.name in bound:
+            out.append((p.name, bound[p.name][1]))
+        elif p.default is REQUIRED:
+            raise SpecError(f"{option.name} needs '{p.name}'", v.span,
+                            help=f"write {option.signature()}; {p.name}: {describe(p)}")
+        else:
+            out.append((p.name, p.default))
+    return tuple(out)
+
+
+def convert(p: Param, v: WrittenValue, what: str) -> Value:
+    """A written value as parameter `p` wants it, checked for type, finiteness and range."""
+    got = _short(v.text)
+    if p.type is bool:
+        if v.kind != "bool":
+            raise SpecError(f"{what} must be true or false, got {got}", v.span, help=f"{p.name}: {describe(p)}")
+        return v.value
+    if p.type is str:
+        if v.kind == "name" and v.value in p.names:
+            return v.value
+        help = did_you_mean(v.value, p.names, f"values of {p.name}") if v.kind == "name" else describe(p)
+        raise SpecError(f"{what} must be one of {', '.join(p.names)}, got {got}", v.span, help=help)
+    if v.kind != "number" or (p.type is int and not isinstance(v.value, int)):
+        noun = "an integer" if p.type is int else "a number"
+        raise SpecError(f"{what} must be {noun}, got {got}", v.span, help=f"{p.name}: {describe(p)}")
+    x = v.value
+    if p.type is float:
+        x = float(x) if abs(x) <= 1e308 else math.inf
+        if not math.isfinite(x):
+            raise SpecError(f"{what} is not a finite number: {got}", v.span, help=f"{p.name}: {describe(p)}")
+    if not _in_range(p, x):
+        raise SpecError(f"{what} must be {_range(p)}, got {got}", v.span, help=f"{p.name}: {describe(p)}")
+    if p.type is int and abs(x) > INT_MAX:
+        raise SpecError(f"{what} is too large: {got}", v.span,
+                        help=f"{p.name}: {describe(p)}, at most {INT_MAX}")
+    return x
+
+
+def _in_range(p: Param, x: float) -> bool:
+    return ((p.lo is None or x >= p.lo) and (p.hi is None or x <= p.hi)
+            and (p.gt is None or x > p.gt))
+
+
+def _range(p: Param) -> str:
+    if p.lo is not None and p.hi is not None:
+        return f"in [{p.lo}, {p.hi}]"
+    if p.gt is not None:
+        return f"> {p.gt}"
+    if p.lo is not None:
+        return f">= {p.lo}"
+    return "any value"
+
+
+def describe(p: Param) -> str:
+    """'an integer in [1, 65536], default 256' — what a parameter accepts."""
+    if p.type is bool:
+        kind = "true or false"
+    elif p.type is str:
+        kind = " or ".join(p.names)
+    else:
+        kind = ("an integer" if p.type is int else "a number") + (
+            "" if _range(p) == "any value" else f" {_range(p)}")
+    if p.default is REQUIRED:
+        return f"{kind}, required"
+    if p.default is None:
+        return f"{kind}; leave it out for {p.absent}"
+    return f"{kind}, default {_fmt(p.default)}"
+
+
+def _fmt(value: Value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- user maps: kernel(x) = EXPR, position(r) = EXPR --------------------------------------------
+
+
+def check_user_map(fs: FieldSpec, f: WrittenField) -> Choice:
+    if fs.user_var is None:
+        maps = " and ".join(f"{s.name}({s.user_var}) = EXPR" for s in FIELDS.values() if s.user_var)
+        raise SpecError(f"{fs.name} cannot be written as a map", f.name_span, help=f"only {maps} are maps")
+    if f.param != fs.user_var:
+        raise SpecError(f"the parameter of a {fs.name} map must be named '{fs.user_var}', not '{f.param}'",
+                        f.param_span, help=f"write {fs.name}({fs.user_var}) = EXPR")
+    check_expr(f.expr, fs)
+    return Choice("user", expr=f.expr, span=f.span)
+
+
+def check_expr(e: Expr, fs: FieldSpec) -> None:
+    """Every number finite, every variable `fs.user_var`, every call a known function of right arity."""
+    var = fs.user_var
+    todo = [e]
+    while todo:                     # pre-order, left to right: errors come in source order
+        n = todo.pop()
+        if isinstance(n, Num) and not math.isfinite(n.value):
+            raise SpecError("number too large", n.span, help="numbers must be finite (at most about 1e308)")
+        if isinstance(n, Var) and n.name != var:
+            raise _bad_variable(n, fs)
+        if isinstance(n, Call):
+            if n.func not in FUNCTIONS:
+                raise SpecError(f"unknown function '{n.func}'", n.span,
+                                help=did_you_mean(n.func, FUNCTIONS, "functions"))
+            arity = FUNCTIONS[n.func]
+            if len(n.args) != arity:
+                raise SpecError(f"{n.func} takes {arity} argument{'s' if arity > 1 else ''}, "
+                                f"got {len(n.args)}", n.span,
+                                help=f"write {n.func}({', '.join('abc'[:arity])})")
+        todo.extend(reversed(_children(n)))
+
+
+def _children(n: Expr) -> tuple[Expr, ...]:
+    if isinstance(n, Unary):
+        return (n.operand,)
+    if isinstance(n, Binary):
+        return (n.left, n.right)
+    if isinstance(n, Call):
+        return n.args
+    return ()
+
+
+def _bad_variable(n: Var, fs: FieldSpec) -> SpecError:
+    var, what = fs.user_var, f"a {fs.name} map"
+    if n.name in FUNCTIONS:
+        return SpecError(f"'{n.name}' is a function, not a variable", n.span, help=f"call it: {n.name}({var})")
+    others = {s.user_var: s.name for s in FIELDS.values() if s.user_var and s.user_var != var}
+    if n.name in others:
+        return SpecError(f"'{n.name}' is not defined in {what}; its variable is '{var}'", n.span,
+                         help=f"'{n.name}' is the variable of {others[n.name]} maps; in {fs.name}({var}) = EXPR "
+                              f"use '{var}'")
+    return SpecError(f"unknown variable '{n.name}' in {what}", n.span,
+                     help=f"the only variable in {fs.name}({var}) = EXPR is '{var}'")
+
+
+# --- cross-field rules -------------------------------------------------------------------------
+
+
+def check_combination(spec: AttentionSpec) -> None:
+    sampling, kernel = spec.sampling.name, spec.kernel.name
+    if sampling != "none" and kernel != "softmax":
+        shown = "a user map" if kernel == "user" else kernel
+        raise SpecError(f"sampling = {sampling} needs kernel = softmax, but the kernel is {shown}",
+                        spec.span_of("sampling"),
+                        help="KDE and uniform sampling estimate exact softmax attention; "
+                             "remove `sampling` or set kernel = softmax")
+    if sampling == "kde" and spec.causal:
+        raise SpecError("sampling = kde cannot be combined with mask = causal", spec.span_of("sampling"),
+                        help="the KDEformer estimator samples keys from the whole sequence and is "
+                             "non-causal; use sampling = uniform or remove the causal mask")
+    if spec.apply.name == "values" and spec.position.name == "none":
+        raise SpecError("apply = values needs a position term: there is nothing to apply",
+                        spec.span_of("apply"),
+                        help="set position = toeplitz(max_distance=...), alibi or position(r) = EXPR, "
+                             "or remove `apply`")
