@@ -1,0 +1,59 @@
+"""Every environment flag attndsl reads, in one place (no other module reads os.environ for them).
+
+Each flag is read when its function is called, so a test can monkeypatch the environment.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in _FALSE
+
+
+def cache_dir() -> Path:
+    """ATTNDSL_CACHE_DIR, else $XDG_CACHE_HOME/attndsl, else ~/.cache/attndsl."""
+    if os.environ.get("ATTNDSL_CACHE_DIR"):
+        return Path(os.environ["ATTNDSL_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "attndsl"
+
+
+def dump_ir() -> bool:
+    """ATTNDSL_DUMP_IR truthy: print the IR after every pass to stderr."""
+    return _flag("ATTNDSL_DUMP_IR")
+
+
+def verbose() -> int:
+    """ATTNDSL_VERBOSE: 0 silent, 1 one line per compile or cache load, 2 also per-stage detail."""
+    raw = os.environ.get("ATTNDSL_VERBOSE", "0").strip().lower()
+    if raw in _FALSE:
+        return 0
+    try:
+        return max(0, min(2, int(raw)))
+    except ValueError:
+        return 1                      # "yes", "true": the user asked for messages
+
+
+def use_cache() -> bool:
+    """False when ATTNDSL_NO_CACHE is truthy: always rebuild, never read or write the cache."""
+    return not _flag("ATTNDSL_NO_CACHE")
+
+
+# name -> (current value, meaning); what `attndsl` prints for its flags
+def _flags() -> dict[str, tuple[object, str]]:
+    return {
+        "ATTNDSL_CACHE_DIR": (cache_dir(), "where compiled kernels are cached"),
+        "ATTNDSL_DUMP_IR": (dump_ir(), "dump the IR after every pass to stderr"),
+        "ATTNDSL_VERBOSE": (verbose(), "0/1/2: progress messages while compiling"),
+        "ATTNDSL_NO_CACHE": (not use_cache(), "always rebuild kernels; never read or write the cache"),
+    }
+
+
+def describe() -> str:
+    """One line per flag: name, current value, meaning."""
+    return "\n".join(f"{name:<18} = {str(value):<30} {meaning}"
+                     for name, (value, meaning) in _flags().items())
