@@ -1,0 +1,1 @@
+"""The passes, one per module; `attndsl.pipeline` lists them in order."""

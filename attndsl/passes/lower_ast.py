@@ -1,0 +1,42 @@
+"""AST -> IR: DESIGN §2 written down literally as quadratic nodes.
+
+    out = Normalize(Masked?(Biased?(κ, b)), v) [+ ToeplitzValues(b, v)]  [Sample(...)]
+    κ   = ExpDot(q, k, s)                      softmax
+        | Dot(φ(√s·q), φ(√s·k))                a feature map
+"""
+from __future__ import annotations
+
+import math
+
+from ..ast import AttentionSpec
+from ..featuremaps import lookup
+from ..ir import (Add, Biased, Dot, ExpDot, FeatureMap, Input, Masked, Node, Normalize, Position,
+                  Sample, Scale, ToeplitzValues)
+from ..reference import effective_scale
+
+
+def lower(spec: AttentionSpec, head_dim: int, value_dim: int) -> Node:
+    s = effective_scale(spec, head_dim)
+    q, k, v = Input("q", head_dim), Input("k", head_dim), Input("v", value_dim)
+    kspan = spec.span_of("kernel")
+    if spec.kernel.name == "softmax":
+        scores: Node = ExpDot(q, k, s, span=kspan)
+    else:
+        width = lookup(spec.kernel).width(spec.kernel, head_dim)
+        c = math.sqrt(s)
+        scores = Dot(FeatureMap(Scale(q, c), spec.kernel, "q", width, span=kspan),
+                     FeatureMap(Scale(k, c), spec.kernel, "k", width, span=kspan), span=kspan)
+
+    bias = None
+    if spec.position.name != "none":
+        bias = Position(spec.position, span=spec.span_of("position"))
+        if spec.apply.name == "scores":
+            scores = Biased(scores, bias, span=spec.span_of("position"))
+    if spec.causal:
+        scores = Masked(scores, span=spec.span_of("mask"))
+    out: Node = Normalize(scores, v, span=kspan)
+    if spec.sampling.name != "none":
+        out = Sample(out, spec.sampling, span=spec.span_of("sampling"))
+    if bias is not None and spec.apply.name == "values":
+        out = Add(out, ToeplitzValues(bias, v, spec.causal, span=spec.span_of("apply")))
+    return out

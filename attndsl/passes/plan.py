@@ -1,0 +1,82 @@
+"""The cost model: pick the cheapest valid form for every form site, or the one `plan=` forces.
+
+A form is registered with its node type, when it is valid, and its cost in flops per batch·head
+for a sequence of N. Later forms (Toeplitz-FFT, banded, decayed, quadratic, KDE) register here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from ..diagnostics import SpecError
+from ..ir import LinearAttention, Node, postorder
+from ..rewrite import rewrite
+
+
+@dataclass(frozen=True)
+class Form:
+    name: str
+    node: type
+    valid: Callable[[Node], bool]
+    cost: Callable[[Node, int], float]       # (node, N) -> flops per batch·head
+    summary: str
+
+
+def _linear_cost(n: LinearAttention, N: int) -> float:
+    m, d = n.qf.shape[-1], n.v.shape[-1]
+    return 4.0 * N * m * (d + 1)                 # S = Σ φk⊗[v,1] and φq·S, two M×(D+1) products a row
+
+
+FORMS: list[Form] = [
+    Form("linear", LinearAttention, lambda n: not n.causal, _linear_cost,
+         "S = Σ_j φk_j⊗[v_j, 1] once, then out_i = φq_i·S (two GEMMs)"),
+    Form("prefix_sum", LinearAttention, lambda n: n.causal, _linear_cost,
+         "running state S_i = S_{i−1} + φk_i⊗[v_i, 1], out_i = φq_i·S_i (one pass)"),
+]
+
+
+def quadratic_cost(n: Node, N: int) -> float:
+    """What §2 costs: N² kernel values, each a dot product, and N² weighted value rows."""
+    m, d = n.qf.shape[-1], n.v.shape[-1]
+    return 2.0 * N * N * (m + d + 1)
+
+
+@dataclass(frozen=True)
+class Decision:
+    site: Node
+    form: str
+    costs: tuple[tuple[str, float], ...]      # every valid form with its estimated cost
+
+
+def candidates(n: Node) -> list[Form]:
+    return [f for f in FORMS if isinstance(n, f.node) and f.valid(n)]
+
+
+def choose(root: Node, plan: str = "auto", n: int = 4096) -> tuple[Node, list[Decision]]:
+    """Set `form` on every site; returns the new tree and the choices made (for explain())."""
+    known = sorted({f.name for f in FORMS})
+    if plan != "auto" and plan not in known:
+        from ..diagnostics import did_you_mean
+        raise SpecError(f"unknown plan {plan!r}", help=did_you_mean(plan, ["auto", *known], "plans"))
+    choices: list[Decision] = []
+
+    def rule(node):
+        if not hasattr(node, "form") or node.form is not None:
+            return None
+        forms = candidates(node)
+        if plan != "auto":
+            forced = [f for f in forms if f.name == plan]
+            if not forced:
+                raise SpecError(f"plan {plan!r} does not apply to this spec", node.span,
+                                help=f"forms valid here: {', '.join(f.name for f in forms) or 'none'}")
+            forms = forced
+        best = min(forms, key=lambda f: f.cost(node, n))
+        choices.append(Decision(node, best.name, tuple((f.name, f.cost(node, n)) for f in candidates(node))))
+        return replace(node, form=best.name)
+
+    out = rewrite(root, [("choose_form", rule)])
+    return out, choices
+
+
+def unplanned(root: Node) -> list[Node]:
+    return [x for x in postorder(root) if hasattr(x, "form") and x.form is None]

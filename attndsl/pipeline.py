@@ -1,0 +1,53 @@
+"""The compiler, top to bottom. Each stage is its own module; this file only lists them.
+
+    text --parse--> AST --lower_ast--> IR (§2, quadratic)
+         --fold_scale--> --linearize--> --plan (cost model)--> forms
+         --lowering (attndsl.lowering)--> TVM kernels --build/cache--> Attention module
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from . import config
+from .ast import AttentionSpec
+from .ir import Node, format_ir
+from .passes import fold_scale, linearize, lower_ast, plan
+from .rewrite import rewrite
+from .verify import verify
+
+# (name, rewrite rules), applied in order after lower_ast, each followed by the verifier
+PASSES = [
+    ("fold_scale", fold_scale.RULES),
+    ("linearize", linearize.RULES),
+]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The IR after every pass, and the cost model's decisions."""
+    stages: tuple[tuple[str, Node], ...]
+    decisions: tuple[plan.Decision, ...]
+
+    @property
+    def root(self) -> Node:
+        return self.stages[-1][1]
+
+    def stage(self, name: str) -> Node:
+        return dict(self.stages)[name]
+
+
+def run(spec: AttentionSpec, head_dim: int, value_dim: int, *, plan_name: str = "auto",
+        n: int = 4096) -> Planned:
+    """AST -> planned IR. `n` is the sequence length the cost model plans for."""
+    root = verify(lower_ast.lower(spec, head_dim, value_dim))
+    stages = [("ir", root)]
+    for name, rules in PASSES:
+        root = verify(rewrite(root, rules))
+        stages.append((name, root))
+    root, decisions = plan.choose(root, plan_name, n)
+    stages.append(("plan", verify(root)))
+    if config.dump_ir():
+        for name, node in stages:
+            print(f"// ----- IR after {name} ({spec.name}) -----\n{format_ir(node)}", file=sys.stderr)
+    return Planned(tuple(stages), tuple(decisions))

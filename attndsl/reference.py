@@ -1,0 +1,88 @@
+"""The meaning of a spec: DESIGN §2 computed literally, O(N²), per batch and head.
+
+This is the oracle every compiled form is tested against. It needs no TVM.
+q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv), in q's dtype (bf16/fp16 computed in fp32).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ast import AttentionSpec, Choice
+from .expr import evaluate
+from .featuremaps import lookup
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """The ALiBi paper's per-head slopes 2^(−8h/H), h = 1..H."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], dtype=torch.float64)
+
+
+def relative_positions(n: int, dtype, device=None) -> torch.Tensor:
+    """r[i, j] = i − j, (N, N)."""
+    i = torch.arange(n, device=device)
+    return (i[:, None] - i[None, :]).to(dtype)
+
+
+def position_bias(position: Choice, n: int, heads: int, dtype, table: torch.Tensor | None = None,
+                  device=None) -> torch.Tensor | None:
+    """b_h(i − j) as (H, N, N), or None for `position = none`."""
+    if position.name == "none":
+        return None
+    r = relative_positions(n, dtype, device)
+    if position.name == "toeplitz":                     # table[h, clip(r, −W, W) + W]
+        w = int(position["max_distance"])
+        idx = (r.long().clamp(-w, w) + w)
+        return table.to(dtype)[:, idx]
+    if position.name == "alibi":                        # −slope·|r|
+        slope = position["slope"]
+        slopes = alibi_slopes(heads) if slope is None else torch.full((heads,), float(slope))
+        return -slopes.to(dtype=dtype, device=device)[:, None, None] * r.abs()
+    if position.name == "user":                         # EXPR(r)
+        return evaluate(position.expr, r).expand(heads, n, n)
+    raise NotImplementedError(position.name)
+
+
+def kernel_logits_or_values(spec: AttentionSpec, q, k, scale, projection):
+    """softmax: the logits s·q·kᵀ (B, H, N, N); a feature map: κ = φ(√s q)·φ(√s k)ᵀ."""
+    if spec.kernel.name == "softmax":
+        return scale * q @ k.transpose(-1, -2)
+    fmap = lookup(spec.kernel)
+    w = None if projection is None else projection.to(q.dtype)
+    c = math.sqrt(scale)
+    return fmap.apply(spec.kernel, c * q, w, "q") @ fmap.apply(spec.kernel, c * k, w, "k").transpose(-1, -2)
+
+
+def effective_scale(spec: AttentionSpec, head_dim: int) -> float:
+    """s: the spec's `scale`, else 1/√Dk."""
+    return float(spec.scale) if spec.scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+              projection: torch.Tensor | None = None,
+              position_table: torch.Tensor | None = None) -> torch.Tensor:
+    """out per DESIGN §2. `sampling` specs return the exact softmax result they estimate."""
+    in_dtype = q.dtype
+    if in_dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    heads, n = q.shape[1], q.shape[2]
+    scale = effective_scale(spec, q.shape[-1])
+    bias = position_bias(spec.position, n, heads, q.dtype, position_table, q.device)
+    mask = torch.ones(n, n, dtype=torch.bool, device=q.device)
+    if spec.causal:
+        mask = torch.tril(mask)
+
+    kv = kernel_logits_or_values(spec, q, k, scale, projection)
+    scores_bias = bias if spec.apply.name == "scores" else None
+    if spec.kernel.name == "softmax":                   # A = exp(s q·k + b) M, normalised
+        logits = kv if scores_bias is None else kv + scores_bias
+        a = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    else:                                               # A = κ exp(b) M, normalised
+        a = kv if scores_bias is None else kv * torch.exp(scores_bias)
+        a = a * mask
+        a = a / a.sum(-1, keepdim=True)
+    out = a @ v
+    if bias is not None and spec.apply.name == "values":  # + Σ_j M_ij b(i − j) v_j (FastRPB)
+        out = out + (bias * mask) @ v
+    return out.to(in_dtype)

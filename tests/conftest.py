@@ -1,0 +1,33 @@
+"""Shared fixtures: a private compile cache per session, seeded randomness, tolerances."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# float32 kernels vs the float64 reference; float64 kernels vs the same
+RTOL = {torch.float32: 2e-5, torch.float64: 1e-11, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    if "ATTNDSL_CACHE_DIR" not in os.environ:
+        os.environ["ATTNDSL_CACHE_DIR"] = str(tmp_path_factory.mktemp("attndsl-cache"))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def assert_close(name: str, ref: torch.Tensor, got: torch.Tensor, rtol: float) -> None:
+    err = rel_err(got, ref)
+    assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"

@@ -1,0 +1,72 @@
+"""Passes as Before/Expected pairs, idempotence, the verifier, and the IR dump flag."""
+import pytest
+
+from attndsl import parse, pipeline
+from attndsl.ir import (Dot, FeatureMap, Input, LinearAttention, Masked, Normalize, Scale,
+                        format_ir)
+from attndsl.passes import fold_scale, linearize, plan
+from attndsl.rewrite import rewrite
+from attndsl.verify import IRVerificationError, verify
+from attndsl.ast import Choice
+
+RELU = Choice("relu")
+q, k, v = Input("q", 8), Input("k", 8), Input("v", 4)
+
+
+def fmap(x, role, prescale=1.0):
+    return FeatureMap(x, RELU, role, 8, prescale)
+
+
+def test_fold_scale():
+    before = fmap(Scale(Scale(q, 2.0), 0.5), "q")
+    expected = fmap(q, "q", prescale=1.0)
+    assert rewrite(before, fold_scale.RULES) == expected
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_linearize(causal):
+    scores = Dot(fmap(q, "q"), fmap(k, "k"))
+    before = Normalize(Masked(scores) if causal else scores, v)
+    expected = LinearAttention(fmap(q, "q"), fmap(k, "k"), v, causal=causal)
+    after = rewrite(before, linearize.RULES)
+    assert after == expected
+    assert rewrite(after, linearize.RULES) == after              # idempotent
+
+
+def test_plan_picks_prefix_sum_for_causal_and_linear_otherwise():
+    for causal, form in [(True, "prefix_sum"), (False, "linear")]:
+        root, decisions = plan.choose(LinearAttention(fmap(q, "q"), fmap(k, "k"), v, causal))
+        assert root.form == form and decisions[0].form == form
+        assert plan.choose(root)[0] == root                        # idempotent: nothing left
+
+
+def test_plan_refuses_a_form_that_does_not_apply():
+    from attndsl import SpecError
+    with pytest.raises(SpecError, match="does not apply"):
+        plan.choose(LinearAttention(fmap(q, "q"), fmap(k, "k"), v, causal=False), "prefix_sum")
+    with pytest.raises(SpecError, match="did you mean 'linear'"):
+        plan.choose(LinearAttention(fmap(q, "q"), fmap(k, "k"), v, causal=False), "linaer")
+
+
+def test_verifier_rejects_mismatched_feature_widths():
+    bad = LinearAttention(fmap(q, "q"), FeatureMap(k, RELU, "k", 16), v, causal=False)
+    with pytest.raises(IRVerificationError, match="linear_attention"):
+        verify(bad)
+
+
+def test_pipeline_stages_in_order_and_verified():
+    spec = parse("attention a { kernel = favor(features=16) \n mask = causal }").block()
+    planned = pipeline.run(spec, 8, 4)
+    assert [n for n, _ in planned.stages] == ["ir", "fold_scale", "linearize", "plan"]
+    assert isinstance(planned.stage("ir"), Normalize)
+    assert isinstance(planned.root, LinearAttention) and planned.root.form == "prefix_sum"
+    text = format_ir(planned.root)
+    assert "feature_map" in text and "form=prefix_sum" in text and text.endswith("return %5")
+
+
+def test_dump_ir_flag_prints_every_pass(monkeypatch, capsys):
+    monkeypatch.setenv("ATTNDSL_DUMP_IR", "1")
+    pipeline.run(parse("attention a { kernel = relu }").block(), 8, 8)
+    err = capsys.readouterr().err
+    for stage in ("ir", "fold_scale", "linearize", "plan"):
+        assert f"IR after {stage}" in err
