@@ -1,0 +1,74 @@
+"""IR -> TVM TIR: the only place TVM kernels are written.
+
+`lower(root, dtype)` walks a planned IR and asks the registry `LOWERINGS` for the kernels of each
+node: every node gets a forward and a backward prim_func named `<op><index>_fwd|_bwd`.
+A node with no lowering raises `NotLowered`, which the front end reports against the spec.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from attndsl.ir import FeatureMap, Input, LinearAttention, Node, postorder
+
+from . import featuremap, linear
+
+
+class NotLowered(Exception):
+    """Nodes of the planned IR for which no TVM kernel exists (yet), in post-order."""
+
+    def __init__(self, nodes: list[Node]):
+        self.nodes = nodes
+        super().__init__(", ".join(n.op for n in nodes))
+
+
+def kernel_names(index: int, node: Node) -> tuple[str, str]:
+    base = f"{node.op}{index}"
+    return f"{base}_fwd", f"{base}_bwd"
+
+
+def map_kernel(node: FeatureMap) -> featuremap.MapKernel:
+    dk = node.x.shape[-1]
+    return featuremap.MAPS[node.kernel.name](node.kernel, dk, node.width, node.prescale)
+
+
+def _feature_map(node: FeatureMap, names, dtype):
+    k = map_kernel(node)
+    fwd, bwd = featuremap.FAMILIES[k.family]
+    return {names[0]: fwd(names[0], k, node.role, dtype), names[1]: bwd(names[1], k, dtype)}
+
+
+LINEAR_FORMS = {"linear": False, "prefix_sum": True}     # form -> causal
+
+
+def _linear_attention(node: LinearAttention, names, dtype):
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    causal = LINEAR_FORMS[node.form]
+    return {names[0]: linear.linear_forward(names[0], m, d, dtype, causal),
+            names[1]: linear.linear_backward(names[1], m, d, dtype, causal)}
+
+
+# node type -> (node, (fwd name, bwd name), dtype) -> {name: PrimFunc}
+LOWERINGS: dict[type, Callable] = {
+    Input: lambda node, names, dtype: {},
+    FeatureMap: _feature_map,
+    LinearAttention: _linear_attention,
+}
+
+
+def check(root: Node) -> None:
+    """Raise NotLowered naming every node that has no kernels (cheap: builds nothing)."""
+    missing = [node for node in postorder(root)
+               if type(node) not in LOWERINGS or getattr(node, "form", "linear") not in LINEAR_FORMS]
+    if missing:
+        raise NotLowered(missing)
+
+
+def lower(root: Node, dtype: str) -> dict:
+    """Every kernel the planned IR needs, {name: PrimFunc}, for one dtype."""
+    check(root)
+    funcs = {}
+    for i, node in enumerate(postorder(root)):
+        funcs.update(LOWERINGS[type(node)](node, kernel_names(i, node), dtype))
+    return funcs
+
+

@@ -1,0 +1,284 @@
+"""Feature-map kernels φ(c·x) and their backward, in TVMScript, one per map family.
+
+Families (the registry `FAMILIES` maps each kernel name of DESIGN §1 to one):
+  elementwise  φ(x)_d = f(x_d) for an EXPR f (relu, elu1, user maps); dx = c·f'(c x)·dφ
+  exp          φ(x)_w = exp(raw_w − stab)·norm with raw = c x (exp_shift) or
+               raw = W'(c x) − |c x|²/2 (favor; hyperbolic with W' = [W; −W]);
+               dx = c·(W'ᵀ g − c x Σ_w g_w) with g = dφ ⊙ φ (exp_shift: dx = c·g)
+  cos          φ(x)_w = cos((W'(c x))_w + β_w)·norm, β = [0, −π/2] halves (trig: [cos, sin])
+The stabilizer is a row max for queries and a (batch·head) max for keys: a constant factor of a
+row's (or all rows') kernel values, so it cancels in the normalizer and needs no gradient.
+Shapes: X (BH, N, Dk), W' (width, Dk) and its transpose Wt (Dk, width), F (BH, N, width).
+Signatures: forward (X, Wt, F); backward (X, W', Wt, F, dF, dX) — unused arguments are ignored.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from attndsl.expr import diff
+
+from .expr_tir import to_tir
+
+
+@dataclass(frozen=True)
+class MapKernel:
+    """What lowering needs of one feature map: its family, width, constants."""
+    family: str            # elementwise | exp | cos
+    dk: int
+    width: int
+    c: float               # the prescale √s
+    norm: float = 1.0
+    projected: bool = False
+    stabilize: bool = True
+    expr: object = None    # elementwise: the EXPR
+
+
+def _lowest(dtype):
+    return tirx.min_value(dtype)
+
+
+# --- elementwise: relu, elu1, user maps ------------------------------------------------------------
+
+def elementwise_forward(name: str, k: MapKernel, role: str, dtype: str):
+    dk, c = k.dk, k.c
+
+    def f(x):
+        return to_tir(k.expr, x * tirx.const(c, dtype), dtype)
+
+    @T.prim_func
+    def kernel(x: T.handle, wt: T.handle, out: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        X = T.match_buffer(x, (BH, N, dk), dtype)
+        F = T.match_buffer(out, (BH, N, dk), dtype)
+        for b in T.parallel(BH):
+            for i in range(N):
+                for d in T.vectorized(dk):
+                    F[b, i, d] = f(X[b, i, d])
+    return kernel
+
+
+def elementwise_backward(name: str, k: MapKernel, dtype: str):
+    dk, c = k.dk, k.c
+    dexpr = diff(k.expr, "x")
+
+    def df(x):  # c · f'(c x)
+        return to_tir(dexpr, x * tirx.const(c, dtype), dtype) * tirx.const(c, dtype)
+
+    @T.prim_func
+    def kernel(x: T.handle, w: T.handle, wt: T.handle, f: T.handle, df_: T.handle, dx: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        X = T.match_buffer(x, (BH, N, dk), dtype)
+        dF = T.match_buffer(df_, (BH, N, dk), dtype)
+        dX = T.match_buffer(dx, (BH, N, dk), dtype)
+        for b in T.parallel(BH):
+            for i in range(N):
+                for d in T.vectorized(dk):
+                    dX[b, i, d] = df(X[b, i, d]) * dF[b, i, d]
+    return kernel
+
+
+# --- exp and cos families: the projected row u = W'(c x) ------------------------------------------
+
+def _raw_macro(k: MapKernel, dtype: str):
+    """raw_w for one row into `u`: W'(c x) − |c x|²/2 when projected, else c x."""
+    dk, width, c = k.dk, k.width, k.c
+    half = 0.5 if k.family == "exp" else 0.0
+
+    if not k.projected:
+        @T.macro
+        def raw(X, Wt, u, b, i):
+            for w in T.vectorized(width):
+                u[w] = X[b, i, w] * T.cast(c, dtype)
+        return raw
+
+    @T.macro
+    def raw(X, Wt, u, b, i):
+        hh = T.alloc_buffer((1,), dtype)
+        hh[0] = T.cast(0, dtype)
+        for w in T.vectorized(width):
+            u[w] = T.cast(0, dtype)
+        for d in range(dk):
+            xd: T.let = X[b, i, d] * T.cast(c, dtype)
+            hh[0] = hh[0] + xd * xd
+            for w in T.vectorized(width):
+                u[w] = u[w] + xd * Wt[d, w]
+        for w in T.vectorized(width):
+            u[w] = u[w] - hh[0] * T.cast(half, dtype)
+    return raw
+
+
+def exp_forward(name: str, k: MapKernel, role: str, dtype: str):
+    """φ = exp(raw − stab)·norm; stab = row max (q), (batch·head) max (k), or 0."""
+    dk, width, norm = k.dk, k.width, k.norm
+    raw = _raw_macro(k, dtype)
+    row_stab = k.stabilize and role == "q"
+    global_stab = k.stabilize and role == "k"
+    start = _lowest(dtype) if global_stab else tirx.const(0, dtype)
+
+    @T.prim_func
+    def kernel(x: T.handle, wt: T.handle, out: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        X = T.match_buffer(x, (BH, N, dk), dtype)
+        Wt = T.match_buffer(wt, (dk, width), dtype)
+        F = T.match_buffer(out, (BH, N, width), dtype)
+        for b in T.parallel(BH):
+            u = T.alloc_buffer((width,), dtype)
+            mx = T.alloc_buffer((1,), dtype)
+            mx[0] = start
+            for i in range(N):
+                raw(X, Wt, u, b, i)
+                if row_stab:
+                    mx[0] = _lowest(dtype)
+                    for w in range(width):
+                        mx[0] = T.max(mx[0], u[w])
+                    for w in T.vectorized(width):
+                        F[b, i, w] = T.exp(u[w] - mx[0]) * T.cast(norm, dtype)
+                else:
+                    if global_stab:
+                        for w in range(width):
+                            mx[0] = T.max(mx[0], u[w])
+                    for w in T.vectorized(width):
+                        F[b, i, w] = u[w]
+            if not row_stab:
+                for i in range(N):
+                    for w in T.vectorized(width):
+                        F[b, i, w] = T.exp(F[b, i, w] - mx[0]) * T.cast(norm, dtype)
+    return kernel
+
+
+def exp_backward(name: str, k: MapKernel, dtype: str):
+    """dx = c·(W'ᵀ g − c x Σ_w g_w), g = dφ ⊙ φ; unprojected: dx = c·g."""
+    dk, width, c = k.dk, k.width, k.c
+    projected = k.projected
+
+    @T.prim_func
+    def kernel(x: T.handle, w_: T.handle, wt: T.handle, f: T.handle, df: T.handle, dx: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        X = T.match_buffer(x, (BH, N, dk), dtype)
+        W = T.match_buffer(w_, (width, dk), dtype)
+        F = T.match_buffer(f, (BH, N, width), dtype)
+        dF = T.match_buffer(df, (BH, N, width), dtype)
+        dX = T.match_buffer(dx, (BH, N, dk), dtype)
+        for b in T.parallel(BH):
+            g = T.alloc_buffer((width,), dtype)
+            gs = T.alloc_buffer((1,), dtype)
+            acc = T.alloc_buffer((dk,), dtype)
+            for i in range(N):
+                for w in T.vectorized(width):
+                    g[w] = dF[b, i, w] * F[b, i, w]
+                if projected:
+                    gs[0] = T.cast(0, dtype)
+                    for w in range(width):
+                        gs[0] = gs[0] + g[w]
+                    for d in T.vectorized(dk):
+                        acc[d] = T.cast(0, dtype) - X[b, i, d] * T.cast(c, dtype) * gs[0]
+                    for w in range(width):
+                        gw: T.let = g[w]
+                        for d in T.vectorized(dk):
+                            acc[d] = acc[d] + gw * W[w, d]
+                    for d in T.vectorized(dk):
+                        dX[b, i, d] = acc[d] * T.cast(c, dtype)
+                else:
+                    for d in T.vectorized(dk):
+                        dX[b, i, d] = g[d] * T.cast(c, dtype)
+    return kernel
+
+
+def _beta(w, half: int, dtype: str):
+    return T.if_then_else(w < half, T.cast(0, dtype), T.cast(-math.pi / 2, dtype))
+
+
+def cos_forward(name: str, k: MapKernel, role: str, dtype: str):
+    """φ_w = cos(u_w + β_w)·norm: [cos(Wx/σ), sin(Wx/σ)]/√m with W' = [W; W]/σ."""
+    dk, width, norm, half = k.dk, k.width, k.norm, k.width // 2
+    raw = _raw_macro(k, dtype)
+
+    @T.prim_func
+    def kernel(x: T.handle, wt: T.handle, out: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        X = T.match_buffer(x, (BH, N, dk), dtype)
+        Wt = T.match_buffer(wt, (dk, width), dtype)
+        F = T.match_buffer(out, (BH, N, width), dtype)
+        for b in T.parallel(BH):
+            u = T.alloc_buffer((width,), dtype)
+            for i in range(N):
+                raw(X, Wt, u, b, i)
+                for w in T.vectorized(width):
+                    F[b, i, w] = T.cos(u[w] + _beta(w, half, dtype)) * T.cast(norm, dtype)
+    return kernel
+
+
+def cos_backward(name: str, k: MapKernel, dtype: str):
+    """dx = c·W'ᵀ g with g_w = −dφ_w·sin(u_w + β_w)·norm (u recomputed)."""
+    dk, width, c, norm, half = k.dk, k.width, k.c, k.norm, k.width // 2
+    raw = _raw_macro(k, dtype)
+
+    @T.prim_func
+    def kernel(x: T.handle, w_: T.handle, wt: T.handle, f: T.handle, df: T.handle, dx: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        X = T.match_buffer(x, (BH, N, dk), dtype)
+        W = T.match_buffer(w_, (width, dk), dtype)
+        Wt = T.match_buffer(wt, (dk, width), dtype)
+        dF = T.match_buffer(df, (BH, N, width), dtype)
+        dX = T.match_buffer(dx, (BH, N, dk), dtype)
+        for b in T.parallel(BH):
+            u = T.alloc_buffer((width,), dtype)
+            acc = T.alloc_buffer((dk,), dtype)
+            for i in range(N):
+                raw(X, Wt, u, b, i)
+                for w in T.vectorized(width):
+                    u[w] = T.cast(0, dtype) - dF[b, i, w] * T.sin(u[w] + _beta(w, half, dtype)) * T.cast(norm, dtype)
+                for d in T.vectorized(dk):
+                    acc[d] = T.cast(0, dtype)
+                for w in range(width):
+                    gw: T.let = u[w]
+                    for d in T.vectorized(dk):
+                        acc[d] = acc[d] + gw * W[w, d]
+                for d in T.vectorized(dk):
+                    dX[b, i, d] = acc[d] * T.cast(c, dtype)
+    return kernel
+
+
+# family -> (forward builder(name, k, role, dtype), backward builder(name, k, dtype))
+FAMILIES = {
+    "elementwise": (elementwise_forward, elementwise_backward),
+    "exp": (exp_forward, exp_backward),
+    "cos": (cos_forward, cos_backward),
+}
+
+
+def _elementwise(kernel, dk, width, c):
+    from attndsl.expr import BUILTIN_MAPS
+    return MapKernel("elementwise", dk, width, c, expr=kernel.expr or BUILTIN_MAPS[kernel.name])
+
+
+# kernel name of DESIGN §1 -> (Choice, Dk, width, √s) -> MapKernel
+MAPS = {
+    "relu": _elementwise,
+    "elu1": _elementwise,
+    "user": _elementwise,
+    "exp_shift": lambda kernel, dk, width, c: MapKernel("exp", dk, width, c),
+    "favor": lambda kernel, dk, width, c: MapKernel(
+        "exp", dk, width, c, norm=1 / math.sqrt(width), projected=True,
+        stabilize=bool(kernel["stabilize"])),
+    "hyperbolic": lambda kernel, dk, width, c: MapKernel(
+        "exp", dk, width, c, norm=1 / math.sqrt(width), projected=True),
+    "trig": lambda kernel, dk, width, c: MapKernel(
+        "cos", dk, width, c, norm=1 / math.sqrt(width // 2), projected=True),
+}

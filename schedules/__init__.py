@@ -1,0 +1,1 @@
+"""Per-target schedule rules and shipped tuning databases (imported by attndsl.lowering)."""
