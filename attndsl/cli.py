@@ -1,0 +1,129 @@
+"""The command line: `attndsl check|emit|run FILE`.
+
+    attndsl check model.attn                      parse and check every block
+    attndsl emit model.attn --stage ast|ir|linear|tir
+    attndsl run model.attn --heads 8 --head-dim 64 --seq 1024   compile, compare with §2, time
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+STAGES = ("ast", "ir", "linear", "tir")
+
+
+def _load(path: str):
+    from . import parse, read_spec
+    text, filename = read_spec(path)
+    return parse(text, filename=filename)
+
+
+def cmd_check(args) -> int:
+    specs = _load(args.file)
+    for b in specs.blocks:
+        print(f"{b.span}: attention {b.name}: ok (kernel {b.kernel.name}, position {b.position.name}, "
+              f"mask {b.mask.name})")
+    return 0
+
+
+def _blocks(args):
+    specs = _load(args.file)
+    return [specs.block(args.name)] if args.name else list(specs.blocks)
+
+
+def cmd_emit(args) -> int:
+    from . import pipeline
+    from .ir import format_ir
+    for spec in _blocks(args):
+        if args.stage == "ast":
+            print(_format_ast(spec))
+            continue
+        planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim)
+        if args.stage == "ir":
+            print(f"// {spec.name}: DESIGN §2 as IR\n{format_ir(planned.stage('ir'))}")
+        elif args.stage == "linear":
+            print(f"// {spec.name}: after {', '.join(n for n, _ in planned.stages[1:])}\n"
+                  f"{format_ir(planned.root)}")
+        else:
+            from . import lowering
+            from .lowering.build import module_text
+            print(module_text(lowering.lower(planned.root, args.dtype)))
+    return 0
+
+
+def _format_ast(spec) -> str:
+    from .expr import to_text
+    out = [f"AttentionSpec {spec.name}  @ {spec.span}"]
+    for field in ("kernel", "position", "apply", "sampling", "mask"):
+        c = getattr(spec, field)
+        params = ", ".join(f"{k}={v}" for k, v in c.params)
+        expr = f" = {to_text(c.expr)}" if c.expr is not None else ""
+        out.append(f"  {field:9s} {c.name}({params}){expr}  @ {spec.span_of(field)}")
+    out.append(f"  scale     {spec.scale if spec.scale is not None else '1/sqrt(head_dim)'}")
+    return "\n".join(out)
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from . import compile
+    torch.manual_seed(0)
+    status = 0
+    for spec in _blocks(args):
+        t0 = time.perf_counter()
+        attn = compile(args.file, spec.name, heads=args.heads, head_dim=args.head_dim,
+                       value_dim=args.value_dim)
+        t_compile = time.perf_counter() - t0
+        shape = (args.batch, args.heads, args.seq)
+        q, k = torch.randn(*shape, args.head_dim), torch.randn(*shape, args.head_dim)
+        v = torch.randn(*shape, args.value_dim or args.head_dim)
+        out = attn(q, k, v)
+        ref = attn.reference(q.double(), k.double(), v.double())
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        times = []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            attn(q, k, v)
+            times.append(time.perf_counter() - t)
+        ok = err < 1e-4
+        status |= not ok
+        print(f"{spec.name:24s} compile {t_compile:6.2f} s   rel.err vs §2 {err:.1e} "
+              f"{'ok' if ok else 'FAIL'}   forward {min(times) * 1e3:8.2f} ms  "
+              f"(B={args.batch} H={args.heads} N={args.seq})")
+    return status
+
+
+def main(argv=None) -> int:
+    from .diagnostics import SpecError
+    p = argparse.ArgumentParser(prog="attndsl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="parse and check a spec file")
+    c.add_argument("file")
+    for name in ("emit", "run"):
+        s = sub.add_parser(name, help={"emit": "print a compiler stage",
+                                       "run": "compile, check against the reference, time"}[name])
+        s.add_argument("file")
+        s.add_argument("--name", help="the attention block (default: all)")
+        s.add_argument("--heads", type=int, default=8)
+        s.add_argument("--head-dim", type=int, default=64)
+        s.add_argument("--value-dim", type=int, default=None)
+        if name == "emit":
+            s.add_argument("--stage", choices=STAGES, default="linear")
+            s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+        else:
+            s.add_argument("--batch", type=int, default=2)
+            s.add_argument("--seq", type=int, default=1024)
+            s.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args(argv)
+    try:
+        return {"check": cmd_check, "emit": cmd_emit, "run": cmd_run}[args.cmd](args)
+    except SpecError as e:
+        print(e, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

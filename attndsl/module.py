@@ -1,0 +1,232 @@
+"""`attndsl.Attention`: a compiled spec as a torch.nn.Module (DESIGN §4).
+
+forward runs the planned IR node by node on TVM kernels (`attndsl.ops`); `reference` runs §2.
+q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import cache, ops, pipeline
+from .ast import AttentionSpec
+from .diagnostics import SpecError
+from .featuremaps import lookup
+from .ir import FeatureMap, Input, LinearAttention, Node, format_ir, postorder
+from .reference import effective_scale, reference
+
+KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def _lowering_source_hash() -> str:
+    """Kernel code is part of the cache key: any edit of lowering/ rebuilds."""
+    from . import lowering
+    h = hashlib.sha256()
+    for p in sorted(Path(lowering.__file__).parent.glob("*.py")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: AttentionSpec, *, heads: int, head_dim: int, value_dim: int | None = None,
+                 target: str | dict = "llvm", plan: str = "auto", check_finite: bool = False):
+        super().__init__()
+        from .lowering.build import resolve_target
+        for name, val in (("heads", heads), ("head_dim", head_dim), ("value_dim", value_dim or head_dim)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        self.spec, self.heads, self.head_dim = spec, heads, head_dim
+        self.value_dim = value_dim or head_dim
+        self.scale = effective_scale(spec, head_dim)
+        self.target = resolve_target(target)
+        self.check_finite = check_finite
+        self.planned = pipeline.run(spec, head_dim, self.value_dim, plan_name=plan)
+        self._libs: dict[str, str] = {}          # kernel dtype -> library key in ops
+        self._build_log: list[str] = []
+
+        projection = None
+        if spec.kernel.name != "softmax":
+            projection = lookup(spec.kernel).projection(spec.kernel, head_dim)
+        self.register_buffer("projection", None if projection is None else projection.float())
+        self.position_table = None
+        if spec.position.name == "toeplitz":
+            w = int(spec.position["max_distance"])
+            init = torch.zeros if spec.position["init"] == "zeros" else (lambda *s: 0.02 * torch.randn(*s))
+            self.position_table = nn.Parameter(init(heads, 2 * w + 1))
+        self._library("float32")                 # build now: fails early, and first call is fast
+
+    # --- compilation ---------------------------------------------------------------------------
+
+    def _library(self, dtype: str) -> str:
+        if dtype in self._libs:
+            return self._libs[dtype]
+        from . import lowering
+        from .lowering.build import build
+
+        root = self.planned.root
+        try:
+            lowering.check(root)
+        except lowering.NotLowered as e:
+            form, field = _missing_form(e.nodes)
+            raise SpecError(f"the {form} is not lowered to TVM yet, so spec "
+                            f"'{self.spec.name}' cannot be compiled",
+                            self.spec.span_of(field) or self.spec.span,
+                            help="forms compiled today: linear and prefix_sum (a feature-map kernel "
+                                 "with no position term and no sampling)") from None
+        key = cache.make_key(spec=repr(self.spec), dims=[self.head_dim, self.value_dim], dtype=dtype,
+                             target=self.target, ir=format_ir(root), lowering=_lowering_source_hash())
+        t0 = time.perf_counter()
+        lib, hit = cache.load_or_build(key, lambda: build(lowering.lower(root, dtype), self.target),
+                                       label=f"{self.spec.name}/{dtype}")
+        self._build_log.append(f"{dtype}: {'loaded from cache' if hit else 'compiled'} in "
+                               f"{time.perf_counter() - t0:.2f} s (key {key[:12]})")
+        ops.register_library(key, lib)
+        self._libs[dtype] = key
+        return key
+
+    # --- forward -----------------------------------------------------------------------------------
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self._validate(q, k, v)
+        out_dtype = q.dtype
+        dtype = UPCAST.get(q.dtype, q.dtype)
+        B, H, N, _ = q.shape
+        env = {"q": q.to(dtype).reshape(B * H, N, -1).contiguous(),
+               "k": k.to(dtype).reshape(B * H, N, -1).contiguous(),
+               "v": v.to(dtype).reshape(B * H, N, -1).contiguous()}
+        lib = self._library(KERNEL_DTYPES[dtype])
+        w, wt = self._projection(dtype)
+        out = _execute(self.planned.root, env, lib, w, wt)
+        return out.reshape(B, H, N, self.value_dim).to(out_dtype)
+
+    def _projection(self, dtype):
+        if self.projection is None:
+            width = self.head_dim                # elementwise maps: W' unused but shaped (M, Dk)
+            w = torch.zeros(width, self.head_dim, dtype=dtype)
+        else:
+            w = self.projection.to(dtype).contiguous()
+        return w, w.T.contiguous()
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """DESIGN §2 literally, O(N²), with this module's random features and tables."""
+        self._validate(q, k, v)
+        return reference(self.spec, q, k, v, projection=self.projection,
+                         position_table=self.position_table)
+
+    def _validate(self, q, k, v) -> None:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{name} must be 4-d (batch, heads, seq, dim) like "
+                                 f"scaled_dot_product_attention, got shape {tuple(t.shape)}")
+            if t.dtype not in KERNEL_DTYPES and t.dtype not in UPCAST:
+                raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float64, "
+                                f"bfloat16 and float16 (computed in float32)")
+            if t.device.type != "cpu" and self.target["kind"] == "llvm":
+                raise ValueError(f"{name} is on {t.device}, but this Attention was compiled for the "
+                                 f"CPU (target llvm); move it with .cpu() or compile for a GPU target")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        B, H, N, D = q.shape
+        want = {"q": (B, self.heads, N, self.head_dim), "k": (B, self.heads, N, self.head_dim),
+                "v": (B, self.heads, N, self.value_dim)}
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if tuple(t.shape) != want[name]:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want[name]} "
+                                 f"(heads={self.heads}, head_dim={self.head_dim}, "
+                                 f"value_dim={self.value_dim}; batch and seq taken from q)")
+        if N == 0:
+            raise ValueError("sequence length is 0: attention needs at least one key")
+        if self.check_finite:
+            for name, t in (("q", q), ("k", k), ("v", v)):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
+
+    # --- explain -----------------------------------------------------------------------------------
+
+    def explain(self, n: int | None = None) -> str:
+        """The plan: chosen form and estimated cost per site, kernels, and the IR after each pass."""
+        from .passes.plan import quadratic_cost
+        spec = self.spec
+        lines = [f"attention {spec.name}  ({spec.span})",
+                 f"  heads={self.heads} head_dim={self.head_dim} value_dim={self.value_dim} "
+                 f"scale={self.scale:.6g} target={self.target}", ""]
+        n = n or 4096
+        planned = self.planned if n == 4096 else pipeline.run(spec, self.head_dim, self.value_dim, n=n)
+        lines.append(f"plan (cost model at N={n}, flops per batch·head):")
+        for d in planned.decisions:
+            costs = "  ".join(f"{f}={c / 1e6:.1f}M" for f, c in d.costs)
+            quad = quadratic_cost(d.site, n)
+            lines.append(f"  {d.site.op}: {d.form}   [{costs}; quadratic §2={quad / 1e6:.1f}M, "
+                         f"{quad / dict(d.costs)[d.form]:.0f}x more]")
+        lines.append("")
+        lines.append("kernels (TVM, one build serves every batch and length):")
+        for i, node in enumerate(postorder(planned.root)):
+            if not isinstance(node, Input):
+                lines.append(f"  {node.op}{i}_fwd / {node.op}{i}_bwd   {_describe(node)}")
+        for entry in self._build_log:
+            lines.append(f"  build {entry}")
+        for name, node in planned.stages:
+            lines += ["", f"-- IR after {name} --", format_ir(node)]
+        return "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        forms = ", ".join(d.form for d in self.planned.decisions)
+        return f"{self.spec.name}: heads={self.heads}, head_dim={self.head_dim}, forms=[{forms}]"
+
+
+# (IR op that no kernel covers yet, the DESIGN §3 form that would compute it, the spec field to point at)
+_MISSING = [
+    ("sample", "KDE sampling form", "sampling"),
+    ("toeplitz_values", "Toeplitz-on-values form (FastRPB, apply = values)", "apply"),
+    ("biased", "position form (Toeplitz-FFT, banded or decayed; or quadratic with a position term)",
+     "position"),
+    ("exp_dot", "quadratic form (softmax kernel)", "kernel"),
+]
+
+
+def _missing_form(nodes: list[Node]) -> tuple[str, str]:
+    """Name the form a spec needs from the IR nodes that have no kernels, and the field behind it."""
+    ops_ = {n.op for n in nodes}
+    for op, form, field in _MISSING:
+        if op in ops_:
+            return form, field
+    return f"{nodes[-1].op} form", "kernel"
+
+
+def _describe(node: Node) -> str:
+    if isinstance(node, FeatureMap):
+        return f"φ = {node.kernel.name} ({node.role}), width {node.width}, prescale {node.prescale:.4g}"
+    if isinstance(node, LinearAttention):
+        return f"form {node.form}, causal={node.causal}"
+    return ""
+
+
+# --- the executor: one torch op per IR node ---------------------------------------------------------
+
+def _run_feature_map(node, args, lib, name, w, wt):
+    return ops.feature_map(args[0], w, wt, lib, name, node.width)
+
+
+def _run_linear(node, args, lib, name, w, wt):
+    return ops.linear_attention(*args, lib, name)[0]
+
+
+EXECUTE = {FeatureMap: _run_feature_map, LinearAttention: _run_linear}
+
+
+def _execute(root: Node, env: dict, lib: str, w, wt) -> torch.Tensor:
+    values: dict[Node, torch.Tensor] = {}
+    for i, node in enumerate(postorder(root)):
+        if isinstance(node, Input):
+            values[node] = env[node.name]
+        else:
+            args = [values[c] for c in node.children()]
+            values[node] = EXECUTE[type(node)](node, args, lib, f"{node.op}{i}", w, wt)
+    return values[root]

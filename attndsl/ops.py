@@ -1,0 +1,109 @@
+"""The TVM kernels as PyTorch operators (torch.library), with autograd and fake tensors.
+
+Each op names its compiled library by key (see `register_library`) and its kernels by the IR
+node they lower (`<op><index>`, + `_fwd`/`_bwd`). Tensors are (BH, N, width), contiguous.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LIBRARIES: dict[str, object] = {}
+
+
+def register_library(key: str, lib) -> None:
+    _LIBRARIES[key] = lib
+
+
+def _kernel(lib: str, name: str):
+    return _LIBRARIES[lib][name]
+
+
+# --- φ(x) ------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("attndsl::feature_map", mutates_args=())
+def feature_map(x: Tensor, w: Tensor, wt: Tensor, lib: str, node: str, width: int) -> Tensor:
+    """φ(x): x (BH, N, Dk), w = W' (width, Dk), wt = W'ᵀ -> (BH, N, width)."""
+    out = x.new_empty(x.shape[0], x.shape[1], width)
+    _kernel(lib, node + "_fwd")(x, wt, out)
+    return out
+
+
+@feature_map.register_fake
+def _(x, w, wt, lib, node, width):
+    return x.new_empty(x.shape[0], x.shape[1], width)
+
+
+@torch.library.custom_op("attndsl::feature_map_backward", mutates_args=())
+def feature_map_backward(x: Tensor, w: Tensor, wt: Tensor, f: Tensor, df: Tensor, lib: str,
+                         node: str) -> Tensor:
+    """dx from dφ (BH, N, width)."""
+    dx = torch.empty_like(x)
+    _kernel(lib, node + "_bwd")(x, w, wt, f, df.contiguous(), dx)
+    return dx
+
+
+@feature_map_backward.register_fake
+def _(x, w, wt, f, df, lib, node):
+    return torch.empty_like(x)
+
+
+def _feature_map_setup(ctx, inputs, output):
+    x, w, wt, lib, node, _ = inputs
+    ctx.save_for_backward(x, w, wt, output)
+    ctx.lib, ctx.node = lib, node
+
+
+def _feature_map_grad(ctx, df):
+    x, w, wt, f = ctx.saved_tensors
+    return feature_map_backward(x, w, wt, f, df, ctx.lib, ctx.node), None, None, None, None, None
+
+
+feature_map.register_autograd(_feature_map_grad, setup_context=_feature_map_setup)
+
+
+# --- linear attention: out_i = φq_i·Σ_{j∈M(i)} φk_j v_jᵀ / φq_i·Σ_{j∈M(i)} φk_j ------------------
+
+@torch.library.custom_op("attndsl::linear_attention", mutates_args=())
+def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, lib: str, node: str) -> tuple[Tensor, Tensor]:
+    """(out (BH, N, Dv), den (BH, N)) from φq, φk (BH, N, M) and v (BH, N, Dv)."""
+    out = torch.empty_like(v)
+    den = v.new_empty(v.shape[0], v.shape[1])
+    _kernel(lib, node + "_fwd")(qf, kf, v, out, den)
+    return out, den
+
+
+@linear_attention.register_fake
+def _(qf, kf, v, lib, node):
+    return torch.empty_like(v), v.new_empty(v.shape[0], v.shape[1])
+
+
+@torch.library.custom_op("attndsl::linear_attention_backward", mutates_args=())
+def linear_attention_backward(qf: Tensor, kf: Tensor, v: Tensor, out: Tensor, den: Tensor,
+                              dout: Tensor, lib: str, node: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(dφq, dφk, dv) from dout."""
+    dqf, dkf, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v)
+    _kernel(lib, node + "_bwd")(qf, kf, v, out, den, dout.contiguous(), dqf, dkf, dv)
+    return dqf, dkf, dv
+
+
+@linear_attention_backward.register_fake
+def _(qf, kf, v, out, den, dout, lib, node):
+    return torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v)
+
+
+def _linear_setup(ctx, inputs, output):
+    qf, kf, v, lib, node = inputs
+    ctx.save_for_backward(qf, kf, v, *output)
+    ctx.lib, ctx.node = lib, node
+
+
+def _linear_grad(ctx, dout, dden):
+    # den is an internal output (never returned to users), so its gradient is not propagated
+    qf, kf, v, out, den = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    return (*linear_attention_backward(qf, kf, v, out, den, dout, ctx.lib, ctx.node), None, None)
+
+
+linear_attention.register_autograd(_linear_grad, setup_context=_linear_setup)

@@ -1,0 +1,71 @@
+"""Bad tensors and unsupported forms get clear errors that say what to do."""
+import pytest
+import torch
+
+import attndsl
+from attndsl import SpecError
+
+ATTN = None
+
+
+def attn():
+    global ATTN
+    if ATTN is None:
+        ATTN = attndsl.compile("attention a { kernel = elu1 }", heads=2, head_dim=8, value_dim=4)
+    return ATTN
+
+
+def qkv(B=1, H=2, N=5, Dk=8, Dv=4, dtype=torch.float32):
+    return torch.randn(B, H, N, Dk, dtype=dtype), torch.randn(B, H, N, Dk, dtype=dtype), \
+        torch.randn(B, H, N, Dv, dtype=dtype)
+
+
+BAD = {
+    "3d": (lambda q, k, v: (q[0], k, v), ValueError, "must be 4-d"),
+    "heads": (lambda q, k, v: (q[:, :1], k, v), ValueError, "heads=2"),
+    "head_dim": (lambda q, k, v: (q[..., :4], k, v), ValueError, "head_dim=8"),
+    "value_dim": (lambda q, k, v: (q, k, v[..., :2]), ValueError, "value_dim=4"),
+    "seq_mismatch": (lambda q, k, v: (q, k[:, :, :3], v), ValueError, "expected"),
+    "int_dtype": (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError, "supported: float32"),
+    "mixed_dtype": (lambda q, k, v: (q, k.double(), v), TypeError, "share a dtype"),
+    "not_tensor": (lambda q, k, v: (q.tolist(), k, v), TypeError, "torch.Tensor"),
+    "empty_seq": (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]), ValueError, "length is 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_tensors(case):
+    make, exc, msg = BAD[case]
+    with pytest.raises(exc, match=msg):
+        attn()(*make(*qkv()))
+
+
+def test_nan_policy():
+    q, k, v = qkv()
+    q[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(attn()(q, k, v)).any()                  # default: propagate, like SDPA
+    strict = attndsl.compile("attention a { kernel = elu1 }", heads=2, head_dim=8, value_dim=4,
+                             check_finite=True)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        strict(q, k, v)
+
+
+@pytest.mark.parametrize("text,form", [
+    ("attention s { mask = causal }", "quadratic form"),
+    ("attention s { kernel = relu\n position = alibi(0.5) }", "position form"),
+    ("attention s { sampling = kde(samples=8) }", "KDE sampling form"),
+])
+def test_unlowered_forms_are_located_spec_errors(text, form):
+    with pytest.raises(SpecError, match=form) as e:
+        attndsl.compile(text, heads=1, head_dim=8)
+    assert "<spec>:" in str(e.value) and "^" in str(e.value)
+
+
+def test_bad_module_arguments():
+    with pytest.raises(ValueError, match="heads must be a positive int"):
+        attndsl.compile("attention a { kernel = relu }", heads=0, head_dim=8)
+    with pytest.raises(SpecError, match="no spec file"):
+        attndsl.compile("missing.attn", heads=1, head_dim=8)
+    with pytest.raises(SpecError, match="pass name="):
+        attndsl.compile("attention a { kernel = relu }\nattention b { kernel = relu }",
+                        heads=1, head_dim=8)
