@@ -7,26 +7,29 @@ from tvm import tirx
 
 from attndsl.ast import Binary, Call, Expr, Num, Unary, Var
 
+from . import vmath
+
 
 def _const(v: float, like: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.const(v, str(like.ty))
 
 
 def _softplus(u):  # log(1 + e^u) = max(u, 0) + log(1 + e^−|u|), no overflow
-    return tirx.max(u, _const(0, u)) + tirx.log(_const(1, u) + tirx.exp(-tirx.abs(u)))
+    return tirx.max(u, _const(0, u)) + tirx.log(_const(1, u) + vmath.exp(-tirx.abs(u)))
 
 
 FUNCTIONS: dict[str, Callable[..., tirx.PrimExpr]] = {
-    "exp": tirx.exp, "log": tirx.log, "abs": tirx.abs, "sqrt": tirx.sqrt,
+    "exp": vmath.exp, "log": tirx.log, "abs": tirx.abs, "sqrt": tirx.sqrt,
     "relu": lambda u: tirx.max(u, _const(0, u)),
-    "elu": lambda u: tirx.Select(u > _const(0, u), u, tirx.exp(u) - _const(1, u)),
-    "sigmoid": tirx.sigmoid, "tanh": tirx.tanh, "softplus": _softplus,
-    "sin": tirx.sin, "cos": tirx.cos,
+    "elu": lambda u: tirx.Select(u > _const(0, u), u, vmath.exp(u) - _const(1, u)),
+    "sigmoid": lambda u: _const(1, u) / (_const(1, u) + vmath.exp(-u)),
+    "tanh": tirx.tanh, "softplus": _softplus,
+    "sin": lambda u: vmath.cos(u, -1), "cos": vmath.cos,
     "min": tirx.min, "max": tirx.max,
     "step": lambda u: tirx.Select(u > _const(0, u), _const(1, u), _const(0, u)),
     "sign": lambda u: tirx.Select(u > _const(0, u), _const(1, u),
                                   tirx.Select(u < _const(0, u), _const(-1, u), _const(0, u))),
-    "elu_grad": lambda u: tirx.Select(u > _const(0, u), _const(1, u), tirx.exp(u)),
+    "elu_grad": lambda u: tirx.Select(u > _const(0, u), _const(1, u), vmath.exp(u)),
 }
 
 

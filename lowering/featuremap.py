@@ -21,6 +21,7 @@ from tvm.script import tirx as T
 
 from attndsl.expr import diff
 
+from . import vmath
 from .expr_tir import to_tir
 
 
@@ -142,7 +143,7 @@ def exp_forward(name: str, k: MapKernel, role: str, dtype: str):
                     for w in range(width):
                         mx[0] = T.max(mx[0], u[w])
                     for w in T.vectorized(width):
-                        F[b, i, w] = T.exp(u[w] - mx[0]) * T.cast(norm, dtype)
+                        F[b, i, w] = vmath.exp(u[w] - mx[0]) * T.cast(norm, dtype)
                 else:
                     if global_stab:
                         for w in range(width):
@@ -152,7 +153,7 @@ def exp_forward(name: str, k: MapKernel, role: str, dtype: str):
             if not row_stab:
                 for i in range(N):
                     for w in T.vectorized(width):
-                        F[b, i, w] = T.exp(F[b, i, w] - mx[0]) * T.cast(norm, dtype)
+                        F[b, i, w] = vmath.exp(F[b, i, w] - mx[0]) * T.cast(norm, dtype)
     return kernel
 
 
@@ -196,8 +197,9 @@ def exp_backward(name: str, k: MapKernel, dtype: str):
     return kernel
 
 
-def _beta(w, half: int, dtype: str):
-    return T.if_then_else(w < half, T.cast(0, dtype), T.cast(-math.pi / 2, dtype))
+def _quadrants(w, half: int):
+    """β_w in quarter turns: 0 for the cos half, −1 (cos(u − π/2) = sin u) for the sin half."""
+    return T.if_then_else(w < half, 0, -1)
 
 
 def cos_forward(name: str, k: MapKernel, role: str, dtype: str):
@@ -218,7 +220,7 @@ def cos_forward(name: str, k: MapKernel, role: str, dtype: str):
             for i in range(N):
                 raw(X, Wt, u, b, i)
                 for w in T.vectorized(width):
-                    F[b, i, w] = T.cos(u[w] + _beta(w, half, dtype)) * T.cast(norm, dtype)
+                    F[b, i, w] = vmath.cos(u[w], _quadrants(w, half)) * T.cast(norm, dtype)
     return kernel
 
 
@@ -243,7 +245,7 @@ def cos_backward(name: str, k: MapKernel, dtype: str):
             for i in range(N):
                 raw(X, Wt, u, b, i)
                 for w in T.vectorized(width):
-                    u[w] = T.cast(0, dtype) - dF[b, i, w] * T.sin(u[w] + _beta(w, half, dtype)) * T.cast(norm, dtype)
+                    u[w] = dF[b, i, w] * vmath.cos(u[w], _quadrants(w, half) + 1) * T.cast(norm, dtype)
                 for d in T.vectorized(dk):
                     acc[d] = T.cast(0, dtype)
                 for w in range(width):
