@@ -199,7 +199,7 @@ def exp_backward(name: str, k: MapKernel, dtype: str):
 
 def _quadrants(w, half: int):
     """β_w in quarter turns: 0 for the cos half, −1 (cos(u − π/2) = sin u) for the sin half."""
-    return T.if_then_else(w < half, 0, -1)
+    return tirx.Select(w < half, tirx.const(0, "int32"), tirx.const(-1, "int32"))
 
 
 def cos_forward(name: str, k: MapKernel, role: str, dtype: str):
