@@ -43,6 +43,21 @@ def use_cache() -> bool:
     return not _flag("ATTNDSL_NO_CACHE")
 
 
+def num_threads() -> int:
+    """ATTNDSL_NUM_THREADS, else TVM_NUM_THREADS, else every CPU this process may run on.
+    (TVM's own default counts physical cores in a way that gives 1 thread on this 2-vCPU VM.)"""
+    for name in ("ATTNDSL_NUM_THREADS", "TVM_NUM_THREADS"):
+        raw = os.environ.get(name, "").strip()
+        if raw.isdigit() and int(raw) > 0:
+            return int(raw)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def export_tvm_threads() -> None:
+    """Hand num_threads() to TVM, which reads TVM_NUM_THREADS when its thread pool starts."""
+    os.environ["TVM_NUM_THREADS"] = str(num_threads())
+
+
 # name -> (current value, meaning); what `attndsl` prints for its flags
 def _flags() -> dict[str, tuple[object, str]]:
     return {
@@ -50,6 +65,7 @@ def _flags() -> dict[str, tuple[object, str]]:
         "ATTNDSL_DUMP_IR": (dump_ir(), "dump the IR after every pass to stderr"),
         "ATTNDSL_VERBOSE": (verbose(), "0/1/2: progress messages while compiling"),
         "ATTNDSL_NO_CACHE": (not use_cache(), "always rebuild kernels; never read or write the cache"),
+        "ATTNDSL_NUM_THREADS": (num_threads(), "threads of the TVM kernels (read when TVM starts)"),
     }
 
 

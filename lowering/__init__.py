@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from attndsl import config
+
+config.export_tvm_threads()          # before the first kernel starts TVM's thread pool
+
 from attndsl.ir import FeatureMap, Input, LinearAttention, Node, postorder
 
 from . import featuremap, linear
