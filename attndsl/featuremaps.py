@@ -22,14 +22,15 @@ class FeatureMap:
     width: Callable[[Choice, int], int]                                  # (params, Dk) -> M
     projection: Callable[[Choice, int], torch.Tensor | None]             # (params, Dk) -> W' (M, Dk)
     apply: Callable[[Choice, torch.Tensor, torch.Tensor | None, str], torch.Tensor]  # φ(x), role q|k
+    elementwise: bool = False        # φ(x)_d = f(x_d), same for q and k: fusable into its consumer
 
 
 FEATURE_MAPS: dict[str, FeatureMap] = {}
 
 
-def register(name, width, projection=lambda c, dk: None):
+def register(name, width, projection=lambda c, dk: None, elementwise=False):
     def deco(apply):
-        FEATURE_MAPS[name] = FeatureMap(name, width, projection, apply)
+        FEATURE_MAPS[name] = FeatureMap(name, width, projection, apply, elementwise)
         return apply
     return deco
 
@@ -68,10 +69,10 @@ def _2m(c: Choice, dk: int) -> int:
 
 
 for _name, _expr in BUILTIN_MAPS.items():
-    register(_name, _dk)(lambda c, x, w, role, _e=_expr: evaluate(_e, x))
+    register(_name, _dk, elementwise=True)(lambda c, x, w, role, _e=_expr: evaluate(_e, x))
 
 
-@register("user", _dk)
+@register("user", _dk, elementwise=True)
 def _user(c: Choice, x, w, role):
     return evaluate(c.expr, x)                                           # φ(x) = EXPR elementwise
 

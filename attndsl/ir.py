@@ -201,12 +201,16 @@ class Sample(Node):
 
 @dataclass(frozen=True)
 class LinearAttention(Node):
-    """out_i = φq_i·Σ_{j∈M(i)} φk_j v_jᵀ / φq_i·Σ_{j∈M(i)} φk_j; `form` is chosen by the planner."""
+    """out_i = φq_i·Σ_{j∈M(i)} φk_j v_jᵀ / φq_i·Σ_{j∈M(i)} φk_j; `form` is chosen by the planner.
+    With `phi` set (an elementwise map fused in), qf and kf are the raw q, k and the kernel
+    applies φ(prescale·x) itself."""
     qf: Node
     kf: Node
     v: Node
     causal: bool
     form: str | None = None
+    phi: Choice | None = None
+    prescale: float | None = None
     span: Span = field(default=NOWHERE, compare=False)
 
     @property

@@ -204,7 +204,8 @@ def _describe(node: Node) -> str:
     if isinstance(node, FeatureMap):
         return f"φ = {node.kernel.name} ({node.role}), width {node.width}, prescale {node.prescale:.4g}"
     if isinstance(node, LinearAttention):
-        return f"form {node.form}, causal={node.causal}"
+        fused = f", φ = {node.phi.name} fused in (prescale {node.prescale:.4g})" if node.phi else ""
+        return f"form {node.form}, causal={node.causal}{fused}"
     return ""
 
 

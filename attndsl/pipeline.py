@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from . import config
 from .ast import AttentionSpec
 from .ir import Node, format_ir
-from .passes import fold_scale, linearize, lower_ast, plan
+from .passes import fold_scale, fuse_maps, linearize, lower_ast, plan
 from .rewrite import rewrite
 from .verify import verify
 
@@ -20,6 +20,7 @@ from .verify import verify
 PASSES = [
     ("fold_scale", fold_scale.RULES),
     ("linearize", linearize.RULES),
+    ("fuse_maps", fuse_maps.RULES),
 ]
 
 

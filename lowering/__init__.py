@@ -30,9 +30,12 @@ def kernel_names(index: int, node: Node) -> tuple[str, str]:
     return f"{base}_fwd", f"{base}_bwd"
 
 
+def map_kernel_of(kernel, dk: int, width: int, prescale: float) -> featuremap.MapKernel:
+    return featuremap.MAPS[kernel.name](kernel, dk, width, prescale)
+
+
 def map_kernel(node: FeatureMap) -> featuremap.MapKernel:
-    dk = node.x.shape[-1]
-    return featuremap.MAPS[node.kernel.name](node.kernel, dk, node.width, node.prescale)
+    return map_kernel_of(node.kernel, node.x.shape[-1], node.width, node.prescale)
 
 
 def _feature_map(node: FeatureMap, names, dtype):
@@ -47,8 +50,11 @@ LINEAR_FORMS = {"linear": False, "prefix_sum": True}     # form -> causal
 def _linear_attention(node: LinearAttention, names, dtype):
     m, d = node.qf.shape[-1], node.v.shape[-1]
     causal = LINEAR_FORMS[node.form]
-    return {names[0]: linear.linear_forward(names[0], m, d, dtype, causal),
-            names[1]: linear.linear_backward(names[1], m, d, dtype, causal)}
+    phi = dphi = None
+    if node.phi is not None:                     # fused elementwise map (passes/fuse_maps.py)
+        phi, dphi = featuremap.elementwise_pair(map_kernel_of(node.phi, m, m, node.prescale), dtype)
+    return {names[0]: linear.linear_forward(names[0], m, d, dtype, causal, phi),
+            names[1]: linear.linear_backward(names[1], m, d, dtype, causal, phi, dphi)}
 
 
 # node type -> (node, (fwd name, bwd name), dtype) -> {name: PrimFunc}

@@ -44,11 +44,21 @@ def _lowest(dtype):
 
 # --- elementwise: relu, elu1, user maps ------------------------------------------------------------
 
-def elementwise_forward(name: str, k: MapKernel, role: str, dtype: str):
-    dk, c = k.dk, k.c
+def elementwise_pair(k: MapKernel, dtype: str):
+    """(x -> φ(c x), x -> c·φ'(c x)) as PrimExpr builders, for kernels that apply φ themselves."""
+    c, dexpr = k.c, diff(k.expr, "x")
 
     def f(x):
         return to_tir(k.expr, x * tirx.const(c, dtype), dtype)
+
+    def df(x):
+        return to_tir(dexpr, x * tirx.const(c, dtype), dtype) * tirx.const(c, dtype)
+    return f, df
+
+
+def elementwise_forward(name: str, k: MapKernel, role: str, dtype: str):
+    dk = k.dk
+    f, _ = elementwise_pair(k, dtype)
 
     @T.prim_func
     def kernel(x: T.handle, wt: T.handle, out: T.handle):
@@ -65,11 +75,8 @@ def elementwise_forward(name: str, k: MapKernel, role: str, dtype: str):
 
 
 def elementwise_backward(name: str, k: MapKernel, dtype: str):
-    dk, c = k.dk, k.c
-    dexpr = diff(k.expr, "x")
-
-    def df(x):  # c · f'(c x)
-        return to_tir(dexpr, x * tirx.const(c, dtype), dtype) * tirx.const(c, dtype)
+    dk = k.dk
+    _, df = elementwise_pair(k, dtype)          # c · f'(c x)
 
     @T.prim_func
     def kernel(x: T.handle, w: T.handle, wt: T.handle, f: T.handle, df_: T.handle, dx: T.handle):

@@ -65,8 +65,9 @@ def fill(acc, R, ncols):
             acc[r, j] = T.cast(0, acc.dtype)
 
 
-def _helpers(dtype: str, C: int):
-    """Chunk loaders shared by the kernels (closures over dtype, chunk C, vector width)."""
+def _helpers(dtype: str, C: int, phi=None):
+    """Chunk loaders shared by the kernels (closures over dtype, chunk C, vector width, and the
+    fused elementwise map φ, a PrimExpr -> PrimExpr builder, when there is one)."""
     L = _lanes(dtype)
     zero = T.cast(0, dtype)
     stages = [(b, _shuffle_idx(L, b, False), _shuffle_idx(L, b, True)) for b in (8, 4, 2, 1) if b < L]
@@ -122,15 +123,32 @@ def _helpers(dtype: str, C: int):
                     for j in range(ncols):
                         dst[j, t] = zero
 
-    return L, zero, load, load_t
+    @T.macro
+    def phi_rows(dst, base, N, ncols):
+        """dst[t, :ncols] = φ(dst[t, :ncols]) for the chunk's rows before N (padding stays 0)."""
+        for t in range(C):
+            if base + t < N:
+                for j in T.vectorized(ncols):
+                    dst[t, j] = phi(dst[t, j])
+
+    @T.macro
+    def phi_cols(dst, base, N, nrows):
+        """The same on a transposed chunk dst[j, t]."""
+        for j in range(nrows):
+            for t in T.vectorized(C):
+                dst[j, t] = T.Select(base + t < N, phi(dst[j, t]), zero)
+
+    return L, zero, load, load_t, phi_rows, phi_cols
 
 
-def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool):
+def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None):
     """Linear attention forward: (Qf (BH,N,M), Kf (BH,N,M), V (BH,N,D), O (BH,N,D) out,
     DEN (BH,N) out). With a_ij = Qf_i·Kf_j over j ∈ mask(i) ({j ≤ i} causal, all j otherwise):
-    DEN_i = Σ_j a_ij and O_i = (Σ_j a_ij V_j) / DEN_i."""
+    DEN_i = Σ_j a_ij and O_i = (Σ_j a_ij V_j) / DEN_i.
+    With `phi` (fused elementwise map) the inputs are raw q, k and Qf = φ(q), Kf = φ(k) per chunk."""
     C = 32
-    L, zero, load, load_t = _helpers(dtype, C)
+    fused = phi is not None
+    L, zero, load, load_t, phi_rows, phi_cols = _helpers(dtype, C, phi)
     R = _rows(D, L, C)            # rows of an output/state tile (D columns)
     R1 = _rows(C, L, C)           # rows of a score tile (C columns)
     Mp = _pad(M, R)               # state rows padded to whole tiles; padded rows stay zero
@@ -170,6 +188,8 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool):
                 # S = Kfᵀ V and z = Σ Kf over the whole sequence, then O = Qf S / Qf·z.
                 for c in range((N + C - 1) // C):
                     load(Kc, K, b, c * C, N, M)
+                    if fused:
+                        phi_rows(Kc, c * C, N, M)
                     load(Vc, V, b, c * C, N, D)
                     for t in range(C):
                         for m in T.vectorized(Mp):
@@ -184,10 +204,14 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool):
                                 S[m0 * R + r, d] = acc[r, d]
             for c in range((N + C - 1) // C):
                 load_t(QcT, Q, b, c * C, N, M, X, Y)
+                if fused:
+                    phi_cols(QcT, c * C, N, M)
                 for t in T.vectorized(C):
                     den[t] = zero
                 if causal:
                     load(Kc, K, b, c * C, N, M)
+                    if fused:
+                        phi_rows(Kc, c * C, N, M)
                     load(Vc, V, b, c * C, N, D)
                     # Intra-chunk scores AT[s, t] = Kf_s·Qf_t, kept for t ≥ s; den gets their
                     # column sums while the tile is still in registers.
@@ -229,15 +253,21 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool):
     return kernel
 
 
-def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool):
+def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, dphi=None):
     """Exact gradient of linear_forward's O: (Qf, Kf, V, O, DEN, dO (BH,N,D), dQf (BH,N,M) out,
     dKf (BH,N,M) out, dV (BH,N,D) out). With g_i = dO_i/DEN_i, c_i = −(dO_i·O_i)/DEN_i and
     b_ij = g_i·V_j + c_i over j ∈ mask(i):
     dQf_i = Σ_j b_ij Kf_j,  dKf_j = Σ_{i∋j} b_ij Qf_i,  dV_j = Σ_{i∋j} (Qf_i·Kf_j) g_i.
     Carried state: Sᵀ = Σ V⊗Kf and z = Σ Kf (earlier chunks) give dQf = Sᵀ-product + c z;
-    R = Σ Qf⊗g, its transpose, and r = Σ c Qf (later chunks) give dKf = V Rᵀ + r, dV = Kf R."""
+    R = Σ Qf⊗g, its transpose, and r = Σ c Qf (later chunks) give dKf = V Rᵀ + r, dV = Kf R.
+    With `phi` fused, the inputs are raw q, k and the outputs dq = dQf ⊙ dphi(q), dk likewise
+    (`dphi` is d/dx φ(c·x), the prescale included)."""
     C = 32
-    L, zero, load, load_t = _helpers(dtype, C)
+    fused = phi is not None
+    L, zero, load, load_t, phi_rows, phi_cols = _helpers(dtype, C, phi)
+
+    def dq_scale(x):  # passed to the macros: a non-hygienic macro sees only the kernel's names
+        return dphi(x) if fused else T.cast(1, dtype)
     RM = _rows(M, L, C)           # row tile of an M-column output
     RD = _rows(D, L, C)           # row tile of a D-column output
     R1 = _rows(C, L, C)           # row tile of a score tile
@@ -326,7 +356,7 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool):
                     RT[d0 * RM + r, m] = accM[r, m]
 
     @T.macro(hygienic=False)
-    def emit_dq(base):
+    def emit_dq(base, dq_scale):
         """dQf rows of the chunk: intra (causal) + g Sᵀ + c z."""
         for t0 in range(C // RM):
             fill(accM, RM, M)
@@ -336,10 +366,11 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool):
             for r in T.unroll(RM):
                 if base + t0 * RM + r < N:
                     for m in T.vectorized(M):
-                        dQ[b, base + t0 * RM + r, m] = accM[r, m] + cc[t0 * RM + r] * z[m]
+                        dQ[b, base + t0 * RM + r, m] = (accM[r, m] + cc[t0 * RM + r] * z[m]) * dq_scale(
+                            Q[b, base + t0 * RM + r, m])
 
     @T.macro(hygienic=False)
-    def emit_dkv(base):
+    def emit_dkv(base, dq_scale):
         """dKf and dV rows of the chunk: intra (causal) + state products."""
         for s0 in range(C // RM):
             fill(accM, RM, M)
@@ -349,7 +380,8 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool):
             for r in T.unroll(RM):
                 if base + s0 * RM + r < N:
                     for m in T.vectorized(M):
-                        dK[b, base + s0 * RM + r, m] = accM[r, m] + rv[m]
+                        dK[b, base + s0 * RM + r, m] = (accM[r, m] + rv[m]) * dq_scale(
+                            K[b, base + s0 * RM + r, m])
         for s0 in range(C // RD):
             fill(accD, RD, D)
             if causal:
@@ -424,37 +456,51 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool):
                 # forward in time: dQf needs the state of earlier chunks
                 for c in range(nc):
                     load(Kc, K, b, c * C, N, M)
+                    if fused:
+                        phi_rows(Kc, c * C, N, M)
                     load(Vc, V, b, c * C, N, D)
                     load_g(c * C)
                     scores_b()
-                    emit_dq(c * C)
+                    emit_dq(c * C, dq_scale)
                     fold_kv()
                 # backward in time: dKf, dV need the state of later chunks
                 for ci in range(nc):
                     base = (nc - 1 - ci) * C
                     load(Qc, Q, b, base, N, M)
+                    if fused:
+                        phi_rows(Qc, base, N, M)
                     load_t(QcT, Q, b, base, N, M, X, Y)
+                    if fused:
+                        phi_cols(QcT, base, N, M)
                     load(Kc, K, b, base, N, M)
+                    if fused:
+                        phi_rows(Kc, base, N, M)
                     load(Vc, V, b, base, N, D)
                     load_g(base)
                     scores_b()
                     scores_a()
-                    emit_dkv(base)
+                    emit_dkv(base, dq_scale)
                     fold_qg()
             else:
                 # totals first, then every chunk against them
                 for c in range(nc):
                     load(Qc, Q, b, c * C, N, M)
+                    if fused:
+                        phi_rows(Qc, c * C, N, M)
                     load(Kc, K, b, c * C, N, M)
+                    if fused:
+                        phi_rows(Kc, c * C, N, M)
                     load(Vc, V, b, c * C, N, D)
                     load_g(c * C)
                     fold_kv()
                     fold_qg()
                 for c in range(nc):
                     load(Kc, K, b, c * C, N, M)
+                    if fused:
+                        phi_rows(Kc, c * C, N, M)
                     load(Vc, V, b, c * C, N, D)
                     load_g(c * C)
-                    emit_dq(c * C)
-                    emit_dkv(c * C)
+                    emit_dq(c * C, dq_scale)
+                    emit_dkv(c * C, dq_scale)
 
     return kernel

@@ -4,7 +4,7 @@ import pytest
 from attndsl import parse, pipeline
 from attndsl.ir import (Dot, FeatureMap, Input, LinearAttention, Masked, Normalize, Scale,
                         format_ir)
-from attndsl.passes import fold_scale, linearize, plan
+from attndsl.passes import fold_scale, fuse_maps, linearize, plan
 from attndsl.rewrite import rewrite
 from attndsl.verify import IRVerificationError, verify
 from attndsl.ast import Choice
@@ -33,6 +33,23 @@ def test_linearize(causal):
     assert rewrite(after, linearize.RULES) == after              # idempotent
 
 
+def test_fuse_maps_folds_elementwise_maps_into_the_kernel():
+    before = LinearAttention(fmap(q, "q", 0.5), fmap(k, "k", 0.5), v, causal=True)
+    expected = LinearAttention(q, k, v, causal=True, phi=RELU, prescale=0.5)
+    after = rewrite(before, fuse_maps.RULES)
+    assert after == expected
+    assert rewrite(after, fuse_maps.RULES) == after              # idempotent
+    verify(after)
+
+
+def test_fuse_maps_leaves_projected_and_mismatched_maps_alone():
+    favor = Choice("favor", (("features", 8), ("orthogonal", True), ("stabilize", True), ("seed", 0)))
+    projected = LinearAttention(FeatureMap(q, favor, "q", 8), FeatureMap(k, favor, "k", 8), v, False)
+    mismatched = LinearAttention(fmap(q, "q", 0.5), fmap(k, "k", 1.0), v, causal=False)
+    for before in (projected, mismatched):
+        assert rewrite(before, fuse_maps.RULES) == before
+
+
 def test_plan_picks_prefix_sum_for_causal_and_linear_otherwise():
     for causal, form in [(True, "prefix_sum"), (False, "linear")]:
         root, decisions = plan.choose(LinearAttention(fmap(q, "q"), fmap(k, "k"), v, causal))
@@ -57,7 +74,7 @@ def test_verifier_rejects_mismatched_feature_widths():
 def test_pipeline_stages_in_order_and_verified():
     spec = parse("attention a { kernel = favor(features=16) \n mask = causal }").block()
     planned = pipeline.run(spec, 8, 4)
-    assert [n for n, _ in planned.stages] == ["ir", "fold_scale", "linearize", "plan"]
+    assert [n for n, _ in planned.stages] == ["ir", "fold_scale", "linearize", "fuse_maps", "plan"]
     assert isinstance(planned.stage("ir"), Normalize)
     assert isinstance(planned.root, LinearAttention) and planned.root.form == "prefix_sum"
     text = format_ir(planned.root)
@@ -68,5 +85,5 @@ def test_dump_ir_flag_prints_every_pass(monkeypatch, capsys):
     monkeypatch.setenv("ATTNDSL_DUMP_IR", "1")
     pipeline.run(parse("attention a { kernel = relu }").block(), 8, 8)
     err = capsys.readouterr().err
-    for stage in ("ir", "fold_scale", "linearize", "plan"):
+    for stage in ("ir", "fold_scale", "linearize", "fuse_maps", "plan"):
         assert f"IR after {stage}" in err
