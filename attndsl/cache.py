@@ -104,8 +104,8 @@ def _problem(key: str, so: Path, meta: Path) -> str | None:
 
 
 def _load(so: Path, label: str, t0: float):
-    import tvm
-    lib = tvm.runtime.load_module(str(so))
+    from .lowering.runtime import load_library
+    lib = load_library(so)
     _log(1, f"loaded {label} from cache ({(time.perf_counter() - t0) * 1e3:.1f} ms)")
     return lib
 

@@ -17,6 +17,7 @@ from .ast import AttentionSpec
 from .diagnostics import SpecError
 from .featuremaps import lookup
 from .ir import FeatureMap, Input, LinearAttention, Node, format_ir, postorder
+from .lowering.runtime import check_target, host_cpu, target_kind
 from .reference import effective_scale, reference
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -36,14 +37,14 @@ class Attention(nn.Module):
     def __init__(self, spec: AttentionSpec, *, heads: int, head_dim: int, value_dim: int | None = None,
                  target: str | dict = "llvm", plan: str = "auto", check_finite: bool = False):
         super().__init__()
-        from .lowering.build import resolve_target
+
         for name, val in (("heads", heads), ("head_dim", head_dim), ("value_dim", value_dim or head_dim)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         self.spec, self.heads, self.head_dim = spec, heads, head_dim
         self.value_dim = value_dim or head_dim
         self.scale = effective_scale(spec, head_dim)
-        self.target = resolve_target(target)
+        self.target = check_target(target)       # resolved (TVM imported) only when building
         self.check_finite = check_finite
         self.planned = pipeline.run(spec, head_dim, self.value_dim, plan_name=plan)
         self._libs: dict[str, str] = {}          # kernel dtype -> library key in ops
@@ -66,7 +67,10 @@ class Attention(nn.Module):
         if dtype in self._libs:
             return self._libs[dtype]
         from . import lowering
-        from .lowering.build import build
+
+        def compile_kernels():
+            from .lowering.build import build, resolve_target
+            return build(lowering.lower(root, dtype), resolve_target(self.target))
 
         root = self.planned.root
         try:
@@ -79,9 +83,9 @@ class Attention(nn.Module):
                             help="forms compiled today: linear and prefix_sum (a feature-map kernel "
                                  "with no position term and no sampling)") from None
         key = cache.make_key(spec=repr(self.spec), dims=[self.head_dim, self.value_dim], dtype=dtype,
-                             target=self.target, ir=format_ir(root), lowering=_lowering_source_hash())
+                             target=self.target, host=host_cpu(), ir=format_ir(root), lowering=_lowering_source_hash())
         t0 = time.perf_counter()
-        lib, hit = cache.load_or_build(key, lambda: build(lowering.lower(root, dtype), self.target),
+        lib, hit = cache.load_or_build(key, compile_kernels,
                                        label=f"{self.spec.name}/{dtype}")
         self._build_log.append(f"{dtype}: {'loaded from cache' if hit else 'compiled'} in "
                                f"{time.perf_counter() - t0:.2f} s (key {key[:12]})")
@@ -128,7 +132,7 @@ class Attention(nn.Module):
             if t.dtype not in KERNEL_DTYPES and t.dtype not in UPCAST:
                 raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float64, "
                                 f"bfloat16 and float16 (computed in float32)")
-            if t.device.type != "cpu" and self.target["kind"] == "llvm":
+            if t.device.type != "cpu" and target_kind(self.target) == "llvm":
                 raise ValueError(f"{name} is on {t.device}, but this Attention was compiled for the "
                                  f"CPU (target llvm); move it with .cpu() or compile for a GPU target")
         if not (q.dtype == k.dtype == v.dtype):

@@ -14,7 +14,6 @@ config.export_tvm_threads()          # before the first kernel starts TVM's thre
 
 from attndsl.ir import FeatureMap, Input, LinearAttention, Node, postorder
 
-from . import featuremap, linear
 
 
 class NotLowered(Exception):
@@ -30,15 +29,19 @@ def kernel_names(index: int, node: Node) -> tuple[str, str]:
     return f"{base}_fwd", f"{base}_bwd"
 
 
-def map_kernel_of(kernel, dk: int, width: int, prescale: float) -> featuremap.MapKernel:
+# featuremap and linear import the TVM compiler: only lower() needs them, not check() or a cache hit
+
+def map_kernel_of(kernel, dk: int, width: int, prescale: float):
+    from . import featuremap
     return featuremap.MAPS[kernel.name](kernel, dk, width, prescale)
 
 
-def map_kernel(node: FeatureMap) -> featuremap.MapKernel:
+def map_kernel(node: FeatureMap):
     return map_kernel_of(node.kernel, node.x.shape[-1], node.width, node.prescale)
 
 
 def _feature_map(node: FeatureMap, names, dtype):
+    from . import featuremap
     k = map_kernel(node)
     fwd, bwd = featuremap.FAMILIES[k.family]
     return {names[0]: fwd(names[0], k, node.role, dtype), names[1]: bwd(names[1], k, dtype)}
@@ -48,6 +51,7 @@ LINEAR_FORMS = {"linear": False, "prefix_sum": True}     # form -> causal
 
 
 def _linear_attention(node: LinearAttention, names, dtype):
+    from . import featuremap, linear
     m, d = node.qf.shape[-1], node.v.shape[-1]
     causal = LINEAR_FORMS[node.form]
     phi = dphi = None

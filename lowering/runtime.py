@@ -1,0 +1,63 @@
+"""Loading compiled kernels without the TVM compiler: a cache hit needs only libtvm_runtime.
+
+`import tvm` costs ~1.7 s here (the compiler, LLVM, TVMScript); a cached library only needs the
+runtime's C symbols (the thread pool, workspace allocation) and tvm_ffi's module loader.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import sys
+from pathlib import Path
+
+from attndsl import config
+
+_RUNTIME: ctypes.CDLL | None = None
+
+
+def _load_runtime() -> None:
+    global _RUNTIME
+    if _RUNTIME is not None or "tvm" in sys.modules:      # `import tvm` has loaded it already
+        return
+    config.export_tvm_threads()                           # before the thread pool starts
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or spec.origin is None:
+        raise ImportError("apache-tvm is not installed (pip install apache-tvm==0.27.0.post1)")
+    import tvm_ffi  # noqa: F401  (loads libtvm_ffi.so, which libtvm_runtime.so links against)
+    lib = Path(spec.origin).parent / "lib" / "libtvm_runtime.so"
+    if not lib.is_file():                                 # an unusual layout: take the full import
+        import tvm  # noqa: F401
+        return
+    _RUNTIME = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+
+
+def check_target(target: str | dict) -> str | dict:
+    """The user's target, validated without TVM: 'llvm'/'cpu' (this CPU) or a TVM target dict."""
+    if isinstance(target, dict) and "kind" in target:
+        return dict(target)
+    if target in ("llvm", "cpu"):
+        return "llvm"
+    raise ValueError(f"unknown target {target!r}; valid: 'llvm' (this CPU) or a TVM target dict")
+
+
+def target_kind(target: str | dict) -> str:
+    return target["kind"] if isinstance(target, dict) else target
+
+
+def host_cpu() -> str:
+    """What 'llvm' compiles for, without asking LLVM: the CPU model and its feature flags (a
+    library built with AVX-512 must not be loaded on a CPU without it). Part of the cache key."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        import platform
+        return platform.machine() + " " + platform.processor()
+    keep = [ln for ln in info.splitlines() if ln.split(":")[0].strip() in ("vendor_id", "model name", "flags")]
+    return "\n".join(keep)
+
+
+def load_library(path: str | Path):
+    """A library written by `export_library`, as a module whose kernels are looked up by name."""
+    _load_runtime()
+    import tvm_ffi
+    return tvm_ffi.load_module(str(path))
