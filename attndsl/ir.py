@@ -163,10 +163,11 @@ class Normalize(Node):
 
 @dataclass(frozen=True)
 class ToeplitzValues(Node):
-    """Σ_j M_ij b(i − j) v_j (FastRPB: the position term on the values)."""
+    """Σ_j M_ij b(i − j) v_j (FastRPB: the position term on the values); `form` set by the planner."""
     bias: Node
     v: Node
     causal: bool
+    form: str | None = None
     span: Span = field(default=NOWHERE, compare=False)
 
     @property
@@ -211,6 +212,24 @@ class LinearAttention(Node):
     form: str | None = None
     phi: Choice | None = None
     prescale: float | None = None
+    span: Span = field(default=NOWHERE, compare=False)
+
+    @property
+    def shape(self):
+        return self.v.shape
+
+
+@dataclass(frozen=True)
+class PositionalAttention(Node):
+    """Linear attention with a relative-position weight (Luo et al. 2021), c(r) = exp(b(r)):
+    out_i = Σ_{j∈M(i)} c(i−j) (φq_i·φk_j) v_j / Σ_{j∈M(i)} c(i−j) (φq_i·φk_j).
+    The weights form a Toeplitz matrix; `form` (FFT, banded, decayed) is chosen by the planner."""
+    qf: Node
+    kf: Node
+    v: Node
+    bias: Node
+    causal: bool
+    form: str | None = None
     span: Span = field(default=NOWHERE, compare=False)
 
     @property

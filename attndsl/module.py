@@ -16,9 +16,10 @@ from . import cache, ops, pipeline
 from .ast import AttentionSpec
 from .diagnostics import SpecError
 from .featuremaps import lookup
-from .ir import FeatureMap, Input, LinearAttention, Node, format_ir, postorder
+from .ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
+                 ToeplitzValues, format_ir, postorder)
 from .lowering.runtime import check_target, host_cpu, target_kind
-from .reference import effective_scale, reference
+from .reference import alibi_slopes, effective_scale, reference
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -59,6 +60,12 @@ class Attention(nn.Module):
             w = int(spec.position["max_distance"])
             init = torch.zeros if spec.position["init"] == "zeros" else (lambda *s: 0.02 * torch.randn(*s))
             self.position_table = nn.Parameter(init(heads, 2 * w + 1))
+        slopes = None
+        if spec.position.name == "alibi":
+            slope = spec.position["slope"]
+            slopes = alibi_slopes(heads) if slope is None else torch.full((heads,), float(slope))
+            slopes = slopes.float()[:, None]
+        self.register_buffer("position_slopes", slopes)      # (H, 1), alibi only
         self._library("float32")                 # build now: fails early, and first call is fast
 
     # --- compilation ---------------------------------------------------------------------------
@@ -80,8 +87,9 @@ class Attention(nn.Module):
             raise SpecError(f"the {form} is not lowered to TVM yet, so spec "
                             f"'{self.spec.name}' cannot be compiled",
                             self.spec.span_of(field) or self.spec.span,
-                            help="forms compiled today: linear and prefix_sum (a feature-map kernel "
-                                 "with no position term and no sampling)") from None
+                            help="forms compiled today: linear, prefix_sum, toeplitz_fft and "
+                                 "values_fft (a feature-map kernel, with or without a position term; "
+                                 "no sampling)") from None
         key = cache.make_key(spec=repr(self.spec), dims=[self.head_dim, self.value_dim], dtype=dtype,
                              target=self.target, host=host_cpu(), ir=format_ir(root), lowering=_lowering_source_hash())
         t0 = time.perf_counter()
@@ -104,6 +112,7 @@ class Attention(nn.Module):
                "k": k.to(dtype).reshape(B * H, N, -1).contiguous(),
                "v": v.to(dtype).reshape(B * H, N, -1).contiguous()}
         lib = self._library(KERNEL_DTYPES[dtype])
+        env["position"] = self._position_params(dtype)
         w, wt = self._projection(dtype)
         out = _execute(self.planned.root, env, lib, w, wt)
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
@@ -115,6 +124,14 @@ class Attention(nn.Module):
         else:
             w = self.projection.to(dtype).contiguous()
         return w, w.T.contiguous()
+
+    def _position_params(self, dtype) -> torch.Tensor:
+        """What the position kernels read as TAB (H, P): the table, the alibi slopes, or a dummy."""
+        if self.position_table is not None:
+            return self.position_table.to(dtype).contiguous()
+        if self.position_slopes is not None:
+            return self.position_slopes.to(dtype).contiguous()
+        return torch.zeros(self.heads, 1, dtype=dtype)
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """DESIGN §2 literally, O(N²), with this module's random features and tables."""
@@ -188,9 +205,7 @@ class Attention(nn.Module):
 # (IR op that no kernel covers yet, the DESIGN §3 form that would compute it, the spec field to point at)
 _MISSING = [
     ("sample", "KDE sampling form", "sampling"),
-    ("toeplitz_values", "Toeplitz-on-values form (FastRPB, apply = values)", "apply"),
-    ("biased", "position form (Toeplitz-FFT, banded or decayed; or quadratic with a position term)",
-     "position"),
+    ("biased", "quadratic form with a position term (softmax kernel)", "position"),
     ("exp_dot", "quadratic form (softmax kernel)", "kernel"),
 ]
 
@@ -207,6 +222,11 @@ def _missing_form(nodes: list[Node]) -> tuple[str, str]:
 def _describe(node: Node) -> str:
     if isinstance(node, FeatureMap):
         return f"φ = {node.kernel.name} ({node.role}), width {node.width}, prescale {node.prescale:.4g}"
+    if isinstance(node, (PositionalAttention, ToeplitzValues)):
+        from .expr import to_text
+        pos = node.bias.position
+        what = to_text(pos.expr) if pos.expr is not None else pos.name
+        return f"form {node.form}, causal={node.causal}, b(r) = {what}"
     if isinstance(node, LinearAttention):
         fused = f", φ = {node.phi.name} fused in (prescale {node.prescale:.4g})" if node.phi else ""
         return f"form {node.form}, causal={node.causal}{fused}"
@@ -226,11 +246,27 @@ def _run_linear(node, args, lib, name, w, wt):
 EXECUTE = {FeatureMap: _run_feature_map, LinearAttention: _run_linear}
 
 
+def _run_positional(node, args, lib, name, w, wt):
+    qf, kf, v, tab = args
+    return ops.toeplitz_attention(qf, kf, v, tab, lib, name)[0]
+
+
+def _run_values(node, args, lib, name, w, wt):
+    tab, v = args
+    return ops.toeplitz_values(v, tab, lib, name)
+
+
+EXECUTE.update({PositionalAttention: _run_positional, ToeplitzValues: _run_values,
+                Add: lambda node, args, *_: args[0] + args[1]})
+
+
 def _execute(root: Node, env: dict, lib: str, w, wt) -> torch.Tensor:
     values: dict[Node, torch.Tensor] = {}
     for i, node in enumerate(postorder(root)):
         if isinstance(node, Input):
             values[node] = env[node.name]
+        elif isinstance(node, Position):
+            values[node] = env["position"]
         else:
             args = [values[c] for c in node.children()]
             values[node] = EXECUTE[type(node)](node, args, lib, f"{node.op}{i}", w, wt)

@@ -12,6 +12,8 @@ _LIBRARIES: dict[str, object] = {}
 
 
 def register_library(key: str, lib) -> None:
+    from .lowering import fftlib
+    fftlib.register()            # the Toeplitz kernels call back into the library FFT
     _LIBRARIES[key] = lib
 
 
@@ -107,3 +109,97 @@ def _linear_grad(ctx, dout, dden):
 
 
 linear_attention.register_autograd(_linear_grad, setup_context=_linear_setup)
+
+
+# --- relative positions by FFT (lowering/toeplitz.py) --------------------------------------------
+
+def _fft_len(n: int) -> int:
+    from .passes.plan import fft_length
+    return fft_length(n)
+
+
+@torch.library.custom_op("attndsl::toeplitz_attention", mutates_args=())
+def toeplitz_attention(qf: Tensor, kf: Tensor, v: Tensor, tab: Tensor, lib: str,
+                       node: str) -> tuple[Tensor, Tensor]:
+    """(out (BH, N, Dv), den (BH, N)) of Σ_j c(i−j)(φq_i·φk_j) v_j / Σ_j c(i−j)(φq_i·φk_j), c = exp(b),
+    b from the position parameters tab (H, P)."""
+    out = torch.empty_like(v)
+    den = v.new_empty(v.shape[0], v.shape[1])
+    _kernel(lib, node + "_fwd")(qf, kf, v, tab, out, den, _fft_len(v.shape[1]))
+    return out, den
+
+
+@toeplitz_attention.register_fake
+def _(qf, kf, v, tab, lib, node):
+    return torch.empty_like(v), v.new_empty(v.shape[0], v.shape[1])
+
+
+@torch.library.custom_op("attndsl::toeplitz_attention_backward", mutates_args=())
+def toeplitz_attention_backward(qf: Tensor, kf: Tensor, v: Tensor, tab: Tensor, out: Tensor, den: Tensor,
+                                dout: Tensor, lib: str, node: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dφq, dφk, dv, dtab) from dout; dtab is zero for positions without parameters."""
+    dqf, dkf, dv, dtab = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v), torch.zeros_like(tab)
+    _kernel(lib, node + "_bwd")(qf, kf, v, tab, out, den, dout.contiguous(), dqf, dkf, dv, dtab,
+                                _fft_len(v.shape[1]))
+    return dqf, dkf, dv, dtab
+
+
+@toeplitz_attention_backward.register_fake
+def _(qf, kf, v, tab, out, den, dout, lib, node):
+    return torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v), torch.empty_like(tab)
+
+
+def _toeplitz_setup(ctx, inputs, output):
+    qf, kf, v, tab, lib, node = inputs
+    ctx.save_for_backward(qf, kf, v, tab, *output)
+    ctx.lib, ctx.node = lib, node
+
+
+def _toeplitz_grad(ctx, dout, dden):
+    qf, kf, v, tab, out, den = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    return (*toeplitz_attention_backward(qf, kf, v, tab, out, den, dout, ctx.lib, ctx.node), None, None)
+
+
+toeplitz_attention.register_autograd(_toeplitz_grad, setup_context=_toeplitz_setup)
+
+
+@torch.library.custom_op("attndsl::toeplitz_values", mutates_args=())
+def toeplitz_values(v: Tensor, tab: Tensor, lib: str, node: str) -> Tensor:
+    """Σ_j b(i−j) v_j (BH, N, Dv) (FastRPB), b from tab (H, P)."""
+    y = torch.empty_like(v)
+    _kernel(lib, node + "_fwd")(v, tab, y, _fft_len(v.shape[1]))
+    return y
+
+
+@toeplitz_values.register_fake
+def _(v, tab, lib, node):
+    return torch.empty_like(v)
+
+
+@torch.library.custom_op("attndsl::toeplitz_values_backward", mutates_args=())
+def toeplitz_values_backward(v: Tensor, tab: Tensor, dy: Tensor, lib: str, node: str) -> tuple[Tensor, Tensor]:
+    """(dv, dtab) from dy."""
+    dv, dtab = torch.empty_like(v), torch.zeros_like(tab)
+    _kernel(lib, node + "_bwd")(v, tab, dy.contiguous(), dv, dtab, _fft_len(v.shape[1]))
+    return dv, dtab
+
+
+@toeplitz_values_backward.register_fake
+def _(v, tab, dy, lib, node):
+    return torch.empty_like(v), torch.empty_like(tab)
+
+
+def _values_setup(ctx, inputs, output):
+    v, tab, lib, node = inputs
+    ctx.save_for_backward(v, tab)
+    ctx.lib, ctx.node = lib, node
+
+
+def _values_grad(ctx, dy):
+    v, tab = ctx.saved_tensors
+    return (*toeplitz_values_backward(v, tab, dy, ctx.lib, ctx.node), None, None)
+
+
+toeplitz_values.register_autograd(_values_grad, setup_context=_values_setup)

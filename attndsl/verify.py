@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from .ir import (Add, Biased, Dot, ExpDot, FeatureMap, Input, LinearAttention, Masked, Node,
-                 Normalize, Position, Sample, Scale, ToeplitzValues, format_ir, postorder)
+                 Normalize, Position, PositionalAttention, Sample, Scale, ToeplitzValues, format_ir, postorder)
 
 
 class IRVerificationError(AssertionError):
@@ -35,6 +35,8 @@ CHECKS = {
     Sample: lambda n: isinstance(n.x, Normalize),
     LinearAttention: lambda n: (_rows(n.qf) and _rows(n.kf) and _rows(n.v)
                                 and n.qf.shape == n.kf.shape),
+    PositionalAttention: lambda n: (_rows(n.qf) and _rows(n.kf) and _rows(n.v)
+                                    and n.qf.shape == n.kf.shape and isinstance(n.bias, Position)),
 }
 
 

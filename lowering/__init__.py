@@ -12,7 +12,8 @@ from attndsl import config
 
 config.export_tvm_threads()          # before the first kernel starts TVM's thread pool
 
-from attndsl.ir import FeatureMap, Input, LinearAttention, Node, postorder
+from attndsl.ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
+                        ToeplitzValues, postorder)
 
 
 
@@ -61,18 +62,55 @@ def _linear_attention(node: LinearAttention, names, dtype):
             names[1]: linear.linear_backward(names[1], m, d, dtype, causal, phi, dphi)}
 
 
+def learns(position) -> bool:
+    """Whether the position term has trainable parameters (a toeplitz table)."""
+    return position.name == "toeplitz"
+
+
+def _positional_attention(node: PositionalAttention, names, dtype):
+    from . import toeplitz
+    m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
+    return {names[0]: toeplitz.scores_forward(names[0], m, d, dtype, node.causal, pos),
+            names[1]: toeplitz.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos))}
+
+
+def _toeplitz_values(node: ToeplitzValues, names, dtype):
+    from . import toeplitz
+    d, pos = node.v.shape[-1], node.bias.position
+    return {names[0]: toeplitz.values_forward(names[0], d, dtype, node.causal, pos),
+            names[1]: toeplitz.values_backward(names[1], d, dtype, node.causal, pos, learns(pos))}
+
+
 # node type -> (node, (fwd name, bwd name), dtype) -> {name: PrimFunc}
 LOWERINGS: dict[type, Callable] = {
     Input: lambda node, names, dtype: {},
+    Position: lambda node, names, dtype: {},     # its parameters are an input of the kernels using it
+    Add: lambda node, names, dtype: {},          # an elementwise sum, done by torch
     FeatureMap: _feature_map,
     LinearAttention: _linear_attention,
+    PositionalAttention: _positional_attention,
+    ToeplitzValues: _toeplitz_values,
 }
+
+# node type -> the forms (passes/plan.py) its lowering implements; nodes without forms: None
+LOWERED_FORMS: dict[type, frozenset | None] = {
+    Input: None, Position: None, Add: None, FeatureMap: None,
+    LinearAttention: frozenset(LINEAR_FORMS),
+    PositionalAttention: frozenset({"toeplitz_fft"}),
+    ToeplitzValues: frozenset({"values_fft"}),
+}
+
+
+def _lowered(node: Node) -> bool:
+    if type(node) not in LOWERINGS:
+        return False
+    forms = LOWERED_FORMS[type(node)]
+    return forms is None or node.form in forms
 
 
 def check(root: Node) -> None:
     """Raise NotLowered naming every node that has no kernels (cheap: builds nothing)."""
-    missing = [node for node in postorder(root)
-               if type(node) not in LOWERINGS or getattr(node, "form", "linear") not in LINEAR_FORMS]
+    missing = [node for node in postorder(root) if not _lowered(node)]
     if missing:
         raise NotLowered(missing)
 

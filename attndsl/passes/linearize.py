@@ -2,10 +2,13 @@
 
     Σ_j (φq_i·φk_j) M_ij v_j / Σ_j (φq_i·φk_j) M_ij
       = φq_i·(Σ_j M_ij φk_j v_jᵀ) / φq_i·(Σ_j M_ij φk_j)
+
+and, with a relative-position weight c(i − j) = exp(b(i − j)) inside (Luo et al.), the same sums
+with c in them: a Toeplitz product per feature-value channel (PositionalAttention).
 """
 from __future__ import annotations
 
-from ..ir import Dot, LinearAttention, Masked, Normalize
+from ..ir import Biased, Dot, LinearAttention, Masked, Normalize, PositionalAttention
 
 
 def normalize_of_dot(n):
@@ -23,5 +26,18 @@ def normalize_of_masked_dot(n):
     return None
 
 
-RULES = [("normalize_of_dot", normalize_of_dot),
+def normalize_of_biased_dot(n):
+    # Normalize(M? ⊙ exp(b) ⊙ φq·φkᵀ, v)  ->  PositionalAttention(φq, φk, v, b, causal)
+    if not isinstance(n, Normalize):
+        return None
+    s, causal = n.scores, False
+    if isinstance(s, Masked):
+        s, causal = s.scores, True
+    if isinstance(s, Biased) and isinstance(s.scores, Dot):
+        return PositionalAttention(s.scores.qf, s.scores.kf, n.v, s.bias, causal, span=n.span)
+    return None
+
+
+RULES = [("normalize_of_biased_dot", normalize_of_biased_dot),
+         ("normalize_of_dot", normalize_of_dot),
          ("normalize_of_masked_dot", normalize_of_masked_dot)]

@@ -9,7 +9,9 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..diagnostics import SpecError
-from ..ir import LinearAttention, Node, postorder
+import math
+
+from ..ir import LinearAttention, Node, PositionalAttention, ToeplitzValues, postorder
 from ..rewrite import rewrite
 
 
@@ -27,16 +29,45 @@ def _linear_cost(n: LinearAttention, N: int) -> float:
     return 4.0 * N * m * (d + 1)                 # S = Σ φk⊗[v,1] and φq·S, two M×(D+1) products a row
 
 
+def fft_length(n: int) -> int:
+    """The FFT length of a linear Toeplitz product over n positions: a power of two ≥ 2n − 1."""
+    length = 16
+    while length < 2 * n - 1:
+        length *= 2
+    return length
+
+
+def _fft_cost(channels: int, N: int) -> float:
+    """One real FFT, spectral product and inverse per channel: 2 × 2.5·L·log2 L + 3·L."""
+    L = fft_length(N)
+    return channels * (5.0 * L * math.log2(L) + 3.0 * L)
+
+
+def _toeplitz_fft_cost(n: PositionalAttention, N: int) -> float:
+    m, d = n.qf.shape[-1], n.v.shape[-1]
+    return _fft_cost(m * (d + 1), N) + 4.0 * N * m * (d + 1)   # + the products with φk and φq
+
+
+def _values_fft_cost(n: ToeplitzValues, N: int) -> float:
+    return _fft_cost(n.v.shape[-1], N)
+
+
 FORMS: list[Form] = [
     Form("linear", LinearAttention, lambda n: not n.causal, _linear_cost,
          "S = Σ_j φk_j⊗[v_j, 1] once, then out_i = φq_i·S (two GEMMs)"),
     Form("prefix_sum", LinearAttention, lambda n: n.causal, _linear_cost,
          "running state S_i = S_{i−1} + φk_i⊗[v_i, 1], out_i = φq_i·S_i (one pass)"),
+    Form("toeplitz_fft", PositionalAttention, lambda n: True, _toeplitz_fft_cost,
+         "per channel (m, d): Σ_j c(i−j) φk_jm [v_j, 1]_d by FFT (Luo et al.), contracted with φq_i"),
+    Form("values_fft", ToeplitzValues, lambda n: True, _values_fft_cost,
+         "Σ_j b(i−j) v_j by FFT per value channel (FastRPB)"),
 ]
 
 
 def quadratic_cost(n: Node, N: int) -> float:
     """What §2 costs: N² kernel values, each a dot product, and N² weighted value rows."""
+    if isinstance(n, ToeplitzValues):
+        return 2.0 * N * N * n.v.shape[-1]
     m, d = n.qf.shape[-1], n.v.shape[-1]
     return 2.0 * N * N * (m + d + 1)
 

@@ -1,0 +1,411 @@
+"""Toeplitz-FFT kernels: relative positions in linear attention in O(N log N) (Luo et al. 2021,
+FastRPB), forward and exact backward, in TVMScript around a library FFT (fftlib.py).
+
+Shapes: Qf, Kf (BH, N, M); V, O, dO (BH, N, D); DEN (BH, N); TAB (H, P) the position parameters
+(a learned table, P = 2W+1; alibi slopes, P = 1; unused for a user function); head h = bh mod H.
+M, D, dtype and the position *kind* are baked in; BH, N, H, W are symbolic. `n_fft` (scalar) is
+the FFT length L ≥ 2N − 1 (fftlib.fft_length), so circular products are linear ones.
+
+The Toeplitz weights c(r), r = i − j, live in a length-L circular buffer: c_cyc[r mod L]
+(zero where r is masked: |r| ≥ N, and r < 0 when causal). Then for every channel sequence u,
+    Σ_j c(i − j) u_j = irfft(ĉ · rfft(u))_i          (convolution)
+    Σ_i c(i − j) a_i = irfft(conj(ĉ) · rfft(a))_j    (correlation: the transposed product)
+    Σ_i a_i b_{i−r}  = irfft(Σ rfft(a) · conj(rfft(b)))[r mod L]   (d c(r), the table's gradient)
+
+Scores (Luo): c = exp(b − max b) (the shift cancels in the normalizer). Channels (m, d) with
+d ≤ D, v_aug = [v, 1]:  NUM_i,d = Σ_m Qf_im Σ_j c(i−j) Kf_jm v_aug_jd,  O = NUM[:, :D] / NUM[:, D].
+Values (FastRPB): c = b, channels d < D:  Y_i = Σ_j c(i−j) V_j.
+
+Memory: channels go through the FFT a block at a time (G = Mb·(D+1) sequences of length L) and
+heads one after another, so the (N, M·D) state sequence is never materialized, for any head.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .expr_tir import to_tir
+
+V_LANES = 16            # vector width of the position loops (fp32 AVX-512; fine for fp64 too)
+MAX_CHANNELS = 256      # channels per FFT block: G·L floats of scratch (16 MB at L = 16384)
+
+
+def _block(M: int, D1: int) -> int:
+    """Features per channel block: the largest divisor of M with Mb·(D+1) ≤ MAX_CHANNELS."""
+    best = 1
+    for mb in range(1, M + 1):
+        if M % mb == 0 and mb * D1 <= MAX_CHANNELS:
+            best = mb
+    return best
+
+
+def bias_builder(position, dtype: str):
+    """(TAB, h, r) -> b_h(r) as a PrimExpr, for r an int64 PrimExpr."""
+    if position.name == "toeplitz":
+        def bias(TAB, h, r, W):
+            return TAB[h, tirx.max(tirx.min(r, W), -W) + W]
+    elif position.name == "alibi":
+        def bias(TAB, h, r, W):
+            return -TAB[h, 0] * tirx.Cast(dtype, tirx.abs(r))
+    elif position.name == "user":
+        def bias(TAB, h, r, W):
+            return to_tir(position.expr, tirx.Cast(dtype, r), dtype)
+    else:
+        raise NotImplementedError(position.name)
+    return bias
+
+
+def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
+    """Macros shared by all four kernels: the weights' spectrum, and the table's gradient."""
+    zero = T.cast(0, dtype)
+
+    def valid(p, N, L):
+        if causal:
+            return p < N
+        return tirx.Or(p < N, p > L - N)
+
+    @T.macro
+    def build_spectrum(CC, CH, TAB, H, N, Lf, W):
+        """CC[h, p] = c_h(r), r = p or p − L; CH[h] = rfft(CC[h])."""
+        for h in T.parallel(H):
+            mx = T.alloc_buffer((1,), dtype, scope="local")
+            mx[0] = T.min_value(dtype)
+            for p in range(Lf):
+                if valid(p, N, Lf):
+                    CC[h, p] = bias(TAB, h, T.Select(p < N, p, p - Lf), W)
+                    mx[0] = T.max(mx[0], CC[h, p])
+                else:
+                    CC[h, p] = zero
+            if exp_c:
+                for p in range(Lf):
+                    CC[h, p] = T.Select(valid(p, N, Lf), T.exp(CC[h, p] - mx[0]), zero)
+        T.evaluate(T.call_packed("attndsl.fft.rfft", CC, CH, Lf))
+
+    @T.macro
+    def table_grad(DC, DCC, CC, dTAB, H, P, N, Lf, W):
+        """dTAB from DC = Σ rfft(a)·conj(rfft(b)): dc = irfft(DC), then db = dc·c (scores, as
+        c = exp(b)) or dc (values), scattered into the table through the clip."""
+        T.evaluate(T.call_packed("attndsl.fft.irfft", DC, DCC))
+        for h in T.parallel(H):
+            for t in range(P):
+                dTAB[h, t] = zero
+            for p in range(Lf):
+                if valid(p, N, Lf):
+                    if exp_c:
+                        dTAB[h, T.max(T.min(T.Select(p < N, p, p - Lf), W), -W) + W] += DCC[h, p] * CC[h, p]
+                    else:
+                        dTAB[h, T.max(T.min(T.Select(p < N, p, p - Lf), W), -W) + W] += DCC[h, p]
+
+    @T.macro
+    def spectral(X, CH, h, F, conj):
+        """X[g] *= CH[h] (or conj(CH[h])), complex, interleaved."""
+        for g in T.parallel(X.shape[0]):
+            for w in range(F):
+                xr: T.let = X[g, w, 0]
+                xi: T.let = X[g, w, 1]
+                cr: T.let = CH[h, w, 0]
+                ci: T.let = CH[h, w, 1]
+                if conj:
+                    X[g, w, 0] = xr * cr + xi * ci
+                    X[g, w, 1] = xi * cr - xr * ci
+                else:
+                    X[g, w, 0] = xr * cr - xi * ci
+                    X[g, w, 1] = xi * cr + xr * ci
+
+    @T.macro
+    def cross_spectrum(DC, XA, XB, h, F, G):
+        """DC[h] += Σ_g XA[g] · conj(XB[g])."""
+        for w in T.parallel(F):
+            for g in range(G):
+                DC[h, w, 0] += XA[g, w, 0] * XB[g, w, 0] + XA[g, w, 1] * XB[g, w, 1]
+                DC[h, w, 1] += XA[g, w, 1] * XB[g, w, 0] - XA[g, w, 0] * XB[g, w, 1]
+
+    return build_spectrum, table_grad, spectral, cross_spectrum
+
+
+def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position):
+    """Luo et al.: (Qf, Kf, V, TAB, O out, DEN out, n_fft). DEN_i = Σ_j c(i−j) Qf_i·Kf_j and
+    O_i = Σ_j c(i−j) (Qf_i·Kf_j) V_j / DEN_i, over j ≤ i when causal."""
+    D1 = D + 1
+    Mb = _block(M, D1)
+    G = Mb * D1
+    VL = V_LANES
+    zero = T.cast(0, dtype)
+    build_spectrum, _, spectral, _ = _position_macros(dtype, causal, bias_builder(position, dtype), True)
+
+    @T.prim_func
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle,
+               Lf: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        H = T.int64()
+        P = T.int64()
+        Q = T.match_buffer(q, (BH, N, M), dtype)
+        K = T.match_buffer(k, (BH, N, M), dtype)
+        Vv = T.match_buffer(v, (BH, N, D), dtype)
+        TAB = T.match_buffer(tab, (H, P), dtype)
+        O = T.match_buffer(o, (BH, N, D), dtype)
+        DEN = T.match_buffer(dn, (BH, N), dtype)
+        W = (P - 1) // 2
+        Np = (N + VL - 1) // VL * VL
+        CC = T.alloc_buffer((H, Lf), dtype)
+        CH = T.alloc_buffer((H, Lf // 2 + 1, 2), dtype)
+        U = T.alloc_buffer((G, Lf), dtype)
+        X = T.alloc_buffer((G, Lf // 2 + 1, 2), dtype)
+        QT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
+        KT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
+        VT = T.alloc_buffer((D1, (N + VL - 1) // VL * VL), dtype)
+        NT = T.alloc_buffer((D1, (N + VL - 1) // VL * VL), dtype)
+        build_spectrum(CC, CH, TAB, H, N, Lf, W)
+        for bh in range(BH):
+            h = bh % H
+            for m in T.parallel(M):
+                for i in range(Np):
+                    QT[m, i] = T.Select(i < N, Q[bh, T.min(i, N - 1), m], zero)
+                    KT[m, i] = T.Select(i < N, K[bh, T.min(i, N - 1), m], zero)
+            for d in T.parallel(D1):
+                for i in range(Np):
+                    if d < D:
+                        VT[d, i] = T.Select(i < N, Vv[bh, T.min(i, N - 1), d], zero)
+                    else:
+                        VT[d, i] = T.cast(1, dtype)
+                    NT[d, i] = zero
+            for mb in range(M // Mb):
+                for g in T.parallel(G):
+                    for i0 in range(Np // VL):
+                        for il in T.vectorized(VL):
+                            U[g, i0 * VL + il] = KT[mb * Mb + g // D1, i0 * VL + il] * VT[g % D1, i0 * VL + il]
+                T.evaluate(T.call_packed("attndsl.fft.rfft", U, X, N))
+                spectral(X, CH, h, Lf // 2 + 1, False)
+                T.evaluate(T.call_packed("attndsl.fft.irfft", X, U))
+                for d in T.parallel(D1):
+                    for i0 in range(Np // VL):
+                        for ml in range(Mb):
+                            for il in T.vectorized(VL):
+                                NT[d, i0 * VL + il] += QT[mb * Mb + ml, i0 * VL + il] * U[ml * D1 + d, i0 * VL + il]
+            for i in T.parallel(N):
+                DEN[bh, i] = NT[D, i]
+                for d in range(D):
+                    O[bh, i, d] = NT[d, i] / NT[D, i]
+
+    return kernel
+
+
+def scores_backward(name: str, M: int, D: int, dtype: str, causal: bool, position, learn: bool):
+    """Exact gradient of scores_forward: (Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out,
+    dTAB out (H, P), n_fft). With g_i = [dO_i/DEN_i, −(dO_i·O_i)/DEN_i] (D+1 channels):
+        dQf_im = Σ_d g_id Σ_j c(i−j) Kf_jm v_aug_jd              (convolution)
+        dKf_jm = Σ_d v_aug_jd R_md[j],  dV_jd = Σ_m Kf_jm R_md[j],  R_md[j] = Σ_i c(i−j) Qf_im g_id
+        dc(r)  = Σ_md Σ_i Qf_im g_id Kf_{i−r,m} v_aug_{i−r,d}     (cross-correlation, by FFT)
+    dTAB is written only when `learn` (a learned table); the rest of the time it is left alone."""
+    D1 = D + 1
+    Mb = _block(M, D1)
+    G = Mb * D1
+    VL = V_LANES
+    zero = T.cast(0, dtype)
+    build_spectrum, table_grad, spectral, cross_spectrum = _position_macros(
+        dtype, causal, bias_builder(position, dtype), True)
+
+    @T.prim_func
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle,
+               do: T.handle, dq: T.handle, dk: T.handle, dv: T.handle, dtab: T.handle, Lf: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        H = T.int64()
+        P = T.int64()
+        Q = T.match_buffer(q, (BH, N, M), dtype)
+        K = T.match_buffer(k, (BH, N, M), dtype)
+        Vv = T.match_buffer(v, (BH, N, D), dtype)
+        TAB = T.match_buffer(tab, (H, P), dtype)
+        O = T.match_buffer(o, (BH, N, D), dtype)
+        DEN = T.match_buffer(dn, (BH, N), dtype)
+        dO = T.match_buffer(do, (BH, N, D), dtype)
+        dQ = T.match_buffer(dq, (BH, N, M), dtype)
+        dK = T.match_buffer(dk, (BH, N, M), dtype)
+        dV = T.match_buffer(dv, (BH, N, D), dtype)
+        dTAB = T.match_buffer(dtab, (H, P), dtype)
+        W = (P - 1) // 2
+        Np = (N + VL - 1) // VL * VL
+        CC = T.alloc_buffer((H, Lf), dtype)
+        CH = T.alloc_buffer((H, Lf // 2 + 1, 2), dtype)
+        DC = T.alloc_buffer((H, Lf // 2 + 1, 2), dtype)
+        DCC = T.alloc_buffer((H, Lf), dtype)
+        U = T.alloc_buffer((G, Lf), dtype)
+        XA = T.alloc_buffer((G, Lf // 2 + 1, 2), dtype)
+        XB = T.alloc_buffer((G, Lf // 2 + 1, 2), dtype)
+        QT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
+        KT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
+        VT = T.alloc_buffer((D1, (N + VL - 1) // VL * VL), dtype)
+        GT = T.alloc_buffer((D1, (N + VL - 1) // VL * VL), dtype)
+        dQT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
+        dKT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
+        dVT = T.alloc_buffer((D1, (N + VL - 1) // VL * VL), dtype)
+        build_spectrum(CC, CH, TAB, H, N, Lf, W)
+        if learn:
+            for h in T.parallel(H):
+                for w in range(Lf // 2 + 1):
+                    DC[h, w, 0] = zero
+                    DC[h, w, 1] = zero
+        for bh in range(BH):
+            h = bh % H
+            for m in T.parallel(M):
+                for i in range(Np):
+                    QT[m, i] = T.Select(i < N, Q[bh, T.min(i, N - 1), m], zero)
+                    KT[m, i] = T.Select(i < N, K[bh, T.min(i, N - 1), m], zero)
+                    dQT[m, i] = zero
+                    dKT[m, i] = zero
+            for i in T.parallel(Np):
+                if i < N:
+                    inv: T.let = T.cast(1, dtype) / DEN[bh, i]
+                    GT[D, i] = zero
+                    for d in range(D):
+                        GT[d, i] = dO[bh, i, d] * inv
+                        GT[D, i] -= dO[bh, i, d] * O[bh, i, d] * inv
+                        VT[d, i] = Vv[bh, i, d]
+                        dVT[d, i] = zero
+                    VT[D, i] = T.cast(1, dtype)
+                else:
+                    for d in range(D1):
+                        GT[d, i] = zero
+                        VT[d, i] = zero
+                        dVT[d, i] = zero
+            for mb in range(M // Mb):
+                # B = Kf ⊗ v_aug and A = Qf ⊗ g, block by block, to the frequency domain
+                for g in T.parallel(G):
+                    for i0 in range(Np // VL):
+                        for il in T.vectorized(VL):
+                            U[g, i0 * VL + il] = KT[mb * Mb + g // D1, i0 * VL + il] * VT[g % D1, i0 * VL + il]
+                T.evaluate(T.call_packed("attndsl.fft.rfft", U, XB, N))
+                for g in T.parallel(G):
+                    for i0 in range(Np // VL):
+                        for il in T.vectorized(VL):
+                            U[g, i0 * VL + il] = QT[mb * Mb + g // D1, i0 * VL + il] * GT[g % D1, i0 * VL + il]
+                T.evaluate(T.call_packed("attndsl.fft.rfft", U, XA, N))
+                if learn:
+                    cross_spectrum(DC, XA, XB, h, Lf // 2 + 1, G)
+                # dQf: convolution of B, contracted with g
+                spectral(XB, CH, h, Lf // 2 + 1, False)
+                T.evaluate(T.call_packed("attndsl.fft.irfft", XB, U))
+                for ml in T.parallel(Mb):
+                    for i0 in range(Np // VL):
+                        for d in range(D1):
+                            for il in T.vectorized(VL):
+                                dQT[mb * Mb + ml, i0 * VL + il] += GT[d, i0 * VL + il] * U[ml * D1 + d, i0 * VL + il]
+                # dKf, dV: correlation of A, contracted with v_aug and Kf
+                spectral(XA, CH, h, Lf // 2 + 1, True)
+                T.evaluate(T.call_packed("attndsl.fft.irfft", XA, U))
+                for ml in T.parallel(Mb):
+                    for i0 in range(Np // VL):
+                        for d in range(D1):
+                            for il in T.vectorized(VL):
+                                dKT[mb * Mb + ml, i0 * VL + il] += VT[d, i0 * VL + il] * U[ml * D1 + d, i0 * VL + il]
+                for d in T.parallel(D):
+                    for i0 in range(Np // VL):
+                        for ml in range(Mb):
+                            for il in T.vectorized(VL):
+                                dVT[d, i0 * VL + il] += KT[mb * Mb + ml, i0 * VL + il] * U[ml * D1 + d, i0 * VL + il]
+            for i in T.parallel(N):
+                for m in range(M):
+                    dQ[bh, i, m] = dQT[m, i]
+                    dK[bh, i, m] = dKT[m, i]
+                for d in range(D):
+                    dV[bh, i, d] = dVT[d, i]
+        if learn:
+            table_grad(DC, DCC, CC, dTAB, H, P, N, Lf, W)
+
+    return kernel
+
+
+def values_forward(name: str, D: int, dtype: str, causal: bool, position):
+    """FastRPB: (V, TAB, Y out, n_fft). Y_i = Σ_j b(i−j) V_j over j ≤ i when causal."""
+    VL = V_LANES
+    zero = T.cast(0, dtype)
+    build_spectrum, _, spectral, _ = _position_macros(dtype, causal, bias_builder(position, dtype), False)
+
+    @T.prim_func
+    def kernel(v: T.handle, tab: T.handle, y: T.handle, Lf: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        H = T.int64()
+        P = T.int64()
+        Vv = T.match_buffer(v, (BH, N, D), dtype)
+        TAB = T.match_buffer(tab, (H, P), dtype)
+        Y = T.match_buffer(y, (BH, N, D), dtype)
+        W = (P - 1) // 2
+        CC = T.alloc_buffer((H, Lf), dtype)
+        CH = T.alloc_buffer((H, Lf // 2 + 1, 2), dtype)
+        U = T.alloc_buffer((D, Lf), dtype)
+        X = T.alloc_buffer((D, Lf // 2 + 1, 2), dtype)
+        build_spectrum(CC, CH, TAB, H, N, Lf, W)
+        for bh in range(BH):
+            h = bh % H
+            for d in T.parallel(D):
+                for i in range(N):
+                    U[d, i] = Vv[bh, i, d]
+            T.evaluate(T.call_packed("attndsl.fft.rfft", U, X, N))
+            spectral(X, CH, h, Lf // 2 + 1, False)
+            T.evaluate(T.call_packed("attndsl.fft.irfft", X, U))
+            for i in T.parallel(N):
+                for d in range(D):
+                    Y[bh, i, d] = U[d, i]
+
+    return kernel
+
+
+def values_backward(name: str, D: int, dtype: str, causal: bool, position, learn: bool):
+    """Gradient of values_forward: (V, TAB, dY, dV out, dTAB out, n_fft).
+    dV_j = Σ_i b(i−j) dY_i (correlation); db(r) = Σ_i dY_i·V_{i−r} (cross-correlation)."""
+    zero = T.cast(0, dtype)
+    build_spectrum, table_grad, spectral, cross_spectrum = _position_macros(
+        dtype, causal, bias_builder(position, dtype), False)
+
+    @T.prim_func
+    def kernel(v: T.handle, tab: T.handle, dy: T.handle, dv: T.handle, dtab: T.handle, Lf: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        H = T.int64()
+        P = T.int64()
+        Vv = T.match_buffer(v, (BH, N, D), dtype)
+        TAB = T.match_buffer(tab, (H, P), dtype)
+        dY = T.match_buffer(dy, (BH, N, D), dtype)
+        dV = T.match_buffer(dv, (BH, N, D), dtype)
+        dTAB = T.match_buffer(dtab, (H, P), dtype)
+        W = (P - 1) // 2
+        CC = T.alloc_buffer((H, Lf), dtype)
+        CH = T.alloc_buffer((H, Lf // 2 + 1, 2), dtype)
+        DC = T.alloc_buffer((H, Lf // 2 + 1, 2), dtype)
+        DCC = T.alloc_buffer((H, Lf), dtype)
+        U = T.alloc_buffer((D, Lf), dtype)
+        XA = T.alloc_buffer((D, Lf // 2 + 1, 2), dtype)
+        XB = T.alloc_buffer((D, Lf // 2 + 1, 2), dtype)
+        build_spectrum(CC, CH, TAB, H, N, Lf, W)
+        if learn:
+            for h in T.parallel(H):
+                for w in range(Lf // 2 + 1):
+                    DC[h, w, 0] = zero
+                    DC[h, w, 1] = zero
+        for bh in range(BH):
+            h = bh % H
+            for d in T.parallel(D):
+                for i in range(N):
+                    U[d, i] = dY[bh, i, d]
+            T.evaluate(T.call_packed("attndsl.fft.rfft", U, XA, N))
+            if learn:
+                for d in T.parallel(D):
+                    for i in range(N):
+                        U[d, i] = Vv[bh, i, d]
+                T.evaluate(T.call_packed("attndsl.fft.rfft", U, XB, N))
+                cross_spectrum(DC, XA, XB, h, Lf // 2 + 1, D)
+            spectral(XA, CH, h, Lf // 2 + 1, True)
+            T.evaluate(T.call_packed("attndsl.fft.irfft", XA, U))
+            for i in T.parallel(N):
+                for d in range(D):
+                    dV[bh, i, d] = U[d, i]
+        if learn:
+            table_grad(DC, DCC, CC, dTAB, H, P, N, Lf, W)
+
+    return kernel
