@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_linear.py
+	$(PY) benchmarks/bench_rpe.py --memory
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -248,7 +248,16 @@ EXECUTE = {FeatureMap: _run_feature_map, LinearAttention: _run_linear}
 
 def _run_positional(node, args, lib, name, w, wt):
     qf, kf, v, tab = args
+    if node.form == "decayed":               # a causal recurrence with γ = exp(−slope) per head
+        return ops.linear_attention(qf, kf, v, lib, name, _decay_slopes(node, tab))[0]
     return ops.toeplitz_attention(qf, kf, v, tab, lib, name)[0]
+
+
+def _decay_slopes(node, tab):
+    """(H, 1) slopes a of exp(b(r)) = e^(−a·r): alibi's own, or a user function's (passes/geometric.py)."""
+    from .passes.geometric import decay_rate
+    rate = decay_rate(node.bias.position, node.causal)
+    return tab if rate == "table" else torch.full_like(tab, rate)
 
 
 def _run_values(node, args, lib, name, w, wt):

@@ -67,45 +67,54 @@ feature_map.register_autograd(_feature_map_grad, setup_context=_feature_map_setu
 # --- linear attention: out_i = φq_i·Σ_{j∈M(i)} φk_j v_jᵀ / φq_i·Σ_{j∈M(i)} φk_j ------------------
 
 @torch.library.custom_op("attndsl::linear_attention", mutates_args=())
-def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, lib: str, node: str) -> tuple[Tensor, Tensor]:
-    """(out (BH, N, Dv), den (BH, N)) from φq, φk (BH, N, M) and v (BH, N, Dv)."""
+def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, lib: str, node: str,
+                     tab: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(out (BH, N, Dv), den (BH, N)) from φq, φk (BH, N, M) and v (BH, N, Dv). `tab` (H, 1):
+    the per-head decay slopes of the decayed form (alibi), which weights each pair by γ^(i−j)."""
     out = torch.empty_like(v)
     den = v.new_empty(v.shape[0], v.shape[1])
-    _kernel(lib, node + "_fwd")(qf, kf, v, out, den)
+    _kernel(lib, node + "_fwd")(qf, kf, v, _no_table(v) if tab is None else tab, out, den)
     return out, den
 
 
+def _no_table(like: Tensor) -> Tensor:
+    return like.new_zeros(1, 1)
+
+
 @linear_attention.register_fake
-def _(qf, kf, v, lib, node):
+def _(qf, kf, v, lib, node, tab=None):
     return torch.empty_like(v), v.new_empty(v.shape[0], v.shape[1])
 
 
 @torch.library.custom_op("attndsl::linear_attention_backward", mutates_args=())
 def linear_attention_backward(qf: Tensor, kf: Tensor, v: Tensor, out: Tensor, den: Tensor,
-                              dout: Tensor, lib: str, node: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(dφq, dφk, dv) from dout."""
+                              dout: Tensor, lib: str, node: str,
+                              tab: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dφq, dφk, dv) from dout (the decay slopes get no gradient: they are not parameters)."""
     dqf, dkf, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v)
-    _kernel(lib, node + "_bwd")(qf, kf, v, out, den, dout.contiguous(), dqf, dkf, dv)
+    _kernel(lib, node + "_bwd")(qf, kf, v, _no_table(v) if tab is None else tab, out, den,
+                                dout.contiguous(), dqf, dkf, dv)
     return dqf, dkf, dv
 
 
 @linear_attention_backward.register_fake
-def _(qf, kf, v, out, den, dout, lib, node):
+def _(qf, kf, v, out, den, dout, lib, node, tab=None):
     return torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v)
 
 
 def _linear_setup(ctx, inputs, output):
-    qf, kf, v, lib, node = inputs
-    ctx.save_for_backward(qf, kf, v, *output)
+    qf, kf, v, lib, node, tab = inputs
+    ctx.save_for_backward(qf, kf, v, *output, tab)
     ctx.lib, ctx.node = lib, node
 
 
 def _linear_grad(ctx, dout, dden):
     # den is an internal output (never returned to users), so its gradient is not propagated
-    qf, kf, v, out, den = ctx.saved_tensors
+    qf, kf, v, out, den, tab = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    return (*linear_attention_backward(qf, kf, v, out, den, dout, ctx.lib, ctx.node), None, None)
+    grads = linear_attention_backward(qf, kf, v, out, den, dout, ctx.lib, ctx.node, tab)
+    return (*grads, None, None, None)
 
 
 linear_attention.register_autograd(_linear_grad, setup_context=_linear_setup)

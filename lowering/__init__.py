@@ -68,8 +68,13 @@ def learns(position) -> bool:
 
 
 def _positional_attention(node: PositionalAttention, names, dtype):
-    from . import toeplitz
+    from . import linear, toeplitz
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
+    if node.form == "decayed":                   # γ = exp(−TAB[h, 0]) per head, causal
+        def slope(TAB, h):
+            return TAB[h, 0]
+        return {names[0]: linear.linear_forward(names[0], m, d, dtype, True, slope=slope),
+                names[1]: linear.linear_backward(names[1], m, d, dtype, True, slope=slope)}
     return {names[0]: toeplitz.scores_forward(names[0], m, d, dtype, node.causal, pos),
             names[1]: toeplitz.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos))}
 
@@ -96,7 +101,7 @@ LOWERINGS: dict[type, Callable] = {
 LOWERED_FORMS: dict[type, frozenset | None] = {
     Input: None, Position: None, Add: None, FeatureMap: None,
     LinearAttention: frozenset(LINEAR_FORMS),
-    PositionalAttention: frozenset({"toeplitz_fft"}),
+    PositionalAttention: frozenset({"toeplitz_fft", "decayed"}),
     ToeplitzValues: frozenset({"values_fft"}),
 }
 

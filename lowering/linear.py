@@ -141,29 +141,62 @@ def _helpers(dtype: str, C: int, phi=None):
     return L, zero, load, load_t, phi_rows, phi_cols
 
 
-def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None):
-    """Linear attention forward: (Qf (BH,N,M), Kf (BH,N,M), V (BH,N,D), O (BH,N,D) out,
+def _decay_tables(dtype: str, C: int, slope):
+    """Per-head powers of γ = exp(−slope(TAB, h)) for a chunk: G0[t] = γ^t, G1[t] = γ^(t+1),
+    GR[t] = γ^(C−1−t),
+    Dec[s, t] = γ^(t−s) (t ≥ s, else 0), gC = γ^C. Exponents are never negative (no overflow)."""
+
+    @T.macro
+    def decay_tables(TAB, h, G0, G1, GR, Dec, gC):
+        a: T.let = slope(TAB, h)
+        for t in range(C):
+            G0[t] = T.exp(T.cast(-t, dtype) * a)
+            G1[t] = T.exp(T.cast(-(t + 1), dtype) * a)
+            GR[t] = T.exp(T.cast(t + 1 - C, dtype) * a)
+            for u in range(C):
+                Dec[t, u] = T.Select(u >= t, T.exp(T.cast(t - u, dtype) * a), T.cast(0, dtype))
+        gC[0] = T.exp(T.cast(-C, dtype) * a)
+    return decay_tables
+
+
+def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, slope=None):
+    """Linear attention forward: (Qf (BH,N,M), Kf (BH,N,M), V (BH,N,D), TAB (H,P), O (BH,N,D) out,
     DEN (BH,N) out). With a_ij = Qf_i·Kf_j over j ∈ mask(i) ({j ≤ i} causal, all j otherwise):
     DEN_i = Σ_j a_ij and O_i = (Σ_j a_ij V_j) / DEN_i.
-    With `phi` (fused elementwise map) the inputs are raw q, k and Qf = φ(q), Kf = φ(k) per chunk."""
+    With `phi` (fused elementwise map) the inputs are raw q, k and Qf = φ(q), Kf = φ(k) per chunk.
+    With `slope` (causal only: the decayed form), a_ij carries γ^(i−j), γ = exp(−slope(TAB, h)),
+    h = bh mod H: the state decays by γ per token (ALiBi as a recurrence); TAB is unused otherwise."""
     C = 32
     fused = phi is not None
+    decayed = slope is not None
+    assert causal or not decayed
+    decay_tables = _decay_tables(dtype, C, slope) if decayed else None
     L, zero, load, load_t, phi_rows, phi_cols = _helpers(dtype, C, phi)
     R = _rows(D, L, C)            # rows of an output/state tile (D columns)
     R1 = _rows(C, L, C)           # rows of a score tile (C columns)
     Mp = _pad(M, R)               # state rows padded to whole tiles; padded rows stay zero
 
     @T.prim_func
-    def kernel(q: T.handle, k: T.handle, v: T.handle, o: T.handle, dn: T.handle):
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
+        H = T.int64()
+        P = T.int64()
         Q = T.match_buffer(q, (BH, N, M), dtype)
         K = T.match_buffer(k, (BH, N, M), dtype)
         V = T.match_buffer(v, (BH, N, D), dtype)
+        TAB = T.match_buffer(tab, (H, P), dtype)
         O = T.match_buffer(o, (BH, N, D), dtype)
         DEN = T.match_buffer(dn, (BH, N), dtype)
         for b in T.parallel(BH):
+            G0 = T.alloc_buffer((C,), dtype)
+            G1 = T.alloc_buffer((C,), dtype)
+            GR = T.alloc_buffer((C,), dtype)
+            Dec = T.alloc_buffer((C, C), dtype)
+            gC = T.alloc_buffer((1,), dtype)
+            if decayed:
+                decay_tables(TAB, b % H, G0, G1, GR, Dec, gC)
             QcT = T.alloc_buffer((Mp, C), dtype)   # chunk of Qf, transposed
             Kc = T.alloc_buffer((C, Mp), dtype)
             Vc = T.alloc_buffer((C, D), dtype)
@@ -208,29 +241,39 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
                     phi_cols(QcT, c * C, N, M)
                 for t in T.vectorized(C):
                     den[t] = zero
+                for m in range(Mp):
+                    for t in T.vectorized(C):
+                        den[t] = den[t] + QcT[m, t] * z[m]
+                if decayed:
+                    for t in T.vectorized(C):
+                        den[t] = den[t] * G1[t]
                 if causal:
                     load(Kc, K, b, c * C, N, M)
                     if fused:
                         phi_rows(Kc, c * C, N, M)
                     load(Vc, V, b, c * C, N, D)
-                    # Intra-chunk scores AT[s, t] = Kf_s·Qf_t, kept for t ≥ s; den gets their
-                    # column sums while the tile is still in registers.
+                    # Intra-chunk scores AT[s, t] = Kf_s·Qf_t (·γ^(t−s) when decayed), kept for
+                    # t ≥ s; den gets their column sums while the tile is still in registers.
                     for s0 in range(C // R1):
                         fill(acc1, R1, C)
                         mm(acc1, Kc, False, QcT, s0 * R1, R1, 0, Mp, C)
                         for r in T.unroll(R1):
                             for t in T.vectorized(C):
-                                AT[s0 * R1 + r, t] = T.Select(t >= s0 * R1 + r, acc1[r, t], zero)
-                                den[t] = den[t] + T.Select(t >= s0 * R1 + r, acc1[r, t], zero)
-                for m in range(Mp):
-                    for t in T.vectorized(C):
-                        den[t] = den[t] + QcT[m, t] * z[m]
+                                if decayed:
+                                    AT[s0 * R1 + r, t] = acc1[r, t] * Dec[s0 * R1 + r, t]
+                                else:
+                                    AT[s0 * R1 + r, t] = T.Select(t >= s0 * R1 + r, acc1[r, t], zero)
+                                den[t] = den[t] + AT[s0 * R1 + r, t]
                 for t0 in range(C // R):
                     fill(acc, R, D)
+                    mm(acc, QcT, True, S, t0 * R, R, 0, Mp, D)
+                    if decayed:
+                        for r in T.unroll(R):
+                            for d in T.vectorized(D):
+                                acc[r, d] = acc[r, d] * G1[t0 * R + r]
                     if causal:
                         # rows t0*R.. only see keys s < (t0+1)R; AT is zero above the diagonal
                         mm(acc, AT, True, Vc, t0 * R, R, 0, t0 * R + R, D)
-                    mm(acc, QcT, True, S, t0 * R, R, 0, Mp, D)
                     for r in T.unroll(R):
                         if c * C + t0 * R + r < N:
                             DEN[b, c * C + t0 * R + r] = den[t0 * R + r]
@@ -238,6 +281,14 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
                                 O[b, c * C + t0 * R + r, d] = acc[r, d] * (T.cast(1, dtype) / den[t0 * R + r])
                 if causal:
                     # fold this chunk into the state only after its queries have used it
+                    if decayed:        # S ← γ^C S + Σ_s γ^(C−1−s) Kf_s⊗V_s
+                        for m in range(Mp):
+                            z[m] = z[m] * gC[0]
+                            for d in T.vectorized(D):
+                                S[m, d] = S[m, d] * gC[0]
+                        for t in range(C):
+                            for m in T.vectorized(Mp):
+                                Kc[t, m] = Kc[t, m] * GR[t]
                     for t in range(C):
                         for m in T.vectorized(Mp):
                             z[m] = z[m] + Kc[t, m]
@@ -253,7 +304,8 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
     return kernel
 
 
-def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, dphi=None):
+def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, dphi=None,
+                    slope=None):
     """Exact gradient of linear_forward's O: (Qf, Kf, V, O, DEN, dO (BH,N,D), dQf (BH,N,M) out,
     dKf (BH,N,M) out, dV (BH,N,D) out). With g_i = dO_i/DEN_i, c_i = −(dO_i·O_i)/DEN_i and
     b_ij = g_i·V_j + c_i over j ∈ mask(i):
@@ -261,9 +313,15 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
     Carried state: Sᵀ = Σ V⊗Kf and z = Σ Kf (earlier chunks) give dQf = Sᵀ-product + c z;
     R = Σ Qf⊗g, its transpose, and r = Σ c Qf (later chunks) give dKf = V Rᵀ + r, dV = Kf R.
     With `phi` fused, the inputs are raw q, k and the outputs dq = dQf ⊙ dphi(q), dk likewise
-    (`dphi` is d/dx φ(c·x), the prescale included)."""
+    (`dphi` is d/dx φ(c·x), the prescale included). With `slope` (decayed, causal) every pair
+    carries γ^(i−j): intra-chunk tiles are weighted by Dec, state products by γ^(t+1) (earlier
+    chunks, forward in time) or γ^(C−s) (later chunks, backward in time), and both states decay by
+    γ^C per chunk. Signature: (Qf, Kf, V, TAB, O, DEN, dO, dQf, dKf, dV); TAB only read when decayed."""
     C = 32
     fused = phi is not None
+    decayed = slope is not None
+    assert causal or not decayed
+    decay_tables = _decay_tables(dtype, C, slope) if decayed else None
     L, zero, load, load_t, phi_rows, phi_cols = _helpers(dtype, C, phi)
 
     def dq_scale(x):  # passed to the macros: a non-hygienic macro sees only the kernel's names
@@ -305,7 +363,10 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
             mm(acc1, Vc, False, GcT, s0 * R1, R1, 0, D, C)
             for r in T.unroll(R1):
                 for t in T.vectorized(C):
-                    BT[s0 * R1 + r, t] = T.Select(t >= s0 * R1 + r, acc1[r, t] + cc[t], zero)
+                    if decayed:
+                        BT[s0 * R1 + r, t] = (acc1[r, t] + cc[t]) * Dec[s0 * R1 + r, t]
+                    else:
+                        BT[s0 * R1 + r, t] = T.Select(t >= s0 * R1 + r, acc1[r, t] + cc[t], zero)
 
     @T.macro(hygienic=False)
     def scores_a():
@@ -315,11 +376,23 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
             mm(acc1, Kc, False, QcT, s0 * R1, R1, 0, M, C)
             for r in T.unroll(R1):
                 for t in T.vectorized(C):
-                    AT[s0 * R1 + r, t] = T.Select(t >= s0 * R1 + r, acc1[r, t], zero)
+                    if decayed:
+                        AT[s0 * R1 + r, t] = acc1[r, t] * Dec[s0 * R1 + r, t]
+                    else:
+                        AT[s0 * R1 + r, t] = T.Select(t >= s0 * R1 + r, acc1[r, t], zero)
 
     @T.macro(hygienic=False)
     def fold_kv():
-        """Sᵀ += Vcᵀ Kc, z += Σ Kc."""
+        """Sᵀ += Vcᵀ Kc, z += Σ Kc (decayed: Sᵀ ← γ^C Sᵀ + Σ_s γ^(C−1−s) V_s⊗Kf_s, z likewise)."""
+        if decayed:
+            for d in range(Dp):
+                for m in T.vectorized(M):
+                    ST[d, m] = ST[d, m] * gC[0]
+            for m in range(Mp):
+                z[m] = z[m] * gC[0]
+            for t in range(C):
+                for m in T.vectorized(Mp):
+                    Kc[t, m] = Kc[t, m] * GR[t]
         for t in range(C):
             for m in T.vectorized(Mp):
                 z[m] = z[m] + Kc[t, m]
@@ -334,7 +407,19 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
 
     @T.macro(hygienic=False)
     def fold_qg():
-        """R += Qcᵀ Gc, Rᵀ += Gcᵀ Qc, r += Qcᵀ cc."""
+        """R += Qcᵀ Gc, Rᵀ += Gcᵀ Qc, r += Qcᵀ cc (decayed: the states ← γ^C · states + the
+        chunk's rows weighted γ^t)."""
+        if decayed:
+            for m in range(Mp):
+                rv[m] = rv[m] * gC[0]
+                for d in T.vectorized(D):
+                    Rm[m, d] = Rm[m, d] * gC[0]
+            for d in range(Dp):
+                for m in T.vectorized(M):
+                    RT[d, m] = RT[d, m] * gC[0]
+            for t in range(C):
+                for m in T.vectorized(Mp):
+                    Qc[t, m] = Qc[t, m] * G0[t]
         for t in range(C):
             for m in T.vectorized(Mp):
                 rv[m] = rv[m] + Qc[t, m] * cc[t]
@@ -360,47 +445,64 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
         """dQf rows of the chunk: intra (causal) + g Sᵀ + c z."""
         for t0 in range(C // RM):
             fill(accM, RM, M)
+            mm(accM, GcT, True, ST, t0 * RM, RM, 0, D, M)
+            for r in T.unroll(RM):
+                for m in T.vectorized(M):
+                    if decayed:
+                        accM[r, m] = (accM[r, m] + cc[t0 * RM + r] * z[m]) * G1[t0 * RM + r]
+                    else:
+                        accM[r, m] = accM[r, m] + cc[t0 * RM + r] * z[m]
             if causal:
                 mm(accM, BT, True, Kc, t0 * RM, RM, 0, t0 * RM + RM, M)
-            mm(accM, GcT, True, ST, t0 * RM, RM, 0, D, M)
             for r in T.unroll(RM):
                 if base + t0 * RM + r < N:
                     for m in T.vectorized(M):
-                        dQ[b, base + t0 * RM + r, m] = (accM[r, m] + cc[t0 * RM + r] * z[m]) * dq_scale(
-                            Q[b, base + t0 * RM + r, m])
+                        dQ[b, base + t0 * RM + r, m] = accM[r, m] * dq_scale(Q[b, base + t0 * RM + r, m])
 
     @T.macro(hygienic=False)
     def emit_dkv(base, dq_scale):
         """dKf and dV rows of the chunk: intra (causal) + state products."""
         for s0 in range(C // RM):
             fill(accM, RM, M)
+            mm(accM, Vc, False, RT, s0 * RM, RM, 0, D, M)
+            for r in T.unroll(RM):
+                for m in T.vectorized(M):
+                    if decayed:
+                        accM[r, m] = (accM[r, m] + rv[m]) * G1[C - 1 - s0 * RM - r]
+                    else:
+                        accM[r, m] = accM[r, m] + rv[m]
             if causal:
                 mm(accM, BT, False, Qc, s0 * RM, RM, s0 * RM, C, M)
-            mm(accM, Vc, False, RT, s0 * RM, RM, 0, D, M)
             for r in T.unroll(RM):
                 if base + s0 * RM + r < N:
                     for m in T.vectorized(M):
-                        dK[b, base + s0 * RM + r, m] = (accM[r, m] + rv[m]) * dq_scale(
-                            K[b, base + s0 * RM + r, m])
+                        dK[b, base + s0 * RM + r, m] = accM[r, m] * dq_scale(K[b, base + s0 * RM + r, m])
         for s0 in range(C // RD):
             fill(accD, RD, D)
+            mm(accD, Kc, False, Rm, s0 * RD, RD, 0, M, D)
+            if decayed:
+                for r in T.unroll(RD):
+                    for d in T.vectorized(D):
+                        accD[r, d] = accD[r, d] * G1[C - 1 - s0 * RD - r]
             if causal:
                 mm(accD, AT, False, Gc, s0 * RD, RD, s0 * RD, C, D)
-            mm(accD, Kc, False, Rm, s0 * RD, RD, 0, M, D)
             for r in T.unroll(RD):
                 if base + s0 * RD + r < N:
                     for d in T.vectorized(D):
                         dV[b, base + s0 * RD + r, d] = accD[r, d]
 
     @T.prim_func
-    def kernel(q: T.handle, k: T.handle, v: T.handle, o: T.handle, dn: T.handle, do: T.handle,
-               dq: T.handle, dk: T.handle, dv: T.handle):
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle,
+               do: T.handle, dq: T.handle, dk: T.handle, dv: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
+        H = T.int64()
+        P = T.int64()
         Q = T.match_buffer(q, (BH, N, M), dtype)
         K = T.match_buffer(k, (BH, N, M), dtype)
         V = T.match_buffer(v, (BH, N, D), dtype)
+        TAB = T.match_buffer(tab, (H, P), dtype)
         O = T.match_buffer(o, (BH, N, D), dtype)
         DEN = T.match_buffer(dn, (BH, N), dtype)
         dO = T.match_buffer(do, (BH, N, D), dtype)
@@ -429,6 +531,13 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
             acc1 = T.alloc_buffer((R1, C), dtype, scope="local")
             X = T.alloc_buffer((L, L), dtype, scope="local")
             Y = T.alloc_buffer((L, L), dtype, scope="local")
+            G0 = T.alloc_buffer((C,), dtype)
+            G1 = T.alloc_buffer((C,), dtype)
+            GR = T.alloc_buffer((C,), dtype)
+            Dec = T.alloc_buffer((C, C), dtype)
+            gC = T.alloc_buffer((1,), dtype)
+            if decayed:
+                decay_tables(TAB, b % H, G0, G1, GR, Dec, gC)
             # zero everything once: padded rows/columns are never written again, so stay zero
             for t in range(C):
                 for m in T.vectorized(Mp):

@@ -134,3 +134,55 @@ def test_explain_names_the_position_form():
     assert "positional_attention" in text and "toeplitz_fft" in text and "b(r) = alibi" in text
     text = compiled("user", "values", "full").explain()
     assert "values_fft" in text and "sin((r / 3))" in text
+
+
+# --- forms: the planner's choice, and every form forced on the same spec agrees ------------------
+
+FORCED = {
+    "alibi-causal": ("alibi", "position = alibi", "causal", ("decayed", "toeplitz_fft")),
+    "affine-causal": ("elu1", "position(r) = 2 - r / 5", "causal", ("decayed", "toeplitz_fft")),
+    "affine-abs": ("elu1", "position(r) = -0.3 * abs(r)", "causal", ("decayed", "toeplitz_fft")),
+}
+
+
+@pytest.mark.parametrize("case", list(FORCED))
+def test_forced_forms_agree(case):
+    kernel, position, mask, forms = FORCED[case]
+    kernel = "hyperbolic(features=8)" if kernel == "alibi" else kernel
+    text = f"attention t {{ kernel = {kernel}\n {position}\n mask = {mask} }}"
+    q, k, v = (t.requires_grad_() for t in inputs(2, 45, 8, 6, torch.float64))
+    results = []
+    for form in forms:
+        attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6, plan=form)
+        assert [d.form for d in attn.planned.decisions] == [form]
+        out = attn(q, k, v)
+        results.append((out, torch.autograd.grad(out.square().sum(), (q, k, v))))
+    ref = attn.reference(q, k, v)
+    for out, gr in results:
+        assert_close("out", ref, out, 1e-11)
+        for a, b in zip(gr, results[0][1]):
+            assert_close("grad", b, a, 1e-10)
+
+
+def test_planner_picks_decayed_only_for_geometric_causal_weights():
+    def form(position, mask):
+        text = f"attention t {{ kernel = elu1\n {position}\n mask = {mask} }}"
+        return attndsl.compile(text, heads=2, head_dim=8).planned.decisions[0].form
+    assert form("position = alibi", "causal") == "decayed"
+    assert form("position(r) = -abs(r) / 8 + 1", "causal") == "decayed"
+    assert form("position = alibi", "none") == "toeplitz_fft"           # both directions: FFT
+    assert form("position(r) = -r * r / 100", "causal") == "toeplitz_fft"  # not geometric
+    assert form("position = toeplitz(max_distance=4)", "causal") == "toeplitz_fft"
+    with pytest.raises(attndsl.SpecError, match="plan 'decayed' does not apply"):
+        attndsl.compile("attention t { kernel = elu1\n position = alibi }", heads=2, head_dim=8,
+                        plan="decayed")
+
+
+@pytest.mark.parametrize("expr,causal,rate", [
+    ("-0.5 * abs(r)", True, 0.5), ("-r", True, 1.0), ("3 - r / 2", True, 0.5),
+    ("-(abs(r) + r)", True, 2.0), ("-0.5 * abs(r)", False, None), ("abs(2 * r)", True, None),
+    ("r * r", True, None), ("-abs(r - 1)", True, None), ("sin(r)", True, None)])
+def test_geometric_recogniser(expr, causal, rate):
+    from attndsl.passes.geometric import decay_rate
+    s = attndsl.parse(f"attention t {{ kernel = elu1\n position(r) = {expr} }}").blocks[0]
+    assert decay_rate(s.position, causal) == rate

@@ -12,6 +12,7 @@ from ..diagnostics import SpecError
 import math
 
 from ..ir import LinearAttention, Node, PositionalAttention, ToeplitzValues, postorder
+from .geometric import decay_rate
 from ..rewrite import rewrite
 
 
@@ -59,6 +60,10 @@ FORMS: list[Form] = [
          "running state S_i = S_{i−1} + φk_i⊗[v_i, 1], out_i = φq_i·S_i (one pass)"),
     Form("toeplitz_fft", PositionalAttention, lambda n: True, _toeplitz_fft_cost,
          "per channel (m, d): Σ_j c(i−j) φk_jm [v_j, 1]_d by FFT (Luo et al.), contracted with φq_i"),
+    Form("decayed", PositionalAttention,
+         lambda n: decay_rate(n.bias.position, n.causal) is not None,
+         lambda n, N: 1.1 * _linear_cost(n, N),
+         "exp(b(r)) = γ^r: a running state that decays by γ per token, S_i = γ S_{i−1} + φk_i⊗[v_i, 1]"),
     Form("values_fft", ToeplitzValues, lambda n: True, _values_fft_cost,
          "Σ_j b(i−j) v_j by FFT per value channel (FastRPB)"),
 ]

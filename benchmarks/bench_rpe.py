@@ -1,0 +1,201 @@
+"""Relative positions in linear attention: attndsl vs what a user would otherwise run, one table.
+
+M = Dk = Dv = 64, B·H = 8 (1 × 8 heads), elu1 feature map, forward pass, float32. Scenarios:
+  table     learned table over the whole range (W = N), apply = scores, no mask (Luo et al.)
+  clipped   learned table clipped at W = 128, apply = scores, no mask
+  alibi     alibi, causal (the decayed form), next to plain causal linear attention
+Baselines:
+  sdpa+bias   exact F.scaled_dot_product_attention with the bias as a float mask (H, N, N)
+  naive fft   Luo et al. written directly in PyTorch: φk⊗v states (N, M·(D+1)) for all heads,
+              rfft over 2N, product with the bias spectrum, irfft, contraction with φq
+  linear      attndsl's own causal linear attention without a position term (alibi's yardstick)
+Ratios are baseline time / attndsl time (> 1: attndsl wins). Peak memory (--memory, N=16384)
+is each method's peak resident set size in a fresh process.
+
+    python benchmarks/bench_rpe.py [--lengths 1024,4096,8192,16384,32768] [--memory] [--quick]
+Writes benchmarks/results/bench_rpe.{md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import attndsl
+from bench_linear import timeit
+
+RESULTS = Path(__file__).resolve().parent / "results"
+H, DIM = 8, 64
+MEM_LIMIT = 16e9            # skip a baseline whose big tensors alone would need more than this
+
+
+def spec(scenario: str, n: int) -> str:
+    pos = {"table": f"toeplitz(max_distance={n}, init=normal)",
+           "clipped": "toeplitz(max_distance=128, init=normal)",
+           "alibi": "alibi", "linear": "none"}[scenario]
+    mask = "causal" if scenario in ("alibi", "linear") else "none"
+    return f"attention bench {{ kernel = elu1\n position = {pos}\n mask = {mask} }}"
+
+
+def bias_matrix(attn: attndsl.Attention, n: int) -> torch.Tensor:
+    """b_h(i − j) as (1, H, N, N), masked entries −inf: what SDPA gets as attn_mask."""
+    i = torch.arange(n)
+    r = i[:, None] - i[None, :]
+    if attn.position_table is not None:
+        w = (attn.position_table.shape[1] - 1) // 2
+        b = attn.position_table.detach()[:, r.clamp(-w, w) + w]
+    else:
+        b = -attn.position_slopes[:, :, None] * r.abs().float()
+    if attn.spec.causal:
+        b = b.masked_fill(r < 0, float("-inf"))
+    return b.unsqueeze(0)
+
+
+def naive_fft(attn: attndsl.Attention, q, k, v):
+    """Luo et al. in plain PyTorch (non-causal): every (m, d) channel through rfft at once."""
+    s = math.sqrt(attn.scale)
+    qf, kf = F.elu(s * q) + 1, F.elu(s * k) + 1
+    n = q.shape[2]
+    L = 2 * n
+    w = (attn.position_table.shape[1] - 1) // 2
+    r = torch.arange(L)
+    r = torch.where(r < n, r, r - L)
+    c = torch.exp(attn.position_table.detach()[:, r.clamp(-w, w) + w])
+    c[:, n] = 0                                               # r = ±n: outside the sequence
+    chat = torch.fft.rfft(c, dim=-1)                          # (H, L/2+1)
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    states = torch.einsum("bhnm,bhnd->bhmdn", kf, v1)         # (B, H, M, D+1, N)
+    spec_ = torch.fft.rfft(states, n=L, dim=-1) * chat[None, :, None, None, :]
+    conv = torch.fft.irfft(spec_, n=L, dim=-1)[..., :n]
+    num = torch.einsum("bhnm,bhmdn->bhnd", qf, conv)
+    return num[..., :-1] / num[..., -1:]
+
+
+def naive_bytes(n: int) -> float:
+    return 3 * H * DIM * (DIM + 1) * 2 * n * 4               # states, spectrum, convolution
+
+
+def methods(scenario: str, n: int):
+    attn = attndsl.compile(spec(scenario, n), heads=H, head_dim=DIM)
+    out = {"attndsl": lambda q, k, v: attn(q, k, v)}
+    if scenario == "alibi":
+        lin = attndsl.compile(spec("linear", n), heads=H, head_dim=DIM)
+        out["linear"] = lambda q, k, v: lin(q, k, v)
+    if 4.0 * H * n * n <= MEM_LIMIT:
+        bias = bias_matrix(attn, n)
+        out["sdpa+bias"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    if scenario == "table" and naive_bytes(n) <= MEM_LIMIT:
+        out["naive fft"] = lambda q, k, v: naive_fft(attn, q, k, v)
+    return attn, out
+
+
+def run(lengths, scenarios):
+    rows = []
+    for scenario in scenarios:
+        for n in lengths:
+            attn, ms = methods(scenario, n)
+            form = attn.planned.decisions[0].form
+            q, k, v = (torch.randn(1, H, n, DIM) for _ in range(3))
+            for name, fn in ms.items():
+                with torch.no_grad():
+                    t = timeit(lambda: fn(q, k, v), budget=3.0, max_reps=5)
+                rows.append(dict(scenario=scenario, n=n, method=name, fwd=t, form=form))
+                print(f"  {scenario:8s} N={n:6d} {name:10s} {t * 1e3:10.1f} ms"
+                      + (f"   ({form})" if name == "attndsl" else ""), flush=True)
+    return rows
+
+
+def peak_memory(method: str, scenario: str, n: int) -> float:
+    """Peak RSS (bytes) of one forward in a fresh process."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_rpe as b, torch, "
+            f"resource\nattn, ms = b.methods({scenario!r}, {n})\n"
+            f"q, k, v = (torch.randn(1, b.H, {n}, b.DIM) for _ in range(3))\n"
+            f"base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"with torch.no_grad(): ms[{method!r}](q, k, v)\n"
+            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode != 0:
+        return float("nan")
+    return float(res.stdout.strip().splitlines()[-1]) * 1024
+
+
+def table(rows, memory) -> str:
+    by = {(r["scenario"], r["n"], r["method"]): r for r in rows}
+    out = [f"### relative positions, elu1, B·H={H}, M=D={DIM}, forward, {torch.get_num_threads()} threads", "",
+           "| scenario | N | attndsl form | attndsl ms | sdpa+bias ms | naive fft ms | linear ms | "
+           "vs sdpa+bias | vs naive fft | attndsl / linear |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for scenario, n in sorted({(r["scenario"], r["n"]) for r in rows}, key=lambda x: (x[0], x[1])):
+        a = by[(scenario, n, "attndsl")]
+
+        def ms(m):
+            r = by.get((scenario, n, m))
+            return f"{r['fwd'] * 1e3:.1f}" if r else "—"
+
+        def ratio(m, inv=False):
+            r = by.get((scenario, n, m))
+            if not r:
+                return "—"
+            return f"{a['fwd'] / r['fwd']:.2f}x" if inv else f"{r['fwd'] / a['fwd']:.2f}x"
+        out.append(f"| {scenario} | {n} | {a['form']} | {a['fwd'] * 1e3:.1f} | {ms('sdpa+bias')} | "
+                   f"{ms('naive fft')} | {ms('linear')} | {ratio('sdpa+bias')} | {ratio('naive fft')} | "
+                   f"{ratio('linear', inv=True)} |")
+    if memory:
+        out += ["", "peak memory of one forward, N=16384, table scenario (fresh process, RSS):", ""]
+        out += [f"- {m}: {b / 1e9:.2f} GB" for m, b in memory.items()]
+    return "\n".join(out)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scenarios = sorted({r["scenario"] for r in rows})
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4.2), squeeze=False)
+    for ax, sc in zip(axes[0], scenarios):
+        for method in ("attndsl", "sdpa+bias", "naive fft", "linear"):
+            pts = sorted((r["n"], r["fwd"] * 1e3) for r in rows if r["scenario"] == sc and r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method, linewidth=2.5 if method == "attndsl" else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(sc)
+        ax.set_xlabel("sequence length N")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    axes[0][0].set_ylabel("forward time (ms), lower is better")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="1024,4096,8192,16384,32768")
+    p.add_argument("--scenarios", default="table,clipped,alibi")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory at N=16384")
+    p.add_argument("--quick", action="store_true", help="N=1024 only")
+    a = p.parse_args(argv)
+    lengths = [1024] if a.quick else [int(x) for x in a.lengths.split(",")]
+    print(f"bench_rpe: lengths {lengths}, {torch.get_num_threads()} threads", flush=True)
+    rows = run(lengths, a.scenarios.split(","))
+    memory = {}
+    if a.memory:
+        for m in ("attndsl", "naive fft", "sdpa+bias"):
+            memory[m] = peak_memory(m, "table", 16384)
+            print(f"  peak memory N=16384 {m}: {memory[m] / 1e9:.2f} GB", flush=True)
+    md = table(rows, memory)
+    print("\n" + md)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_rpe.md").write_text(md + "\n")
+    (RESULTS / "bench_rpe.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, RESULTS / "bench_rpe.png")
+    print(f"\nwrote {RESULTS / 'bench_rpe.md'} and .png")
+
+
+if __name__ == "__main__":
+    main()
