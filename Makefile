@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_linear.py
-	$(PY) benchmarks/bench_rpe.py --memory
+	$(PY) benchmarks/bench_rpe.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
