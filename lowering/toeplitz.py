@@ -39,11 +39,21 @@ def _block(M: int, D1: int) -> int:
     return best
 
 
+def rel(p, N, Lf):
+    """r of slot p of the circular weight buffer: p (r ≥ 0) or p − L (r < 0)."""
+    return tirx.Select(p < N, p, p - Lf)
+
+
+def slot(r, W):
+    """The table column of r: clip(r, −W, W) + W (the lookup and its gradient's scatter)."""
+    return tirx.max(tirx.min(r, W), -W) + W
+
+
 def bias_builder(position, dtype: str):
     """(TAB, h, r) -> b_h(r) as a PrimExpr, for r an int64 PrimExpr."""
     if position.name == "toeplitz":
         def bias(TAB, h, r, W):
-            return TAB[h, tirx.max(tirx.min(r, W), -W) + W]
+            return TAB[h, slot(r, W)]
     elif position.name == "alibi":
         def bias(TAB, h, r, W):
             return -TAB[h, 0] * tirx.Cast(dtype, tirx.abs(r))
@@ -72,7 +82,7 @@ def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
             mx[0] = T.min_value(dtype)
             for p in range(Lf):
                 if valid(p, N, Lf):
-                    CC[h, p] = bias(TAB, h, T.Select(p < N, p, p - Lf), W)
+                    CC[h, p] = bias(TAB, h, rel(p, N, Lf), W)
                     mx[0] = T.max(mx[0], CC[h, p])
                 else:
                     CC[h, p] = zero
@@ -92,9 +102,9 @@ def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
             for p in range(Lf):
                 if valid(p, N, Lf):
                     if exp_c:
-                        dTAB[h, T.max(T.min(T.Select(p < N, p, p - Lf), W), -W) + W] += DCC[h, p] * CC[h, p]
+                        dTAB[h, slot(rel(p, N, Lf), W)] += DCC[h, p] * CC[h, p]
                     else:
-                        dTAB[h, T.max(T.min(T.Select(p < N, p, p - Lf), W), -W) + W] += DCC[h, p]
+                        dTAB[h, slot(rel(p, N, Lf), W)] += DCC[h, p]
 
     @T.macro
     def spectral(X, CH, h, F, conj):
@@ -320,8 +330,6 @@ def scores_backward(name: str, M: int, D: int, dtype: str, causal: bool, positio
 
 def values_forward(name: str, D: int, dtype: str, causal: bool, position):
     """FastRPB: (V, TAB, Y out, n_fft). Y_i = Σ_j b(i−j) V_j over j ≤ i when causal."""
-    VL = V_LANES
-    zero = T.cast(0, dtype)
     build_spectrum, _, spectral, _ = _position_macros(dtype, causal, bias_builder(position, dtype), False)
 
     @T.prim_func
