@@ -87,7 +87,7 @@ class Attention(nn.Module):
             raise SpecError(f"the {form} is not lowered to TVM yet, so spec "
                             f"'{self.spec.name}' cannot be compiled",
                             self.spec.span_of(field) or self.spec.span,
-                            help="forms compiled today: linear, prefix_sum, toeplitz_fft, decayed and "
+                            help="forms compiled today: linear, prefix_sum, toeplitz_fft, banded, decayed and "
                                  "values_fft (a feature-map kernel, with or without a position term; "
                                  "no sampling)") from None
         key = cache.make_key(spec=repr(self.spec), dims=[self.head_dim, self.value_dim], dtype=dtype,

@@ -120,7 +120,8 @@ def _linear_grad(ctx, dout, dden):
 linear_attention.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
-# --- relative positions by FFT (lowering/toeplitz.py) --------------------------------------------
+# --- relative positions: Toeplitz-FFT (lowering/toeplitz.py) or banded (lowering/banded.py) ----------
+# Both forms' kernels share one signature; the trailing FFT length is read by the FFT kernels only.
 
 def _fft_len(n: int) -> int:
     from .passes.plan import fft_length

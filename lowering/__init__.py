@@ -68,8 +68,11 @@ def learns(position) -> bool:
 
 
 def _positional_attention(node: PositionalAttention, names, dtype):
-    from . import linear, toeplitz
+    from . import banded, linear, toeplitz
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
+    if node.form == "banded":                    # a clipped table: far keys by prefix sums
+        return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal),
+                names[1]: banded.banded_backward(names[1], m, d, dtype, node.causal)}
     if node.form == "decayed":                   # γ = exp(−TAB[h, 0]) per head, causal
         def slope(TAB, h):
             return TAB[h, 0]
@@ -101,7 +104,7 @@ LOWERINGS: dict[type, Callable] = {
 LOWERED_FORMS: dict[type, frozenset | None] = {
     Input: None, Position: None, Add: None, FeatureMap: None,
     LinearAttention: frozenset(LINEAR_FORMS),
-    PositionalAttention: frozenset({"toeplitz_fft", "decayed"}),
+    PositionalAttention: frozenset({"toeplitz_fft", "banded", "decayed"}),
     ToeplitzValues: frozenset({"values_fft"}),
 }
 

@@ -164,6 +164,40 @@ def test_forced_forms_agree(case):
             assert_close("grad", b, a, 1e-10)
 
 
+TABLES = {"clipped": 6, "full_range": 64}       # max_distance W at N = 45: W ≪ N, and W ≥ N
+
+
+@pytest.mark.parametrize("mask", ["full", "causal"])
+@pytest.mark.parametrize("table", list(TABLES))
+def test_table_by_fft_and_by_banded_agree(table, mask):
+    """The same learned table through both forms: outputs and every gradient (d position_table
+    included) match the float64 reference, and float64 gradcheck passes for each form."""
+    text = (f"attention t {{ kernel = elu1\n position = toeplitz(max_distance={TABLES[table]}, "
+            f"init=normal)\n mask = {'causal' if mask == 'causal' else 'none'} }}")
+    q, k, v = (t.requires_grad_() for t in inputs(2, 45, 8, 6, torch.float64))
+    g = torch.randn(2, 2, 45, 6, dtype=torch.float64)
+    table_init = None
+    for form in ("banded", "toeplitz_fft"):
+        attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6, plan=form)
+        assert [d.form for d in attn.planned.decisions] == [form]
+        attn.double()
+        if table_init is None:
+            table_init = attn.position_table.detach().clone()
+        with torch.no_grad():
+            attn.position_table.copy_(table_init)
+        out, ref = attn(q, k, v), attn.reference(q, k, v)
+        assert_close(f"{form} out", ref, out, 1e-11)
+        for name, a, b in zip(("dq", "dk", "dv", "dtable"), grads(attn, ref, q, k, v, g),
+                              grads(attn, out, q, k, v, g)):
+            assert_close(f"{form} {name}", a, b, 1e-10)
+        small = [t.detach()[:1, :, :7].clone().requires_grad_() for t in (q, k, v)]
+        tab = attn.position_table.detach().clone().requires_grad_()
+
+        def f(q, k, v, tab):
+            return functional_call(attn, {"position_table": tab}, (q, k, v))
+        assert torch.autograd.gradcheck(f, (*small, tab), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def test_planner_picks_decayed_only_for_geometric_causal_weights():
     def form(position, mask):
         text = f"attention t {{ kernel = elu1\n {position}\n mask = {mask} }}"
@@ -172,7 +206,8 @@ def test_planner_picks_decayed_only_for_geometric_causal_weights():
     assert form("position(r) = -abs(r) / 8 + 1", "causal") == "decayed"
     assert form("position = alibi", "none") == "toeplitz_fft"           # both directions: FFT
     assert form("position(r) = -r * r / 100", "causal") == "toeplitz_fft"  # not geometric
-    assert form("position = toeplitz(max_distance=4)", "causal") == "toeplitz_fft"
+    assert form("position = toeplitz(max_distance=4)", "causal") == "banded"     # clipped: W ≪ N
+    assert form("position = toeplitz(max_distance=4096)", "none") == "toeplitz_fft"  # full range
     with pytest.raises(attndsl.SpecError, match="plan 'decayed' does not apply"):
         attndsl.compile("attention t { kernel = elu1\n position = alibi }", heads=2, head_dim=8,
                         plan="decayed")

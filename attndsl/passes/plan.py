@@ -49,6 +49,15 @@ def _toeplitz_fft_cost(n: PositionalAttention, N: int) -> float:
     return _fft_cost(m * (d + 1), N) + 4.0 * N * m * (d + 1)   # + the products with φk and φq
 
 
+def _banded_cost(n: PositionalAttention, N: int) -> float:
+    """Window tiles (keys within ±(W + C) of a query chunk, C = 32) with exact weights, plus the
+    constant weights beyond the clip through chunk prefix sums (one M×(D+1) product a row)."""
+    m, d = n.qf.shape[-1], n.v.shape[-1]
+    w = int(n.bias.position["max_distance"])
+    window = min(N, (1 if n.causal else 2) * w + 32)
+    return 2.0 * N * window * (m + d + 1) + 4.0 * N * m * (d + 1)
+
+
 def _values_fft_cost(n: ToeplitzValues, N: int) -> float:
     return _fft_cost(n.v.shape[-1], N)
 
@@ -60,6 +69,9 @@ FORMS: list[Form] = [
          "running state S_i = S_{i−1} + φk_i⊗[v_i, 1], out_i = φq_i·S_i (one pass)"),
     Form("toeplitz_fft", PositionalAttention, lambda n: True, _toeplitz_fft_cost,
          "per channel (m, d): Σ_j c(i−j) φk_jm [v_j, 1]_d by FFT (Luo et al.), contracted with φq_i"),
+    Form("banded", PositionalAttention, lambda n: n.bias.position.name == "toeplitz", _banded_cost,
+         "c(r) constant beyond the clip ±W: chunk prefix sums for the far keys, exact C×C tiles "
+         "for the ±W band"),
     Form("decayed", PositionalAttention,
          lambda n: decay_rate(n.bias.position, n.causal) is not None,
          lambda n, N: 1.1 * _linear_cost(n, N),
