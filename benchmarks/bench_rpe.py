@@ -2,7 +2,8 @@
 
 M = Dk = Dv = 64, B·H = 8 (1 × 8 heads), elu1 feature map, forward pass, float32. Scenarios:
   table     learned table over the whole range (W = N), apply = scores, no mask (Luo et al.)
-  clipped   learned table clipped at W = 128, apply = scores, no mask
+  clipped   learned table clipped at W = 128, apply = scores, no mask (the banded form; `attndsl
+            fft` is the same spec forced onto the Toeplitz-FFT form, up to N = 8192)
   alibi     alibi, causal (the decayed form), next to plain causal linear attention
 Baselines:
   sdpa+bias   exact F.scaled_dot_product_attention with the bias as a float mask (H, N, N)
@@ -13,7 +14,11 @@ Ratios are baseline time / attndsl time (> 1: attndsl wins). Baselines whose big
 would exceed MEM_LIMIT are skipped (SDPA's (H, N, N) mask at N = 32768 is 34 GB; the naive
 formulation ran this 24 GiB machine out of memory at N = 16384).
 
-    python benchmarks/bench_rpe.py [--lengths 1024,4096,8192,16384,32768] [--quick]
+Peak memory (--memory): each method runs once in a fresh child process, under a 20 GiB
+address-space limit; the child resets its peak RSS (/proc/self/clear_refs) after set-up and
+reports VmHWM − VmRSS, i.e. what the call itself needed on top of its inputs and parameters.
+
+    python benchmarks/bench_rpe.py [--lengths 1024,4096,8192,16384,32768] [--quick] [--memory]
 Writes benchmarks/results/bench_rpe.{md,png}.
 """
 from __future__ import annotations
@@ -21,6 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +40,8 @@ from bench_linear import timeit
 RESULTS = Path(__file__).resolve().parent / "results"
 H, DIM = 8, 64
 MEM_LIMIT = 16e9            # skip a baseline whose big tensors alone would need more than this
+AS_LIMIT = 20 * 2**30       # address space of a --memory child: a failed allocation, not an OOM kill
+FORCED_FFT_MAX_N = 8192     # the clipped table through the FFT form, for comparison, up to this N
 
 
 def spec(scenario: str, n: int) -> str:
@@ -88,6 +98,10 @@ def methods(scenario: str, n: int):
     if scenario == "alibi":
         lin = attndsl.compile(spec("linear", n), heads=H, head_dim=DIM)
         out["linear"] = lambda q, k, v: lin(q, k, v)
+    if scenario == "clipped" and n <= FORCED_FFT_MAX_N:
+        fft = attndsl.compile(spec(scenario, n), heads=H, head_dim=DIM, plan="toeplitz_fft")
+        fft.load_state_dict(attn.state_dict())
+        out["attndsl fft"] = lambda q, k, v: fft(q, k, v)
     if 4.0 * H * n * n <= MEM_LIMIT:
         bias = bias_matrix(attn, n)
         out["sdpa+bias"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -115,8 +129,9 @@ def run(lengths, scenarios):
 def table(rows) -> str:
     by = {(r["scenario"], r["n"], r["method"]): r for r in rows}
     out = [f"### relative positions, elu1, B·H={H}, M=D={DIM}, forward, {torch.get_num_threads()} threads", "",
-           "| scenario | N | attndsl form | attndsl ms | sdpa+bias ms | naive fft ms | linear ms | "
-           "vs sdpa+bias | vs naive fft | attndsl / linear |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| scenario | N | attndsl form | attndsl ms | sdpa+bias ms | naive fft ms | attndsl fft ms | "
+           "linear ms | vs sdpa+bias | vs naive fft | vs attndsl fft | attndsl / linear |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, n in sorted({(r["scenario"], r["n"]) for r in rows}, key=lambda x: (x[0], x[1])):
         a = by[(scenario, n, "attndsl")]
 
@@ -130,8 +145,8 @@ def table(rows) -> str:
                 return "—"
             return f"{a['fwd'] / r['fwd']:.2f}x" if inv else f"{r['fwd'] / a['fwd']:.2f}x"
         out.append(f"| {scenario} | {n} | {a['form']} | {a['fwd'] * 1e3:.1f} | {ms('sdpa+bias')} | "
-                   f"{ms('naive fft')} | {ms('linear')} | {ratio('sdpa+bias')} | {ratio('naive fft')} | "
-                   f"{ratio('linear', inv=True)} |")
+                   f"{ms('naive fft')} | {ms('attndsl fft')} | {ms('linear')} | {ratio('sdpa+bias')} | "
+                   f"{ratio('naive fft')} | {ratio('attndsl fft')} | {ratio('linear', inv=True)} |")
     return "\n".join(out)
 
 
@@ -142,7 +157,7 @@ def plot(rows, path):
     scenarios = sorted({r["scenario"] for r in rows})
     fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4.2), squeeze=False)
     for ax, sc in zip(axes[0], scenarios):
-        for method in ("attndsl", "sdpa+bias", "naive fft", "linear"):
+        for method in ("attndsl", "sdpa+bias", "naive fft", "attndsl fft", "linear"):
             pts = sorted((r["n"], r["fwd"] * 1e3) for r in rows if r["scenario"] == sc and r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method, linewidth=2.5 if method == "attndsl" else 1.2)
@@ -157,20 +172,75 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+def _status(key: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _peak_child(scenario: str, n: int, method: str) -> None:
+    """In a fresh process: set up one method, reset the peak RSS, run it once, print JSON."""
+    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+    _, ms = methods(scenario, n)
+    q, k, v = (torch.randn(1, H, n, DIM) for _ in range(3))
+    Path("/proc/self/clear_refs").write_text("5")            # VmHWM := VmRSS
+    base = _status("VmRSS")
+    try:
+        with torch.no_grad():
+            ms[method](q, k, v)
+        print(json.dumps({"peak": _status("VmHWM") - base}))
+    except (RuntimeError, MemoryError) as e:                 # the address-space limit
+        print(json.dumps({"failed": str(e).splitlines()[0][:120]}))
+
+
+def peak_memory(scenario: str, n: int) -> list[dict]:
+    rows = []
+    for method in ("attndsl", "naive fft"):
+        proc = subprocess.run([sys.executable, __file__, "--_peak", scenario, str(n), method],
+                              capture_output=True, text=True, timeout=1800)
+        lines = proc.stdout.strip().splitlines()
+        res = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
+            "failed": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+        rows.append(dict(scenario=scenario, n=n, method=method, **res))
+        what = f"{res['peak'] / 2**20:.0f} MiB" if "peak" in res else f"failed ({res['failed']})"
+        print(f"  peak memory {scenario} N={n} {method:10s} {what}", flush=True)
+    return rows
+
+
+def memory_table(rows) -> str:
+    out = [f"### peak memory of one forward call (above inputs and parameters), B·H={H}, M=D={DIM}", "",
+           "| scenario | N | method | peak MiB |", "|---|---|---|---|"]
+    for r in rows:
+        peak = f"{r['peak'] / 2**20:.0f}" if "peak" in r else \
+            f"> {AS_LIMIT / 2**30:.0f} GiB (allocation failed under the limit)"
+        out.append(f"| {r['scenario']} | {r['n']} | {r['method']} | {peak} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,4096,8192,16384,32768")
     p.add_argument("--scenarios", default="table,clipped,alibi")
     p.add_argument("--quick", action="store_true", help="N=1024 only")
+    p.add_argument("--memory", action="store_true", help="also the peak memory at N = --memory-n")
+    p.add_argument("--memory-n", type=int, default=16384)
+    p.add_argument("--_peak", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a._peak:
+        return _peak_child(a._peak[0], int(a._peak[1]), a._peak[2])
     lengths = [1024] if a.quick else [int(x) for x in a.lengths.split(",")]
     print(f"bench_rpe: lengths {lengths}, {torch.get_num_threads()} threads", flush=True)
     rows = run(lengths, a.scenarios.split(","))
     md = table(rows)
+    mem = peak_memory("table", a.memory_n) if a.memory else []
+    if mem:
+        md += "\n\n" + memory_table(mem)
     print("\n" + md)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_rpe.md").write_text(md + "\n")
-    (RESULTS / "bench_rpe.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / "bench_rpe.json").write_text(json.dumps({"timings": rows, "peak_memory": mem}, indent=1))
     plot(rows, RESULTS / "bench_rpe.png")
     print(f"\nwrote {RESULTS / 'bench_rpe.md'} and .png")
 
