@@ -189,7 +189,7 @@ class Attention(nn.Module):
         lines.append("")
         lines.append("kernels (TVM, one build serves every batch and length):")
         for i, node in enumerate(postorder(planned.root)):
-            if not isinstance(node, Input):
+            if not isinstance(node, (Input, Position, Add)):       # these run no kernel of their own
                 lines.append(f"  {node.op}{i}_fwd / {node.op}{i}_bwd   {_describe(node)}")
         for entry in self._build_log:
             lines.append(f"  build {entry}")
