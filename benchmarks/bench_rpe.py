@@ -4,11 +4,12 @@ M = Dk = Dv = 64, B·H = 8 (1 × 8 heads), elu1 feature map, forward pass, float
   table     learned table over the whole range (W = N), apply = scores, no mask (Luo et al.)
   clipped   learned table clipped at W = 128, apply = scores, no mask
   alibi     alibi, causal (the decayed form), next to plain causal linear attention
+  alibi_full  alibi, no mask (the decayed form, both directions), next to non-causal linear attention
 Baselines:
   sdpa+bias   exact F.scaled_dot_product_attention with the bias as a float mask (H, N, N)
   naive fft   Luo et al. written directly in PyTorch: φk⊗v states (N, M·(D+1)) for all heads,
               rfft over 2N, product with the bias spectrum, irfft, contraction with φq
-  linear      attndsl's own causal linear attention without a position term (alibi's yardstick)
+  linear      attndsl's own linear attention without a position term, same mask (alibi's yardstick)
 Ratios are baseline time / attndsl time (> 1: attndsl wins). Baselines whose big tensors alone
 would exceed MEM_LIMIT are skipped (SDPA's (H, N, N) mask at N = 32768 is 34 GB; the naive
 formulation ran this 24 GiB machine out of memory at N = 16384).
@@ -37,7 +38,7 @@ MEM_LIMIT = 16e9            # skip a baseline whose big tensors alone would need
 def spec(scenario: str, n: int) -> str:
     pos = {"table": f"toeplitz(max_distance={n}, init=normal)",
            "clipped": "toeplitz(max_distance=128, init=normal)",
-           "alibi": "alibi", "linear": "none"}[scenario]
+           "alibi": "alibi", "alibi_full": "alibi", "linear": "none", "linear_full": "none"}[scenario]
     mask = "causal" if scenario in ("alibi", "linear") else "none"
     return f"attention bench {{ kernel = elu1\n position = {pos}\n mask = {mask} }}"
 
@@ -85,8 +86,9 @@ def naive_bytes(n: int) -> float:
 def methods(scenario: str, n: int):
     attn = attndsl.compile(spec(scenario, n), heads=H, head_dim=DIM)
     out = {"attndsl": lambda q, k, v: attn(q, k, v)}
-    if scenario == "alibi":
-        lin = attndsl.compile(spec("linear", n), heads=H, head_dim=DIM)
+    if scenario in ("alibi", "alibi_full"):
+        yardstick = "linear" if scenario == "alibi" else "linear_full"
+        lin = attndsl.compile(spec(yardstick, n), heads=H, head_dim=DIM)
         out["linear"] = lambda q, k, v: lin(q, k, v)
     if 4.0 * H * n * n <= MEM_LIMIT:
         bias = bias_matrix(attn, n)
@@ -160,7 +162,7 @@ def plot(rows, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,4096,8192,16384,32768")
-    p.add_argument("--scenarios", default="table,clipped,alibi")
+    p.add_argument("--scenarios", default="table,clipped,alibi,alibi_full")
     p.add_argument("--quick", action="store_true", help="N=1024 only")
     a = p.parse_args(argv)
     lengths = [1024] if a.quick else [int(x) for x in a.lengths.split(",")]
