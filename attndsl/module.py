@@ -248,16 +248,20 @@ EXECUTE = {FeatureMap: _run_feature_map, LinearAttention: _run_linear}
 
 def _run_positional(node, args, lib, name, w, wt):
     qf, kf, v, tab = args
-    if node.form == "decayed":               # a causal recurrence with γ = exp(−slope) per head
+    if node.form == "decayed":               # recurrences with γ = exp(−rate) per head and direction
         return ops.linear_attention(qf, kf, v, lib, name, _decay_slopes(node, tab))[0]
     return ops.toeplitz_attention(qf, kf, v, tab, lib, name)[0]
 
 
 def _decay_slopes(node, tab):
-    """(H, 1) slopes a of exp(b(r)) = e^(−a·r): alibi's own, or a user function's (passes/geometric.py)."""
-    from .passes.geometric import decay_rate
-    rate = decay_rate(node.bias.position, node.causal)
-    return tab if rate == "table" else torch.full_like(tab, rate)
+    """(H, 2) decay rates (earlier keys, later keys) of exp(b(r)) ∝ e^(−a·|r|): alibi's slopes
+    (tab, (H, 1)) or a user function's constants (passes/geometric.py); later is 0 and unused when
+    causal."""
+    from .passes.geometric import decay_rates
+
+    def column(rate):
+        return tab if rate == "table" else torch.full_like(tab[:, :1], rate or 0.0)
+    return torch.cat([column(rate) for rate in decay_rates(node.bias.position, node.causal)], 1)
 
 
 def _run_values(node, args, lib, name, w, wt):

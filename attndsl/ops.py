@@ -69,8 +69,9 @@ feature_map.register_autograd(_feature_map_grad, setup_context=_feature_map_setu
 @torch.library.custom_op("attndsl::linear_attention", mutates_args=())
 def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, lib: str, node: str,
                      tab: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(out (BH, N, Dv), den (BH, N)) from φq, φk (BH, N, M) and v (BH, N, Dv). `tab` (H, 1):
-    the per-head decay slopes of the decayed form (alibi), which weights each pair by γ^(i−j)."""
+    """(out (BH, N, Dv), den (BH, N)) from φq, φk (BH, N, M) and v (BH, N, Dv). `tab` (H, 2): the
+    per-head decay rates (a_earlier, a_later) of the decayed form, which weights each pair by
+    e^(−a·|i−j|), a_earlier for j ≤ i and a_later for j > i (non-causal)."""
     out = torch.empty_like(v)
     den = v.new_empty(v.shape[0], v.shape[1])
     _kernel(lib, node + "_fwd")(qf, kf, v, _no_table(v) if tab is None else tab, out, den)

@@ -5,11 +5,12 @@ M = Dk = Dv = 64, B·H = 8 (1 × 8 heads), elu1 feature map, forward pass, float
   clipped   learned table clipped at W = 128, apply = scores, no mask (the banded form; `attndsl
             fft` is the same spec forced onto the Toeplitz-FFT form, up to N = 8192)
   alibi     alibi, causal (the decayed form), next to plain causal linear attention
+  alibi_full  alibi, no mask (the decayed form, both directions), next to non-causal linear attention
 Baselines:
   sdpa+bias   exact F.scaled_dot_product_attention with the bias as a float mask (H, N, N)
   naive fft   Luo et al. written directly in PyTorch: φk⊗v states (N, M·(D+1)) for all heads,
               rfft over 2N, product with the bias spectrum, irfft, contraction with φq
-  linear      attndsl's own causal linear attention without a position term (alibi's yardstick)
+  linear      attndsl's own linear attention without a position term, same mask (alibi's yardstick)
 Ratios are baseline time / attndsl time (> 1: attndsl wins). Baselines whose big tensors alone
 would exceed MEM_LIMIT are skipped (SDPA's (H, N, N) mask at N = 32768 is 34 GB; the naive
 formulation ran this 24 GiB machine out of memory at N = 16384).
@@ -47,7 +48,7 @@ FORCED_FFT_MAX_N = 8192     # the clipped table through the FFT form, for compar
 def spec(scenario: str, n: int) -> str:
     pos = {"table": f"toeplitz(max_distance={n}, init=normal)",
            "clipped": "toeplitz(max_distance=128, init=normal)",
-           "alibi": "alibi", "linear": "none"}[scenario]
+           "alibi": "alibi", "alibi_full": "alibi", "linear": "none", "linear_full": "none"}[scenario]
     mask = "causal" if scenario in ("alibi", "linear") else "none"
     return f"attention bench {{ kernel = elu1\n position = {pos}\n mask = {mask} }}"
 
@@ -95,8 +96,9 @@ def naive_bytes(n: int) -> float:
 def methods(scenario: str, n: int):
     attn = attndsl.compile(spec(scenario, n), heads=H, head_dim=DIM)
     out = {"attndsl": lambda q, k, v: attn(q, k, v)}
-    if scenario == "alibi":
-        lin = attndsl.compile(spec("linear", n), heads=H, head_dim=DIM)
+    if scenario in ("alibi", "alibi_full"):
+        yardstick = "linear" if scenario == "alibi" else "linear_full"
+        lin = attndsl.compile(spec(yardstick, n), heads=H, head_dim=DIM)
         out["linear"] = lambda q, k, v: lin(q, k, v)
     if scenario == "clipped" and n <= FORCED_FFT_MAX_N:
         fft = attndsl.compile(spec(scenario, n), heads=H, head_dim=DIM, plan="toeplitz_fft")
@@ -222,7 +224,7 @@ def memory_table(rows) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,4096,8192,16384,32768")
-    p.add_argument("--scenarios", default="table,clipped,alibi")
+    p.add_argument("--scenarios", default="table,clipped,alibi,alibi_full")
     p.add_argument("--quick", action="store_true", help="N=1024 only")
     p.add_argument("--memory", action="store_true", help="also the peak memory at N = --memory-n")
     p.add_argument("--memory-n", type=int, default=16384)

@@ -73,11 +73,11 @@ def _positional_attention(node: PositionalAttention, names, dtype):
     if node.form == "banded":                    # a clipped table: far keys by prefix sums
         return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal),
                 names[1]: banded.banded_backward(names[1], m, d, dtype, node.causal)}
-    if node.form == "decayed":                   # γ = exp(−TAB[h, 0]) per head, causal
-        def slope(TAB, h):
-            return TAB[h, 0]
-        return {names[0]: linear.linear_forward(names[0], m, d, dtype, True, slope=slope),
-                names[1]: linear.linear_backward(names[1], m, d, dtype, True, slope=slope)}
+    if node.form == "decayed":                   # γ = exp(−TAB[h, later]) per head and direction
+        def slope(TAB, h, later):                # TAB (H, 2): rates for earlier, later keys
+            return TAB[h, 1 if later else 0]
+        return {names[0]: linear.linear_forward(names[0], m, d, dtype, node.causal, slope=slope),
+                names[1]: linear.linear_backward(names[1], m, d, dtype, node.causal, slope=slope)}
     return {names[0]: toeplitz.scores_forward(names[0], m, d, dtype, node.causal, pos),
             names[1]: toeplitz.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos))}
 

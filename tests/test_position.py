@@ -8,7 +8,7 @@ import torch
 from torch.func import functional_call
 
 import attndsl
-from attndsl import ops
+from attndsl import ops, pipeline
 from attndsl.ir import postorder
 
 from conftest import RTOL, assert_close
@@ -19,9 +19,10 @@ POSITIONS = {
     "alibi": "position = alibi",
     "alibi_slope": "position = alibi(slope=0.3)",
     "user": "position(r) = -0.05 * abs(r) + 0.5 * sin(r / 3)",
+    "affine": "position(r) = 1 - 0.2 * abs(r) - 0.05 * r",          # geometric, γ_f ≠ γ_b
 }
 KERNELS = {"table": "elu1", "table_full": "favor(features=16, seed=2)", "alibi": "hyperbolic(features=8)",
-           "alibi_slope": "elu1", "user": "elu1"}
+           "alibi_slope": "elu1", "user": "elu1", "affine": "elu1"}
 CASES = [(p, a, m) for p in POSITIONS for a in ("scores", "values") for m in ("full", "causal")]
 IDS = [f"{p}-{a}-{m}" for p, a, m in CASES]
 
@@ -89,6 +90,31 @@ def test_one_build_serves_every_length(apply, n):
     assert_close("out", ref, attn(q, k, v), 1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 100])       # around the kernels' chunk of 32
+@pytest.mark.parametrize("position", ["alibi", "alibi_slope", "affine"])
+def test_decayed_two_way_serves_every_length(position, n):
+    """Non-causal decayed: both recurrences (forward and backward in time) at ragged lengths."""
+    attn = compiled(position, "scores", "full")
+    assert attn.planned.decisions[0].form == "decayed"
+    q, k, v = (t.requires_grad_() for t in inputs(2, n, 8, 6, torch.float64))
+    q64, k64, v64 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, ref = attn(q, k, v), attn.reference(q64, k64, v64)
+    assert_close("out", ref, out, 10 * RTOL[torch.float64])
+    g = torch.randn_like(ref)
+    for name, a, b in zip(("dq", "dk", "dv"), grads(attn, ref, q64, k64, v64, g), grads(attn, out, q, k, v, g)):
+        if n == 1:                         # one key: out = v, so dq = dk = 0 up to rounding
+            assert (a - b).abs().max() < 1e-12, name
+        else:
+            assert_close(name, a, b, 100 * RTOL[torch.float64])
+
+
+def test_gradcheck_decayed_two_way_across_chunks():
+    """float64 gradcheck at a length that spans two chunks, so the carried states are exercised."""
+    attn = compiled("affine", "scores", "full")
+    q, k, v = (t.requires_grad_() for t in inputs(1, 35, 8, 6, torch.float64))
+    assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def test_table_gradient_reaches_the_parameter_and_trains():
     attn = compiled("table", "scores", "full")
     q, k, v = inputs(2, 40, 8, 6, torch.float32)
@@ -142,6 +168,9 @@ FORCED = {
     "alibi-causal": ("alibi", "position = alibi", "causal", ("decayed", "toeplitz_fft")),
     "affine-causal": ("elu1", "position(r) = 2 - r / 5", "causal", ("decayed", "toeplitz_fft")),
     "affine-abs": ("elu1", "position(r) = -0.3 * abs(r)", "causal", ("decayed", "toeplitz_fft")),
+    "alibi-full": ("alibi", "position = alibi", "none", ("decayed", "toeplitz_fft")),
+    "alibi-slope-full": ("elu1", "position = alibi(slope=0.3)", "none", ("decayed", "toeplitz_fft")),
+    "affine-full": ("elu1", "position(r) = -0.3 * abs(r) + 0.1 * r", "none", ("decayed", "toeplitz_fft")),
 }
 
 
@@ -198,26 +227,46 @@ def test_table_by_fft_and_by_banded_agree(table, mask):
         assert torch.autograd.gradcheck(f, (*small, tab), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_planner_picks_decayed_only_for_geometric_causal_weights():
+def test_planner_picks_decayed_for_geometric_weights_with_or_without_mask():
     def form(position, mask):
         text = f"attention t {{ kernel = elu1\n {position}\n mask = {mask} }}"
-        return attndsl.compile(text, heads=2, head_dim=8).planned.decisions[0].form
+        return pipeline.run(attndsl.parse(text).blocks[0], 8, 8).decisions[0].form
     assert form("position = alibi", "causal") == "decayed"
     assert form("position(r) = -abs(r) / 8 + 1", "causal") == "decayed"
-    assert form("position = alibi", "none") == "toeplitz_fft"           # both directions: FFT
+    assert form("position = alibi", "none") == "decayed"                # both directions
+    assert form("position(r) = -abs(r) / 8 + r / 16", "none") == "decayed"  # γ_f ≠ γ_b
+    assert form("position(r) = -r / 8", "none") == "toeplitz_fft"       # grows for later keys
     assert form("position(r) = -r * r / 100", "causal") == "toeplitz_fft"  # not geometric
     assert form("position = toeplitz(max_distance=4)", "causal") == "banded"     # clipped: W ≪ N
     assert form("position = toeplitz(max_distance=4096)", "none") == "toeplitz_fft"  # full range
     with pytest.raises(attndsl.SpecError, match="plan 'decayed' does not apply"):
-        attndsl.compile("attention t { kernel = elu1\n position = alibi }", heads=2, head_dim=8,
+        attndsl.compile("attention t { kernel = elu1\n position(r) = -r }", heads=2, head_dim=8,
                         plan="decayed")
 
 
-@pytest.mark.parametrize("expr,causal,rate", [
-    ("-0.5 * abs(r)", True, 0.5), ("-r", True, 1.0), ("3 - r / 2", True, 0.5),
-    ("-(abs(r) + r)", True, 2.0), ("-0.5 * abs(r)", False, None), ("abs(2 * r)", True, None),
+def test_decayed_cost_doubles_without_causal_mask():
+    def costs(mask):
+        text = f"attention t {{ kernel = elu1\n position = alibi\n mask = {mask} }}"
+        return dict(pipeline.run(attndsl.parse(text).blocks[0], 64, 64).decisions[0].costs)
+    causal, full = costs("causal"), costs("none")
+    assert full["decayed"] == pytest.approx(2 * causal["decayed"])
+    assert full["decayed"] < full["toeplitz_fft"] / 10
+
+
+@pytest.mark.parametrize("expr,causal,rates", [
+    ("-0.5 * abs(r)", True, (0.5, None)), ("-r", True, (1.0, None)), ("3 - r / 2", True, (0.5, None)),
+    ("-(abs(r) + r)", True, (2.0, None)), ("-0.5 * abs(r)", False, (0.5, 0.5)),
+    ("-(abs(r) + r)", False, (2.0, 0.0)), ("-abs(r) + r / 4", False, (0.75, 1.25)),
+    ("-r", False, None), ("2", False, (0.0, 0.0)), ("abs(2 * r)", True, None),
     ("r * r", True, None), ("-abs(r - 1)", True, None), ("sin(r)", True, None)])
-def test_geometric_recogniser(expr, causal, rate):
-    from attndsl.passes.geometric import decay_rate
+def test_geometric_recogniser(expr, causal, rates):
+    from attndsl.passes.geometric import decay_rates
     s = attndsl.parse(f"attention t {{ kernel = elu1\n position(r) = {expr} }}").blocks[0]
-    assert decay_rate(s.position, causal) == rate
+    assert decay_rates(s.position, causal) == rates
+
+
+@pytest.mark.parametrize("causal,rates", [(True, ("table", None)), (False, ("table", "table"))])
+def test_geometric_recogniser_alibi(causal, rates):
+    from attndsl.passes.geometric import decay_rates
+    s = attndsl.parse("attention t { kernel = elu1\n position = alibi }").blocks[0]
+    assert decay_rates(s.position, causal) == rates

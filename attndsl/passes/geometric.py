@@ -1,13 +1,18 @@
 """Recognise position terms whose weights exp(b(r)) are geometric in r: the decayed form.
 
-    b(r) = −a·|r| + const   (any mask)      or   b(r) = −a·r + const   (causal: r ≥ 0)
-      =>  exp(b(r)) = e^const · γ^|r|,  γ = e^(−a),  a ≥ 0
+    b(r) = α|r| + βr + c,  r = i − j
+      =>  exp(b(r)) = e^c · γ_f^r      on r ≥ 0 (keys at or before the query),  γ_f = e^(−(α+β))
+          exp(b(r)) = e^c · γ_b^(−r)   on r < 0 (keys after it, non-causal),    γ_b = e^(−(α−β))
 
-e^const cancels in the normalizer (apply = scores), so attention becomes a recurrence whose
-state decays by γ per token. alibi(slope) is this with a = slope (per head); a user
-`position(r) = EXPR` qualifies when EXPR is affine in |r| (or in r, when causal).
+e^c cancels in the normalizer (apply = scores), so attention becomes two recurrences: a state
+running forward in time that decays by γ_f per token, and (without a causal mask) one running
+backward in time that decays by γ_b. Valid when neither rate is negative (no growth: the kernels'
+exponents stay ≤ 0). alibi(slope) is this with α = −slope, β = 0 (per head); a user
+`position(r) = EXPR` qualifies when EXPR is affine in |r| and r.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from ..ast import Binary, Call, Choice, Num, Unary, Var
 
@@ -44,18 +49,26 @@ def affine(e) -> Affine | None:
     return None
 
 
-def decay_rate(position: Choice, causal: bool) -> float | str | None:
-    """a ≥ 0 with exp(b(r)) ∝ e^(−a|r|) on the unmasked r; "table" for alibi (per-head slopes,
-    read at run time); None when the weights are not geometric (or the mask is not causal: the
-    decayed kernels run forward in time only)."""
-    if not causal:
-        return None
-    if position.name == "alibi":
-        return "table"
+class Decay(NamedTuple):
+    """Decay rates a ≥ 0 (γ = e^(−a)) per direction; "table" for alibi's per-head slopes (read at run
+    time)."""
+    earlier: float | str            # exp(b(r)) ∝ e^(−a·r) on r ≥ 0
+    later: float | str | None       # exp(b(r)) ∝ e^(a·r) on r < 0; None when causal (no later keys)
+
+
+def decay_rates(position: Choice, causal: bool) -> Decay | None:
+    """The rates of a geometric position term on the unmasked r, or None when the weights are not
+    geometric (or grow with distance in some direction)."""
+    if position.name == "alibi":                             # −slope·|r|: slope both ways
+        return Decay("table", None if causal else "table")
     if position.name != "user":
         return None
     aff = affine(position.expr)
     if aff is None:
         return None
-    rate = -(aff[0] + aff[1])                                # on r ≥ 0, |r| = r
-    return rate if rate >= 0.0 else None
+    alpha, beta, _ = aff
+    earlier = -(alpha + beta)                                # r ≥ 0: α|r| + βr = (α+β)·r
+    later = None if causal else -(alpha - beta)              # r < 0: α|r| + βr = (α−β)·(−r)
+    if earlier < 0.0 or (later is not None and later < 0.0):
+        return None
+    return Decay(earlier, later)

@@ -12,7 +12,7 @@ from ..diagnostics import SpecError
 import math
 
 from ..ir import LinearAttention, Node, PositionalAttention, ToeplitzValues, postorder
-from .geometric import decay_rate
+from .geometric import decay_rates
 from ..rewrite import rewrite
 
 
@@ -58,6 +58,12 @@ def _banded_cost(n: PositionalAttention, N: int) -> float:
     return 2.0 * N * window * (m + d + 1) + 4.0 * N * m * (d + 1)
 
 
+def _decayed_cost(n: PositionalAttention, N: int) -> float:
+    """The prefix-sum recurrence plus the decay weights; twice that with a second, backward-in-time
+    pass for the later keys (non-causal)."""
+    return (1 if n.causal else 2) * 1.1 * _linear_cost(n, N)
+
+
 def _values_fft_cost(n: ToeplitzValues, N: int) -> float:
     return _fft_cost(n.v.shape[-1], N)
 
@@ -73,9 +79,10 @@ FORMS: list[Form] = [
          "c(r) constant beyond the clip ±W: chunk prefix sums for the far keys, exact C×C tiles "
          "for the ±W band"),
     Form("decayed", PositionalAttention,
-         lambda n: decay_rate(n.bias.position, n.causal) is not None,
-         lambda n, N: 1.1 * _linear_cost(n, N),
-         "exp(b(r)) = γ^r: a running state that decays by γ per token, S_i = γ S_{i−1} + φk_i⊗[v_i, 1]"),
+         lambda n: decay_rates(n.bias.position, n.causal) is not None,
+         _decayed_cost,
+         "exp(b(r)) = γ^|r|: a running state that decays by γ per token, S_i = γ S_{i−1} + φk_i⊗[v_i, 1] "
+         "(and, without a causal mask, a second one backward in time over the later keys)"),
     Form("values_fft", ToeplitzValues, lambda n: True, _values_fft_cost,
          "Σ_j b(i−j) v_j by FFT per value channel (FastRPB)"),
 ]
