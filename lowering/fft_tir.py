@@ -1,0 +1,367 @@
+"""Batched real FFT and its inverse in TVMScript: the same contract as fftlib's packed functions.
+
+    rfft:  X (G, L) real, Y (G, L/2+1, 2) out, n     Y[g] = rfft(X[g, :n] zero-padded to L)
+    irfft: Y (G, L/2+1, 2), X (G, L) out             X[g] = irfft(Y[g], L)  (torch's 1/L)
+L a power of two ≥ 16 (symbolic: one build serves every G and L); Y complex interleaved (re, im).
+
+Every channel goes through the same transform, so the vector lanes run across channels: a block
+of VL channels is transposed (in registers, VL×VL tiles) to a work buffer Z (L, VL) whose rows
+2k, 2k+1 hold re, im of z_k = x_2k + i·x_2k+1, k < N = L/2 — the transposed block *is* that
+complex sequence, no reordering needed. Then
+    Z = FFT_N(z)                       Stockham radix-4 DIF stages (+ one radix-2 when log2 N is
+                                       odd), ping-ponging between two buffers, each butterfly a
+                                       VL-lane vector op, twiddles W_N^k from a table
+    X_k = E_k + W_L^k·O_k,  X_{N−k} = conj(E_k − W_L^k·O_k)   (real-input split, k ≤ N/2)
+      E_k = (Z_k + conj Z_{N−k})/2,  O_k = −i(Z_k − conj Z_{N−k})/2
+and the result is transposed back to Y. The inverse runs the same steps backwards: Hermitian
+pairs to Z_k = (E_k + i·O_k)/L with E_k = X_k + conj X_{N−k}, O_k = (X_k − conj X_{N−k})·W_L^−k,
+an inverse FFT_N (conjugate twiddles), and x_2k, x_2k+1 = re, im z_k. As torch does, the inverse
+ignores the imaginary parts of Y[:, 0] and Y[:, N].
+
+Blocks of channels run in parallel (T.parallel), each with its own 2·(L+2)·VL scratch. Twiddle
+tables are computed per call in float64 (vmath.cos, vectorized) and rounded to the dtype.
+"""
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from . import vmath
+from .linear import _shuffle_idx
+
+MIN_LENGTH = 16
+
+
+def lanes(dtype: str) -> int:
+    """Channels per vector: one 256-bit register (AVX2; this machine has no AVX-512)."""
+    return 8 if dtype == "float32" else 4
+
+
+def _macros(dtype: str, VL: int, inverse: bool):
+    """The building blocks, closed over dtype, the lane count VL and the direction."""
+    zero = T.cast(0, dtype)
+    f64 = "float64"
+
+    def pm(a, b):
+        """a + b forward, a − b inverse (the ∓i of the radix-4 butterfly)."""
+        return a - b if inverse else a + b
+
+    def mp(a, b):
+        return a + b if inverse else a - b
+    stages = [(b, _shuffle_idx(VL, b, False), _shuffle_idx(VL, b, True)) for b in (8, 4, 2, 1) if b < VL]
+
+    @T.macro
+    def shuffle(A, B, bit, lo, hi):
+        for t in T.unroll(VL):
+            if t & bit == 0:
+                B[t, T.Ramp(0, 1, VL)] = T.Shuffle([A[t, T.Ramp(0, 1, VL)], A[t + bit, T.Ramp(0, 1, VL)]], lo)
+            else:
+                B[t, T.Ramp(0, 1, VL)] = T.Shuffle([A[t - bit, T.Ramp(0, 1, VL)], A[t, T.Ramp(0, 1, VL)]], hi)
+
+    @T.macro
+    def transpose(A, B):
+        """A (VL, VL) register tile <- its transpose (B is scratch)."""
+        if VL == 16:
+            shuffle(A, B, stages[0][0], stages[0][1], stages[0][2])
+            shuffle(B, A, stages[1][0], stages[1][1], stages[1][2])
+            shuffle(A, B, stages[2][0], stages[2][1], stages[2][2])
+            shuffle(B, A, stages[3][0], stages[3][1], stages[3][2])
+        elif VL == 8:
+            shuffle(A, B, stages[0][0], stages[0][1], stages[0][2])
+            shuffle(B, A, stages[1][0], stages[1][1], stages[1][2])
+            shuffle(A, B, stages[2][0], stages[2][1], stages[2][2])
+            for t in T.unroll(VL):
+                A[t, T.Ramp(0, 1, VL)] = B[t, T.Ramp(0, 1, VL)]
+        else:
+            shuffle(A, B, stages[0][0], stages[0][1], stages[0][2])
+            shuffle(B, A, stages[1][0], stages[1][1], stages[1][2])
+
+    def w(k, n, imag):
+        """W_n^k (forward) or W_n^−k (inverse), real or imaginary part, computed in float64."""
+        x = T.cast(k, f64) * (T.float64(2 * math.pi) / T.cast(n, f64))
+        return T.cast(vmath.cos(x, (-1 if inverse else 1) if imag else 0), dtype)
+
+    @T.macro
+    def twiddles(TW, TR, L):
+        """TW[k] = W_N^k, k < N = L/2;  TR[k] = W_L^k, k ≤ N/2 (re, im); conjugated when inverse."""
+        for k0 in range(L // 8):
+            for kl in T.vectorized(4):
+                TW[k0 * 4 + kl, 0] = w(k0 * 4 + kl, L // 2, False)
+                TW[k0 * 4 + kl, 1] = w(k0 * 4 + kl, L // 2, True)
+        for k0 in range(L // 16):
+            for kl in T.vectorized(4):
+                TR[k0 * 4 + kl, 0] = w(k0 * 4 + kl, L, False)
+                TR[k0 * 4 + kl, 1] = w(k0 * 4 + kl, L, True)
+        TR[L // 4, 0] = w(L // 4, L, False)
+        TR[L // 4, 1] = w(L // 4, L, True)
+
+    @T.macro
+    def radix4(S, D, TW, N, s):
+        """One Stockham stage, n = N/s, m = n/4, for p < m, q < s (elements x_j = S[2j], S[2j+1]):
+        a, b, c, d = x[q + s(p + {0,1,2,3}m)]
+        y[q + s(4p + {0,1,2,3})] = (a+c)+(b+d), W^p((a−c)∓i(b−d)), W^2p((a+c)−(b+d)), W^3p((a−c)±i(b−d))."""
+        for p in range(N // (4 * s)):
+            w1r: T.let = TW[p * s, 0]
+            w1i: T.let = TW[p * s, 1]
+            w2r: T.let = TW[2 * p * s, 0]
+            w2i: T.let = TW[2 * p * s, 1]
+            w3r: T.let = TW[3 * p * s, 0]
+            w3i: T.let = TW[3 * p * s, 1]
+            for q in range(s):
+                for l in T.vectorized(VL):
+                    ia: T.let = 2 * (q + s * p)
+                    ib: T.let = 2 * (q + s * p + N // 4)
+                    ic: T.let = 2 * (q + s * p + N // 2)
+                    id: T.let = 2 * (q + s * p + 3 * (N // 4))
+                    apcr: T.let = S[ia, l] + S[ic, l]
+                    apci: T.let = S[ia + 1, l] + S[ic + 1, l]
+                    amcr: T.let = S[ia, l] - S[ic, l]
+                    amci: T.let = S[ia + 1, l] - S[ic + 1, l]
+                    bpdr: T.let = S[ib, l] + S[id, l]
+                    bpdi: T.let = S[ib + 1, l] + S[id + 1, l]
+                    bmdr: T.let = S[ib, l] - S[id, l]
+                    bmdi: T.let = S[ib + 1, l] - S[id + 1, l]
+                    # forward: t1 = (a−c) − i(b−d), t3 = (a−c) + i(b−d); inverse: the other way
+                    t1r: T.let = pm(amcr, bmdi)
+                    t1i: T.let = mp(amci, bmdr)
+                    t3r: T.let = mp(amcr, bmdi)
+                    t3i: T.let = pm(amci, bmdr)
+                    t2r: T.let = apcr - bpdr
+                    t2i: T.let = apci - bpdi
+                    o: T.let = 2 * (q + 4 * s * p)
+                    D[o, l] = apcr + bpdr
+                    D[o + 1, l] = apci + bpdi
+                    D[o + 2 * s, l] = t1r * w1r - t1i * w1i
+                    D[o + 2 * s + 1, l] = t1r * w1i + t1i * w1r
+                    D[o + 4 * s, l] = t2r * w2r - t2i * w2i
+                    D[o + 4 * s + 1, l] = t2r * w2i + t2i * w2r
+                    D[o + 6 * s, l] = t3r * w3r - t3i * w3i
+                    D[o + 6 * s + 1, l] = t3r * w3i + t3i * w3r
+
+    @T.macro
+    def radix2(S, D, N):
+        """The last stage when log2 N is odd: s = N/2, y[q] = x[q] + x[q+s], y[q+s] = x[q] − x[q+s]."""
+        for q in range(N):
+            for l in T.vectorized(VL):
+                D[q, l] = S[q, l] + S[q + N, l]
+                D[q + N, l] = S[q, l] - S[q + N, l]
+
+    @T.macro
+    def fft(A, B, TW, N, lg):
+        """FFT_N of A in place of A (nst even) or B (odd); lg = log2 N."""
+        for st in range(lg // 2):
+            if st % 2 == 0:
+                radix4(A, B, TW, N, T.shift_left(T.int64(1), 2 * st))
+            else:
+                radix4(B, A, TW, N, T.shift_left(T.int64(1), 2 * st))
+        if lg % 2 == 1:
+            if (lg // 2) % 2 == 0:
+                radix2(A, B, N)
+            else:
+                radix2(B, A, N)
+
+    return zero, transpose, twiddles, radix4, radix2, fft
+
+
+def _log2(L):
+    """log2 of the power of two L, as an int64 PrimExpr (exact: L is a power of two)."""
+    return T.cast(T.round(T.log2(T.cast(L, "float64"))), "int64")
+
+
+def rfft(name: str, dtype: str, VL: int | None = None):
+    """rfft(X (G, L), Y (G, L/2+1, 2) out, n): Y = rfft(X[:, :n], L) (see the module docstring)."""
+    VL = VL or lanes(dtype)
+    zero, transpose, twiddles, _, _, fft = _macros(dtype, VL, False)
+    half = T.cast(0.5, dtype)
+
+    @T.macro
+    def load(Z, X, g0, G, L, n, R, S):
+        """Z[t, l] = X[g0 + l, t] (0 for t ≥ n or g0 + l ≥ G): register transposes on full tiles."""
+        for t0 in range(L // VL):
+            if g0 + VL <= G and t0 * VL + VL <= n:
+                for l in T.unroll(VL):
+                    R[l, T.Ramp(0, 1, VL)] = X[g0 + l, T.Ramp(t0 * VL, 1, VL)]
+                transpose(R, S)
+                for t in T.unroll(VL):
+                    Z[t0 * VL + t, T.Ramp(0, 1, VL)] = R[t, T.Ramp(0, 1, VL)]
+            elif t0 * VL >= n:
+                for t in range(VL):
+                    for l in T.vectorized(VL):
+                        Z[t0 * VL + t, l] = zero
+            else:
+                for t in range(VL):
+                    for l in range(VL):
+                        Z[t0 * VL + t, l] = T.Select(tirx.And(g0 + l < G, t0 * VL + t < n),
+                                                     X[T.min(g0 + l, G - 1), T.min(t0 * VL + t, L - 1)], zero)
+
+    @T.macro
+    def split(Z, O, TR, N):
+        """O rows 2k, 2k+1 (k ≤ N) <- X_k from Z = FFT_N(z) (the real-input post-processing)."""
+        for l in T.vectorized(VL):
+            O[0, l] = Z[0, l] + Z[1, l]
+            O[1, l] = zero
+            O[2 * N, l] = Z[0, l] - Z[1, l]
+            O[2 * N + 1, l] = zero
+        for k in range(1, N // 2 + 1):
+            wr: T.let = TR[k, 0]
+            wi: T.let = TR[k, 1]
+            for l in T.vectorized(VL):
+                zr: T.let = Z[2 * k, l]
+                zi: T.let = Z[2 * k + 1, l]
+                cr: T.let = Z[2 * (N - k), l]
+                ci: T.let = -Z[2 * (N - k) + 1, l]
+                er: T.let = (zr + cr) * half
+                ei: T.let = (zi + ci) * half
+                orr: T.let = (zi - ci) * half        # O = −i(Z − conj Z')/2
+                oi: T.let = (cr - zr) * half
+                pr: T.let = wr * orr - wi * oi
+                pi: T.let = wr * oi + wi * orr
+                O[2 * k, l] = er + pr
+                O[2 * k + 1, l] = ei + pi
+                O[2 * (N - k), l] = er - pr
+                O[2 * (N - k) + 1, l] = pi - ei
+
+    @T.macro
+    def store(Yf, O, g0, G, L, R, S):
+        """Yf[g0 + l, t] = O[t, l] for t < L + 2, g0 + l < G."""
+        for t0 in range(L // VL):
+            if g0 + VL <= G:
+                for t in T.unroll(VL):
+                    R[t, T.Ramp(0, 1, VL)] = O[t0 * VL + t, T.Ramp(0, 1, VL)]
+                transpose(R, S)
+                for l in T.unroll(VL):
+                    Yf[g0 + l, T.Ramp(t0 * VL, 1, VL)] = R[l, T.Ramp(0, 1, VL)]
+            else:
+                for l in range(VL):
+                    if g0 + l < G:
+                        for t in range(VL):
+                            Yf[g0 + l, t0 * VL + t] = O[t0 * VL + t, l]
+        for l in range(VL):
+            if g0 + l < G:
+                Yf[g0 + l, L] = O[L, l]
+                Yf[g0 + l, L + 1] = O[L + 1, l]
+
+    @T.prim_func
+    def kernel(x: T.handle, y: T.handle, n: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        G = T.int64()
+        L = T.int64()
+        X = T.match_buffer(x, (G, L), dtype)
+        Y = T.match_buffer(y, (G, L // 2 + 1, 2), dtype)
+        Yf = T.decl_buffer((G, L + 2), dtype, data=Y.data)
+        N = L // 2
+        lg = _log2(N)
+        TW = T.alloc_buffer((L // 2, 2), dtype)
+        TR = T.alloc_buffer((L // 4 + 1, 2), dtype)
+        twiddles(TW, TR, L)
+        for b in T.parallel((G + VL - 1) // VL):
+            A = T.alloc_buffer((L + 2, VL), dtype)
+            B = T.alloc_buffer((L + 2, VL), dtype)
+            R = T.alloc_buffer((VL, VL), dtype, scope="local")
+            S = T.alloc_buffer((VL, VL), dtype, scope="local")
+            load(A, X, b * VL, G, L, T.min(n, L), R, S)
+            fft(A, B, TW, N, lg)
+            if (lg // 2 + lg % 2) % 2 == 0:
+                split(A, B, TR, N)
+                store(Yf, B, b * VL, G, L, R, S)
+            else:
+                split(B, A, TR, N)
+                store(Yf, A, b * VL, G, L, R, S)
+
+    return kernel
+
+
+def irfft(name: str, dtype: str, VL: int | None = None):
+    """irfft(Y (G, L/2+1, 2), X (G, L) out): X = irfft(Y, L) (see the module docstring)."""
+    VL = VL or lanes(dtype)
+    zero, transpose, twiddles, _, _, fft = _macros(dtype, VL, True)
+
+    @T.macro
+    def load(Z, Yf, g0, G, L, R, S):
+        """Z[t, l] = Yf[g0 + l, t], t < L + 2 (rows of absent channels 0)."""
+        for t0 in range(L // VL):
+            if g0 + VL <= G:
+                for l in T.unroll(VL):
+                    R[l, T.Ramp(0, 1, VL)] = Yf[g0 + l, T.Ramp(t0 * VL, 1, VL)]
+                transpose(R, S)
+                for t in T.unroll(VL):
+                    Z[t0 * VL + t, T.Ramp(0, 1, VL)] = R[t, T.Ramp(0, 1, VL)]
+            else:
+                for t in range(VL):
+                    for l in range(VL):
+                        Z[t0 * VL + t, l] = T.Select(g0 + l < G, Yf[T.min(g0 + l, G - 1), t0 * VL + t], zero)
+        for l in range(VL):
+            Z[L, l] = T.Select(g0 + l < G, Yf[T.min(g0 + l, G - 1), L], zero)
+            Z[L + 1, l] = zero
+
+    @T.macro
+    def unsplit(O, Z, TR, N, L):
+        """Z rows 2k, 2k+1 (k < N) <- (E_k + i·O_k)/L from the Hermitian half O (rows 2k, 2k+1, k ≤ N)."""
+        inv: T.let = T.cast(1, dtype) / T.cast(L, dtype)
+        for l in T.vectorized(VL):
+            Z[0, l] = (O[0, l] + O[2 * N, l]) * inv
+            Z[1, l] = (O[0, l] - O[2 * N, l]) * inv
+        for k in range(1, N // 2 + 1):
+            wr: T.let = TR[k, 0]                 # W_L^−k
+            wi: T.let = TR[k, 1]
+            for l in T.vectorized(VL):
+                xr: T.let = O[2 * k, l]
+                xi: T.let = O[2 * k + 1, l]
+                cr: T.let = O[2 * (N - k), l]
+                ci: T.let = -O[2 * (N - k) + 1, l]
+                er: T.let = xr + cr
+                ei: T.let = xi + ci
+                dr: T.let = xr - cr
+                di: T.let = xi - ci
+                orr: T.let = dr * wr - di * wi
+                oi: T.let = dr * wi + di * wr
+                Z[2 * k, l] = (er - oi) * inv             # E + iO
+                Z[2 * k + 1, l] = (ei + orr) * inv
+                Z[2 * (N - k), l] = (er + oi) * inv       # conj E + i conj O
+                Z[2 * (N - k) + 1, l] = (orr - ei) * inv
+
+    @T.macro
+    def store(X, Z, g0, G, L, R, S):
+        """X[g0 + l, t] = Z[t, l], t < L."""
+        for t0 in range(L // VL):
+            if g0 + VL <= G:
+                for t in T.unroll(VL):
+                    R[t, T.Ramp(0, 1, VL)] = Z[t0 * VL + t, T.Ramp(0, 1, VL)]
+                transpose(R, S)
+                for l in T.unroll(VL):
+                    X[g0 + l, T.Ramp(t0 * VL, 1, VL)] = R[l, T.Ramp(0, 1, VL)]
+            else:
+                for l in range(VL):
+                    if g0 + l < G:
+                        for t in range(VL):
+                            X[g0 + l, t0 * VL + t] = Z[t0 * VL + t, l]
+
+    @T.prim_func
+    def kernel(y: T.handle, x: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        G = T.int64()
+        L = T.int64()
+        Y = T.match_buffer(y, (G, L // 2 + 1, 2), dtype)
+        X = T.match_buffer(x, (G, L), dtype)
+        Yf = T.decl_buffer((G, L + 2), dtype, data=Y.data)
+        N = L // 2
+        lg = _log2(N)
+        TW = T.alloc_buffer((L // 2, 2), dtype)
+        TR = T.alloc_buffer((L // 4 + 1, 2), dtype)
+        twiddles(TW, TR, L)
+        for b in T.parallel((G + VL - 1) // VL):
+            A = T.alloc_buffer((L + 2, VL), dtype)
+            B = T.alloc_buffer((L + 2, VL), dtype)
+            R = T.alloc_buffer((VL, VL), dtype, scope="local")
+            S = T.alloc_buffer((VL, VL), dtype, scope="local")
+            load(A, Yf, b * VL, G, L, R, S)
+            unsplit(A, B, TR, N, L)
+            fft(B, A, TW, N, lg)
+            if (lg // 2 + lg % 2) % 2 == 0:
+                store(X, B, b * VL, G, L, R, S)
+            else:
+                store(X, A, b * VL, G, L, R, S)
+
+    return kernel
