@@ -170,8 +170,8 @@ def _log2(L):
     return T.cast(T.round(T.log2(T.cast(L, "float64"))), "int64")
 
 
-def rfft(name: str, dtype: str, VL: int | None = None):
-    """rfft(X (G, L), Y (G, L/2+1, 2) out, n): Y = rfft(X[:, :n], L) (see the module docstring)."""
+def rfft_macro(dtype: str, VL: int | None = None):
+    """T.macro transform(X, Y, n): Y = rfft(X[:, :n], L) (see the module docstring)."""
     VL = VL or lanes(dtype)
     zero, transpose, twiddles, _, _, fft = _macros(dtype, VL, False)
     half = T.cast(0.5, dtype)
@@ -243,38 +243,32 @@ def rfft(name: str, dtype: str, VL: int | None = None):
                 Yf[g0 + l, L] = O[L, l]
                 Yf[g0 + l, L + 1] = O[L + 1, l]
 
-    @T.prim_func
-    def kernel(x: T.handle, y: T.handle, n: T.int64):
-        T.func_attr({"global_symbol": name, "tirx.noalias": True})
-        G = T.int64()
-        L = T.int64()
-        X = T.match_buffer(x, (G, L), dtype)
-        Y = T.match_buffer(y, (G, L // 2 + 1, 2), dtype)
-        Yf = T.decl_buffer((G, L + 2), dtype, data=Y.data)
-        N = L // 2
-        lg = _log2(N)
-        TW = T.alloc_buffer((L // 2, 2), dtype)
-        TR = T.alloc_buffer((L // 4 + 1, 2), dtype)
-        twiddles(TW, TR, L)
-        for b in T.parallel((G + VL - 1) // VL):
-            A = T.alloc_buffer((L + 2, VL), dtype)
-            B = T.alloc_buffer((L + 2, VL), dtype)
+    @T.macro
+    def transform(X, Y, n):
+        """Y = rfft(X[:, :n], L): X (G, L), Y (G, L/2+1, 2) buffers of the calling kernel."""
+        Yf = T.decl_buffer((X.shape[0], X.shape[1] + 2), dtype, data=Y.data)
+        TW = T.alloc_buffer((X.shape[1] // 2, 2), dtype)
+        TR = T.alloc_buffer((X.shape[1] // 4 + 1, 2), dtype)
+        twiddles(TW, TR, X.shape[1])
+        for b in T.parallel((X.shape[0] + VL - 1) // VL):
+            A = T.alloc_buffer((X.shape[1] + 2, VL), dtype)
+            B = T.alloc_buffer((X.shape[1] + 2, VL), dtype)
             R = T.alloc_buffer((VL, VL), dtype, scope="local")
             S = T.alloc_buffer((VL, VL), dtype, scope="local")
-            load(A, X, b * VL, G, L, T.min(n, L), R, S)
-            fft(A, B, TW, N, lg)
-            if (lg // 2 + lg % 2) % 2 == 0:
-                split(A, B, TR, N)
-                store(Yf, B, b * VL, G, L, R, S)
+            load(A, X, b * VL, X.shape[0], X.shape[1], T.min(n, X.shape[1]), R, S)
+            fft(A, B, TW, X.shape[1] // 2, _log2(X.shape[1] // 2))
+            if (_log2(X.shape[1] // 2) // 2 + _log2(X.shape[1] // 2) % 2) % 2 == 0:
+                split(A, B, TR, X.shape[1] // 2)
+                store(Yf, B, b * VL, X.shape[0], X.shape[1], R, S)
             else:
-                split(B, A, TR, N)
-                store(Yf, A, b * VL, G, L, R, S)
+                split(B, A, TR, X.shape[1] // 2)
+                store(Yf, A, b * VL, X.shape[0], X.shape[1], R, S)
 
-    return kernel
+    return transform
 
 
-def irfft(name: str, dtype: str, VL: int | None = None):
-    """irfft(Y (G, L/2+1, 2), X (G, L) out): X = irfft(Y, L) (see the module docstring)."""
+def irfft_macro(dtype: str, VL: int | None = None):
+    """T.macro transform(Y, X): X = irfft(Y, L) (see the module docstring)."""
     VL = VL or lanes(dtype)
     zero, transpose, twiddles, _, _, fft = _macros(dtype, VL, True)
 
@@ -338,6 +332,71 @@ def irfft(name: str, dtype: str, VL: int | None = None):
                         for t in range(VL):
                             X[g0 + l, t0 * VL + t] = Z[t0 * VL + t, l]
 
+    @T.macro
+    def transform(Y, X):
+        """X = irfft(Y, L): Y (G, L/2+1, 2), X (G, L) buffers of the calling kernel."""
+        Yf = T.decl_buffer((X.shape[0], X.shape[1] + 2), dtype, data=Y.data)
+        TW = T.alloc_buffer((X.shape[1] // 2, 2), dtype)
+        TR = T.alloc_buffer((X.shape[1] // 4 + 1, 2), dtype)
+        twiddles(TW, TR, X.shape[1])
+        for b in T.parallel((X.shape[0] + VL - 1) // VL):
+            A = T.alloc_buffer((X.shape[1] + 2, VL), dtype)
+            B = T.alloc_buffer((X.shape[1] + 2, VL), dtype)
+            R = T.alloc_buffer((VL, VL), dtype, scope="local")
+            S = T.alloc_buffer((VL, VL), dtype, scope="local")
+            load(A, Yf, b * VL, X.shape[0], X.shape[1], R, S)
+            unsplit(A, B, TR, X.shape[1] // 2, X.shape[1])
+            fft(B, A, TW, X.shape[1] // 2, _log2(X.shape[1] // 2))
+            if (_log2(X.shape[1] // 2) // 2 + _log2(X.shape[1] // 2) % 2) % 2 == 0:
+                store(X, B, b * VL, X.shape[0], X.shape[1], R, S)
+            else:
+                store(X, A, b * VL, X.shape[0], X.shape[1], R, S)
+
+    return transform
+
+
+def library_rfft_macro(dtype: str):
+    """The same transform through fftlib's packed function (torch.fft / pocketfft)."""
+    @T.macro
+    def transform(X, Y, n):
+        T.evaluate(T.call_packed("attndsl.fft.rfft", X, Y, n))
+    return transform
+
+
+def library_irfft_macro(dtype: str):
+    @T.macro
+    def transform(Y, X):
+        T.evaluate(T.call_packed("attndsl.fft.irfft", Y, X))
+    return transform
+
+
+# implementation -> (rfft macro builder, irfft macro builder), each dtype -> T.macro
+IMPLEMENTATIONS = {
+    "tir": (rfft_macro, irfft_macro),
+    "library": (library_rfft_macro, library_irfft_macro),
+}
+
+
+def rfft(name: str, dtype: str, impl: str = "tir"):
+    """A kernel (X (G, L), Y (G, L/2+1, 2) out, n): Y = rfft(X[:, :n], L)."""
+    transform = IMPLEMENTATIONS[impl][0](dtype)
+
+    @T.prim_func
+    def kernel(x: T.handle, y: T.handle, n: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        G = T.int64()
+        L = T.int64()
+        X = T.match_buffer(x, (G, L), dtype)
+        Y = T.match_buffer(y, (G, L // 2 + 1, 2), dtype)
+        transform(X, Y, n)
+
+    return kernel
+
+
+def irfft(name: str, dtype: str, impl: str = "tir"):
+    """A kernel (Y (G, L/2+1, 2), X (G, L) out): X = irfft(Y, L)."""
+    transform = IMPLEMENTATIONS[impl][1](dtype)
+
     @T.prim_func
     def kernel(y: T.handle, x: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
@@ -345,23 +404,6 @@ def irfft(name: str, dtype: str, VL: int | None = None):
         L = T.int64()
         Y = T.match_buffer(y, (G, L // 2 + 1, 2), dtype)
         X = T.match_buffer(x, (G, L), dtype)
-        Yf = T.decl_buffer((G, L + 2), dtype, data=Y.data)
-        N = L // 2
-        lg = _log2(N)
-        TW = T.alloc_buffer((L // 2, 2), dtype)
-        TR = T.alloc_buffer((L // 4 + 1, 2), dtype)
-        twiddles(TW, TR, L)
-        for b in T.parallel((G + VL - 1) // VL):
-            A = T.alloc_buffer((L + 2, VL), dtype)
-            B = T.alloc_buffer((L + 2, VL), dtype)
-            R = T.alloc_buffer((VL, VL), dtype, scope="local")
-            S = T.alloc_buffer((VL, VL), dtype, scope="local")
-            load(A, Yf, b * VL, G, L, R, S)
-            unsplit(A, B, TR, N, L)
-            fft(B, A, TW, N, lg)
-            if (lg // 2 + lg % 2) % 2 == 0:
-                store(X, B, b * VL, G, L, R, S)
-            else:
-                store(X, A, b * VL, G, L, R, S)
+        transform(Y, X)
 
     return kernel
