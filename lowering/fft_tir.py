@@ -98,8 +98,9 @@ def _macros(dtype: str, VL: int, inverse: bool):
         TR[L // 4, 1] = w(L // 4, L, True)
 
     @T.macro
-    def radix4(S, D, TW, N, s):
-        """One Stockham stage, n = N/s, m = n/4, for p < m, q < s (elements x_j = S[2j], S[2j+1]):
+    def radix4(W, so, do, TW, N, s):
+        """One Stockham stage from rows so.. of W to rows do.., n = N/s, m = n/4, p < m, q < s
+        (element x_j = W[so + 2j] + i·W[so + 2j + 1]):
         a, b, c, d = x[q + s(p + {0,1,2,3}m)]
         y[q + s(4p + {0,1,2,3})] = (a+c)+(b+d), W^p((a−c)∓i(b−d)), W^2p((a+c)−(b+d)), W^3p((a−c)±i(b−d))."""
         for p in range(N // (4 * s)):
@@ -111,18 +112,18 @@ def _macros(dtype: str, VL: int, inverse: bool):
             w3i: T.let = TW[3 * p * s, 1]
             for q in range(s):
                 for l in T.vectorized(VL):
-                    ia: T.let = 2 * (q + s * p)
-                    ib: T.let = 2 * (q + s * p + N // 4)
-                    ic: T.let = 2 * (q + s * p + N // 2)
-                    id: T.let = 2 * (q + s * p + 3 * (N // 4))
-                    apcr: T.let = S[ia, l] + S[ic, l]
-                    apci: T.let = S[ia + 1, l] + S[ic + 1, l]
-                    amcr: T.let = S[ia, l] - S[ic, l]
-                    amci: T.let = S[ia + 1, l] - S[ic + 1, l]
-                    bpdr: T.let = S[ib, l] + S[id, l]
-                    bpdi: T.let = S[ib + 1, l] + S[id + 1, l]
-                    bmdr: T.let = S[ib, l] - S[id, l]
-                    bmdi: T.let = S[ib + 1, l] - S[id + 1, l]
+                    ia: T.let = so + 2 * (q + s * p)
+                    ib: T.let = ia + N // 2
+                    ic: T.let = ia + N
+                    id: T.let = ia + 3 * (N // 2)
+                    apcr: T.let = W[ia, l] + W[ic, l]
+                    apci: T.let = W[ia + 1, l] + W[ic + 1, l]
+                    amcr: T.let = W[ia, l] - W[ic, l]
+                    amci: T.let = W[ia + 1, l] - W[ic + 1, l]
+                    bpdr: T.let = W[ib, l] + W[id, l]
+                    bpdi: T.let = W[ib + 1, l] + W[id + 1, l]
+                    bmdr: T.let = W[ib, l] - W[id, l]
+                    bmdi: T.let = W[ib + 1, l] - W[id + 1, l]
                     # forward: t1 = (a−c) − i(b−d), t3 = (a−c) + i(b−d); inverse: the other way
                     t1r: T.let = pm(amcr, bmdi)
                     t1i: T.let = mp(amci, bmdr)
@@ -130,37 +131,34 @@ def _macros(dtype: str, VL: int, inverse: bool):
                     t3i: T.let = pm(amci, bmdr)
                     t2r: T.let = apcr - bpdr
                     t2i: T.let = apci - bpdi
-                    o: T.let = 2 * (q + 4 * s * p)
-                    D[o, l] = apcr + bpdr
-                    D[o + 1, l] = apci + bpdi
-                    D[o + 2 * s, l] = t1r * w1r - t1i * w1i
-                    D[o + 2 * s + 1, l] = t1r * w1i + t1i * w1r
-                    D[o + 4 * s, l] = t2r * w2r - t2i * w2i
-                    D[o + 4 * s + 1, l] = t2r * w2i + t2i * w2r
-                    D[o + 6 * s, l] = t3r * w3r - t3i * w3i
-                    D[o + 6 * s + 1, l] = t3r * w3i + t3i * w3r
+                    o: T.let = do + 2 * (q + 4 * s * p)
+                    W[o, l] = apcr + bpdr
+                    W[o + 1, l] = apci + bpdi
+                    W[o + 2 * s, l] = t1r * w1r - t1i * w1i
+                    W[o + 2 * s + 1, l] = t1r * w1i + t1i * w1r
+                    W[o + 4 * s, l] = t2r * w2r - t2i * w2i
+                    W[o + 4 * s + 1, l] = t2r * w2i + t2i * w2r
+                    W[o + 6 * s, l] = t3r * w3r - t3i * w3i
+                    W[o + 6 * s + 1, l] = t3r * w3i + t3i * w3r
 
     @T.macro
-    def radix2(S, D, N):
-        """The last stage when log2 N is odd: s = N/2, y[q] = x[q] + x[q+s], y[q+s] = x[q] − x[q+s]."""
+    def radix2(W, so, do, N):
+        """The last stage when log2 N is odd: s = N/2, y[q] = x[q] + x[q+s], y[q+s] = x[q] − x[q+s]
+        (rows: re and im of x[q] are rows 2q, 2q+1, those of x[q+s] N rows further)."""
         for q in range(N):
             for l in T.vectorized(VL):
-                D[q, l] = S[q, l] + S[q + N, l]
-                D[q + N, l] = S[q, l] - S[q + N, l]
+                W[do + q, l] = W[so + q, l] + W[so + q + N, l]
+                W[do + q + N, l] = W[so + q, l] - W[so + q + N, l]
 
     @T.macro
-    def fft(A, B, TW, N, lg):
-        """FFT_N of A in place of A (nst even) or B (odd); lg = log2 N."""
+    def fft(W, h, TW, N, lg):
+        """FFT_N of half h of W (rows h·R.., R = 2N + 2), stages ping-ponging between the halves;
+        the result lands in half (h + stages) mod 2, stages = ⌈lg/2⌉, lg = log2 N."""
         for st in range(lg // 2):
-            if st % 2 == 0:
-                radix4(A, B, TW, N, T.shift_left(T.int64(1), 2 * st))
-            else:
-                radix4(B, A, TW, N, T.shift_left(T.int64(1), 2 * st))
+            radix4(W, (h + st) % 2 * (2 * N + 2), (h + st + 1) % 2 * (2 * N + 2), TW, N,
+                   T.shift_left(T.int64(1), 2 * st))
         if lg % 2 == 1:
-            if (lg // 2) % 2 == 0:
-                radix2(A, B, N)
-            else:
-                radix2(B, A, N)
+            radix2(W, (h + lg // 2) % 2 * (2 * N + 2), (h + lg // 2 + 1) % 2 * (2 * N + 2), N)
 
     return zero, transpose, twiddles, radix4, radix2, fft
 
@@ -168,6 +166,11 @@ def _macros(dtype: str, VL: int, inverse: bool):
 def _log2(L):
     """log2 of the power of two L, as an int64 PrimExpr (exact: L is a power of two)."""
     return T.cast(T.round(T.log2(T.cast(L, "float64"))), "int64")
+
+
+def _stages(L):
+    """Butterfly stages of FFT_{L/2}: ⌈log2(L/2) / 2⌉ (radix-4, plus one radix-2 when odd)."""
+    return (_log2(L // 2) + 1) // 2
 
 
 def rfft_macro(dtype: str, VL: int | None = None):
@@ -197,39 +200,40 @@ def rfft_macro(dtype: str, VL: int | None = None):
                                                      X[T.min(g0 + l, G - 1), T.min(t0 * VL + t, L - 1)], zero)
 
     @T.macro
-    def split(Z, O, TR, N):
-        """O rows 2k, 2k+1 (k ≤ N) <- X_k from Z = FFT_N(z) (the real-input post-processing)."""
+    def split(W, zo, oo, TR, N):
+        """Rows oo + 2k, oo + 2k + 1 (k ≤ N) <- X_k from Z = FFT_N(z) at rows zo.. (the real-input
+        post-processing)."""
         for l in T.vectorized(VL):
-            O[0, l] = Z[0, l] + Z[1, l]
-            O[1, l] = zero
-            O[2 * N, l] = Z[0, l] - Z[1, l]
-            O[2 * N + 1, l] = zero
+            W[oo + 0, l] = W[zo + 0, l] + W[zo + 1, l]
+            W[oo + 1, l] = zero
+            W[oo + 2 * N, l] = W[zo + 0, l] - W[zo + 1, l]
+            W[oo + 2 * N + 1, l] = zero
         for k in range(1, N // 2 + 1):
             wr: T.let = TR[k, 0]
             wi: T.let = TR[k, 1]
             for l in T.vectorized(VL):
-                zr: T.let = Z[2 * k, l]
-                zi: T.let = Z[2 * k + 1, l]
-                cr: T.let = Z[2 * (N - k), l]
-                ci: T.let = -Z[2 * (N - k) + 1, l]
+                zr: T.let = W[zo + 2 * k, l]
+                zi: T.let = W[zo + 2 * k + 1, l]
+                cr: T.let = W[zo + 2 * (N - k), l]
+                ci: T.let = -W[zo + 2 * (N - k) + 1, l]
                 er: T.let = (zr + cr) * half
                 ei: T.let = (zi + ci) * half
                 orr: T.let = (zi - ci) * half        # O = −i(Z − conj Z')/2
                 oi: T.let = (cr - zr) * half
                 pr: T.let = wr * orr - wi * oi
                 pi: T.let = wr * oi + wi * orr
-                O[2 * k, l] = er + pr
-                O[2 * k + 1, l] = ei + pi
-                O[2 * (N - k), l] = er - pr
-                O[2 * (N - k) + 1, l] = pi - ei
+                W[oo + 2 * k, l] = er + pr
+                W[oo + 2 * k + 1, l] = ei + pi
+                W[oo + 2 * (N - k), l] = er - pr
+                W[oo + 2 * (N - k) + 1, l] = pi - ei
 
     @T.macro
-    def store(Yf, O, g0, G, L, R, S):
-        """Yf[g0 + l, t] = O[t, l] for t < L + 2, g0 + l < G."""
+    def store(Yf, W, oo, g0, G, L, R, S):
+        """Yf[g0 + l, t] = W[oo + t, l] for t < L + 2, g0 + l < G."""
         for t0 in range(L // VL):
             if g0 + VL <= G:
                 for t in T.unroll(VL):
-                    R[t, T.Ramp(0, 1, VL)] = O[t0 * VL + t, T.Ramp(0, 1, VL)]
+                    R[t, T.Ramp(0, 1, VL)] = W[oo + t0 * VL + t, T.Ramp(0, 1, VL)]
                 transpose(R, S)
                 for l in T.unroll(VL):
                     Yf[g0 + l, T.Ramp(t0 * VL, 1, VL)] = R[l, T.Ramp(0, 1, VL)]
@@ -237,11 +241,11 @@ def rfft_macro(dtype: str, VL: int | None = None):
                 for l in range(VL):
                     if g0 + l < G:
                         for t in range(VL):
-                            Yf[g0 + l, t0 * VL + t] = O[t0 * VL + t, l]
+                            Yf[g0 + l, t0 * VL + t] = W[oo + t0 * VL + t, l]
         for l in range(VL):
             if g0 + l < G:
-                Yf[g0 + l, L] = O[L, l]
-                Yf[g0 + l, L + 1] = O[L + 1, l]
+                Yf[g0 + l, L] = W[oo + L, l]
+                Yf[g0 + l, L + 1] = W[oo + L + 1, l]
 
     @T.macro
     def transform(X, Y, n):
@@ -251,18 +255,14 @@ def rfft_macro(dtype: str, VL: int | None = None):
         TR = T.alloc_buffer((X.shape[1] // 4 + 1, 2), dtype)
         twiddles(TW, TR, X.shape[1])
         for b in T.parallel((X.shape[0] + VL - 1) // VL):
-            A = T.alloc_buffer((X.shape[1] + 2, VL), dtype)
-            B = T.alloc_buffer((X.shape[1] + 2, VL), dtype)
+            W = T.alloc_buffer((2 * X.shape[1] + 4, VL), dtype)     # two halves of L + 2 rows
             R = T.alloc_buffer((VL, VL), dtype, scope="local")
             S = T.alloc_buffer((VL, VL), dtype, scope="local")
-            load(A, X, b * VL, X.shape[0], X.shape[1], T.min(n, X.shape[1]), R, S)
-            fft(A, B, TW, X.shape[1] // 2, _log2(X.shape[1] // 2))
-            if (_log2(X.shape[1] // 2) // 2 + _log2(X.shape[1] // 2) % 2) % 2 == 0:
-                split(A, B, TR, X.shape[1] // 2)
-                store(Yf, B, b * VL, X.shape[0], X.shape[1], R, S)
-            else:
-                split(B, A, TR, X.shape[1] // 2)
-                store(Yf, A, b * VL, X.shape[0], X.shape[1], R, S)
+            load(W, X, b * VL, X.shape[0], X.shape[1], T.min(n, X.shape[1]), R, S)
+            fft(W, 0, TW, X.shape[1] // 2, _log2(X.shape[1] // 2))
+            split(W, _stages(X.shape[1]) % 2 * (X.shape[1] + 2), (_stages(X.shape[1]) + 1) % 2 * (X.shape[1] + 2),
+                  TR, X.shape[1] // 2)
+            store(Yf, W, (_stages(X.shape[1]) + 1) % 2 * (X.shape[1] + 2), b * VL, X.shape[0], X.shape[1], R, S)
 
     return transform
 
@@ -291,38 +291,39 @@ def irfft_macro(dtype: str, VL: int | None = None):
             Z[L + 1, l] = zero
 
     @T.macro
-    def unsplit(O, Z, TR, N, L):
-        """Z rows 2k, 2k+1 (k < N) <- (E_k + i·O_k)/L from the Hermitian half O (rows 2k, 2k+1, k ≤ N)."""
+    def unsplit(W, oo, zo, TR, N, L):
+        """Rows zo + 2k, zo + 2k + 1 (k < N) <- (E_k + i·O_k)/L from the Hermitian half X_k at rows
+        oo + 2k, oo + 2k + 1 (k ≤ N)."""
         inv: T.let = T.cast(1, dtype) / T.cast(L, dtype)
         for l in T.vectorized(VL):
-            Z[0, l] = (O[0, l] + O[2 * N, l]) * inv
-            Z[1, l] = (O[0, l] - O[2 * N, l]) * inv
+            W[zo + 0, l] = (W[oo + 0, l] + W[oo + 2 * N, l]) * inv
+            W[zo + 1, l] = (W[oo + 0, l] - W[oo + 2 * N, l]) * inv
         for k in range(1, N // 2 + 1):
             wr: T.let = TR[k, 0]                 # W_L^−k
             wi: T.let = TR[k, 1]
             for l in T.vectorized(VL):
-                xr: T.let = O[2 * k, l]
-                xi: T.let = O[2 * k + 1, l]
-                cr: T.let = O[2 * (N - k), l]
-                ci: T.let = -O[2 * (N - k) + 1, l]
+                xr: T.let = W[oo + 2 * k, l]
+                xi: T.let = W[oo + 2 * k + 1, l]
+                cr: T.let = W[oo + 2 * (N - k), l]
+                ci: T.let = -W[oo + 2 * (N - k) + 1, l]
                 er: T.let = xr + cr
                 ei: T.let = xi + ci
                 dr: T.let = xr - cr
                 di: T.let = xi - ci
                 orr: T.let = dr * wr - di * wi
                 oi: T.let = dr * wi + di * wr
-                Z[2 * k, l] = (er - oi) * inv             # E + iO
-                Z[2 * k + 1, l] = (ei + orr) * inv
-                Z[2 * (N - k), l] = (er + oi) * inv       # conj E + i conj O
-                Z[2 * (N - k) + 1, l] = (orr - ei) * inv
+                W[zo + 2 * k, l] = (er - oi) * inv             # E + iO
+                W[zo + 2 * k + 1, l] = (ei + orr) * inv
+                W[zo + 2 * (N - k), l] = (er + oi) * inv       # conj E + i conj O
+                W[zo + 2 * (N - k) + 1, l] = (orr - ei) * inv
 
     @T.macro
-    def store(X, Z, g0, G, L, R, S):
-        """X[g0 + l, t] = Z[t, l], t < L."""
+    def store(X, W, zo, g0, G, L, R, S):
+        """X[g0 + l, t] = W[zo + t, l], t < L."""
         for t0 in range(L // VL):
             if g0 + VL <= G:
                 for t in T.unroll(VL):
-                    R[t, T.Ramp(0, 1, VL)] = Z[t0 * VL + t, T.Ramp(0, 1, VL)]
+                    R[t, T.Ramp(0, 1, VL)] = W[zo + t0 * VL + t, T.Ramp(0, 1, VL)]
                 transpose(R, S)
                 for l in T.unroll(VL):
                     X[g0 + l, T.Ramp(t0 * VL, 1, VL)] = R[l, T.Ramp(0, 1, VL)]
@@ -330,7 +331,7 @@ def irfft_macro(dtype: str, VL: int | None = None):
                 for l in range(VL):
                     if g0 + l < G:
                         for t in range(VL):
-                            X[g0 + l, t0 * VL + t] = Z[t0 * VL + t, l]
+                            X[g0 + l, t0 * VL + t] = W[zo + t0 * VL + t, l]
 
     @T.macro
     def transform(Y, X):
@@ -340,17 +341,13 @@ def irfft_macro(dtype: str, VL: int | None = None):
         TR = T.alloc_buffer((X.shape[1] // 4 + 1, 2), dtype)
         twiddles(TW, TR, X.shape[1])
         for b in T.parallel((X.shape[0] + VL - 1) // VL):
-            A = T.alloc_buffer((X.shape[1] + 2, VL), dtype)
-            B = T.alloc_buffer((X.shape[1] + 2, VL), dtype)
+            W = T.alloc_buffer((2 * X.shape[1] + 4, VL), dtype)     # two halves of L + 2 rows
             R = T.alloc_buffer((VL, VL), dtype, scope="local")
             S = T.alloc_buffer((VL, VL), dtype, scope="local")
-            load(A, Yf, b * VL, X.shape[0], X.shape[1], R, S)
-            unsplit(A, B, TR, X.shape[1] // 2, X.shape[1])
-            fft(B, A, TW, X.shape[1] // 2, _log2(X.shape[1] // 2))
-            if (_log2(X.shape[1] // 2) // 2 + _log2(X.shape[1] // 2) % 2) % 2 == 0:
-                store(X, B, b * VL, X.shape[0], X.shape[1], R, S)
-            else:
-                store(X, A, b * VL, X.shape[0], X.shape[1], R, S)
+            load(W, Yf, b * VL, X.shape[0], X.shape[1], R, S)
+            unsplit(W, 0, X.shape[1] + 2, TR, X.shape[1] // 2, X.shape[1])
+            fft(W, 1, TW, X.shape[1] // 2, _log2(X.shape[1] // 2))
+            store(X, W, (_stages(X.shape[1]) + 1) % 2 * (X.shape[1] + 2), b * VL, X.shape[0], X.shape[1], R, S)
 
     return transform
 
