@@ -8,9 +8,10 @@ Every channel goes through the same transform, so the vector lanes run across ch
 of VL channels is transposed (in registers, VL×VL tiles) to a work buffer Z (L, VL) whose rows
 2k, 2k+1 hold re, im of z_k = x_2k + i·x_2k+1, k < N = L/2 — the transposed block *is* that
 complex sequence, no reordering needed. Then
-    Z = FFT_N(z)                       Stockham radix-4 DIF stages (+ one radix-2 when log2 N is
-                                       odd), ping-ponging between two buffers, each butterfly a
-                                       VL-lane vector op, twiddles W_N^k from a table
+    Z = FFT_N(z)                       Stockham radix-8 DIF stages (then one radix-4 or radix-2
+                                       stage for log2 N mod 3 = 2, 1), ping-ponging between two
+                                       halves of one buffer, each butterfly VL-lane vector ops,
+                                       twiddles W_N^k from a table
     X_k = E_k + W_L^k·O_k,  X_{N−k} = conj(E_k − W_L^k·O_k)   (real-input split, k ≤ N/2)
       E_k = (Z_k + conj Z_{N−k})/2,  O_k = −i(Z_k − conj Z_{N−k})/2
 and the result is transposed back to Y. The inverse runs the same steps backwards: Hermitian
@@ -20,6 +21,11 @@ ignores the imaginary parts of Y[:, 0] and Y[:, N].
 
 Blocks of channels run in parallel (T.parallel), each with its own 2·(L+2)·VL scratch. Twiddle
 tables are computed per call in float64 (vmath.cos, vectorized) and rounded to the dtype.
+Every pass streams the block's scratch once: at L ≥ 32768 (4 MB a block) that is L3 traffic,
+and the rate halves (no cache blocking of the late stages yet).
+
+The transforms are macros (rfft_macro, irfft_macro) so a kernel may inline them; `rfft`/`irfft`
+wrap them as kernels and `library` compiles the pair that fftlib serves the Toeplitz kernels with.
 """
 from __future__ import annotations
 
@@ -50,6 +56,11 @@ def _macros(dtype: str, VL: int, inverse: bool):
 
     def mp(a, b):
         return a + b if inverse else a - b
+
+    def sel(fwd, inv):
+        return inv if inverse else fwd
+
+    c8 = T.cast(math.sqrt(0.5), dtype)
     stages = [(b, _shuffle_idx(VL, b, False), _shuffle_idx(VL, b, True)) for b in (8, 4, 2, 1) if b < VL]
 
     @T.macro
@@ -142,6 +153,101 @@ def _macros(dtype: str, VL: int, inverse: bool):
                     W[o + 6 * s + 1, l] = t3r * w3i + t3i * w3r
 
     @T.macro
+    def radix8(W, so, do, TW, N, s):
+        """One Stockham radix-8 stage, n = N/s, m = n/8, p < m, q < s: x_r = x[q + s(p + rm)],
+        y[q + s(8p + k)] = W_n^pk Σ_r x_r W_8^rk, the 8-point DFT as a span-4 butterfly
+        (b_r = (x_r − x_r+4)·W_8^r) followed by two 4-point DFTs (even and odd k)."""
+        for p in range(N // (8 * s)):
+            w1r: T.let = TW[p * s, 0]
+            w1i: T.let = TW[p * s, 1]
+            w2r: T.let = TW[2 * p * s, 0]
+            w2i: T.let = TW[2 * p * s, 1]
+            w3r: T.let = TW[3 * p * s, 0]
+            w3i: T.let = TW[3 * p * s, 1]
+            w4r: T.let = TW[4 * p * s, 0]
+            w4i: T.let = TW[4 * p * s, 1]
+            w5r: T.let = TW[5 * p * s, 0]
+            w5i: T.let = TW[5 * p * s, 1]
+            w6r: T.let = TW[6 * p * s, 0]
+            w6i: T.let = TW[6 * p * s, 1]
+            w7r: T.let = TW[7 * p * s, 0]
+            w7i: T.let = TW[7 * p * s, 1]
+            for q in range(s):
+                for l in T.vectorized(VL):
+                    i0: T.let = so + 2 * (q + s * p)
+                    a0r: T.let = W[i0, l] + W[i0 + N, l]
+                    a0i: T.let = W[i0 + 1, l] + W[i0 + N + 1, l]
+                    b0r: T.let = W[i0, l] - W[i0 + N, l]
+                    b0i: T.let = W[i0 + 1, l] - W[i0 + N + 1, l]
+                    a1r: T.let = W[i0 + N // 4, l] + W[i0 + N // 4 + N, l]
+                    a1i: T.let = W[i0 + N // 4 + 1, l] + W[i0 + N // 4 + N + 1, l]
+                    d1r: T.let = W[i0 + N // 4, l] - W[i0 + N // 4 + N, l]
+                    d1i: T.let = W[i0 + N // 4 + 1, l] - W[i0 + N // 4 + N + 1, l]
+                    a2r: T.let = W[i0 + N // 2, l] + W[i0 + N // 2 + N, l]
+                    a2i: T.let = W[i0 + N // 2 + 1, l] + W[i0 + N // 2 + N + 1, l]
+                    d2r: T.let = W[i0 + N // 2, l] - W[i0 + N // 2 + N, l]
+                    d2i: T.let = W[i0 + N // 2 + 1, l] - W[i0 + N // 2 + N + 1, l]
+                    a3r: T.let = W[i0 + 3 * (N // 4), l] + W[i0 + 3 * (N // 4) + N, l]
+                    a3i: T.let = W[i0 + 3 * (N // 4) + 1, l] + W[i0 + 3 * (N // 4) + N + 1, l]
+                    d3r: T.let = W[i0 + 3 * (N // 4), l] - W[i0 + 3 * (N // 4) + N, l]
+                    d3i: T.let = W[i0 + 3 * (N // 4) + 1, l] - W[i0 + 3 * (N // 4) + N + 1, l]
+                    # b_r = d_r·W_8^r: W_8 = (1 ∓ i)/√2, W_8^2 = ∓i, W_8^3 = (−1 ∓ i)/√2
+                    b1r: T.let = pm(d1r, d1i) * c8
+                    b1i: T.let = mp(d1i, d1r) * c8
+                    b2r: T.let = sel(d2i, -d2i)
+                    b2i: T.let = sel(-d2r, d2r)
+                    b3r: T.let = sel(d3i - d3r, -(d3r + d3i)) * c8
+                    b3i: T.let = sel(-(d3r + d3i), d3r - d3i) * c8
+                    # 4-point DFTs: A_j (outputs k = 2j), B_j (k = 2j + 1)
+                    e0r: T.let = a0r + a2r
+                    e0i: T.let = a0i + a2i
+                    e1r: T.let = a0r - a2r
+                    e1i: T.let = a0i - a2i
+                    f0r: T.let = a1r + a3r
+                    f0i: T.let = a1i + a3i
+                    f1r: T.let = a1r - a3r
+                    f1i: T.let = a1i - a3i
+                    g0r: T.let = b0r + b2r
+                    g0i: T.let = b0i + b2i
+                    g1r: T.let = b0r - b2r
+                    g1i: T.let = b0i - b2i
+                    h0r: T.let = b1r + b3r
+                    h0i: T.let = b1i + b3i
+                    h1r: T.let = b1r - b3r
+                    h1i: T.let = b1i - b3i
+                    y2r: T.let = pm(e1r, f1i)
+                    y2i: T.let = mp(e1i, f1r)
+                    y4r: T.let = e0r - f0r
+                    y4i: T.let = e0i - f0i
+                    y6r: T.let = mp(e1r, f1i)
+                    y6i: T.let = pm(e1i, f1r)
+                    y1r: T.let = g0r + h0r
+                    y1i: T.let = g0i + h0i
+                    y3r: T.let = pm(g1r, h1i)
+                    y3i: T.let = mp(g1i, h1r)
+                    y5r: T.let = g0r - h0r
+                    y5i: T.let = g0i - h0i
+                    y7r: T.let = mp(g1r, h1i)
+                    y7i: T.let = pm(g1i, h1r)
+                    o: T.let = do + 2 * (q + 8 * s * p)
+                    W[o, l] = e0r + f0r
+                    W[o + 1, l] = e0i + f0i
+                    W[o + 2 * s, l] = y1r * w1r - y1i * w1i
+                    W[o + 2 * s + 1, l] = y1r * w1i + y1i * w1r
+                    W[o + 4 * s, l] = y2r * w2r - y2i * w2i
+                    W[o + 4 * s + 1, l] = y2r * w2i + y2i * w2r
+                    W[o + 6 * s, l] = y3r * w3r - y3i * w3i
+                    W[o + 6 * s + 1, l] = y3r * w3i + y3i * w3r
+                    W[o + 8 * s, l] = y4r * w4r - y4i * w4i
+                    W[o + 8 * s + 1, l] = y4r * w4i + y4i * w4r
+                    W[o + 10 * s, l] = y5r * w5r - y5i * w5i
+                    W[o + 10 * s + 1, l] = y5r * w5i + y5i * w5r
+                    W[o + 12 * s, l] = y6r * w6r - y6i * w6i
+                    W[o + 12 * s + 1, l] = y6r * w6i + y6i * w6r
+                    W[o + 14 * s, l] = y7r * w7r - y7i * w7i
+                    W[o + 14 * s + 1, l] = y7r * w7i + y7i * w7r
+
+    @T.macro
     def radix2(W, so, do, N):
         """The last stage when log2 N is odd: s = N/2, y[q] = x[q] + x[q+s], y[q+s] = x[q] − x[q+s]
         (rows: re and im of x[q] are rows 2q, 2q+1, those of x[q+s] N rows further)."""
@@ -152,13 +258,17 @@ def _macros(dtype: str, VL: int, inverse: bool):
 
     @T.macro
     def fft(W, h, TW, N, lg):
-        """FFT_N of half h of W (rows h·R.., R = 2N + 2), stages ping-ponging between the halves;
-        the result lands in half (h + stages) mod 2, stages = ⌈lg/2⌉, lg = log2 N."""
-        for st in range(lg // 2):
-            radix4(W, (h + st) % 2 * (2 * N + 2), (h + st + 1) % 2 * (2 * N + 2), TW, N,
-                   T.shift_left(T.int64(1), 2 * st))
-        if lg % 2 == 1:
-            radix2(W, (h + lg // 2) % 2 * (2 * N + 2), (h + lg // 2 + 1) % 2 * (2 * N + 2), N)
+        """FFT_N of half h of W (rows h·R.., R = 2N + 2), stages ping-ponging between the halves:
+        ⌊lg/3⌋ radix-8 stages, then one radix-4 or radix-2 stage for lg mod 3 = 2 or 1 (lg =
+        log2 N); the result lands in half (h + stages) mod 2, stages = ⌈lg/3⌉."""
+        for st in range(lg // 3):
+            radix8(W, (h + st) % 2 * (2 * N + 2), (h + st + 1) % 2 * (2 * N + 2), TW, N,
+                   T.shift_left(T.int64(1), 3 * st))
+        if lg % 3 == 2:
+            radix4(W, (h + lg // 3) % 2 * (2 * N + 2), (h + lg // 3 + 1) % 2 * (2 * N + 2), TW, N,
+                   T.shift_left(T.int64(1), 3 * (lg // 3)))
+        if lg % 3 == 1:
+            radix2(W, (h + lg // 3) % 2 * (2 * N + 2), (h + lg // 3 + 1) % 2 * (2 * N + 2), N)
 
     return zero, transpose, twiddles, radix4, radix2, fft
 
@@ -169,8 +279,8 @@ def _log2(L):
 
 
 def _stages(L):
-    """Butterfly stages of FFT_{L/2}: ⌈log2(L/2) / 2⌉ (radix-4, plus one radix-2 when odd)."""
-    return (_log2(L // 2) + 1) // 2
+    """Butterfly stages of FFT_{L/2}: ⌈log2(L/2) / 3⌉ (radix-8, then one radix-4 or radix-2)."""
+    return (_log2(L // 2) + 2) // 3
 
 
 def rfft_macro(dtype: str, VL: int | None = None):
@@ -404,3 +514,9 @@ def irfft(name: str, dtype: str, impl: str = "tir"):
         transform(Y, X)
 
     return kernel
+
+
+def library(dtype: str):
+    """The compiled pair {"rfft", "irfft"} for one dtype (what fftlib serves the kernels with)."""
+    from .build import build, resolve_target
+    return build({"rfft": rfft("rfft", dtype), "irfft": irfft("irfft", dtype)}, resolve_target("llvm"))

@@ -1,20 +1,32 @@
-"""The library FFT that TVM kernels call: PyTorch's (pocketfft) behind registered packed functions.
+"""The FFT that the Toeplitz kernels call, behind registered packed functions.
 
 TVM has no FFT op. The Toeplitz kernels (toeplitz.py) do everything else themselves and call
     T.call_packed("attndsl.fft.rfft",  X (G, L) real, Y (G, L/2+1, 2), n)   Y = rfft(X[:, :n], L)
     T.call_packed("attndsl.fft.irfft", Y (G, L/2+1, 2), X (G, L) real)      X = irfft(Y, L)
-on their scratch buffers (zero copy). This module needs only tvm_ffi and torch, so a cached
-library runs without the TVM compiler; `register()` must run before such a kernel is called.
-Why a library FFT and not one in TVMScript: benchmarks/bench_fft.py measures both.
+on their scratch buffers (zero copy); `register()` must run before such a kernel is called.
+
+IMPL picks what serves them (read at every call, so it needs no rebuild of any kernel):
+  "tir"      fft_tir.py's TVMScript FFT (channels across vector lanes, Stockham radix-8), compiled
+             once per dtype into its own library, kept in the compile cache like the kernels.
+  "library"  torch.fft (pocketfft) on the same buffers; needs only torch and tvm_ffi.
+benchmarks/bench_fft.py measures both (G = 260, L = 2048..65536, float32, 2 threads here):
+the TVMScript FFT was faster at every length (numbers: benchmarks/results/bench_fft.md).
+It is called through this packed function rather than inlined into the kernels because an
+inlined copy per call site made building one spec's kernels ~30x slower (18 s vs 0.6 s, f32);
+the detour costs microseconds per call of milliseconds.
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 
 import torch
 
+IMPL = "tir"            # "tir" | "library" (see above)
+
 _DTYPES = {"float32": (torch.float32, ctypes.c_float), "float64": (torch.float64, ctypes.c_double)}
 _registered = False
+_TIR: dict[str, object] = {}           # dtype -> compiled fft_tir library
 
 
 def _wrap(t) -> torch.Tensor:
@@ -28,8 +40,36 @@ def _wrap(t) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dtype).view(shape)
 
 
+def _source_hash() -> str:
+    """The FFT library's code (and what it builds on) is part of its cache key."""
+    from pathlib import Path
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("fft_tir.py", "vmath.py", "linear.py", "build.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tir_library(dtype: str):
+    """fft_tir's compiled {"rfft", "irfft"} for dtype: from the compile cache, else built (~10 s)."""
+    if dtype not in _TIR:
+        from attndsl import cache
+
+        from .runtime import host_cpu
+
+        def build():
+            from . import fft_tir
+            return fft_tir.library(dtype)
+        key = cache.make_key(fft="fft_tir", dtype=dtype, host=host_cpu(), source=_source_hash())
+        _TIR[dtype], _ = cache.load_or_build(key, build, label=f"fft_tir/{dtype}")
+    return _TIR[dtype]
+
+
 def _rfft(x, y, n) -> int:
     xt, yt = _wrap(x), _wrap(y)
+    if IMPL == "tir":
+        tir_library(str(x.dtype))["rfft"](xt, yt, n)
+        return 0
     length = 2 * (yt.shape[1] - 1)
     torch.fft.rfft(xt[:, :n], n=length, dim=1, out=torch.view_as_complex(yt))
     return 0
@@ -37,6 +77,9 @@ def _rfft(x, y, n) -> int:
 
 def _irfft(y, x) -> int:
     yt, xt = _wrap(y), _wrap(x)
+    if IMPL == "tir":
+        tir_library(str(x.dtype))["irfft"](yt, xt)
+        return 0
     torch.fft.irfft(torch.view_as_complex(yt), n=xt.shape[1], dim=1, out=xt)
     return 0
 
