@@ -26,7 +26,7 @@ IMPL = "tir"            # "tir" | "library" (see above)
 
 _DTYPES = {"float32": (torch.float32, ctypes.c_float), "float64": (torch.float64, ctypes.c_double)}
 _registered = False
-_TIR: dict[str, object] = {}           # dtype -> compiled fft_tir library
+_TIR: dict[str, dict] = {}             # dtype -> {"rfft", "irfft": compiled functions, "module"}
 
 
 def _wrap(t) -> torch.Tensor:
@@ -51,7 +51,8 @@ def _source_hash() -> str:
 
 
 def tir_library(dtype: str):
-    """fft_tir's compiled {"rfft", "irfft"} for dtype: from the compile cache, else built (~10 s)."""
+    """fft_tir's compiled {"rfft", "irfft"} functions for dtype: from the compile cache, else built
+    (~10-20 s, once per machine and lowering source)."""
     if dtype not in _TIR:
         from attndsl import cache
 
@@ -61,25 +62,26 @@ def tir_library(dtype: str):
             from . import fft_tir
             return fft_tir.library(dtype)
         key = cache.make_key(fft="fft_tir", dtype=dtype, host=host_cpu(), source=_source_hash())
-        _TIR[dtype], _ = cache.load_or_build(key, build, label=f"fft_tir/{dtype}")
+        lib, _ = cache.load_or_build(key, build, label=f"fft_tir/{dtype}")
+        _TIR[dtype] = {"rfft": lib["rfft"], "irfft": lib["irfft"], "module": lib}
     return _TIR[dtype]
 
 
 def _rfft(x, y, n) -> int:
-    xt, yt = _wrap(x), _wrap(y)
-    if IMPL == "tir":
-        tir_library(str(x.dtype))["rfft"](xt, yt, n)
+    if IMPL == "tir":                    # the kernel's DLTensors pass straight through
+        tir_library(str(x.dtype))["rfft"](x, y, n)
         return 0
+    xt, yt = _wrap(x), _wrap(y)
     length = 2 * (yt.shape[1] - 1)
     torch.fft.rfft(xt[:, :n], n=length, dim=1, out=torch.view_as_complex(yt))
     return 0
 
 
 def _irfft(y, x) -> int:
-    yt, xt = _wrap(y), _wrap(x)
     if IMPL == "tir":
-        tir_library(str(x.dtype))["irfft"](yt, xt)
+        tir_library(str(x.dtype))["irfft"](y, x)
         return 0
+    yt, xt = _wrap(y), _wrap(x)
     torch.fft.irfft(torch.view_as_complex(yt), n=xt.shape[1], dim=1, out=xt)
     return 0
 
