@@ -2,7 +2,7 @@
 
     rfft:  X (G, L) real, Y (G, L/2+1, 2) out, n     Y[g] = rfft(X[g, :n] zero-padded to L)
     irfft: Y (G, L/2+1, 2), X (G, L) out             X[g] = irfft(Y[g], L)  (torch's 1/L)
-L a power of two ≥ 16 (symbolic: one build serves every G and L); Y complex interleaved (re, im).
+L a power of two ≥ 16 (symbolic: one build serves every G and L; fftlib's lengths start at 16); Y complex interleaved (re, im).
 
 Every channel goes through the same transform, so the vector lanes run across channels: a block
 of VL channels is transposed (in registers, VL×VL tiles) to a work buffer Z (L, VL) whose rows
@@ -22,7 +22,8 @@ ignores the imaginary parts of Y[:, 0] and Y[:, N].
 Blocks of channels run in parallel (T.parallel), each with its own 2·(L+2)·VL scratch. Twiddle
 tables are computed per call in float64 (vmath.cos, vectorized) and rounded to the dtype.
 Every pass streams the block's scratch once: at L ≥ 32768 (4 MB a block) that is L3 traffic,
-and the rate halves (no cache blocking of the late stages yet).
+and the rate halves. (An in-place DIF variant that ran the late stages group by group in L2 and
+read the digit-reversed result through an index table was no faster here: not kept.)
 
 The transforms are macros (rfft_macro, irfft_macro) so a kernel may inline them; `rfft`/`irfft`
 wrap them as kernels and `library` compiles the pair that fftlib serves the Toeplitz kernels with.
@@ -37,11 +38,10 @@ from tvm.script import tirx as T
 from . import vmath
 from .linear import _shuffle_idx
 
-MIN_LENGTH = 16
-
 
 def lanes(dtype: str) -> int:
-    """Channels per vector: one 256-bit register (AVX2; this machine has no AVX-512)."""
+    """Channels per vector: one 256-bit register. (This AVX2 machine ran 16-lane f32 blocks no
+    faster; on an AVX-512 CPU 16 / 8 are worth measuring. _macros handles VL = 4, 8, 16.)"""
     return 8 if dtype == "float32" else 4
 
 
@@ -97,11 +97,11 @@ def _macros(dtype: str, VL: int, inverse: bool):
     @T.macro
     def twiddles(TW, TR, L):
         """TW[k] = W_N^k, k < N = L/2;  TR[k] = W_L^k, k ≤ N/2 (re, im); conjugated when inverse."""
-        for k0 in range(L // 8):
+        for k0 in T.parallel(L // 8):
             for kl in T.vectorized(4):
                 TW[k0 * 4 + kl, 0] = w(k0 * 4 + kl, L // 2, False)
                 TW[k0 * 4 + kl, 1] = w(k0 * 4 + kl, L // 2, True)
-        for k0 in range(L // 16):
+        for k0 in T.parallel(L // 16):
             for kl in T.vectorized(4):
                 TR[k0 * 4 + kl, 0] = w(k0 * 4 + kl, L, False)
                 TR[k0 * 4 + kl, 1] = w(k0 * 4 + kl, L, True)
