@@ -7,13 +7,19 @@ on their scratch buffers (zero copy); `register()` must run before such a kernel
 
 IMPL picks what serves them (read at every call, so it needs no rebuild of any kernel):
   "tir"      fft_tir.py's TVMScript FFT (channels across vector lanes, Stockham radix-8), compiled
-             once per dtype into its own library, kept in the compile cache like the kernels.
+             once per dtype into its own library, kept in the compile cache like the kernels
+             (a cache hit needs only the TVM runtime; a miss builds it, ~10-20 s).
   "library"  torch.fft (pocketfft) on the same buffers; needs only torch and tvm_ffi.
-benchmarks/bench_fft.py measures both (G = 260, L = 2048..65536, float32, 2 threads here):
-the TVMScript FFT was faster at every length (numbers: benchmarks/results/bench_fft.md).
+Measured with benchmarks/bench_fft.py through the kernels' packed calls (G = 260 channels,
+float32, L = 2048..65536, on this shared 2-core AVX2 EPYC with a load average of 5-9 from other
+jobs): with one thread the TVMScript FFT was faster at every length, 1.3-3x for irfft and 3-6x
+for rfft (7-15 vs 1.5-7 GFLOP/s; results/bench_fft_t1.md); with two threads 2-5x faster from
+L = 8192 up, while at L = 2048 (~1 ms calls) the two-thread runs were dominated by scheduling
+stalls and went either way (results/bench_fft.md). A whole Toeplitz form (elu1, B·H = 8,
+N = 4096, forward) ran 1.8x faster with it on one thread (4.7 s -> 2.7 s), 4.8x on two.
 It is called through this packed function rather than inlined into the kernels because an
 inlined copy per call site made building one spec's kernels ~30x slower (18 s vs 0.6 s, f32);
-the detour costs microseconds per call of milliseconds.
+the detour costs microseconds per call of milliseconds (the "direct" column).
 """
 from __future__ import annotations
 
