@@ -179,8 +179,9 @@ def main(argv=None):
             print(f"L={L:6d} {transform:5s} library {r['library'] * 1e3:8.2f} ms  "
                   f"TVMScript {r['tir'] * 1e3:8.2f} ms  ratio {r['library'] / r['tir']:.2f}x", flush=True)
     text = table(rows, threads)
-    text += (f"\nMedians of {args.reps} interleaved calls ({args.reps}·16384/L below L = 16384); load average at the end "
-             f"{os.getloadavg()[0]:.1f} (other jobs share this machine). rel. diff: ‖tvm − lib‖/‖lib‖.\n")
+    text += (f"\nMedians of {args.reps} interleaved calls ({args.reps}·16384/L below L = 16384); "
+             f"load average at the end {os.getloadavg()[0]:.1f} (other jobs share this machine). "
+             f"rel. diff: ‖tvm − lib‖/‖lib‖.\n")
     print("\n" + text)
     RESULTS.mkdir(exist_ok=True)
     stem = f"bench_fft_t{args.threads}" if args.threads else "bench_fft"

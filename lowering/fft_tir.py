@@ -2,7 +2,8 @@
 
     rfft:  X (G, L) real, Y (G, L/2+1, 2) out, n     Y[g] = rfft(X[g, :n] zero-padded to L)
     irfft: Y (G, L/2+1, 2), X (G, L) out             X[g] = irfft(Y[g], L)  (torch's 1/L)
-L a power of two ≥ 16 (symbolic: one build serves every G and L; fftlib's lengths start at 16); Y complex interleaved (re, im).
+L a power of two ≥ 16 (symbolic: one build serves every G and L; fftlib's lengths start at 16);
+Y complex interleaved (re, im).
 
 Every channel goes through the same transform, so the vector lanes run across channels: a block
 of VL channels is transposed (in registers, VL×VL tiles) to a work buffer Z (L, VL) whose rows
@@ -283,6 +284,11 @@ def _stages(L):
     return (_log2(L // 2) + 2) // 3
 
 
+def _half(h, L):
+    """First row of half h mod 2 of the work buffer (two halves of L + 2 rows)."""
+    return h % 2 * (L + 2)
+
+
 def rfft_macro(dtype: str, VL: int | None = None):
     """T.macro transform(X, Y, n): Y = rfft(X[:, :n], L) (see the module docstring)."""
     VL = VL or lanes(dtype)
@@ -370,9 +376,9 @@ def rfft_macro(dtype: str, VL: int | None = None):
             S = T.alloc_buffer((VL, VL), dtype, scope="local")
             load(W, X, b * VL, X.shape[0], X.shape[1], T.min(n, X.shape[1]), R, S)
             fft(W, 0, TW, X.shape[1] // 2, _log2(X.shape[1] // 2))
-            split(W, _stages(X.shape[1]) % 2 * (X.shape[1] + 2), (_stages(X.shape[1]) + 1) % 2 * (X.shape[1] + 2),
+            split(W, _half(_stages(X.shape[1]), X.shape[1]), _half(_stages(X.shape[1]) + 1, X.shape[1]),
                   TR, X.shape[1] // 2)
-            store(Yf, W, (_stages(X.shape[1]) + 1) % 2 * (X.shape[1] + 2), b * VL, X.shape[0], X.shape[1], R, S)
+            store(Yf, W, _half(_stages(X.shape[1]) + 1, X.shape[1]), b * VL, X.shape[0], X.shape[1], R, S)
 
     return transform
 
@@ -457,7 +463,7 @@ def irfft_macro(dtype: str, VL: int | None = None):
             load(W, Yf, b * VL, X.shape[0], X.shape[1], R, S)
             unsplit(W, 0, X.shape[1] + 2, TR, X.shape[1] // 2, X.shape[1])
             fft(W, 1, TW, X.shape[1] // 2, _log2(X.shape[1] // 2))
-            store(X, W, (_stages(X.shape[1]) + 1) % 2 * (X.shape[1] + 2), b * VL, X.shape[0], X.shape[1], R, S)
+            store(X, W, _half(_stages(X.shape[1]) + 1, X.shape[1]), b * VL, X.shape[0], X.shape[1], R, S)
 
     return transform
 
