@@ -1,20 +1,38 @@
-"""The library FFT that TVM kernels call: PyTorch's (pocketfft) behind registered packed functions.
+"""The FFT that the Toeplitz kernels call, behind registered packed functions.
 
 TVM has no FFT op. The Toeplitz kernels (toeplitz.py) do everything else themselves and call
     T.call_packed("attndsl.fft.rfft",  X (G, L) real, Y (G, L/2+1, 2), n)   Y = rfft(X[:, :n], L)
     T.call_packed("attndsl.fft.irfft", Y (G, L/2+1, 2), X (G, L) real)      X = irfft(Y, L)
-on their scratch buffers (zero copy). This module needs only tvm_ffi and torch, so a cached
-library runs without the TVM compiler; `register()` must run before such a kernel is called.
-Why a library FFT and not one in TVMScript: benchmarks/bench_fft.py measures both.
+on their scratch buffers (zero copy); `register()` must run before such a kernel is called.
+
+IMPL picks what serves them (read at every call, so it needs no rebuild of any kernel):
+  "tir"      fft_tir.py's TVMScript FFT (channels across vector lanes, Stockham radix-8), compiled
+             once per dtype into its own library, kept in the compile cache like the kernels
+             (a cache hit needs only the TVM runtime; a miss builds it, ~10-20 s).
+  "library"  torch.fft (pocketfft) on the same buffers; needs only torch and tvm_ffi.
+Measured with benchmarks/bench_fft.py through the kernels' packed calls (G = 260 channels,
+float32, L = 2048..65536, on this shared 2-core AVX2 EPYC with a load average of 5-9 from other
+jobs): with one thread the TVMScript FFT was faster at every length, 1.3-3x for irfft and 3-6x
+for rfft (7-15 vs 1.5-7 GFLOP/s; results/bench_fft_t1.md); with two threads 2-5x faster from
+L = 8192 up, while at L = 2048 (~1 ms calls) the two-thread runs were dominated by scheduling
+stalls and went either way (results/bench_fft.md). A whole Toeplitz form (elu1, B·H = 8,
+N = 4096, forward) ran 1.8x faster with it on one thread (4.7 s -> 2.7 s), 4.8x on two.
+It is called through this packed function rather than inlined into the kernels because an
+inlined copy per call site made building one spec's kernels ~30x slower (18 s vs 0.6 s, f32);
+the detour costs microseconds per call of milliseconds (the "direct" column).
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 
 import torch
 
+IMPL = "tir"            # "tir" | "library" (see above)
+
 _DTYPES = {"float32": (torch.float32, ctypes.c_float), "float64": (torch.float64, ctypes.c_double)}
 _registered = False
+_TIR: dict[str, dict] = {}             # dtype -> {"rfft", "irfft": compiled functions, "module"}
 
 
 def _wrap(t) -> torch.Tensor:
@@ -28,7 +46,37 @@ def _wrap(t) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dtype).view(shape)
 
 
+def _source_hash() -> str:
+    """The FFT library's code (and what it builds on) is part of its cache key."""
+    from pathlib import Path
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("fft_tir.py", "vmath.py", "linear.py", "build.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tir_library(dtype: str):
+    """fft_tir's compiled {"rfft", "irfft"} functions for dtype: from the compile cache, else built
+    (~10-20 s, once per machine and lowering source)."""
+    if dtype not in _TIR:
+        from attndsl import cache
+
+        from .runtime import host_cpu
+
+        def build():
+            from . import fft_tir
+            return fft_tir.library(dtype)
+        key = cache.make_key(fft="fft_tir", dtype=dtype, host=host_cpu(), source=_source_hash())
+        lib, _ = cache.load_or_build(key, build, label=f"fft_tir/{dtype}")
+        _TIR[dtype] = {"rfft": lib["rfft"], "irfft": lib["irfft"], "module": lib}
+    return _TIR[dtype]
+
+
 def _rfft(x, y, n) -> int:
+    if IMPL == "tir":                    # the kernel's DLTensors pass straight through
+        tir_library(str(x.dtype))["rfft"](x, y, n)
+        return 0
     xt, yt = _wrap(x), _wrap(y)
     length = 2 * (yt.shape[1] - 1)
     torch.fft.rfft(xt[:, :n], n=length, dim=1, out=torch.view_as_complex(yt))
@@ -36,6 +84,9 @@ def _rfft(x, y, n) -> int:
 
 
 def _irfft(y, x) -> int:
+    if IMPL == "tir":
+        tir_library(str(x.dtype))["irfft"](y, x)
+        return 0
     yt, xt = _wrap(y), _wrap(x)
     torch.fft.irfft(torch.view_as_complex(yt), n=xt.shape[1], dim=1, out=xt)
     return 0

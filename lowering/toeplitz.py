@@ -1,5 +1,6 @@
 """Toeplitz-FFT kernels: relative positions in linear attention in O(N log N) (Luo et al. 2021,
-FastRPB), forward and exact backward, in TVMScript around a library FFT (fftlib.py).
+FastRPB), forward and exact backward, in TVMScript around an FFT called through packed
+functions (fftlib.py: fft_tir.py's TVMScript FFT by default, or torch.fft).
 
 Shapes: Qf, Kf (BH, N, M); V, O, dO (BH, N, D); DEN (BH, N); TAB (H, P) the position parameters
 (a learned table, P = 2W+1; alibi slopes, P = 1; unused for a user function); head h = bh mod H.
