@@ -5,6 +5,10 @@ Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); LSE (BH, N); TAB (H, P) the posi
 parameters (learned table P = 2W+1, alibi slopes P = 1, a dummy otherwise), head h = bh mod H.
 Dk, Dv, dtype, scale s, causal and the position *kind* are baked in; BH, N, H, W are symbolic.
 
+Tiles: T = four vector registers of query lanes (32 float32 rows with AVX2, 64 with AVX-512;
+schedules/cpu.py); register tiles use about half the vector registers, and outputs wider than
+four vectors are computed in column windows, so nothing spills.
+
 Forward (per (bh, block of T query rows), in parallel), for each key tile of T keys:
     S_ji = s·k_j·q_i + b(i − j)            a T×T tile in L1, scores transposed so that rows of
                                            queries are vector lanes (row max, exp, sums vectorize)
@@ -24,17 +28,20 @@ tiles), with P recomputed from the saved LSE and D_i = dO_i·O_i:
 """
 from __future__ import annotations
 
+import math
+
 from tvm import tirx
 from tvm.script import tirx as T
 
 from . import vmath
-from .linear import _rows, fill, mm
+from .linear import fill, mm
 from .toeplitz import bias_builder, slot
+from attndsl.schedules import cpu
 
 
 def _lanes(dtype: str) -> int:
-    """Elements per 512-bit vector register."""
-    return 16 if dtype == "float32" else 8
+    """Elements per vector register of the host (8 float32 with AVX2, 16 with AVX-512)."""
+    return cpu.vector_bytes() // (4 if dtype == "float32" else 8)
 
 
 def tile(dtype: str) -> int:
@@ -42,17 +49,67 @@ def tile(dtype: str) -> int:
     return 4 * _lanes(dtype)
 
 
+# below this, exp(x) is under the smallest normal number: a softmax weight of 0
+_EXP_MIN = {"float32": -87.3, "float64": -708.3}
+
+
+def softmax_exp(x):
+    """exp(x) for x ≤ 0 (a score minus its row max or log-sum-exp): vmath.exp without the overflow
+    branch and the subnormal range (which a softmax weight next to 1 cannot resolve anyway)."""
+    dtype = str(x.ty)
+    idt, _, _, _, _, deg, _ = vmath._FLOAT[dtype]
+    n = tirx.floor(x * vmath._c(1.4426950408889634, dtype) + vmath._c(0.5, dtype))
+    ln2_hi, ln2_lo = vmath._LN2[dtype]
+    r = x - n * vmath._c(ln2_hi, dtype) - n * vmath._c(ln2_lo, dtype)
+    p = vmath._horner(r, [1 / math.factorial(i) for i in range(deg + 1)], dtype)
+    val = p * vmath._pow2(tirx.Cast(idt, n), dtype)
+    return tirx.Select(x < vmath._c(_EXP_MIN[dtype], dtype), vmath._c(0.0, dtype), val)
+
+
+def _adder(bias):
+    """x + b(i − j) read from the tile's diagonal vector, or x itself without a position term."""
+    return (lambda x, b: x + b) if bias is not None else (lambda x, b: x)
+
+
+def _rows(cols: int, lanes: int, cap: int) -> int:
+    """Rows of a register tile (rows × cols) using about half the vector registers (the rest
+    hold the streamed operand and broadcasts), a power of two ≤ cap."""
+    regs, budget = -(-cols // lanes), cpu.vector_registers() // 2
+    r = 1
+    while r * 2 * regs <= budget and r * 2 <= cap:
+        r *= 2
+    return r
+
+
+def _cols(width: int, lanes: int) -> int:
+    """Columns of an output register tile: the largest divisor of `width` ≤ four vectors."""
+    return max(c for c in range(1, min(width, 4 * lanes) + 1) if width % c == 0)
+
+
 @T.macro
-def mm3(acc, A, a_t, B3, b, base, row0, R, k0, k1, ncols):
-    """acc[r, :] += Σ_{k0 ≤ k < k1} A(row0 + r, k) B3[b, base + k, :] (A read as A[k, row] when
-    a_t): `mm` with the streamed operand rows taken from a (BH, rows, cols) buffer."""
+def mmc(acc, A, a_t, B, row0, R, k0, k1, col0, ncols):
+    """acc[r, :] += Σ_{k0 ≤ k < k1} A(row0 + r, k) B[k, col0 + :] (A read as A[k, row] when
+    a_t): `mm` on a window of B's columns."""
     for k in range(k0, k1):
         for r in T.unroll(R):
             for j in T.vectorized(ncols):
                 if a_t:
-                    acc[r, j] = acc[r, j] + A[k, row0 + r] * B3[b, base + k, j]
+                    acc[r, j] = acc[r, j] + A[k, row0 + r] * B[k, col0 + j]
                 else:
-                    acc[r, j] = acc[r, j] + A[row0 + r, k] * B3[b, base + k, j]
+                    acc[r, j] = acc[r, j] + A[row0 + r, k] * B[k, col0 + j]
+
+
+@T.macro
+def mm3(acc, A, a_t, B3, b, base, row0, R, k0, k1, col0, ncols):
+    """acc[r, :] += Σ_{k0 ≤ k < k1} A(row0 + r, k) B3[b, base + k, col0 + :] (A read as A[k, row]
+    when a_t): `mmc` with the streamed operand rows taken from a (BH, rows, cols) buffer."""
+    for k in range(k0, k1):
+        for r in T.unroll(R):
+            for j in T.vectorized(ncols):
+                if a_t:
+                    acc[r, j] = acc[r, j] + A[k, row0 + r] * B3[b, base + k, col0 + j]
+                else:
+                    acc[r, j] = acc[r, j] + A[row0 + r, k] * B3[b, base + k, col0 + j]
 
 
 @T.macro
@@ -70,8 +127,10 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
     when causal; LSE_i = log Σ_j exp(s·q_i·k_j + b(i−j)). `position` None: no b."""
     L, Tt = _lanes(dtype), tile(dtype)
     R1 = _rows(Tt, L, Tt)             # rows of a score tile in registers (Tt columns)
-    R = _rows(Dv, L, Tt)              # rows of an output tile (Dv columns)
+    CV = _cols(Dv, L)                 # output columns per register tile
+    R = _rows(CV, L, Tt)              # rows of an output register tile
     bias = bias_builder(position, dtype) if position is not None else None
+    with_bias = _adder(bias)
     zero = T.cast(0, dtype)
     one = T.cast(1, dtype)
     lowest = tirx.min_value(dtype)
@@ -107,7 +166,7 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
             lsum = T.alloc_buffer((Tt,), dtype)
             alpha = T.alloc_buffer((Tt,), dtype)
             acc1 = T.alloc_buffer((R1, Tt), dtype, scope="local")
-            acc = T.alloc_buffer((R, Dv), dtype, scope="local")
+            acc = T.alloc_buffer((R, CV), dtype, scope="local")
             b = task // nb
             qb = task % nb
             qbase = qb * Tt
@@ -148,27 +207,27 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                             if causal:
                                 ST[j0 * R1 + r, i] = T.Select(
                                     tirx.all(kbase + j0 * R1 + r < N, kbase + j0 * R1 + r <= qbase + i),
-                                    acc1[r, i] + Bv[i + (Tt - 1 - r) - j0 * R1], lowest)
+                                    with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]), lowest)
                             else:
                                 ST[j0 * R1 + r, i] = T.Select(kbase + j0 * R1 + r < N,
-                                                              acc1[r, i] + Bv[i + (Tt - 1 - r) - j0 * R1], lowest)
+                                                              with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]), lowest)
                             mn[i] = T.max(mn[i], ST[j0 * R1 + r, i])
                 for i in T.vectorized(Tt):
-                    alpha[i] = vmath.exp(mx[i] - mn[i])
+                    alpha[i] = softmax_exp(mx[i] - mn[i])
                     lsum[i] = lsum[i] * alpha[i]
                     mx[i] = mn[i]
                 for j in range(Tt):
                     for i in T.vectorized(Tt):
-                        ST[j, i] = T.Select(ST[j, i] == lowest, zero, vmath.exp(ST[j, i] - mx[i]))
+                        ST[j, i] = softmax_exp(ST[j, i] - mx[i])
                         lsum[i] = lsum[i] + ST[j, i]
-                for i0 in range(Tt // R):
+                for i0, c0 in T.grid(Tt // R, Dv // CV):
                     for r in T.unroll(R):
-                        for d in T.vectorized(Dv):
-                            acc[r, d] = Oacc[i0 * R + r, d] * alpha[i0 * R + r]
-                    mm(acc, ST, True, Vc, i0 * R, R, 0, diag_end(i0, kt, qb), Dv)
+                        for d in T.vectorized(CV):
+                            acc[r, d] = Oacc[i0 * R + r, c0 * CV + d] * alpha[i0 * R + r]
+                    mmc(acc, ST, True, Vc, i0 * R, R, 0, diag_end(i0, kt, qb), c0 * CV, CV)
                     for r in T.unroll(R):
-                        for d in T.vectorized(Dv):
-                            Oacc[i0 * R + r, d] = acc[r, d]
+                        for d in T.vectorized(CV):
+                            Oacc[i0 * R + r, c0 * CV + d] = acc[r, d]
             for i in range(Tt):
                 if qbase + i < N:
                     inv: T.let = one / lsum[i]
@@ -185,9 +244,10 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     softmax_forward's O. dTAB is written only when `learn` (a learned table), else left alone."""
     L, Tt = _lanes(dtype), tile(dtype)
     R1 = _rows(Tt, L, Tt)
-    RK = _rows(Dk, L, Tt)
-    RV = _rows(Dv, L, Tt)
+    CK, CV = _cols(Dk, L), _cols(Dv, L)
+    RK, RV = _rows(CK, L, Tt), _rows(CV, L, Tt)
     bias = bias_builder(position, dtype) if position is not None else None
+    with_bias = _adder(bias)
     zero = T.cast(0, dtype)
     sc = tirx.const(scale, dtype)
 
@@ -221,8 +281,10 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         W = (P - 1) // 2
         nb = (N + Tt - 1) // Tt
         # per-bh operands, padded with zero rows to whole tiles (memory linear in N)
-        QT = T.alloc_buffer((BH, Dk, (N + Tt - 1) // Tt * Tt), dtype)      # s·q, transposed
-        dOT = T.alloc_buffer((BH, Dv, (N + Tt - 1) // Tt * Tt), dtype)     # dO, transposed
+        # transposed rows get one cache line of slack: a power-of-two row stride would map a
+        # tile's Dk rows onto the same L1 set
+        QT = T.alloc_buffer((BH, Dk, (N + Tt - 1) // Tt * Tt + L), dtype)      # s·q, transposed
+        dOT = T.alloc_buffer((BH, Dv, (N + Tt - 1) // Tt * Tt + L), dtype)     # dO, transposed
         Qp = T.alloc_buffer((BH, (N + Tt - 1) // Tt * Tt, Dk), dtype)
         dOp = T.alloc_buffer((BH, (N + Tt - 1) // Tt * Tt, Dv), dtype)
         Dd = T.alloc_buffer((BH, (N + Tt - 1) // Tt * Tt), dtype)          # D_i = dO_i·O_i
@@ -270,8 +332,8 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
             Bv = T.alloc_buffer((2 * Tt,), dtype)
             dBv = T.alloc_buffer((2 * Tt,), dtype)
             acc1 = T.alloc_buffer((R1, Tt), dtype, scope="local")
-            accK = T.alloc_buffer((RK, Dk), dtype, scope="local")
-            accV = T.alloc_buffer((RV, Dv), dtype, scope="local")
+            accK = T.alloc_buffer((RK, CK), dtype, scope="local")
+            accV = T.alloc_buffer((RV, CV), dtype, scope="local")
             for t in T.vectorized(2 * Tt):
                 Bv[t] = zero
                 dBv[t] = zero
@@ -308,7 +370,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                             for i in T.vectorized(Tt):
                                 PT[j0 * R1 + r, i] = T.Select(
                                     valid(j0 * R1 + r, i, kbase, qbase, N),
-                                    vmath.exp(acc1[r, i] + Bv[i + (Tt - 1 - r) - j0 * R1] - Lp[b, qbase + i]),
+                                    softmax_exp(with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]) - Lp[b, qbase + i]),
                                     zero)
                         fill(acc1, R1, Tt)
                         mm_cols(acc1, Vc, dOT, b, qbase, j0 * R1, R1, 0, Dv, Tt)
@@ -316,37 +378,37 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                             for i in T.vectorized(Tt):
                                 dST[j0 * R1 + r, i] = PT[j0 * R1 + r, i] * (acc1[r, i] - Dd[b, qbase + i])
                     # dV_j += Σ_i P_ji dO_i,  dK_j += Σ_i dS_ji q_i  (s applied at the store)
-                    for j0 in range(Tt // RV):
+                    for j0, c0 in T.grid(Tt // RV, Dv // CV):
                         for r in T.unroll(RV):
-                            for d in T.vectorized(Dv):
-                                accV[r, d] = dVacc[j0 * RV + r, d]
+                            for d in T.vectorized(CV):
+                                accV[r, d] = dVacc[j0 * RV + r, c0 * CV + d]
                         if causal and qt == kt:     # diagonal: rows j see queries i ≥ j only
-                            mm3(accV, PT, False, dOp, b, qbase, j0 * RV, RV, j0 * RV, Tt, Dv)
+                            mm3(accV, PT, False, dOp, b, qbase, j0 * RV, RV, j0 * RV, Tt, c0 * CV, CV)
                         else:
-                            mm3(accV, PT, False, dOp, b, qbase, j0 * RV, RV, 0, Tt, Dv)
+                            mm3(accV, PT, False, dOp, b, qbase, j0 * RV, RV, 0, Tt, c0 * CV, CV)
                         for r in T.unroll(RV):
-                            for d in T.vectorized(Dv):
-                                dVacc[j0 * RV + r, d] = accV[r, d]
-                    for j0 in range(Tt // RK):
+                            for d in T.vectorized(CV):
+                                dVacc[j0 * RV + r, c0 * CV + d] = accV[r, d]
+                    for j0, c0 in T.grid(Tt // RK, Dk // CK):
                         for r in T.unroll(RK):
-                            for c in T.vectorized(Dk):
-                                accK[r, c] = dKacc[j0 * RK + r, c]
+                            for c in T.vectorized(CK):
+                                accK[r, c] = dKacc[j0 * RK + r, c0 * CK + c]
                         if causal and qt == kt:
-                            mm3(accK, dST, False, Qp, b, qbase, j0 * RK, RK, j0 * RK, Tt, Dk)
+                            mm3(accK, dST, False, Qp, b, qbase, j0 * RK, RK, j0 * RK, Tt, c0 * CK, CK)
                         else:
-                            mm3(accK, dST, False, Qp, b, qbase, j0 * RK, RK, 0, Tt, Dk)
+                            mm3(accK, dST, False, Qp, b, qbase, j0 * RK, RK, 0, Tt, c0 * CK, CK)
                         for r in T.unroll(RK):
-                            for c in T.vectorized(Dk):
-                                dKacc[j0 * RK + r, c] = accK[r, c]
+                            for c in T.vectorized(CK):
+                                dKacc[j0 * RK + r, c0 * CK + c] = accK[r, c]
                     # dQ_i += Σ_j dS_ji k_j
-                    for i0 in range(Tt // RK):
+                    for i0, c0 in T.grid(Tt // RK, Dk // CK):
                         for r in T.unroll(RK):
-                            for c in T.vectorized(Dk):
-                                accK[r, c] = dQacc[b, qbase + i0 * RK + r, c]
-                        mm(accK, dST, True, Kc, i0 * RK, RK, 0, last(i0, RK, kt, qt), Dk)
+                            for c in T.vectorized(CK):
+                                accK[r, c] = dQacc[b, qbase + i0 * RK + r, c0 * CK + c]
+                        mmc(accK, dST, True, Kc, i0 * RK, RK, 0, last(i0, RK, kt, qt), c0 * CK, CK)
                         for r in T.unroll(RK):
-                            for c in T.vectorized(Dk):
-                                dQacc[b, qbase + i0 * RK + r, c] = accK[r, c]
+                            for c in T.vectorized(CK):
+                                dQacc[b, qbase + i0 * RK + r, c0 * CK + c] = accK[r, c]
                     if learn:
                         # d b(r) = Σ_{i−j=r} dS_ji: sums along the tile's diagonals, then into slots
                         for j in range(Tt):
