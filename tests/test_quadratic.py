@@ -66,7 +66,7 @@ def check_against_reference(attn, B, N, Dk, Dv, dtype, spread=1.0, out_tol=5.0, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("position,apply,mask", CASES, ids=IDS)
 def test_forward_backward_match_reference(position, apply, mask, dtype):
-    # N = 70 crosses tile borders in both dtypes (tiles of 64 rows in float32, 32 in float64)
+    # N = 70 crosses tile borders in both dtypes (tiles of 32 or 64 rows in float32, 16 or 32 in float64)
     check_against_reference(compiled(position, apply, mask), 2, 70, 8, 6, dtype)
 
 
@@ -78,11 +78,13 @@ def test_head_dim_64_register_tiles(position, mask):
     check_against_reference(attn, 1, 150, 64, 64, torch.float32)
 
 
-@pytest.mark.parametrize("n", [6, 35])
-@pytest.mark.parametrize("position,apply,mask", CASES, ids=IDS)
+# n = 35 crosses a tile border (float64 tiles hold 16 rows with AVX2, 32 with AVX-512)
+GRADCHECK = [(*c, 6) for c in CASES] + [("table", "scores", "causal", 35), ("table_full", "scores", "full", 35),
+                                        ("user", "scores", "causal", 35)]
+
+
+@pytest.mark.parametrize("position,apply,mask,n", GRADCHECK, ids=[f"{p}-{a}-{m}-n{n}" for p, a, m, n in GRADCHECK])
 def test_gradcheck_float64(position, apply, mask, n):
-    if n == 35 and apply == "values":
-        pytest.skip("the values term is covered at n = 6; 35 is for the tile borders")
     attn = compiled(position, apply, mask)
     q, k, v = (t.requires_grad_() for t in inputs(1, n, 8, 6, torch.float64))
     if attn.position_table is None:
