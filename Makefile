@@ -21,6 +21,7 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_linear.py
 	$(PY) benchmarks/bench_rpe.py
+	$(PY) benchmarks/bench_softmax.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -4,6 +4,7 @@ Shapes are symbolic in BH (batch·heads) and N (sequence length); feature and va
 baked in. Quadratic nodes (`ExpDot`, `Dot`, `Biased`, `Masked`, `Normalize`) describe DESIGN §2
 literally; passes rewrite them into the cheap forms (`LinearAttention`, ...), which `lowering/`
 turns into TVM kernels.
+The softmax kernel keeps its quadratic form: `SoftmaxAttention` (the flash-style kernels).
 """
 from __future__ import annotations
 
@@ -229,6 +230,25 @@ class PositionalAttention(Node):
     v: Node
     bias: Node
     causal: bool
+    form: str | None = None
+    span: Span = field(default=NOWHERE, compare=False)
+
+    @property
+    def shape(self):
+        return self.v.shape
+
+
+@dataclass(frozen=True)
+class SoftmaxAttention(Node):
+    """The quadratic form of the softmax kernel, fused and tiled with an online normalizer:
+    out_i = Σ_{j∈M(i)} exp(s·q_i·k_j + b(i−j)) v_j / Σ_{j∈M(i)} exp(s·q_i·k_j + b(i−j)),
+    b from `bias` (a Position) or 0 when None; no N×N tensor is formed. `form` set by the planner."""
+    q: Node
+    k: Node
+    v: Node
+    bias: Node | None
+    causal: bool
+    scale: float
     form: str | None = None
     span: Span = field(default=NOWHERE, compare=False)
 

@@ -17,7 +17,7 @@ from .ast import AttentionSpec
 from .diagnostics import SpecError
 from .featuremaps import lookup
 from .ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
-                 ToeplitzValues, format_ir, postorder)
+                 SoftmaxAttention, ToeplitzValues, format_ir, postorder)
 from .lowering.runtime import check_target, host_cpu, target_kind
 from .reference import alibi_slopes, effective_scale, reference
 
@@ -87,9 +87,9 @@ class Attention(nn.Module):
             raise SpecError(f"the {form} is not lowered to TVM yet, so spec "
                             f"'{self.spec.name}' cannot be compiled",
                             self.spec.span_of(field) or self.spec.span,
-                            help="forms compiled today: linear, prefix_sum, toeplitz_fft, banded, decayed and "
-                                 "values_fft (a feature-map kernel, with or without a position term; "
-                                 "no sampling)") from None
+                            help="forms compiled today: quadratic (softmax), linear, prefix_sum, "
+                                 "toeplitz_fft, banded, decayed and values_fft, with or without a "
+                                 "position term; sampling is not compiled yet") from None
         key = cache.make_key(spec=repr(self.spec), dims=[self.head_dim, self.value_dim], dtype=dtype,
                              target=self.target, host=host_cpu(), ir=format_ir(root), lowering=_lowering_source_hash())
         t0 = time.perf_counter()
@@ -205,8 +205,6 @@ class Attention(nn.Module):
 # (IR op that no kernel covers yet, the DESIGN §3 form that would compute it, the spec field to point at)
 _MISSING = [
     ("sample", "KDE sampling form", "sampling"),
-    ("biased", "quadratic form with a position term (softmax kernel)", "position"),
-    ("exp_dot", "quadratic form (softmax kernel)", "kernel"),
 ]
 
 
@@ -219,9 +217,17 @@ def _missing_form(nodes: list[Node]) -> tuple[str, str]:
     return f"{nodes[-1].op} form", "kernel"
 
 
+def _position_text(pos) -> str:
+    from .expr import to_text
+    return to_text(pos.expr) if pos.expr is not None else pos.name
+
+
 def _describe(node: Node) -> str:
     if isinstance(node, FeatureMap):
         return f"φ = {node.kernel.name} ({node.role}), width {node.width}, prescale {node.prescale:.4g}"
+    if isinstance(node, SoftmaxAttention):
+        what = "none" if node.bias is None else _position_text(node.bias.position)
+        return f"form {node.form}, causal={node.causal}, scale {node.scale:.4g}, b(r) = {what}"
     if isinstance(node, (PositionalAttention, ToeplitzValues)):
         from .expr import to_text
         pos = node.bias.position
@@ -269,7 +275,14 @@ def _run_values(node, args, lib, name, w, wt):
     return ops.toeplitz_values(v, tab, lib, name)
 
 
+def _run_softmax(node, args, lib, name, w, wt):
+    q, k, v = args[:3]
+    tab = args[3] if node.bias is not None else q.new_zeros(1, 1)
+    return ops.softmax_attention(q, k, v, tab, lib, name)[0]
+
+
 EXECUTE.update({PositionalAttention: _run_positional, ToeplitzValues: _run_values,
+                SoftmaxAttention: _run_softmax,
                 Add: lambda node, args, *_: args[0] + args[1]})
 
 

@@ -214,3 +214,53 @@ def _values_grad(ctx, dy):
 
 
 toeplitz_values.register_autograd(_values_grad, setup_context=_values_setup)
+
+
+# --- softmax, the quadratic form (lowering/quadratic.py) ---------------------------------------------
+
+@torch.library.custom_op("attndsl::softmax_attention", mutates_args=())
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, tab: Tensor, lib: str,
+                      node: str) -> tuple[Tensor, Tensor]:
+    """(out (BH, N, Dv), lse (BH, N)): softmax(s·q·kᵀ + b) v, flash-style, with b(i − j) from the
+    position parameters tab (H, P) (a (1, 1) dummy without a position term); lse is the row
+    log-sum-exp the backward recomputes the weights from."""
+    out = v.new_empty(v.shape[0], v.shape[1], v.shape[2])
+    lse = v.new_empty(v.shape[0], v.shape[1])
+    _kernel(lib, node + "_fwd")(q, k, v, tab, out, lse)
+    return out, lse
+
+
+@softmax_attention.register_fake
+def _(q, k, v, tab, lib, node):
+    return v.new_empty(v.shape[0], v.shape[1], v.shape[2]), v.new_empty(v.shape[0], v.shape[1])
+
+
+@torch.library.custom_op("attndsl::softmax_attention_backward", mutates_args=())
+def softmax_attention_backward(q: Tensor, k: Tensor, v: Tensor, tab: Tensor, out: Tensor, lse: Tensor,
+                               dout: Tensor, lib: str, node: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dtab) from dout; dtab is zero unless the position is a learned table."""
+    dq, dk, dv, dtab = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.zeros_like(tab)
+    _kernel(lib, node + "_bwd")(q, k, v, tab, out, lse, dout.contiguous(), dq, dk, dv, dtab)
+    return dq, dk, dv, dtab
+
+
+@softmax_attention_backward.register_fake
+def _(q, k, v, tab, out, lse, dout, lib, node):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(tab)
+
+
+def _softmax_setup(ctx, inputs, output):
+    q, k, v, tab, lib, node = inputs
+    ctx.save_for_backward(q, k, v, tab, *output)
+    ctx.lib, ctx.node = lib, node
+
+
+def _softmax_grad(ctx, dout, dlse):
+    # lse is an internal output (never returned to users), so its gradient is not propagated
+    q, k, v, tab, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    return (*softmax_attention_backward(q, k, v, tab, out, lse, dout, ctx.lib, ctx.node), None, None)
+
+
+softmax_attention.register_autograd(_softmax_grad, setup_context=_softmax_setup)

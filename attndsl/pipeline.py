@@ -1,7 +1,7 @@
 """The compiler, top to bottom. Each stage is its own module; this file only lists them.
 
     text --parse--> AST --lower_ast--> IR (§2, quadratic)
-         --fold_scale--> --linearize--> --plan (cost model)--> forms
+         --fold_scale--> --linearize--> --fuse_softmax--> --fuse_maps--> --plan (cost model)--> forms
          --lowering (attndsl.lowering)--> TVM kernels --build/cache--> Attention module
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from . import config
 from .ast import AttentionSpec
 from .ir import Node, format_ir
-from .passes import fold_scale, fuse_maps, linearize, lower_ast, plan
+from .passes import fold_scale, fuse_maps, fuse_softmax, linearize, lower_ast, plan
 from .rewrite import rewrite
 from .verify import verify
 
@@ -20,6 +20,7 @@ from .verify import verify
 PASSES = [
     ("fold_scale", fold_scale.RULES),
     ("linearize", linearize.RULES),
+    ("fuse_softmax", fuse_softmax.RULES),
     ("fuse_maps", fuse_maps.RULES),
 ]
 

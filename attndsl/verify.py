@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 
 from .ir import (Add, Biased, Dot, ExpDot, FeatureMap, Input, LinearAttention, Masked, Node,
-                 Normalize, Position, PositionalAttention, Sample, Scale, ToeplitzValues, format_ir, postorder)
+                 Normalize, Position, PositionalAttention, Sample, Scale, SoftmaxAttention, ToeplitzValues,
+                 format_ir, postorder)
 
 
 class IRVerificationError(AssertionError):
@@ -32,11 +33,14 @@ CHECKS = {
     Normalize: lambda n: _square(n.scores) and _rows(n.v),
     ToeplitzValues: lambda n: isinstance(n.bias, Position) and _rows(n.v),
     Add: lambda n: n.a.shape == n.b.shape,
-    Sample: lambda n: isinstance(n.x, Normalize),
+    Sample: lambda n: isinstance(n.x, (Normalize, SoftmaxAttention)),
     LinearAttention: lambda n: (_rows(n.qf) and _rows(n.kf) and _rows(n.v)
                                 and n.qf.shape == n.kf.shape),
     PositionalAttention: lambda n: (_rows(n.qf) and _rows(n.kf) and _rows(n.v)
                                     and n.qf.shape == n.kf.shape and isinstance(n.bias, Position)),
+    SoftmaxAttention: lambda n: (_rows(n.q) and _rows(n.k) and _rows(n.v) and n.q.shape == n.k.shape
+                                 and (n.bias is None or isinstance(n.bias, Position))
+                                 and math.isfinite(n.scale)),
 }
 
 

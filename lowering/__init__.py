@@ -13,7 +13,7 @@ from attndsl import config
 config.export_tvm_threads()          # before the first kernel starts TVM's thread pool
 
 from attndsl.ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
-                        ToeplitzValues, postorder)
+                        SoftmaxAttention, ToeplitzValues, postorder)
 
 
 
@@ -89,6 +89,15 @@ def _toeplitz_values(node: ToeplitzValues, names, dtype):
             names[1]: toeplitz.values_backward(names[1], d, dtype, node.causal, pos, learns(pos))}
 
 
+def _softmax_attention(node: SoftmaxAttention, names, dtype):
+    from . import quadratic
+    dk, dv = node.q.shape[-1], node.v.shape[-1]
+    pos = node.bias.position if node.bias is not None else None
+    learn = pos is not None and learns(pos)
+    return {names[0]: quadratic.softmax_forward(names[0], dk, dv, dtype, node.causal, node.scale, pos),
+            names[1]: quadratic.softmax_backward(names[1], dk, dv, dtype, node.causal, node.scale, pos, learn)}
+
+
 # node type -> (node, (fwd name, bwd name), dtype) -> {name: PrimFunc}
 LOWERINGS: dict[type, Callable] = {
     Input: lambda node, names, dtype: {},
@@ -98,6 +107,7 @@ LOWERINGS: dict[type, Callable] = {
     LinearAttention: _linear_attention,
     PositionalAttention: _positional_attention,
     ToeplitzValues: _toeplitz_values,
+    SoftmaxAttention: _softmax_attention,
 }
 
 # node type -> the forms (passes/plan.py) its lowering implements; nodes without forms: None
@@ -106,6 +116,7 @@ LOWERED_FORMS: dict[type, frozenset | None] = {
     LinearAttention: frozenset(LINEAR_FORMS),
     PositionalAttention: frozenset({"toeplitz_fft", "banded", "decayed"}),
     ToeplitzValues: frozenset({"values_fft"}),
+    SoftmaxAttention: frozenset({"quadratic"}),
 }
 
 

@@ -51,8 +51,6 @@ def test_nan_policy():
 
 
 @pytest.mark.parametrize("text,form", [
-    ("attention s { mask = causal }", "quadratic form"),
-    ("attention s { position = alibi(0.5) }", "quadratic form with a position term"),
     ("attention s { sampling = kde(samples=8) }", "KDE sampling form"),
 ])
 def test_unlowered_forms_are_located_spec_errors(text, form):

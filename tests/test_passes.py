@@ -2,9 +2,9 @@
 import pytest
 
 from attndsl import parse, pipeline
-from attndsl.ir import (Dot, FeatureMap, Input, LinearAttention, Masked, Normalize, Scale,
-                        format_ir)
-from attndsl.passes import fold_scale, fuse_maps, linearize, plan
+from attndsl.ir import (Biased, Dot, ExpDot, FeatureMap, Input, LinearAttention, Masked, Normalize,
+                        Position, Scale, SoftmaxAttention, format_ir)
+from attndsl.passes import fold_scale, fuse_maps, fuse_softmax, linearize, plan
 from attndsl.rewrite import rewrite
 from attndsl.verify import IRVerificationError, verify
 from attndsl.ast import Choice
@@ -31,6 +31,21 @@ def test_linearize(causal):
     after = rewrite(before, linearize.RULES)
     assert after == expected
     assert rewrite(after, linearize.RULES) == after              # idempotent
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "alibi"])
+def test_fuse_softmax(causal, biased):
+    b = Position(Choice("alibi", (("slope", 0.5),)))
+    scores = ExpDot(q, k, 0.25)
+    scores = Biased(scores, b) if biased else scores
+    before = Normalize(Masked(scores) if causal else scores, v)
+    expected = SoftmaxAttention(q, k, v, b if biased else None, causal, 0.25)
+    after = rewrite(before, fuse_softmax.RULES)
+    assert after == expected
+    assert rewrite(after, fuse_softmax.RULES) == after           # idempotent
+    verify(after)
+    assert rewrite(Normalize(Dot(fmap(q, "q"), fmap(k, "k")), v), fuse_softmax.RULES).op == "normalize"
 
 
 def test_fuse_maps_folds_elementwise_maps_into_the_kernel():
@@ -74,7 +89,7 @@ def test_verifier_rejects_mismatched_feature_widths():
 def test_pipeline_stages_in_order_and_verified():
     spec = parse("attention a { kernel = favor(features=16) \n mask = causal }").block()
     planned = pipeline.run(spec, 8, 4)
-    assert [n for n, _ in planned.stages] == ["ir", "fold_scale", "linearize", "fuse_maps", "plan"]
+    assert [n for n, _ in planned.stages] == ["ir", "fold_scale", "linearize", "fuse_softmax", "fuse_maps", "plan"]
     assert isinstance(planned.stage("ir"), Normalize)
     assert isinstance(planned.root, LinearAttention) and planned.root.form == "prefix_sum"
     text = format_ir(planned.root)
@@ -85,5 +100,5 @@ def test_dump_ir_flag_prints_every_pass(monkeypatch, capsys):
     monkeypatch.setenv("ATTNDSL_DUMP_IR", "1")
     pipeline.run(parse("attention a { kernel = relu }").block(), 8, 8)
     err = capsys.readouterr().err
-    for stage in ("ir", "fold_scale", "linearize", "fuse_maps", "plan"):
+    for stage in ("ir", "fold_scale", "linearize", "fuse_softmax", "fuse_maps", "plan"):
         assert f"IR after {stage}" in err

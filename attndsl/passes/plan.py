@@ -1,7 +1,7 @@
 """The cost model: pick the cheapest valid form for every form site, or the one `plan=` forces.
 
 A form is registered with its node type, when it is valid, and its cost in flops per batch·head
-for a sequence of N. Later forms (Toeplitz-FFT, banded, decayed, quadratic, KDE) register here.
+for a sequence of N. Later forms (banded, KDE) register here.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Callable
 from ..diagnostics import SpecError
 import math
 
-from ..ir import LinearAttention, Node, PositionalAttention, ToeplitzValues, postorder
+from ..ir import LinearAttention, Node, PositionalAttention, SoftmaxAttention, ToeplitzValues, postorder
 from .geometric import decay_rates
 from ..rewrite import rewrite
 
@@ -68,6 +68,15 @@ def _values_fft_cost(n: ToeplitzValues, N: int) -> float:
     return _fft_cost(n.v.shape[-1], N)
 
 
+EXP_FLOPS = 20.0      # a vectorized exp (range reduction + polynomial), in flops
+
+
+def _softmax_cost(n: SoftmaxAttention, N: int) -> float:
+    """Scores and weighted values, 2·N²·(Dk + Dv), plus an exp per score; half when causal."""
+    pairs = N * N / 2 if n.causal else N * N
+    return pairs * (2.0 * (n.q.shape[-1] + n.v.shape[-1]) + EXP_FLOPS)
+
+
 FORMS: list[Form] = [
     Form("linear", LinearAttention, lambda n: not n.causal, _linear_cost,
          "S = Σ_j φk_j⊗[v_j, 1] once, then out_i = φq_i·S (two GEMMs)"),
@@ -85,6 +94,8 @@ FORMS: list[Form] = [
          "(and, without a causal mask, a second one backward in time over the later keys)"),
     Form("values_fft", ToeplitzValues, lambda n: True, _values_fft_cost,
          "Σ_j b(i−j) v_j by FFT per value channel (FastRPB)"),
+    Form("quadratic", SoftmaxAttention, lambda n: True, _softmax_cost,
+         "flash-style tiles: scores in L1, running max and normalizer, b(i−j) on the fly"),
 ]
 
 
@@ -92,6 +103,8 @@ def quadratic_cost(n: Node, N: int) -> float:
     """What §2 costs: N² kernel values, each a dot product, and N² weighted value rows."""
     if isinstance(n, ToeplitzValues):
         return 2.0 * N * N * n.v.shape[-1]
+    if isinstance(n, SoftmaxAttention):
+        return _softmax_cost(n, N)
     m, d = n.qf.shape[-1], n.v.shape[-1]
     return 2.0 * N * N * (m + d + 1)
 

@@ -1,0 +1,441 @@
+"""The quadratic form for the softmax kernel: flash-style CPU kernels in TVMScript, forward and
+exact backward, with the position term computed on the fly. No N×N tensor is ever formed.
+
+Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); LSE (BH, N); TAB (H, P) the position
+parameters (learned table P = 2W+1, alibi slopes P = 1, a dummy otherwise), head h = bh mod H.
+Dk, Dv, dtype, scale s, causal and the position *kind* are baked in; BH, N, H, W are symbolic.
+
+Tiles: T = four vector registers of query lanes (32 float32 rows with AVX2, 64 with AVX-512;
+schedules/cpu.py); register tiles use about half the vector registers, and outputs wider than
+four vectors are computed in column windows, so nothing spills.
+
+Forward (per (bh, block of T query rows), in parallel), for each key tile of T keys:
+    S_ji = s·k_j·q_i + b(i − j)            a T×T tile in L1, scores transposed so that rows of
+                                           queries are vector lanes (row max, exp, sums vectorize)
+    m'_i = max(m_i, max_j S_ji),  α_i = exp(m_i − m'_i),  P_ji = exp(S_ji − m'_i)
+    l_i ← α_i l_i + Σ_j P_ji,     O_i ← α_i O_i + Σ_j P_ji v_j
+and at the end O_i /= l_i, LSE_i = m_i + log l_i (kept for the backward). Causal: key tiles
+above the diagonal are never visited; the diagonal tile is masked.
+The position term of a tile depends on i − j only: the 2T − 1 values b(qbase − kbase + t − T + 1)
+are evaluated once per tile (Bv) and read at offset i − j, so b costs O(T) per tile, not O(T²).
+
+Backward (FlashAttention-2, per bh in parallel; outer loop over key tiles, inner over query
+tiles), with P recomputed from the saved LSE and D_i = dO_i·O_i:
+    dP_ji = v_j·dO_i,  dS_ji = P_ji (dP_ji − D_i)
+    dV_j += Σ_i P_ji dO_i,  dK_j += s Σ_i dS_ji q_i,  dQ_i += s Σ_j dS_ji k_j
+    d b(r) = Σ_{i − j = r} dS_ji  (gathered per tile along its diagonals, scattered into the
+    table slot clip(r, −W, W) + W of a per-bh partial table; partials summed per head at the end).
+"""
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from . import vmath
+from .linear import fill, mm
+from .toeplitz import bias_builder, slot
+from attndsl.schedules import cpu
+
+
+def _lanes(dtype: str) -> int:
+    """Elements per vector register of the host (8 float32 with AVX2, 16 with AVX-512)."""
+    return cpu.vector_bytes() // (4 if dtype == "float32" else 8)
+
+
+def tile(dtype: str) -> int:
+    """Query rows and keys per tile: four vector registers of query lanes."""
+    return 4 * _lanes(dtype)
+
+
+# below this, exp(x) is under the smallest normal number: a softmax weight of 0
+_EXP_MIN = {"float32": -87.3, "float64": -708.3}
+
+
+def softmax_exp(x):
+    """exp(x) for x ≤ 0 (a score minus its row max or log-sum-exp): vmath.exp without the overflow
+    branch and the subnormal range (which a softmax weight next to 1 cannot resolve anyway)."""
+    dtype = str(x.ty)
+    idt, _, _, _, _, deg, _ = vmath._FLOAT[dtype]
+    n = tirx.floor(x * vmath._c(1.4426950408889634, dtype) + vmath._c(0.5, dtype))
+    ln2_hi, ln2_lo = vmath._LN2[dtype]
+    r = x - n * vmath._c(ln2_hi, dtype) - n * vmath._c(ln2_lo, dtype)
+    p = vmath._horner(r, [1 / math.factorial(i) for i in range(deg + 1)], dtype)
+    val = p * vmath._pow2(tirx.Cast(idt, n), dtype)
+    return tirx.Select(x < vmath._c(_EXP_MIN[dtype], dtype), vmath._c(0.0, dtype), val)
+
+
+def _adder(bias):
+    """x + b(i − j) read from the tile's diagonal vector, or x itself without a position term."""
+    return (lambda x, b: x + b) if bias is not None else (lambda x, b: x)
+
+
+def _rows(cols: int, lanes: int, cap: int) -> int:
+    """Rows of a register tile (rows × cols) using about half the vector registers (the rest
+    hold the streamed operand and broadcasts), a power of two ≤ cap."""
+    regs, budget = -(-cols // lanes), cpu.vector_registers() // 2
+    r = 1
+    while r * 2 * regs <= budget and r * 2 <= cap:
+        r *= 2
+    return r
+
+
+def _cols(width: int, lanes: int) -> int:
+    """Columns of an output register tile: the largest divisor of `width` ≤ four vectors."""
+    return max(c for c in range(1, min(width, 4 * lanes) + 1) if width % c == 0)
+
+
+@T.macro
+def mmc(acc, A, a_t, B, row0, R, k0, k1, col0, ncols):
+    """acc[r, :] += Σ_{k0 ≤ k < k1} A(row0 + r, k) B[k, col0 + :] (A read as A[k, row] when
+    a_t): `mm` on a window of B's columns."""
+    for k in range(k0, k1):
+        for r in T.unroll(R):
+            for j in T.vectorized(ncols):
+                if a_t:
+                    acc[r, j] = acc[r, j] + A[k, row0 + r] * B[k, col0 + j]
+                else:
+                    acc[r, j] = acc[r, j] + A[row0 + r, k] * B[k, col0 + j]
+
+
+@T.macro
+def mm3(acc, A, a_t, B3, b, base, row0, R, k0, k1, col0, ncols):
+    """acc[r, :] += Σ_{k0 ≤ k < k1} A(row0 + r, k) B3[b, base + k, col0 + :] (A read as A[k, row]
+    when a_t): `mmc` with the streamed operand rows taken from a (BH, rows, cols) buffer."""
+    for k in range(k0, k1):
+        for r in T.unroll(R):
+            for j in T.vectorized(ncols):
+                if a_t:
+                    acc[r, j] = acc[r, j] + A[k, row0 + r] * B3[b, base + k, col0 + j]
+                else:
+                    acc[r, j] = acc[r, j] + A[row0 + r, k] * B3[b, base + k, col0 + j]
+
+
+@T.macro
+def mm_cols(acc, A, B3, b, col0, row0, R, k0, k1, ncols):
+    """acc[r, :] += Σ_k A[row0 + r, k] B3[b, k, col0 + :] (a column window of a transposed
+    (BH, cols, N) operand)."""
+    for k in range(k0, k1):
+        for r in T.unroll(R):
+            for j in T.vectorized(ncols):
+                acc[r, j] = acc[r, j] + A[row0 + r, k] * B3[b, k, col0 + j]
+
+
+def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position):
+    """(Q, K, V, TAB, O out, LSE out). O_i = Σ_j softmax_j(s·q_i·k_j + b(i−j)) v_j over j ≤ i
+    when causal; LSE_i = log Σ_j exp(s·q_i·k_j + b(i−j)). `position` None: no b."""
+    L, Tt = _lanes(dtype), tile(dtype)
+    R1 = _rows(Tt, L, Tt)             # rows of a score tile in registers (Tt columns)
+    CV = _cols(Dv, L)                 # output columns per register tile
+    R = _rows(CV, L, Tt)              # rows of an output register tile
+    bias = bias_builder(position, dtype) if position is not None else None
+    with_bias = _adder(bias)
+    zero = T.cast(0, dtype)
+    one = T.cast(1, dtype)
+    lowest = tirx.min_value(dtype)
+    sc = tirx.const(scale, dtype)
+
+    def diag_end(i0, kt, qb):          # keys a causal diagonal tile's rows i0*R.. can see
+        return T.Select(kt == qb, i0 * R + R, Tt) if causal else Tt
+
+    @T.prim_func
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, lse: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        H = T.int64()
+        P = T.int64()
+        Q = T.match_buffer(q, (BH, N, Dk), dtype)
+        K = T.match_buffer(k, (BH, N, Dk), dtype)
+        V = T.match_buffer(v, (BH, N, Dv), dtype)
+        TAB = T.match_buffer(tab, (H, P), dtype)
+        O = T.match_buffer(o, (BH, N, Dv), dtype)
+        LSE = T.match_buffer(lse, (BH, N), dtype)
+        W = (P - 1) // 2
+        nb = (N + Tt - 1) // Tt
+        for task in T.parallel(BH * nb):
+            QT = T.alloc_buffer((Dk, Tt), dtype)      # s·q of the block, transposed
+            Kc = T.alloc_buffer((Tt, Dk), dtype)
+            Vc = T.alloc_buffer((Tt, Dv), dtype)
+            ST = T.alloc_buffer((Tt, Tt), dtype)      # ST[j, i]: scores, then weights P
+            Oacc = T.alloc_buffer((Tt, Dv), dtype)
+            Bv = T.alloc_buffer((2 * Tt,), dtype)     # b(i − j) of the tile along t = i − j + Tt − 1
+            mx = T.alloc_buffer((Tt,), dtype)
+            mn = T.alloc_buffer((Tt,), dtype)
+            lsum = T.alloc_buffer((Tt,), dtype)
+            alpha = T.alloc_buffer((Tt,), dtype)
+            acc1 = T.alloc_buffer((R1, Tt), dtype, scope="local")
+            acc = T.alloc_buffer((R, CV), dtype, scope="local")
+            b = task // nb
+            qb = task % nb
+            qbase = qb * Tt
+            for i in range(Tt):
+                for c in range(Dk):
+                    QT[c, i] = T.Select(qbase + i < N, Q[b, T.min(qbase + i, N - 1), c] * sc, zero)
+                for d in T.vectorized(Dv):
+                    Oacc[i, d] = zero
+            for i in T.vectorized(Tt):
+                mx[i] = lowest
+                lsum[i] = zero
+            for t in T.vectorized(2 * Tt):
+                Bv[t] = zero
+            for kt in range(qb + 1 if causal else nb):
+                kbase = kt * Tt
+                for j in range(Tt):
+                    if kbase + j < N:
+                        for c in T.vectorized(Dk):
+                            Kc[j, c] = K[b, kbase + j, c]
+                        for d in T.vectorized(Dv):
+                            Vc[j, d] = V[b, kbase + j, d]
+                    else:
+                        for c in T.vectorized(Dk):
+                            Kc[j, c] = zero
+                        for d in T.vectorized(Dv):
+                            Vc[j, d] = zero
+                if bias is not None:
+                    for t in range(2 * Tt - 1):
+                        Bv[t] = bias(TAB, b % H, qbase - kbase + t - (Tt - 1), W)
+                for i in T.vectorized(Tt):
+                    mn[i] = mx[i]
+                # scores, masked to `lowest`, and their running row max
+                for j0 in range(Tt // R1):
+                    fill(acc1, R1, Tt)
+                    mm(acc1, Kc, False, QT, j0 * R1, R1, 0, Dk, Tt)
+                    for r in T.unroll(R1):
+                        for i in T.vectorized(Tt):
+                            if causal:
+                                ST[j0 * R1 + r, i] = T.Select(
+                                    tirx.all(kbase + j0 * R1 + r < N, kbase + j0 * R1 + r <= qbase + i),
+                                    with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]), lowest)
+                            else:
+                                ST[j0 * R1 + r, i] = T.Select(kbase + j0 * R1 + r < N,
+                                                              with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]), lowest)
+                            mn[i] = T.max(mn[i], ST[j0 * R1 + r, i])
+                for i in T.vectorized(Tt):
+                    alpha[i] = softmax_exp(mx[i] - mn[i])
+                    lsum[i] = lsum[i] * alpha[i]
+                    mx[i] = mn[i]
+                for j in range(Tt):
+                    for i in T.vectorized(Tt):
+                        ST[j, i] = softmax_exp(ST[j, i] - mx[i])
+                        lsum[i] = lsum[i] + ST[j, i]
+                for i0, c0 in T.grid(Tt // R, Dv // CV):
+                    for r in T.unroll(R):
+                        for d in T.vectorized(CV):
+                            acc[r, d] = Oacc[i0 * R + r, c0 * CV + d] * alpha[i0 * R + r]
+                    mmc(acc, ST, True, Vc, i0 * R, R, 0, diag_end(i0, kt, qb), c0 * CV, CV)
+                    for r in T.unroll(R):
+                        for d in T.vectorized(CV):
+                            Oacc[i0 * R + r, c0 * CV + d] = acc[r, d]
+            for i in range(Tt):
+                if qbase + i < N:
+                    inv: T.let = one / lsum[i]
+                    for d in T.vectorized(Dv):
+                        O[b, qbase + i, d] = Oacc[i, d] * inv
+                    LSE[b, qbase + i] = mx[i] + T.log(lsum[i])
+
+    return kernel
+
+
+def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
+                     learn: bool):
+    """(Q, K, V, TAB, O, LSE, dO, dQ out, dK out, dV out, dTAB out (H, P)): the exact gradient of
+    softmax_forward's O. dTAB is written only when `learn` (a learned table), else left alone."""
+    L, Tt = _lanes(dtype), tile(dtype)
+    R1 = _rows(Tt, L, Tt)
+    CK, CV = _cols(Dk, L), _cols(Dv, L)
+    RK, RV = _rows(CK, L, Tt), _rows(CV, L, Tt)
+    bias = bias_builder(position, dtype) if position is not None else None
+    with_bias = _adder(bias)
+    zero = T.cast(0, dtype)
+    sc = tirx.const(scale, dtype)
+
+    def valid(j, i, kbase, qbase, N):
+        ok = tirx.all(kbase + j < N, qbase + i < N)
+        return tirx.all(ok, kbase + j <= qbase + i) if causal else ok
+
+
+    def last(i0, R, kt, qt):            # causal diagonal: rows i0*R.. see keys j < (i0+1)*R
+        return T.Select(qt == kt, i0 * R + R, Tt) if causal else Tt
+
+    @T.prim_func
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, lse: T.handle,
+               do: T.handle, dq: T.handle, dk: T.handle, dv: T.handle, dtab: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        H = T.int64()
+        P = T.int64()
+        Q = T.match_buffer(q, (BH, N, Dk), dtype)
+        K = T.match_buffer(k, (BH, N, Dk), dtype)
+        V = T.match_buffer(v, (BH, N, Dv), dtype)
+        TAB = T.match_buffer(tab, (H, P), dtype)
+        O = T.match_buffer(o, (BH, N, Dv), dtype)
+        LSE = T.match_buffer(lse, (BH, N), dtype)
+        dO = T.match_buffer(do, (BH, N, Dv), dtype)
+        dQ = T.match_buffer(dq, (BH, N, Dk), dtype)
+        dK = T.match_buffer(dk, (BH, N, Dk), dtype)
+        dV = T.match_buffer(dv, (BH, N, Dv), dtype)
+        dTAB = T.match_buffer(dtab, (H, P), dtype)
+        W = (P - 1) // 2
+        nb = (N + Tt - 1) // Tt
+        # per-bh operands, padded with zero rows to whole tiles (memory linear in N)
+        # transposed rows get one cache line of slack: a power-of-two row stride would map a
+        # tile's Dk rows onto the same L1 set
+        QT = T.alloc_buffer((BH, Dk, (N + Tt - 1) // Tt * Tt + L), dtype)      # s·q, transposed
+        dOT = T.alloc_buffer((BH, Dv, (N + Tt - 1) // Tt * Tt + L), dtype)     # dO, transposed
+        Qp = T.alloc_buffer((BH, (N + Tt - 1) // Tt * Tt, Dk), dtype)
+        dOp = T.alloc_buffer((BH, (N + Tt - 1) // Tt * Tt, Dv), dtype)
+        Dd = T.alloc_buffer((BH, (N + Tt - 1) // Tt * Tt), dtype)          # D_i = dO_i·O_i
+        Lp = T.alloc_buffer((BH, (N + Tt - 1) // Tt * Tt), dtype)
+        dQacc = T.alloc_buffer((BH, (N + Tt - 1) // Tt * Tt, Dk), dtype)
+        dTpart = T.alloc_buffer((BH, P), dtype)       # each bh's share of dTAB
+        for task in T.parallel(BH * nb):
+            dsum = T.alloc_buffer((1,), dtype, scope="local")
+            b = task // nb
+            for i0 in range(Tt):
+                i = task % nb * Tt + i0
+                if i < N:
+                    dsum[0] = zero
+                    for c in range(Dk):
+                        QT[b, c, i] = Q[b, i, c] * sc
+                    for d in range(Dv):
+                        dOT[b, d, i] = dO[b, i, d]
+                        dsum[0] = dsum[0] + dO[b, i, d] * O[b, i, d]
+                    for c in T.vectorized(Dk):
+                        Qp[b, i, c] = Q[b, i, c]
+                    for d in T.vectorized(Dv):
+                        dOp[b, i, d] = dO[b, i, d]
+                    Dd[b, i] = dsum[0]
+                    Lp[b, i] = LSE[b, i]
+                else:
+                    for c in range(Dk):
+                        QT[b, c, i] = zero
+                    for d in range(Dv):
+                        dOT[b, d, i] = zero
+                    for c in T.vectorized(Dk):
+                        Qp[b, i, c] = zero
+                    for d in T.vectorized(Dv):
+                        dOp[b, i, d] = zero
+                    Dd[b, i] = zero
+                    Lp[b, i] = zero
+                for c in T.vectorized(Dk):
+                    dQacc[b, i, c] = zero
+        for b in T.parallel(BH):
+            Kc = T.alloc_buffer((Tt, Dk), dtype)
+            Vc = T.alloc_buffer((Tt, Dv), dtype)
+            PT = T.alloc_buffer((Tt, Tt), dtype)      # P[j, i]
+            dST = T.alloc_buffer((Tt, Tt), dtype)     # dS[j, i]
+            dKacc = T.alloc_buffer((Tt, Dk), dtype)
+            dVacc = T.alloc_buffer((Tt, Dv), dtype)
+            Bv = T.alloc_buffer((2 * Tt,), dtype)
+            dBv = T.alloc_buffer((2 * Tt,), dtype)
+            acc1 = T.alloc_buffer((R1, Tt), dtype, scope="local")
+            accK = T.alloc_buffer((RK, CK), dtype, scope="local")
+            accV = T.alloc_buffer((RV, CV), dtype, scope="local")
+            for t in T.vectorized(2 * Tt):
+                Bv[t] = zero
+                dBv[t] = zero
+            if learn:
+                for p in range(P):
+                    dTpart[b, p] = zero
+            for kt in range(nb):
+                kbase = kt * Tt
+                for j in range(Tt):
+                    if kbase + j < N:
+                        for c in T.vectorized(Dk):
+                            Kc[j, c] = K[b, kbase + j, c]
+                        for d in T.vectorized(Dv):
+                            Vc[j, d] = V[b, kbase + j, d]
+                    else:
+                        for c in T.vectorized(Dk):
+                            Kc[j, c] = zero
+                        for d in T.vectorized(Dv):
+                            Vc[j, d] = zero
+                    for c in T.vectorized(Dk):
+                        dKacc[j, c] = zero
+                    for d in T.vectorized(Dv):
+                        dVacc[j, d] = zero
+                for qt in range(kt if causal else 0, nb):
+                    qbase = qt * Tt
+                    if bias is not None:
+                        for t in range(2 * Tt - 1):
+                            Bv[t] = bias(TAB, b % H, qbase - kbase + t - (Tt - 1), W)
+                    # P = exp(S − LSE) and dS = P (dP − D), tile by tile of R1 keys
+                    for j0 in range(Tt // R1):
+                        fill(acc1, R1, Tt)
+                        mm_cols(acc1, Kc, QT, b, qbase, j0 * R1, R1, 0, Dk, Tt)
+                        for r in T.unroll(R1):
+                            for i in T.vectorized(Tt):
+                                PT[j0 * R1 + r, i] = T.Select(
+                                    valid(j0 * R1 + r, i, kbase, qbase, N),
+                                    softmax_exp(with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]) - Lp[b, qbase + i]),
+                                    zero)
+                        fill(acc1, R1, Tt)
+                        mm_cols(acc1, Vc, dOT, b, qbase, j0 * R1, R1, 0, Dv, Tt)
+                        for r in T.unroll(R1):
+                            for i in T.vectorized(Tt):
+                                dST[j0 * R1 + r, i] = PT[j0 * R1 + r, i] * (acc1[r, i] - Dd[b, qbase + i])
+                    # dV_j += Σ_i P_ji dO_i,  dK_j += Σ_i dS_ji q_i  (s applied at the store)
+                    for j0, c0 in T.grid(Tt // RV, Dv // CV):
+                        for r in T.unroll(RV):
+                            for d in T.vectorized(CV):
+                                accV[r, d] = dVacc[j0 * RV + r, c0 * CV + d]
+                        if causal and qt == kt:     # diagonal: rows j see queries i ≥ j only
+                            mm3(accV, PT, False, dOp, b, qbase, j0 * RV, RV, j0 * RV, Tt, c0 * CV, CV)
+                        else:
+                            mm3(accV, PT, False, dOp, b, qbase, j0 * RV, RV, 0, Tt, c0 * CV, CV)
+                        for r in T.unroll(RV):
+                            for d in T.vectorized(CV):
+                                dVacc[j0 * RV + r, c0 * CV + d] = accV[r, d]
+                    for j0, c0 in T.grid(Tt // RK, Dk // CK):
+                        for r in T.unroll(RK):
+                            for c in T.vectorized(CK):
+                                accK[r, c] = dKacc[j0 * RK + r, c0 * CK + c]
+                        if causal and qt == kt:
+                            mm3(accK, dST, False, Qp, b, qbase, j0 * RK, RK, j0 * RK, Tt, c0 * CK, CK)
+                        else:
+                            mm3(accK, dST, False, Qp, b, qbase, j0 * RK, RK, 0, Tt, c0 * CK, CK)
+                        for r in T.unroll(RK):
+                            for c in T.vectorized(CK):
+                                dKacc[j0 * RK + r, c0 * CK + c] = accK[r, c]
+                    # dQ_i += Σ_j dS_ji k_j
+                    for i0, c0 in T.grid(Tt // RK, Dk // CK):
+                        for r in T.unroll(RK):
+                            for c in T.vectorized(CK):
+                                accK[r, c] = dQacc[b, qbase + i0 * RK + r, c0 * CK + c]
+                        mmc(accK, dST, True, Kc, i0 * RK, RK, 0, last(i0, RK, kt, qt), c0 * CK, CK)
+                        for r in T.unroll(RK):
+                            for c in T.vectorized(CK):
+                                dQacc[b, qbase + i0 * RK + r, c0 * CK + c] = accK[r, c]
+                    if learn:
+                        # d b(r) = Σ_{i−j=r} dS_ji: sums along the tile's diagonals, then into slots
+                        for j in range(Tt):
+                            for i in T.vectorized(Tt):
+                                dBv[i + (Tt - 1) - j] = dBv[i + (Tt - 1) - j] + dST[j, i]
+                        for t in range(2 * Tt - 1):
+                            dTpart[b, slot(qbase - kbase + t - (Tt - 1), W)] += dBv[t]
+                            dBv[t] = zero
+                for j in range(Tt):
+                    if kbase + j < N:
+                        for c in T.vectorized(Dk):
+                            dK[b, kbase + j, c] = dKacc[j, c] * sc
+                        for d in T.vectorized(Dv):
+                            dV[b, kbase + j, d] = dVacc[j, d]
+        for task in T.parallel(BH * nb):
+            b = task // nb
+            for i0 in range(Tt):
+                i = task % nb * Tt + i0
+                if i < N:
+                    for c in T.vectorized(Dk):
+                        dQ[b, i, c] = dQacc[b, i, c] * sc
+        if learn:
+            for h in T.parallel(H):
+                for p in range(P):
+                    dTAB[h, p] = zero
+                for g in range(BH // H):
+                    for p in range(P):
+                        dTAB[h, p] += dTpart[g * H + h, p]
+
+    return kernel
