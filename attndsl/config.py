@@ -53,6 +53,18 @@ def num_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+FFT_IMPLS = ("tir", "library")
+
+
+def fft_impl() -> str:
+    """ATTNDSL_FFT: what serves the Toeplitz kernels' FFTs, "tir" (lowering/fft_tir.py, the
+    default: faster here, see benchmarks/bench_fft.py) or "library" (torch.fft)."""
+    raw = os.environ.get("ATTNDSL_FFT", "").strip().lower() or "tir"
+    if raw not in FFT_IMPLS:
+        raise ValueError(f"ATTNDSL_FFT={raw!r}: valid values are {', '.join(FFT_IMPLS)}")
+    return raw
+
+
 def export_tvm_threads() -> None:
     """Hand num_threads() to TVM, which reads TVM_NUM_THREADS when its thread pool starts."""
     os.environ["TVM_NUM_THREADS"] = str(num_threads())
@@ -66,6 +78,7 @@ def _flags() -> dict[str, tuple[object, str]]:
         "ATTNDSL_VERBOSE": (verbose(), "0/1/2: progress messages while compiling"),
         "ATTNDSL_NO_CACHE": (not use_cache(), "always rebuild kernels; never read or write the cache"),
         "ATTNDSL_NUM_THREADS": (num_threads(), "threads of the TVM kernels (read when TVM starts)"),
+        "ATTNDSL_FFT": (fft_impl(), "FFT of the Toeplitz kernels: tir (TVMScript) or library (torch.fft)"),
     }
 
 

@@ -5,7 +5,8 @@ TVM has no FFT op. The Toeplitz kernels (toeplitz.py) do everything else themsel
     T.call_packed("attndsl.fft.irfft", Y (G, L/2+1, 2), X (G, L) real)      X = irfft(Y, L)
 on their scratch buffers (zero copy); `register()` must run before such a kernel is called.
 
-IMPL picks what serves them (read at every call, so it needs no rebuild of any kernel):
+IMPL picks what serves them (ATTNDSL_FFT at import; read at every call, so switching it needs no
+rebuild of any kernel):
   "tir"      fft_tir.py's TVMScript FFT (channels across vector lanes, Stockham radix-8), compiled
              once per dtype into its own library, kept in the compile cache like the kernels
              (a cache hit needs only the TVM runtime; a miss builds it, ~10-20 s).
@@ -28,7 +29,9 @@ import hashlib
 
 import torch
 
-IMPL = "tir"            # "tir" | "library" (see above)
+from attndsl import config
+
+IMPL = config.fft_impl()     # "tir" | "library" (see above); ATTNDSL_FFT sets it at import
 
 _DTYPES = {"float32": (torch.float32, ctypes.c_float), "float64": (torch.float64, ctypes.c_double)}
 _registered = False

@@ -209,6 +209,21 @@ def test_cache_dir_resolution(monkeypatch, env, expected):
     assert "ATTNDSL_CACHE_DIR" in config.describe()
 
 
+@pytest.mark.parametrize("raw, expected", [(None, "tir"), ("", "tir"), (" Library ", "library"),
+                                           ("tir", "tir")], ids=["unset", "empty", "library", "tir"])
+def test_fft_impl_flag(monkeypatch, raw, expected):
+    monkeypatch.delenv("ATTNDSL_FFT", raising=False)
+    if raw is not None:
+        monkeypatch.setenv("ATTNDSL_FFT", raw)
+    assert config.fft_impl() == expected
+
+
+def test_fft_impl_flag_rejects_a_typo(monkeypatch):
+    monkeypatch.setenv("ATTNDSL_FFT", "pocketfft")
+    with pytest.raises(ValueError, match="valid values are tir, library"):
+        config.fft_impl()
+
+
 # --- two processes compiling the same key at the same moment ------------------------------------
 
 CHILD = textwrap.dedent("""
