@@ -229,10 +229,7 @@ def _describe(node: Node) -> str:
         what = "none" if node.bias is None else _position_text(node.bias.position)
         return f"form {node.form}, causal={node.causal}, scale {node.scale:.4g}, b(r) = {what}"
     if isinstance(node, (PositionalAttention, ToeplitzValues)):
-        from .expr import to_text
-        pos = node.bias.position
-        what = to_text(pos.expr) if pos.expr is not None else pos.name
-        return f"form {node.form}, causal={node.causal}, b(r) = {what}"
+        return f"form {node.form}, causal={node.causal}, b(r) = {_position_text(node.bias.position)}"
     if isinstance(node, LinearAttention):
         fused = f", φ = {node.phi.name} fused in (prescale {node.prescale:.4g})" if node.phi else ""
         return f"form {node.form}, causal={node.causal}{fused}"
