@@ -26,11 +26,12 @@ UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _lowering_source_hash() -> str:
-    """Kernel code is part of the cache key: any edit of lowering/ rebuilds."""
-    from . import lowering
+    """Kernel code is part of the cache key: any edit of lowering/ or schedules/ rebuilds."""
+    from . import lowering, schedules
     h = hashlib.sha256()
-    for p in sorted(Path(lowering.__file__).parent.glob("*.py")):
-        h.update(p.read_bytes())
+    for pkg in (lowering, schedules):
+        for p in sorted(Path(pkg.__file__).parent.glob("*.py")):
+            h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 

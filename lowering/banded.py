@@ -23,7 +23,9 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .linear import _helpers, _pad, _rows, fill, mm
+from attndsl.schedules import cpu
+
+from .linear import _helpers, _pad, fill, mm
 from .toeplitz import slot
 
 C = 32                  # rows per chunk
@@ -72,8 +74,9 @@ def _weights(dtype: str, causal: bool):
 def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool):
     """(Qf, Kf, V, TAB, O out, DEN out, unused). DEN_i = Σ_j c(i−j) κ_ij, O_i = Σ_j c(i−j) κ_ij V_j / DEN_i."""
     L, zero, load, load_t, _, _ = _helpers(dtype, C)
-    R = _rows(D, L, C)            # rows of a (·, D) tile
-    R1 = _rows(C, L, C)           # rows of a score tile
+    HL = cpu.lanes(dtype)         # register tiles follow the host's vector unit (schedules/cpu.py)
+    R = cpu.tile_rows(D, HL, C)   # rows of a (·, D) tile
+    R1 = cpu.tile_rows(C, HL, C)  # rows of a score tile
     Mp = _pad(M, R)
     weights = _weights(dtype, causal)
 
@@ -206,9 +209,10 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool):
     recomputed once from the query side (dQf, the weights' gradient) and once from the key side
     (dKf, dV), so no two threads write the same row."""
     L, zero, load, load_t, _, _ = _helpers(dtype, C)
-    RM = _rows(M, L, C)           # rows of a (·, M) tile
-    RD = _rows(D, L, C)           # rows of a (·, D) tile
-    R1 = _rows(C, L, C)           # rows of a score tile
+    HL = cpu.lanes(dtype)
+    RM = cpu.tile_rows(M, HL, C)  # rows of a (·, M) tile
+    RD = cpu.tile_rows(D, HL, C)  # rows of a (·, D) tile
+    R1 = cpu.tile_rows(C, HL, C)  # rows of a score tile
     Mp = _pad(M, RD)              # state rows (over M) padded to whole tiles; padding stays 0
     weights = _weights(dtype, causal)
 

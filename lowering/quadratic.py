@@ -39,9 +39,7 @@ from .toeplitz import bias_builder, slot
 from attndsl.schedules import cpu
 
 
-def _lanes(dtype: str) -> int:
-    """Elements per vector register of the host (8 float32 with AVX2, 16 with AVX-512)."""
-    return cpu.vector_bytes() // (4 if dtype == "float32" else 8)
+_lanes = cpu.lanes
 
 
 def tile(dtype: str) -> int:
@@ -71,14 +69,7 @@ def _adder(bias):
     return (lambda x, b: x + b) if bias is not None else (lambda x, b: x)
 
 
-def _rows(cols: int, lanes: int, cap: int) -> int:
-    """Rows of a register tile (rows × cols) using about half the vector registers (the rest
-    hold the streamed operand and broadcasts), a power of two ≤ cap."""
-    regs, budget = -(-cols // lanes), cpu.vector_registers() // 2
-    r = 1
-    while r * 2 * regs <= budget and r * 2 <= cap:
-        r *= 2
-    return r
+_rows = cpu.tile_rows
 
 
 def _cols(width: int, lanes: int) -> int:

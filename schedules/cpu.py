@@ -30,3 +30,20 @@ def vector_bytes() -> int:
 def vector_registers() -> int:
     """Architectural vector registers: 32 with AVX-512, else 16."""
     return 32 if "avx512f" in _flags() else 16
+
+
+def lanes(dtype: str) -> int:
+    """Elements per vector register of the host (8 float32 with AVX2, 16 with AVX-512)."""
+    return vector_bytes() // (4 if dtype == "float32" else 8)
+
+
+def tile_rows(cols: int, lanes: int, cap: int) -> int:
+    """Rows of an accumulator tile (rows × cols) held in about half the vector registers (the rest
+    hold the streamed operand and broadcasts), a power of two ≤ cap. Measured on this AVX2 VM: the
+    banded forward at N = 8192 went 245 -> 112 ms when its tiles followed this rule instead of
+    being sized for 32 AVX-512 registers."""
+    regs, budget = -(-cols // lanes), vector_registers() // 2
+    r = 1
+    while r * 2 * regs <= budget and r * 2 <= cap:
+        r *= 2
+    return r
