@@ -341,6 +341,17 @@ def check_combination(spec: AttentionSpec) -> None:
         raise SpecError("sampling = kde cannot be combined with mask = causal", spec.span_of("sampling"),
                         help="the KDEformer estimator samples keys from the whole sequence and is "
                              "non-causal; use sampling = uniform or remove the causal mask")
+    if sampling != "none" and spec.position.name != "none":
+        raise SpecError(f"sampling = {sampling} cannot be combined with a position term",
+                        spec.span_of("sampling"),
+                        help="the sampled estimators sort and sample keys without their positions; "
+                             "remove `position` or `sampling` (exact softmax takes any position term)")
+    if sampling == "kde":
+        buckets = spec.sampling["buckets"]
+        if buckets & (buckets - 1):
+            raise SpecError(f"kde buckets must be a power of two, got {buckets}", spec.span_of("sampling"),
+                            help=f"the buckets are the sign patterns of log2(buckets) hyperplanes; "
+                                 f"try {1 << (buckets.bit_length() - 1)} or {1 << buckets.bit_length()}")
     if spec.apply.name == "values" and spec.position.name == "none":
         raise SpecError("apply = values needs a position term: there is nothing to apply",
                         spec.span_of("apply"),

@@ -257,6 +257,25 @@ class SoftmaxAttention(Node):
         return self.v.shape
 
 
+@dataclass(frozen=True)
+class SampledAttention(Node):
+    """An estimate of softmax attention from a sampling scheme (`sampling`: kde or uniform), per
+    query its block's keys exactly plus importance-weighted sampled keys (attndsl/sampling.py,
+    lowering/sampled.py); no N×N tensor. `form` (kde, uniform) set by the planner."""
+    q: Node
+    k: Node
+    v: Node
+    causal: bool
+    scale: float
+    sampling: Choice
+    form: str | None = None
+    span: Span = field(default=NOWHERE, compare=False)
+
+    @property
+    def shape(self):
+        return self.v.shape
+
+
 # --- traversal and printing ----------------------------------------------------------------------
 
 def postorder(root: Node) -> list[Node]:
@@ -274,7 +293,7 @@ def postorder(root: Node) -> list[Node]:
     return list(seen)
 
 
-def _fmt_attr(v) -> str:
+def format_attr(v) -> str:
     if isinstance(v, Choice):
         from .expr import to_text
         if v.expr is not None:
@@ -293,7 +312,7 @@ def format_ir(root: Node) -> str:
     for n in postorder(root):
         names[n] = f"%{len(names)}"
         args = " ".join(names[c] for c in n.children())
-        attrs = ", ".join(f"{k}={_fmt_attr(v)}" for k, v in n.attrs().items() if v is not None)
+        attrs = ", ".join(f"{k}={format_attr(v)}" for k, v in n.attrs().items() if v is not None)
         shape = ", ".join(str(d) for d in n.shape)
         lines.append(f"{names[n]} = {n.op}{' ' + args if args else ''}"
                      f"{' {' + attrs + '}' if attrs else ''} : [{shape}]")

@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import cache, ops, pipeline
+from . import cache, ops, pipeline, sampling
 from .ast import AttentionSpec
 from .diagnostics import SpecError
 from .featuremaps import lookup
 from .ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
-                 SoftmaxAttention, ToeplitzValues, format_ir, postorder)
+                 SampledAttention, SoftmaxAttention, ToeplitzValues, format_attr, format_ir,
+                 postorder)
 from .lowering.runtime import check_target, host_cpu, target_kind
 from .reference import alibi_slopes, effective_scale, reference
 
@@ -67,6 +68,13 @@ class Attention(nn.Module):
             slopes = alibi_slopes(heads) if slope is None else torch.full((heads,), float(slope))
             slopes = slopes.float()[:, None]
         self.register_buffer("position_slopes", slopes)      # (H, 1), alibi only
+        planes = None
+        if spec.sampling.name == "kde":
+            planes = sampling.hyperplanes(spec.sampling["buckets"], head_dim, spec.sampling["seed"])
+        self.register_buffer("lsh_planes", planes)           # (Dk, log2 buckets), kde only
+        # the samples of every call are drawn from this seed: same inputs, same output; set it to
+        # draw others (e.g. per training step)
+        self.sampling_seed = spec.sampling["seed"] if spec.sampling.name != "none" else None
         self._library("float32")                 # build now: fails early, and first call is fast
 
     # --- compilation ---------------------------------------------------------------------------
@@ -84,13 +92,8 @@ class Attention(nn.Module):
         try:
             lowering.check(root)
         except lowering.NotLowered as e:
-            form, field = _missing_form(e.nodes)
-            raise SpecError(f"the {form} is not lowered to TVM yet, so spec "
-                            f"'{self.spec.name}' cannot be compiled",
-                            self.spec.span_of(field) or self.spec.span,
-                            help="forms compiled today: quadratic (softmax), linear, prefix_sum, "
-                                 "toeplitz_fft, banded, decayed and values_fft, with or without a "
-                                 "position term; sampling is not compiled yet") from None
+            raise SpecError(f"the {e.nodes[-1].op} form is not lowered to TVM, so spec "
+                            f"'{self.spec.name}' cannot be compiled", self.spec.span) from None
         key = cache.make_key(spec=repr(self.spec), dims=[self.head_dim, self.value_dim], dtype=dtype,
                              target=self.target, host=host_cpu(), ir=format_ir(root), lowering=_lowering_source_hash())
         t0 = time.perf_counter()
@@ -115,7 +118,8 @@ class Attention(nn.Module):
         lib = self._library(KERNEL_DTYPES[dtype])
         env["position"] = self._position_params(dtype)
         w, wt = self._projection(dtype)
-        out = _execute(self.planned.root, env, lib, w, wt)
+        params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed}
+        out = _execute(self.planned.root, env, lib, params)
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
 
     def _projection(self, dtype):
@@ -203,21 +207,6 @@ class Attention(nn.Module):
         return f"{self.spec.name}: heads={self.heads}, head_dim={self.head_dim}, forms=[{forms}]"
 
 
-# (IR op that no kernel covers yet, the DESIGN §3 form that would compute it, the spec field to point at)
-_MISSING = [
-    ("sample", "KDE sampling form", "sampling"),
-]
-
-
-def _missing_form(nodes: list[Node]) -> tuple[str, str]:
-    """Name the form a spec needs from the IR nodes that have no kernels, and the field behind it."""
-    ops_ = {n.op for n in nodes}
-    for op, form, field in _MISSING:
-        if op in ops_:
-            return form, field
-    return f"{nodes[-1].op} form", "kernel"
-
-
 def _position_text(pos) -> str:
     from .expr import to_text
     return to_text(pos.expr) if pos.expr is not None else pos.name
@@ -229,6 +218,8 @@ def _describe(node: Node) -> str:
     if isinstance(node, SoftmaxAttention):
         what = "none" if node.bias is None else _position_text(node.bias.position)
         return f"form {node.form}, causal={node.causal}, scale {node.scale:.4g}, b(r) = {what}"
+    if isinstance(node, SampledAttention):
+        return f"form {node.form}, causal={node.causal}, scale {node.scale:.4g}, sampling {format_attr(node.sampling)}"
     if isinstance(node, (PositionalAttention, ToeplitzValues)):
         return f"form {node.form}, causal={node.causal}, b(r) = {_position_text(node.bias.position)}"
     if isinstance(node, LinearAttention):
@@ -239,18 +230,20 @@ def _describe(node: Node) -> str:
 
 # --- the executor: one torch op per IR node ---------------------------------------------------------
 
-def _run_feature_map(node, args, lib, name, w, wt):
-    return ops.feature_map(args[0], w, wt, lib, name, node.width)
+# each runner: (node, its children's values, library key, kernel name, module parameters)
+
+def _run_feature_map(node, args, lib, name, p):
+    return ops.feature_map(args[0], p["w"], p["wt"], lib, name, node.width)
 
 
-def _run_linear(node, args, lib, name, w, wt):
+def _run_linear(node, args, lib, name, p):
     return ops.linear_attention(*args, lib, name)[0]
 
 
 EXECUTE = {FeatureMap: _run_feature_map, LinearAttention: _run_linear}
 
 
-def _run_positional(node, args, lib, name, w, wt):
+def _run_positional(node, args, lib, name, p):
     qf, kf, v, tab = args
     if node.form == "decayed":               # recurrences with γ = exp(−rate) per head and direction
         return ops.linear_attention(qf, kf, v, lib, name, _decay_slopes(node, tab))[0]
@@ -268,23 +261,29 @@ def _decay_slopes(node, tab):
     return torch.cat([column(rate) for rate in decay_rates(node.bias.position, node.causal)], 1)
 
 
-def _run_values(node, args, lib, name, w, wt):
+def _run_values(node, args, lib, name, p):
     tab, v = args
     return ops.toeplitz_values(v, tab, lib, name)
 
 
-def _run_softmax(node, args, lib, name, w, wt):
+def _run_softmax(node, args, lib, name, p):
     q, k, v = args[:3]
     tab = args[3] if node.bias is not None else q.new_zeros(1, 1)
     return ops.softmax_attention(q, k, v, tab, lib, name)[0]
 
 
+def _run_sampled(node, args, lib, name, p):
+    s = sampling.draw(*args, node.sampling, p["lsh_planes"], p["seed"])
+    out = ops.sampled_attention(s.q, s.k, s.v, s.ks, s.vs, s.lw, s.sb, lib, name, s.block)[0]
+    return sampling.restore(out, s)
+
+
 EXECUTE.update({PositionalAttention: _run_positional, ToeplitzValues: _run_values,
-                SoftmaxAttention: _run_softmax,
+                SoftmaxAttention: _run_softmax, SampledAttention: _run_sampled,
                 Add: lambda node, args, *_: args[0] + args[1]})
 
 
-def _execute(root: Node, env: dict, lib: str, w, wt) -> torch.Tensor:
+def _execute(root: Node, env: dict, lib: str, params: dict) -> torch.Tensor:
     values: dict[Node, torch.Tensor] = {}
     for i, node in enumerate(postorder(root)):
         if isinstance(node, Input):
@@ -293,5 +292,5 @@ def _execute(root: Node, env: dict, lib: str, w, wt) -> torch.Tensor:
             values[node] = env["position"]
         else:
             args = [values[c] for c in node.children()]
-            values[node] = EXECUTE[type(node)](node, args, lib, f"{node.op}{i}", w, wt)
+            values[node] = EXECUTE[type(node)](node, args, lib, f"{node.op}{i}", params)
     return values[root]

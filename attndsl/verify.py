@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 
 from .ir import (Add, Biased, Dot, ExpDot, FeatureMap, Input, LinearAttention, Masked, Node,
-                 Normalize, Position, PositionalAttention, Sample, Scale, SoftmaxAttention, ToeplitzValues,
-                 format_ir, postorder)
+                 Normalize, Position, PositionalAttention, Sample, SampledAttention, Scale,
+                 SoftmaxAttention, ToeplitzValues, format_ir, postorder)
 
 
 class IRVerificationError(AssertionError):
@@ -41,6 +41,8 @@ CHECKS = {
     SoftmaxAttention: lambda n: (_rows(n.q) and _rows(n.k) and _rows(n.v) and n.q.shape == n.k.shape
                                  and (n.bias is None or isinstance(n.bias, Position))
                                  and math.isfinite(n.scale)),
+    SampledAttention: lambda n: (_rows(n.q) and _rows(n.k) and _rows(n.v) and n.q.shape == n.k.shape
+                                 and n.sampling.name in ("kde", "uniform") and math.isfinite(n.scale)),
 }
 
 

@@ -13,7 +13,7 @@ from attndsl import config
 config.export_tvm_threads()          # before the first kernel starts TVM's thread pool
 
 from attndsl.ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
-                        SoftmaxAttention, ToeplitzValues, postorder)
+                        SampledAttention, SoftmaxAttention, ToeplitzValues, postorder)
 
 
 
@@ -98,6 +98,13 @@ def _softmax_attention(node: SoftmaxAttention, names, dtype):
             names[1]: quadratic.softmax_backward(names[1], dk, dv, dtype, node.causal, node.scale, pos, learn)}
 
 
+def _sampled_attention(node: SampledAttention, names, dtype):
+    from . import sampled
+    dk, dv = node.q.shape[-1], node.v.shape[-1]
+    return {names[0]: sampled.sampled_forward(names[0], dk, dv, dtype, node.causal, node.scale),
+            names[1]: sampled.sampled_backward(names[1], dk, dv, dtype, node.causal, node.scale)}
+
+
 # node type -> (node, (fwd name, bwd name), dtype) -> {name: PrimFunc}
 LOWERINGS: dict[type, Callable] = {
     Input: lambda node, names, dtype: {},
@@ -108,6 +115,7 @@ LOWERINGS: dict[type, Callable] = {
     PositionalAttention: _positional_attention,
     ToeplitzValues: _toeplitz_values,
     SoftmaxAttention: _softmax_attention,
+    SampledAttention: _sampled_attention,
 }
 
 # node type -> the forms (passes/plan.py) its lowering implements; nodes without forms: None
@@ -117,6 +125,7 @@ LOWERED_FORMS: dict[type, frozenset | None] = {
     PositionalAttention: frozenset({"toeplitz_fft", "banded", "decayed"}),
     ToeplitzValues: frozenset({"values_fft"}),
     SoftmaxAttention: frozenset({"quadratic"}),
+    SampledAttention: frozenset({"kde", "uniform"}),
 }
 
 

@@ -50,12 +50,11 @@ def test_nan_policy():
         strict(q, k, v)
 
 
-@pytest.mark.parametrize("text,form", [
-    ("attention s { sampling = kde(samples=8) }", "KDE sampling form"),
-])
-def test_unlowered_forms_are_located_spec_errors(text, form):
-    with pytest.raises(SpecError, match=form) as e:
-        attndsl.compile(text, heads=1, head_dim=8)
+def test_a_form_without_kernels_is_a_located_spec_error(monkeypatch):
+    from attndsl import lowering
+    monkeypatch.setitem(lowering.LOWERED_FORMS, lowering.SampledAttention, frozenset())
+    with pytest.raises(SpecError, match="sampled_attention form is not lowered") as e:
+        attndsl.compile("attention s { sampling = kde(samples=8) }", heads=1, head_dim=8)
     assert "<spec>:" in str(e.value) and "^" in str(e.value)
 
 

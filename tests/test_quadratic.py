@@ -173,8 +173,3 @@ def test_plan_and_explain_show_the_quadratic_form():
 def test_values_term_sits_beside_the_quadratic_form():
     forms = sorted(d.form for d in compiled("table", "values", "causal").planned.decisions)
     assert forms == ["quadratic", "values_fft"]
-
-
-def test_sampling_is_still_refused():
-    with pytest.raises(attndsl.SpecError, match="KDE sampling form"):
-        attndsl.compile("attention s { sampling = kde(samples=8) }", heads=1, head_dim=8)

@@ -5,11 +5,13 @@
       -> SoftmaxAttention(q, k, v, b, causal, s)
 
 computed tile by tile with a running max and normalizer (lowering/quadratic.py), b(i − j)
-evaluated on the fly from the position parameters.
+evaluated on the fly from the position parameters. A sampled estimate of it becomes its own form:
+
+    Sample(SoftmaxAttention(q, k, v, none, causal, s), sampling) -> SampledAttention(...)
 """
 from __future__ import annotations
 
-from ..ir import Biased, ExpDot, Masked, Normalize, SoftmaxAttention
+from ..ir import Biased, ExpDot, Masked, Normalize, Sample, SampledAttention, SoftmaxAttention
 
 
 def normalize_of_exp_dot(n):
@@ -26,4 +28,13 @@ def normalize_of_exp_dot(n):
     return None
 
 
-RULES = [("normalize_of_exp_dot", normalize_of_exp_dot)]
+def sample_of_softmax(n):
+    # Sample(SoftmaxAttention(q, k, v, none, causal, s), sampling) -> SampledAttention (check.py
+    # refuses a position term with sampling)
+    if isinstance(n, Sample) and isinstance(n.x, SoftmaxAttention) and n.x.bias is None:
+        x = n.x
+        return SampledAttention(x.q, x.k, x.v, x.causal, x.scale, n.sampling, span=n.span)
+    return None
+
+
+RULES = [("normalize_of_exp_dot", normalize_of_exp_dot), ("sample_of_softmax", sample_of_softmax)]

@@ -1,7 +1,7 @@
 """The cost model: pick the cheapest valid form for every form site, or the one `plan=` forces.
 
 A form is registered with its node type, when it is valid, and its cost in flops per batch·head
-for a sequence of N. Later forms (banded, KDE) register here.
+for a sequence of N.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Callable
 from ..diagnostics import SpecError
 import math
 
-from ..ir import LinearAttention, Node, PositionalAttention, SoftmaxAttention, ToeplitzValues, postorder
+from ..ir import (LinearAttention, Node, PositionalAttention, SampledAttention, SoftmaxAttention,
+                  ToeplitzValues, postorder)
 from .geometric import decay_rates
 from ..rewrite import rewrite
 
@@ -77,6 +78,15 @@ def _softmax_cost(n: SoftmaxAttention, N: int) -> float:
     return pairs * (2.0 * (n.q.shape[-1] + n.v.shape[-1]) + EXP_FLOPS)
 
 
+def _sampled_cost(n: SampledAttention, N: int) -> float:
+    """Each query scores its block's keys and the samples (2·(Dk + Dv) + an exp each); the LSH
+    hash (kde) is r sign tests of Dk each per row of q and k."""
+    per_query = min(N, n.sampling["block"] + n.sampling["samples"] if n.sampling.name == "kde"
+                    else 1 + n.sampling["samples"])
+    lsh = 4.0 * N * n.q.shape[-1] * math.log2(n.sampling["buckets"]) if n.sampling.name == "kde" else 0.0
+    return N * per_query * (2.0 * (n.q.shape[-1] + n.v.shape[-1]) + EXP_FLOPS) + lsh
+
+
 FORMS: list[Form] = [
     Form("linear", LinearAttention, lambda n: not n.causal, _linear_cost,
          "S = Σ_j φk_j⊗[v_j, 1] once, then out_i = φq_i·S (two GEMMs)"),
@@ -96,6 +106,10 @@ FORMS: list[Form] = [
          "Σ_j b(i−j) v_j by FFT per value channel (FastRPB)"),
     Form("quadratic", SoftmaxAttention, lambda n: True, _softmax_cost,
          "flash-style tiles: scores in L1, running max and normalizer, b(i−j) on the fly"),
+    Form("kde", SampledAttention, lambda n: n.sampling.name == "kde", _sampled_cost,
+         "KDEformer: LSH-sorted blocks exact, the rest by keys sampled ∝ |v|² + uniform, weighted 1/(p·s)"),
+    Form("uniform", SampledAttention, lambda n: n.sampling.name == "uniform", _sampled_cost,
+         "each query's own key exact, the rest by uniformly sampled keys weighted N/s"),
 ]
 
 
@@ -103,7 +117,7 @@ def quadratic_cost(n: Node, N: int) -> float:
     """What §2 costs: N² kernel values, each a dot product, and N² weighted value rows."""
     if isinstance(n, ToeplitzValues):
         return 2.0 * N * N * n.v.shape[-1]
-    if isinstance(n, SoftmaxAttention):
+    if isinstance(n, (SoftmaxAttention, SampledAttention)):
         return _softmax_cost(n, N)
     m, d = n.qf.shape[-1], n.v.shape[-1]
     return 2.0 * N * N * (m + d + 1)

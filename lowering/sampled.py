@@ -1,0 +1,427 @@
+"""Sampled softmax attention (KDEformer, Zandieh et al. 2023, and its uniform baseline): CPU
+kernels in TVMScript, forward and the exact backward of the estimator for given buckets and samples.
+
+Rows arrive in *sorted* order (attndsl/sampling.py sorts queries and keys by LSH bucket; identity
+order for uniform) and are cut into blocks of B rows (the runtime scalar `blk`): row i is in block
+g(i) = i // B. Query i sees
+  * its block's keys exactly: keys j with g(j) = g(i) (and j ≤ i when causal), weight 1;
+  * S sampled keys (KS, VS), shared by every query, key t with weight w_t = exp(LW_t) = 1/(p_t·S),
+    unless the query's block already holds it: visible iff SB_t ≠ g(i) (SB_t < g(i) when causal),
+so that, with lw = 0 for block keys and E over the samples,
+    out_i = Σ_{j visible} e^{s·q_i·k_j + lw_j} v_j / Σ_{j visible} e^{s·q_i·k_j + lw_j},
+    E[numerator_i] = Σ_j e^{s·q_i·k_j} v_j and E[denominator_i] = Σ_j e^{s·q_i·k_j}   (unbiased).
+LSE_i = log denominator_i (after the running max), kept for the backward.
+
+Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); KS (BH, S, Dk); VS (BH, S, Dv); LW (BH, S);
+SB (BH, S) int32; LSE (BH, N). Dk, Dv, dtype, s and causal are baked in; BH, N, S, B symbolic.
+
+Each key row of a tile carries its visibility as a block interval with one exception: visible to
+query block g iff LO ≤ g ≤ HI and g ≠ EX (block key: LO = HI = g(j), EX = −1; sample: LO = 0, EX = SB
+or, causal, LO = SB + 1; padding: LO > HI), and when causal also POS ≤ i. Query rows past N get
+block −2, which no key is visible to.
+
+Forward (per (bh, tile of T query rows)): key tiles over the blocks the rows span, then sample
+tiles, each folded into a running max, normalizer and output as in lowering/quadratic.py.
+Backward, P recomputed from LSE and D_i = dO_i·O_i, dS = P (dP − D):
+  * query-major (per query tile): dQ_i = s Σ_j dS_ij k_j over block keys and samples;
+  * key-major (per key tile, block keys and samples alike): dV_j = Σ_i P_ij dO_i,
+    dK_j = s Σ_i dS_ij q_i, dLW_t = Σ_i dS_it — over the query blocks that see the tile.
+No two tasks write the same row, so there are no atomics.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from attndsl.schedules import cpu
+
+from .linear import fill, mm
+from .quadratic import _cols, mmc, softmax_exp, tile
+
+
+def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
+    """Tile loaders and the visibility test shared by the kernels (closures over the constants)."""
+    Tt = tile(dtype)
+    zero = T.cast(0, dtype)
+    sc = tirx.const(scale, dtype)
+    big = T.int32(2 ** 30)
+
+    def visible(j, i, lo, hi, ex, kpos, qblk, qpos):
+        ok = tirx.all(lo[j] <= qblk[i], qblk[i] <= hi[j], qblk[i] != ex[j])
+        return tirx.all(ok, kpos[j] <= qpos[i]) if causal else ok
+
+    @T.macro
+    def load_queries(Q, b, qbase, N, blk, QT, qblk, qpos):
+        """QT[c, i] = s·q[qbase + i, c] (zero past N); qblk[i] = g(qbase + i) or −2; qpos[i]."""
+        for i in range(Tt):
+            for c in range(Dk):
+                QT[c, i] = T.Select(qbase + i < N, Q[b, T.min(qbase + i, N - 1), c] * sc, zero)
+            qblk[i] = T.Select(qbase + i < N, T.Cast("int32", (qbase + i) // blk), T.int32(-2))
+            qpos[i] = T.Cast("int32", qbase + i)
+
+    @T.macro
+    def load_keys(K, V, KS, VS, LW, SB, b, kt, nkt, kstart, kend, S, blk,
+                  Kc, Vc, kb, lo, hi, ex, kpos):
+        """Key tile kt of a query tile's list: block keys [kstart, kend) in tiles first (kt < nkt),
+        then the samples; rows past either end are padding (visible to nobody)."""
+        if kt < nkt:
+            for j in range(Tt):
+                kj = kstart + kt * Tt + j
+                if kj < kend:
+                    for c in T.vectorized(Dk):
+                        Kc[j, c] = K[b, kj, c]
+                    for d in T.vectorized(Dv):
+                        Vc[j, d] = V[b, kj, d]
+                    lo[j] = T.Cast("int32", kj // blk)
+                    hi[j] = T.Cast("int32", kj // blk)
+                else:
+                    for c in T.vectorized(Dk):
+                        Kc[j, c] = zero
+                    for d in T.vectorized(Dv):
+                        Vc[j, d] = zero
+                    lo[j] = T.int32(1)
+                    hi[j] = T.int32(0)
+                ex[j] = T.int32(-1)
+                kb[j] = zero
+                kpos[j] = T.Cast("int32", kj)
+        else:
+            for j in range(Tt):
+                t = (kt - nkt) * Tt + j
+                if t < S:
+                    for c in T.vectorized(Dk):
+                        Kc[j, c] = KS[b, t, c]
+                    for d in T.vectorized(Dv):
+                        Vc[j, d] = VS[b, t, d]
+                    if causal:
+                        lo[j] = SB[b, t] + 1
+                        ex[j] = T.int32(-1)
+                    else:
+                        lo[j] = T.int32(0)
+                        ex[j] = SB[b, t]
+                    hi[j] = big
+                    kb[j] = LW[b, t]
+                else:
+                    for c in T.vectorized(Dk):
+                        Kc[j, c] = zero
+                    for d in T.vectorized(Dv):
+                        Vc[j, d] = zero
+                    lo[j] = T.int32(1)
+                    hi[j] = T.int32(0)
+                    ex[j] = T.int32(-1)
+                    kb[j] = zero
+                kpos[j] = T.int32(-1)
+
+    def block_keys(qbase, N, blk):
+        """[kstart, kend): the keys of every block that query rows qbase.. qbase + T − 1 touch."""
+        return qbase // blk * blk, T.min(N, (T.min(qbase + Tt, N) - 1) // blk * blk + blk)
+
+    return visible, load_queries, load_keys, block_keys
+
+
+def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
+    """(Q, K, V, KS, VS, LW, SB, O out, LSE out, blk)."""
+    L, Tt = cpu.lanes(dtype), tile(dtype)
+    R1 = cpu.tile_rows(Tt, L, Tt)
+    CV = _cols(Dv, L)
+    R = cpu.tile_rows(CV, L, Tt)
+    visible, load_queries, load_keys, block_keys = _helpers(Dk, Dv, dtype, causal, scale)
+    zero = T.cast(0, dtype)
+    one = T.cast(1, dtype)
+    lowest = tirx.min_value(dtype)
+
+    @T.prim_func
+    def kernel(q: T.handle, k: T.handle, v: T.handle, ks: T.handle, vs: T.handle, lw: T.handle,
+               sb: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        S = T.int64()
+        Q = T.match_buffer(q, (BH, N, Dk), dtype)
+        K = T.match_buffer(k, (BH, N, Dk), dtype)
+        V = T.match_buffer(v, (BH, N, Dv), dtype)
+        KS = T.match_buffer(ks, (BH, S, Dk), dtype)
+        VS = T.match_buffer(vs, (BH, S, Dv), dtype)
+        LW = T.match_buffer(lw, (BH, S), dtype)
+        SB = T.match_buffer(sb, (BH, S), "int32")
+        O = T.match_buffer(o, (BH, N, Dv), dtype)
+        LSE = T.match_buffer(lse, (BH, N), dtype)
+        nq = (N + Tt - 1) // Tt
+        for task in T.parallel(BH * nq):
+            QT = T.alloc_buffer((Dk, Tt), dtype)
+            Kc = T.alloc_buffer((Tt, Dk), dtype)
+            Vc = T.alloc_buffer((Tt, Dv), dtype)
+            ST = T.alloc_buffer((Tt, Tt), dtype)      # ST[j, i]: scores, then weights
+            Oacc = T.alloc_buffer((Tt, Dv), dtype)
+            kb = T.alloc_buffer((Tt,), dtype)         # log-weight of each key row
+            lo = T.alloc_buffer((Tt,), "int32")
+            hi = T.alloc_buffer((Tt,), "int32")
+            ex = T.alloc_buffer((Tt,), "int32")
+            kpos = T.alloc_buffer((Tt,), "int32")
+            qblk = T.alloc_buffer((Tt,), "int32")
+            qpos = T.alloc_buffer((Tt,), "int32")
+            mx = T.alloc_buffer((Tt,), dtype)
+            mn = T.alloc_buffer((Tt,), dtype)
+            lsum = T.alloc_buffer((Tt,), dtype)
+            alpha = T.alloc_buffer((Tt,), dtype)
+            acc1 = T.alloc_buffer((R1, Tt), dtype, scope="local")
+            acc = T.alloc_buffer((R, CV), dtype, scope="local")
+            b = task // nq
+            qbase = task % nq * Tt
+            load_queries(Q, b, qbase, N, blk, QT, qblk, qpos)
+            for i in range(Tt):
+                for d in T.vectorized(Dv):
+                    Oacc[i, d] = zero
+            for i in T.vectorized(Tt):
+                mx[i] = lowest
+                lsum[i] = zero
+            kstart, kend = block_keys(qbase, N, blk)
+            nkt = (kend - kstart + Tt - 1) // Tt
+            for kt in range(nkt + (S + Tt - 1) // Tt):
+                load_keys(K, V, KS, VS, LW, SB, b, kt, nkt, kstart, kend, S, blk,
+                          Kc, Vc, kb, lo, hi, ex, kpos)
+                for i in T.vectorized(Tt):
+                    mn[i] = mx[i]
+                for j0 in range(Tt // R1):
+                    fill(acc1, R1, Tt)
+                    mm(acc1, Kc, False, QT, j0 * R1, R1, 0, Dk, Tt)
+                    for r in T.unroll(R1):
+                        for i in T.vectorized(Tt):
+                            ST[j0 * R1 + r, i] = T.Select(
+                                visible(j0 * R1 + r, i, lo, hi, ex, kpos, qblk, qpos),
+                                acc1[r, i] + kb[j0 * R1 + r], lowest)
+                            mn[i] = T.max(mn[i], ST[j0 * R1 + r, i])
+                for i in T.vectorized(Tt):
+                    alpha[i] = softmax_exp(mx[i] - mn[i])
+                    lsum[i] = lsum[i] * alpha[i]
+                    mx[i] = mn[i]
+                for j in range(Tt):
+                    for i in T.vectorized(Tt):
+                        ST[j, i] = T.Select(ST[j, i] == lowest, zero, softmax_exp(ST[j, i] - mx[i]))
+                        lsum[i] = lsum[i] + ST[j, i]
+                for i0, c0 in T.grid(Tt // R, Dv // CV):
+                    for r in T.unroll(R):
+                        for d in T.vectorized(CV):
+                            acc[r, d] = Oacc[i0 * R + r, c0 * CV + d] * alpha[i0 * R + r]
+                    mmc(acc, ST, True, Vc, i0 * R, R, 0, Tt, c0 * CV, CV)
+                    for r in T.unroll(R):
+                        for d in T.vectorized(CV):
+                            Oacc[i0 * R + r, c0 * CV + d] = acc[r, d]
+            for i in range(Tt):
+                if qbase + i < N:
+                    inv: T.let = one / lsum[i]
+                    for d in T.vectorized(Dv):
+                        O[b, qbase + i, d] = Oacc[i, d] * inv
+                    LSE[b, qbase + i] = mx[i] + T.log(lsum[i])
+
+    return kernel
+
+
+def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
+    """(Q, K, V, KS, VS, LW, SB, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk): the exact gradient
+    of sampled_forward's O for the given samples (LW's gradient lets p depend on the inputs)."""
+    L, Tt = cpu.lanes(dtype), tile(dtype)
+    R1 = cpu.tile_rows(Tt, L, Tt)
+    CK, CV = _cols(Dk, L), _cols(Dv, L)
+    RK, RV = cpu.tile_rows(CK, L, Tt), cpu.tile_rows(CV, L, Tt)
+    visible, load_queries, load_keys, block_keys = _helpers(Dk, Dv, dtype, causal, scale)
+    zero = T.cast(0, dtype)
+    sc = tirx.const(scale, dtype)
+
+    @T.macro
+    def load_grads(Q, O, dO, LSE, b, qbase, N, Qt, dOT, dOt, Dd, Lq):
+        """Qt (raw q), dOT (dO transposed), dOt, Dd = dO·O and Lq = LSE of a query tile."""
+        for i in range(Tt):
+            if qbase + i < N:
+                Dd[i] = zero
+                for d in range(Dv):
+                    dOT[d, i] = dO[b, qbase + i, d]
+                    Dd[i] = Dd[i] + dO[b, qbase + i, d] * O[b, qbase + i, d]
+                for c in T.vectorized(Dk):
+                    Qt[i, c] = Q[b, qbase + i, c]
+                for d in T.vectorized(Dv):
+                    dOt[i, d] = dO[b, qbase + i, d]
+                Lq[i] = LSE[b, qbase + i]
+            else:
+                Dd[i] = zero
+                for d in range(Dv):
+                    dOT[d, i] = zero
+                for c in T.vectorized(Dk):
+                    Qt[i, c] = zero
+                for d in T.vectorized(Dv):
+                    dOt[i, d] = zero
+                Lq[i] = zero
+
+    @T.macro
+    def probabilities(Kc, Vc, QT, dOT, kb, Lq, Dd, lo, hi, ex, kpos, qblk, qpos, PT, dST, acc1):
+        """PT[j, i] = P_ij = exp(s·q_i·k_j + lw_j − LSE_i) where visible, else 0; dST = P (dP − D)."""
+        for j0 in range(Tt // R1):
+            fill(acc1, R1, Tt)
+            mm(acc1, Kc, False, QT, j0 * R1, R1, 0, Dk, Tt)
+            for r in T.unroll(R1):
+                for i in T.vectorized(Tt):
+                    PT[j0 * R1 + r, i] = T.Select(
+                        visible(j0 * R1 + r, i, lo, hi, ex, kpos, qblk, qpos),
+                        softmax_exp(acc1[r, i] + kb[j0 * R1 + r] - Lq[i]), zero)
+            fill(acc1, R1, Tt)
+            mm(acc1, Vc, False, dOT, j0 * R1, R1, 0, Dv, Tt)
+            for r in T.unroll(R1):
+                for i in T.vectorized(Tt):
+                    dST[j0 * R1 + r, i] = PT[j0 * R1 + r, i] * (acc1[r, i] - Dd[i])
+
+    @T.prim_func
+    def kernel(q: T.handle, k: T.handle, v: T.handle, ks: T.handle, vs: T.handle, lw: T.handle,
+               sb: T.handle, o: T.handle, lse: T.handle, do: T.handle, dq: T.handle, dk: T.handle,
+               dv: T.handle, dks: T.handle, dvs: T.handle, dlw: T.handle, blk: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        S = T.int64()
+        Q = T.match_buffer(q, (BH, N, Dk), dtype)
+        K = T.match_buffer(k, (BH, N, Dk), dtype)
+        V = T.match_buffer(v, (BH, N, Dv), dtype)
+        KS = T.match_buffer(ks, (BH, S, Dk), dtype)
+        VS = T.match_buffer(vs, (BH, S, Dv), dtype)
+        LW = T.match_buffer(lw, (BH, S), dtype)
+        SB = T.match_buffer(sb, (BH, S), "int32")
+        O = T.match_buffer(o, (BH, N, Dv), dtype)
+        LSE = T.match_buffer(lse, (BH, N), dtype)
+        dO = T.match_buffer(do, (BH, N, Dv), dtype)
+        dQ = T.match_buffer(dq, (BH, N, Dk), dtype)
+        dK = T.match_buffer(dk, (BH, N, Dk), dtype)
+        dV = T.match_buffer(dv, (BH, N, Dv), dtype)
+        dKS = T.match_buffer(dks, (BH, S, Dk), dtype)
+        dVS = T.match_buffer(dvs, (BH, S, Dv), dtype)
+        dLW = T.match_buffer(dlw, (BH, S), dtype)
+        nq = (N + Tt - 1) // Tt
+        ns = (S + Tt - 1) // Tt
+        # query-major: dQ
+        for task in T.parallel(BH * nq):
+            QT = T.alloc_buffer((Dk, Tt), dtype)
+            Qt = T.alloc_buffer((Tt, Dk), dtype)
+            dOT = T.alloc_buffer((Dv, Tt), dtype)
+            dOt = T.alloc_buffer((Tt, Dv), dtype)
+            Dd = T.alloc_buffer((Tt,), dtype)
+            Lq = T.alloc_buffer((Tt,), dtype)
+            Kc = T.alloc_buffer((Tt, Dk), dtype)
+            Vc = T.alloc_buffer((Tt, Dv), dtype)
+            PT = T.alloc_buffer((Tt, Tt), dtype)
+            dST = T.alloc_buffer((Tt, Tt), dtype)
+            dQacc = T.alloc_buffer((Tt, Dk), dtype)
+            kb = T.alloc_buffer((Tt,), dtype)
+            lo = T.alloc_buffer((Tt,), "int32")
+            hi = T.alloc_buffer((Tt,), "int32")
+            ex = T.alloc_buffer((Tt,), "int32")
+            kpos = T.alloc_buffer((Tt,), "int32")
+            qblk = T.alloc_buffer((Tt,), "int32")
+            qpos = T.alloc_buffer((Tt,), "int32")
+            acc1 = T.alloc_buffer((R1, Tt), dtype, scope="local")
+            accK = T.alloc_buffer((RK, CK), dtype, scope="local")
+            b = task // nq
+            qbase = task % nq * Tt
+            load_queries(Q, b, qbase, N, blk, QT, qblk, qpos)
+            load_grads(Q, O, dO, LSE, b, qbase, N, Qt, dOT, dOt, Dd, Lq)
+            for i in range(Tt):
+                for c in T.vectorized(Dk):
+                    dQacc[i, c] = zero
+            kstart, kend = block_keys(qbase, N, blk)
+            nkt = (kend - kstart + Tt - 1) // Tt
+            for kt in range(nkt + ns):
+                load_keys(K, V, KS, VS, LW, SB, b, kt, nkt, kstart, kend, S, blk,
+                          Kc, Vc, kb, lo, hi, ex, kpos)
+                probabilities(Kc, Vc, QT, dOT, kb, Lq, Dd, lo, hi, ex, kpos, qblk, qpos, PT, dST, acc1)
+                for i0, c0 in T.grid(Tt // RK, Dk // CK):
+                    for r in T.unroll(RK):
+                        for c in T.vectorized(CK):
+                            accK[r, c] = dQacc[i0 * RK + r, c0 * CK + c]
+                    mmc(accK, dST, True, Kc, i0 * RK, RK, 0, Tt, c0 * CK, CK)
+                    for r in T.unroll(RK):
+                        for c in T.vectorized(CK):
+                            dQacc[i0 * RK + r, c0 * CK + c] = accK[r, c]
+            for i in range(Tt):
+                if qbase + i < N:
+                    for c in T.vectorized(Dk):
+                        dQ[b, qbase + i, c] = dQacc[i, c] * sc
+        # key-major: dK, dV of the block keys (tasks < nq) and dKS, dVS, dLW of the samples
+        for task in T.parallel(BH * (nq + ns)):
+            QT = T.alloc_buffer((Dk, Tt), dtype)
+            Qt = T.alloc_buffer((Tt, Dk), dtype)
+            dOT = T.alloc_buffer((Dv, Tt), dtype)
+            dOt = T.alloc_buffer((Tt, Dv), dtype)
+            Dd = T.alloc_buffer((Tt,), dtype)
+            Lq = T.alloc_buffer((Tt,), dtype)
+            Kc = T.alloc_buffer((Tt, Dk), dtype)
+            Vc = T.alloc_buffer((Tt, Dv), dtype)
+            PT = T.alloc_buffer((Tt, Tt), dtype)
+            dST = T.alloc_buffer((Tt, Tt), dtype)
+            dKacc = T.alloc_buffer((Tt, Dk), dtype)
+            dVacc = T.alloc_buffer((Tt, Dv), dtype)
+            dLWacc = T.alloc_buffer((Tt, Tt), dtype)  # Σ_i dS[j, i], lane-wise until the end
+            kb = T.alloc_buffer((Tt,), dtype)
+            lo = T.alloc_buffer((Tt,), "int32")
+            hi = T.alloc_buffer((Tt,), "int32")
+            ex = T.alloc_buffer((Tt,), "int32")
+            kpos = T.alloc_buffer((Tt,), "int32")
+            qblk = T.alloc_buffer((Tt,), "int32")
+            qpos = T.alloc_buffer((Tt,), "int32")
+            red = T.alloc_buffer((1,), dtype, scope="local")
+            acc1 = T.alloc_buffer((R1, Tt), dtype, scope="local")
+            accK = T.alloc_buffer((RK, CK), dtype, scope="local")
+            accV = T.alloc_buffer((RV, CV), dtype, scope="local")
+            b = task // (nq + ns)
+            u = task % (nq + ns)                  # key tile u: block keys if u < nq, else samples
+            kbase = u * Tt
+            # the queries that can see this tile: its blocks' rows, or every row for samples
+            qstart = T.Select(u < nq, kbase // blk * blk, T.int64(0))
+            qend = T.Select(u < nq, T.min(N, (T.min(kbase + Tt, N) - 1) // blk * blk + blk), N)
+            load_keys(K, V, KS, VS, LW, SB, b, T.Select(u < nq, T.int64(0), T.int64(1) + u - nq),
+                      T.int64(1), kbase, N, S, blk, Kc, Vc, kb, lo, hi, ex, kpos)
+            for j in range(Tt):
+                for c in T.vectorized(Dk):
+                    dKacc[j, c] = zero
+                for d in T.vectorized(Dv):
+                    dVacc[j, d] = zero
+                for i in T.vectorized(Tt):
+                    dLWacc[j, i] = zero
+            for qt in range((qend - qstart + Tt - 1) // Tt):
+                qbase = qstart + qt * Tt
+                load_queries(Q, b, qbase, N, blk, QT, qblk, qpos)
+                load_grads(Q, O, dO, LSE, b, qbase, N, Qt, dOT, dOt, Dd, Lq)
+                probabilities(Kc, Vc, QT, dOT, kb, Lq, Dd, lo, hi, ex, kpos, qblk, qpos, PT, dST, acc1)
+                for j0, c0 in T.grid(Tt // RV, Dv // CV):
+                    for r in T.unroll(RV):
+                        for d in T.vectorized(CV):
+                            accV[r, d] = dVacc[j0 * RV + r, c0 * CV + d]
+                    mmc(accV, PT, False, dOt, j0 * RV, RV, 0, Tt, c0 * CV, CV)
+                    for r in T.unroll(RV):
+                        for d in T.vectorized(CV):
+                            dVacc[j0 * RV + r, c0 * CV + d] = accV[r, d]
+                for j0, c0 in T.grid(Tt // RK, Dk // CK):
+                    for r in T.unroll(RK):
+                        for c in T.vectorized(CK):
+                            accK[r, c] = dKacc[j0 * RK + r, c0 * CK + c]
+                    mmc(accK, dST, False, Qt, j0 * RK, RK, 0, Tt, c0 * CK, CK)
+                    for r in T.unroll(RK):
+                        for c in T.vectorized(CK):
+                            dKacc[j0 * RK + r, c0 * CK + c] = accK[r, c]
+                if u >= nq:
+                    for j in range(Tt):
+                        for i in T.vectorized(Tt):
+                            dLWacc[j, i] = dLWacc[j, i] + dST[j, i]
+            for j in range(Tt):
+                if u < nq:
+                    if kbase + j < N:
+                        for c in T.vectorized(Dk):
+                            dK[b, kbase + j, c] = dKacc[j, c] * sc
+                        for d in T.vectorized(Dv):
+                            dV[b, kbase + j, d] = dVacc[j, d]
+                elif (u - nq) * Tt + j < S:
+                    for c in T.vectorized(Dk):
+                        dKS[b, (u - nq) * Tt + j, c] = dKacc[j, c] * sc
+                    for d in T.vectorized(Dv):
+                        dVS[b, (u - nq) * Tt + j, d] = dVacc[j, d]
+                    red[0] = zero
+                    for i in range(Tt):
+                        red[0] = red[0] + dLWacc[j, i]
+                    dLW[b, (u - nq) * Tt + j] = red[0]
+
+    return kernel
