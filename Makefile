@@ -22,6 +22,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_linear.py
 	$(PY) benchmarks/bench_rpe.py
 	$(PY) benchmarks/bench_softmax.py
+	$(PY) benchmarks/bench_kde_accuracy.py
 	$(PY) benchmarks/bench_fft.py
 
 clean:

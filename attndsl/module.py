@@ -274,8 +274,7 @@ def _run_softmax(node, args, lib, name, p):
 
 def _run_sampled(node, args, lib, name, p):
     s = sampling.draw(*args, node.sampling, p["lsh_planes"], p["seed"])
-    out = ops.sampled_attention(s.q, s.k, s.v, s.ks, s.vs, s.lw, s.sb, lib, name, s.block)[0]
-    return sampling.restore(out, s)
+    return ops.sampled_attention(*args, *s.args(), lib, name, s.block)[0]
 
 
 EXECUTE.update({PositionalAttention: _run_positional, ToeplitzValues: _run_values,

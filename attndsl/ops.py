@@ -269,49 +269,57 @@ softmax_attention.register_autograd(_softmax_grad, setup_context=_softmax_setup)
 # --- sampled softmax, KDEformer and uniform (lowering/sampled.py) ---------------------------------------
 
 @torch.library.custom_op("attndsl::sampled_attention", mutates_args=())
-def sampled_attention(q: Tensor, k: Tensor, v: Tensor, ks: Tensor, vs: Tensor, lw: Tensor, sb: Tensor,
-                      lib: str, node: str, block: int) -> tuple[Tensor, Tensor]:
-    """(out (BH, N, Dv), lse (BH, N)) of the sampled estimate of softmax attention: rows sorted and
-    cut into blocks of `block`, each query sees its block's keys exactly and the samples ks, vs
-    (BH, S, ·) with log-weights lw (BH, S) unless its block holds them (sb (BH, S) int32)."""
+def sampled_attention(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tensor, si: Tensor, lw: Tensor,
+                      sb: Tensor, lib: str, node: str, block: int) -> tuple[Tensor, Tensor]:
+    """(out (BH, N, Dv), lse (BH, N)) of the sampled estimate of softmax attention: rows visited in
+    the order pq (queries), pk (keys) (BH, N) int32 and cut into blocks of `block`; each query sees
+    its block's keys exactly and the sampled rows si (BH, S) int32 of k, v with log-weights lw
+    (BH, S), unless its block holds them (sb (BH, S) int32, the sample's block)."""
     out = torch.empty_like(v)
     lse = v.new_empty(v.shape[0], v.shape[1])
-    _kernel(lib, node + "_fwd")(q, k, v, ks, vs, lw, sb, out, lse, block)
+    _kernel(lib, node + "_fwd")(q, k, v, pq, pk, si, lw, sb, out, lse, block)
     return out, lse
 
 
 @sampled_attention.register_fake
-def _(q, k, v, ks, vs, lw, sb, lib, node, block):
+def _(q, k, v, pq, pk, si, lw, sb, lib, node, block):
     return torch.empty_like(v), v.new_empty(v.shape[0], v.shape[1])
 
 
 @torch.library.custom_op("attndsl::sampled_attention_backward", mutates_args=())
-def sampled_attention_backward(q: Tensor, k: Tensor, v: Tensor, ks: Tensor, vs: Tensor, lw: Tensor,
-                               sb: Tensor, out: Tensor, lse: Tensor, dout: Tensor, lib: str, node: str,
-                               block: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dks, dvs, dlw) from dout, for the same blocks and samples."""
-    grads = [torch.empty_like(t) for t in (q, k, v, ks, vs, lw)]
-    _kernel(lib, node + "_bwd")(q, k, v, ks, vs, lw, sb, out, lse, dout.contiguous(), *grads, block)
-    return tuple(grads)
+def sampled_attention_backward(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tensor, si: Tensor,
+                               lw: Tensor, sb: Tensor, out: Tensor, lse: Tensor, dout: Tensor, lib: str,
+                               node: str, block: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dlw) from dout, for the same blocks and samples."""
+    dq, dk, dv, dlw = (torch.empty_like(t) for t in (q, k, v, lw))
+    BH, S = si.shape
+    dks, dvs = k.new_empty(BH, S, k.shape[2]), v.new_empty(BH, S, v.shape[2])
+    _kernel(lib, node + "_bwd")(q, k, v, pq, pk, si, lw, sb, out, lse, dout.contiguous(),
+                                dq, dk, dv, dks, dvs, dlw, block)
+    rows = (si.long() + k.shape[1] * torch.arange(BH)[:, None]).reshape(-1)   # samples repeat: add
+    dk.view(-1, k.shape[2]).index_add_(0, rows, dks.view(-1, k.shape[2]))
+    dv.view(-1, v.shape[2]).index_add_(0, rows, dvs.view(-1, v.shape[2]))
+    return dq, dk, dv, dlw
 
 
 @sampled_attention_backward.register_fake
-def _(q, k, v, ks, vs, lw, sb, out, lse, dout, lib, node, block):
-    return tuple(torch.empty_like(t) for t in (q, k, v, ks, vs, lw))
+def _(q, k, v, pq, pk, si, lw, sb, out, lse, dout, lib, node, block):
+    return tuple(torch.empty_like(t) for t in (q, k, v, lw))
 
 
 def _sampled_setup(ctx, inputs, output):
-    q, k, v, ks, vs, lw, sb, lib, node, block = inputs
-    ctx.save_for_backward(q, k, v, ks, vs, lw, sb, *output)
+    q, k, v, pq, pk, si, lw, sb, lib, node, block = inputs
+    ctx.save_for_backward(q, k, v, pq, pk, si, lw, sb, *output)
     ctx.lib, ctx.node, ctx.block = lib, node, block
 
 
 def _sampled_grad(ctx, dout, dlse):
-    q, k, v, ks, vs, lw, sb, out, lse = ctx.saved_tensors
+    q, k, v, pq, pk, si, lw, sb, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    grads = sampled_attention_backward(q, k, v, ks, vs, lw, sb, out, lse, dout, ctx.lib, ctx.node, ctx.block)
-    return (*grads, None, None, None, None)
+    dq, dk, dv, dlw = sampled_attention_backward(q, k, v, pq, pk, si, lw, sb, out, lse, dout,
+                                                 ctx.lib, ctx.node, ctx.block)
+    return dq, dk, dv, None, None, None, dlw, None, None, None, None
 
 
 sampled_attention.register_autograd(_sampled_grad, setup_context=_sampled_setup)

@@ -39,58 +39,50 @@ def gray_rank(code: Tensor, bits: int) -> Tensor:
 
 def bucket_order(x: Tensor, planes: Tensor) -> Tensor:
     """(BH, N) permutation sorting the rows of x (BH, N, Dk) by Gray-ranked LSH bucket, stably."""
+    BH, N, D = x.shape
     bits = planes.shape[1]
-    signs = (x.detach() @ planes.to(x.dtype)) > 0                       # (BH, N, r)
-    code = (signs.long() << torch.arange(bits)).sum(-1)
-    return torch.sort(gray_rank(code, bits), dim=-1, stable=True).indices
-
-
-def _rows(x: Tensor, idx: Tensor) -> Tensor:
-    """x[b, idx[b, t]] for x (BH, N, D), idx (BH, T) -> (BH, T, D) (differentiable)."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    signs = (x.detach().reshape(BH * N, D) @ planes.to(x.dtype)) > 0     # (BH·N, r)
+    code = (signs.to(torch.int32) * (1 << torch.arange(bits, dtype=torch.int32))).sum(-1, dtype=torch.int32)
+    return torch.sort(gray_rank(code.reshape(BH, N), bits), dim=-1, stable=True).indices
 
 
 @dataclass
 class Samples:
-    """What the kernels read: sorted rows, the sampled keys, their log-weights and blocks."""
-    q: Tensor          # (BH, N, Dk), sorted
-    k: Tensor
-    v: Tensor          # (BH, N, Dv), sorted like k
-    ks: Tensor         # (BH, S, Dk)
-    vs: Tensor         # (BH, S, Dv)
-    lw: Tensor         # (BH, S): log 1/(p·S)
-    sb: Tensor         # (BH, S) int32: the block holding each sampled key
+    """What the kernels read besides q, k, v: the visiting orders, the samples and their weights."""
+    pq: Tensor         # (BH, N) int32: the rows of q in bucket order
+    pk: Tensor         # (BH, N) int32: the rows of k and v in bucket order
+    si: Tensor         # (BH, S) int32: the sampled rows of k and v
+    lw: Tensor         # (BH, S): log 1/(p·S), differentiable in v for kde
+    sb: Tensor         # (BH, S) int32: the block (of sorted keys) holding each sample
     block: int
-    unsort: Tensor | None      # (BH, N): output row of each query, None if unsorted
+
+    def args(self) -> tuple:
+        return self.pq, self.pk, self.si, self.lw, self.sb
 
 
 def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed: int) -> Samples:
-    """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv) contiguous."""
+    """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv)."""
     BH, N, _ = k.shape
     S = int(sampling["samples"])
     gen = torch.Generator().manual_seed(seed)
     u = torch.rand(BH, S, generator=gen, dtype=torch.float64)
     if sampling.name == "kde":
         block, pq, pk = int(sampling["block"]), bucket_order(q, planes), bucket_order(k, planes)
-        q, k, v = _rows(q, pq), _rows(k, pk), _rows(v, pk)
-        unsort = torch.argsort(pq, dim=-1)
-        norms = v.square().sum(-1)
+        norms = torch.linalg.vector_norm(v, dim=-1).square()
         total = norms.sum(-1, keepdim=True)
         p = 0.5 / N + torch.where(total > 0, 0.5 * norms / total.clamp_min(torch.finfo(v.dtype).tiny),
                                   0.5 / N)
-        cdf = p.detach().double().cumsum(-1)
-        idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(N - 1)
-        lw = -torch.log(p.gather(1, idx) * S)
+        cdf = p.detach().double().gather(1, pk).cumsum(-1)          # over keys in sorted order
+        pos = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(N - 1)
+        si = pk.gather(1, pos)
+        lw = -torch.log(p.gather(1, si) * S)
     else:                          # uniform: identity order, a query's own key is its block
-        block, unsort = 1, None
-        idx = (u * N).long().clamp_max(N - 1)
+        block = 1
+        pq = pk = torch.arange(N).expand(BH, N)
+        pos = si = (u * N).long().clamp_max(N - 1)
         lw = torch.full((BH, S), -math.log(S / N), dtype=v.dtype)
     if S == 0:       # TVM refuses torch's strides of an empty tensor: one sample of weight e^−1e30 = 0
-        idx, lw = idx.new_zeros(BH, 1), torch.full((BH, 1), -1e30, dtype=v.dtype)
-    return Samples(q, k, v, _rows(k, idx), _rows(v, idx), lw.to(v.dtype),
-                   (idx // block).to(torch.int32), block, unsort)
-
-
-def restore(out: Tensor, s: Samples) -> Tensor:
-    """The kernel output (BH, N, Dv) in sorted query order, back in the caller's order."""
-    return out if s.unsort is None else _rows(out, s.unsort)
+        pos = si = pos.new_zeros(BH, 1)
+        lw = torch.full((BH, 1), -1e30, dtype=v.dtype)
+    i32 = lambda t: t.to(torch.int32).contiguous()
+    return Samples(i32(pq), i32(pk), i32(si), lw.to(v.dtype).contiguous(), i32(pos // block), block)

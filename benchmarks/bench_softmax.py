@@ -14,14 +14,25 @@ Each (scenario, N, pass) times its methods interleaved, `reps` rounds, and repor
 ratios are baseline time / attndsl time (> 1: attndsl wins). Pass fwd is under no_grad;
 fwd+bwd is forward plus backward of out·g into q, k, v (and the table for attndsl).
 
-    python benchmarks/bench_softmax.py [--lengths 512,1024,2048,4096] [--reps 3] [--quick]
-Writes benchmarks/results/bench_softmax.{md,json,png}.
+Sampled part (--part sampled): the estimators of exact softmax, on clustered data
+(benchmarks/attention_data.py), N in --sampled-lengths (4096, 16384, 65536):
+  kde            sampling = kde(buckets=32, block=128, samples=128)   (256 keys a query)
+  uniform        sampling = uniform(samples=256)
+  attndsl exact  the quadratic form above
+  sdpa           exact F.scaled_dot_product_attention (flash kernel, no N×N in memory)
+with the relative Frobenius error of each estimate against sdpa's output. fwd+bwd only up to
+N = 16384 (exact attention's backward at 65536 would take minutes a round).
+
+    python benchmarks/bench_softmax.py [--part quadratic|sampled|all] [--lengths 512,1024,2048,4096]
+                                       [--sampled-lengths 4096,16384,65536] [--reps 3] [--quick]
+Writes benchmarks/results/bench_softmax.{md,json,png} and bench_softmax_sampled.{md,json,png}.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +40,9 @@ import torch
 import torch.nn.functional as F
 
 import attndsl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_data import clustered  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 H, DIM = 8, 64
@@ -153,24 +167,104 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default="512,1024,2048,4096")
-    p.add_argument("--scenarios", default="plain,table,alibi")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="N=512 only, one round")
-    a = p.parse_args(argv)
-    lengths = [512] if a.quick else [int(x) for x in a.lengths.split(",")]
-    reps = 1 if a.quick else a.reps
-    print(f"bench_softmax: lengths {lengths}, {torch.get_num_threads()} threads", flush=True)
-    rows = run(lengths, a.scenarios.split(","), reps)
-    md = table(rows)
+SAMPLED = {"kde": "sampling = kde(buckets=32, block=128, samples=128)",
+           "uniform": "sampling = uniform(samples=256)", "attndsl exact": "kernel = softmax"}
+
+
+def run_sampled(lengths, reps):
+    rows = []
+    for n in lengths:
+        mods = {name: attndsl.compile(f"attention s {{ {f} }}", heads=H, head_dim=DIM)
+                for name, f in SAMPLED.items()}
+        ms = {name: (lambda a: lambda q, k, v: a(q, k, v))(a) for name, a in mods.items()}
+        ms["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+        q, k, v = (x.requires_grad_(True) for x in clustered(H, n, DIM, clusters=256, spread=1.0))
+        g = torch.randn(1, H, n, DIM)
+        with torch.no_grad():
+            exact = F.scaled_dot_product_attention(q, k, v)
+            err = {m: ((fn(q, k, v) - exact).norm() / exact.norm()).item() for m, fn in ms.items()}
+        slow = n > 16384                    # exact attention takes a minute or more a round here
+        for backward in ((False,) if slow else (False, True)):
+            times = {m: [] for m in ms}
+            for _ in range(1 if slow else reps):
+                for name, fn in ms.items():
+                    times[name].append(timed(fn, q, k, v, g, backward))
+            for name in ms:
+                t = statistics.median(times[name])
+                rows.append(dict(n=n, method=name, backward=backward, t=t, error=err[name]))
+                print(f"  sampled N={n:6d} {'fwd+bwd' if backward else 'fwd':7s} {name:14s} "
+                      f"{t * 1e3:10.1f} ms   error {err[name]:.3f}", flush=True)
+            q.grad = k.grad = v.grad = None
+    return rows
+
+
+def table_sampled(rows) -> str:
+    by = {(r["n"], r["method"], r["backward"]): r for r in rows}
+    names = ("kde", "uniform", "attndsl exact", "sdpa")
+    out = [f"### sampled softmax (estimates of exact attention), B·H={H}, Dk=Dv={DIM}, float32, "
+           f"clustered data, {torch.get_num_threads()} threads", "",
+           "| N | pass | " + " | ".join(f"{m} ms" for m in names) + " | sdpa / kde | sdpa / uniform | "
+           "kde error | uniform error |", "|---|---|" + "---|" * (len(names) + 4)]
+    for n, backward in sorted({(r["n"], r["backward"]) for r in rows}):
+        t = {m: by[(n, m, backward)]["t"] for m in names}
+        out.append(f"| {n} | {'fwd+bwd' if backward else 'fwd'} | "
+                   + " | ".join(f"{t[m] * 1e3:.1f}" for m in names)
+                   + f" | {t['sdpa'] / t['kde']:.1f}x | {t['sdpa'] / t['uniform']:.1f}x | "
+                   f"{by[(n, 'kde', backward)]['error']:.3f} | {by[(n, 'uniform', backward)]['error']:.3f} |")
+    return "\n".join(out)
+
+
+def plot_sampled(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, backward in zip(axes, (False, True)):
+        for method in ("kde", "uniform", "attndsl exact", "sdpa"):
+            pts = sorted((r["n"], r["t"] * 1e3) for r in rows if r["method"] == method and r["backward"] == backward)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method, linewidth=2.5 if method == "kde" else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"sampled softmax, {'forward + backward' if backward else 'forward'}")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("time (ms), lower is better")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write(stem, md, rows, plotter):
     print("\n" + md)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_softmax.md").write_text(md + "\n")
-    (RESULTS / "bench_softmax.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, RESULTS / "bench_softmax.png")
-    print(f"\nwrote {RESULTS / 'bench_softmax.md'} and .png")
+    (RESULTS / f"{stem}.md").write_text(md + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    plotter(rows, RESULTS / f"{stem}.png")
+    print(f"\nwrote {RESULTS / stem}.md and .png")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("quadratic", "sampled", "all"), default="all")
+    p.add_argument("--lengths", default="512,1024,2048,4096")
+    p.add_argument("--sampled-lengths", default="4096,16384,65536")
+    p.add_argument("--scenarios", default="plain,table,alibi")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="N=512 (sampled: 1024) only, one round")
+    a = p.parse_args(argv)
+    lengths = [512] if a.quick else [int(x) for x in a.lengths.split(",")]
+    sampled_lengths = [1024] if a.quick else [int(x) for x in a.sampled_lengths.split(",")]
+    reps = 1 if a.quick else a.reps
+    print(f"bench_softmax: {torch.get_num_threads()} threads", flush=True)
+    if a.part in ("quadratic", "all"):
+        print(f"quadratic form, lengths {lengths}", flush=True)
+        rows = run(lengths, a.scenarios.split(","), reps)
+        write("bench_softmax", table(rows), rows, plot)
+    if a.part in ("sampled", "all"):
+        print(f"sampled forms, lengths {sampled_lengths}", flush=True)
+        rows = run_sampled(sampled_lengths, reps)
+        write("bench_softmax_sampled", table_sampled(rows), rows, plot_sampled)
 
 
 if __name__ == "__main__":

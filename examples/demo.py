@@ -5,7 +5,10 @@ scaled_dot_product_attention.
     python examples/demo.py [--seq 2048] [--heads 4] [--head-dim 64] [--explain performer_causal]
 
 A block whose form is not lowered to TVM yet is listed with the compiler's message, never run
-through a fallback. Exit status 1 if any compiled block disagrees with the reference.
+through a fallback. Exit status 1 if any compiled block disagrees with the reference. Sampled
+blocks (kde, uniform) estimate exact softmax: their error is shown, not judged (on i.i.d. Gaussian
+rows attention is nearly flat and the exact output ~0, so relative errors are large; see
+benchmarks/bench_kde_accuracy.py for errors on structured and real data).
 """
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ def run_block(path: Path, name: str, args) -> dict:
     row["err_grad"] = max(rel(a.grad, b.grad) for a, b in ((qs, q64), (ks, k64), (vs, v64)))
     ok = row["err_out"] < TOL["out"] and row["err_grad"] < TOL["grad"]
     row["status"] = "ok" if ok else "MISMATCH"
+    if attn.spec.sampling.name != "none":
+        row["status"] = "estimate"
 
     causal = attn.spec.causal
     with torch.no_grad():
@@ -103,6 +108,7 @@ def main(argv=None) -> int:
               f"{r['sdpa_ms'] / r['attndsl_ms']:7.1f}x  {r['status']}")
     bad = [r for r in rows if r["status"] == "MISMATCH"]
     print(f"\n{sum(r['status'] == 'ok' for r in rows)} compiled and match the reference, "
+          f"{sum(r['status'] == 'estimate' for r in rows)} sampled estimates, "
           f"{sum(r['status'].startswith('not lowered') for r in rows)} not lowered yet, "
           f"{len(bad)} mismatches.  (compile times include the disk cache: a second run loads.)")
     return 1 if bad else 0

@@ -1,19 +1,22 @@
 """Sampled softmax attention (KDEformer, Zandieh et al. 2023, and its uniform baseline): CPU
 kernels in TVMScript, forward and the exact backward of the estimator for given buckets and samples.
 
-Rows arrive in *sorted* order (attndsl/sampling.py sorts queries and keys by LSH bucket; identity
-order for uniform) and are cut into blocks of B rows (the runtime scalar `blk`): row i is in block
-g(i) = i // B. Query i sees
+Rows are visited in *sorted* order — sorted row i is row PQ[i] of Q (PK[i] of K, V); attndsl/
+sampling.py sorts by LSH bucket, identity order for uniform — and cut into blocks of B sorted rows
+(the runtime scalar `blk`): sorted row i is in block g(i) = i // B. Query i sees
   * its block's keys exactly: keys j with g(j) = g(i) (and j ≤ i when causal), weight 1;
-  * S sampled keys (KS, VS), shared by every query, key t with weight w_t = exp(LW_t) = 1/(p_t·S),
-    unless the query's block already holds it: visible iff SB_t ≠ g(i) (SB_t < g(i) when causal),
+  * S sampled keys, rows SI_t of K and V, shared by every query, key t with weight
+    w_t = exp(LW_t) = 1/(p_t·S), unless the query's block already holds it: visible iff SB_t ≠ g(i)
+    (SB_t < g(i) when causal),
 so that, with lw = 0 for block keys and E over the samples,
     out_i = Σ_{j visible} e^{s·q_i·k_j + lw_j} v_j / Σ_{j visible} e^{s·q_i·k_j + lw_j},
     E[numerator_i] = Σ_j e^{s·q_i·k_j} v_j and E[denominator_i] = Σ_j e^{s·q_i·k_j}   (unbiased).
 LSE_i = log denominator_i (after the running max), kept for the backward.
 
-Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); KS (BH, S, Dk); VS (BH, S, Dv); LW (BH, S);
-SB (BH, S) int32; LSE (BH, N). Dk, Dv, dtype, s and causal are baked in; BH, N, S, B symbolic.
+Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); PQ, PK (BH, N) int32; SI, SB (BH, S) int32;
+LW (BH, S); LSE (BH, N). Q, K, V, O, LSE, dO and the gradients stay in the caller's row order: the
+permutations are read inside the kernels, so nothing is copied into sorted order. Dk, Dv, dtype,
+s and causal are baked in; BH, N, S, B symbolic.
 
 Each key row of a tile carries its visibility as a block interval with one exception: visible to
 query block g iff LO ≤ g ≤ HI and g ≠ EX (block key: LO = HI = g(j), EX = −1; sample: LO = 0, EX = SB
@@ -25,7 +28,8 @@ tiles, each folded into a running max, normalizer and output as in lowering/quad
 Backward, P recomputed from LSE and D_i = dO_i·O_i, dS = P (dP − D):
   * query-major (per query tile): dQ_i = s Σ_j dS_ij k_j over block keys and samples;
   * key-major (per key tile, block keys and samples alike): dV_j = Σ_i P_ij dO_i,
-    dK_j = s Σ_i dS_ij q_i, dLW_t = Σ_i dS_it — over the query blocks that see the tile.
+    dK_j = s Σ_i dS_ij q_i, dLW_t = Σ_i dS_it — over the query blocks that see the tile; the
+    samples' dK, dV go to (BH, S, ·) buffers, added into rows SI by the caller (samples repeat).
 No two tasks write the same row, so there are no atomics.
 """
 from __future__ import annotations
@@ -51,16 +55,16 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
         return tirx.all(ok, kpos[j] <= qpos[i]) if causal else ok
 
     @T.macro
-    def load_queries(Q, b, qbase, N, blk, QT, qblk, qpos):
-        """QT[c, i] = s·q[qbase + i, c] (zero past N); qblk[i] = g(qbase + i) or −2; qpos[i]."""
+    def load_queries(Q, PQ, b, qbase, N, blk, QT, qblk, qpos):
+        """QT[c, i] = s·q of sorted row qbase + i (zero past N); qblk[i] = its block or −2; qpos[i]."""
         for i in range(Tt):
             for c in range(Dk):
-                QT[c, i] = T.Select(qbase + i < N, Q[b, T.min(qbase + i, N - 1), c] * sc, zero)
+                QT[c, i] = T.Select(qbase + i < N, Q[b, PQ[b, T.min(qbase + i, N - 1)], c] * sc, zero)
             qblk[i] = T.Select(qbase + i < N, T.Cast("int32", (qbase + i) // blk), T.int32(-2))
             qpos[i] = T.Cast("int32", qbase + i)
 
     @T.macro
-    def load_keys(K, V, KS, VS, LW, SB, b, kt, nkt, kstart, kend, S, blk,
+    def load_keys(K, V, PK, SI, LW, SB, b, kt, nkt, kstart, kend, S, blk,
                   Kc, Vc, kb, lo, hi, ex, kpos):
         """Key tile kt of a query tile's list: block keys [kstart, kend) in tiles first (kt < nkt),
         then the samples; rows past either end are padding (visible to nobody)."""
@@ -69,9 +73,9 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
                 kj = kstart + kt * Tt + j
                 if kj < kend:
                     for c in T.vectorized(Dk):
-                        Kc[j, c] = K[b, kj, c]
+                        Kc[j, c] = K[b, PK[b, kj], c]
                     for d in T.vectorized(Dv):
-                        Vc[j, d] = V[b, kj, d]
+                        Vc[j, d] = V[b, PK[b, kj], d]
                     lo[j] = T.Cast("int32", kj // blk)
                     hi[j] = T.Cast("int32", kj // blk)
                 else:
@@ -89,9 +93,9 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
                 t = (kt - nkt) * Tt + j
                 if t < S:
                     for c in T.vectorized(Dk):
-                        Kc[j, c] = KS[b, t, c]
+                        Kc[j, c] = K[b, SI[b, t], c]
                     for d in T.vectorized(Dv):
-                        Vc[j, d] = VS[b, t, d]
+                        Vc[j, d] = V[b, SI[b, t], d]
                     if causal:
                         lo[j] = SB[b, t] + 1
                         ex[j] = T.int32(-1)
@@ -119,7 +123,7 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
 
 
 def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
-    """(Q, K, V, KS, VS, LW, SB, O out, LSE out, blk)."""
+    """(Q, K, V, PQ, PK, SI, LW, SB, O out, LSE out, blk)."""
     L, Tt = cpu.lanes(dtype), tile(dtype)
     R1 = cpu.tile_rows(Tt, L, Tt)
     CV = _cols(Dv, L)
@@ -130,8 +134,8 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
     lowest = tirx.min_value(dtype)
 
     @T.prim_func
-    def kernel(q: T.handle, k: T.handle, v: T.handle, ks: T.handle, vs: T.handle, lw: T.handle,
-               sb: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
+    def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
+               lw: T.handle, sb: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
@@ -139,8 +143,9 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
         Q = T.match_buffer(q, (BH, N, Dk), dtype)
         K = T.match_buffer(k, (BH, N, Dk), dtype)
         V = T.match_buffer(v, (BH, N, Dv), dtype)
-        KS = T.match_buffer(ks, (BH, S, Dk), dtype)
-        VS = T.match_buffer(vs, (BH, S, Dv), dtype)
+        PQ = T.match_buffer(pq, (BH, N), "int32")
+        PK = T.match_buffer(pk, (BH, N), "int32")
+        SI = T.match_buffer(si, (BH, S), "int32")
         LW = T.match_buffer(lw, (BH, S), dtype)
         SB = T.match_buffer(sb, (BH, S), "int32")
         O = T.match_buffer(o, (BH, N, Dv), dtype)
@@ -167,7 +172,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
             acc = T.alloc_buffer((R, CV), dtype, scope="local")
             b = task // nq
             qbase = task % nq * Tt
-            load_queries(Q, b, qbase, N, blk, QT, qblk, qpos)
+            load_queries(Q, PQ, b, qbase, N, blk, QT, qblk, qpos)
             for i in range(Tt):
                 for d in T.vectorized(Dv):
                     Oacc[i, d] = zero
@@ -177,7 +182,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
             kstart, kend = block_keys(qbase, N, blk)
             nkt = (kend - kstart + Tt - 1) // Tt
             for kt in range(nkt + (S + Tt - 1) // Tt):
-                load_keys(K, V, KS, VS, LW, SB, b, kt, nkt, kstart, kend, S, blk,
+                load_keys(K, V, PK, SI, LW, SB, b, kt, nkt, kstart, kend, S, blk,
                           Kc, Vc, kb, lo, hi, ex, kpos)
                 for i in T.vectorized(Tt):
                     mn[i] = mx[i]
@@ -210,15 +215,16 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                 if qbase + i < N:
                     inv: T.let = one / lsum[i]
                     for d in T.vectorized(Dv):
-                        O[b, qbase + i, d] = Oacc[i, d] * inv
-                    LSE[b, qbase + i] = mx[i] + T.log(lsum[i])
+                        O[b, PQ[b, qbase + i], d] = Oacc[i, d] * inv
+                    LSE[b, PQ[b, qbase + i]] = mx[i] + T.log(lsum[i])
 
     return kernel
 
 
 def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
-    """(Q, K, V, KS, VS, LW, SB, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk): the exact gradient
-    of sampled_forward's O for the given samples (LW's gradient lets p depend on the inputs)."""
+    """(Q, K, V, PQ, PK, SI, LW, SB, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk): the exact
+    gradient of sampled_forward's O for the given samples; dK, dV hold the block keys' share only
+    (the caller adds dKS, dVS into rows SI); LW's gradient lets p depend on the inputs."""
     L, Tt = cpu.lanes(dtype), tile(dtype)
     R1 = cpu.tile_rows(Tt, L, Tt)
     CK, CV = _cols(Dk, L), _cols(Dv, L)
@@ -228,19 +234,20 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     sc = tirx.const(scale, dtype)
 
     @T.macro
-    def load_grads(Q, O, dO, LSE, b, qbase, N, Qt, dOT, dOt, Dd, Lq):
+    def load_grads(Q, O, dO, LSE, PQ, b, qbase, N, Qt, dOT, dOt, Dd, Lq):
         """Qt (raw q), dOT (dO transposed), dOt, Dd = dO·O and Lq = LSE of a query tile."""
         for i in range(Tt):
             if qbase + i < N:
+                row: T.let = PQ[b, qbase + i]
                 Dd[i] = zero
                 for d in range(Dv):
-                    dOT[d, i] = dO[b, qbase + i, d]
-                    Dd[i] = Dd[i] + dO[b, qbase + i, d] * O[b, qbase + i, d]
+                    dOT[d, i] = dO[b, row, d]
+                    Dd[i] = Dd[i] + dO[b, row, d] * O[b, row, d]
                 for c in T.vectorized(Dk):
-                    Qt[i, c] = Q[b, qbase + i, c]
+                    Qt[i, c] = Q[b, row, c]
                 for d in T.vectorized(Dv):
-                    dOt[i, d] = dO[b, qbase + i, d]
-                Lq[i] = LSE[b, qbase + i]
+                    dOt[i, d] = dO[b, row, d]
+                Lq[i] = LSE[b, row]
             else:
                 Dd[i] = zero
                 for d in range(Dv):
@@ -269,9 +276,9 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                     dST[j0 * R1 + r, i] = PT[j0 * R1 + r, i] * (acc1[r, i] - Dd[i])
 
     @T.prim_func
-    def kernel(q: T.handle, k: T.handle, v: T.handle, ks: T.handle, vs: T.handle, lw: T.handle,
-               sb: T.handle, o: T.handle, lse: T.handle, do: T.handle, dq: T.handle, dk: T.handle,
-               dv: T.handle, dks: T.handle, dvs: T.handle, dlw: T.handle, blk: T.int64):
+    def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
+               lw: T.handle, sb: T.handle, o: T.handle, lse: T.handle, do: T.handle, dq: T.handle,
+               dk: T.handle, dv: T.handle, dks: T.handle, dvs: T.handle, dlw: T.handle, blk: T.int64):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
@@ -279,8 +286,9 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         Q = T.match_buffer(q, (BH, N, Dk), dtype)
         K = T.match_buffer(k, (BH, N, Dk), dtype)
         V = T.match_buffer(v, (BH, N, Dv), dtype)
-        KS = T.match_buffer(ks, (BH, S, Dk), dtype)
-        VS = T.match_buffer(vs, (BH, S, Dv), dtype)
+        PQ = T.match_buffer(pq, (BH, N), "int32")
+        PK = T.match_buffer(pk, (BH, N), "int32")
+        SI = T.match_buffer(si, (BH, S), "int32")
         LW = T.match_buffer(lw, (BH, S), dtype)
         SB = T.match_buffer(sb, (BH, S), "int32")
         O = T.match_buffer(o, (BH, N, Dv), dtype)
@@ -318,15 +326,15 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
             accK = T.alloc_buffer((RK, CK), dtype, scope="local")
             b = task // nq
             qbase = task % nq * Tt
-            load_queries(Q, b, qbase, N, blk, QT, qblk, qpos)
-            load_grads(Q, O, dO, LSE, b, qbase, N, Qt, dOT, dOt, Dd, Lq)
+            load_queries(Q, PQ, b, qbase, N, blk, QT, qblk, qpos)
+            load_grads(Q, O, dO, LSE, PQ, b, qbase, N, Qt, dOT, dOt, Dd, Lq)
             for i in range(Tt):
                 for c in T.vectorized(Dk):
                     dQacc[i, c] = zero
             kstart, kend = block_keys(qbase, N, blk)
             nkt = (kend - kstart + Tt - 1) // Tt
             for kt in range(nkt + ns):
-                load_keys(K, V, KS, VS, LW, SB, b, kt, nkt, kstart, kend, S, blk,
+                load_keys(K, V, PK, SI, LW, SB, b, kt, nkt, kstart, kend, S, blk,
                           Kc, Vc, kb, lo, hi, ex, kpos)
                 probabilities(Kc, Vc, QT, dOT, kb, Lq, Dd, lo, hi, ex, kpos, qblk, qpos, PT, dST, acc1)
                 for i0, c0 in T.grid(Tt // RK, Dk // CK):
@@ -340,7 +348,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
             for i in range(Tt):
                 if qbase + i < N:
                     for c in T.vectorized(Dk):
-                        dQ[b, qbase + i, c] = dQacc[i, c] * sc
+                        dQ[b, PQ[b, qbase + i], c] = dQacc[i, c] * sc
         # key-major: dK, dV of the block keys (tasks < nq) and dKS, dVS, dLW of the samples
         for task in T.parallel(BH * (nq + ns)):
             QT = T.alloc_buffer((Dk, Tt), dtype)
@@ -373,7 +381,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
             # the queries that can see this tile: its blocks' rows, or every row for samples
             qstart = T.Select(u < nq, kbase // blk * blk, T.int64(0))
             qend = T.Select(u < nq, T.min(N, (T.min(kbase + Tt, N) - 1) // blk * blk + blk), N)
-            load_keys(K, V, KS, VS, LW, SB, b, T.Select(u < nq, T.int64(0), T.int64(1) + u - nq),
+            load_keys(K, V, PK, SI, LW, SB, b, T.Select(u < nq, T.int64(0), T.int64(1) + u - nq),
                       T.int64(1), kbase, N, S, blk, Kc, Vc, kb, lo, hi, ex, kpos)
             for j in range(Tt):
                 for c in T.vectorized(Dk):
@@ -384,8 +392,8 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                     dLWacc[j, i] = zero
             for qt in range((qend - qstart + Tt - 1) // Tt):
                 qbase = qstart + qt * Tt
-                load_queries(Q, b, qbase, N, blk, QT, qblk, qpos)
-                load_grads(Q, O, dO, LSE, b, qbase, N, Qt, dOT, dOt, Dd, Lq)
+                load_queries(Q, PQ, b, qbase, N, blk, QT, qblk, qpos)
+                load_grads(Q, O, dO, LSE, PQ, b, qbase, N, Qt, dOT, dOt, Dd, Lq)
                 probabilities(Kc, Vc, QT, dOT, kb, Lq, Dd, lo, hi, ex, kpos, qblk, qpos, PT, dST, acc1)
                 for j0, c0 in T.grid(Tt // RV, Dv // CV):
                     for r in T.unroll(RV):
@@ -411,9 +419,9 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                 if u < nq:
                     if kbase + j < N:
                         for c in T.vectorized(Dk):
-                            dK[b, kbase + j, c] = dKacc[j, c] * sc
+                            dK[b, PK[b, kbase + j], c] = dKacc[j, c] * sc
                         for d in T.vectorized(Dv):
-                            dV[b, kbase + j, d] = dVacc[j, d]
+                            dV[b, PK[b, kbase + j], d] = dVacc[j, d]
                 elif (u - nq) * Tt + j < S:
                     for c in T.vectorized(Dk):
                         dKS[b, (u - nq) * Tt + j, c] = dKacc[j, c] * sc

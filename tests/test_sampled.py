@@ -33,19 +33,25 @@ SPECS = {
 }
 
 
-def estimate(s: sampling.Samples, scale: float, causal: bool) -> torch.Tensor:
-    """The estimator of lowering/sampled.py in plain torch: softmax over the visible block keys and
-    the visible samples (scores + log-weights), in sorted order."""
-    N = s.q.shape[1]
+def rows(x, idx):
+    return x.gather(1, idx.long()[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def estimate(q, k, v, s: sampling.Samples, scale: float, causal: bool) -> torch.Tensor:
+    """The estimator of lowering/sampled.py in plain torch: in bucket order, softmax over the visible
+    block keys and the visible samples (scores + log-weights); returned in the caller's order."""
+    N = q.shape[1]
+    qs, ks, vs = rows(q, s.pq), rows(k, s.pk), rows(v, s.pk)
     g = torch.arange(N) // s.block
-    block = scale * s.q @ s.k.transpose(1, 2)
+    block = scale * qs @ ks.transpose(1, 2)
     seen = g[:, None] == g[None, :]
     if causal:
         seen &= torch.arange(N)[None, :] <= torch.arange(N)[:, None]
-    samp = scale * s.q @ s.ks.transpose(1, 2) + s.lw[:, None, :]
+    samp = scale * qs @ rows(k, s.si).transpose(1, 2) + s.lw[:, None, :]
     sseen = (s.sb[:, None, :] < g[None, :, None]) if causal else (s.sb[:, None, :] != g[None, :, None])
     scores = torch.cat([block.masked_fill(~seen, -math.inf), samp.masked_fill(~sseen, -math.inf)], -1)
-    return torch.softmax(scores, -1) @ torch.cat([s.v, s.vs], 1)
+    out = torch.softmax(scores, -1) @ torch.cat([vs, rows(v, s.si)], 1)
+    return rows(out, torch.argsort(s.pq.long(), dim=-1))
 
 
 def qkv(N, dtype=torch.float64, dk=16, dv=8, grad=False, seed=0):
@@ -66,7 +72,7 @@ def test_kernels_compute_the_estimator(name, N, dtype):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     r = [x.reshape(2, N, -1) for x in (q, k, v)]
     s = sampling.draw(*r, attn.planned.root.sampling, attn.lsh_planes, attn.sampling_seed)
-    want = sampling.restore(estimate(s, attn.scale, causal), s).reshape(1, 2, N, 8)
+    want = estimate(*r, s, attn.scale, causal).reshape(1, 2, N, 8)
     want_grads = torch.autograd.grad(want, (q, k, v), dout)
     scale = want.abs().max().item() + 1e-30
     assert (out - want).abs().max().item() <= TOL[dtype] * scale
@@ -96,10 +102,9 @@ def sums(attn, q, k, v, choice, seed, blind=False):
     `blind`: forget which block holds each sample (a biased estimator, to show the test's power)."""
     s = sampling.draw(q, k, v, choice, attn.lsh_planes, seed)
     sb = torch.full_like(s.sb, -5) if blind else s.sb
-    out, lse = ops.sampled_attention(s.q, s.k, s.v, s.ks, s.vs, s.lw, sb, attn._library("float64"),
+    out, lse = ops.sampled_attention(q, k, v, s.pq, s.pk, s.si, s.lw, sb, attn._library("float64"),
                                      "sampled_attention3", s.block)
-    num, den = out * lse.exp()[..., None], lse.exp()
-    return sampling.restore(num, s), sampling.restore(den[..., None], s)[..., 0]
+    return out * lse.exp()[..., None], lse.exp()
 
 
 def largest_z(attn, q, k, v, want, blind=False, draws=2000):
@@ -181,7 +186,6 @@ def test_opcheck_and_bfloat16():
     q, k, v = (x.reshape(2, 40, -1).float() for x in qkv(40))
     s = sampling.draw(q, k, v, attn.planned.root.sampling, attn.lsh_planes, 1)
     torch.library.opcheck(ops.sampled_attention,
-                          (s.q, s.k, s.v, s.ks, s.vs, s.lw, s.sb, attn._library("float32"),
-                           "sampled_attention3", s.block))
+                          (q, k, v, *s.args(), attn._library("float32"), "sampled_attention3", s.block))
     out = attn(*(x.bfloat16() for x in qkv(40)))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
