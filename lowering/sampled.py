@@ -275,6 +275,19 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                 for i in T.vectorized(Tt):
                     dST[j0 * R1 + r, i] = PT[j0 * R1 + r, i] * (acc1[r, i] - Dd[i])
 
+    @T.macro
+    def accumulate(buf, acc, A, a_t, B, R, C, width):
+        """buf[r, :] += Σ_k A(r, k) B[k, :] over the tile (A read as A[k, r] when a_t), one R × C
+        register tile at a time."""
+        for i0, c0 in T.grid(Tt // R, width // C):
+            for r in T.unroll(R):
+                for c in T.vectorized(C):
+                    acc[r, c] = buf[i0 * R + r, c0 * C + c]
+            mmc(acc, A, a_t, B, i0 * R, R, 0, Tt, c0 * C, C)
+            for r in T.unroll(R):
+                for c in T.vectorized(C):
+                    buf[i0 * R + r, c0 * C + c] = acc[r, c]
+
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
                lw: T.handle, sb: T.handle, o: T.handle, lse: T.handle, do: T.handle, dq: T.handle,
@@ -302,8 +315,9 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         dLW = T.match_buffer(dlw, (BH, S), dtype)
         nq = (N + Tt - 1) // Tt
         ns = (S + Tt - 1) // Tt
-        # query-major: dQ
-        for task in T.parallel(BH * nq):
+        # tasks t < nq: query tile t (dQ); t ≥ nq: key tile u = t − nq, block keys (dK, dV) if
+        # u < nq, else samples (dKS, dVS, dLW)
+        for task in T.parallel(BH * (2 * nq + ns)):
             QT = T.alloc_buffer((Dk, Tt), dtype)
             Qt = T.alloc_buffer((Tt, Dk), dtype)
             dOT = T.alloc_buffer((Dv, Tt), dtype)
@@ -314,54 +328,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
             Vc = T.alloc_buffer((Tt, Dv), dtype)
             PT = T.alloc_buffer((Tt, Tt), dtype)
             dST = T.alloc_buffer((Tt, Tt), dtype)
-            dQacc = T.alloc_buffer((Tt, Dk), dtype)
-            kb = T.alloc_buffer((Tt,), dtype)
-            lo = T.alloc_buffer((Tt,), "int32")
-            hi = T.alloc_buffer((Tt,), "int32")
-            ex = T.alloc_buffer((Tt,), "int32")
-            kpos = T.alloc_buffer((Tt,), "int32")
-            qblk = T.alloc_buffer((Tt,), "int32")
-            qpos = T.alloc_buffer((Tt,), "int32")
-            acc1 = T.alloc_buffer((R1, Tt), dtype, scope="local")
-            accK = T.alloc_buffer((RK, CK), dtype, scope="local")
-            b = task // nq
-            qbase = task % nq * Tt
-            load_queries(Q, PQ, b, qbase, N, blk, QT, qblk, qpos)
-            load_grads(Q, O, dO, LSE, PQ, b, qbase, N, Qt, dOT, dOt, Dd, Lq)
-            for i in range(Tt):
-                for c in T.vectorized(Dk):
-                    dQacc[i, c] = zero
-            kstart, kend = block_keys(qbase, N, blk)
-            nkt = (kend - kstart + Tt - 1) // Tt
-            for kt in range(nkt + ns):
-                load_keys(K, V, PK, SI, LW, SB, b, kt, nkt, kstart, kend, S, blk,
-                          Kc, Vc, kb, lo, hi, ex, kpos)
-                probabilities(Kc, Vc, QT, dOT, kb, Lq, Dd, lo, hi, ex, kpos, qblk, qpos, PT, dST, acc1)
-                for i0, c0 in T.grid(Tt // RK, Dk // CK):
-                    for r in T.unroll(RK):
-                        for c in T.vectorized(CK):
-                            accK[r, c] = dQacc[i0 * RK + r, c0 * CK + c]
-                    mmc(accK, dST, True, Kc, i0 * RK, RK, 0, Tt, c0 * CK, CK)
-                    for r in T.unroll(RK):
-                        for c in T.vectorized(CK):
-                            dQacc[i0 * RK + r, c0 * CK + c] = accK[r, c]
-            for i in range(Tt):
-                if qbase + i < N:
-                    for c in T.vectorized(Dk):
-                        dQ[b, PQ[b, qbase + i], c] = dQacc[i, c] * sc
-        # key-major: dK, dV of the block keys (tasks < nq) and dKS, dVS, dLW of the samples
-        for task in T.parallel(BH * (nq + ns)):
-            QT = T.alloc_buffer((Dk, Tt), dtype)
-            Qt = T.alloc_buffer((Tt, Dk), dtype)
-            dOT = T.alloc_buffer((Dv, Tt), dtype)
-            dOt = T.alloc_buffer((Tt, Dv), dtype)
-            Dd = T.alloc_buffer((Tt,), dtype)
-            Lq = T.alloc_buffer((Tt,), dtype)
-            Kc = T.alloc_buffer((Tt, Dk), dtype)
-            Vc = T.alloc_buffer((Tt, Dv), dtype)
-            PT = T.alloc_buffer((Tt, Tt), dtype)
-            dST = T.alloc_buffer((Tt, Tt), dtype)
-            dKacc = T.alloc_buffer((Tt, Dk), dtype)
+            dXacc = T.alloc_buffer((Tt, Dk), dtype)   # dQ of a query tile or dK of a key tile
             dVacc = T.alloc_buffer((Tt, Dv), dtype)
             dLWacc = T.alloc_buffer((Tt, Tt), dtype)  # Σ_i dS[j, i], lane-wise until the end
             kb = T.alloc_buffer((Tt,), dtype)
@@ -375,61 +342,63 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
             acc1 = T.alloc_buffer((R1, Tt), dtype, scope="local")
             accK = T.alloc_buffer((RK, CK), dtype, scope="local")
             accV = T.alloc_buffer((RV, CV), dtype, scope="local")
-            b = task // (nq + ns)
-            u = task % (nq + ns)                  # key tile u: block keys if u < nq, else samples
-            kbase = u * Tt
-            # the queries that can see this tile: its blocks' rows, or every row for samples
-            qstart = T.Select(u < nq, kbase // blk * blk, T.int64(0))
-            qend = T.Select(u < nq, T.min(N, (T.min(kbase + Tt, N) - 1) // blk * blk + blk), N)
-            load_keys(K, V, PK, SI, LW, SB, b, T.Select(u < nq, T.int64(0), T.int64(1) + u - nq),
-                      T.int64(1), kbase, N, S, blk, Kc, Vc, kb, lo, hi, ex, kpos)
+            b = task // (2 * nq + ns)
+            t = task % (2 * nq + ns)
             for j in range(Tt):
                 for c in T.vectorized(Dk):
-                    dKacc[j, c] = zero
+                    dXacc[j, c] = zero
                 for d in T.vectorized(Dv):
                     dVacc[j, d] = zero
                 for i in T.vectorized(Tt):
                     dLWacc[j, i] = zero
-            for qt in range((qend - qstart + Tt - 1) // Tt):
-                qbase = qstart + qt * Tt
+            if t < nq:                            # query-major: dQ_i = s Σ_j dS_ij k_j
+                qbase = t * Tt
                 load_queries(Q, PQ, b, qbase, N, blk, QT, qblk, qpos)
                 load_grads(Q, O, dO, LSE, PQ, b, qbase, N, Qt, dOT, dOt, Dd, Lq)
-                probabilities(Kc, Vc, QT, dOT, kb, Lq, Dd, lo, hi, ex, kpos, qblk, qpos, PT, dST, acc1)
-                for j0, c0 in T.grid(Tt // RV, Dv // CV):
-                    for r in T.unroll(RV):
-                        for d in T.vectorized(CV):
-                            accV[r, d] = dVacc[j0 * RV + r, c0 * CV + d]
-                    mmc(accV, PT, False, dOt, j0 * RV, RV, 0, Tt, c0 * CV, CV)
-                    for r in T.unroll(RV):
-                        for d in T.vectorized(CV):
-                            dVacc[j0 * RV + r, c0 * CV + d] = accV[r, d]
-                for j0, c0 in T.grid(Tt // RK, Dk // CK):
-                    for r in T.unroll(RK):
-                        for c in T.vectorized(CK):
-                            accK[r, c] = dKacc[j0 * RK + r, c0 * CK + c]
-                    mmc(accK, dST, False, Qt, j0 * RK, RK, 0, Tt, c0 * CK, CK)
-                    for r in T.unroll(RK):
-                        for c in T.vectorized(CK):
-                            dKacc[j0 * RK + r, c0 * CK + c] = accK[r, c]
-                if u >= nq:
-                    for j in range(Tt):
-                        for i in T.vectorized(Tt):
-                            dLWacc[j, i] = dLWacc[j, i] + dST[j, i]
-            for j in range(Tt):
-                if u < nq:
-                    if kbase + j < N:
+                kstart, kend = block_keys(qbase, N, blk)
+                nkt = (kend - kstart + Tt - 1) // Tt
+                for kt in range(nkt + ns):
+                    load_keys(K, V, PK, SI, LW, SB, b, kt, nkt, kstart, kend, S, blk,
+                              Kc, Vc, kb, lo, hi, ex, kpos)
+                    probabilities(Kc, Vc, QT, dOT, kb, Lq, Dd, lo, hi, ex, kpos, qblk, qpos, PT, dST, acc1)
+                    accumulate(dXacc, accK, dST, True, Kc, RK, CK, Dk)
+                for i in range(Tt):
+                    if qbase + i < N:
                         for c in T.vectorized(Dk):
-                            dK[b, PK[b, kbase + j], c] = dKacc[j, c] * sc
+                            dQ[b, PQ[b, qbase + i], c] = dXacc[i, c] * sc
+            else:                                 # key-major, over the queries that see the tile
+                u = t - nq
+                kbase = u * Tt
+                qstart = T.Select(u < nq, kbase // blk * blk, T.int64(0))
+                qend = T.Select(u < nq, T.min(N, (T.min(kbase + Tt, N) - 1) // blk * blk + blk), N)
+                load_keys(K, V, PK, SI, LW, SB, b, T.Select(u < nq, T.int64(0), T.int64(1) + u - nq),
+                          T.int64(1), kbase, N, S, blk, Kc, Vc, kb, lo, hi, ex, kpos)
+                for qt in range((qend - qstart + Tt - 1) // Tt):
+                    qbase = qstart + qt * Tt
+                    load_queries(Q, PQ, b, qbase, N, blk, QT, qblk, qpos)
+                    load_grads(Q, O, dO, LSE, PQ, b, qbase, N, Qt, dOT, dOt, Dd, Lq)
+                    probabilities(Kc, Vc, QT, dOT, kb, Lq, Dd, lo, hi, ex, kpos, qblk, qpos, PT, dST, acc1)
+                    accumulate(dVacc, accV, PT, False, dOt, RV, CV, Dv)       # Σ_i P_ij dO_i
+                    accumulate(dXacc, accK, dST, False, Qt, RK, CK, Dk)       # Σ_i dS_ij q_i
+                    if u >= nq:
+                        for j in range(Tt):
+                            for i in T.vectorized(Tt):
+                                dLWacc[j, i] = dLWacc[j, i] + dST[j, i]
+                for j in range(Tt):
+                    if u < nq:
+                        if kbase + j < N:
+                            for c in T.vectorized(Dk):
+                                dK[b, PK[b, kbase + j], c] = dXacc[j, c] * sc
+                            for d in T.vectorized(Dv):
+                                dV[b, PK[b, kbase + j], d] = dVacc[j, d]
+                    elif (u - nq) * Tt + j < S:
+                        for c in T.vectorized(Dk):
+                            dKS[b, (u - nq) * Tt + j, c] = dXacc[j, c] * sc
                         for d in T.vectorized(Dv):
-                            dV[b, PK[b, kbase + j], d] = dVacc[j, d]
-                elif (u - nq) * Tt + j < S:
-                    for c in T.vectorized(Dk):
-                        dKS[b, (u - nq) * Tt + j, c] = dKacc[j, c] * sc
-                    for d in T.vectorized(Dv):
-                        dVS[b, (u - nq) * Tt + j, d] = dVacc[j, d]
-                    red[0] = zero
-                    for i in range(Tt):
-                        red[0] = red[0] + dLWacc[j, i]
-                    dLW[b, (u - nq) * Tt + j] = red[0]
+                            dVS[b, (u - nq) * Tt + j, d] = dVacc[j, d]
+                        red[0] = zero
+                        for i in range(Tt):
+                            red[0] = red[0] + dLWacc[j, i]
+                        dLW[b, (u - nq) * Tt + j] = red[0]
 
     return kernel
