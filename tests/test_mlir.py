@@ -11,6 +11,7 @@ from torch_mlir import ir
 from attndsl import ir as attn_ir
 from attndsl import parse, pipeline
 from attndsl.ast import Choice
+from attndsl.cli import main
 from attndsl.ir import Input, LinearAttention, postorder
 from attndsl.mlir import MLIRFormatError, dialect, from_mlir, from_module, to_mlir, to_module
 
@@ -118,3 +119,19 @@ def test_operands_that_do_not_fit_are_refused_at_the_op():
     with pytest.raises(MLIRFormatError, match=r"ill-formed attn.linear_attention \(attndsl.verify\): "
                                               r"qf: tensor<\?x\?x8xf32>, kf: tensor<\?x\?x4xf32>"):
         from_mlir(narrow_k)
+
+
+@pytest.mark.parametrize("after", ["ir", "plan"])
+def test_cli_emit_mlir(after, capsys):
+    path = EXAMPLES / "positions.attn"
+    assert main(["emit", str(path), "--stage", "mlir", "--after", after,
+                 "--head-dim", str(HEAD_DIM), "--value-dim", str(VALUE_DIM)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"// {path}: the IR after {after}")
+    names = [b.name for b in parse(path.read_text()).blocks]
+    assert from_mlir(out) == {name: planned(name).stage(after) for name in names}
+
+
+def test_cli_emit_mlir_names_an_unknown_stage(capsys):
+    assert main(["emit", str(EXAMPLES / "softmax.attn"), "--stage", "mlir", "--after", "pln"]) == 1
+    assert "unknown stage 'pln'" in capsys.readouterr().err
