@@ -1,7 +1,7 @@
 """The command line: `attndsl check|emit|run FILE`.
 
     attndsl check model.attn                      parse and check every block
-    attndsl emit model.attn --stage ast|ir|linear|tir
+    attndsl emit model.attn --stage ast|ir|linear|tir|mlir [--after STAGE]
     attndsl run model.attn --heads 8 --head-dim 64 --seq 1024   compile, compare with §2, time
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import time
 
 
-STAGES = ("ast", "ir", "linear", "tir")
+STAGES = ("ast", "ir", "linear", "tir", "mlir")
 
 
 def _load(path: str):
@@ -36,6 +36,8 @@ def _blocks(args):
 def cmd_emit(args) -> int:
     from . import pipeline
     from .ir import format_ir
+    if args.stage == "mlir":
+        return _emit_mlir(args)
     for spec in _blocks(args):
         if args.stage == "ast":
             print(_format_ast(spec))
@@ -50,6 +52,19 @@ def cmd_emit(args) -> int:
             from . import lowering
             from .lowering.build import module_text
             print(module_text(lowering.lower(planned.root, args.dtype)))
+    return 0
+
+
+def _emit_mlir(args) -> int:
+    """One module, a function per block: the IR after `--after` in the attn dialect."""
+    from . import pipeline
+    from .diagnostics import SpecError, did_you_mean
+    from .mlir import to_mlir
+    if args.after not in pipeline.STAGES:
+        raise SpecError(f"unknown stage {args.after!r}", help=did_you_mean(args.after, pipeline.STAGES, "stages"))
+    roots = {spec.name: pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim).stage(args.after)
+             for spec in _blocks(args)}
+    print(f"// {args.file}: the IR after {args.after}, attn dialect (attndsl.mlir)\n{to_mlir(roots).rstrip()}")
     return 0
 
 
@@ -112,6 +127,8 @@ def main(argv=None) -> int:
         s.add_argument("--value-dim", type=int, default=None)
         if name == "emit":
             s.add_argument("--stage", choices=STAGES, default="linear")
+            s.add_argument("--after", default="plan", help="with --stage mlir: the pipeline stage to "
+                           "print, ir|fold_scale|linearize|fuse_softmax|fuse_maps|plan (default: plan)")
             s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
         else:
             s.add_argument("--batch", type=int, default=2)

@@ -148,14 +148,14 @@ def diff(e: Expr, var: str) -> Expr:
 
 
 def to_text(e: Expr) -> str:
-    """EXPR back as source text, fully parenthesised where it matters."""
+    """EXPR back as source text that parses to the same tree: every operation parenthesised."""
     if isinstance(e, Num):
         v = e.value
         return repr(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(v)
     if isinstance(e, Var):
         return e.name
     if isinstance(e, Unary):
-        return f"-({to_text(e.operand)})"
+        return f"(-{to_text(e.operand)})"          # not -(a) ** 2, which parses as -(a ** 2)
     if isinstance(e, Binary):
         return f"({to_text(e.left)} {e.op} {to_text(e.right)})"
     if isinstance(e, Call):

@@ -23,6 +23,7 @@ PASSES = [
     ("fuse_softmax", fuse_softmax.RULES),
     ("fuse_maps", fuse_maps.RULES),
 ]
+STAGES = ("ir", *(name for name, _ in PASSES), "plan")     # the names of Planned.stages, in order
 
 
 @dataclass(frozen=True)

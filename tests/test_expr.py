@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from attndsl import parse
 from attndsl.ast import FUNCTIONS, Binary, Call, Num, Var
 from attndsl.expr import diff, evaluate, to_text
 
@@ -32,3 +33,12 @@ def test_derivative_matches_autograd(name):
 def test_to_text_round_trips_through_evaluate():
     e = EXPRS["quotient"]
     assert to_text(e) == "(exp(x) / (2 + cos(x)))"
+
+
+@pytest.mark.parametrize("text", ["(-x) ** 2", "-x ** 2", "2 ** -x", "--x", "-(x + 1) * 3", "1e-05 * x / 7",
+                                  "max(-x, 0.5) ** (1 / 3)"])
+def test_to_text_parses_back_to_the_same_tree(text):
+    def user_map(t):
+        return parse(f"attention a {{ kernel(x) = {t} }}").block().kernel.expr
+    e = user_map(text)
+    assert user_map(to_text(e)) == e
