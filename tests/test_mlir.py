@@ -20,10 +20,10 @@ HEAD_DIM, VALUE_DIM = 64, 32
 
 # what the examples do not show: sampling, exp_shift, alibi with a slope, a unary minus under **
 EXTRA = """
-attention kde_user_position {
-    sampling = kde(buckets=8); position(r) = (-abs(r)) ** 2 * -0.001; scale = 0.5
-}
-attention uniform_alibi { sampling = uniform(samples=64, seed=3); position = alibi(slope=0.25); mask = causal }
+attention kde_scaled { sampling = kde(buckets=8); scale = 0.5 }
+attention user_position { position(r) = (-abs(r)) ** 2 * -0.001 }
+attention uniform_causal { sampling = uniform(samples=64, seed=3); mask = causal }
+attention alibi_slope { kernel = elu1; position = alibi(slope=0.25); mask = causal }
 attention exp_shift_values { kernel = exp_shift; position = toeplitz(max_distance=8); apply = values }
 """
 
