@@ -102,10 +102,12 @@ def cmd_run(args) -> int:
             t = time.perf_counter()
             attn(q, k, v)
             times.append(time.perf_counter() - t)
-        ok = err < 1e-4
+        sampled = spec.sampling.name != "none"       # an estimate: its error is shown, not judged
+        ok = sampled or err < 1e-4
         status |= not ok
+        verdict = "estimate" if sampled else "ok" if ok else "FAIL"
         print(f"{spec.name:24s} compile {t_compile:6.2f} s   rel.err vs §2 {err:.1e} "
-              f"{'ok' if ok else 'FAIL'}   forward {min(times) * 1e3:8.2f} ms  "
+              f"{verdict}   forward {min(times) * 1e3:8.2f} ms  "
               f"(B={args.batch} H={args.heads} N={args.seq})")
     return status
 

@@ -189,3 +189,11 @@ def test_opcheck_and_bfloat16():
                           (q, k, v, *s.args(), attn._library("float32"), "sampled_attention3", s.block))
     out = attn(*(x.bfloat16() for x in qkv(40)))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_cli_run_reports_an_estimate(tmp_path, capsys):
+    from attndsl.cli import main
+    path = tmp_path / "s.attn"
+    path.write_text("attention s { sampling = uniform(samples=16) }\n")
+    assert main(["run", str(path), "--seq", "64", "--heads", "2", "--head-dim", "16"]) == 0
+    assert "estimate" in capsys.readouterr().out
