@@ -1,7 +1,7 @@
 """The command line: `attndsl check|emit|run FILE`.
 
     attndsl check model.attn                      parse and check every block
-    attndsl emit model.attn --stage ast|ir|linear|tir|mlir [--after STAGE]
+    attndsl emit model.attn --stage ast|ir|linear|tir|mlir|linalg [--after STAGE]
     attndsl run model.attn --heads 8 --head-dim 64 --seq 1024   compile, compare with §2, time
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import time
 
 
-STAGES = ("ast", "ir", "linear", "tir", "mlir")
+STAGES = ("ast", "ir", "linear", "tir", "mlir", "linalg")
 
 
 def _load(path: str):
@@ -38,6 +38,8 @@ def cmd_emit(args) -> int:
     from .ir import format_ir
     if args.stage == "mlir":
         return _emit_mlir(args)
+    if args.stage == "linalg":
+        return _emit_linalg(args)
     for spec in _blocks(args):
         if args.stage == "ast":
             print(_format_ast(spec))
@@ -65,6 +67,24 @@ def _emit_mlir(args) -> int:
     roots = {spec.name: pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim).stage(args.after)
              for spec in _blocks(args)}
     print(f"// {args.file}: the IR after {args.after}, attn dialect (attndsl.mlir)\n{to_mlir(roots).rstrip()}")
+    return 0
+
+
+def _emit_linalg(args) -> int:
+    """The planned IR lowered from the attn dialect to linalg on tensors (what target='mlir-cpu'
+    compiles): a module per block, its entry point @run_NAME."""
+    from . import pipeline
+    from .mlir import backend, linalg
+    print(f"// {args.file}: linalg on tensors ({args.dtype}), from the attn dialect by attndsl.mlir.linalg")
+    for spec in _blocks(args):
+        planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim)
+        try:
+            module = linalg.lower({spec.name: planned.root}, backend.params(spec, args.heads, args.head_dim),
+                                  args.dtype)
+        except linalg.NotLowered as e:
+            print(f"// block {spec.name}: {e}")
+            continue
+        print(f"// block {spec.name}\n{str(module).rstrip()}")
     return 0
 
 

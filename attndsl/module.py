@@ -23,6 +23,7 @@ from .lowering.runtime import check_target, host_cpu, target_kind
 from .reference import alibi_slopes, effective_scale, reference
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+MLIR_TARGET = "mlir-cpu"
 UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
@@ -47,7 +48,9 @@ class Attention(nn.Module):
         self.spec, self.heads, self.head_dim = spec, heads, head_dim
         self.value_dim = value_dim or head_dim
         self.scale = effective_scale(spec, head_dim)
-        self.target = check_target(target)       # resolved (TVM imported) only when building
+        # "mlir-cpu": the torch-mlir backend (attndsl/mlir/backend.py); else a TVM target, resolved
+        # (TVM imported) only when building
+        self.target = MLIR_TARGET if target == MLIR_TARGET else check_target(target)
         self.check_finite = check_finite
         self.planned = pipeline.run(spec, head_dim, self.value_dim, plan_name=plan)
         self._libs: dict[str, str] = {}          # kernel dtype -> library key in ops
@@ -75,7 +78,11 @@ class Attention(nn.Module):
         # the samples of every call are drawn from this seed: same inputs, same output; set it to
         # draw others (e.g. per training step)
         self.sampling_seed = spec.sampling["seed"] if spec.sampling.name != "none" else None
-        self._library("float32")                 # build now: fails early, and first call is fast
+        self._mlir = None
+        if self.target == MLIR_TARGET:
+            self._mlir = self._mlir_program()
+        else:
+            self._library("float32")             # build now: fails early, and first call is fast
 
     # --- compilation ---------------------------------------------------------------------------
 
@@ -105,6 +112,17 @@ class Attention(nn.Module):
         self._libs[dtype] = key
         return key
 
+    def _mlir_program(self):
+        from .mlir import backend, linalg
+        try:
+            return backend.Program(self.planned.root, self.spec.name,
+                                   backend.params(self.spec, self.heads, self.head_dim))
+        except linalg.NotLowered as e:
+            field = "sampling" if isinstance(e.node, SampledAttention) else "kernel"
+            raise SpecError(f"{e} on target '{MLIR_TARGET}', so spec '{self.spec.name}' cannot be "
+                            f"compiled for it", self.spec.span_of(field),
+                            help="use target='llvm' (TVM), which compiles every form") from None
+
     # --- forward -----------------------------------------------------------------------------------
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -115,12 +133,28 @@ class Attention(nn.Module):
         env = {"q": q.to(dtype).reshape(B * H, N, -1).contiguous(),
                "k": k.to(dtype).reshape(B * H, N, -1).contiguous(),
                "v": v.to(dtype).reshape(B * H, N, -1).contiguous()}
+        if self._mlir is not None:
+            return self._forward_mlir(env, dtype, q, k, v).reshape(B, H, N, self.value_dim).to(out_dtype)
         lib = self._library(KERNEL_DTYPES[dtype])
         env["position"] = self._position_params(dtype)
         w, wt = self._projection(dtype)
         params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed}
         out = _execute(self.planned.root, env, lib, params)
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
+
+    def _forward_mlir(self, env, dtype, q, k, v) -> torch.Tensor:
+        table = self.position_table
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, table)):
+            raise RuntimeError(f"target '{MLIR_TARGET}' runs the forward pass only, and these inputs (or "
+                               f"the position table) require grad: call it under torch.no_grad(), or "
+                               f"compile with target='llvm' for gradients")
+        tab = self._position_params(dtype)
+        rates = torch.zeros(self.heads, 2, dtype=dtype)
+        for node in postorder(self.planned.root):
+            if isinstance(node, PositionalAttention) and node.form == "decayed":
+                rates = _decay_slopes(node, tab).contiguous()
+        return self._mlir(KERNEL_DTYPES[dtype], env["q"], env["k"], env["v"], self._projection(dtype)[0],
+                          tab.detach(), rates.detach())
 
     def _projection(self, dtype):
         if self.projection is None:
@@ -192,8 +226,15 @@ class Attention(nn.Module):
             lines.append(f"  {d.site.op}: {d.form}   [{costs}; quadratic §2={quad / 1e6:.1f}M, "
                          f"{quad / dict(d.costs)[d.form]:.0f}x more]")
         lines.append("")
-        lines.append("kernels (TVM, one build serves every batch and length):")
-        for i, node in enumerate(postorder(planned.root)):
+        if self._mlir is not None:
+            from .mlir.linalg import describe
+            lines.append(f"target {MLIR_TARGET} (torch-mlir: attn dialect -> linalg -> LLVM, forward only):")
+            for i, node in enumerate(postorder(planned.root)):
+                if not isinstance(node, (Input, Position, Add)):
+                    lines.append(f"  {node.op}{i}   {describe(node)}")
+        else:
+            lines.append("kernels (TVM, one build serves every batch and length):")
+        for i, node in enumerate(postorder(planned.root) if self._mlir is None else ()):
             if not isinstance(node, (Input, Position, Add)):       # these run no kernel of their own
                 lines.append(f"  {node.op}{i}_fwd / {node.op}{i}_bwd   {_describe(node)}")
         for entry in self._build_log:

@@ -21,10 +21,13 @@ from ..ir import Node, postorder
 from . import dialect
 
 
-def tensor_type(shape: tuple) -> ir.RankedTensorType:
+ELEMENTS = {"f32": ir.F32Type.get, "f64": ir.F64Type.get}
+
+
+def tensor_type(shape: tuple, element: str = "f32") -> ir.RankedTensorType:
     """(BH, N, 64) -> tensor<?x?x64xf32>; symbolic dimensions are dynamic."""
     dims = [d if isinstance(d, int) else ir.ShapedType.get_dynamic_size() for d in shape]
-    return ir.RankedTensorType.get(dims, ir.F32Type.get(), loc=ir.Location.unknown())
+    return ir.RankedTensorType.get(dims, ELEMENTS[element](), loc=ir.Location.unknown())
 
 
 SCALARS = {
@@ -50,7 +53,7 @@ def choice(c: Choice) -> ir.Attribute:
     return ir.DynamicAttr.get("attn.choice", [ir.StringAttr.get(c.name), params])
 
 
-def _op(n: Node, values: dict[Node, ir.Value]) -> ir.Operation:
+def _op(n: Node, values: dict[Node, ir.Value], element: str) -> ir.Operation:
     operands, attributes = [], {}
     for f in dialect.fields(type(n)):
         v = getattr(n, f.name)
@@ -60,21 +63,22 @@ def _op(n: Node, values: dict[Node, ir.Value]) -> ir.Operation:
             operands.append(values[v])
         else:
             attributes[f.name] = choice(v) if f.kind is Choice else SCALARS[f.kind](f.kind(v))
-    return ir.Operation.create(f"attn.{n.op}", results=[tensor_type(n.shape)], operands=operands,
+    return ir.Operation.create(f"attn.{n.op}", results=[tensor_type(n.shape, element)], operands=operands,
                                attributes=attributes)
 
 
-def to_module(roots: Mapping[str, Node]) -> ir.Module:
-    """{block name: IR root} -> a verified module with one function per block."""
+def to_module(roots: Mapping[str, Node], element: str = "f32") -> ir.Module:
+    """{block name: IR root} -> a verified module with one function per block (tensors of
+    `element`, f32 or f64)."""
     with dialect.context(), ir.Location.unknown():
         module = ir.Module.create()
         with ir.InsertionPoint(module.body):
             for name, root in roots.items():
-                f = func.FuncOp(name, ir.FunctionType.get([], [tensor_type(root.shape)]))
+                f = func.FuncOp(name, ir.FunctionType.get([], [tensor_type(root.shape, element)]))
                 with ir.InsertionPoint(f.add_entry_block()):
                     values: dict[Node, ir.Value] = {}
                     for n in postorder(root):
-                        values[n] = _op(n, values).result
+                        values[n] = _op(n, values, element).result
                     func.ReturnOp([values[root]])
         module.operation.verify()
     return module

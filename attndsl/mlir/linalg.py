@@ -1,0 +1,459 @@
+"""The attn dialect -> linalg on tensors, by MLIR rewrite patterns: attndsl's second backend.
+
+Every attn op is rewritten (one pattern per op, `RULES`) into a call of a private function that
+holds its linalg body, built here from the op's node; MLIR's inliner then splices the bodies in.
+
+    attn.input "q"             ->  the function's argument %q
+    attn.feature_map(x)        ->  φ(c·x): elementwise maps as one linalg.generic; favor, hyperbolic,
+                                   trig as a contraction with W' then exp / [cos, sin]; the
+                                   stabilizer a max-reduction per row (q) or per batch·head (k)
+    attn.linear_attention      ->  linear:     S = Σ_j φk_j v_jᵀ, z = Σ_j φk_j;  out_i = φq_i S / φq_i z
+                                   prefix_sum: scf.for over tokens, S_i = S_{i−1} + φk_i v_iᵀ
+    attn.positional_attention  ->  decayed:    scf.for forward in time, S_i = γ_f S_{i−1} + φk_i v_iᵀ,
+                                               and backward, T_i = γ_b (T_{i+1} + φk_{i+1} v_{i+1}ᵀ)
+                                   toeplitz_fft, banded: the dense Toeplitz mix
+                                               A_ij = (φq_i·φk_j) e^(b(i−j) − max_j b) M_ij, out = A v / A 1
+    attn.toeplitz_values       ->  Σ_j M_ij b(i−j) v_j (dense)
+    attn.softmax_attention     ->  softmax(s q kᵀ + b(i−j), masked) v, row by row of (BH, N, N)
+    attn.add                   ->  a + b
+    attn.position              ->  erased; its users read the argument %tab
+
+MLIR has no FFT op, and this backend is an independent check of the maths (and a module other
+MLIR toolchains can take), so the FFT and banded sites run the O(N²) Toeplitz product here.
+Sampled attention (kde, uniform) sorts and samples in torch and has no lowering (`NotLowered`).
+
+The executable function @run_NAME(q, k, v: tensor<?x?xDxT>, w: tensor<MxDkxT> (W'),
+tab: tensor<HxPxT> (position table or alibi slopes), rates: tensor<Hx2xT> (decay rates per head
+and direction), out: memref<?x?xDvxT>) writes the result into `out`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch_mlir import ir, passmanager, rewrite
+
+from ..ast import Var
+from ..expr import BUILTIN_MAPS
+from ..ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
+                  SoftmaxAttention, ToeplitzValues, postorder)
+from . import dialect
+from .emit import to_module
+from .text import Body, tensor
+
+ELEMENT = {"float32": "f32", "float64": "f64"}
+ARGS = ("q", "k", "v", "w", "tab", "rates")       # the executable function's inputs, in order
+NEG_INF = -math.inf
+
+
+class NotLowered(ValueError):
+    """A node with no linalg lowering (sampled attention)."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        super().__init__(f"the {node.form or node.op} form of {node.op} has no linalg lowering")
+
+
+@dataclass(frozen=True)
+class Params:
+    """The shapes of the module parameters the function takes: W' (M, Dk), tab (H, P)."""
+    heads: int
+    proj: tuple[int, int]
+    tab: tuple[int, int]
+
+
+# --- three combinators over linalg.generic -------------------------------------------------------
+
+def ew(b: Body, shape, out_map: str, ins, fn) -> str:
+    """out[out_map] = fn(g, *ins) elementwise; ins are (value, shape, map)."""
+    return b.generic([m for _, _, m in ins], [out_map], [(v, tensor(s, b.T)) for v, s, _ in ins],
+                     [(b.empty(shape), tensor(shape, b.T))], lambda g, a: [fn(g, *a[:-1])])[0]
+
+
+def update(b: Body, dest: str, shape, out_map: str, ins, fn) -> str:
+    """dest[out_map] = fn(g, *ins, dest) in place (a loop-carried state stays one buffer)."""
+    return b.generic([m for _, _, m in ins], [out_map], [(v, tensor(s, b.T)) for v, s, _ in ins],
+                     [(dest, tensor(shape, b.T))], lambda g, a: [fn(g, *a)])[0]
+
+
+def red(b: Body, shape, out_map: str, ins, fn=None, init: float = 0.0, combine: str = "arith.addf") -> str:
+    """out[out_map] = combine over every other dim of fn(g, *ins) (default: their product), from init."""
+    fn = fn or (lambda g, *x: x[0] if len(x) == 1 else g.f("arith.mulf", *x))
+    return b.generic([m for _, _, m in ins], [out_map], [(v, tensor(s, b.T)) for v, s, _ in ins],
+                     [(b.full(shape, init), tensor(shape, b.T))],
+                     lambda g, a: [g.f(combine, a[-1], fn(g, *a[:-1]))])[0]
+
+
+def divide(b: Body, num: str, den: str, bh: str, n: str, d: int) -> str:
+    return ew(b, (bh, n, d), "b,i,d", [(num, (bh, n, d), "b,i,d"), (den, (bh, n), "b,i")],
+              lambda g, x, y: g.f("arith.divf", x, y))
+
+
+def scaled(g: Body, x: str, c: float) -> str:
+    return x if c == 1.0 else g.f("arith.mulf", x, g.const(c))
+
+
+# --- feature maps ---------------------------------------------------------------------------------
+
+def elementwise(b: Body, x: str, dims, width: int, expr, c: float) -> str:
+    """φ(c·x) for an elementwise map EXPR: (BH, N, W) -> (BH, N, W)."""
+    bh, n = dims
+    return ew(b, (bh, n, width), "b,i,m", [(x, (bh, n, width), "b,i,m")],
+              lambda g, xv: g.expr(expr, scaled(g, xv, c)))
+
+
+def exp_minus_max(b: Body, y: str, dims, width: int, role: str, factor: float) -> str:
+    """factor · exp(y − max y), the max per row (role q) or per batch·head (role k)."""
+    bh, n = dims
+    keep, shape = ("b,i", (bh, n)) if role == "q" else ("b", (bh,))
+    mx = red(b, shape, keep, [(y, (bh, n, width), "b,i,m")], init=NEG_INF, combine="arith.maximumf")
+    return ew(b, (bh, n, width), "b,i,m", [(y, (bh, n, width), "b,i,m"), (mx, shape, keep)],
+              lambda g, yv, mv: scaled(g, g.exp(g.f("arith.subf", yv, mv)), factor))
+
+
+def feature_map(node: FeatureMap, b: Body, x: str, w: str) -> str:
+    """φ(c·x) for every registered map: (BH, N, Dk) -> (BH, N, M)."""
+    name, c, dk, m = node.kernel.name, node.prescale, node.x.shape[-1], node.width
+    dims = bh, n = b.dims(x, tensor(("?", "?", dk), b.T))
+    if name in BUILTIN_MAPS or name == "user":
+        return elementwise(b, x, dims, dk, node.kernel.expr or BUILTIN_MAPS[name], c)
+    if name == "exp_shift":                                        # exp(c x − max)
+        return exp_minus_max(b, elementwise(b, x, dims, dk, Var("x"), c), dims, dk, node.role, 1.0)
+    u = red(b, (bh, n, m), "b,i,m", [(x, (bh, n, dk), "b,i,d"), (w, (m, dk), "m,d")],
+            lambda g, xv, wv: g.f("arith.mulf", scaled(g, xv, c), wv))          # u = (c x) W'ᵀ
+    if name == "trig":                                             # [cos u, sin u] / √(M/2)
+        half = m // 2
+
+        def trig(g, uv):
+            first = g(f"arith.cmpi ult, {g('linalg.index 2 : index')}, {g.index(half)} : index")
+            return scaled(g, g.select(first, g.f("math.cos", uv), g.f("math.sin", uv)), 1 / math.sqrt(half))
+        return ew(b, (bh, n, m), "b,i,m", [(u, (bh, n, m), "b,i,m")], trig)
+    # favor, hyperbolic: raw = u − |c x|²/2;  φ = exp(raw − stab) / √M
+    h = red(b, (bh, n), "b,i", [(x, (bh, n, dk), "b,i,d")],
+            lambda g, xv: g.f("arith.mulf", g.const(0.5 * c * c), g.f("arith.mulf", xv, xv)))
+    raw = ew(b, (bh, n, m), "b,i,m", [(u, (bh, n, m), "b,i,m"), (h, (bh, n), "b,i")],
+             lambda g, uv, hv: g.f("arith.subf", uv, hv))
+    if name == "favor" and not node.kernel["stabilize"]:
+        return ew(b, (bh, n, m), "b,i,m", [(raw, (bh, n, m), "b,i,m")],
+                  lambda g, rv: scaled(g, g.exp(rv), 1 / math.sqrt(m)))
+    return exp_minus_max(b, raw, dims, m, node.role, 1 / math.sqrt(m))
+
+
+# --- position terms -------------------------------------------------------------------------------
+
+def bias_value(g: Body, pos, tab: str, p: Params, masked: bool, fill: float) -> str:
+    """b_h(i − j) inside a generic over (b, i, j): `fill` where j > i and the mask is causal."""
+    bi, i, j = (g(f"linalg.index {d} : index") for d in range(3))
+    h = g(f"arith.remui {bi}, {g.index(p.heads)} : index")
+    r = g(f"arith.subi {i}, {j} : index")
+    tab_ty = tensor(p.tab, g.T)
+    if pos.name == "toeplitz":                       # table[h, clip(r, −W, W) + W]
+        w = int(pos["max_distance"])
+        col = g(f"arith.minsi {g(f'arith.maxsi {r}, {g.index(-w)} : index')}, {g.index(w)} : index")
+        val = g.extract(tab, tab_ty, h, g(f"arith.addi {col}, {g.index(w)} : index"))
+    elif pos.name == "alibi":                        # −slope_h · |r|
+        slope = g.extract(tab, tab_ty, h, g.index(0))
+        val = g.f("arith.negf", g.f("arith.mulf", slope, g.f("math.absf", g.to_float(r))))
+    else:                                            # EXPR(r)
+        val = g.expr(pos.expr, g.to_float(r))
+    if not masked:
+        return val
+    later = g(f"arith.cmpi sgt, {j}, {i} : index")
+    return g.select(later, g.const(fill), val)
+
+
+def _rows(b: Body, x: str, width: int) -> tuple[str, str]:
+    return b.dims(x, tensor(("?", "?", width), b.T))
+
+
+def toeplitz_mix(b: Body, kappa: str, pos, tab: str, p: Params, causal: bool, v: str, dims, d: int,
+                 logits: bool) -> str:
+    """out_i = Σ_j A_ij v_j / Σ_j A_ij over (BH, N, N) scores: A = exp(κ + b − max) for softmax
+    logits, A = κ·exp(b − max_j b) for kernel values; masked entries get b = −∞."""
+    bh, n = dims
+    sq = (bh, n, n)
+    if pos is None:                                  # no position term: b = 0 (−∞ where masked)
+        bias = ew(b, sq, "b,i,j", [], lambda g: g.select(
+            g(f"arith.cmpi sgt, {g('linalg.index 2 : index')}, {g('linalg.index 1 : index')} : index"),
+            g.const(NEG_INF if causal else 0.0), g.const(0.0)))
+    else:
+        bias = ew(b, sq, "b,i,j", [], lambda g: bias_value(g, pos, tab, p, causal, NEG_INF))
+    if logits:
+        bias = ew(b, sq, "b,i,j", [(kappa, sq, "b,i,j"), (bias, sq, "b,i,j")],
+                  lambda g, kv, bv: g.f("arith.addf", kv, bv))
+    mx = red(b, (bh, n), "b,i", [(bias, sq, "b,i,j")], init=NEG_INF, combine="arith.maximumf")
+    if logits:
+        a = ew(b, sq, "b,i,j", [(bias, sq, "b,i,j"), (mx, (bh, n), "b,i")],
+               lambda g, lv, mv: g.exp(g.f("arith.subf", lv, mv)))
+    else:
+        a = ew(b, sq, "b,i,j", [(kappa, sq, "b,i,j"), (bias, sq, "b,i,j"), (mx, (bh, n), "b,i")],
+               lambda g, kv, bv, mv: g.f("arith.mulf", kv, g.exp(g.f("arith.subf", bv, mv))))
+    num = red(b, (bh, n, d), "b,i,d", [(a, sq, "b,i,j"), (v, (bh, n, d), "b,j,d")])
+    den = red(b, (bh, n), "b,i", [(a, sq, "b,i,j")])
+    return divide(b, num, den, bh, n, d)
+
+
+# --- recurrences (prefix sums, decayed) ----------------------------------------------------------
+
+def recurrence(b: Body, qf: str, kf: str, v: str, dims, m: int, d: int, gamma: str,
+               backward: bool) -> tuple[str, str]:
+    """(num, den) (BH, N, Dv), (BH, N) of one direction, token by token, γ (BH,) per batch·head:
+    forward  S_i = γ S_{i−1} + φk_i v_iᵀ,          num_i = φq_i S_i   (keys j ≤ i)
+    backward T_i = γ (T_{i+1} + φk_{i+1} v_{i+1}ᵀ),  num_i = φq_i T_i   (keys j > i)
+    and den likewise with v = 1. The states are loop-carried and updated in place."""
+    bh, n = dims
+    T = b.T
+    carried = [(b.full((bh, m, d), 0.0), tensor((bh, m, d), T)), (b.full((bh, m), 0.0), tensor((bh, m), T)),
+               (b.full((bh, n, d), 0.0), tensor((bh, n, d), T)), (b.full((bh, n), 0.0), tensor((bh, n), T))]
+
+    def fold(g: Body, kv: str, gv: str, sv: str) -> str:          # γ S + k vᵀ   or   γ (S + k vᵀ)
+        if backward:
+            return g.f("arith.mulf", gv, g.f("arith.addf", sv, kv))
+        return g.f("arith.addf", g.f("arith.mulf", gv, sv), kv)
+
+    def step(g: Body, t: str, c: list[str]) -> list[str]:
+        s, z, num, den = c
+        i = g(f"arith.subi {g(f'arith.subi {n}, {t} : index')}, {g.index(1)} : index") if backward else t
+
+        def row(x, width):
+            return g(f"tensor.extract_slice {x}[0, {i}, 0] [{bh}, 1, {width}] [1, 1, 1] : "
+                     f"{tensor(('?', '?', width), T)} to {tensor((bh, width), T)}")
+        qi, ki, vi = row(qf, m), row(kf, m), row(v, d)
+
+        def advance():
+            s2 = update(g, s, (bh, m, d), "b,m,d", [(ki, (bh, m), "b,m"), (vi, (bh, d), "b,d"), (gamma, (bh,), "b")],
+                        lambda g2, kv, vv, gv, sv: fold(g2, g2.f("arith.mulf", kv, vv), gv, sv))
+            z2 = update(g, z, (bh, m), "b,m", [(ki, (bh, m), "b,m"), (gamma, (bh,), "b")], fold)
+            return s2, z2
+
+        def read(state_s, state_z):
+            ni = red(g, (bh, d), "b,d", [(qi, (bh, m), "b,m"), (state_s, (bh, m, d), "b,m,d")])
+            di = red(g, (bh,), "b", [(qi, (bh, m), "b,m"), (state_z, (bh, m), "b,m")])
+            num2 = g(f"tensor.insert_slice {ni} into {num}[0, {i}, 0] [{bh}, 1, {d}] [1, 1, 1] : "
+                     f"{tensor((bh, d), T)} into {tensor(('?', '?', d), T)}")
+            den2 = g(f"tensor.insert_slice {di} into {den}[0, {i}] [{bh}, 1] [1, 1] : "
+                     f"{tensor((bh,), T)} into {tensor(('?', '?'), T)}")
+            return num2, den2
+
+        if backward:                                   # read T_i, then fold in key i for i − 1
+            num2, den2 = read(s, z)
+            s2, z2 = advance()
+        else:                                          # fold in key i, then read S_i
+            s2, z2 = advance()
+            num2, den2 = read(s2, z2)
+        return [s2, z2, num2, den2]
+
+    _, _, num, den = b.loop(b.index(0), n, carried, step)
+    return num, den
+
+
+def decay(b: Body, rates: str, p: Params, column: int, dims) -> str:
+    """γ per batch·head: exp(−rates[h, column]), h = bh mod H."""
+    bh, _ = dims
+
+    def gamma(g):
+        h = g(f"arith.remui {g('linalg.index 0 : index')}, {g.index(p.heads)} : index")
+        return g.exp(g.f("arith.negf", g.extract(rates, tensor((p.heads, 2), g.T), h, g.index(column))))
+    return ew(b, (bh,), "b", [], gamma)
+
+
+def linear_like(b: Body, qf: str, kf: str, v: str, m: int, d: int, causal: bool,
+                rates: str | None, p: Params) -> str:
+    """Linear attention (no decay) or the decayed form, as recurrences (causal or decayed) or
+    two contractions (neither)."""
+    dims = bh, n = _rows(b, v, d)
+    if not causal and rates is None:                  # linear: S = φkᵀ v, z = φkᵀ 1
+        s = red(b, (bh, m, d), "b,m,d", [(kf, (bh, n, m), "b,j,m"), (v, (bh, n, d), "b,j,d")])
+        z = red(b, (bh, m), "b,m", [(kf, (bh, n, m), "b,j,m")])
+        num = red(b, (bh, n, d), "b,i,d", [(qf, (bh, n, m), "b,i,m"), (s, (bh, m, d), "b,m,d")])
+        den = red(b, (bh, n), "b,i", [(qf, (bh, n, m), "b,i,m"), (z, (bh, m), "b,m")])
+        return divide(b, num, den, bh, n, d)
+    gf = b.full((bh,), 1.0) if rates is None else decay(b, rates, p, 0, dims)   # prefix sums: γ = 1
+    num, den = recurrence(b, qf, kf, v, dims, m, d, gf, backward=False)
+    if not causal:                                    # the later keys, backward in time
+        nb, db = recurrence(b, qf, kf, v, dims, m, d, decay(b, rates, p, 1, dims), backward=True)
+        num = ew(b, (bh, n, d), "b,i,d", [(num, (bh, n, d), "b,i,d"), (nb, (bh, n, d), "b,i,d")],
+                 lambda g, x, y: g.f("arith.addf", x, y))
+        den = ew(b, (bh, n), "b,i", [(den, (bh, n), "b,i"), (db, (bh, n), "b,i")],
+                 lambda g, x, y: g.f("arith.addf", x, y))
+    return divide(b, num, den, bh, n, d)
+
+
+# --- one body per node type -----------------------------------------------------------------------
+
+def _linear(node: LinearAttention, b: Body, a: dict, p: Params) -> str:
+    qf, kf = a["qf"], a["kf"]
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    if node.phi is not None:                          # φ fused in: qf, kf are the raw q, k
+        expr = node.phi.expr or BUILTIN_MAPS[node.phi.name]
+        dims = _rows(b, qf, m)
+        qf, kf = (elementwise(b, x, dims, m, expr, node.prescale) for x in (qf, kf))
+    return linear_like(b, qf, kf, a["v"], m, d, node.causal, None, p)
+
+
+def _positional(node: PositionalAttention, b: Body, a: dict, p: Params) -> str:
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    if node.form == "decayed":
+        return linear_like(b, a["qf"], a["kf"], a["v"], m, d, node.causal, a["rates"], p)
+    dims = bh, n = _rows(b, a["v"], d)
+    kappa = red(b, (bh, n, n), "b,i,j", [(a["qf"], (bh, n, m), "b,i,m"), (a["kf"], (bh, n, m), "b,j,m")])
+    return toeplitz_mix(b, kappa, node.bias.position, a["bias"], p, node.causal, a["v"], dims, d, logits=False)
+
+
+def _values(node: ToeplitzValues, b: Body, a: dict, p: Params) -> str:
+    d = node.v.shape[-1]
+    bh, n = _rows(b, a["v"], d)
+    sq = (bh, n, n)
+    bias = ew(b, sq, "b,i,j", [], lambda g: bias_value(g, node.bias.position, a["bias"], p, node.causal, 0.0))
+    return red(b, (bh, n, d), "b,i,d", [(bias, sq, "b,i,j"), (a["v"], (bh, n, d), "b,j,d")])
+
+
+def _softmax(node: SoftmaxAttention, b: Body, a: dict, p: Params) -> str:
+    dk, d = node.q.shape[-1], node.v.shape[-1]
+    dims = bh, n = _rows(b, a["v"], d)
+    logits = red(b, (bh, n, n), "b,i,j", [(a["q"], (bh, n, dk), "b,i,e"), (a["k"], (bh, n, dk), "b,j,e")],
+                 lambda g, x, y: g.f("arith.mulf", g.f("arith.mulf", x, y), g.const(node.scale)))
+    pos = None if node.bias is None else node.bias.position
+    return toeplitz_mix(b, logits, pos, a.get("bias"), p, node.causal, a["v"], dims, d, logits=True)
+
+
+def _add(node: Add, b: Body, a: dict, p: Params) -> str:
+    d = node.shape[-1]
+    bh, n = _rows(b, a["a"], d)
+    return ew(b, (bh, n, d), "b,i,d", [(a["a"], (bh, n, d), "b,i,d"), (a["b"], (bh, n, d), "b,i,d")],
+              lambda g, x, y: g.f("arith.addf", x, y))
+
+
+BODIES = {
+    FeatureMap: lambda node, b, a, p: feature_map(node, b, a["x"], a["w"]),
+    LinearAttention: _linear,
+    PositionalAttention: _positional,
+    ToeplitzValues: _values,
+    SoftmaxAttention: _softmax,
+    Add: _add,
+}
+EXTRA = {FeatureMap: ("w",), PositionalAttention: ("rates",)}   # function arguments a body also reads
+
+
+def operand_type(node: Node, T: str, p: Params) -> str:
+    return tensor(p.tab, T) if isinstance(node, Position) else tensor(("?", "?", node.shape[-1]), T)
+
+
+def body_function(name: str, node: Node, T: str, p: Params) -> str:
+    """`func.func private @name(operands..., extras...)` computing the node in linalg."""
+    if type(node) not in BODIES:
+        raise NotLowered(node)
+    operands = [(f.name, getattr(node, f.name)) for f in dialect.fields(type(node))
+                if f.where == "operand" and getattr(node, f.name) is not None]
+    types = {"w": tensor(p.proj, T), "rates": tensor((p.heads, 2), T)}
+    params = [(f"%{k}", operand_type(c, T, p)) for k, c in operands]
+    params += [(f"%{k}", types[k]) for k in EXTRA.get(type(node), ())]
+    b = Body(T)
+    result = BODIES[type(node)](node, b, {k[1:]: k for k, _ in params}, p)
+    ret = tensor(("?", "?", node.shape[-1]), T)
+    sig = ", ".join(f"{k}: {t}" for k, t in params)
+    return "\n".join([f"func.func private @{name}({sig}) -> {ret} {{", *b.lines,
+                      f"  return {result} : {ret}", "}"])
+
+
+def describe(node: Node) -> str:
+    """What the linalg body of a node computes, for explain()."""
+    form = getattr(node, "form", None)
+    if isinstance(node, FeatureMap):
+        return f"φ = {node.kernel.name} ({node.role}): linalg.generic"
+    if form in ("toeplitz_fft", "banded", "values_fft"):
+        return f"form {form}: dense Toeplitz product, O(N²) (no FFT in MLIR)"
+    if form in ("prefix_sum", "decayed"):
+        return f"form {form}: recurrence, scf.for over tokens" + (" (both directions)" if not node.causal else "")
+    if isinstance(node, LinearAttention):
+        return f"form {form}: two contractions (S = φkᵀv, out = φq S)"
+    if isinstance(node, SoftmaxAttention):
+        return f"form {form}: dense scores (BH, N, N), row softmax"
+    return form or ""
+
+
+# --- the rewrite -----------------------------------------------------------------------------------
+
+CALLEE = "lowering.callee"          # a discardable attribute the rules read: the body to call
+
+
+def _argument(op, name: str) -> ir.Value:
+    return op.parent.regions[0].blocks[0].arguments[ARGS.index(name)]
+
+
+def _call(op, rewriter) -> None:
+    """attn.X(operands) -> func.call @body(operands, extras); a position operand reads %tab."""
+    from torch_mlir.dialects import func
+    callee = ir.FlatSymbolRefAttr(op.attributes[CALLEE]).value
+    extras = ir.ArrayAttr(op.attributes["lowering.extras"])
+    args = [_argument(op, "tab") if x.owner.name == "attn.position" else x for x in op.operands]
+    args += [_argument(op, ir.StringAttr(e).value) for e in extras]
+    with rewriter.ip, op.location:
+        call = func.CallOp([op.results[0].type], callee, args)
+    rewriter.replace_op(op, call)
+
+
+def _input(op, rewriter) -> None:
+    rewriter.replace_op(op, [_argument(op, ir.StringAttr(op.attributes["name"]).value)])
+
+
+def _position(op, rewriter):
+    if list(op.result.uses):
+        return True                      # failure: still read (its users are rewritten first)
+    rewriter.erase_op(op)
+
+
+SPECIAL = {"attn.input": _input, "attn.position": _position}     # every other op: _call
+
+
+def _rules() -> rewrite.FrozenRewritePatternSet:
+    patterns = rewrite.RewritePatternSet()
+    for name in dialect.OPS:
+        patterns.add(name, SPECIAL.get(name, _call))
+    return patterns.freeze()
+
+
+def lower(roots: dict[str, Node], p: Params, dtype: str = "float32") -> ir.Module:
+    """{block name: planned IR} -> a linalg module with @run_NAME per block (inlined, canonical).
+    Raises NotLowered for a node without a body."""
+    T = ELEMENT[dtype]
+    with dialect.context() as ctx, ir.Location.unknown():
+        module = to_module(roots, element=T)
+        bodies = []
+        for f, (name, root) in zip(list(module.body.operations), roots.items()):
+            f = f.operation
+            block = f.regions[0].blocks[0]
+            inputs = {n.name: n.shape[-1] for n in postorder(root) if isinstance(n, Input)}
+            dk = inputs.get("q", inputs.get("k", 1))
+            dv = inputs.get("v", dk)
+            arg_types = [tensor(("?", "?", dk), T), tensor(("?", "?", dk), T), tensor(("?", "?", dv), T),
+                         tensor(p.proj, T), tensor(p.tab, T), tensor((p.heads, 2), T)]
+            for t in arg_types:
+                block.add_argument(ir.Type.parse(t), ir.Location.unknown())
+            result = ir.Type.parse(tensor(("?", "?", root.shape[-1]), T))
+            f.attributes["function_type"] = ir.TypeAttr.get(
+                ir.FunctionType.get([ir.Type.parse(t) for t in arg_types], [result]))
+            f.attributes["sym_visibility"] = ir.StringAttr.get("private")
+            for i, (op, node) in enumerate(zip(list(block.operations)[:-1], postorder(root))):
+                op = op.operation
+                if isinstance(node, (Input, Position)):
+                    continue
+                body = f"{name}__{node.op}{i}"
+                bodies.append(body_function(body, node, T, p))
+                op.attributes[CALLEE] = ir.FlatSymbolRefAttr.get(body)
+                op.attributes["lowering.extras"] = ir.ArrayAttr.get(
+                    [ir.StringAttr.get(e) for e in EXTRA.get(type(node), ())])
+            out_ty = f"memref<?x?x{root.shape[-1]}x{T}>"
+            sig = ", ".join(f"%{a}: {t} {{bufferization.writable = false}}" for a, t in zip(ARGS, arg_types))
+            bodies.append(
+                f"func.func @run_{name}({sig}, %out: {out_ty}) attributes {{llvm.emit_c_interface}} {{\n"
+                f"  %r = func.call @{name}({', '.join('%' + a for a in ARGS)}) : "
+                f"({', '.join(arg_types)}) -> {result}\n"
+                f"  bufferization.materialize_in_destination %r in restrict writable %out : "
+                f"({result}, {out_ty}) -> ()\n  return\n}}")
+        rewrite.apply_patterns_and_fold_greedily(module, _rules())
+        # the rewritten functions, the bodies they now call and the entry points, as one module
+        module = ir.Module.parse("\n".join([*(str(op) for op in module.body.operations), *bodies]))
+        passmanager.PassManager.parse("builtin.module(inline,symbol-dce,canonicalize,cse)").run(module.operation)
+        module.operation.verify()
+    return module
