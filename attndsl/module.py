@@ -118,9 +118,8 @@ class Attention(nn.Module):
             return backend.Program(self.planned.root, self.spec.name,
                                    backend.params(self.spec, self.heads, self.head_dim))
         except linalg.NotLowered as e:
-            field = "sampling" if isinstance(e.node, SampledAttention) else "kernel"
             raise SpecError(f"{e} on target '{MLIR_TARGET}', so spec '{self.spec.name}' cannot be "
-                            f"compiled for it", self.spec.span_of(field),
+                            f"compiled for it", self.spec.span,
                             help="use target='llvm' (TVM), which compiles every form") from None
 
     # --- forward -----------------------------------------------------------------------------------
@@ -153,8 +152,13 @@ class Attention(nn.Module):
         for node in postorder(self.planned.root):
             if isinstance(node, PositionalAttention) and node.form == "decayed":
                 rates = _decay_slopes(node, tab).contiguous()
+        extras = []
+        for node in postorder(self.planned.root):
+            if isinstance(node, SampledAttention):       # sorted and sampled in torch, as for TVM
+                s = sampling.draw(env["q"], env["k"], env["v"], node.sampling, self.lsh_planes, self.sampling_seed)
+                extras = [torch.argsort(s.pq, dim=-1).int(), torch.argsort(s.pk, dim=-1).int(), s.si, s.lw, s.sb]
         return self._mlir(KERNEL_DTYPES[dtype], env["q"], env["k"], env["v"], self._projection(dtype)[0],
-                          tab.detach(), rates.detach())
+                          tab.detach(), rates.detach(), *extras)
 
     def _projection(self, dtype):
         if self.projection is None:

@@ -36,9 +36,10 @@ class Program:
         """The linalg module (after inlining and canonicalization) for `dtype`."""
         return linalg.lower({self.name: self.root}, self.params, dtype)
 
-    def __call__(self, dtype: str, q, k, v, w, tab, rates) -> torch.Tensor:
+    def __call__(self, dtype: str, q, k, v, w, tab, rates, *samples) -> torch.Tensor:
+        """samples: for sampled attention, invq, invk, si, lw, sb (linalg.sample_types)."""
         if dtype not in self._compiled:
             self._compiled[dtype] = engine.Compiled(self.module(dtype))
         out = v.new_empty(v.shape[0], v.shape[1], self.root.shape[-1])
-        self._compiled[dtype](self.name, q, k, v, w, tab, rates, out)
+        self._compiled[dtype](self.name, q, k, v, w, tab, rates, *samples, out)
         return out

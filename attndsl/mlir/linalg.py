@@ -15,16 +15,18 @@ holds its linalg body, built here from the op's node; MLIR's inliner then splice
                                                A_ij = (φq_i·φk_j) e^(b(i−j) − max_j b) M_ij, out = A v / A 1
     attn.toeplitz_values       ->  Σ_j M_ij b(i−j) v_j (dense)
     attn.softmax_attention     ->  softmax(s q kᵀ + b(i−j), masked) v, row by row of (BH, N, N)
+    attn.sampled_attention     ->  kde, uniform: each query's LSH block exactly plus the weighted
+                                   samples outside it (the sort and the samples come from torch,
+                                   attndsl.sampling, as for the TVM kernels), dense
     attn.add                   ->  a + b
     attn.position              ->  erased; its users read the argument %tab
 
 MLIR has no FFT op, and this backend is an independent check of the maths (and a module other
-MLIR toolchains can take), so the FFT and banded sites run the O(N²) Toeplitz product here.
-Sampled attention (kde, uniform) sorts and samples in torch and has no lowering (`NotLowered`).
+MLIR toolchains can take), so the FFT, banded and sampled sites are evaluated densely, O(N²).
 
 The executable function @run_NAME(q, k, v: tensor<?x?xDxT>, w: tensor<MxDkxT> (W'),
 tab: tensor<HxPxT> (position table or alibi slopes), rates: tensor<Hx2xT> (decay rates per head
-and direction), out: memref<?x?xDvxT>) writes the result into `out`.
+and direction)[, the samples of `sample_types`], out: memref<?x?xDvxT>) writes the result into `out`.
 """
 from __future__ import annotations
 
@@ -36,18 +38,19 @@ from torch_mlir import ir, passmanager, rewrite
 from ..ast import Var
 from ..expr import BUILTIN_MAPS
 from ..ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
-                  SoftmaxAttention, ToeplitzValues, postorder)
+                  SampledAttention, SoftmaxAttention, ToeplitzValues, postorder)
 from . import dialect
 from .emit import to_module
 from .text import Body, tensor
 
 ELEMENT = {"float32": "f32", "float64": "f64"}
-ARGS = ("q", "k", "v", "w", "tab", "rates")       # the executable function's inputs, in order
+ARGS = ("q", "k", "v", "w", "tab", "rates")       # the executable function's inputs, in order,
+SAMPLES = ("invq", "invk", "si", "lw", "sb")      # and after them, for sampled attention, the samples
 NEG_INF = -math.inf
 
 
 class NotLowered(ValueError):
-    """A node with no linalg lowering (sampled attention)."""
+    """A node with no linalg body (an unplanned quadratic node: the pipeline leaves none)."""
 
     def __init__(self, node: Node):
         self.node = node
@@ -64,23 +67,29 @@ class Params:
 
 # --- three combinators over linalg.generic -------------------------------------------------------
 
+def _ins(b: Body, ins) -> tuple[list[str], list[tuple[str, str]]]:
+    """The maps and (value, type) of generic inputs given as (value, shape, map[, element])."""
+    return [x[2] for x in ins], [(x[0], tensor(x[1], x[3] if len(x) > 3 else b.T)) for x in ins]
+
+
 def ew(b: Body, shape, out_map: str, ins, fn) -> str:
-    """out[out_map] = fn(g, *ins) elementwise; ins are (value, shape, map)."""
-    return b.generic([m for _, _, m in ins], [out_map], [(v, tensor(s, b.T)) for v, s, _ in ins],
-                     [(b.empty(shape), tensor(shape, b.T))], lambda g, a: [fn(g, *a[:-1])])[0]
+    """out[out_map] = fn(g, *ins) elementwise; ins are (value, shape, map[, element])."""
+    maps, values = _ins(b, ins)
+    return b.generic(maps, [out_map], values, [(b.empty(shape), tensor(shape, b.T))],
+                     lambda g, a: [fn(g, *a[:-1])])[0]
 
 
 def update(b: Body, dest: str, shape, out_map: str, ins, fn) -> str:
     """dest[out_map] = fn(g, *ins, dest) in place (a loop-carried state stays one buffer)."""
-    return b.generic([m for _, _, m in ins], [out_map], [(v, tensor(s, b.T)) for v, s, _ in ins],
-                     [(dest, tensor(shape, b.T))], lambda g, a: [fn(g, *a)])[0]
+    maps, values = _ins(b, ins)
+    return b.generic(maps, [out_map], values, [(dest, tensor(shape, b.T))], lambda g, a: [fn(g, *a)])[0]
 
 
 def red(b: Body, shape, out_map: str, ins, fn=None, init: float = 0.0, combine: str = "arith.addf") -> str:
     """out[out_map] = combine over every other dim of fn(g, *ins) (default: their product), from init."""
     fn = fn or (lambda g, *x: x[0] if len(x) == 1 else g.f("arith.mulf", *x))
-    return b.generic([m for _, _, m in ins], [out_map], [(v, tensor(s, b.T)) for v, s, _ in ins],
-                     [(b.full(shape, init), tensor(shape, b.T))],
+    maps, values = _ins(b, ins)
+    return b.generic(maps, [out_map], values, [(b.full(shape, init), tensor(shape, b.T))],
                      lambda g, a: [g.f(combine, a[-1], fn(g, *a[:-1]))])[0]
 
 
@@ -317,6 +326,58 @@ def _softmax(node: SoftmaxAttention, b: Body, a: dict, p: Params) -> str:
     return toeplitz_mix(b, logits, pos, a.get("bias"), p, node.causal, a["v"], dims, d, logits=True)
 
 
+def _sampled(node: SampledAttention, b: Body, a: dict, p: Params) -> str:
+    """The estimator of lowering/sampled.py, densely in the callers' row order: query i (sorted
+    position invq_i, block g_i = invq_i // block) sees the keys of its block exactly (g_j = g_i, and
+    invk_j ≤ invq_i when causal) and the samples s not in its block (sb_s ≠ g_i; causal: sb_s < g_i)
+    with log-weights lw_s; out_i = softmax over both of (s q_i·k + lw) applied to [v; v_si]."""
+    dk, d = node.q.shape[-1], node.v.shape[-1]
+    dims = bh, n = _rows(b, a["v"], d)
+    blk = int(node.sampling["block"]) if node.sampling.name == "kde" else 1
+    ns = b(f"tensor.dim {a['si']}, {b.index(1)} : tensor<?x?xi32>")
+    sq, ss = (bh, n, n), (bh, n, ns)
+
+    def at(g, t, *idx):                                  # an i32 entry as an index
+        return g(f"arith.index_cast {g(f'tensor.extract {t}[{chr(44).join(idx)}] : tensor<?x?xi32>')} : i32 to index")
+
+    def gathered(x, width):                              # x[b, si[b, s], :]: (BH, S, width)
+        def fn(g):
+            bi, si, di = (g(f"linalg.index {i} : index") for i in range(3))
+            return g.extract(x, tensor(("?", "?", width), g.T), bi, at(g, a["si"], bi, si), di)
+        return ew(b, (bh, ns, width), "b,s,d", [], fn)
+    ks, vs = gathered(a["k"], dk), gathered(a["v"], d)
+
+    def block_logit(g, dot):
+        bi, i, j = (g(f"linalg.index {x} : index") for x in range(3))
+        ti, tj = at(g, a["invq"], bi, i), at(g, a["invk"], bi, j)
+        blocks = (g(f"arith.divui {t}, {g.index(blk)} : index") for t in (ti, tj))
+        seen = g(f"arith.cmpi eq, {next(blocks)}, {next(blocks)} : index")
+        if node.causal:
+            seen = g(f"arith.andi {seen}, {g(f'arith.cmpi ule, {tj}, {ti} : index')} : i1")
+        return g.select(seen, g.f("arith.mulf", dot, g.const(node.scale)), g.const(NEG_INF))
+
+    def sample_logit(g, dot, lw):
+        bi, i, si = (g(f"linalg.index {x} : index") for x in range(3))
+        gi = g(f"arith.divui {at(g, a['invq'], bi, i)}, {g.index(blk)} : index")
+        seen = g(f"arith.cmpi {'ult' if node.causal else 'ne'}, {at(g, a['sb'], bi, si)}, {gi} : index")
+        return g.select(seen, g.f("arith.addf", g.f("arith.mulf", dot, g.const(node.scale)), lw), g.const(NEG_INF))
+
+    dots = red(b, sq, "b,i,j", [(a["q"], (bh, n, dk), "b,i,e"), (a["k"], (bh, n, dk), "b,j,e")])
+    lb = ew(b, sq, "b,i,j", [(dots, sq, "b,i,j")], block_logit)
+    sdots = red(b, ss, "b,i,s", [(a["q"], (bh, n, dk), "b,i,e"), (ks, (bh, ns, dk), "b,s,e")])
+    ls = ew(b, ss, "b,i,s", [(sdots, ss, "b,i,s"), (a["lw"], (bh, ns), "b,s")], sample_logit)
+    mx = red(b, (bh, n), "b,i", [(lb, sq, "b,i,j")], init=NEG_INF, combine="arith.maximumf")
+    mx = update(b, mx, (bh, n), "b,i", [(ls, ss, "b,i,s")], lambda g, x, m: g.f("arith.maximumf", x, m))
+    e = [ew(b, sh, f"b,i,{c}", [(l, sh, f"b,i,{c}"), (mx, (bh, n), "b,i")],
+            lambda g, x, m: g.exp(g.f("arith.subf", x, m))) for l, sh, c in ((lb, sq, "j"), (ls, ss, "s"))]
+    num = red(b, (bh, n, d), "b,i,d", [(e[0], sq, "b,i,j"), (a["v"], (bh, n, d), "b,j,d")])
+    num = update(b, num, (bh, n, d), "b,i,d", [(e[1], ss, "b,i,s"), (vs, (bh, ns, d), "b,s,d")],
+                 lambda g, x, y, o: g.f("arith.addf", o, g.f("arith.mulf", x, y)))
+    den = red(b, (bh, n), "b,i", [(e[0], sq, "b,i,j")])
+    den = update(b, den, (bh, n), "b,i", [(e[1], ss, "b,i,s")], lambda g, x, o: g.f("arith.addf", o, x))
+    return divide(b, num, den, bh, n, d)
+
+
 def _add(node: Add, b: Body, a: dict, p: Params) -> str:
     d = node.shape[-1]
     bh, n = _rows(b, a["a"], d)
@@ -330,13 +391,22 @@ BODIES = {
     PositionalAttention: _positional,
     ToeplitzValues: _values,
     SoftmaxAttention: _softmax,
+    SampledAttention: _sampled,
     Add: _add,
 }
-EXTRA = {FeatureMap: ("w",), PositionalAttention: ("rates",)}   # function arguments a body also reads
+# function arguments a body reads besides its operands
+EXTRA = {FeatureMap: ("w",), PositionalAttention: ("rates",), SampledAttention: SAMPLES}
 
 
 def operand_type(node: Node, T: str, p: Params) -> str:
     return tensor(p.tab, T) if isinstance(node, Position) else tensor(("?", "?", node.shape[-1]), T)
+
+
+def sample_types(T: str) -> dict[str, str]:
+    """invq, invk (BH, N): each row's position in bucket order; si, sb (BH, S): the sampled keys
+    and the sorted block holding each; lw (BH, S): log 1/(p·S)."""
+    i32 = tensor(("?", "?"), "i32")
+    return {"invq": i32, "invk": i32, "si": i32, "lw": tensor(("?", "?"), T), "sb": i32}
 
 
 def body_function(name: str, node: Node, T: str, p: Params) -> str:
@@ -345,7 +415,7 @@ def body_function(name: str, node: Node, T: str, p: Params) -> str:
         raise NotLowered(node)
     operands = [(f.name, getattr(node, f.name)) for f in dialect.fields(type(node))
                 if f.where == "operand" and getattr(node, f.name) is not None]
-    types = {"w": tensor(p.proj, T), "rates": tensor((p.heads, 2), T)}
+    types = {"w": tensor(p.proj, T), "rates": tensor((p.heads, 2), T), **sample_types(T)}
     params = [(f"%{k}", operand_type(c, T, p)) for k, c in operands]
     params += [(f"%{k}", types[k]) for k in EXTRA.get(type(node), ())]
     b = Body(T)
@@ -369,6 +439,8 @@ def describe(node: Node) -> str:
         return f"form {form}: two contractions (S = φkᵀv, out = φq S)"
     if isinstance(node, SoftmaxAttention):
         return f"form {form}: dense scores (BH, N, N), row softmax"
+    if isinstance(node, SampledAttention):
+        return f"form {form}: block keys + samples (sorted and drawn in torch), dense masks"
     return form or ""
 
 
@@ -378,7 +450,7 @@ CALLEE = "lowering.callee"          # a discardable attribute the rules read: th
 
 
 def _argument(op, name: str) -> ir.Value:
-    return op.parent.regions[0].blocks[0].arguments[ARGS.index(name)]
+    return op.parent.regions[0].blocks[0].arguments[(ARGS + SAMPLES).index(name)]
 
 
 def _call(op, rewriter) -> None:
@@ -417,7 +489,7 @@ def lower(roots: dict[str, Node], p: Params, dtype: str = "float32") -> ir.Modul
     """{block name: planned IR} -> a linalg module with @run_NAME per block (inlined, canonical).
     Raises NotLowered for a node without a body."""
     T = ELEMENT[dtype]
-    with dialect.context() as ctx, ir.Location.unknown():
+    with dialect.context(), ir.Location.unknown():
         module = to_module(roots, element=T)
         bodies = []
         for f, (name, root) in zip(list(module.body.operations), roots.items()):
@@ -426,8 +498,11 @@ def lower(roots: dict[str, Node], p: Params, dtype: str = "float32") -> ir.Modul
             inputs = {n.name: n.shape[-1] for n in postorder(root) if isinstance(n, Input)}
             dk = inputs.get("q", inputs.get("k", 1))
             dv = inputs.get("v", dk)
-            arg_types = [tensor(("?", "?", dk), T), tensor(("?", "?", dk), T), tensor(("?", "?", dv), T),
-                         tensor(p.proj, T), tensor(p.tab, T), tensor((p.heads, 2), T)]
+            args = ARGS + (SAMPLES if any(isinstance(n, SampledAttention) for n in postorder(root)) else ())
+            types = {"q": tensor(("?", "?", dk), T), "k": tensor(("?", "?", dk), T), "v": tensor(("?", "?", dv), T),
+                     "w": tensor(p.proj, T), "tab": tensor(p.tab, T), "rates": tensor((p.heads, 2), T),
+                     **sample_types(T)}
+            arg_types = [types[a] for a in args]
             for t in arg_types:
                 block.add_argument(ir.Type.parse(t), ir.Location.unknown())
             result = ir.Type.parse(tensor(("?", "?", root.shape[-1]), T))
@@ -444,10 +519,10 @@ def lower(roots: dict[str, Node], p: Params, dtype: str = "float32") -> ir.Modul
                 op.attributes["lowering.extras"] = ir.ArrayAttr.get(
                     [ir.StringAttr.get(e) for e in EXTRA.get(type(node), ())])
             out_ty = f"memref<?x?x{root.shape[-1]}x{T}>"
-            sig = ", ".join(f"%{a}: {t} {{bufferization.writable = false}}" for a, t in zip(ARGS, arg_types))
+            sig = ", ".join(f"%{a}: {t} {{bufferization.writable = false}}" for a, t in zip(args, arg_types))
             bodies.append(
                 f"func.func @run_{name}({sig}, %out: {out_ty}) attributes {{llvm.emit_c_interface}} {{\n"
-                f"  %r = func.call @{name}({', '.join('%' + a for a in ARGS)}) : "
+                f"  %r = func.call @{name}({', '.join('%' + a for a in args)}) : "
                 f"({', '.join(arg_types)}) -> {result}\n"
                 f"  bufferization.materialize_in_destination %r in restrict writable %out : "
                 f"({result}, {out_ty}) -> ()\n  return\n}}")
