@@ -3,6 +3,7 @@
     spec = attndsl.parse(text, filename="x.attn")          # AST; raises SpecError
     attn = attndsl.compile("x.attn", heads=8, head_dim=64)  # -> Attention (torch.nn.Module)
     out = attn(q, k, v); ref = attn.reference(q, k, v); print(attn.explain())
+    print(attndsl.from_torch(my_attention, (q, k, v)))     # an existing PyTorch attention as a spec
 """
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ def compile(text_or_path, name: str | None = None, *, heads: int, head_dim: int,
                      plan=plan, check_finite=check_finite)
 
 
+def from_torch(fn_or_module, example_inputs, *, name: str = "imported"):
+    """A PyTorch attention fn(q, k, v) read back as a spec (torch-mlir export; attndsl.mlir.from_torch):
+    returns an `Imported` (its `.text`, the learned `.position_table`, `.compile(...)`)."""
+    from .mlir.from_torch import from_torch as read
+    return read(fn_or_module, example_inputs, name=name)
+
+
 def __getattr__(name):
     if name == "Attention":
         from .module import Attention
@@ -45,4 +53,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["parse", "compile", "SpecError", "Attention", "read_spec"]
+__all__ = ["parse", "compile", "from_torch", "SpecError", "Attention", "read_spec"]

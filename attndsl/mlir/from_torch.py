@@ -1,0 +1,465 @@
+"""PyTorch attention -> a spec: `attndsl.from_torch(fn_or_module, (q, k, v))`.
+
+The function is exported by torch-mlir's fx importer (torch dialect) and interpreted op by op on
+the example inputs: every value gets its number (torch.ops.aten on the op's operands) and the set
+of inputs it depends on. Values that depend on no input (masks, position buckets, embedding
+lookups) are constants of the example length; what depends on q, k, v is matched against
+
+    softmax:  softmax(s·φq·φkᵀ + B, masked) v,  φ(x) = c·x      -> kernel = softmax, scale = s·c_q·c_k
+                                                                    B Toeplitz -> position = toeplitz(W)
+                                                                    mask = triu -> mask = causal
+    linear:   contractions of φ(q), φ(k) and v (a cumsum: causal) -> kernel = NAME or kernel(x) = EXPR
+
+where φ is read off the elementwise ops between an input and its first non-elementwise use. The
+candidate spec is then run through attndsl's reference on fresh random inputs and must reproduce
+the function's output; anything else is a `FromTorchError` naming the op it could not place.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..ast import Binary, Call, Expr, Num, Unary, Var
+from ..expr import BUILTIN_MAPS, evaluate, to_text
+
+
+class FromTorchError(ValueError):
+    """The function is not (recognisably) an attention the DSL can express."""
+
+
+RECOGNISED = ("softmax(s·q·kᵀ + bias) v with an optional causal mask and a relative-position "
+              "bias (a Toeplitz table), or linear attention φ(q)(φ(k)ᵀv) with elementwise φ")
+
+# --- the interpreter -------------------------------------------------------------------------------
+
+SCALAR_TYPES = {0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64,
+                5: torch.float16, 6: torch.float32, 7: torch.float64, 11: torch.bool, 15: torch.bfloat16}
+MEMORY_FORMATS = {0: torch.contiguous_format, 1: torch.preserve_format, 2: torch.channels_last}
+ELEMENT_TYPES = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16, "bf16": torch.bfloat16,
+                 "si64": torch.int64, "si32": torch.int32, "i1": torch.bool, "ui8": torch.uint8, "si8": torch.int8}
+
+
+@dataclass
+class Value:
+    """An SSA value as interpreted: its number on the example inputs and the inputs it depends on."""
+    number: object
+    deps: frozenset
+    op: "Op | None" = None         # the defining op (None for arguments)
+
+
+@dataclass(frozen=True)
+class Op:
+    """A torch-dialect op as the matcher sees it; values are named by keys, not MLIR handles."""
+    name: str
+    operands: tuple
+    results: tuple
+    location: str
+
+
+def _resources(text: str) -> dict[str, bytes]:
+    """The dense_resource blobs of a printed module (parameters and buffers): name -> bytes."""
+    out = {}
+    for name, hexdata in re.findall(r"(torch_tensor_[\w.]+):\s*\"0x([0-9A-Fa-f]+)\"", text):
+        out[name] = bytes.fromhex(hexdata)[4:]          # the first 4 bytes are the alignment
+    return out
+
+
+def _literal(attr, resources: dict[str, bytes]) -> torch.Tensor:
+    text = str(attr)
+    shape_m = re.search(r"tensor<((?:\d+x)*)(\w+)>", text)
+    shape = [int(d) for d in shape_m[1].split("x") if d]
+    dtype = ELEMENT_TYPES[shape_m[2]]
+    if text.startswith("dense_resource"):
+        name = re.match(r"dense_resource<([\w.]+)>", text)[1]
+        return torch.frombuffer(bytearray(resources[name]), dtype=dtype).reshape(shape).clone()
+    import numpy as np
+    return torch.from_numpy(np.array(attr).copy()).to(dtype).reshape(shape)
+
+
+def _aten(name: str):
+    """torch.aten.add.Tensor -> torch.ops.aten.add.Tensor; torch.aten.bmm -> ...bmm.default."""
+    parts = name.split(".")
+    ns, base = getattr(torch.ops, parts[1]), parts[2]
+    packet = getattr(ns, base)
+    return getattr(packet, parts[3] if len(parts) > 3 else "default")
+
+
+def _call(op_fn, args: list):
+    """op_fn on the operands in schema order: keyword-only ones by name, enum-typed ones
+    (ScalarType, MemoryFormat, Layout, Device) decoded from their MLIR integers and strings."""
+    positional, named = [], {}
+    for a, schema_arg in zip(args, op_fn._schema.arguments):
+        ty = str(schema_arg.type)
+        if isinstance(a, int) and not isinstance(a, bool) and "ScalarType" in ty:
+            a = SCALAR_TYPES[a]
+        elif isinstance(a, int) and not isinstance(a, bool) and "MemoryFormat" in ty:
+            a = MEMORY_FORMATS[a]
+        elif isinstance(a, int) and not isinstance(a, bool) and "Layout" in ty:
+            a = torch.strided
+        elif isinstance(a, str) and "Device" in ty:
+            a = torch.device(a)
+        if schema_arg.kwarg_only:
+            named[schema_arg.name] = a
+        else:
+            positional.append(a)
+    return op_fn(*positional, **named)
+
+
+def interpret(fn, example_inputs) -> tuple[list[Op], dict]:
+    """Export `fn` with torch-mlir and evaluate it op by op: (ops in order, {key: Value})."""
+    from torch_mlir import fx, ir
+    module = fn if isinstance(fn, torch.nn.Module) else _Wrap(fn)
+    with warnings.catch_warnings():                  # torch.export's own deprecation notices
+        warnings.simplefilter("ignore", FutureWarning)
+        exported = fx.export_and_import(module.eval(), *example_inputs, output_type="torch")
+    resources = _resources(str(exported))
+    block = exported.body.operations[0].regions[0].blocks[0]
+    index: dict = {}
+
+    def key(v):
+        v = v.maybe_downcast()
+        if isinstance(v, ir.BlockArgument):
+            return ("arg", v.arg_number)
+        return (index[v.owner], v.result_number)
+
+    values: dict = {("arg", i): Value(x, frozenset(name)) for i, (name, x) in enumerate(zip("qkv", example_inputs))}
+    ops = []
+    for i, mop in enumerate(block.operations):
+        name = mop.name
+        if name == "func.return":
+            break
+        index[mop.operation] = i
+        op = Op(name, tuple(key(o) for o in mop.operands), tuple((i, r) for r in range(len(mop.results))),
+                str(mop.location))
+        operands = [values[o] for o in op.operands]
+        deps = frozenset().union(*(v.deps for v in operands)) if operands else frozenset()
+        if name in ("torch.constant.int", "torch.constant.float", "torch.constant.bool", "torch.constant.str"):
+            number = mop.attributes["value"].value
+        elif name == "torch.constant.device":
+            number = str(mop.attributes["value"]).strip('"')
+        elif name == "torch.constant.none":
+            number = None
+        elif name == "torch.prim.ListConstruct":
+            number = [v.number for v in operands]
+        elif name == "torch.vtensor.literal":
+            number = _literal(mop.attributes["value"], resources)
+        elif name.startswith(("torch.aten.", "torch.prims.")):
+            number = _call(_aten(name), [v.number for v in operands])
+        else:
+            raise FromTorchError(f"unrecognised op {name} ({op.location}); attndsl.from_torch reads "
+                                 f"torch-dialect aten ops")
+        numbers = [number] if len(op.results) == 1 else list(number)
+        for r, x in zip(op.results, numbers):
+            values[r] = Value(x, deps, op)
+        ops.append(op)
+    return ops, values
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, q, k, v):
+        return self.fn(q, k, v)
+
+
+# --- elementwise maps as expressions ---------------------------------------------------------------
+
+def _num(x) -> Num | None:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return Num(float(x))
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.is_floating_point() or (
+            isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype in (torch.int64, torch.int32)):
+        return Num(float(x.reshape(())))
+    return None
+
+
+def _mul(a: Expr, b: Expr) -> Expr:
+    if a == Num(1.0):
+        return b
+    if b == Num(1.0):
+        return a
+    return Binary("*", a, b)
+
+
+def _add(a: Expr, b: Expr, sign: float = 1.0) -> Expr:
+    if b == Num(0.0):
+        return a
+    if isinstance(b, Num) and sign * b.value < 0:
+        return Binary("-", a, Num(-sign * b.value))
+    return Binary("+" if sign > 0 else "-", a, b)
+
+
+UNARY = {"exp": "exp", "log": "log", "abs": "abs", "sqrt": "sqrt", "relu": "relu", "sigmoid": "sigmoid",
+         "tanh": "tanh", "sin": "sin", "cos": "cos"}
+STRUCTURAL = {"view", "reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "clone",
+              "contiguous", "to", "_to_copy", "type_as", "detach", "alias", "_unsafe_view", "t",
+              "broadcast_to", "expand_as"}
+SOFTMAX = {"exp", "_softmax", "softmax", "_safe_softmax"}
+CONTRACTIONS = {"bmm", "matmul", "mm", "einsum", "mul", "sum", "div", "cumsum", "add", "sub", "max", "amax",
+                "masked_fill", "where", "rsub", "reciprocal", *SOFTMAX,
+                "eq", "ne", "isinf", "all", "any", "logical_not"}    # _safe_softmax's fully-masked-row guard
+
+
+def _base(op) -> str:
+    return op.name.split(".")[2]
+
+
+def elementwise_expr(op, operands: list[Value], arg_exprs: list) -> Expr | None:
+    """The expression of an elementwise op whose symbolic operands have expressions `arg_exprs`
+    (None for constants), or None when the op is not an elementwise map."""
+    base, parts = _base(op), op.name.split(".")
+    over = parts[3] if len(parts) > 3 else ""
+    e = [a if a is not None else _num(v.number) for a, v in zip(arg_exprs, operands)]
+    if base in UNARY and len(e) == 1:
+        return Call(UNARY[base], (e[0],))
+    if base == "log1p":
+        return Call("log", (_add(Num(1.0), e[0]),))
+    if base in ("maximum", "minimum") and None not in e[:2]:
+        return Call("max" if base == "maximum" else "min", (e[0], e[1]))
+    if base == "elu" and [float(o.number) for o in operands[1:4]] == [1.0, 1.0, 1.0]:
+        return Call("elu", (e[0],))
+    if base == "softplus" and float(operands[1].number) == 1.0:
+        return Call("softplus", (e[0],))
+    if base == "neg":
+        return Unary("-", e[0])
+    if base in ("add", "sub") and None not in e[:2]:
+        alpha = _num(operands[2].number) if len(operands) > 2 else Num(1.0)
+        return _add(e[0], _mul(alpha, e[1]) if alpha != Num(1.0) else e[1], 1.0 if base == "add" else -1.0)
+    if base == "rsub" and None not in e[:2]:
+        return _add(e[1], _mul(_num(operands[2].number), e[0]), -1.0)
+    if base == "mul" and None not in e[:2]:
+        return _mul(e[0], e[1])
+    if base == "div" and over in ("Scalar", "Tensor") and None not in e[:2]:
+        return Binary("/", e[0], e[1])
+    if base == "pow" and None not in e[:2]:
+        return Binary("**", e[0], e[1])
+    return None
+
+
+def same_map(a: Expr, b: Expr) -> bool:
+    x = torch.linspace(-4, 4, 161, dtype=torch.float64)
+    return torch.allclose(evaluate(a, x), evaluate(b, x), rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def kernel_field(e: Expr) -> str:
+    for name, builtin in BUILTIN_MAPS.items():
+        if same_map(e, builtin):
+            return f"kernel = {name}"
+    return f"kernel(x) = {to_text(e)}"
+
+
+def linear_factor(e: Expr) -> float | None:
+    """c when EXPR(x) = c·x."""
+    x = torch.linspace(-4, 4, 161, dtype=torch.float64)
+    c = float(evaluate(e, torch.ones(1, dtype=torch.float64)))
+    return c if torch.allclose(evaluate(e, x), c * x, rtol=1e-9, atol=1e-12) else None
+
+
+def elementwise_values(ops, values) -> dict:
+    """{key: Expr} for every value that is an elementwise map of one input (the input: x)."""
+    exprs = {x: Var("x") for x, val in values.items() if val.op is None and val.deps}
+    for op in ops:
+        if not op.results:
+            continue
+        res = op.results[0]
+        if len(values[res].deps) != 1 or any(values[o].deps and o not in exprs for o in op.operands):
+            continue
+        e = elementwise_expr(op, [values[o] for o in op.operands], [exprs.get(o) for o in op.operands])
+        if e is not None:
+            exprs[res] = e
+    return exprs
+
+
+def feature_maps(ops, values, exprs) -> dict:
+    """{input: φ}: the map whose value a non-elementwise op reads (the raw input when none is)."""
+    phi: dict = {}
+    for op in ops:
+        for o in op.operands:
+            if o in exprs and op.results and op.results[0] not in exprs:
+                (inp,) = values[o].deps
+                if inp in phi and not same_map(phi[inp], exprs[o]):
+                    raise FromTorchError(f"{inp} is read through two different maps ({to_text(phi[inp])} "
+                                         f"and {to_text(exprs[o])}); a spec has one kernel(x)")
+                phi.setdefault(inp, exprs[o])
+    return phi
+
+
+# --- the match -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Imported:
+    """What from_torch found: the spec text, and the learned position table (H, 2W+1) it needs."""
+    text: str
+    heads: int
+    head_dim: int
+    value_dim: int
+    position_table: torch.Tensor | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+    def compile(self, **kwargs):
+        """attndsl.compile of the spec, with the table loaded."""
+        from .. import compile
+        attn = compile(self.text, heads=self.heads, head_dim=self.head_dim, value_dim=self.value_dim, **kwargs)
+        if self.position_table is not None:
+            with torch.no_grad():
+                attn.position_table.copy_(self.position_table)
+        return attn
+
+
+def from_torch(fn, example_inputs, *, name: str = "imported") -> Imported:
+    """An attention implementation fn(q, k, v) (or an nn.Module), q, k (B, H, N, Dk), v (B, H, N, Dv),
+    as an attndsl spec. Constants (masks, biases) are read at the example length N: export at an N
+    longer than the model's largest relative distance to see where its table is clipped."""
+    q, k, v = example_inputs
+    ops, values = interpret(fn, example_inputs)
+    exprs = elementwise_values(ops, values)
+    for op in ops:                                     # every op on the inputs must have a place
+        res = op.results[0] if op.results else None
+        if res is not None and values[res].deps and res not in exprs and _base(op) not in STRUCTURAL | CONTRACTIONS:
+            raise FromTorchError(f"unrecognised op {op.name}{_where(op)} on the attention inputs; "
+                                 f"from_torch recognises {RECOGNISED}")
+    phi = feature_maps(ops, values, exprs)
+    softmax = any(_base(op) in SOFTMAX and {"q", "k"} <= values[op.operands[0]].deps for op in ops)
+    heads, dk, dv = q.shape[1], q.shape[3], v.shape[3]
+    table = None
+    if softmax:
+        spec_lines, table = _softmax_fields(ops, values, phi, q, k)
+    else:
+        spec_lines = _linear_fields(ops, values, phi)
+    text = f"attention {name} {{\n" + "".join(f"    {ln}\n" for ln in spec_lines) + "}\n"
+    imported = Imported(text, heads, dk, dv, table)
+    _verify(fn, imported, example_inputs)
+    return imported
+
+
+def _where(op: Op) -> str:
+    """' at FILE:LINE' of the user's source, when the exporter recorded one outside attndsl."""
+    m = re.match(r'loc\("([^"]+)":(\d+)', op.location)
+    return f" at {m[1]}:{m[2]}" if m and "/attndsl/" not in m[1] else ""
+
+
+def _phi(phi: dict, inp: str) -> Expr:
+    e = phi.get(inp)
+    if e is None:
+        raise FromTorchError(f"could not read the map applied to {inp}; from_torch recognises {RECOGNISED}")
+    return e
+
+
+def _linear_fields(ops, values, phi) -> list[str]:
+    fq, fk = _phi(phi, "q"), _phi(phi, "k")
+    if not same_map(fq, fk):
+        raise FromTorchError(f"q and k go through different maps ({to_text(fq)} vs {to_text(fk)}); "
+                             f"a spec has one kernel(x)")
+    causal = any(_base(op) == "cumsum" for op in ops if op.results and values[op.results[0]].deps)
+    return [kernel_field(fq), "scale = 1", *(["mask = causal"] if causal else [])]
+
+
+def _softmax_fields(ops, values, phi, q, k):
+    """kernel, scale, position, mask of softmax(L) v. Constants added to the scores before the first
+    exp (or softmax) are the bias B, masked_fill / where / −inf entries the mask; the scale s is fit
+    from L = s·q·kᵀ + B − (a constant per row), the row constants of a decomposed softmax cancel."""
+    if linear_factor(_phi(phi, "q")) is None or linear_factor(_phi(phi, "k")) is None:
+        raise FromTorchError("softmax over scores of mapped q, k: only s·q·kᵀ (q, k scaled, not mapped) "
+                             "is softmax attention")
+    heads, n = q.shape[1], q.shape[2]
+    bias, masked, logits = torch.zeros(heads, n, n, dtype=torch.float64), None, None
+    for op in ops:                                   # the logits' path: up to the first exp / softmax
+        res = values[op.results[0]] if op.results else None
+        if res is None or not {"q", "k"} <= res.deps:
+            continue
+        base, operands = _base(op), [values[o] for o in op.operands]
+        if base in SOFTMAX:
+            logits = operands[0].number
+            break
+        const = [o for o in operands[:2] if not o.deps and isinstance(o.number, torch.Tensor) and o.number.numel() > 1]
+        if base in ("add", "sub") and const and not all(o.deps for o in operands[:2]):
+            alpha = float(operands[2].number) if len(operands) > 2 else 1.0
+            bias = bias + _per_head(const[0].number.double() * alpha * (1.0 if base == "add" else -1.0),
+                                    res.number, heads, n)
+        elif base == "masked_fill":
+            m = _per_head(operands[1].number.double(), res.number, heads, n) > 0
+            masked = m if masked is None else masked | m
+        elif base == "where" and not operands[0].deps:
+            cond = _per_head(operands[0].number.double(), res.number, heads, n) > 0
+            m = ~cond if operands[1].deps else cond       # the constant side is the fill
+            masked = m if masked is None else masked | m
+    neg = bias < -1e4                                    # an additive −inf (or −1e9) mask
+    masked = neg if masked is None else masked | neg
+    causal = bool(masked.any())
+    if causal and not torch.equal(masked, torch.ones(n, n, dtype=torch.bool).triu(1).expand(heads, n, n)):
+        raise FromTorchError("the scores are masked, but not causally (j > i); a spec's mask is none or causal")
+    bias = torch.where(neg, torch.zeros_like(bias), bias)
+    scale = _fit_scale(logits, bias, masked, q, k)
+    lines = ["kernel = softmax", f"scale = {scale:.7g}"]         # fit in float32: 7 digits
+    table = None
+    if bias.abs().max() > 0:
+        table, w = _toeplitz(bias, causal)
+        lines.append(f"position = toeplitz(max_distance={w})")
+    if causal:
+        lines.append("mask = causal")
+    return lines, table
+
+
+def _fit_scale(logits, bias, masked, q, k) -> float:
+    """s in L − B = s·q·kᵀ − c_i (least squares over the unmasked entries, per row centred)."""
+    qk = (q.double() @ k.double().transpose(-1, -2))
+    lhs = logits.double().reshape(qk.shape) - bias
+    keep = ~masked.expand_as(qk)
+    def centred(x):
+        x = torch.where(keep, x, torch.zeros_like(x))
+        return torch.where(keep, x - x.sum(-1, keepdim=True) / keep.sum(-1, keepdim=True), torch.zeros_like(x))
+    a, b = centred(qk), centred(lhs)
+    return float((a * b).sum() / (a * a).sum())
+
+
+def _per_head(term: torch.Tensor, like: torch.Tensor, heads: int, n: int) -> torch.Tensor:
+    """A constant broadcast to the scores it is added to, as (H, N, N) (the same for every batch)."""
+    t = torch.broadcast_to(term, like.shape).reshape(-1, heads, n, n)
+    if not torch.equal(t, t[:1].expand_as(t)):
+        raise FromTorchError("the score bias differs between batch entries; a spec's bias is per head")
+    return t[0].double()
+
+
+def _toeplitz(bias: torch.Tensor, causal: bool) -> tuple[torch.Tensor, int]:
+    """b_h(r), r = i − j, of a bias (H, N, N) that is Toeplitz, as a table (H, 2W+1) clipped at the
+    smallest W beyond which it is constant on each side."""
+    heads, n, _ = bias.shape
+    i = torch.arange(n)
+    r = i[:, None] - i[None, :]
+    b = torch.stack([torch.stack([bias[h, max(d, 0), max(-d, 0)] for d in range(-(n - 1), n)]) for h in range(heads)])
+    rebuilt = b[:, r + n - 1]
+    keep = r >= 0 if causal else torch.ones(n, n, dtype=torch.bool)
+    if not torch.allclose(rebuilt[:, keep], bias[:, keep], rtol=1e-6, atol=1e-6 * float(bias.abs().max())):
+        raise FromTorchError("the score bias is not a function of i − j (Toeplitz); a spec's position "
+                             "term is relative")
+    if causal:
+        b[:, : n - 1] = b[:, n - 1: n]                  # r < 0 is masked: any value; take b(0)
+    w = n - 1
+    while w > 0 and torch.equal(b[:, n - 1 + w], b[:, n - 2 + w]) and torch.equal(b[:, n - 1 - w], b[:, n - w]):
+        w -= 1
+    return b[:, n - 1 - w: n + w].float(), w
+
+
+def _verify(fn, imported: Imported, example_inputs) -> None:
+    """The spec's §2 meaning must reproduce fn on fresh inputs of the example shapes."""
+    from .. import parse
+    from ..reference import reference
+    spec = parse(imported.text).block()
+    g = torch.Generator().manual_seed(1234)
+    fresh = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in example_inputs]
+    with torch.no_grad():
+        want = fn(*[x.to(example_inputs[0].dtype) for x in fresh]).double()
+        got = reference(spec, *fresh, position_table=None if imported.position_table is None
+                        else imported.position_table.double())
+    err = float((got - want).norm() / want.norm().clamp_min(1e-300))
+    if not math.isfinite(err) or err > 1e-4:
+        raise FromTorchError(f"read fn as\n{imported.text}but that spec does not reproduce fn on fresh "
+                             f"inputs (relative error {err:.1e}); from_torch recognises {RECOGNISED}")

@@ -1,0 +1,111 @@
+"""attndsl.from_torch: PyTorch attention exported by torch-mlir's fx importer, read back as a spec
+whose §2 meaning (and compiled module) reproduces the original; anything else is an error that
+names what it could not place."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+
+import attndsl
+from attndsl.mlir.from_torch import FromTorchError
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+from from_torch_demo import CausalLinearAttention, T5Attention  # noqa: E402
+
+
+def example(n, heads=4, d=16, dv=None):
+    g = torch.Generator().manual_seed(n)
+    return [torch.randn(1, heads, n, x, generator=g) for x in (d, d, dv or d)]
+
+
+def same_as_module(imported, fn, n, **kw):
+    attn = imported.compile(**kw)
+    q, k, v = example(n, attn.heads, attn.head_dim, attn.value_dim)
+    with torch.no_grad():
+        assert_close("compiled vs the PyTorch original", fn(q, k, v), attn(q, k, v), 2e-5)
+
+
+def test_t5_block_becomes_a_clipped_table():
+    t5 = T5Attention()
+    imported = attndsl.from_torch(t5, example(160), name="t5")
+    # 32 bidirectional buckets saturate at |j − i| ≥ 91 (8·16^(7/8)): the table's clip
+    assert imported.text == ("attention t5 {\n    kernel = softmax\n    scale = 1\n"
+                             "    position = toeplitz(max_distance=91)\n}\n")
+    assert imported.position_table.shape == (4, 2 * 91 + 1)
+    r = torch.arange(-91, 92)
+    assert torch.equal(imported.position_table, t5.bias(t5.bucket(-r)).T)     # b_h(i − j) = E[bucket(j − i), h]
+    same_as_module(imported, t5, 300)            # longer than the export: the clip holds
+
+
+def test_causal_linear_module_becomes_elu1():
+    imported = attndsl.from_torch(CausalLinearAttention(), example(32))
+    assert "kernel = elu1" in imported.text and "mask = causal" in imported.text
+    same_as_module(imported, CausalLinearAttention(), 100)
+
+
+def test_causal_softmax_with_masked_fill():
+    def attn(q, k, v):
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        m = torch.triu(torch.ones(q.shape[2], q.shape[2], dtype=torch.bool), 1)
+        return torch.softmax(s.masked_fill(m, float("-inf")), -1) @ v
+    imported = attndsl.from_torch(attn, example(16))
+    assert "scale = 0.25" in imported.text and "mask = causal" in imported.text
+    same_as_module(imported, attn, 40)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_scaled_dot_product_attention(causal):
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.3)  # noqa: E731
+    imported = attndsl.from_torch(fn, example(12, d=8))
+    assert "scale = 0.3" in imported.text and ("mask = causal" in imported.text) == causal
+
+
+def test_alibi_like_bias_and_additive_mask():
+    def attn(q, k, v):
+        n = q.shape[2]
+        r = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).float()
+        slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])[:, None, None]
+        bias = -slopes * r.abs() + torch.triu(torch.full((n, n), -1e9), 1)
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.5 + bias, -1) @ v
+    imported = attndsl.from_torch(attn, example(20))
+    assert "position = toeplitz(max_distance=19)" in imported.text and "mask = causal" in imported.text
+    same_as_module(imported, attn, 20)
+
+
+def test_user_feature_map_non_causal():
+    def attn(q, k, v):
+        fq, fk = torch.exp(-F.relu(q)) * 2 + q ** 2, torch.exp(-F.relu(k)) * 2 + k ** 2
+        return (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(-2, keepdim=True).transpose(-1, -2))
+    imported = attndsl.from_torch(attn, example(24, d=8))
+    assert "kernel(x) = " in imported.text and "exp" in imported.text and "causal" not in imported.text
+    same_as_module(imported, attn, 24)
+
+
+def test_unrecognised_op_is_named():
+    with pytest.raises(FromTorchError, match=r"unrecognised op torch\.aten\.tanh"):
+        attndsl.from_torch(lambda q, k, v: torch.tanh(q @ k.transpose(-1, -2)) @ v, example(8))
+    with pytest.raises(FromTorchError, match=r"unrecognised op torch\.aten\.gt"):   # softplus' threshold
+        attndsl.from_torch(lambda q, k, v: F.softplus(q) @ (F.softplus(k).transpose(-1, -2) @ v), example(8))
+
+
+def test_absolute_bias_is_not_a_position_term():
+    bias = torch.randn(8, 8)
+    with pytest.raises(FromTorchError, match="Toeplitz"):
+        attndsl.from_torch(lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) + bias, -1) @ v, example(8))
+
+
+def test_non_causal_mask_is_refused():
+    mask = torch.rand(8, 8) > 0.5
+    mask.fill_diagonal_(False)
+    with pytest.raises(FromTorchError, match="not causally"):
+        attndsl.from_torch(lambda q, k, v: torch.softmax((q @ k.transpose(-1, -2)).masked_fill(
+            mask, float("-inf")), -1) @ v, example(8))
+
+
+def test_different_maps_for_q_and_k_are_refused():
+    with pytest.raises(FromTorchError, match="different maps"):
+        attndsl.from_torch(lambda q, k, v: (F.relu(q) @ (F.elu(k).transpose(-1, -2) @ v)), example(8))
