@@ -83,7 +83,8 @@ FIELDS: dict[str, FieldSpec] = {f.name: f for f in [
     FieldSpec("sampling", "sampling methods", _options(
         Option("none"),
         Option("kde", (Param("buckets", int, 16, lo=2, hi=65536), Param("block", int, 128, lo=1),
-                       Param("samples", int, 128, lo=0), _seed())),
+                       Param("samples", int, 128, lo=0), _seed(),
+                       Param("residual", str, "values", names=("values", "columns")))),
         Option("uniform", (Param("samples", int, 256, lo=1), _seed())),
     ), default="none"),
     FieldSpec("mask", "masks", _options(Option("none"), Option("causal")), default="none"),

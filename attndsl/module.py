@@ -148,17 +148,16 @@ class Attention(nn.Module):
                                f"the position table) require grad: call it under torch.no_grad(), or "
                                f"compile with target='llvm' for gradients")
         tab = self._position_params(dtype)
-        rates = torch.zeros(self.heads, 2, dtype=dtype)
+        rates, samples = torch.zeros(self.heads, 2, dtype=dtype), []
         for node in postorder(self.planned.root):
             if isinstance(node, PositionalAttention) and node.form == "decayed":
                 rates = _decay_slopes(node, tab).contiguous()
-        extras = []
-        for node in postorder(self.planned.root):
             if isinstance(node, SampledAttention):       # sorted and sampled in torch, as for TVM
-                s = sampling.draw(env["q"], env["k"], env["v"], node.sampling, self.lsh_planes, self.sampling_seed)
-                extras = [torch.argsort(s.pq, dim=-1).int(), torch.argsort(s.pk, dim=-1).int(), s.si, s.lw, s.sb]
+                s = sampling.draw(env["q"], env["k"], env["v"], node.sampling, self.lsh_planes,
+                                  self.sampling_seed, node.scale)
+                samples = [torch.argsort(s.pq, dim=-1).int(), torch.argsort(s.pk, dim=-1).int(), s.si, s.lw, s.sb]
         return self._mlir(KERNEL_DTYPES[dtype], env["q"], env["k"], env["v"], self._projection(dtype)[0],
-                          tab.detach(), rates.detach(), *extras)
+                          tab.detach(), rates.detach(), *samples)
 
     def _projection(self, dtype):
         if self.projection is None:
@@ -233,14 +232,13 @@ class Attention(nn.Module):
         if self._mlir is not None:
             from .mlir.linalg import describe
             lines.append(f"target {MLIR_TARGET} (torch-mlir: attn dialect -> linalg -> LLVM, forward only):")
-            for i, node in enumerate(postorder(planned.root)):
-                if not isinstance(node, (Input, Position, Add)):
-                    lines.append(f"  {node.op}{i}   {describe(node)}")
+            site = lambda i, node: f"  {node.op}{i}   {describe(node)}"                 # noqa: E731
         else:
             lines.append("kernels (TVM, one build serves every batch and length):")
-        for i, node in enumerate(postorder(planned.root) if self._mlir is None else ()):
+            site = lambda i, node: f"  {node.op}{i}_fwd / {node.op}{i}_bwd   {_describe(node)}"  # noqa: E731
+        for i, node in enumerate(postorder(planned.root)):
             if not isinstance(node, (Input, Position, Add)):       # these run no kernel of their own
-                lines.append(f"  {node.op}{i}_fwd / {node.op}{i}_bwd   {_describe(node)}")
+                lines.append(site(i, node))
         for entry in self._build_log:
             lines.append(f"  build {entry}")
         for name, node in planned.stages:
@@ -318,7 +316,7 @@ def _run_softmax(node, args, lib, name, p):
 
 
 def _run_sampled(node, args, lib, name, p):
-    s = sampling.draw(*args, node.sampling, p["lsh_planes"], p["seed"])
+    s = sampling.draw(*args, node.sampling, p["lsh_planes"], p["seed"], node.scale)
     return ops.sampled_attention(*args, *s.args(), lib, name, s.block)[0]
 
 

@@ -6,8 +6,11 @@ KDEformer (Zandieh et al. 2023), `sampling = kde(buckets, block, samples, seed)`
      in Gray-code order so that neighbouring buckets differ in one bit;
   2. queries and keys are sorted by bucket (stably) and cut into blocks of `block` rows; block g of
      the queries sees block g of the keys exactly (the diagonal blocks);
-  3. `samples` keys are drawn i.i.d. from p_j = ½·|v_j|²/Σ_l |v_l|² + ½/N (value norms mixed with
-     uniform) and weighted 1/(p_j·samples); the kernels drop those a query's block already holds.
+  3. `samples` keys are drawn i.i.d. from p_j = ½·w_j + ½/N and weighted 1/(p_j·samples); the
+     kernels drop those a query's block already holds. w_j = |v_j|²/Σ_l |v_l|² (residual=values,
+     the default), or (residual=columns) the column sums of D⁻¹A estimated on R random queries,
+     w_j = (1/R) Σ_{i∈R} softmax_j(s·q_i·k_j): KDEformer's density estimate of where the attention
+     mass goes (it finds the keys every query attends, e.g. a model's [CLS]/[SEP] sinks).
 `uniform(samples, seed)`: no sort, blocks of one row (a query's own key is exact), p_j = 1/N.
 
 Seeded and reproducible: the hyperplanes come from `seed` (a module buffer), the samples from a
@@ -52,7 +55,7 @@ class Samples:
     pq: Tensor         # (BH, N) int32: the rows of q in bucket order
     pk: Tensor         # (BH, N) int32: the rows of k and v in bucket order
     si: Tensor         # (BH, S) int32: the sampled rows of k and v
-    lw: Tensor         # (BH, S): log 1/(p·S), differentiable in v for kde
+    lw: Tensor         # (BH, S): log 1/(p·S), differentiable in v (or q, k) for kde
     sb: Tensor         # (BH, S) int32: the block (of sorted keys) holding each sample
     block: int
 
@@ -60,18 +63,29 @@ class Samples:
         return self.pq, self.pk, self.si, self.lw, self.sb
 
 
-def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed: int) -> Samples:
-    """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv)."""
+def residual_weights(q: Tensor, k: Tensor, v: Tensor, sampling, gen: torch.Generator, scale: float) -> Tensor:
+    """w (BH, N), rows summing to 1 (or 0 where all of v is 0): what the residual samples follow."""
+    if sampling["residual"] == "columns":          # (1/R) Σ_{i∈R} softmax_j(s q_i·k_j)
+        BH, N, D = q.shape
+        rows = torch.randint(N, (BH, min(N, max(8, int(sampling["samples"])))), generator=gen)
+        qr = q.gather(1, rows[..., None].expand(-1, -1, D))
+        return torch.softmax(scale * qr @ k.transpose(1, 2), dim=-1).mean(1)
+    norms = torch.linalg.vector_norm(v, dim=-1).square()
+    return norms / norms.sum(-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+
+
+def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed: int,
+         scale: float | None = None) -> Samples:
+    """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv); scale s (default 1/√Dk)."""
     BH, N, _ = k.shape
     S = int(sampling["samples"])
     gen = torch.Generator().manual_seed(seed)
     u = torch.rand(BH, S, generator=gen, dtype=torch.float64)
     if sampling.name == "kde":
         block, pq, pk = int(sampling["block"]), bucket_order(q, planes), bucket_order(k, planes)
-        norms = torch.linalg.vector_norm(v, dim=-1).square()
-        total = norms.sum(-1, keepdim=True)
-        p = 0.5 / N + torch.where(total > 0, 0.5 * norms / total.clamp_min(torch.finfo(v.dtype).tiny),
-                                  0.5 / N)
+        w = residual_weights(q, k, v, sampling, gen, scale if scale is not None else q.shape[-1] ** -0.5)
+        total = w.sum(-1, keepdim=True)
+        p = 0.5 / N + torch.where(total > 0, 0.5 * w, 0.5 / N)
         cdf = p.detach().double().gather(1, pk).cumsum(-1)          # over keys in sorted order
         pos = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(N - 1)
         si = pk.gather(1, pos)

@@ -26,6 +26,7 @@ attention alibi_slope_full { kernel = elu1; position = alibi(slope=0.25) }
 attention geometric_user { kernel = relu; position(r) = -0.1 * abs(r) + 0.05 * r }
 attention softmax_user_causal { position(r) = 0.3 * cos(r / 4); mask = causal; scale = 0.2 }
 attention table_fft { kernel = elu1; position = toeplitz(max_distance=40, init=normal); mask = causal }
+attention kde_columns { sampling = kde(buckets=4, block=8, samples=16, residual=columns) }
 """
 SOURCES = {b.name: (str(path), b.name) for path in sorted(EXAMPLES.glob("*.attn"))
            for b in parse(path.read_text()).blocks}

@@ -28,6 +28,8 @@ def compiled(text: str, dk: int = 16, dv: int = 8) -> attndsl.Attention:
 SPECS = {
     "kde": (KDE.format(block=24, samples=40), False),
     "kde_no_samples": (KDE.format(block=16, samples=0), False),
+    "kde_columns": ("attention s { sampling = kde(buckets=8, block=24, samples=40, seed=1, residual=columns) }",
+                    False),
     "uniform": (UNIFORM.format(samples=50, mask=""), False),
     "uniform_causal": (UNIFORM.format(samples=50, mask="; mask = causal"), True),
 }
@@ -117,7 +119,7 @@ def largest_z(attn, q, k, v, want, blind=False, draws=2000):
     return max(z)
 
 
-@pytest.mark.parametrize("name", ["kde", "uniform"])
+@pytest.mark.parametrize("name", ["kde", "kde_columns", "uniform"])
 def test_the_estimates_of_numerator_and_normalizer_are_unbiased(name):
     attn = compiled(SPECS[name][0])
     q, k, v = (x.reshape(2, 60, -1) * 0.5 for x in qkv(60))
@@ -128,13 +130,15 @@ def test_the_estimates_of_numerator_and_normalizer_are_unbiased(name):
     assert largest_z(attn, q, k, v, want, blind=True) > 5.5      # double-counted block keys: caught
 
 
-def test_error_shrinks_as_samples_grow():
+@pytest.mark.parametrize("residual", ["values", "columns"])
+def test_error_shrinks_as_samples_grow(residual):
     attn = compiled(SPECS["kde"][0])
     q, k, v = (x.reshape(2, 256, -1) for x in qkv(256))
     exact = torch.softmax(attn.scale * q @ k.transpose(1, 2), -1) @ v
     errors = []
     for samples in (8, 64, 512):
-        choice = Choice("kde", (("buckets", 8), ("block", 24), ("samples", samples), ("seed", 1)))
+        choice = Choice("kde", (("buckets", 8), ("block", 24), ("samples", samples), ("seed", 1),
+                                ("residual", residual)))
         errs = []
         for seed in range(8):
             num, den = sums(attn, q, k, v, choice, seed)

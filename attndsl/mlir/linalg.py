@@ -26,7 +26,7 @@ MLIR toolchains can take), so the FFT, banded and sampled sites are evaluated de
 
 The executable function @run_NAME(q, k, v: tensor<?x?xDxT>, w: tensor<MxDkxT> (W'),
 tab: tensor<HxPxT> (position table or alibi slopes), rates: tensor<Hx2xT> (decay rates per head
-and direction)[, the samples of `sample_types`], out: memref<?x?xDvxT>) writes the result into `out`.
+and direction)[, the samples of `argument_types`], out: memref<?x?xDvxT>) writes the result into `out`.
 """
 from __future__ import annotations
 
@@ -65,15 +65,15 @@ class Params:
     tab: tuple[int, int]
 
 
-# --- three combinators over linalg.generic -------------------------------------------------------
+# --- combinators over linalg.generic; inputs are (value, shape, map) -------------------------------
 
 def _ins(b: Body, ins) -> tuple[list[str], list[tuple[str, str]]]:
-    """The maps and (value, type) of generic inputs given as (value, shape, map[, element])."""
-    return [x[2] for x in ins], [(x[0], tensor(x[1], x[3] if len(x) > 3 else b.T)) for x in ins]
+    """The maps and (value, type) of generic inputs."""
+    return [m for _, _, m in ins], [(v, tensor(s, b.T)) for v, s, _ in ins]
 
 
 def ew(b: Body, shape, out_map: str, ins, fn) -> str:
-    """out[out_map] = fn(g, *ins) elementwise; ins are (value, shape, map[, element])."""
+    """out[out_map] = fn(g, *ins) elementwise."""
     maps, values = _ins(b, ins)
     return b.generic(maps, [out_map], values, [(b.empty(shape), tensor(shape, b.T))],
                      lambda g, a: [fn(g, *a[:-1])])[0]
@@ -338,7 +338,8 @@ def _sampled(node: SampledAttention, b: Body, a: dict, p: Params) -> str:
     sq, ss = (bh, n, n), (bh, n, ns)
 
     def at(g, t, *idx):                                  # an i32 entry as an index
-        return g(f"arith.index_cast {g(f'tensor.extract {t}[{chr(44).join(idx)}] : tensor<?x?xi32>')} : i32 to index")
+        raw = g(f"tensor.extract {t}[{', '.join(idx)}] : tensor<?x?xi32>")
+        return g(f"arith.index_cast {raw} : i32 to index")
 
     def gathered(x, width):                              # x[b, si[b, s], :]: (BH, S, width)
         def fn(g):
@@ -350,8 +351,8 @@ def _sampled(node: SampledAttention, b: Body, a: dict, p: Params) -> str:
     def block_logit(g, dot):
         bi, i, j = (g(f"linalg.index {x} : index") for x in range(3))
         ti, tj = at(g, a["invq"], bi, i), at(g, a["invk"], bi, j)
-        blocks = (g(f"arith.divui {t}, {g.index(blk)} : index") for t in (ti, tj))
-        seen = g(f"arith.cmpi eq, {next(blocks)}, {next(blocks)} : index")
+        gi, gj = (g(f"arith.divui {t}, {g.index(blk)} : index") for t in (ti, tj))
+        seen = g(f"arith.cmpi eq, {gi}, {gj} : index")
         if node.causal:
             seen = g(f"arith.andi {seen}, {g(f'arith.cmpi ule, {tj}, {ti} : index')} : i1")
         return g.select(seen, g.f("arith.mulf", dot, g.const(node.scale)), g.const(NEG_INF))
@@ -402,11 +403,14 @@ def operand_type(node: Node, T: str, p: Params) -> str:
     return tensor(p.tab, T) if isinstance(node, Position) else tensor(("?", "?", node.shape[-1]), T)
 
 
-def sample_types(T: str) -> dict[str, str]:
-    """invq, invk (BH, N): each row's position in bucket order; si, sb (BH, S): the sampled keys
-    and the sorted block holding each; lw (BH, S): log 1/(p·S)."""
+def argument_types(p: Params, T: str, dk: int, dv: int) -> dict[str, str]:
+    """The types of the executable function's arguments (ARGS + SAMPLES). For sampled attention:
+    invq, invk (BH, N) each row's position in bucket order; si, sb (BH, S) the sampled keys and the
+    sorted block holding each; lw (BH, S) log 1/(p·S)."""
     i32 = tensor(("?", "?"), "i32")
-    return {"invq": i32, "invk": i32, "si": i32, "lw": tensor(("?", "?"), T), "sb": i32}
+    return {"q": tensor(("?", "?", dk), T), "k": tensor(("?", "?", dk), T), "v": tensor(("?", "?", dv), T),
+            "w": tensor(p.proj, T), "tab": tensor(p.tab, T), "rates": tensor((p.heads, 2), T),
+            "invq": i32, "invk": i32, "si": i32, "lw": tensor(("?", "?"), T), "sb": i32}
 
 
 def body_function(name: str, node: Node, T: str, p: Params) -> str:
@@ -415,7 +419,7 @@ def body_function(name: str, node: Node, T: str, p: Params) -> str:
         raise NotLowered(node)
     operands = [(f.name, getattr(node, f.name)) for f in dialect.fields(type(node))
                 if f.where == "operand" and getattr(node, f.name) is not None]
-    types = {"w": tensor(p.proj, T), "rates": tensor((p.heads, 2), T), **sample_types(T)}
+    types = argument_types(p, T, 1, 1)
     params = [(f"%{k}", operand_type(c, T, p)) for k, c in operands]
     params += [(f"%{k}", types[k]) for k in EXTRA.get(type(node), ())]
     b = Body(T)
@@ -499,9 +503,7 @@ def lower(roots: dict[str, Node], p: Params, dtype: str = "float32") -> ir.Modul
             dk = inputs.get("q", inputs.get("k", 1))
             dv = inputs.get("v", dk)
             args = ARGS + (SAMPLES if any(isinstance(n, SampledAttention) for n in postorder(root)) else ())
-            types = {"q": tensor(("?", "?", dk), T), "k": tensor(("?", "?", dk), T), "v": tensor(("?", "?", dv), T),
-                     "w": tensor(p.proj, T), "tab": tensor(p.tab, T), "rates": tensor((p.heads, 2), T),
-                     **sample_types(T)}
+            types = argument_types(p, T, dk, dv)
             arg_types = [types[a] for a in args]
             for t in arg_types:
                 block.add_argument(ir.Type.parse(t), ir.Location.unknown())
