@@ -25,6 +25,7 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
+	$(PY) examples/from_torch_demo.py
 
 bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_linear.py
