@@ -148,9 +148,13 @@ def interpret(fn, example_inputs) -> tuple[list[Op], dict]:
         elif name == "torch.vtensor.literal":
             number = _literal(mop.attributes["value"], resources)
         elif name.startswith(("torch.aten.", "torch.prims.")):
-            number = _call(_aten(name), [v.number for v in operands])
+            try:
+                number = _call(_aten(name), [v.number for v in operands])
+            except Exception as e:                   # noqa: BLE001 (any failure of the op itself)
+                raise FromTorchError(f"could not evaluate {name}{_where(op)} on the example inputs: "
+                                     f"{str(e).splitlines()[0]}") from None
         else:
-            raise FromTorchError(f"unrecognised op {name} ({op.location}); attndsl.from_torch reads "
+            raise FromTorchError(f"unrecognised op {name}{_where(op)}; attndsl.from_torch reads "
                                  f"torch-dialect aten ops")
         numbers = [number] if len(op.results) == 1 else list(number)
         for r, x in zip(op.results, numbers):
@@ -173,8 +177,7 @@ class _Wrap(torch.nn.Module):
 def _num(x) -> Num | None:
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return Num(float(x))
-    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.is_floating_point() or (
-            isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype in (torch.int64, torch.int32)):
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype != torch.bool:
         return Num(float(x.reshape(())))
     return None
 
