@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ast import Binary, Call, Expr, Num, Unary, Var
+from ..ast import Binary, Call, Expr, Num, Var
 from ..expr import BUILTIN_MAPS, evaluate, to_text
+from ..expr import _add, _div, _mul, _neg, _sub      # the derivative's simplifiers: 1·x -> x, x + 0 -> x
 
 
 class FromTorchError(ValueError):
@@ -182,22 +183,6 @@ def _num(x) -> Num | None:
     return None
 
 
-def _mul(a: Expr, b: Expr) -> Expr:
-    if a == Num(1.0):
-        return b
-    if b == Num(1.0):
-        return a
-    return Binary("*", a, b)
-
-
-def _add(a: Expr, b: Expr, sign: float = 1.0) -> Expr:
-    if b == Num(0.0):
-        return a
-    if isinstance(b, Num) and sign * b.value < 0:
-        return Binary("-", a, Num(-sign * b.value))
-    return Binary("+" if sign > 0 else "-", a, b)
-
-
 UNARY = {"exp": "exp", "log": "log", "abs": "abs", "sqrt": "sqrt", "relu": "relu", "sigmoid": "sigmoid",
          "tanh": "tanh", "sin": "sin", "cos": "cos"}
 STRUCTURAL = {"view", "reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "clone",
@@ -230,16 +215,16 @@ def elementwise_expr(op, operands: list[Value], arg_exprs: list) -> Expr | None:
     if base == "softplus" and float(operands[1].number) == 1.0:
         return Call("softplus", (e[0],))
     if base == "neg":
-        return Unary("-", e[0])
-    if base in ("add", "sub") and None not in e[:2]:
+        return _neg(e[0])
+    if base in ("add", "sub") and None not in e[:2]:          # a ± alpha·b
         alpha = _num(operands[2].number) if len(operands) > 2 else Num(1.0)
-        return _add(e[0], _mul(alpha, e[1]) if alpha != Num(1.0) else e[1], 1.0 if base == "add" else -1.0)
-    if base == "rsub" and None not in e[:2]:
-        return _add(e[1], _mul(_num(operands[2].number), e[0]), -1.0)
+        return (_add if base == "add" else _sub)(e[0], _mul(alpha, e[1]))
+    if base == "rsub" and None not in e[:2]:                  # b − alpha·a
+        return _sub(e[1], _mul(_num(operands[2].number), e[0]))
     if base == "mul" and None not in e[:2]:
         return _mul(e[0], e[1])
     if base == "div" and over in ("Scalar", "Tensor") and None not in e[:2]:
-        return Binary("/", e[0], e[1])
+        return _div(e[0], e[1])
     if base == "pow" and None not in e[:2]:
         return Binary("**", e[0], e[1])
     return None

@@ -93,6 +93,11 @@ def red(b: Body, shape, out_map: str, ins, fn=None, init: float = 0.0, combine: 
                      lambda g, a: [g.f(combine, a[-1], fn(g, *a[:-1]))])[0]
 
 
+def plus(b: Body, shape, m: str, x: str, y: str) -> str:
+    """x + y, both of `shape` indexed by the map m."""
+    return ew(b, shape, m, [(x, shape, m), (y, shape, m)], lambda g, u, w: g.f("arith.addf", u, w))
+
+
 def divide(b: Body, num: str, den: str, bh: str, n: str, d: int) -> str:
     return ew(b, (bh, n, d), "b,i,d", [(num, (bh, n, d), "b,i,d"), (den, (bh, n), "b,i")],
               lambda g, x, y: g.f("arith.divf", x, y))
@@ -150,13 +155,21 @@ def feature_map(node: FeatureMap, b: Body, x: str, w: str) -> str:
 
 # --- position terms -------------------------------------------------------------------------------
 
+def head(g: Body, p: Params) -> str:
+    """h = bh mod H inside a generic whose first dim runs over batch·heads."""
+    return g(f"arith.remui {g('linalg.index 0 : index')}, {g.index(p.heads)} : index")
+
+
 def bias_value(g: Body, pos, tab: str, p: Params, masked: bool, fill: float) -> str:
-    """b_h(i − j) inside a generic over (b, i, j): `fill` where j > i and the mask is causal."""
-    bi, i, j = (g(f"linalg.index {d} : index") for d in range(3))
-    h = g(f"arith.remui {bi}, {g.index(p.heads)} : index")
+    """b_h(i − j) (0 when pos is None) inside a generic over (b, i, j): `fill` where j > i and the
+    mask is causal."""
+    i, j = (g(f"linalg.index {d} : index") for d in (1, 2))
+    h = head(g, p)
     r = g(f"arith.subi {i}, {j} : index")
     tab_ty = tensor(p.tab, g.T)
-    if pos.name == "toeplitz":                       # table[h, clip(r, −W, W) + W]
+    if pos is None:
+        val = g.const(0.0)
+    elif pos.name == "toeplitz":                     # table[h, clip(r, −W, W) + W]
         w = int(pos["max_distance"])
         col = g(f"arith.minsi {g(f'arith.maxsi {r}, {g.index(-w)} : index')}, {g.index(w)} : index")
         val = g.extract(tab, tab_ty, h, g(f"arith.addi {col}, {g.index(w)} : index"))
@@ -181,15 +194,9 @@ def toeplitz_mix(b: Body, kappa: str, pos, tab: str, p: Params, causal: bool, v:
     logits, A = κ·exp(b − max_j b) for kernel values; masked entries get b = −∞."""
     bh, n = dims
     sq = (bh, n, n)
-    if pos is None:                                  # no position term: b = 0 (−∞ where masked)
-        bias = ew(b, sq, "b,i,j", [], lambda g: g.select(
-            g(f"arith.cmpi sgt, {g('linalg.index 2 : index')}, {g('linalg.index 1 : index')} : index"),
-            g.const(NEG_INF if causal else 0.0), g.const(0.0)))
-    else:
-        bias = ew(b, sq, "b,i,j", [], lambda g: bias_value(g, pos, tab, p, causal, NEG_INF))
+    bias = ew(b, sq, "b,i,j", [], lambda g: bias_value(g, pos, tab, p, causal, NEG_INF))
     if logits:
-        bias = ew(b, sq, "b,i,j", [(kappa, sq, "b,i,j"), (bias, sq, "b,i,j")],
-                  lambda g, kv, bv: g.f("arith.addf", kv, bv))
+        bias = plus(b, sq, "b,i,j", kappa, bias)
     mx = red(b, (bh, n), "b,i", [(bias, sq, "b,i,j")], init=NEG_INF, combine="arith.maximumf")
     if logits:
         a = ew(b, sq, "b,i,j", [(bias, sq, "b,i,j"), (mx, (bh, n), "b,i")],
@@ -261,8 +268,7 @@ def decay(b: Body, rates: str, p: Params, column: int, dims) -> str:
     bh, _ = dims
 
     def gamma(g):
-        h = g(f"arith.remui {g('linalg.index 0 : index')}, {g.index(p.heads)} : index")
-        return g.exp(g.f("arith.negf", g.extract(rates, tensor((p.heads, 2), g.T), h, g.index(column))))
+        return g.exp(g.f("arith.negf", g.extract(rates, tensor((p.heads, 2), g.T), head(g, p), g.index(column))))
     return ew(b, (bh,), "b", [], gamma)
 
 
@@ -281,10 +287,7 @@ def linear_like(b: Body, qf: str, kf: str, v: str, m: int, d: int, causal: bool,
     num, den = recurrence(b, qf, kf, v, dims, m, d, gf, backward=False)
     if not causal:                                    # the later keys, backward in time
         nb, db = recurrence(b, qf, kf, v, dims, m, d, decay(b, rates, p, 1, dims), backward=True)
-        num = ew(b, (bh, n, d), "b,i,d", [(num, (bh, n, d), "b,i,d"), (nb, (bh, n, d), "b,i,d")],
-                 lambda g, x, y: g.f("arith.addf", x, y))
-        den = ew(b, (bh, n), "b,i", [(den, (bh, n), "b,i"), (db, (bh, n), "b,i")],
-                 lambda g, x, y: g.f("arith.addf", x, y))
+        num, den = plus(b, (bh, n, d), "b,i,d", num, nb), plus(b, (bh, n), "b,i", den, db)
     return divide(b, num, den, bh, n, d)
 
 
@@ -382,8 +385,7 @@ def _sampled(node: SampledAttention, b: Body, a: dict, p: Params) -> str:
 def _add(node: Add, b: Body, a: dict, p: Params) -> str:
     d = node.shape[-1]
     bh, n = _rows(b, a["a"], d)
-    return ew(b, (bh, n, d), "b,i,d", [(a["a"], (bh, n, d), "b,i,d"), (a["b"], (bh, n, d), "b,i,d")],
-              lambda g, x, y: g.f("arith.addf", x, y))
+    return plus(b, (bh, n, d), "b,i,d", a["a"], a["b"])
 
 
 BODIES = {
