@@ -41,7 +41,7 @@ def map_kernel(node: FeatureMap):
     return map_kernel_of(node.kernel, node.x.shape[-1], node.width, node.prescale)
 
 
-def _feature_map(node: FeatureMap, names, dtype):
+def _feature_map(node: FeatureMap, names, dtype, knobs):
     from . import featuremap
     k = map_kernel(node)
     fwd, bwd = featuremap.FAMILIES[k.family]
@@ -51,15 +51,16 @@ def _feature_map(node: FeatureMap, names, dtype):
 LINEAR_FORMS = {"linear": False, "prefix_sum": True}     # form -> causal
 
 
-def _linear_attention(node: LinearAttention, names, dtype):
+def _linear_attention(node: LinearAttention, names, dtype, knobs):
     from . import featuremap, linear
     m, d = node.qf.shape[-1], node.v.shape[-1]
     causal = LINEAR_FORMS[node.form]
     phi = dphi = None
     if node.phi is not None:                     # fused elementwise map (passes/fuse_maps.py)
         phi, dphi = featuremap.elementwise_pair(map_kernel_of(node.phi, m, m, node.prescale), dtype)
-    return {names[0]: linear.linear_forward(names[0], m, d, dtype, causal, phi),
-            names[1]: linear.linear_backward(names[1], m, d, dtype, causal, phi, dphi)}
+    return {names[0]: linear.linear_forward(names[0], m, d, dtype, causal, phi, knobs=knobs.get(names[0])),
+            names[1]: linear.linear_backward(names[1], m, d, dtype, causal, phi, dphi,
+                                             knobs=knobs.get(names[1]))}
 
 
 def learns(position) -> bool:
@@ -67,7 +68,7 @@ def learns(position) -> bool:
     return position.name == "toeplitz"
 
 
-def _positional_attention(node: PositionalAttention, names, dtype):
+def _positional_attention(node: PositionalAttention, names, dtype, knobs):
     from . import banded, linear, toeplitz
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
     if node.form == "banded":                    # a clipped table: far keys by prefix sums
@@ -76,20 +77,23 @@ def _positional_attention(node: PositionalAttention, names, dtype):
     if node.form == "decayed":                   # γ = exp(−TAB[h, later]) per head and direction
         def slope(TAB, h, later):                # TAB (H, 2): rates for earlier, later keys
             return TAB[h, 1 if later else 0]
-        return {names[0]: linear.linear_forward(names[0], m, d, dtype, node.causal, slope=slope),
-                names[1]: linear.linear_backward(names[1], m, d, dtype, node.causal, slope=slope)}
-    return {names[0]: toeplitz.scores_forward(names[0], m, d, dtype, node.causal, pos),
-            names[1]: toeplitz.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos))}
+        return {names[0]: linear.linear_forward(names[0], m, d, dtype, node.causal, slope=slope,
+                                                knobs=knobs.get(names[0])),
+                names[1]: linear.linear_backward(names[1], m, d, dtype, node.causal, slope=slope,
+                                                 knobs=knobs.get(names[1]))}
+    return {names[0]: toeplitz.scores_forward(names[0], m, d, dtype, node.causal, pos, knobs.get(names[0])),
+            names[1]: toeplitz.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos),
+                                               knobs.get(names[1]))}
 
 
-def _toeplitz_values(node: ToeplitzValues, names, dtype):
+def _toeplitz_values(node: ToeplitzValues, names, dtype, knobs):
     from . import toeplitz
     d, pos = node.v.shape[-1], node.bias.position
     return {names[0]: toeplitz.values_forward(names[0], d, dtype, node.causal, pos),
             names[1]: toeplitz.values_backward(names[1], d, dtype, node.causal, pos, learns(pos))}
 
 
-def _softmax_attention(node: SoftmaxAttention, names, dtype):
+def _softmax_attention(node: SoftmaxAttention, names, dtype, knobs):
     from . import quadratic
     dk, dv = node.q.shape[-1], node.v.shape[-1]
     pos = node.bias.position if node.bias is not None else None
@@ -98,18 +102,18 @@ def _softmax_attention(node: SoftmaxAttention, names, dtype):
             names[1]: quadratic.softmax_backward(names[1], dk, dv, dtype, node.causal, node.scale, pos, learn)}
 
 
-def _sampled_attention(node: SampledAttention, names, dtype):
+def _sampled_attention(node: SampledAttention, names, dtype, knobs):
     from . import sampled
     dk, dv = node.q.shape[-1], node.v.shape[-1]
     return {names[0]: sampled.sampled_forward(names[0], dk, dv, dtype, node.causal, node.scale),
             names[1]: sampled.sampled_backward(names[1], dk, dv, dtype, node.causal, node.scale)}
 
 
-# node type -> (node, (fwd name, bwd name), dtype) -> {name: PrimFunc}
+# node type -> (node, (fwd name, bwd name), dtype, knobs {kernel name: {knob: value}}) -> {name: PrimFunc}
 LOWERINGS: dict[type, Callable] = {
-    Input: lambda node, names, dtype: {},
-    Position: lambda node, names, dtype: {},     # its parameters are an input of the kernels using it
-    Add: lambda node, names, dtype: {},          # an elementwise sum, done by torch
+    Input: lambda node, names, dtype, knobs: {},
+    Position: lambda node, names, dtype, knobs: {},   # its parameters are an input of the kernels using it
+    Add: lambda node, names, dtype, knobs: {},        # an elementwise sum, done by torch
     FeatureMap: _feature_map,
     LinearAttention: _linear_attention,
     PositionalAttention: _positional_attention,
@@ -143,12 +147,35 @@ def check(root: Node) -> None:
         raise NotLowered(missing)
 
 
-def lower(root: Node, dtype: str) -> dict:
-    """Every kernel the planned IR needs, {name: PrimFunc}, for one dtype."""
+def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = None) -> dict:
+    """Every kernel the planned IR needs, {name: PrimFunc}, for one dtype; `knobs` {kernel name:
+    {knob: value}} (schedules/knobs.py) overrides the defaults of the kernels it names; `only`:
+    just the nodes owning these kernel names (the tuner's variants)."""
     check(root)
     funcs = {}
     for i, node in enumerate(postorder(root)):
-        funcs.update(LOWERINGS[type(node)](node, kernel_names(i, node), dtype))
+        names = kernel_names(i, node)
+        if only is None or only.intersection(names):
+            funcs.update(LOWERINGS[type(node)](node, names, dtype, knobs or {}))
     return funcs
+
+
+def knob_family(node: Node) -> str | None:
+    """The schedules/knobs.py family of a node's kernels (both of them), None when not tunable."""
+    if isinstance(node, LinearAttention) or (isinstance(node, PositionalAttention) and node.form == "decayed"):
+        return "linear"
+    if isinstance(node, PositionalAttention) and node.form == "toeplitz_fft":
+        return "toeplitz"
+    return None
+
+
+def tunable(root: Node) -> dict[str, str]:
+    """{kernel name: knob family} of the planned IR's tunable kernels."""
+    out = {}
+    for i, node in enumerate(postorder(root)):
+        family = knob_family(node)
+        if family is not None:
+            out.update(dict.fromkeys(kernel_names(i, node), family))
+    return out
 
 

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from attndsl.schedules.knobs import resolve as knobs_of
+
 
 def _lanes(dtype: str) -> int:
     """Elements per 512-bit vector register."""
     return 16 if dtype == "float32" else 8
 
 
-def _rows(cols: int, lanes: int, cap: int) -> int:
-    """Row tile for an accumulator (rows × cols): ~16 vector registers, a power of two ≤ cap."""
+def _rows(cols: int, lanes: int, cap: int, budget: int = 16) -> int:
+    """Row tile for an accumulator (rows × cols): about `budget` vector registers (the tile_regs
+    knob), a power of two ≤ cap."""
     regs = -(-cols // lanes)
     r = 1
-    while r * 2 * regs <= 16 and r * 2 <= cap:
+    while r * 2 * regs <= budget and r * 2 <= cap:
         r *= 2
     return r
 
@@ -197,7 +200,8 @@ def _decay_tables(dtype: str, C: int, slope, later: bool):
     return decay_tables
 
 
-def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, slope=None):
+def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, slope=None,
+                   knobs=None):
     """Linear attention forward: (Qf (BH,N,M), Kf (BH,N,M), V (BH,N,D), TAB (H,P), O (BH,N,D) out,
     DEN (BH,N) out). With a_ij = Qf_i·Kf_j over j ∈ mask(i) ({j ≤ i} causal, all j otherwise):
     DEN_i = Σ_j a_ij and O_i = (Σ_j a_ij V_j) / DEN_i.
@@ -207,16 +211,17 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
     running forward in time decays by γ_f per token (ALiBi as a recurrence); without a causal mask
     a second one runs backward in time over the strictly later keys, and the two sums meet before
     the division:  O_i = (Σ_{j≤i} γ_f^(i−j) a_ij V_j + Σ_{j>i} γ_b^(j−i) a_ij V_j) / DEN_i.
-    TAB is unused when not decayed."""
-    C = 32
+    TAB is unused when not decayed. `knobs` (schedules/knobs.py, family "linear"): chunk, tile_regs."""
+    kn = knobs_of("linear", knobs)
+    C, regs = kn["chunk"], kn["tile_regs"]
     decayed = slope is not None
     scan = causal or decayed      # a running state over chunks, not one total
     two_way = decayed and not causal
     tables = _decay_tables(dtype, C, slope, False) if decayed else None
     tables_later = _decay_tables(dtype, C, slope, True) if two_way else None
     L, zero, load, load_t, load_f, load_ft = _helpers(dtype, C, phi)
-    R = _rows(D, L, C)            # rows of an output/state tile (D columns)
-    R1 = _rows(C, L, C)           # rows of a score tile (C columns)
+    R = _rows(D, L, C, regs)      # rows of an output/state tile (D columns)
+    R1 = _rows(C, L, C, regs)     # rows of a score tile (C columns)
     Mp = _pad(M, R)               # state rows padded to whole tiles; padded rows stay zero
 
     # Macros over one head's buffers: non-hygienic, so the names resolve inside the kernel, which
@@ -377,7 +382,7 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
 
 
 def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, dphi=None,
-                    slope=None):
+                    slope=None, knobs=None):
     """Exact gradient of linear_forward's O: (Qf, Kf, V, O, DEN, dO (BH,N,D), dQf (BH,N,M) out,
     dKf (BH,N,M) out, dV (BH,N,D) out). With g_i = dO_i/DEN_i, c_i = −(dO_i·O_i)/DEN_i and
     b_ij = g_i·V_j + c_i over j ∈ mask(i):
@@ -391,8 +396,9 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
     the query: dQf forward in time, then dKf, dV backward in time; without a causal mask the
     strictly later keys then run the mirror image (dQf backward, dKf, dV forward in time), added
     to the gradients. Signature: (Qf, Kf, V, TAB, O, DEN, dO, dQf, dKf, dV); TAB only read when
-    decayed."""
-    C = 32
+    decayed. `knobs` as linear_forward's."""
+    kn = knobs_of("linear", knobs)
+    C, regs = kn["chunk"], kn["tile_regs"]
     fused = phi is not None
     decayed = slope is not None
     scan = causal or decayed      # running states over chunks, not totals
@@ -403,9 +409,9 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
 
     def dq_scale(x):  # passed to the macros: a non-hygienic macro sees only the kernel's names
         return dphi(x) if fused else T.cast(1, dtype)
-    RM = _rows(M, L, C)           # row tile of an M-column output
-    RD = _rows(D, L, C)           # row tile of a D-column output
-    R1 = _rows(C, L, C)           # row tile of a score tile
+    RM = _rows(M, L, C, regs)     # row tile of an M-column output
+    RD = _rows(D, L, C, regs)     # row tile of a D-column output
+    R1 = _rows(C, L, C, regs)     # row tile of a score tile
     Mp = _pad(M, RD)              # rows of R (M×D) padded to whole tiles
     Dp = _pad(D, RM)              # rows of Sᵀ, Rᵀ (D×M) padded to whole tiles
 

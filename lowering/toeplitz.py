@@ -26,16 +26,17 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .expr_tir import to_tir
+from attndsl.schedules.knobs import resolve as knobs_of
 
 V_LANES = 16            # vector width of the position loops (fp32 AVX-512; fine for fp64 too)
-MAX_CHANNELS = 256      # channels per FFT block: G·L floats of scratch (16 MB at L = 16384)
 
 
-def _block(M: int, D1: int) -> int:
-    """Features per channel block: the largest divisor of M with Mb·(D+1) ≤ MAX_CHANNELS."""
+def _block(M: int, D1: int, max_channels: int) -> int:
+    """Features per channel block: the largest divisor of M with Mb·(D+1) ≤ max_channels (the
+    channels knob: G·L floats of scratch, 16 MB at G = 256, L = 16384)."""
     best = 1
     for mb in range(1, M + 1):
-        if M % mb == 0 and mb * D1 <= MAX_CHANNELS:
+        if M % mb == 0 and mb * D1 <= max_channels:
             best = mb
     return best
 
@@ -134,11 +135,11 @@ def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
     return build_spectrum, table_grad, spectral, cross_spectrum
 
 
-def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position):
+def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position, knobs=None):
     """Luo et al.: (Qf, Kf, V, TAB, O out, DEN out, n_fft). DEN_i = Σ_j c(i−j) Qf_i·Kf_j and
     O_i = Σ_j c(i−j) (Qf_i·Kf_j) V_j / DEN_i, over j ≤ i when causal."""
     D1 = D + 1
-    Mb = _block(M, D1)
+    Mb = _block(M, D1, knobs_of("toeplitz", knobs)["channels"])
     G = Mb * D1
     VL = V_LANES
     zero = T.cast(0, dtype)
@@ -203,7 +204,8 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
     return kernel
 
 
-def scores_backward(name: str, M: int, D: int, dtype: str, causal: bool, position, learn: bool):
+def scores_backward(name: str, M: int, D: int, dtype: str, causal: bool, position, learn: bool,
+                    knobs=None):
     """Exact gradient of scores_forward: (Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out,
     dTAB out (H, P), n_fft). With g_i = [dO_i/DEN_i, −(dO_i·O_i)/DEN_i] (D+1 channels):
         dQf_im = Σ_d g_id Σ_j c(i−j) Kf_jm v_aug_jd              (convolution)
@@ -211,7 +213,7 @@ def scores_backward(name: str, M: int, D: int, dtype: str, causal: bool, positio
         dc(r)  = Σ_md Σ_i Qf_im g_id Kf_{i−r,m} v_aug_{i−r,d}     (cross-correlation, by FFT)
     dTAB is written only when `learn` (a learned table); the rest of the time it is left alone."""
     D1 = D + 1
-    Mb = _block(M, D1)
+    Mb = _block(M, D1, knobs_of("toeplitz", knobs)["channels"])
     G = Mb * D1
     VL = V_LANES
     zero = T.cast(0, dtype)

@@ -1,0 +1,203 @@
+"""`attndsl tune`: measure the knob choices of a spec's tunable kernels and record them.
+
+For every tunable kernel of the planned IR (lowering.tunable) and every candidate knob choice
+(schedules/knobs.py: the default first, then the rest of the grid, at most `trials`):
+lower the variant, build it with meta_schedule's LocalBuilder (worker processes), time it with
+meta_schedule's runner at each requested length, the local one or an RPCRunner through a TVM RPC
+tracker, and commit a TuningRecord per (choice, length) to a meta_schedule JSONDatabase
+(schedules/database.py). compile() then builds the choice the database picks.
+
+The kernels are hand-written TVMScript, not block-style TIR, so meta_schedule's own search spaces
+(which schedule blocks) do not apply; the space here is the knob grid, a knob is a
+sample_categorical decision in the record's trace, and the grid is small enough to measure whole.
+Timing inputs are random (meta_schedule's allocator), of concrete shapes: BH = batch·heads, the
+length N, the position parameters (H, P); scalar parameters (the FFT length) are specialized.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import meta_schedule as ms
+
+from attndsl import config
+from attndsl.ir import postorder
+from attndsl.schedules import database, knobs as knob_spaces
+
+from . import kernel_names, lower, tunable
+from .build import resolve_target
+
+
+def _compile(mod, target, _params):
+    """meta_schedule's builder hook: our kernels need no s_tir passes (and its default build
+    imports tvm.s_tir.tensor_intrin, 90 s here per worker)."""
+    ex = tvm.compile(mod, target=target)
+    return getattr(ex, "mod", ex)
+
+
+def _runner_init():
+    """Run in each runner process: the FFT packed functions the Toeplitz kernels call."""
+    from . import fftlib
+    fftlib.register()
+
+
+# scalar parameters of the kernels -> their value at length N
+def _fft_length(n: int) -> int:
+    from attndsl.passes.plan import fft_length
+    return fft_length(n)
+
+
+SCALARS: dict[str, Callable[[int], int]] = {"Lf": _fft_length}
+
+
+def concrete(func, n: int):
+    """`func` with its scalar parameters specialized for length n (buffers stay symbolic)."""
+    values = {p: tirx.IntImm(p.dtype, SCALARS[p.name](n)) for p in func.params
+              if not isinstance(p.ty, tirx.buffer.BufferType)}
+    return func.specialize(values) if values else func
+
+
+def arg_shapes(func, sizes: dict[str, int]) -> list:
+    """meta_schedule TensorInfo of each buffer parameter, symbolic dims taken from `sizes`."""
+    infos = []
+    for p in func.params:
+        if not isinstance(p.ty, tirx.buffer.BufferType):
+            continue
+        shape = [int(s) if isinstance(s, tirx.IntImm) else sizes[s.name] for s in p.ty.shape]
+        infos.append(ms.arg_info.TensorInfo(str(p.ty.dtype), shape))
+    return infos
+
+
+def candidates(family: str, trials: int, seed: int = 0) -> list[dict]:
+    """The default, then up to trials − 1 other grid points (all of them when they fit)."""
+    grid = knob_spaces.grid(family)
+    rest = grid[1:]
+    if trials - 1 < len(rest):
+        rest = random.Random(seed).sample(rest, max(0, trials - 1))
+    return [grid[0]] + rest
+
+
+@dataclass
+class Measured:
+    kernel: str
+    family: str
+    n: int
+    times: dict = field(default_factory=dict)        # knob label -> mean seconds (failed: absent)
+    errors: dict = field(default_factory=dict)       # knob label -> first line of the error
+
+    @property
+    def default(self) -> float | None:
+        return self.times.get(knob_spaces.label(knob_spaces.defaults(self.family)))
+
+    @property
+    def best(self) -> tuple[str, float]:
+        return min(self.times.items(), key=lambda kv: kv[1])
+
+
+def make_runner(rpc: tuple[str, int, str] | None, repeat: int, timeout_s: float):
+    evaluator = ms.runner.EvaluatorConfig(number=1, repeat=repeat, min_repeat_ms=40,
+                                          enable_cpu_cache_flush=False)
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=timeout_s, evaluator_config=evaluator,
+                                     initializer=_runner_init)
+    host, port, key = rpc
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                                 session_timeout_sec=int(timeout_s))
+    return ms.runner.RPCRunner(config, evaluator_config=evaluator, max_workers=1)
+
+
+def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials: int,
+         db_folder, target="llvm", rpc=None, repeat: int = 5, kernels: list[str] | None = None,
+         progress: Callable[[str], None] = print, timeout_s: float = 300) -> list[Measured]:
+    """Tune the planned IR's kernels; `sizes` gives BH, H and P (the lengths give N).
+    Returns one Measured per (kernel, length)."""
+    target = tvm.target.Target(resolve_target(target))
+    names = {k: f for k, f in tunable(root).items() if kernels is None or k in kernels}
+    if not names:
+        progress("nothing to tune: no kernel of this spec has knobs")
+        return []
+    db = database.open_db(db_folder)
+    defaults = lower(root, dtype, only=set(names))
+    builder = ms.builder.LocalBuilder(max_workers=min(2, config.num_threads()), timeout_sec=timeout_s,
+                                      f_build=_compile)
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    runner = make_runner(rpc, repeat, timeout_s)
+    out = []
+    pairs = _pairs(root, names)                      # (fwd, bwd) of a node share its candidates
+    total = sum(len(candidates(names[p[0]], trials)) for p in pairs)
+    done = 0
+    for pair in pairs:
+        family = names[pair[0]]
+        results = {(k, n): Measured(k, family, n) for k in pair for n in lengths}
+        for choice in candidates(family, trials):
+            done += 1
+            label = knob_spaces.label(choice)
+            t0 = time.perf_counter()
+            funcs = lower(root, dtype, {k: choice for k in pair}, only=set(pair))
+            inputs, keys = [], []
+            for k in pair:
+                for n in lengths:
+                    inputs.append(ms.builder.BuilderInput(
+                        tvm.IRModule({"main": concrete(funcs[k], n).with_attr("global_symbol", "main")}),
+                        target))
+                    keys.append((k, n))
+            built = builder.build(inputs)
+            runs = []
+            for (k, n), b in zip(keys, built):
+                if b.error_msg:
+                    results[k, n].errors[label] = b.error_msg.strip().splitlines()[-1]
+                    runs.append(None)
+                    continue
+                info = arg_shapes(funcs[k], {**sizes, "N": n})
+                runs.append((info, runner.run([ms.runner.RunnerInput(b.artifact_path, device, info)])[0]))
+            for (k, n), run in zip(keys, runs):
+                if run is None:
+                    continue
+                info, future = run
+                res = future.result()
+                if res.error_msg:
+                    results[k, n].errors[label] = res.error_msg.strip().splitlines()[-1]
+                    continue
+                secs = [float(s) for s in res.run_secs]
+                results[k, n].times[label] = sum(secs) / len(secs)
+                database.commit(db, database.workload(defaults[k]), family, choice, secs, target, info)
+            progress(_bar(done, total, f"{'/'.join(pair)} {label}", time.perf_counter() - t0))
+        out += [results[k, n] for k in pair for n in lengths]
+    return out
+
+
+def _pairs(root, names: dict) -> list[tuple[str, ...]]:
+    pairs = []
+    for i, node in enumerate(postorder(root)):
+        pair = tuple(k for k in kernel_names(i, node) if k in names)
+        if pair:
+            pairs.append(pair)
+    return pairs
+
+
+def _bar(done: int, total: int, what: str, secs: float) -> str:
+    width = 24
+    fill = round(width * done / total)
+    return f"[{'#' * fill}{'.' * (width - fill)}] {done}/{total}  {what}  ({secs:.1f} s)"
+
+
+def summary(rows: list[Measured]) -> str:
+    """A markdown table: per kernel and length, the default's time, the best choice and its time."""
+    lines = ["| kernel | N | default | best choice | best | speed-up |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.times:
+            lines.append(f"| {r.kernel} | {r.n} | failed: {next(iter(r.errors.values()), '?')} | | | |")
+            continue
+        label, best = r.best
+        d = r.default
+        lines.append(f"| {r.kernel} | {r.n} | {_ms(d)} | {label} | {_ms(best)} | "
+                     f"{(d / best if d else float('nan')):.2f}x |")
+    return "\n".join(lines)
+
+
+def _ms(s: float | None) -> str:
+    return "failed" if s is None else f"{s * 1e3:.2f} ms"

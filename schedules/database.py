@@ -1,0 +1,152 @@
+"""Tuning records: meta_schedule JSON databases of measured knob choices, and the choice a build uses.
+
+A record (meta_schedule's TuningRecord, in its JSONDatabase files database_workload.json and
+database_tuning_record.json):
+    workload  the kernel built with the default knobs, global symbol "main" (so a kernel shared
+              by two specs shares records, and any edit of the kernel's code makes a new workload:
+              stale records are never applied)
+    trace     one `sample_categorical` per knob of the family (schedules/knobs.py), its decision
+              the index of the choice measured
+    run_secs  measured at concrete shapes; args_info holds them (N = args_info[0].shape[1])
+    target    the TVM target it was measured on (a record is used only for that target)
+
+Where (`folders()`, searched in this order): $ATTNDSL_TUNING_DB (a folder, e.g. one shared by a
+team), the user's database <cache dir>/tuning (what `attndsl tune` writes unless --db), and the
+one shipped in schedules/tuned/ for the CPU it was tuned on.
+
+Choosing (`choose`): the first database holding the kernel's workload with records for the target;
+among its measured choices, the one with the smallest geometric mean, over the tuned lengths, of
+time / best time at that length. The default is among the candidates, so a choice is never one
+that measured slower than the default at every length.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm.s_tir import Schedule
+from tvm.s_tir import meta_schedule as ms
+
+from attndsl import config
+
+from . import knobs as knob_spaces
+
+SHIPPED = Path(__file__).parent / "tuned"
+FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+def folders() -> list[Path]:
+    """The databases a build consults, first match wins (see the module docstring)."""
+    out = []
+    if config.tuning_db() is not None:
+        out.append(config.tuning_db())
+    out += [config.cache_dir() / "tuning", SHIPPED]
+    return [f for f in dict.fromkeys(out) if (f / FILES[1]).is_file()]
+
+
+def fingerprint(dirs: list[Path]) -> str:
+    """Changes whenever a database a build consults changes (part of the compile-cache key)."""
+    h = hashlib.sha256()
+    for d in dirs:
+        for name in FILES:
+            p = d / name
+            st = p.stat() if p.is_file() else None
+            h.update(f"{p}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};".encode())
+    return h.hexdigest()[:16]
+
+
+def open_db(folder) -> ms.database.JSONDatabase:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
+
+
+def workload(func) -> tvm.IRModule:
+    """The database's key of a kernel: its default-knob build, named "main"."""
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def trace_of(mod: tvm.IRModule, family: str, choice: dict) -> "tvm.s_tir.schedule.Trace":
+    """A trace whose sample_categorical decisions spell `choice` (knob -> value)."""
+    sch = Schedule(mod)
+    for knob in knob_spaces.SPACES[family]:
+        n = len(knob.choices)
+        sch.sample_categorical(list(knob.choices), [1.0 / n] * n,
+                               decision=knob.choices.index(choice[knob.name]))
+    return sch.trace
+
+
+def choice_of(trace, family: str) -> dict:
+    """The inverse of trace_of: knob -> value from the record's decisions."""
+    insts = [i for i in trace.insts if i.kind.name == "SampleCategorical"]
+    space = knob_spaces.SPACES[family]
+    if len(insts) != len(space):
+        raise ValueError(f"a {family} record has {len(insts)} decisions, the family {len(space)} knobs")
+    out = {}
+    for knob, inst in zip(space, insts):
+        candidates = [int(c) for c in inst.attrs[0]]
+        out[knob.name] = candidates[int(trace.decisions[inst])]
+    return out
+
+
+def commit(db, mod, family: str, choice: dict, run_secs: list[float], target, args_info) -> None:
+    wl = db.commit_workload(mod)
+    db.commit_tuning_record(ms.database.TuningRecord(
+        trace_of(mod, family, choice), wl, [float(s) for s in run_secs], target, args_info))
+
+
+@dataclass(frozen=True)
+class Choice:
+    knobs: dict            # knob -> value
+    speedup: float         # geometric mean over lengths of default time / chosen time
+    lengths: tuple         # the sequence lengths it was measured at
+    folder: str            # the database it came from
+
+    def describe(self) -> str:
+        lengths = ",".join(str(n) for n in self.lengths)
+        return (f"tuned {knob_spaces.label(self.knobs)}  ({self.speedup:.2f}x the defaults at "
+                f"N={lengths}; {self.folder})")
+
+
+def _mean(secs) -> float:
+    vals = [float(s) for s in secs]
+    return sum(vals) / len(vals)
+
+
+def measured(db, mod, family: str, target) -> dict:
+    """{N: {knob choice (a sorted tuple of items): mean seconds}} of the workload's records on
+    `target`; empty when the database does not hold the workload."""
+    if not db.has_workload(mod):
+        return {}
+    wl = db.commit_workload(mod)        # the existing workload (nothing is written)
+    out: dict = {}
+    for rec in db.get_top_k(wl, 1 << 30):
+        if rec.target is None or str(rec.target) != str(target) or not rec.run_secs:
+            continue
+        n = int(rec.args_info[0].shape[1])
+        key = tuple(sorted(choice_of(rec.trace, family).items()))
+        out.setdefault(n, {})[key] = min(_mean(rec.run_secs), out.get(n, {}).get(key, math.inf))
+    return out
+
+
+def choose(dirs: list[Path], func, family: str, target) -> Choice | None:
+    """The knob choice for a default-knob kernel `func` on `target`, or None (build the defaults)."""
+    mod = workload(func)
+    default = tuple(sorted(knob_spaces.defaults(family).items()))
+    for folder in dirs:
+        times = measured(open_db(folder), mod, family, target)
+        # only lengths where the default was measured too, so the speed-up is a real comparison
+        times = {n: t for n, t in times.items() if default in t}
+        if not times:
+            continue
+        candidates = set.intersection(*(set(t) for t in times.values()))
+
+        def score(c):
+            return math.exp(sum(math.log(t[c] / min(t.values())) for t in times.values()) / len(times))
+        best = min(sorted(candidates), key=score)
+        speedup = math.exp(sum(math.log(t[default] / t[best]) for t in times.values()) / len(times))
+        return Choice(dict(best), speedup, tuple(sorted(times)), str(folder))
+    return None

@@ -1,0 +1,65 @@
+"""The tunable knobs of the hand-written CPU kernels: per kernel family, the choices and the default.
+
+A knob changes how a kernel is scheduled (chunk length, register tile, FFT channel block), never
+what it computes; every choice of every knob is checked against the default in tests/test_tune.py.
+`attndsl tune` measures the choices (lowering/tune.py) and stores the winner in a meta_schedule
+database (schedules/database.py), where a knob is a `sample_categorical` decision of the record's
+trace. Without a record a kernel is built with the defaults below, which are what the kernels were
+hand-tuned to on an AVX2 (znver3) machine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    choices: tuple[int, ...]
+    default: int
+    meaning: str
+
+
+# family -> its knobs (the order is the order of the decisions in a record's trace)
+SPACES: dict[str, tuple[Knob, ...]] = {
+    # lowering/linear.py: linear, prefix_sum and decayed, forward and backward
+    "linear": (
+        Knob("chunk", (16, 32, 64), 32, "rows per chunk (C)"),
+        Knob("tile_regs", (4, 8, 16), 16, "vector registers of an accumulator tile"),
+    ),
+    # lowering/toeplitz.py: toeplitz_fft and values_fft, forward and backward
+    "toeplitz": (
+        Knob("channels", (128, 256, 512, 1024), 256, "most FFT channels per block (G·L floats of scratch)"),
+    ),
+}
+
+
+def defaults(family: str) -> dict[str, int]:
+    return {k.name: k.default for k in SPACES[family]}
+
+
+def resolve(family: str, knobs: dict | None) -> dict[str, int]:
+    """The defaults of `family` overridden by `knobs`; an unknown knob or choice is a ValueError."""
+    out = defaults(family)
+    for name, value in (knobs or {}).items():
+        knob = next((k for k in SPACES[family] if k.name == name), None)
+        if knob is None:
+            raise ValueError(f"{family} kernels have no knob {name!r}; "
+                             f"valid: {', '.join(k.name for k in SPACES[family])}")
+        if value not in knob.choices:
+            raise ValueError(f"{family} knob {name}={value!r}; valid: {knob.choices}")
+        out[name] = value
+    return out
+
+
+def grid(family: str) -> list[dict[str, int]]:
+    """Every combination of the family's choices, the default first."""
+    combos: list[dict[str, int]] = [{}]
+    for knob in SPACES[family]:
+        combos = [{**c, knob.name: v} for c in combos for v in knob.choices]
+    first = defaults(family)
+    return [first] + [c for c in combos if c != first]
+
+
+def label(knobs: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in knobs.items())
