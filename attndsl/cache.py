@@ -132,30 +132,18 @@ def _replace_atomically(dst: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def _store(key: str, lib, label: str, so: Path, meta: Path, notes: dict | None = None) -> None:
+def _store(key: str, lib, label: str, so: Path, meta: Path) -> None:
     _replace_atomically(so, lib.export_library)
     info = {"key": key, "label": label, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **_versions(), "format": CACHE_FORMAT, "size": so.stat().st_size, "sha256": _sha256(so),
-            "notes": notes or {}}
+            **_versions(), "format": CACHE_FORMAT, "size": so.stat().st_size, "sha256": _sha256(so)}
     _replace_atomically(meta, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1) + "\n"))
     _log(2, f"cached {label} at {so}")
 
 
-def _read_notes(meta: Path, notes: dict | None) -> None:
-    if notes is not None:
-        try:
-            notes.update(json.loads(meta.read_text()).get("notes") or {})
-        except (OSError, ValueError, AttributeError):
-            pass
-
-
-def load_or_build(key: str, build: Callable[[], Any], *, label: str,
-                  notes: dict | None = None) -> tuple[Any, bool]:
+def load_or_build(key: str, build: Callable[[], Any], *, label: str) -> tuple[Any, bool]:
     """(library, hit): the cached library for `key`, or build() stored under `key`.
 
     A hit returns a `tvm.runtime.Module` loaded from disk; a miss returns what build() made.
-    `notes`: a dict that build() fills (e.g. the tuned knobs it used); it is kept in the entry's
-    metadata and filled from there on a hit.
     """
     if not config.use_cache():
         return _build(build, label), False
@@ -163,9 +151,7 @@ def load_or_build(key: str, build: Callable[[], Any], *, label: str,
     t0 = time.perf_counter()
     if _problem(key, so, meta) is None:                     # fast path: a whole entry, no lock
         try:
-            lib = _load(so, label, t0)
-            _read_notes(meta, notes)
-            return lib, True
+            return _load(so, label, t0), True
         except Exception:
             pass                                            # looked again under the lock below
     try:
@@ -181,16 +167,14 @@ def load_or_build(key: str, build: Callable[[], Any], *, label: str,
         problem = _problem(key, so, meta)
         if problem is None:
             try:
-                lib = _load(so, label, t0)
-                _read_notes(meta, notes)
-                return lib, True
+                return _load(so, label, t0), True
             except Exception as e:
                 problem = f"it does not load ({str(e).strip().splitlines()[-1]})"
         if problem:
             _warn(f"attndsl: rebuilding cached library {so} for {label}: {problem}")
         lib = _build(build, label)
         try:
-            _store(key, lib, label, so, meta, notes)
+            _store(key, lib, label, so, meta)
         except Exception as e:                              # disk full, no linker: still compiled
             _warn(f"attndsl: could not write {so} ({e}); using the library from memory", once=True)
         return lib, False
