@@ -3,6 +3,8 @@
     attndsl check model.attn                      parse and check every block
     attndsl emit model.attn --stage ast|ir|linear|tir|mlir|linalg [--after STAGE]
     attndsl run model.attn --heads 8 --head-dim 64 --seq 1024   compile, compare with §2, time
+    attndsl tune model.attn --lengths 1024,4096 --trials 9 [--db DIR] [--rpc-tracker HOST:PORT --rpc-key KEY]
+                                                  measure the kernels' knob choices into a database
 """
 from __future__ import annotations
 
@@ -132,6 +134,40 @@ def cmd_run(args) -> int:
     return status
 
 
+def _table_width(spec) -> int:
+    """P of the kernels' position parameters (H, P): 2W+1 for a learned table, else 1."""
+    if spec.position.name == "toeplitz":
+        return 2 * int(spec.position["max_distance"]) + 1
+    return 1
+
+
+def cmd_tune(args) -> int:
+    from pathlib import Path
+
+    from . import config, pipeline
+    from .lowering import tune
+    db = Path(args.db) if args.db else config.cache_dir() / "tuning"
+    rpc = None
+    if args.rpc_tracker:
+        host, _, port = args.rpc_tracker.rpartition(":")
+        if not host or not port.isdigit() or not args.rpc_key:
+            print("--rpc-tracker wants HOST:PORT, and --rpc-key the key the servers registered with",
+                  file=sys.stderr)
+            return 2
+        rpc = (host, int(port), args.rpc_key)
+    lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
+    for spec in _blocks(args):
+        planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim)
+        print(f"tuning {spec.name} ({args.dtype}, B·H={args.batch * args.heads}, N={args.lengths}) "
+              f"into {db}")
+        rows = tune.tune(planned.root, args.dtype, lengths=lengths, trials=args.trials, db_folder=db,
+                         sizes={"BH": args.batch * args.heads, "H": args.heads, "P": _table_width(spec)},
+                         target=args.target, rpc=rpc)
+        if rows:
+            print(tune.summary(rows))
+    return 0
+
+
 def main(argv=None) -> int:
     from .diagnostics import SpecError
     p = argparse.ArgumentParser(prog="attndsl", description=__doc__,
@@ -156,9 +192,23 @@ def main(argv=None) -> int:
             s.add_argument("--batch", type=int, default=2)
             s.add_argument("--seq", type=int, default=1024)
             s.add_argument("--repeat", type=int, default=5)
+    t = sub.add_parser("tune", help="measure the knob choices of a spec's kernels into a tuning database")
+    t.add_argument("file")
+    t.add_argument("--name", help="the attention block (default: all)")
+    t.add_argument("--heads", type=int, default=8)
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--head-dim", type=int, default=64)
+    t.add_argument("--value-dim", type=int, default=None)
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument("--lengths", default="1024,4096", help="sequence lengths to time (comma-separated)")
+    t.add_argument("--trials", type=int, default=9, help="knob choices per kernel, the default included")
+    t.add_argument("--target", choices=("llvm",), default="llvm", help="this CPU (CUDA: not yet)")
+    t.add_argument("--db", help="the database folder (default: <cache dir>/tuning)")
+    t.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker to time on")
+    t.add_argument("--rpc-key", help="the device key the tracker's servers registered with")
     args = p.parse_args(argv)
     try:
-        return {"check": cmd_check, "emit": cmd_emit, "run": cmd_run}[args.cmd](args)
+        return {"check": cmd_check, "emit": cmd_emit, "run": cmd_run, "tune": cmd_tune}[args.cmd](args)
     except SpecError as e:
         print(e, file=sys.stderr)
         return 1

@@ -43,3 +43,23 @@ def test_tune_records_and_choose_reads_them(tmp_path):
         choice = database.choose([tmp_path], funcs[r.kernel], "linear", target)
         assert choice is not None and knobs.label(choice.knobs) == r.best[0]
     assert "| speed-up |" in tune.summary(rows)
+
+
+def test_cli_tune_writes_a_database_and_prints_the_summary(tmp_path, capsys):
+    from attndsl.cli import main
+    spec = tmp_path / "t.attn"
+    spec.write_text("attention t {\n  kernel = relu\n  mask = causal\n}\n")
+    db = tmp_path / "db"
+    assert main(["tune", str(spec), "--heads", "2", "--head-dim", "16", "--lengths", "64",
+                 "--trials", "1", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "tuning t" in out and "| speed-up |" in out and "1.00x" in out
+    assert (db / "database_tuning_record.json").stat().st_size > 0
+
+
+def test_cli_tune_rejects_a_bad_tracker_address(tmp_path, capsys):
+    from attndsl.cli import main
+    spec = tmp_path / "t.attn"
+    spec.write_text("attention t {\n  kernel = relu\n}\n")
+    assert main(["tune", str(spec), "--rpc-tracker", "nohostport", "--rpc-key", "k"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
