@@ -1,9 +1,8 @@
 """The tunable knobs of the hand-written CPU kernels: per kernel family, the choices and the default.
 
 A knob changes how a kernel is scheduled (chunk length, register tile, FFT channel block), never
-what it computes: tests/test_tune.py checks every linear choice, forward and backward, against
-the maths in torch; the toeplitz choices are not yet tested (the rest of the suite builds the
-defaults), and compile() builds only the defaults until the database is wired into it.
+what it computes: tests/test_tune.py checks every choice of both families, forward and backward,
+against the maths in torch. compile() builds only the defaults until the database is wired into it.
 `attndsl tune` measures the choices (lowering/tune.py) and stores the winner in a meta_schedule
 database (schedules/database.py), where a knob is a `sample_categorical` decision of the record's
 trace. Without a record a kernel is built with the defaults below, which are what the kernels were
