@@ -146,7 +146,7 @@ def cmd_tune(args) -> int:
 
     from . import config, pipeline
     from .lowering import tune
-    db = Path(args.db) if args.db else config.cache_dir() / "tuning"
+    db = Path(args.db) if args.db else (config.tuning_db() or config.cache_dir() / "tuning")
     rpc = None
     if args.rpc_tracker:
         host, _, port = args.rpc_tracker.rpartition(":")
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     t.add_argument("--lengths", default="1024,4096", help="sequence lengths to time (comma-separated)")
     t.add_argument("--trials", type=int, default=9, help="knob choices per kernel, the default included")
     t.add_argument("--target", choices=("llvm",), default="llvm", help="this CPU (CUDA: not yet)")
-    t.add_argument("--db", help="the database folder (default: <cache dir>/tuning)")
+    t.add_argument("--db", help="the database folder (default: $ATTNDSL_TUNING_DB, else <cache dir>/tuning)")
     t.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker to time on")
     t.add_argument("--rpc-key", help="the device key the tracker's servers registered with")
     args = p.parse_args(argv)

@@ -23,7 +23,7 @@ def cache_dir() -> Path:
 
 
 def tuning_db() -> Path | None:
-    """ATTNDSL_TUNING_DB: a tuning-database folder consulted before the user's and the shipped one."""
+    """ATTNDSL_TUNING_DB: the tuning-database folder `attndsl tune` writes to (else <cache>/tuning)."""
     raw = os.environ.get("ATTNDSL_TUNING_DB", "").strip()
     return Path(raw).expanduser() if raw else None
 
@@ -80,7 +80,7 @@ def export_tvm_threads() -> None:
 def _flags() -> dict[str, tuple[object, str]]:
     return {
         "ATTNDSL_CACHE_DIR": (cache_dir(), "where compiled kernels are cached"),
-        "ATTNDSL_TUNING_DB": (tuning_db(), "a tuning database searched before <cache>/tuning and the shipped one"),
+        "ATTNDSL_TUNING_DB": (tuning_db(), "where attndsl tune writes (default <cache dir>/tuning)"),
         "ATTNDSL_DUMP_IR": (dump_ir(), "dump the IR after every pass to stderr"),
         "ATTNDSL_VERBOSE": (verbose(), "0/1/2: progress messages while compiling"),
         "ATTNDSL_NO_CACHE": (not use_cache(), "always rebuild kernels; never read or write the cache"),

@@ -10,18 +10,16 @@ database_tuning_record.json):
     run_secs  measured at concrete shapes; args_info holds them (N = args_info[0].shape[1])
     target    the TVM target it was measured on (a record is used only for that target)
 
-Where (`folders()`, searched in this order): $ATTNDSL_TUNING_DB (a folder, e.g. one shared by a
-team), the user's database <cache dir>/tuning (what `attndsl tune` writes unless --db), and the
-one shipped in schedules/tuned/ for the CPU it was tuned on.
+Where: `attndsl tune` writes to --db, else $ATTNDSL_TUNING_DB, else <cache dir>/tuning. (Not yet:
+compile() consulting these, and a database shipped in schedules/tuned/ for the CPU it was tuned on.)
 
-Choosing (`choose`): the first database holding the kernel's workload with records for the target;
-among its measured choices, the one with the smallest geometric mean, over the tuned lengths, of
-time / best time at that length. The default is among the candidates, so a choice is never one
+Choosing (`choose`, given the folders to search in order): the first database holding the
+kernel's workload with records for the target; among its measured choices, the one with the
+smallest geometric mean, over the tuned lengths, of time / best time at that length. The default is among the candidates, so a choice is never one
 that measured slower than the default at every length.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,32 +28,7 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 
-from attndsl import config
-
 from . import knobs as knob_spaces
-
-SHIPPED = Path(__file__).parent / "tuned"
-FILES = ("database_workload.json", "database_tuning_record.json")
-
-
-def folders() -> list[Path]:
-    """The databases a build consults, first match wins (see the module docstring)."""
-    out = []
-    if config.tuning_db() is not None:
-        out.append(config.tuning_db())
-    out += [config.cache_dir() / "tuning", SHIPPED]
-    return [f for f in dict.fromkeys(out) if (f / FILES[1]).is_file()]
-
-
-def fingerprint(dirs: list[Path]) -> str:
-    """Changes whenever a database a build consults changes (part of the compile-cache key)."""
-    h = hashlib.sha256()
-    for d in dirs:
-        for name in FILES:
-            p = d / name
-            st = p.stat() if p.is_file() else None
-            h.update(f"{p}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};".encode())
-    return h.hexdigest()[:16]
 
 
 def open_db(folder) -> ms.database.JSONDatabase:
