@@ -26,6 +26,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from attndsl import config
 from attndsl.ir import postorder
+from attndsl.passes.plan import fft_length
 from attndsl.schedules import database, knobs as knob_spaces
 
 from . import kernel_names, lower, tunable
@@ -46,12 +47,7 @@ def _runner_init():
 
 
 # scalar parameters of the kernels -> their value at length N
-def _fft_length(n: int) -> int:
-    from attndsl.passes.plan import fft_length
-    return fft_length(n)
-
-
-SCALARS: dict[str, Callable[[int], int]] = {"Lf": _fft_length}
+SCALARS: dict[str, Callable[[int], int]] = {"Lf": fft_length}
 
 
 def concrete(func, n: int):
@@ -121,7 +117,8 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
         progress("nothing to tune: no kernel of this spec has knobs")
         return []
     db = database.open_db(db_folder)
-    defaults = lower(root, dtype, only=set(names))
+    workloads = {k: db.commit_workload(database.workload(f))       # once per kernel
+                 for k, f in lower(root, dtype, only=set(names)).items() if k in names}
     builder = ms.builder.LocalBuilder(max_workers=min(2, config.num_threads()), timeout_sec=timeout_s,
                                       f_build=_compile)
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
@@ -162,9 +159,8 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
                 if res.error_msg:
                     results[k, n].errors[label] = res.error_msg.strip().splitlines()[-1]
                     continue
-                secs = [float(s) for s in res.run_secs]
-                results[k, n].times[label] = sum(secs) / len(secs)
-                database.commit(db, database.workload(defaults[k]), family, choice, secs, target, info)
+                results[k, n].times[label] = database.mean_secs(res.run_secs)
+                database.commit(db, workloads[k], family, choice, res.run_secs, target, info)
             progress(_bar(done, total, f"{'/'.join(pair)} {label}", time.perf_counter() - t0))
         out += [results[k, n] for k in pair for n in lengths]
     return out

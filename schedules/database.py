@@ -15,8 +15,9 @@ compile() consulting these, and a database shipped in schedules/tuned/ for the C
 
 Choosing (`choose`, given the folders to search in order): the first database holding the
 kernel's workload with records for the target; among its measured choices, the one with the
-smallest geometric mean, over the tuned lengths, of time / best time at that length. The default is among the candidates, so a choice is never one
-that measured slower than the default at every length.
+smallest geometric mean, over the tuned lengths, of time / best time at that length. The
+default is among the candidates, so a choice is never one that measured slower than the default
+at every length.
 """
 from __future__ import annotations
 
@@ -65,10 +66,10 @@ def choice_of(trace, family: str) -> dict:
     return out
 
 
-def commit(db, mod, family: str, choice: dict, run_secs: list[float], target, args_info) -> None:
-    wl = db.commit_workload(mod)
+def commit(db, wl, family: str, choice: dict, run_secs: list[float], target, args_info) -> None:
+    """One measured choice of the workload `wl` (db.commit_workload of a workload())."""
     db.commit_tuning_record(ms.database.TuningRecord(
-        trace_of(mod, family, choice), wl, [float(s) for s in run_secs], target, args_info))
+        trace_of(wl.mod, family, choice), wl, [float(s) for s in run_secs], target, args_info))
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,8 @@ class Choice:
     lengths: tuple         # the sequence lengths it was measured at
     folder: str            # the database it came from
 
-    def describe(self) -> str:
-        lengths = ",".join(str(n) for n in self.lengths)
-        return (f"tuned {knob_spaces.label(self.knobs)}  ({self.speedup:.2f}x the defaults at "
-                f"N={lengths}; {self.folder})")
 
-
-def _mean(secs) -> float:
+def mean_secs(secs) -> float:
     vals = [float(s) for s in secs]
     return sum(vals) / len(vals)
 
@@ -101,7 +97,7 @@ def measured(db, mod, family: str, target) -> dict:
             continue
         n = int(rec.args_info[0].shape[1])
         key = tuple(sorted(choice_of(rec.trace, family).items()))
-        out.setdefault(n, {})[key] = min(_mean(rec.run_secs), out.get(n, {}).get(key, math.inf))
+        out.setdefault(n, {})[key] = min(mean_secs(rec.run_secs), out.get(n, {}).get(key, math.inf))
     return out
 
 
