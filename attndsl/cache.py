@@ -1,7 +1,8 @@
 """On-disk cache of compiled TVM libraries, keyed by everything that decides the code.
 
     <cache_dir>/<key[:2]>/<key>.so      the library (`export_library`)
-    <cache_dir>/<key[:2]>/<key>.json    {key, label, created, tvm, tvm_ffi, format, size, sha256}
+    <cache_dir>/<key[:2]>/<key>.json    {key, label, created, tvm, tvm_ffi, format, size, sha256,
+                                         notes (what the build chose, e.g. tuned knobs)}
     <cache_dir>/<key[:2]>/<key>.lock    held while one process checks, builds and writes the entry
 
 Both files are written to temporaries in the same folder and moved into place with `os.replace`,
@@ -132,26 +133,39 @@ def _replace_atomically(dst: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def _store(key: str, lib, label: str, so: Path, meta: Path) -> None:
+def _store(key: str, lib, label: str, so: Path, meta: Path, notes: dict) -> None:
     _replace_atomically(so, lib.export_library)
     info = {"key": key, "label": label, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **_versions(), "format": CACHE_FORMAT, "size": so.stat().st_size, "sha256": _sha256(so)}
+            **_versions(), "format": CACHE_FORMAT, "size": so.stat().st_size, "sha256": _sha256(so),
+            "notes": notes}
     _replace_atomically(meta, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1) + "\n"))
     _log(2, f"cached {label} at {so}")
 
 
-def load_or_build(key: str, build: Callable[[], Any], *, label: str) -> tuple[Any, bool]:
+def _read_notes(meta: Path, notes: dict) -> None:
+    notes.clear()
+    notes.update(json.loads(meta.read_text()).get("notes") or {})
+
+
+def load_or_build(key: str, build: Callable[[], Any], *, label: str,
+                  notes: dict | None = None) -> tuple[Any, bool]:
     """(library, hit): the cached library for `key`, or build() stored under `key`.
 
     A hit returns a `tvm.runtime.Module` loaded from disk; a miss returns what build() made.
+    `notes`: a dict build() may fill (JSON values); stored with the entry, and refilled from it on
+    a hit, so what a build decided is known without building.
     """
+    if notes is None:
+        notes = {}
     if not config.use_cache():
         return _build(build, label), False
     so, meta, lock = _paths(key)
     t0 = time.perf_counter()
     if _problem(key, so, meta) is None:                     # fast path: a whole entry, no lock
         try:
-            return _load(so, label, t0), True
+            lib = _load(so, label, t0)
+            _read_notes(meta, notes)
+            return lib, True
         except Exception:
             pass                                            # looked again under the lock below
     try:
@@ -167,14 +181,16 @@ def load_or_build(key: str, build: Callable[[], Any], *, label: str) -> tuple[An
         problem = _problem(key, so, meta)
         if problem is None:
             try:
-                return _load(so, label, t0), True
+                lib = _load(so, label, t0)
+                _read_notes(meta, notes)
+                return lib, True
             except Exception as e:
                 problem = f"it does not load ({str(e).strip().splitlines()[-1]})"
         if problem:
             _warn(f"attndsl: rebuilding cached library {so} for {label}: {problem}")
         lib = _build(build, label)
         try:
-            _store(key, lib, label, so, meta)
+            _store(key, lib, label, so, meta, notes)
         except Exception as e:                              # disk full, no linker: still compiled
             _warn(f"attndsl: could not write {so} ({e}); using the library from memory", once=True)
         return lib, False

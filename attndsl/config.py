@@ -23,9 +23,16 @@ def cache_dir() -> Path:
 
 
 def tuning_db() -> Path | None:
-    """ATTNDSL_TUNING_DB: the tuning-database folder `attndsl tune` writes to (else <cache>/tuning)."""
+    """ATTNDSL_TUNING_DB: the tuning-database folder `attndsl tune` writes to and compile() reads
+    first (else <cache>/tuning; schedules/lookup.py)."""
     raw = os.environ.get("ATTNDSL_TUNING_DB", "").strip()
     return Path(raw).expanduser() if raw else None
+
+
+def use_tuned() -> bool:
+    """False when ATTNDSL_UNTUNED is truthy: compile() builds the default knobs, ignoring every
+    tuning database (to compare, or to rule tuning out)."""
+    return not _flag("ATTNDSL_UNTUNED")
 
 
 def dump_ir() -> bool:
@@ -80,7 +87,8 @@ def export_tvm_threads() -> None:
 def _flags() -> dict[str, tuple[object, str]]:
     return {
         "ATTNDSL_CACHE_DIR": (cache_dir(), "where compiled kernels are cached"),
-        "ATTNDSL_TUNING_DB": (tuning_db(), "where attndsl tune writes (default <cache dir>/tuning)"),
+        "ATTNDSL_TUNING_DB": (tuning_db(), "where attndsl tune writes and compile() reads first (default <cache>/tuning)"),
+        "ATTNDSL_UNTUNED": (not use_tuned(), "build the default knobs; ignore tuning databases"),
         "ATTNDSL_DUMP_IR": (dump_ir(), "dump the IR after every pass to stderr"),
         "ATTNDSL_VERBOSE": (verbose(), "0/1/2: progress messages while compiling"),
         "ATTNDSL_NO_CACHE": (not use_cache(), "always rebuild kernels; never read or write the cache"),

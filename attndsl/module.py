@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import cache, ops, pipeline, sampling
+from .schedules import lookup as tuning
 from .ast import AttentionSpec
 from .diagnostics import SpecError
 from .featuremaps import lookup
@@ -55,6 +56,7 @@ class Attention(nn.Module):
         self.planned = pipeline.run(spec, head_dim, self.value_dim, plan_name=plan)
         self._libs: dict[str, str] = {}          # kernel dtype -> library key in ops
         self._build_log: list[str] = []
+        self._tuning: dict[str, tuple] = {}       # kernel dtype -> (databases read, {kernel: choice})
 
         projection = None
         if spec.kernel.name != "softmax":
@@ -91,9 +93,16 @@ class Attention(nn.Module):
             return self._libs[dtype]
         from . import lowering
 
+        dirs = tuning.tuning_dirs()
+        notes: dict = {}
+
         def compile_kernels():
             from .lowering.build import build, resolve_target
-            return build(lowering.lower(root, dtype), resolve_target(self.target))
+            target = resolve_target(self.target)
+            funcs, chosen = lowering.lower_tuned(root, dtype, dirs, target)
+            notes["tuned"] = {k: {"knobs": c.knobs, "speedup": round(c.speedup, 4),
+                                  "lengths": list(c.lengths), "db": c.folder} for k, c in chosen.items()}
+            return build(funcs, target)
 
         root = self.planned.root
         try:
@@ -102,12 +111,14 @@ class Attention(nn.Module):
             raise SpecError(f"the {e.nodes[-1].op} form is not lowered to TVM, so spec "
                             f"'{self.spec.name}' cannot be compiled", self.spec.span) from None
         key = cache.make_key(spec=repr(self.spec), dims=[self.head_dim, self.value_dim], dtype=dtype,
-                             target=self.target, host=host_cpu(), ir=format_ir(root), lowering=_lowering_source_hash())
+                             target=self.target, host=host_cpu(), ir=format_ir(root), lowering=_lowering_source_hash(),
+                             tuning=tuning.fingerprint(dirs))
         t0 = time.perf_counter()
         lib, hit = cache.load_or_build(key, compile_kernels,
-                                       label=f"{self.spec.name}/{dtype}")
+                                       label=f"{self.spec.name}/{dtype}", notes=notes)
         self._build_log.append(f"{dtype}: {'loaded from cache' if hit else 'compiled'} in "
                                f"{time.perf_counter() - t0:.2f} s (key {key[:12]})")
+        self._tuning[dtype] = (dirs, notes.get("tuned", {}))
         ops.register_library(key, lib)
         self._libs[dtype] = key
         return key
@@ -241,9 +252,24 @@ class Attention(nn.Module):
                 lines.append(site(i, node))
         for entry in self._build_log:
             lines.append(f"  build {entry}")
+        lines += self._tuning_lines()
         for name, node in planned.stages:
             lines += ["", f"-- IR after {name} --", format_ir(node)]
         return "\n".join(lines)
+
+    def _tuning_lines(self) -> list[str]:
+        lines = []
+        for dtype, (dirs, tuned) in self._tuning.items():
+            if not dirs:
+                lines.append(f"  tuning {dtype}: default knobs (no tuning database; `attndsl tune` makes one)")
+            elif not tuned:
+                lines.append(f"  tuning {dtype}: default knobs (no better record in {', '.join(map(str, dirs))})")
+            for kernel, c in tuned.items():
+                knobs = " ".join(f"{k}={v}" for k, v in c["knobs"].items())
+                lengths = ",".join(map(str, c["lengths"]))
+                lines.append(f"  tuning {dtype}: {kernel} {knobs}  ({c['speedup']:.2f}x the defaults "
+                             f"at N={lengths}; record from {c['db']})")
+        return lines
 
     def extra_repr(self) -> str:
         forms = ", ".join(d.form for d in self.planned.decisions)

@@ -160,6 +160,27 @@ def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = 
     return funcs
 
 
+def lower_tuned(root: Node, dtype: str, dirs: list, target: dict) -> tuple[dict, dict]:
+    """(funcs, chosen): lower() with the knobs the tuning databases `dirs` (searched in order,
+    schedules/lookup.py) pick for `target`; chosen {kernel name: database.Choice} lists the kernels
+    built with other than their defaults."""
+    funcs = lower(root, dtype)
+    names = tunable(root)
+    if not dirs or not names:
+        return funcs, {}
+    import tvm
+    from attndsl.schedules import database, knobs as knob_spaces
+    dbs, tgt = database.open_dbs(dirs), tvm.target.Target(target)
+    chosen = {}
+    for name, family in names.items():
+        choice = database.choose(dbs, funcs[name], family, tgt)
+        if choice is not None and choice.knobs != knob_spaces.defaults(family):
+            chosen[name] = choice
+    if chosen:
+        funcs.update(lower(root, dtype, {k: c.knobs for k, c in chosen.items()}, only=set(chosen)))
+    return funcs, chosen
+
+
 def knob_family(node: Node) -> str | None:
     """The schedules/knobs.py family of a node's kernels (both of them), None when not tunable."""
     if isinstance(node, LinearAttention) or (isinstance(node, PositionalAttention) and node.form == "decayed"):

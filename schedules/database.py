@@ -10,8 +10,8 @@ database_tuning_record.json):
     run_secs  measured at concrete shapes; args_info holds them (N = args_info[0].shape[1])
     target    the TVM target it was measured on (a record is used only for that target)
 
-Where: `attndsl tune` writes to --db, else $ATTNDSL_TUNING_DB, else <cache dir>/tuning. (Not yet:
-compile() consulting these, and a database shipped in schedules/tuned/ for the CPU it was tuned on.)
+Where: `attndsl tune` writes to --db, else $ATTNDSL_TUNING_DB, else <cache dir>/tuning; compile()
+reads that one, then the database shipped in schedules/tuned/ (schedules/lookup.py).
 
 Choosing (`choose`, given the folders to search in order): the first database holding the
 kernel's workload with records for the target; among its measured choices, the one with the
@@ -101,12 +101,18 @@ def measured(db, mod, family: str, target) -> dict:
     return out
 
 
-def choose(dirs: list[Path], func, family: str, target) -> Choice | None:
-    """The knob choice for a default-knob kernel `func` on `target`, or None (build the defaults)."""
+def open_dbs(dirs) -> list[tuple[str, ms.database.JSONDatabase]]:
+    """(folder, database) of each folder, in order: what choose() searches."""
+    return [(str(d), open_db(d)) for d in dirs]
+
+
+def choose(dbs: list, func, family: str, target) -> Choice | None:
+    """The knob choice for a default-knob kernel `func` on `target` (a tvm Target), searching the
+    open_dbs() in order; None: no record, build the defaults."""
     mod = workload(func)
     default = tuple(sorted(knob_spaces.defaults(family).items()))
-    for folder in dirs:
-        times = measured(open_db(folder), mod, family, target)
+    for folder, db in dbs:
+        times = measured(db, mod, family, target)
         # only lengths where the default was measured too, so the speed-up is a real comparison
         times = {n: t for n, t in times.items() if default in t}
         if not times:
@@ -117,5 +123,5 @@ def choose(dirs: list[Path], func, family: str, target) -> Choice | None:
             return math.exp(sum(math.log(t[c] / min(t.values())) for t in times.values()) / len(times))
         best = min(sorted(candidates), key=score)
         speedup = math.exp(sum(math.log(t[default] / t[best]) for t in times.values()) / len(times))
-        return Choice(dict(best), speedup, tuple(sorted(times)), str(folder))
+        return Choice(dict(best), speedup, tuple(sorted(times)), folder)
     return None

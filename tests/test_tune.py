@@ -40,7 +40,7 @@ def test_tune_records_and_choose_reads_them(tmp_path):
     target = tvm.target.Target(resolve_target("llvm"))
     funcs = lower(root, "float32")
     for r in rows:
-        choice = database.choose([tmp_path], funcs[r.kernel], "linear", target)
+        choice = database.choose(database.open_dbs([tmp_path]), funcs[r.kernel], "linear", target)
         assert choice is not None and knobs.label(choice.knobs) == r.best[0]
     assert "| speed-up |" in tune.summary(rows)
 
@@ -142,3 +142,56 @@ def test_every_toeplitz_channel_block_computes_the_same_attention(channels):
     lib["b"](qf, kf, v, tab, out, den, dout, *mine, fft_length(N))
     for got, want in zip(mine, grads):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def _record(db_folder, root, kernel, family, times: dict, n=64):
+    """Commit `times` {knob label: seconds} for `kernel` as if measured at length n on this CPU."""
+    import tvm
+    from attndsl.lowering import lower, tune
+    from attndsl.lowering.build import resolve_target
+    from attndsl.schedules import database
+    func = lower(root, "float32")[kernel]
+    db = database.open_db(db_folder)
+    wl = db.commit_workload(database.workload(func))
+    info = tune.arg_shapes(func, {"BH": 2, "H": 2, "P": 1, "N": n})
+    target = tvm.target.Target(resolve_target("llvm"))
+    for choice in knobs.grid(family):
+        if knobs.label(choice) in times:
+            database.commit(db, wl, family, choice, [times[knobs.label(choice)]] * 2, target, info)
+
+
+def test_compile_builds_the_recorded_choice_and_a_cache_hit_keeps_it(tmp_path, monkeypatch):
+    """A record that makes chunk=16 the best: compile() builds it (same answer as the reference),
+    explain() says so, and the next compile is a cache hit under 1 s that still knows the choice."""
+    import time
+    import torch
+    import attndsl
+    from attndsl import lowering
+    from conftest import RTOL, assert_close
+    monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ATTNDSL_TUNING_DB", str(tmp_path / "db"))
+    text = "attention t { kernel = elu1; mask = causal }"
+    root = pipeline.run(parse(text).block(None), 16, 16).root
+    fwd = next(k for k in lowering.tunable(root) if k.endswith("_fwd"))
+    _record(tmp_path / "db", root, fwd, "linear",
+            {"chunk=32 tile_regs=16": 2e-3, "chunk=16 tile_regs=16": 1e-3, "chunk=64 tile_regs=4": 4e-3})
+    seen = []
+    real = lowering.lower
+    monkeypatch.setattr(lowering, "lower", lambda *a, **kw: seen.append(a[2] if len(a) > 2 else
+                                                                         kw.get("knobs")) or real(*a, **kw))
+    attn = attndsl.compile(text, heads=2, head_dim=16)
+    assert {fwd: {"chunk": 16, "tile_regs": 16}} in seen
+    assert f"{fwd} chunk=16 tile_regs=16  (2.00x the defaults at N=64" in attn.explain()
+    q, k, v = (torch.randn(1, 2, 80, 16, dtype=torch.float64) for _ in range(3))
+    got = attn(q.float(), k.float(), v.float())
+    assert_close("tuned forward", attn.reference(q, k, v), got, 10 * RTOL[torch.float32])
+
+    seen.clear()
+    t0 = time.perf_counter()
+    again = attndsl.compile(text, heads=2, head_dim=16)
+    assert time.perf_counter() - t0 < 1.0 and not seen          # no lowering on a hit
+    assert "loaded from cache" in again.explain() and "chunk=16 tile_regs=16  (2.00x" in again.explain()
+
+    monkeypatch.setenv("ATTNDSL_UNTUNED", "1")
+    untuned = attndsl.compile(text, heads=2, head_dim=16)
+    assert "default knobs (no tuning database" in untuned.explain()
