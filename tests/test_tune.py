@@ -195,3 +195,29 @@ def test_compile_builds_the_recorded_choice_and_a_cache_hit_keeps_it(tmp_path, m
     monkeypatch.setenv("ATTNDSL_UNTUNED", "1")
     untuned = attndsl.compile(text, heads=2, head_dim=16)
     assert "default knobs (no tuning database" in untuned.explain()
+
+
+def test_tune_through_a_loopback_rpc_tracker_and_server(tmp_path):
+    """TVM's own RPC tracker and one server (with the FFT functions registered) on loopback: the
+    tuner's RPCRunner gets the server from the tracker by key and times a tiny kernel on it."""
+    import time
+    from tvm import rpc
+    from tvm.rpc import server, tracker
+    from attndsl.lowering import tune
+    trk = tracker.Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
+    srv = server.Server("127.0.0.1", port=9300, port_end=9400, tracker_addr=("127.0.0.1", trk.port),
+                        key="attndsl-test", silent=True, server_init_callback=tune._runner_init)
+    try:
+        deadline = time.time() + 60
+        while "attndsl-test" not in rpc.connect_tracker("127.0.0.1", trk.port).text_summary():
+            assert time.time() < deadline, "the server never registered with the tracker"
+            time.sleep(0.5)
+        root = pipeline.run(parse("attention t { kernel = relu }").block(None), 16, 16).root
+        rows = tune.tune(root, "float32", sizes={"BH": 2, "H": 2, "P": 1}, lengths=[64], trials=2,
+                         db_folder=tmp_path, repeat=2, rpc=("127.0.0.1", trk.port, "attndsl-test"),
+                         progress=lambda s: None)
+        assert rows and all(len(r.times) == 2 and not r.errors for r in rows), [r.errors for r in rows]
+        assert (tmp_path / "database_tuning_record.json").stat().st_size > 0
+    finally:
+        srv.terminate()
+        trk.terminate()
