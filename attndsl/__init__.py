@@ -30,13 +30,15 @@ def read_spec(text_or_path: str | os.PathLike) -> tuple[str | bytes, str]:
 
 def compile(text_or_path, name: str | None = None, *, heads: int, head_dim: int,
             value_dim: int | None = None, target="llvm", plan: str = "auto",
-            check_finite: bool = False):
-    """Parse, plan, lower and build one attention block; returns an `Attention` module."""
+            check_finite: bool = False, tuned: bool = True):
+    """Parse, plan, lower and build one attention block; returns an `Attention` module.
+    `tuned`: build the knobs a tuning database records for these kernels (schedules/lookup.py);
+    False builds the defaults."""
     from .module import Attention
     text, filename = read_spec(text_or_path)
     spec = parse(text, filename=filename).block(name)
     return Attention(spec, heads=heads, head_dim=head_dim, value_dim=value_dim, target=target,
-                     plan=plan, check_finite=check_finite)
+                     plan=plan, check_finite=check_finite, tuned=tuned)
 
 
 def from_torch(fn_or_module, example_inputs, *, name: str = "imported"):

@@ -40,7 +40,8 @@ def _lowering_source_hash() -> str:
 
 class Attention(nn.Module):
     def __init__(self, spec: AttentionSpec, *, heads: int, head_dim: int, value_dim: int | None = None,
-                 target: str | dict = "llvm", plan: str = "auto", check_finite: bool = False):
+                 target: str | dict = "llvm", plan: str = "auto", check_finite: bool = False,
+                 tuned: bool = True):
         super().__init__()
 
         for name, val in (("heads", heads), ("head_dim", head_dim), ("value_dim", value_dim or head_dim)):
@@ -53,6 +54,7 @@ class Attention(nn.Module):
         # (TVM imported) only when building
         self.target = MLIR_TARGET if target == MLIR_TARGET else check_target(target)
         self.check_finite = check_finite
+        self.tuned = tuned                       # False: the default knobs, whatever the databases say
         self.planned = pipeline.run(spec, head_dim, self.value_dim, plan_name=plan)
         self._libs: dict[str, str] = {}          # kernel dtype -> library key in ops
         self._build_log: list[str] = []
@@ -93,7 +95,7 @@ class Attention(nn.Module):
             return self._libs[dtype]
         from . import lowering
 
-        dirs = tuning.tuning_dirs()
+        dirs = tuning.tuning_dirs() if self.tuned else []
         notes: dict = {}
 
         def compile_kernels():
@@ -261,7 +263,8 @@ class Attention(nn.Module):
         lines = []
         for dtype, (dirs, tuned) in self._tuning.items():
             if not dirs:
-                lines.append(f"  tuning {dtype}: default knobs (no tuning database; `attndsl tune` makes one)")
+                why = "tuned=False" if not self.tuned else "no tuning database; `attndsl tune` makes one"
+                lines.append(f"  tuning {dtype}: default knobs ({why})")
             elif not tuned:
                 lines.append(f"  tuning {dtype}: default knobs (no better record in {', '.join(map(str, dirs))})")
             for kernel, c in tuned.items():

@@ -52,7 +52,7 @@ SCALARS: dict[str, Callable[[int], int]] = {"Lf": fft_length}
 
 def concrete(func, n: int):
     """`func` with its scalar parameters specialized for length n (buffers stay symbolic)."""
-    values = {p: tirx.IntImm(p.dtype, SCALARS[p.name](n)) for p in func.params
+    values = {p: tirx.IntImm(p.ty.dtype, SCALARS[p.name](n)) for p in func.params
               if not isinstance(p.ty, tirx.buffer.BufferType)}
     return func.specialize(values) if values else func
 

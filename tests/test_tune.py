@@ -26,21 +26,27 @@ def test_trace_decisions_round_trip():
     assert database.choice_of(database.trace_of(mod, "linear", choice), "linear") == choice
 
 
-def test_tune_records_and_choose_reads_them(tmp_path):
-    """Two candidates of a causal linear kernel at N = 64, timed by meta_schedule's LocalRunner,
-    committed to a JSONDatabase that choose() then reads back."""
+@pytest.mark.parametrize("text, plan, family", [
+    ("attention t { kernel = elu1; mask = causal }", "auto", "linear"),
+    # its FFT length, a scalar parameter, is specialized per length
+    ("attention t { kernel = elu1; position = toeplitz(max_distance=64) }", "toeplitz_fft", "toeplitz"),
+])
+def test_tune_records_and_choose_reads_them(tmp_path, text, plan, family):
+    """Two candidates of a kernel at N = 64, timed by meta_schedule's LocalRunner, committed to a
+    JSONDatabase that choose() then reads back."""
     import tvm
     from attndsl.lowering import lower, tune
     from attndsl.lowering.build import resolve_target
     from attndsl.schedules import database
-    root = pipeline.run(parse("attention t { kernel = elu1; mask = causal }").block(None), 16, 16).root
-    rows = tune.tune(root, "float32", sizes={"BH": 2, "H": 2, "P": 1}, lengths=[64], trials=2,
+    root = pipeline.run(parse(text).block(None), 16, 16, plan_name=plan).root
+    rows = tune.tune(root, "float32", sizes={"BH": 2, "H": 2, "P": 129}, lengths=[64], trials=2,
                      db_folder=tmp_path, repeat=2, progress=lambda s: None)
     assert rows and all(len(r.times) == 2 and not r.errors for r in rows)
     target = tvm.target.Target(resolve_target("llvm"))
     funcs = lower(root, "float32")
     for r in rows:
-        choice = database.choose(database.open_dbs([tmp_path]), funcs[r.kernel], "linear", target)
+        assert r.family == family
+        choice = database.choose(database.open_dbs([tmp_path]), funcs[r.kernel], family, target)
         assert choice is not None and knobs.label(choice.knobs) == r.best[0]
     assert "| speed-up |" in tune.summary(rows)
 
