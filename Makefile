@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test demo bench clean distclean
+.PHONY: test demo bench tuned-db clean distclean
 
 # torch first, pinned: left to the resolver, a newer torch would pull in the CUDA packages
 $(VENV)/.installed: pyproject.toml
@@ -33,10 +33,21 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_softmax.py
 	$(PY) benchmarks/bench_kde_accuracy.py
 	$(PY) benchmarks/bench_fft.py
+	$(PY) benchmarks/bench_tuning.py
+
+# re-measure the shipped tuning database (schedules/tuned/) on this machine (~7 min)
+tuned-db: $(VENV)/.installed
+	rm -f schedules/tuned/database_*.json
+	$(VENV)/bin/attndsl tune schedules/tuned/specs.attn --heads 8 --head-dim 64 --lengths 4096 --trials 9 --db schedules/tuned
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
-distclean: clean
+dist# re-measure the shipped tuning database (schedules/tuned/) on this machine (~7 min)
+tuned-db: $(VENV)/.installed
+	rm -f schedules/tuned/database_*.json
+	$(VENV)/bin/attndsl tune schedules/tuned/specs.attn --heads 8 --head-dim 64 --lengths 4096 --trials 9 --db schedules/tuned
+
+clean: clean
 	rm -rf $(VENV)

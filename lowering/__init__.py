@@ -98,8 +98,10 @@ def _softmax_attention(node: SoftmaxAttention, names, dtype, knobs):
     dk, dv = node.q.shape[-1], node.v.shape[-1]
     pos = node.bias.position if node.bias is not None else None
     learn = pos is not None and learns(pos)
-    return {names[0]: quadratic.softmax_forward(names[0], dk, dv, dtype, node.causal, node.scale, pos),
-            names[1]: quadratic.softmax_backward(names[1], dk, dv, dtype, node.causal, node.scale, pos, learn)}
+    return {names[0]: quadratic.softmax_forward(names[0], dk, dv, dtype, node.causal, node.scale, pos,
+                                                knobs.get(names[0])),
+            names[1]: quadratic.softmax_backward(names[1], dk, dv, dtype, node.causal, node.scale, pos, learn,
+                                                 knobs.get(names[1]))}
 
 
 def _sampled_attention(node: SampledAttention, names, dtype, knobs):
@@ -187,6 +189,8 @@ def knob_family(node: Node) -> str | None:
         return "linear"
     if isinstance(node, PositionalAttention) and node.form == "toeplitz_fft":
         return "toeplitz"
+    if isinstance(node, SoftmaxAttention):
+        return "quadratic"
     return None
 
 

@@ -37,14 +37,16 @@ from . import vmath
 from .linear import fill, mm
 from .toeplitz import bias_builder, slot
 from attndsl.schedules import cpu
+from attndsl.schedules.knobs import resolve as knobs_of
 
 
 _lanes = cpu.lanes
 
 
-def tile(dtype: str) -> int:
-    """Query rows and keys per tile: four vector registers of query lanes."""
-    return 4 * _lanes(dtype)
+def tile(dtype: str, vectors: int = 4) -> int:
+    """Query rows and keys per tile: `vectors` (the tile knob, default four) vector registers of
+    query lanes."""
+    return vectors * _lanes(dtype)
 
 
 # below this, exp(x) is under the smallest normal number: a softmax weight of 0
@@ -113,10 +115,12 @@ def mm_cols(acc, A, B3, b, col0, row0, R, k0, k1, ncols):
                 acc[r, j] = acc[r, j] + A[row0 + r, k] * B3[b, k, col0 + j]
 
 
-def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position):
+def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
+                    knobs=None):
     """(Q, K, V, TAB, O out, LSE out). O_i = Σ_j softmax_j(s·q_i·k_j + b(i−j)) v_j over j ≤ i
-    when causal; LSE_i = log Σ_j exp(s·q_i·k_j + b(i−j)). `position` None: no b."""
-    L, Tt = _lanes(dtype), tile(dtype)
+    when causal; LSE_i = log Σ_j exp(s·q_i·k_j + b(i−j)). `position` None: no b.
+    `knobs` (schedules/knobs.py, family "quadratic"): tile."""
+    L, Tt = _lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
     R1 = _rows(Tt, L, Tt)             # rows of a score tile in registers (Tt columns)
     CV = _cols(Dv, L)                 # output columns per register tile
     R = _rows(CV, L, Tt)              # rows of an output register tile
@@ -230,10 +234,11 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
 
 def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
-                     learn: bool):
+                     learn: bool, knobs=None):
     """(Q, K, V, TAB, O, LSE, dO, dQ out, dK out, dV out, dTAB out (H, P)): the exact gradient of
-    softmax_forward's O. dTAB is written only when `learn` (a learned table), else left alone."""
-    L, Tt = _lanes(dtype), tile(dtype)
+    softmax_forward's O. dTAB is written only when `learn` (a learned table), else left alone.
+    `knobs` as softmax_forward's."""
+    L, Tt = _lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
     R1 = _rows(Tt, L, Tt)
     CK, CV = _cols(Dk, L), _cols(Dv, L)
     RK, RV = _rows(CK, L, Tt), _rows(CV, L, Tt)

@@ -28,6 +28,10 @@ SPACES: dict[str, tuple[Knob, ...]] = {
         Knob("chunk", (16, 32, 64), 32, "rows per chunk (C)"),
         Knob("tile_regs", (4, 8, 16), 16, "vector registers of an accumulator tile"),
     ),
+    # lowering/quadratic.py: the softmax form, forward and backward
+    "quadratic": (
+        Knob("tile", (2, 4, 8), 4, "vector registers of query lanes per tile (T = tile·lanes rows and keys)"),
+    ),
     # lowering/toeplitz.py: toeplitz_fft and values_fft, forward and backward
     "toeplitz": (
         Knob("channels", (128, 256, 512, 1024), 256, "most FFT channels per block (G·L floats of scratch)"),

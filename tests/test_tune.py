@@ -227,3 +227,54 @@ def test_tune_through_a_loopback_rpc_tracker_and_server(tmp_path):
     finally:
         srv.terminate()
         trk.terminate()
+
+
+def test_the_shipped_database_still_matches_the_kernels_it_was_tuned_for():
+    """schedules/tuned/ keys its records by the kernels' code: an edit of lowering/linear.py that
+    changes them makes the records stale (never applied). Then re-tune: `make tuned-db`."""
+    from attndsl import lowering
+    from attndsl.lowering.build import resolve_target
+    from attndsl.schedules import lookup
+    from attndsl.schedules import knobs as knob_spaces
+    root = pipeline.run(parse("attention t { kernel = elu1; mask = causal }").block(None), 64, 64).root
+    _, chosen = lowering.lower_tuned(root, "float32", [lookup.SHIPPED], resolve_target("llvm"))
+    if not chosen and "znver3" not in resolve_target("llvm")["mcpu"]:
+        pytest.skip("the shipped records are for znver3; this CPU is another class")
+    assert set(chosen) == set(lowering.tunable(root)), "schedules/tuned/ is stale: run `make tuned-db`"
+    assert all(c.knobs != knob_spaces.defaults("linear") and c.speedup > 1 for c in chosen.values())
+
+
+@pytest.mark.parametrize("tile", knobs.SPACES["quadratic"][0].choices)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_every_quadratic_tile_computes_the_same_attention(tile, causal):
+    """The softmax kernels at each tile size against softmax in torch (float64, a ragged length,
+    a learned table), forward with its log-sum-exp and backward with the table's gradient."""
+    import torch
+
+    from attndsl.lowering import quadratic
+    from attndsl.lowering.build import build, resolve_target
+    D, W, N, H, s = 16, 8, 77, 2, 0.25
+    pos = parse("attention t {\n position = toeplitz(max_distance=8)\n}").block(None).position
+    knob = {"tile": tile}
+    lib = build({"f": quadratic.softmax_forward("f", D, D, "float64", causal, s, pos, knob),
+                 "b": quadratic.softmax_backward("b", D, D, "float64", causal, s, pos, True, knob)},
+                resolve_target("llvm"))
+    g = torch.Generator().manual_seed(2)
+    q, k, v, dout = (torch.randn(H, N, D, generator=g, dtype=torch.float64) for _ in range(4))
+    tab = 0.3 * torch.randn(H, 2 * W + 1, generator=g, dtype=torch.float64)
+    out, lse = torch.empty_like(v), torch.empty(H, N, dtype=torch.float64)
+    lib["f"](q, k, v, tab, out, lse)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, tab)]
+    r = torch.arange(N)[:, None] - torch.arange(N)[None, :]
+    scores = s * leaves[0] @ leaves[1].transpose(1, 2) + leaves[3][:, r.clamp(-W, W) + W]
+    if causal:
+        scores = scores.masked_fill(r < 0, float("-inf"))
+    ref = torch.softmax(scores, -1) @ leaves[2]
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1).detach(), rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(ref, leaves, dout)
+    mine = [torch.empty_like(t) for t in (q, k, v)] + [torch.zeros_like(tab)]
+    lib["b"](q, k, v, tab, out, lse, dout, *mine)
+    for got, want in zip(mine, grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
