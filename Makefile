@@ -46,12 +46,5 @@ clean:
 	rm -rf build dist *.egg-info .pytest_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
-dist# re-measure the shipped tuning database (schedules/tuned/) on this machine (~7 min)
-tuned-db: $(VENV)/.installed
-	rm -f schedules/tuned/database_*.json
-	$(VENV)/bin/attndsl tune schedules/tuned/specs.attn --name causal_elu1 --heads 8 --head-dim 64 --lengths 4096 --trials 9 --db schedules/tuned
-	$(VENV)/bin/attndsl tune schedules/tuned/specs.attn --name alibi_causal --heads 8 --head-dim 64 --lengths 4096 --trials 9 --db schedules/tuned
-	$(VENV)/bin/attndsl tune schedules/tuned/specs.attn --name rpe_table --heads 8 --head-dim 64 --lengths 4096 --trials 4 --db schedules/tuned
-
-clean: clean
+distclean: clean
 	rm -rf $(VENV)
