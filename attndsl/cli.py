@@ -144,9 +144,10 @@ def _table_width(spec) -> int:
 def cmd_tune(args) -> int:
     from pathlib import Path
 
-    from . import config, pipeline
+    from . import pipeline
     from .lowering import tune
-    db = Path(args.db) if args.db else (config.tuning_db() or config.cache_dir() / "tuning")
+    from .schedules import lookup
+    db = Path(args.db) if args.db else lookup.user_db()
     rpc = None
     if args.rpc_tracker:
         host, _, port = args.rpc_tracker.rpartition(":")

@@ -18,6 +18,7 @@ FILES = ("database_workload.json", "database_tuning_record.json")     # meta_sch
 
 
 def user_db() -> Path:
+    """Where `attndsl tune` writes (without --db) and what compile() reads first."""
     return config.tuning_db() or config.cache_dir() / "tuning"
 
 
