@@ -135,30 +135,81 @@ LOWERED_FORMS: dict[type, frozenset | None] = {
 }
 
 
-def _lowered(node: Node) -> bool:
-    if type(node) not in LOWERINGS:
+# --- the portable kernels (te_forms.py): what GPU targets build, scheduled by schedules/cuda.py ------
+
+def _portable_feature_map(node: FeatureMap, names, dtype, knobs):
+    from . import te_forms
+    k = map_kernel(node)
+    return {names[0]: te_forms.map_forward(names[0], k, node.role, dtype),
+            names[1]: te_forms.map_backward(names[1], k, dtype)}
+
+
+def _portable_linear(node: LinearAttention, names, dtype, knobs):
+    from . import featuremap, te_forms
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    causal = LINEAR_FORMS[node.form]
+    phi = dphi = None
+    if node.phi is not None:
+        phi, dphi = featuremap.elementwise_pair(map_kernel_of(node.phi, m, m, node.prescale), dtype)
+    return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, causal, phi),
+            names[1]: te_forms.linear_backward(names[1], m, d, dtype, causal, phi, dphi)}
+
+
+PORTABLE_LOWERINGS: dict[type, Callable] = {
+    Input: LOWERINGS[Input], Position: LOWERINGS[Position], Add: LOWERINGS[Add],
+    FeatureMap: _portable_feature_map,
+    LinearAttention: _portable_linear,
+}
+PORTABLE_FORMS: dict[type, frozenset | None] = {
+    Input: None, Position: None, Add: None, FeatureMap: None,
+    LinearAttention: frozenset(LINEAR_FORMS),
+}
+# target kinds whose kernels are the portable ones (every other kind: the CPU kernels)
+PORTABLE_KINDS = {"cuda"}
+
+
+def portable(kind: str) -> bool:
+    """Whether a target kind ('llvm', 'cuda') builds te_forms.py's kernels."""
+    return kind in PORTABLE_KINDS
+
+
+def _registry(portable: bool) -> tuple[dict, dict]:
+    return (PORTABLE_LOWERINGS, PORTABLE_FORMS) if portable else (LOWERINGS, LOWERED_FORMS)
+
+
+def lowered_forms(portable: bool = False) -> list[str]:
+    """Every form that has kernels, for error messages."""
+    return sorted(f for forms in _registry(portable)[1].values() if forms for f in forms)
+
+
+def _lowered(node: Node, portable: bool) -> bool:
+    lowerings, forms_of = _registry(portable)
+    if type(node) not in lowerings:
         return False
-    forms = LOWERED_FORMS[type(node)]
+    forms = forms_of[type(node)]
     return forms is None or node.form in forms
 
 
-def check(root: Node) -> None:
+def check(root: Node, portable: bool = False) -> None:
     """Raise NotLowered naming every node that has no kernels (cheap: builds nothing)."""
-    missing = [node for node in postorder(root) if not _lowered(node)]
+    missing = [node for node in postorder(root) if not _lowered(node, portable)]
     if missing:
         raise NotLowered(missing)
 
 
-def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = None) -> dict:
+def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = None,
+          portable: bool = False) -> dict:
     """Every kernel the planned IR needs, {name: PrimFunc}, for one dtype; `knobs` {kernel name:
     {knob: value}} (schedules/knobs.py) overrides the defaults of the kernels it names; `only`:
-    just the nodes owning these kernel names (the tuner's variants)."""
-    check(root)
+    just the nodes owning these kernel names (the tuner's variants); `portable`: te_forms.py's
+    kernels (GPU targets) instead of the CPU ones (they take no knobs)."""
+    check(root, portable)
+    lowerings = _registry(portable)[0]
     funcs = {}
     for i, node in enumerate(postorder(root)):
         names = kernel_names(i, node)
         if only is None or only.intersection(names):
-            funcs.update(LOWERINGS[type(node)](node, names, dtype, knobs or {}))
+            funcs.update(lowerings[type(node)](node, names, dtype, knobs or {}))
     return funcs
 
 

@@ -3,19 +3,36 @@ from __future__ import annotations
 
 import tvm
 
+from attndsl.schedules import cuda
 
-def resolve_target(target: str | dict) -> dict:
-    """'llvm' means this machine's CPU (its -mcpu, so AVX-512 is used where present)."""
+
+def resolve_target(target: str | dict) -> dict | tvm.target.Target:
+    """'llvm' means this machine's CPU (its -mcpu, so AVX-512 is used where present); CUDA names
+    (schedules/cuda.py TARGETS) their TVM target."""
+    if cuda.is_cuda(target):
+        return cuda.tvm_target(target)
     if isinstance(target, dict):
         return dict(target)
     if target in ("llvm", "cpu"):
         from tvm.target import codegen
         return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
-    raise ValueError(f"unknown target {target!r}; valid: 'llvm' (this CPU) or a TVM target dict")
+    raise ValueError(f"unknown target {target!r}; valid: 'llvm' (this CPU), "
+                     f"{', '.join(map(repr, cuda.TARGETS))} or a TVM target dict")
 
 
-def build(funcs: dict, target: dict) -> tvm.runtime.Module:
-    return tvm.compile(tvm.IRModule(funcs), target=target)
+def build(funcs: dict, target) -> tvm.runtime.Module:
+    mod = tvm.IRModule(funcs)
+    if isinstance(target, tvm.target.Target) and target.kind.name == "cuda":
+        mod = cuda.schedule(mod, target)
+        with target:
+            return tvm.compile(mod, target=target)
+    return tvm.compile(mod, target=target)
+
+
+def cuda_source(lib) -> str:
+    """The CUDA C of a library built for a CUDA target (its device module)."""
+    mod = lib.mod if hasattr(lib, "mod") else lib
+    return "\n".join(m.inspect_source("cuda") for m in mod.imports if m.kind == "cuda")
 
 
 def module_text(funcs: dict) -> str:

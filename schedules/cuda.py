@@ -1,0 +1,40 @@
+"""CUDA targets and their schedule: dlight's GPU rules over lowering/te_forms.py's stages.
+
+The portable kernels are unscheduled dataflow (one block per `te.compute`). `schedule` hands every
+block to dlight: Matmul, GEMV, Reduction and GeneralReduction where the block has their shape,
+else Fallback, which fuses the block's spatial loops, splits them over thread blocks and threads
+and keeps its reduction serial in each thread. Each block then runs as one kernel launch.
+"""
+from __future__ import annotations
+
+# what users may write as `target=` for CUDA -> the TVM target (a tag, or a dict)
+TARGETS: dict[str, str | dict] = {
+    "cuda": "nvidia/nvidia-h100",                 # no GPU to ask: the H100 (sm_90a)
+    "nvidia/nvidia-h100": "nvidia/nvidia-h100",
+    "sm_90a": "nvidia/nvidia-h100",
+    "sm_80": {"kind": "cuda", "arch": "sm_80"},   # A100 class
+}
+
+
+def is_cuda(target: str | dict) -> bool:
+    if isinstance(target, dict):
+        return target.get("kind") == "cuda"
+    return target in TARGETS
+
+
+def tvm_target(target: str | dict):
+    import tvm
+    return tvm.target.Target(TARGETS.get(target, target) if isinstance(target, str) else target)
+
+
+def arch(target) -> str:
+    """The sm_XX a TVM target compiles for."""
+    return str(target.attrs.get("arch", "sm_90a"))
+
+
+def schedule(mod, target):
+    """Every prim_func of `mod` with its blocks bound to GPU threads (dlight)."""
+    from tvm.s_tir import dlight as dl
+    with target:
+        return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
