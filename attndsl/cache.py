@@ -148,16 +148,17 @@ def _read_notes(meta: Path, notes: dict) -> None:
 
 
 def load_or_build(key: str, build: Callable[[], Any], *, label: str,
-                  notes: dict | None = None) -> tuple[Any, bool]:
+                  notes: dict | None = None, cacheable: bool = True) -> tuple[Any, bool]:
     """(library, hit): the cached library for `key`, or build() stored under `key`.
 
     A hit returns a `tvm.runtime.Module` loaded from disk; a miss returns what build() made.
     `notes`: a dict build() may fill (JSON values); stored with the entry, and refilled from it on
-    a hit, so what a build decided is known without building.
+    a hit, so what a build decided is known without building. `cacheable=False`: only build (a
+    library this machine could not load back, e.g. CUDA kernels where there is no CUDA runtime).
     """
     if notes is None:
         notes = {}
-    if not config.use_cache():
+    if not config.use_cache() or not cacheable:
         return _build(build, label), False
     so, meta, lock = _paths(key)
     t0 = time.perf_counter()

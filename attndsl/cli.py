@@ -1,7 +1,7 @@
 """The command line: `attndsl check|emit|run FILE`.
 
     attndsl check model.attn                      parse and check every block
-    attndsl emit model.attn --stage ast|ir|linear|tir|mlir|linalg [--after STAGE]
+    attndsl emit model.attn --stage ast|ir|linear|tir|cuda|mlir|linalg [--after STAGE] [--target T]
     attndsl run model.attn --heads 8 --head-dim 64 --seq 1024   compile, compare with §2, time
     attndsl tune model.attn --lengths 1024,4096 --trials 9 [--db DIR] [--rpc-tracker HOST:PORT --rpc-key KEY]
                                                   measure the kernels' knob choices into a database
@@ -12,8 +12,10 @@ import argparse
 import sys
 import time
 
+from .schedules.cuda import TARGETS
 
-STAGES = ("ast", "ir", "linear", "tir", "mlir", "linalg")
+
+STAGES = ("ast", "ir", "linear", "tir", "cuda", "mlir", "linalg")
 
 
 def _load(path: str):
@@ -53,10 +55,33 @@ def cmd_emit(args) -> int:
             print(f"// {spec.name}: after {', '.join(n for n, _ in planned.stages[1:])}\n"
                   f"{format_ir(planned.root)}")
         else:
-            from . import lowering
-            from .lowering.build import module_text
-            print(module_text(lowering.lower(planned.root, args.dtype)))
+            _emit_kernels(spec, planned, args)
     return 0
+
+
+def _emit_kernels(spec, planned, args) -> None:
+    """--stage tir: the kernels' TVMScript for --target (scheduled, for CUDA); --stage cuda: the
+    CUDA C that TVM generates for them (built here: no GPU needed)."""
+    from . import lowering
+    from .lowering import build
+    from .lowering.runtime import target_kind
+    from .module import not_lowered
+    target = "cuda" if args.stage == "cuda" and args.target == "llvm" else args.target
+    kind = target_kind(target)
+    try:
+        funcs = lowering.lower(planned.root, args.dtype, portable=lowering.portable(kind))
+    except lowering.NotLowered as e:
+        raise not_lowered(spec, e, kind) from None
+    tgt = build.resolve_target(target)
+    if args.stage == "tir":
+        if kind == "cuda":
+            from .schedules import cuda
+            print(cuda.schedule(build.tvm.IRModule(funcs), tgt).script())
+        else:
+            print(build.module_text(funcs))
+        return
+    print(f"// {spec.name}: CUDA C for {tgt.attrs.get('arch')} ({len(funcs)} kernels, TVM {build.tvm.__version__})")
+    print(build.cuda_source(build.build(funcs, tgt)))
 
 
 def _emit_mlir(args) -> int:
@@ -189,6 +214,9 @@ def main(argv=None) -> int:
             s.add_argument("--after", default="plan", help="with --stage mlir: the pipeline stage to "
                            "print, ir|fold_scale|linearize|fuse_softmax|fuse_maps|plan (default: plan)")
             s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+            s.add_argument("--target", choices=("llvm", *TARGETS), default="llvm",
+                           help="with --stage tir|cuda: the kernels of this target "
+                           "(--stage cuda: default cuda, the H100)")
         else:
             s.add_argument("--batch", type=int, default=2)
             s.add_argument("--seq", type=int, default=1024)

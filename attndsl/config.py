@@ -83,6 +83,20 @@ def export_tvm_threads() -> None:
     os.environ["TVM_NUM_THREADS"] = str(num_threads())
 
 
+def cuda_compile_mode() -> str:
+    """TVM_CUDA_COMPILE_MODE (TVM's own flag), else "nvrtc" where the cuda-bindings package is
+    installed, else "nvcc" (the CUDA toolkit's, found through CUDA_PATH or PATH)."""
+    raw = os.environ.get("TVM_CUDA_COMPILE_MODE", "").strip().lower()
+    if raw:
+        return raw
+    import importlib.util
+    return "nvrtc" if importlib.util.find_spec("cuda") is not None else "nvcc"
+
+
+def export_cuda_compile_mode() -> None:
+    os.environ["TVM_CUDA_COMPILE_MODE"] = cuda_compile_mode()
+
+
 # name -> (current value, meaning); what `attndsl` prints for its flags
 def _flags() -> dict[str, tuple[object, str]]:
     return {
@@ -94,6 +108,7 @@ def _flags() -> dict[str, tuple[object, str]]:
         "ATTNDSL_NO_CACHE": (not use_cache(), "always rebuild kernels; never read or write the cache"),
         "ATTNDSL_NUM_THREADS": (num_threads(), "threads of the TVM kernels (read when TVM starts)"),
         "ATTNDSL_FFT": (fft_impl(), "FFT of the Toeplitz kernels: tir (TVMScript) or library (torch.fft)"),
+        "TVM_CUDA_COMPILE_MODE": (cuda_compile_mode(), "how CUDA kernels compile when loaded: nvrtc or nvcc"),
     }
 
 

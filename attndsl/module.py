@@ -95,32 +95,41 @@ class Attention(nn.Module):
             return self._libs[dtype]
         from . import lowering
 
-        dirs = tuning.tuning_dirs() if self.tuned else []
+        kind = target_kind(self.target)
+        portable = lowering.portable(kind)       # GPU targets: te_forms.py's kernels, untuned
+        dirs = tuning.tuning_dirs() if self.tuned and not portable else []
         notes: dict = {}
 
         def compile_kernels():
             from .lowering.build import build, resolve_target
             target = resolve_target(self.target)
-            funcs, chosen = lowering.lower_tuned(root, dtype, dirs, target)
+            if portable:
+                funcs, chosen = lowering.lower(root, dtype, portable=True), {}
+            else:
+                funcs, chosen = lowering.lower_tuned(root, dtype, dirs, target)
             notes["tuned"] = {k: {"knobs": c.knobs, "speedup": round(c.speedup, 4),
                                   "lengths": list(c.lengths), "db": c.folder} for k, c in chosen.items()}
             return build(funcs, target)
 
         root = self.planned.root
         try:
-            lowering.check(root)
+            lowering.check(root, portable)
         except lowering.NotLowered as e:
-            raise SpecError(f"the {e.nodes[-1].op} form is not lowered to TVM, so spec "
-                            f"'{self.spec.name}' cannot be compiled", self.spec.span) from None
+            raise not_lowered(self.spec, e, kind) from None
+        loadable = True
+        if kind == "cuda":
+            from .lowering.runtime import prepare_cuda
+            loadable = prepare_cuda()
         key = cache.make_key(spec=repr(self.spec), dims=[self.head_dim, self.value_dim], dtype=dtype,
                              target=self.target, host=host_cpu(), ir=format_ir(root), lowering=_lowering_source_hash(),
-                             tuning=tuning.fingerprint(dirs))
+                             tuning=tuning.fingerprint(dirs), kernels="portable" if portable else "cpu")
         t0 = time.perf_counter()
         lib, hit = cache.load_or_build(key, compile_kernels,
-                                       label=f"{self.spec.name}/{dtype}", notes=notes)
+                                       label=f"{self.spec.name}/{dtype}", notes=notes, cacheable=loadable)
         self._build_log.append(f"{dtype}: {'loaded from cache' if hit else 'compiled'} in "
-                               f"{time.perf_counter() - t0:.2f} s (key {key[:12]})")
-        self._tuning[dtype] = (dirs, notes.get("tuned", {}))
+                               f"{time.perf_counter() - t0:.2f} s (key {key[:12]}"
+                               f"{'' if loadable else '; not cached: no CUDA runtime on this machine'})")
+        self._tuning[dtype] = (None if portable else dirs, notes.get("tuned", {}))
         ops.register_library(key, lib)
         self._libs[dtype] = key
         return key
@@ -148,8 +157,8 @@ class Attention(nn.Module):
         if self._mlir is not None:
             return self._forward_mlir(env, dtype, q, k, v).reshape(B, H, N, self.value_dim).to(out_dtype)
         lib = self._library(KERNEL_DTYPES[dtype])
-        env["position"] = self._position_params(dtype)
-        w, wt = self._projection(dtype)
+        env["position"] = self._position_params(dtype).to(q.device)
+        w, wt = (t.to(q.device) for t in self._projection(dtype))
         params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed}
         out = _execute(self.planned.root, env, lib, params)
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
@@ -204,9 +213,13 @@ class Attention(nn.Module):
             if t.dtype not in KERNEL_DTYPES and t.dtype not in UPCAST:
                 raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float64, "
                                 f"bfloat16 and float16 (computed in float32)")
-            if t.device.type != "cpu" and target_kind(self.target) == "llvm":
+            kind = target_kind(self.target)
+            if t.device.type != "cpu" and kind == "llvm":
                 raise ValueError(f"{name} is on {t.device}, but this Attention was compiled for the "
                                  f"CPU (target llvm); move it with .cpu() or compile for a GPU target")
+            if t.device.type != "cuda" and kind == "cuda":
+                raise ValueError(f"{name} is on {t.device}, but this Attention was compiled for CUDA "
+                                 f"(target {self.target}); move it with .cuda() or compile for 'llvm'")
         if not (q.dtype == k.dtype == v.dtype):
             raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
         B, H, N, D = q.shape
@@ -262,7 +275,11 @@ class Attention(nn.Module):
     def _tuning_lines(self) -> list[str]:
         lines = []
         for dtype, (dirs, tuned) in self._tuning.items():
-            if not dirs:
+            if dirs is None:
+                how = ", scheduled by dlight's GPU rules" if target_kind(self.target) == "cuda" else ""
+                lines.append(f"  tuning {dtype}: none (target {self.target}: the portable kernels"
+                             f"{how}; they have no knobs)")
+            elif not dirs:
                 why = "tuned=False" if not self.tuned else "no tuning database; `attndsl tune` makes one"
                 lines.append(f"  tuning {dtype}: default knobs ({why})")
             elif not tuned:
@@ -277,6 +294,18 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         forms = ", ".join(d.form for d in self.planned.decisions)
         return f"{self.spec.name}: heads={self.heads}, head_dim={self.head_dim}, forms=[{forms}]"
+
+
+def not_lowered(spec: AttentionSpec, e, kind: str) -> SpecError:
+    """The SpecError for a lowering.NotLowered `e` on a target kind ('llvm', 'cuda')."""
+    from . import lowering
+    portable = lowering.portable(kind)
+    node = e.nodes[-1]
+    what = f"the {node.op} form '{node.form}'" if getattr(node, "form", None) else f"the {node.op} node"
+    where = f"for target {kind}" if portable else "to TVM"
+    return SpecError(f"{what} is not lowered {where}, so spec '{spec.name}' cannot be compiled",
+                     spec.span, help=f"forms with {kind} kernels: {', '.join(lowering.lowered_forms(portable))}"
+                     + ("; target='llvm' compiles every form" if portable else ""))
 
 
 def _position_text(pos) -> str:

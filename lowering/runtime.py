@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from attndsl import config
+from attndsl.schedules import cuda
 
 _RUNTIME: ctypes.CDLL | None = None
 
@@ -32,16 +33,34 @@ def _load_runtime() -> None:
 
 
 def check_target(target: str | dict) -> str | dict:
-    """The user's target, validated without TVM: 'llvm'/'cpu' (this CPU) or a TVM target dict."""
+    """The user's target, validated without TVM: 'llvm'/'cpu' (this CPU), a CUDA name
+    (schedules/cuda.py TARGETS) or a TVM target dict."""
     if isinstance(target, dict) and "kind" in target:
         return dict(target)
     if target in ("llvm", "cpu"):
         return "llvm"
-    raise ValueError(f"unknown target {target!r}; valid: 'llvm' (this CPU) or a TVM target dict")
+    if cuda.is_cuda(target):
+        return target
+    raise ValueError(f"unknown target {target!r}; valid: 'llvm' (this CPU), "
+                     f"{', '.join(map(repr, cuda.TARGETS))} or a TVM target dict")
 
 
 def target_kind(target: str | dict) -> str:
-    return target["kind"] if isinstance(target, dict) else target
+    """'llvm' or 'cuda' (or a dict's kind)."""
+    if isinstance(target, dict):
+        return target["kind"]
+    return "cuda" if cuda.is_cuda(target) else target
+
+
+def prepare_cuda() -> bool:
+    """Before a CUDA library loads: TVM keeps CUDA kernels as source and compiles them when the
+    library is loaded, through `tvm_callback_cuda_compile` (registered by tvm.support.nvcc), with
+    NVRTC (the cuda-bindings package) or nvcc (config.cuda_compile_mode). Returns whether this
+    machine has TVM's CUDA runtime (a driver), i.e. whether a CUDA library can be loaded here."""
+    config.export_cuda_compile_mode()
+    import tvm
+    import tvm.support.nvcc  # noqa: F401  (registers the callback)
+    return bool(tvm.runtime.enabled("cuda"))
 
 
 def host_cpu() -> str:
