@@ -53,7 +53,7 @@ def test_nan_policy():
 def test_a_form_without_kernels_is_a_located_spec_error(monkeypatch):
     from attndsl import lowering
     monkeypatch.setitem(lowering.LOWERED_FORMS, lowering.SampledAttention, frozenset())
-    with pytest.raises(SpecError, match="sampled_attention form is not lowered") as e:
+    with pytest.raises(SpecError, match="sampled_attention form .kde. is not lowered to TVM") as e:
         attndsl.compile("attention s { sampling = kde(samples=8) }", heads=1, head_dim=8)
     assert "<spec>:" in str(e.value) and "^" in str(e.value)
 

@@ -1,0 +1,149 @@
+"""Linear attention on a CUDA GPU: attndsl's portable kernels vs what a GPU user would otherwise run.
+
+Causal and full masks, B·H = 16, M = Dk = Dv = 64, N in {1024, 4096, 16384}, float32:
+  attndsl              the spec compiled for target='cuda' (te_forms.py kernels, dlight schedules)
+  torch                the same maths in eager PyTorch (bench_linear.py's chunked / two-GEMM forms)
+  torch.compile        that function under torch.compile (Inductor's Triton kernels)
+  sdpa                 exact softmax attention, F.scaled_dot_product_attention (flash kernels)
+  fla chunk            flash-linear-attention's chunked kernel (`fla.ops.linear_attn`), when installed
+forward and forward+backward, CUDA-synchronized wall time; ratios are (baseline) / (attndsl).
+
+    python benchmarks/bench_gpu.py [--kernel elu1|favor] [--lengths 1024,4096,16384] [--quick]
+Writes benchmarks/results/bench_gpu_<kernel>.{md,png}. Without a GPU it says so and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import attndsl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_linear import SPECS, linear_chunked, linear_full, plot, torch_feature_map  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timeit(fn, budget=1.0, max_reps=50) -> float:
+    """Best CUDA-synchronized wall time of fn() after a warm-up (which also compiles)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    best = first
+    for _ in range(max(1, min(max_reps, int(budget / max(first, 1e-6))))):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def fla_method(attn, causal):
+    """flash-linear-attention's chunked linear attention with the same φ, or None without fla."""
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except ImportError:
+        return None
+    if not causal:
+        return None                         # fla's linear_attn kernels are causal only
+    phi = torch_feature_map(attn)
+
+    def run(q, k, v):                       # fla: (B, T, H, D), normalized by the running Σφk
+        o, _ = chunk_linear_attn(phi(q).transpose(1, 2), phi(k).transpose(1, 2), v.transpose(1, 2),
+                                 scale=1.0, normalize=True)
+        return o.transpose(1, 2)
+    return run
+
+
+def methods(attn, causal):
+    phi = torch_feature_map(attn)
+    core = linear_chunked if causal else linear_full
+
+    def plain(q, k, v):
+        return core(phi(q), phi(k), v)
+    ms = {"attndsl": attn, "torch": plain, "torch.compile": torch.compile(plain, dynamic=False),
+          "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+    fla = fla_method(attn, causal)
+    if fla is not None:
+        ms["fla chunk"] = fla
+    return ms
+
+
+def run(kernel: str, lengths: list[int], bh=(2, 8), dim=64, with_backward=True):
+    rows = []
+    for mask in ("causal", "none"):
+        causal = mask == "causal"
+        attn = attndsl.compile(SPECS[kernel].format(mask=mask), heads=bh[1], head_dim=dim, target="cuda")
+        attn.cuda()                         # its buffers (the projection W) on the GPU, as a user would
+        print("\n".join(l for l in attn.explain().splitlines() if l.lstrip().startswith(("build", "tuning"))),
+              flush=True)
+        for n in lengths:
+            torch._dynamo.reset()
+            q, k, v = (torch.randn(*bh, n, dim, device="cuda") for _ in range(3))
+            ref = None
+            for name, fn in methods(attn, causal).items():
+                out = fn(q, k, v)
+                if name == "torch":
+                    ref = out
+                fwd = timeit(lambda: fn(q, k, v))
+                bwd = float("nan")
+                if with_backward:
+                    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+                    bwd = timeit(lambda: fn(qg, kg, vg).sum().backward())
+                rows.append(dict(mask=mask, n=n, method=name, fwd=fwd, fwd_bwd=bwd))
+                print(f"  {mask:6s} N={n:6d} {name:14s} fwd {fwd * 1e3:9.3f} ms   "
+                      f"fwd+bwd {bwd * 1e3:9.3f} ms", flush=True)
+            err = ((attn(q, k, v) - ref).norm() / ref.norm()).item()
+            print(f"  {mask:6s} N={n:6d} attndsl vs torch: relative error {err:.1e}", flush=True)
+    return rows
+
+
+def table(rows, kernel) -> str:
+    by = {(r["mask"], r["n"], r["method"]): r for r in rows}
+    names = [m for m in ("torch", "torch.compile", "sdpa", "fla chunk") if any(r["method"] == m for r in rows)]
+    out = [f"### linear attention on {torch.cuda.get_device_name()}, kernel {kernel}, B·H=16, M=D=64, float32",
+           "", f"| mask | N | attndsl fwd ms | {' | '.join(names)} | fwd speed-up vs {' / '.join(names)} "
+           f"| attndsl fwd+bwd ms | fwd+bwd speed-up |", "|---" * (5 + len(names)) + "|"]
+    for mask, n in sorted({(r["mask"], r["n"]) for r in rows}):
+        a = by[(mask, n, "attndsl")]
+        base = [by.get((mask, n, m)) for m in names]
+        cell = lambda b, f: "—" if b is None else f(b)       # noqa: E731
+        out.append(f"| {mask} | {n} | {a['fwd'] * 1e3:.3f} | "
+                   + " | ".join(cell(b, lambda b: f"{b['fwd'] * 1e3:.3f}") for b in base)
+                   + " | " + " / ".join(cell(b, lambda b: f"{b['fwd'] / a['fwd']:.2f}x") for b in base)
+                   + f" | {a['fwd_bwd'] * 1e3:.3f} | "
+                   + " / ".join(cell(b, lambda b: f"{b['fwd_bwd'] / a['fwd_bwd']:.2f}x") for b in base) + " |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", choices=sorted(SPECS), default="elu1")
+    p.add_argument("--lengths", default="1024,4096,16384")
+    p.add_argument("--quick", action="store_true", help="N=1024 only, forward only")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA GPU here (torch.cuda.is_available() is False); nothing to measure")
+        return 0
+    lengths = [1024] if a.quick else [int(x) for x in a.lengths.split(",")]
+    print(f"bench_gpu: {torch.cuda.get_device_name()}, kernel {a.kernel}, lengths {lengths}", flush=True)
+    rows = run(a.kernel, lengths, with_backward=not a.quick)
+    md = table(rows, a.kernel)
+    print("\n" + md)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"bench_gpu_{a.kernel}.md").write_text(md + "\n")
+    plot(rows, f"{a.kernel} (GPU)", RESULTS / f"bench_gpu_{a.kernel}.png")
+    print(f"\nwrote {RESULTS / f'bench_gpu_{a.kernel}.md'} and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

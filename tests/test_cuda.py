@@ -1,0 +1,224 @@
+"""The CUDA path: the portable kernels (lowering/te_forms.py) that GPU targets build.
+
+On any machine: the portable kernels built for the CPU (unscheduled, as they are) vs the O(N²)
+reference, forward and backward, every feature-map family × {full, causal}, float64 gradcheck;
+every portable example spec builds for the H100 (sm_90a) and sm_80 without a GPU; the generated
+CUDA C compiles with nvcc (where nvcc exists); `attndsl emit --stage cuda`; a clean SpecError for
+forms without portable kernels. With a GPU (torch.cuda): the same checks on the device.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import attndsl
+from attndsl import cli, lowering, pipeline
+from attndsl.diagnostics import SpecError
+from attndsl.lowering import build, te_forms
+
+from conftest import RTOL, assert_close
+from test_linear import KERNELS, MASKS, inputs, spec
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CUDA_TARGETS = ["nvidia/nvidia-h100", "sm_80"]
+CASES = [(kern, mask) for kern in KERNELS for mask in MASKS]
+HAS_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def portable_on_cpu():
+    """Target llvm builds the portable kernels (as a GPU target would, minus the schedule)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lowering, "PORTABLE_KINDS", lowering.PORTABLE_KINDS | {"llvm"})
+        yield
+
+
+_CACHE: dict = {}
+
+
+def compiled(kernel: str, mask: str, target="llvm", heads=2, head_dim=8, value_dim=6):
+    key = (kernel, mask, target, heads, head_dim, value_dim)
+    if key not in _CACHE:
+        _CACHE[key] = attndsl.compile(spec(kernel, mask), heads=heads, head_dim=head_dim,
+                                      value_dim=value_dim, target=target)
+    return _CACHE[key]
+
+
+def check_against_reference(attn, q, k, v, rtol):
+    q64, k64, v64 = (t.detach().double().cpu().clone().requires_grad_() for t in (q, k, v))
+    ref = attn.reference(q64, k64, v64)
+    qc, kc, vc = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attn(qc, kc, vc)
+    assert out.dtype == q.dtype and out.device == q.device and out.shape == ref.shape
+    assert_close("out", ref, out.cpu(), rtol)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out.backward(g.to(out))
+    for name, a, b in (("dq", q64, qc), ("dk", k64, kc), ("dv", v64, vc)):
+        assert_close(name, a.grad, b.grad.cpu(), 20 * rtol)
+
+
+# --- the portable kernels' maths, on the CPU ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kernel,mask", CASES, ids=[f"{k}-{m}" for k, m in CASES])
+def test_portable_kernels_match_reference(portable_on_cpu, kernel, mask, dtype):
+    attn = compiled(kernel, mask)
+    assert "portable kernels" in attn.explain()
+    check_against_reference(attn, *inputs(2, 2, 70, 8, 6, dtype, kernel), RTOL[dtype])
+
+
+@pytest.mark.parametrize("kernel,mask", CASES, ids=[f"{k}-{m}" for k, m in CASES])
+def test_portable_gradcheck_float64(portable_on_cpu, kernel, mask):
+    attn = compiled(kernel, mask, heads=2, head_dim=4, value_dim=3)
+    q, k, v = (t.requires_grad_() for t in inputs(1, 2, 5, 4, 3, torch.float64, kernel))
+    assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_portable_gradcheck_across_chunks(portable_on_cpu):
+    """Causal rows in three chunks of te_forms.CHUNK: the prefix states and the in-chunk blocks."""
+    attn = compiled("elu1", "causal", heads=1, head_dim=3, value_dim=2)
+    n = 2 * te_forms.CHUNK + 3
+    q, k, v = (t.requires_grad_() for t in inputs(1, 1, n, 3, 2, torch.float64, "elu1"))
+    assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 130, 1000], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("mask", ["full", "causal"])
+def test_portable_one_build_serves_every_length(portable_on_cpu, mask, n):
+    attn = compiled("favor", mask)
+    q, k, v = inputs(1, 2, n, 8, 6, torch.float64, "favor")
+    assert_close("out", attn.reference(q, k, v), attn(q, k, v), RTOL[torch.float64])
+
+
+# --- CUDA code generation, no GPU needed --------------------------------------------------------------
+
+def _portable_examples():
+    for path in sorted(EXAMPLES.glob("*.attn")):
+        for s in attndsl.parse(path.read_text(), filename=str(path)).blocks:
+            root = pipeline.run(s, 16, 16).root
+            try:
+                lowering.check(root, portable=True)
+            except lowering.NotLowered:
+                continue
+            yield pytest.param(path, s.name, id=f"{path.stem}-{s.name}")
+
+
+PORTABLE_EXAMPLES = list(_portable_examples())
+
+
+def test_every_feature_map_family_has_a_portable_example():
+    names = {p.values[1] for p in PORTABLE_EXAMPLES}
+    assert {"linear_elu", "linear_elu_causal", "performer_causal", "squared_softplus",
+            "gaussian_rff", "hyperbolic_causal"} <= names
+
+
+@pytest.mark.parametrize("target", CUDA_TARGETS)
+@pytest.mark.parametrize("path,name", PORTABLE_EXAMPLES)
+def test_examples_build_for_cuda(path, name, target):
+    s = attndsl.parse(path.read_text(), filename=str(path)).block(name)
+    funcs = lowering.lower(pipeline.run(s, 64, 64).root, "float32", portable=True)
+    tgt = build.resolve_target(target)
+    src = build.cuda_source(build.build(funcs, tgt))
+    assert tgt.kind.name == "cuda"
+    for kernel in funcs:                 # each PrimFunc is a host function launching its kernels
+        assert f"{kernel}_kernel" in src, kernel
+    assert src.count("__global__") >= len(funcs)
+    assert "threadIdx.x" in src and "blockIdx.x" in src
+
+
+def test_compile_for_cuda_builds_without_a_gpu():
+    attn = attndsl.compile((EXAMPLES / "performer_causal.attn").read_text(), heads=2, head_dim=16,
+                           target="sm_80")
+    text = attn.explain()
+    assert "target=sm_80" in text and "portable kernels, scheduled by dlight" in text
+    if not HAS_GPU:
+        assert "not cached: no CUDA runtime" in text
+        with pytest.raises(ValueError, match="compiled for CUDA"):
+            attn(*inputs(1, 2, 8, 16, 16, torch.float32, "favor"))
+
+
+def test_forms_without_portable_kernels_are_a_spec_error():
+    text = (EXAMPLES / "softmax.attn").read_text()
+    with pytest.raises(SpecError, match="not lowered for target cuda") as e:
+        attndsl.compile(text, name="softmax_causal", heads=2, head_dim=16, target="cuda")
+    assert "forms with cuda kernels: linear, prefix_sum" in str(e.value)
+    assert "target='llvm' compiles every form" in str(e.value)
+
+
+def test_unknown_target_lists_the_cuda_names():
+    with pytest.raises(ValueError, match="'nvidia/nvidia-h100'.*'sm_80'"):
+        attndsl.compile("attention a { kernel = elu1 }", heads=1, head_dim=8, target="sm_99")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
+                    reason="no nvcc on this machine")
+@pytest.mark.parametrize("target", CUDA_TARGETS)
+def test_generated_cuda_compiles_with_nvcc(target, monkeypatch):
+    from tvm.support import nvcc
+    if shutil.which("nvcc") is None:
+        monkeypatch.setenv("PATH", "/usr/local/cuda/bin:" + __import__("os").environ["PATH"])
+    for one in attndsl.parse((EXAMPLES / "custom_map.attn").read_text()).blocks:                         # one module per spec; kernel names repeat across specs
+        funcs = lowering.lower(pipeline.run(one, 32, 32).root, "float32", portable=True)
+        tgt = build.resolve_target(target)
+        src = build.cuda_source(build.build(funcs, tgt))
+        with tgt:
+            cubin = nvcc.compile_cuda(src, target_format="cubin", arch=build.cuda.arch(tgt),
+                                      compiler="nvcc")
+        assert len(cubin) > 1000
+
+
+def test_emit_stage_cuda_prints_the_cuda_source(capsys):
+    path = str(EXAMPLES / "linear_elu.attn")
+    assert cli.main(["emit", path, "--name", "linear_elu_causal", "--stage", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("// linear_elu_causal: CUDA C for sm_90a")
+    assert "__global__" in out and "linear_attention" in out
+    assert cli.main(["emit", path, "--name", "linear_elu", "--stage", "cuda", "--target", "sm_80"]) == 0
+    assert capsys.readouterr().out.startswith("// linear_elu: CUDA C for sm_80")
+
+
+def test_emit_stage_tir_for_cuda_is_scheduled(capsys):
+    path = str(EXAMPLES / "linear_elu.attn")
+    assert cli.main(["emit", path, "--name", "linear_elu", "--stage", "tir", "--target", "cuda"]) == 0
+    assert "blockIdx.x" in capsys.readouterr().out
+
+
+def test_emit_stage_cuda_of_a_form_without_portable_kernels(capsys):
+    path = str(EXAMPLES / "positions.attn")
+    assert cli.main(["emit", path, "--name", "alibi_linear", "--stage", "cuda"]) == 1
+    assert "not lowered for target cuda" in capsys.readouterr().err
+
+
+# --- on a GPU -----------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU (torch.cuda.is_available() is False)")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kernel,mask", CASES, ids=[f"{k}-{m}" for k, m in CASES])
+def test_gpu_matches_reference(kernel, mask, dtype):
+    attn = compiled(kernel, mask, target="cuda")
+    q, k, v = (t.cuda() for t in inputs(2, 2, 200, 8, 6, dtype, kernel))
+    check_against_reference(attn, q, k, v, 10 * RTOL[dtype])
+
+
+@gpu
+@pytest.mark.parametrize("mask", ["full", "causal"])
+def test_gpu_gradcheck_float64(mask):
+    attn = compiled("elu1", mask, target="cuda", heads=1, head_dim=3, value_dim=2)
+    q, k, v = (t.cuda().requires_grad_() for t in inputs(1, 1, 70, 3, 2, torch.float64, "elu1"))
+    assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@gpu
+def test_gpu_library_is_cached():
+    a = attndsl.compile(spec("elu1", "causal"), heads=2, head_dim=8, target="cuda")
+    b = attndsl.compile(spec("elu1", "causal"), heads=2, head_dim=8, target="cuda")
+    assert "compiled" in a.explain() and "loaded from cache" in b.explain()
+    q, k, v = (t.cuda() for t in inputs(1, 2, 100, 8, 8, torch.float32, "elu1"))
+    torch.testing.assert_close(a(q, k, v), b(q, k, v))
