@@ -155,14 +155,23 @@ def _portable_linear(node: LinearAttention, names, dtype, knobs):
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, causal, phi, dphi)}
 
 
+def _portable_decayed(node: PositionalAttention, names, dtype, knobs):
+    from . import te_forms
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, decayed=True),
+            names[1]: te_forms.linear_backward(names[1], m, d, dtype, node.causal, decayed=True)}
+
+
 PORTABLE_LOWERINGS: dict[type, Callable] = {
     Input: LOWERINGS[Input], Position: LOWERINGS[Position], Add: LOWERINGS[Add],
     FeatureMap: _portable_feature_map,
     LinearAttention: _portable_linear,
+    PositionalAttention: _portable_decayed,
 }
 PORTABLE_FORMS: dict[type, frozenset | None] = {
     Input: None, Position: None, Add: None, FeatureMap: None,
     LinearAttention: frozenset(LINEAR_FORMS),
+    PositionalAttention: frozenset({"decayed"}),
 }
 # target kinds whose kernels are the portable ones (every other kind: the CPU kernels)
 PORTABLE_KINDS = {"cuda"}

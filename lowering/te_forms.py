@@ -138,19 +138,61 @@ def map_backward(name: str, k, dtype: str):
     return _func(name, [X, W, _unused("wt", dtype), F, dF, dX])
 
 
-# --- linear attention (linear.py's maths: a_ij = Qf_i·Kf_j over j ∈ mask(i)) ------------------------
+# --- linear attention (linear.py's maths: a_ij = w_ij Qf_i·Kf_j over j ∈ mask(i)) -----------------
+#
+# w_ij = 1, or for the decayed form γ_f^(i−j) (j ≤ i) and γ_b^(j−i) (j > i), γ = e^(−rate) per head.
+# A *direction* (rate, later) says how a running state over chunks carries rows to another chunk:
+# with i = c·C + t, j = c'·C + s and c' < c ("earlier" keys of a query),
+#     γ^(i−j) = γ^(t+1) · γ^(C·(c−1−c')) · γ^(C−1−s)        (row · carry · fold)
+# and mirrored for c' > c ("later"): γ^(j−i) = γ^(C−t) · γ^(C·(c'−c−1)) · γ^s. Rate None: γ = 1.
 
-def _linear_inputs(M, D, dtype, phi):
-    """Placeholders (qf, kf, v, tab) and the mapped Qf, Kf (φ applied when fused)."""
+def _linear_inputs(M, D, dtype, phi, decayed):
+    """Placeholders (qf, kf, v, tab), the mapped Qf, Kf (φ applied when fused) and the rates
+    rate(b, later) = TAB[b mod H, later] of the decayed form (None otherwise)."""
     BH, N = _dims()
     q = te.placeholder((BH, N, _i64(M)), dtype, "qf")
     k = te.placeholder((BH, N, _i64(M)), dtype, "kf")
     v = te.placeholder((BH, N, _i64(D)), dtype, "v")
+    if decayed:
+        tab = te.placeholder((tirx.Var("H", "int64"), _i64(2)), dtype, "tab")
+
+        def rate(b, later):
+            return tab[tirx.floormod(b, tab.shape[0]), 1 if later else 0]
+    else:
+        tab, rate = _unused("tab", dtype), None
     if phi is None:
-        return BH, N, q, k, v, q, k
+        return BH, N, q, k, v, tab, q, k, rate
     Qf = te.compute(q.shape, lambda b, i, m: phi(q[b, i, m]), "phi_q")
     Kf = te.compute(k.shape, lambda b, i, m: phi(k[b, i, m]), "phi_k")
-    return BH, N, q, k, v, Qf, Kf
+    return BH, N, q, k, v, tab, Qf, Kf, rate
+
+
+class _Dir:
+    """One direction of the chunk scans: states of earlier (later=False) or later chunks, decayed
+    by γ = e^(−rate(b, rate_later)) per row (rate None: γ = 1, and the weights are omitted)."""
+
+    def __init__(self, rate, later: bool, rate_later: bool):
+        self.rate, self.later, self.rate_later = rate, later, rate_later
+
+    def _pow(self, b, k):
+        """γ^k, k ≥ 0 an index expression (clamped at 0: a masked-out power never overflows)."""
+        if self.rate is None:
+            return None
+        rate = self.rate(b, self.rate_later)
+        return tirx.exp(-rate * tirx.Cast(rate.dtype, tirx.max(k, _i64(0))))
+
+    def fold(self, b, s):
+        return self._pow(b, s if self.later else _i64(CHUNK - 1) - s)
+
+    def carry(self, b, c, c2):
+        return self._pow(b, _i64(CHUNK) * ((c2 - c - 1) if self.later else (c - 1 - c2)))
+
+    def row(self, b, t):
+        return self._pow(b, (_i64(CHUNK) - t) if self.later else t + 1)
+
+
+def _times(w, x):
+    return x if w is None else w * x
 
 
 def _chunked(X, N, dtype, name):
@@ -161,35 +203,33 @@ def _chunked(X, N, dtype, name):
         c * C + t < N, X[b, c * C + t, w], _zero(dtype)), name)
 
 
-def _chunk_states(Ac, Bc, name):
-    """Per chunk Σ_t Ac[t, :] ⊗ Bc[t, :]: (BH, nc, wa, wb)."""
+def _chunk_states(Ac, Bc, d: _Dir, name):
+    """Per chunk Σ_t fold(t)·Ac[t, :] ⊗ Bc[t, :]: (BH, nc, wa, wb)."""
     t = te.reduce_axis((0, _i64(CHUNK)), "t")
     BH, nc, _, wa = Ac.shape
-    return te.compute((BH, nc, wa, Bc.shape[3]), lambda b, c, m, d: te.sum(Ac[b, c, t, m] * Bc[b, c, t, d],
-                                                                           axis=t), name)
+    return te.compute((BH, nc, wa, Bc.shape[3]), lambda b, c, m, e: te.sum(
+        _times(d.fold(b, t), Ac[b, c, t, m] * Bc[b, c, t, e]), axis=t), name)
 
 
-def _chunk_sums(Ac, name, weight=None):
-    """Per chunk Σ_t weight[t]·Ac[t, :]: (BH, nc, wa)."""
+def _chunk_sums(Ac, d: _Dir, name, weight=None):
+    """Per chunk Σ_t fold(t)·weight[t]·Ac[t, :]: (BH, nc, wa)."""
     t = te.reduce_axis((0, _i64(CHUNK)), "t")
     BH, nc, _, wa = Ac.shape
-    if weight is None:
-        return te.compute((BH, nc, wa), lambda b, c, m: te.sum(Ac[b, c, t, m], axis=t), name)
-    return te.compute((BH, nc, wa), lambda b, c, m: te.sum(weight[b, c, t] * Ac[b, c, t, m], axis=t), name)
+    return te.compute((BH, nc, wa), lambda b, c, m: te.sum(_times(d.fold(b, t), _times(
+        None if weight is None else weight[b, c, t], Ac[b, c, t, m])), axis=t), name)
 
 
-def _scan(S, name, later: bool):
-    """Exclusive prefix over chunk indices: Σ_{c' < c} S[c'] (or Σ_{c' > c} when `later`)."""
+def _scan(S, d: _Dir, name):
+    """Exclusive scan over chunk indices: Σ_{c' < c} carry·S[c'] (Σ_{c' > c} when d.later)."""
     nc = S.shape[1]
     c2 = te.reduce_axis((0, nc), "c2")
 
-    def before(c2, c):
-        return c2 > c if later else c2 < c
+    def term(b, c, idx):
+        before = c2 > c if d.later else c2 < c
+        return tirx.Select(before, _times(d.carry(b, c, c2), S[(b, c2, *idx)]), _zero(S.dtype))
     if len(S.shape) == 4:
-        return te.compute(S.shape, lambda b, c, m, d: te.sum(
-            tirx.Select(before(c2, c), S[b, c2, m, d], _zero(S.dtype)), axis=c2), name)
-    return te.compute(S.shape, lambda b, c, m: te.sum(
-        tirx.Select(before(c2, c), S[b, c2, m], _zero(S.dtype)), axis=c2), name)
+        return te.compute(S.shape, lambda b, c, m, e: te.sum(term(b, c, (m, e)), axis=c2), name)
+    return te.compute(S.shape, lambda b, c, m: te.sum(term(b, c, (m,)), axis=c2), name)
 
 
 def _chunk_of(i):
@@ -197,48 +237,96 @@ def _chunk_of(i):
     return tirx.floordiv(i, C), tirx.floormod(i, C)
 
 
-def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None):
-    """(Qf, Kf, V, TAB (unused), O out, DEN out): DEN_i = Σ_{j∈mask(i)} a_ij, O_i = Σ a_ij V_j / DEN_i."""
-    BH, N, q, k, v, Qf, Kf = _linear_inputs(M, D, dtype, phi)
-    Mi, Di = _i64(M), _i64(D)
+def _pair(rate, b, t, s, causal: bool):
+    """The in-chunk weight of query row t and key row s: γ_f^(t−s) (s ≤ t), γ_b^(s−t) (s > t;
+    causal: masked elsewhere, so 1); None when undecayed. Arithmetic, no Select (see _phase)."""
+    if rate is None:
+        return None
+    af = rate(b, False)
+    e = af * tirx.Cast(af.dtype, tirx.max(t - s, _i64(0)))
     if not causal:
+        e = e + rate(b, True) * tirx.Cast(af.dtype, tirx.max(s - t, _i64(0)))
+    return tirx.exp(-e)
+
+
+def _contract(A, B, idx_a, idx_b, shape, width, name):
+    """(BH, N, ·) = Σ_x A[idx_a(b, i, x)] · B[idx_b(b, i, x, ·)] over x < width."""
+    x = te.reduce_axis((0, _i64(width)), name + "_x")
+    return te.compute(shape, lambda b, i, e: te.sum(A[idx_a(b, i, x)] * B[idx_b(b, i, x, e)], axis=x), name)
+
+
+def _in_chunk(Rows, Chunks, N, mask, name):
+    """Rows i against the rows of i's chunk: (BH, N, C), Σ_w Rows[i, w]·Chunks[c_i, s, w],
+    zero where mask(t_i, s) is false (mask None: every pair)."""
+    w = te.reduce_axis((0, Rows.shape[2]), name + "_w")
+
+    def body(b, i, s):
+        c, t = _chunk_of(i)
+        prod = Rows[b, i, w] * Chunks[b, c, s, w]
+        return prod if mask is None else tirx.Select(mask(t, s), prod, _zero(Rows.dtype))
+    return te.compute((Rows.shape[0], N, _i64(CHUNK)), lambda b, i, s: te.sum(body(b, i, s), axis=w), name)
+
+
+def _scans(rate, causal):
+    """The key-side directions of a query (earlier keys; and later keys without a causal mask,
+    decayed) and their mirrors, the query-side directions of a key (backward)."""
+    keys = [_Dir(rate, False, False)] + ([_Dir(rate, True, True)] if not causal else [])
+    queries = [_Dir(rate, True, False)] + ([_Dir(rate, False, True)] if not causal else [])
+    return keys, queries
+
+
+def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, decayed=False):
+    """(Qf, Kf, V, TAB, O out, DEN out): DEN_i = Σ_{j∈mask(i)} w_ij a_ij, O_i = Σ w_ij a_ij V_j / DEN_i;
+    TAB (H, 2) the decay rates (earlier, later) of the decayed form, else unused."""
+    BH, N, q, k, v, tab, Qf, Kf, rate = _linear_inputs(M, D, dtype, phi, decayed)
+    Mi, Di = _i64(M), _i64(D)
+    if not (causal or decayed):            # one total state
         n = te.reduce_axis((0, N), "n")
         S = te.compute((BH, Mi, Di), lambda b, m, d: te.sum(Kf[b, n, m] * v[b, n, d], axis=n), "S")
         n2 = te.reduce_axis((0, N), "n2")
         z = te.compute((BH, Mi), lambda b, m: te.sum(Kf[b, n2, m], axis=n2), "z")
-        m1, m2 = te.reduce_axis((0, Mi), "m1"), te.reduce_axis((0, Mi), "m2")
-        num = te.compute((BH, N, Di), lambda b, i, d: te.sum(Qf[b, i, m1] * S[b, m1, d], axis=m1), "num")
+        num = _contract(Qf, S, lambda b, i, x: (b, i, x), lambda b, i, x, e: (b, x, e), (BH, N, Di), M, "num")
+        m2 = te.reduce_axis((0, Mi), "m2")
         den = te.compute((BH, N), lambda b, i: te.sum(Qf[b, i, m2] * z[b, m2], axis=m2), "den")
-    else:
+    else:                                   # chunk scans, one per direction
         Kc, Vc = _chunked(Kf, N, dtype, "kc"), _chunked(v, N, dtype, "vc")
-        P = _scan(_chunk_states(Kc, Vc, "s_chunk"), "P", later=False)
-        Pz = _scan(_chunk_sums(Kc, "z_chunk"), "Pz", later=False)
-        s = te.reduce_axis((0, _i64(CHUNK)), "s")
-        m0 = te.reduce_axis((0, Mi), "m0")
-        A = te.compute((BH, N, _i64(CHUNK)), lambda b, i, t: te.sum(tirx.Select(
-            t <= _chunk_of(i)[1], Qf[b, i, m0] * Kc[b, _chunk_of(i)[0], t, m0], _zero(dtype)), axis=m0),
-            "scores")
-        m1, m2 = te.reduce_axis((0, Mi), "m1"), te.reduce_axis((0, Mi), "m2")
-        inter = te.compute((BH, N, Di), lambda b, i, d: te.sum(
-            Qf[b, i, m1] * P[b, _chunk_of(i)[0], m1, d], axis=m1), "inter")
-        intra = te.compute((BH, N, Di), lambda b, i, d: te.sum(
-            A[b, i, s] * Vc[b, _chunk_of(i)[0], s, d], axis=s), "intra")
-        num = te.compute((BH, N, Di), lambda b, i, d: inter[b, i, d] + intra[b, i, d], "num")
+        keys, _ = _scans(rate, causal)
+        nums, dens = [], []
+        for n_, d in enumerate(keys):
+            P = _scan(_chunk_states(Kc, Vc, d, f"s_chunk{n_}"), d, f"P{n_}")
+            Pz = _scan(_chunk_sums(Kc, d, f"z_chunk{n_}"), d, f"Pz{n_}")
+            nums.append((d, _contract(Qf, P, lambda b, i, x: (b, i, x),
+                                      lambda b, i, x, e: (b, _chunk_of(i)[0], x, e), (BH, N, Di), M, f"inter{n_}")))
+            m2 = te.reduce_axis((0, Mi), f"m2_{n_}")
+            dens.append((d, te.compute((BH, N), lambda b, i: te.sum(
+                Qf[b, i, m2] * Pz[b, _chunk_of(i)[0], m2], axis=m2), f"den_inter{n_}")))
+        A0 = _in_chunk(Qf, Kc, N, (lambda t, s: s <= t) if causal else None, "scores")
+        A = A0 if rate is None else te.compute(A0.shape, lambda b, i, s: A0[b, i, s] * _pair(
+            rate, b, _chunk_of(i)[1], s, causal), "scores_w")
+        intra = _contract(A, Vc, lambda b, i, x: (b, i, x),
+                          lambda b, i, x, e: (b, _chunk_of(i)[0], x, e), (BH, N, Di), CHUNK, "intra")
         s2 = te.reduce_axis((0, _i64(CHUNK)), "s2")
         den_a = te.compute((BH, N), lambda b, i: te.sum(A[b, i, s2], axis=s2), "den_intra")
-        den_p = te.compute((BH, N), lambda b, i: te.sum(
-            Qf[b, i, m2] * Pz[b, _chunk_of(i)[0], m2], axis=m2), "den_inter")
-        den = te.compute((BH, N), lambda b, i: den_p[b, i] + den_a[b, i], "den")
+
+        def rows(b, i, parts, idx, base):
+            total = base
+            for d, X in parts:
+                total = total + _times(d.row(b, _chunk_of(i)[1]), X[(b, i, *idx)])
+            return total
+        num = te.compute((BH, N, Di), lambda b, i, e: rows(b, i, nums, (e,), intra[b, i, e]), "num")
+        den = te.compute((BH, N), lambda b, i: rows(b, i, dens, (), den_a[b, i]), "den")
     out = te.compute((BH, N, Di), lambda b, i, d: num[b, i, d] / den[b, i], "out")
-    return _func(name, [q, k, v, _unused("tab", dtype), out, den])
+    return _func(name, [q, k, v, tab, out, den])
 
 
-def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, dphi=None):
+def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, dphi=None,
+                    decayed=False):
     """(Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out), linear.py's formulas: with
     g_i = dO_i/DEN_i, r_i = (dO_i·O_i)/DEN_i and b_ij = g_i·V_j − r_i over j ∈ mask(i):
-    dQf_i = Σ_j b_ij Kf_j,  dKf_j = Σ_{i∋j} b_ij Qf_i,  dV_j = Σ_{i∋j} (Qf_i·Kf_j) g_i;
-    with φ fused the outputs are d(raw q) = dQf ⊙ dφ(q), d(raw k) likewise."""
-    BH, N, q, k, v, Qf, Kf = _linear_inputs(M, D, dtype, phi)
+    dQf_i = Σ_j w_ij b_ij Kf_j,  dKf_j = Σ_{i∋j} w_ij b_ij Qf_i,  dV_j = Σ_{i∋j} w_ij (Qf_i·Kf_j) g_i;
+    with φ fused the outputs are d(raw q) = dQf ⊙ dφ(q), d(raw k) likewise. The rates get no
+    gradient (they are not parameters)."""
+    BH, N, q, k, v, tab, Qf, Kf, rate = _linear_inputs(M, D, dtype, phi, decayed)
     Mi, Di = _i64(M), _i64(D)
     O = te.placeholder((BH, N, Di), dtype, "o")
     DEN = te.placeholder((BH, N), dtype, "den")
@@ -247,7 +335,7 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
     d0 = te.reduce_axis((0, Di), "d0")
     r = te.compute((BH, N), lambda b, i: te.sum(dO[b, i, d0] * O[b, i, d0] / DEN[b, i], axis=d0), "r")
     d1, d2, m1 = (te.reduce_axis((0, e), n) for e, n in ((Di, "d1"), (Di, "d2"), (Mi, "m1")))
-    if not causal:
+    if not (causal or decayed):
         n = te.reduce_axis((0, N), "n")
         S = te.compute((BH, Mi, Di), lambda b, m, d: te.sum(Kf[b, n, m] * v[b, n, d], axis=n), "S")
         n2 = te.reduce_axis((0, N), "n2")
@@ -267,33 +355,61 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
         gc = _chunked(g, N, dtype, "gc")
         rc = te.compute(gc.shape[:3], lambda b, c, t: tirx.if_then_else(
             c * C + t < N, r[b, c * C + t], _zero(dtype)), "rc")
-        P = _scan(_chunk_states(Kc, Vc, "s_chunk"), "P", later=False)        # earlier keys
-        Pz = _scan(_chunk_sums(Kc, "z_chunk"), "Pz", later=False)
-        R = _scan(_chunk_states(Qc, gc, "r_chunk"), "R", later=True)         # later queries
-        Rz = _scan(_chunk_sums(Qc, "rz_chunk", weight=rc), "Rz", later=True)
         cq = lambda i: _chunk_of(i)[0]                                       # noqa: E731
-        # b_is for the keys s ≤ i of i's chunk, and b_tj for the queries t ≥ j of j's chunk
-        d3, d4 = te.reduce_axis((0, Di), "d3"), te.reduce_axis((0, Di), "d4")
-        gv_q = te.compute((BH, N, C), lambda b, i, s: te.sum(g[b, i, d3] * Vc[b, cq(i), s, d3], axis=d3), "gv_rows")
-        gv_k = te.compute((BH, N, C), lambda b, j, t: te.sum(gc[b, cq(j), t, d4] * v[b, j, d4], axis=d4), "gv_cols")
-        Bq = te.compute((BH, N, C), lambda b, i, s: tirx.Select(
-            s <= _chunk_of(i)[1], gv_q[b, i, s] - r[b, i], _zero(dtype)), "b_rows")
-        Bk = te.compute((BH, N, C), lambda b, j, t: tirx.Select(
-            t >= _chunk_of(j)[1], gv_k[b, j, t] - rc[b, cq(j), t], _zero(dtype)), "b_cols")
-        m3 = te.reduce_axis((0, Mi), "m3")
-        Ak = te.compute((BH, N, C), lambda b, j, t: te.sum(tirx.Select(
-            t >= _chunk_of(j)[1], Qc[b, cq(j), t, m3] * Kf[b, j, m3], _zero(dtype)), axis=m3), "a_cols")
-        s1, t1, t2 = (te.reduce_axis((0, C), n) for n in ("s1", "t1", "t2"))
-        dq_in = te.compute(Qf.shape, lambda b, i, m: te.sum(Bq[b, i, s1] * Kc[b, cq(i), s1, m], axis=s1), "dq_intra")
-        dk_in = te.compute(Kf.shape, lambda b, j, m: te.sum(Bk[b, j, t1] * Qc[b, cq(j), t1, m], axis=t1), "dk_intra")
-        dv_in = te.compute(v.shape, lambda b, j, d: te.sum(Ak[b, j, t2] * gc[b, cq(j), t2, d], axis=t2), "dv_intra")
-        pg = te.compute(Qf.shape, lambda b, i, m: te.sum(P[b, cq(i), m, d1] * g[b, i, d1], axis=d1), "pg")
-        rv = te.compute(Kf.shape, lambda b, j, m: te.sum(R[b, cq(j), m, d2] * v[b, j, d2], axis=d2), "rv")
-        kr = te.compute(v.shape, lambda b, j, d: te.sum(Kf[b, j, m1] * R[b, cq(j), m1, d], axis=m1), "kr")
-        dQf = te.compute(Qf.shape, lambda b, i, m: pg[b, i, m] - r[b, i] * Pz[b, cq(i), m] + dq_in[b, i, m], "dqf")
-        dKf = te.compute(Kf.shape, lambda b, j, m: rv[b, j, m] - Rz[b, cq(j), m] + dk_in[b, j, m], "dkf")
-        dV = te.compute(v.shape, lambda b, j, d: kr[b, j, d] + dv_in[b, j, d], "dv_")
+        at_c = lambda b, i, x, e: (b, cq(i), x, e)                           # noqa: E731
+        own = lambda b, i, x: (b, i, x)                                      # noqa: E731
+        keys, queries = _scans(rate, causal)
+        q_parts, k_parts, v_parts = [], [], []
+        for n_, d in enumerate(keys):      # states of the keys a query sees: dQf
+            P = _scan(_chunk_states(Kc, Vc, d, f"s_chunk{n_}"), d, f"P{n_}")
+            Pz = _scan(_chunk_sums(Kc, d, f"z_chunk{n_}"), d, f"Pz{n_}")
+            pg = _contract(g, P, own, lambda b, i, x, m: (b, cq(i), m, x), Qf.shape, D, f"pg{n_}")
+            q_parts.append((d, te.compute(Qf.shape, lambda b, i, m: pg[b, i, m] - r[b, i] * Pz[b, cq(i), m],
+                                          f"dq_inter{n_}")))
+        for n_, d in enumerate(queries):   # states of the queries that see a key: dKf, dV
+            R = _scan(_chunk_states(Qc, gc, d, f"r_chunk{n_}"), d, f"R{n_}")
+            Rz = _scan(_chunk_sums(Qc, d, f"rz_chunk{n_}", weight=rc), d, f"Rz{n_}")
+            rv = _contract(v, R, own, lambda b, j, x, m: (b, cq(j), m, x), Kf.shape, D, f"rv{n_}")
+            k_parts.append((d, te.compute(Kf.shape, lambda b, j, m: rv[b, j, m] - Rz[b, cq(j), m],
+                                          f"dk_inter{n_}")))
+            v_parts.append((d, _contract(Kf, R, own, at_c, v.shape, M, f"dv_inter{n_}")))
+        # b_is for the keys s of i's chunk, and b_tj for the queries t of j's chunk (masked, weighted)
+        rows_mask = (lambda t, s: s <= t) if causal else None
+        cols_mask = (lambda s, t: t >= s) if causal else None
+        gv_q = _in_chunk(g, Vc, N, None, "gv_rows")
+        gv_k = _in_chunk(v, gc, N, None, "gv_cols")
+        Ak0 = _in_chunk(Kf, Qc, N, cols_mask, "a_cols")
+
+        def masked(keep, x):
+            return x if keep is None else tirx.Select(keep, x, _zero(dtype))
+
+        def pair_rows(b, i, s):            # query i, key s of its chunk
+            return _pair(rate, b, _chunk_of(i)[1], s, causal)
+
+        def pair_cols(b, j, t):            # key j, query t of its chunk
+            return _pair(rate, b, t, _chunk_of(j)[1], causal)
+        Bq = te.compute((BH, N, C), lambda b, i, s: _times(pair_rows(b, i, s), masked(
+            None if rows_mask is None else rows_mask(_chunk_of(i)[1], s), gv_q[b, i, s] - r[b, i])), "b_rows")
+        Bk = te.compute((BH, N, C), lambda b, j, t: _times(pair_cols(b, j, t), masked(
+            None if cols_mask is None else cols_mask(_chunk_of(j)[1], t), gv_k[b, j, t] - rc[b, cq(j), t])),
+            "b_cols")
+        Ak = Ak0 if rate is None else te.compute(Ak0.shape, lambda b, j, t: Ak0[b, j, t] * pair_cols(b, j, t),
+                                                 "a_cols_w")
+        dq_in = _contract(Bq, Kc, own, at_c, Qf.shape, CHUNK, "dq_intra")
+        dk_in = _contract(Bk, Qc, own, at_c, Kf.shape, CHUNK, "dk_intra")
+        dv_in = _contract(Ak, gc, own, at_c, v.shape, CHUNK, "dv_intra")
+
+        def total(base, parts, name, shape):
+            def body(b, i, e):
+                acc = base[b, i, e]
+                for d, X in parts:
+                    acc = acc + _times(d.row(b, _chunk_of(i)[1]), X[b, i, e])
+                return acc
+            return te.compute(shape, body, name)
+        dQf = total(dq_in, q_parts, "dqf", Qf.shape)
+        dKf = total(dk_in, k_parts, "dkf", Kf.shape)
+        dV = total(dv_in, v_parts, "dv_", v.shape)
     if phi is not None:
         dQf = te.compute(q.shape, lambda b, i, m: dQf[b, i, m] * dphi(q[b, i, m]), "dq")
         dKf = te.compute(k.shape, lambda b, j, m: dKf[b, j, m] * dphi(k[b, j, m]), "dk")
-    return _func(name, [q, k, v, _unused("tab", dtype), O, DEN, dO, dQf, dKf, dV])
+    return _func(name, [q, k, v, tab, O, DEN, dO, dQf, dKf, dV])

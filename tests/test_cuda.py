@@ -25,6 +25,11 @@ from test_linear import KERNELS, MASKS, inputs, spec
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CUDA_TARGETS = ["nvidia/nvidia-h100", "sm_80"]
 CASES = [(kern, mask) for kern in KERNELS for mask in MASKS]
+# the decayed form (geometric position terms), causal and two-way
+DECAYED = {"alibi-causal": "kernel = elu1; position = alibi; mask = causal",
+           "alibi-full": "kernel = elu1; position = alibi",
+           "affine-full": "kernel = relu; position(r) = -0.1 * abs(r) + 0.05 * r",
+           "affine-causal": "kernel = favor(features=16, seed=2); position(r) = -0.2 * abs(r); mask = causal"}
 HAS_GPU = torch.cuda.is_available()
 
 
@@ -78,6 +83,29 @@ def test_portable_gradcheck_float64(portable_on_cpu, kernel, mask):
     assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def decayed(case: str, target="llvm", head_dim=8, value_dim=6) -> attndsl.Attention:
+    key = ("decayed", case, target, head_dim, value_dim)
+    if key not in _CACHE:
+        _CACHE[key] = attndsl.compile(f"attention t {{ {DECAYED[case]} }}", heads=2, head_dim=head_dim,
+                                      value_dim=value_dim, target=target)
+        assert "form decayed" in _CACHE[key].explain()
+    return _CACHE[key]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", sorted(DECAYED))
+def test_portable_decayed_matches_reference(portable_on_cpu, case, dtype):
+    check_against_reference(decayed(case), *inputs(2, 2, 150, 8, 6, dtype), RTOL[dtype])
+
+
+@pytest.mark.parametrize("case", sorted(DECAYED))
+def test_portable_decayed_gradcheck_float64(portable_on_cpu, case):
+    """Across chunks (N = C + 3): the decayed states carried from chunk to chunk, both ways."""
+    attn = decayed(case, head_dim=3, value_dim=2)
+    q, k, v = (t.requires_grad_() for t in inputs(1, 2, te_forms.CHUNK + 3, 3, 2, torch.float64))
+    assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def test_portable_gradcheck_across_chunks(portable_on_cpu):
     """Causal rows in three chunks of te_forms.CHUNK: the prefix states and the in-chunk blocks."""
     attn = compiled("elu1", "causal", heads=1, head_dim=3, value_dim=2)
@@ -113,7 +141,7 @@ PORTABLE_EXAMPLES = list(_portable_examples())
 def test_every_feature_map_family_has_a_portable_example():
     names = {p.values[1] for p in PORTABLE_EXAMPLES}
     assert {"linear_elu", "linear_elu_causal", "performer_causal", "squared_softplus",
-            "gaussian_rff", "hyperbolic_causal"} <= names
+            "gaussian_rff", "hyperbolic_causal", "alibi_linear"} <= names
 
 
 @pytest.mark.parametrize("target", CUDA_TARGETS)
@@ -145,7 +173,7 @@ def test_forms_without_portable_kernels_are_a_spec_error():
     text = (EXAMPLES / "softmax.attn").read_text()
     with pytest.raises(SpecError, match="not lowered for target cuda") as e:
         attndsl.compile(text, name="softmax_causal", heads=2, head_dim=16, target="cuda")
-    assert "forms with cuda kernels: linear, prefix_sum" in str(e.value)
+    assert "forms with cuda kernels: decayed, linear, prefix_sum" in str(e.value)
     assert "target='llvm' compiles every form" in str(e.value)
 
 
@@ -189,7 +217,7 @@ def test_emit_stage_tir_for_cuda_is_scheduled(capsys):
 
 def test_emit_stage_cuda_of_a_form_without_portable_kernels(capsys):
     path = str(EXAMPLES / "positions.attn")
-    assert cli.main(["emit", path, "--name", "alibi_linear", "--stage", "cuda"]) == 1
+    assert cli.main(["emit", path, "--name", "smooth_bias", "--stage", "cuda"]) == 1
     assert "not lowered for target cuda" in capsys.readouterr().err
 
 
@@ -205,6 +233,14 @@ def test_gpu_matches_reference(kernel, mask, dtype):
     attn = compiled(kernel, mask, target="cuda")
     q, k, v = (t.cuda() for t in inputs(2, 2, 200, 8, 6, dtype, kernel))
     check_against_reference(attn, q, k, v, 10 * RTOL[dtype])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", sorted(DECAYED))
+def test_gpu_decayed_matches_reference(case, dtype):
+    q, k, v = (t.cuda() for t in inputs(2, 2, 200, 8, 6, dtype))
+    check_against_reference(decayed(case, target="cuda"), q, k, v, 10 * RTOL[dtype])
 
 
 @gpu
