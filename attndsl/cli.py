@@ -69,7 +69,7 @@ def _emit_kernels(spec, planned, args) -> None:
     target = "cuda" if args.stage == "cuda" and args.target == "llvm" else args.target
     kind = target_kind(target)
     try:
-        funcs = lowering.lower(planned.root, args.dtype, portable=lowering.portable(kind))
+        funcs = lowering.lower(planned.root, args.dtype, portable=lowering.portable(kind), gpu=kind == "cuda")
     except lowering.NotLowered as e:
         raise not_lowered(spec, e, kind) from None
     tgt = build.resolve_target(target)
@@ -172,6 +172,11 @@ def cmd_tune(args) -> int:
     from . import pipeline
     from .lowering import tune
     from .schedules import lookup
+    if args.target != "llvm":
+        print(f"attndsl tune: target {args.target} builds the portable kernels, scheduled by dlight's "
+              f"GPU rules, which have no knobs yet: there is nothing to tune (tune --target llvm "
+              f"tunes the CPU kernels)", file=sys.stderr)
+        return 2
     db = Path(args.db) if args.db else lookup.user_db()
     rpc = None
     if args.rpc_tracker:
@@ -231,7 +236,8 @@ def main(argv=None) -> int:
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     t.add_argument("--lengths", default="1024,4096", help="sequence lengths to time (comma-separated)")
     t.add_argument("--trials", type=int, default=9, help="knob choices per kernel, the default included")
-    t.add_argument("--target", choices=("llvm",), default="llvm", help="this CPU (CUDA: not yet)")
+    t.add_argument("--target", choices=("llvm", *TARGETS), default="llvm",
+                   help="llvm: this CPU (the CUDA targets' kernels have no knobs yet)")
     t.add_argument("--db", help="the database folder (default: $ATTNDSL_TUNING_DB, else <cache dir>/tuning)")
     t.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker to time on")
     t.add_argument("--rpc-key", help="the device key the tracker's servers registered with")

@@ -104,7 +104,7 @@ class Attention(nn.Module):
             from .lowering.build import build, resolve_target
             target = resolve_target(self.target)
             if portable:
-                funcs, chosen = lowering.lower(root, dtype, portable=True), {}
+                funcs, chosen = lowering.lower(root, dtype, portable=True, gpu=kind == "cuda"), {}
             else:
                 funcs, chosen = lowering.lower_tuned(root, dtype, dirs, target)
             notes["tuned"] = {k: {"knobs": c.knobs, "speedup": round(c.speedup, 4),

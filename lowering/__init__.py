@@ -135,16 +135,17 @@ LOWERED_FORMS: dict[type, frozenset | None] = {
 }
 
 
-# --- the portable kernels (te_forms.py): what GPU targets build, scheduled by schedules/cuda.py ------
+# --- the portable kernels (te_forms.py, softmax_rows.py): what GPU targets build, scheduled by
+# schedules/cuda.py. Their lowerings take `gpu` (whether the loops are bound to threads) for knobs.
 
-def _portable_feature_map(node: FeatureMap, names, dtype, knobs):
+def _portable_feature_map(node: FeatureMap, names, dtype, gpu):
     from . import te_forms
     k = map_kernel(node)
     return {names[0]: te_forms.map_forward(names[0], k, node.role, dtype),
             names[1]: te_forms.map_backward(names[1], k, dtype)}
 
 
-def _portable_linear(node: LinearAttention, names, dtype, knobs):
+def _portable_linear(node: LinearAttention, names, dtype, gpu):
     from . import featuremap, te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
     causal = LINEAR_FORMS[node.form]
@@ -155,11 +156,21 @@ def _portable_linear(node: LinearAttention, names, dtype, knobs):
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, causal, phi, dphi)}
 
 
-def _portable_decayed(node: PositionalAttention, names, dtype, knobs):
+def _portable_decayed(node: PositionalAttention, names, dtype, gpu):
     from . import te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
     return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, decayed=True),
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, node.causal, decayed=True)}
+
+
+def _portable_softmax(node: SoftmaxAttention, names, dtype, gpu):
+    from . import softmax_rows
+    dk, dv = node.q.shape[-1], node.v.shape[-1]
+    pos = node.bias.position if node.bias is not None else None
+    learn = pos is not None and learns(pos)
+    return {names[0]: softmax_rows.softmax_forward(names[0], dk, dv, dtype, node.causal, node.scale, pos, gpu),
+            names[1]: softmax_rows.softmax_backward(names[1], dk, dv, dtype, node.causal, node.scale, pos,
+                                                    learn, gpu)}
 
 
 PORTABLE_LOWERINGS: dict[type, Callable] = {
@@ -167,11 +178,13 @@ PORTABLE_LOWERINGS: dict[type, Callable] = {
     FeatureMap: _portable_feature_map,
     LinearAttention: _portable_linear,
     PositionalAttention: _portable_decayed,
+    SoftmaxAttention: _portable_softmax,
 }
 PORTABLE_FORMS: dict[type, frozenset | None] = {
     Input: None, Position: None, Add: None, FeatureMap: None,
     LinearAttention: frozenset(LINEAR_FORMS),
     PositionalAttention: frozenset({"decayed"}),
+    SoftmaxAttention: LOWERED_FORMS[SoftmaxAttention],
 }
 # target kinds whose kernels are the portable ones (every other kind: the CPU kernels)
 PORTABLE_KINDS = {"cuda"}
@@ -207,18 +220,19 @@ def check(root: Node, portable: bool = False) -> None:
 
 
 def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = None,
-          portable: bool = False) -> dict:
+          portable: bool = False, gpu: bool = True) -> dict:
     """Every kernel the planned IR needs, {name: PrimFunc}, for one dtype; `knobs` {kernel name:
     {knob: value}} (schedules/knobs.py) overrides the defaults of the kernels it names; `only`:
-    just the nodes owning these kernel names (the tuner's variants); `portable`: te_forms.py's
-    kernels (GPU targets) instead of the CPU ones (they take no knobs)."""
+    just the nodes owning these kernel names (the tuner's variants); `portable`: the portable
+    kernels (GPU targets) instead of the CPU ones (they take no knobs), with their loops bound to
+    GPU threads when `gpu` (else CPU loops: how they are tested without a GPU)."""
     check(root, portable)
     lowerings = _registry(portable)[0]
     funcs = {}
     for i, node in enumerate(postorder(root)):
         names = kernel_names(i, node)
         if only is None or only.intersection(names):
-            funcs.update(lowerings[type(node)](node, names, dtype, knobs or {}))
+            funcs.update(lowerings[type(node)](node, names, dtype, gpu if portable else knobs or {}))
     return funcs
 
 

@@ -1,7 +1,8 @@
 """CUDA targets and their schedule: dlight's GPU rules over lowering/te_forms.py's stages.
 
-The portable kernels are unscheduled dataflow (one block per `te.compute`). `schedule` hands every
-block to dlight: Matmul, GEMV, Reduction and GeneralReduction where the block has their shape,
+lowering/softmax_rows.py's kernels bind their own loops to threads (a hand schedule, marked
+`tirx.is_scheduled`, which dlight skips). te_forms.py's kernels are unscheduled dataflow (one
+block per `te.compute`), and `schedule` hands every block to dlight: Matmul, GEMV, Reduction and GeneralReduction where the block has their shape,
 else Fallback, which fuses the block's spatial loops, splits them over thread blocks and threads
 and keeps its reduction serial in each thread. Each block then runs as one kernel launch.
 """

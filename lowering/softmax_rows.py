@@ -1,0 +1,257 @@
+"""The quadratic (softmax) form as portable kernels: one thread per query row (and per key row).
+
+quadratic.py's kernels are tiled for one CPU vector unit. These are the same maths written for
+thread parallelism: every stage is a loop nest `for task in blocks(...): for lane in threads(R)`
+whose bodies are independent rows, bound to blockIdx.x / threadIdx.x for CUDA (a hand schedule,
+so dlight leaves these alone), or a parallel and a serial loop on llvm (how they are tested on a
+machine without a GPU). Each thread keeps its row's accumulators in registers ("local") and
+streams the other rows from memory; the position term b(i − j) is evaluated per pair from the
+table / slopes / expression. No N×N tensor.
+
+Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); LSE (BH, N); TAB (H, P) the position parameters
+(P = 2W + 1 for a learned table), head h = bh mod H. Scores s_ij = s·q_i·k_j + b(i − j), j ≤ i when
+causal.
+
+Forward (thread per query row), online over keys:
+    m' = max(m, s_ij),  l ← e^(m − m') l + e^(s_ij − m'),  o ← e^(m − m') o + e^(s_ij − m') v_j
+    O_i = o / l,  LSE_i = m + log l.
+Backward, with p_ij = e^(s_ij − LSE_i), D_i = dO_i·O_i, ds_ij = p_ij (dO_i·v_j − D_i):
+    (rows) D;  (query rows) dq_i = s Σ_j ds_ij k_j;  (key rows) dv_j = Σ_i p_ij dO_i,
+    dk_j = s Σ_i ds_ij q_i;  learned table: (diagonals) G_r = Σ_{i − j = r} ds_ij per bh, then
+    (slots) dTAB[h, w] = Σ_{bh ≡ h} Σ_{r: clip(r, −W, W) + W = w} G_r.
+The table's gradient recomputes every pair once more (about the cost of the rest of the backward).
+"""
+from __future__ import annotations
+
+import functools
+
+from tvm.script import tirx as T
+
+from .toeplitz import bias_builder
+
+THREADS = 128          # rows per thread block
+
+
+def _loops(gpu: bool):
+    """(blocks, threads): a stage's task loop and lane loop — bound to blockIdx.x / threadIdx.x,
+    or a parallel and a serial loop on a CPU."""
+    if gpu:
+        return (functools.partial(T.thread_binding, thread="blockIdx.x"),
+                functools.partial(T.thread_binding, thread="threadIdx.x"))
+    return T.parallel, T.serial
+
+
+def _ceil(n, r):
+    """⌈n / r⌉, written out where it is used: a TVMScript let outside the thread loops would not
+    reach the kernels' launch parameters."""
+    return (n + r - 1) // r
+
+
+def _half(P):
+    """W of a table of P = 2W + 1 columns."""
+    return (P - 1) // 2
+
+
+def _score(position, dtype):
+    """(TAB, h, r, W, dot) -> s·q·k + b(r), or the scaled dot alone without a position term."""
+    if position is None:
+        return lambda TAB, h, r, W, dot: dot
+    bias = bias_builder(position, dtype)
+    return lambda TAB, h, r, W, dot: dot + bias(TAB, h, r, W)
+
+
+def _ranges(causal: bool):
+    """(keys(i, N), first query(j)): how many keys query i sees (from 0), the first query that
+    sees key j."""
+    if causal:
+        return (lambda i, N: i + 1), (lambda j: j)
+    return (lambda i, N: N), (lambda j: T.int64(0))
+
+
+def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
+                    gpu: bool):
+    """(Q, K, V, TAB, O out, LSE out)."""
+    blocks, threads = _loops(gpu)
+    score = _score(position, dtype)
+    keys, _ = _ranges(causal)
+    R = THREADS
+
+    @T.prim_func
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, lse: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": gpu})
+        BH, N, H, P = T.int64(), T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q, (BH, N, Dk), dtype)
+        K = T.match_buffer(k, (BH, N, Dk), dtype)
+        V = T.match_buffer(v, (BH, N, Dv), dtype)
+        TAB = T.match_buffer(tab, (H, P), dtype)
+        O = T.match_buffer(o, (BH, N, Dv), dtype)
+        LSE = T.match_buffer(lse, (BH, N), dtype)
+        for task in blocks(BH * _ceil(N, R)):
+            for lane in threads(R):
+                qi = T.alloc_buffer((Dk,), dtype, scope="local")
+                acc = T.alloc_buffer((Dv,), dtype, scope="local")
+                st = T.alloc_buffer((4,), dtype, scope="local")      # m, l, s, e^(m − m')
+                b = task // _ceil(N, R)
+                i = task % _ceil(N, R) * R + lane
+                if i < N:
+                    for c in range(Dk):
+                        qi[c] = Q[b, i, c] * T.cast(scale, dtype)
+                    for e in range(Dv):
+                        acc[e] = T.cast(0, dtype)
+                    st[0] = T.min_value(dtype)
+                    st[1] = T.cast(0, dtype)
+                    for j in range(keys(i, N)):
+                        st[2] = T.cast(0, dtype)
+                        for c in range(Dk):
+                            st[2] = st[2] + qi[c] * K[b, j, c]
+                        st[2] = score(TAB, b % H, i - j, _half(P), st[2])
+                        m_new = T.max(st[0], st[2])
+                        st[3] = T.exp(st[0] - m_new)
+                        p = T.exp(st[2] - m_new)
+                        st[1] = st[1] * st[3] + p
+                        for e in range(Dv):
+                            acc[e] = acc[e] * st[3] + p * V[b, j, e]
+                        st[0] = m_new
+                    for e in range(Dv):
+                        O[b, i, e] = acc[e] / st[1]
+                    LSE[b, i] = st[0] + T.log(st[1])
+    return kernel
+
+
+def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
+                     learn: bool, gpu: bool):
+    """(Q, K, V, TAB, O, LSE, dO, dQ out, dK out, dV out, dTAB out (zeroed by the caller))."""
+    blocks, threads = _loops(gpu)
+    score = _score(position, dtype)
+    keys, first = _ranges(causal)
+    r0 = -1 if not causal else 0          # the smallest diagonal r = i − j with pairs
+    R = THREADS
+    sc = float(scale)
+
+    @T.prim_func
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, lse: T.handle,
+               do: T.handle, dq: T.handle, dk: T.handle, dv: T.handle, dtab: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": gpu})
+        BH, N, H, P = T.int64(), T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q, (BH, N, Dk), dtype)
+        K = T.match_buffer(k, (BH, N, Dk), dtype)
+        V = T.match_buffer(v, (BH, N, Dv), dtype)
+        TAB = T.match_buffer(tab, (H, P), dtype)
+        O = T.match_buffer(o, (BH, N, Dv), dtype)
+        LSE = T.match_buffer(lse, (BH, N), dtype)
+        dO = T.match_buffer(do, (BH, N, Dv), dtype)
+        dQ = T.match_buffer(dq, (BH, N, Dk), dtype)
+        dK = T.match_buffer(dk, (BH, N, Dk), dtype)
+        dV = T.match_buffer(dv, (BH, N, Dv), dtype)
+        dTAB = T.match_buffer(dtab, (H, P), dtype)
+        Dd = T.alloc_buffer((BH, N), dtype)                   # D_i = dO_i·O_i
+        for task in blocks(BH * _ceil(N, R)):                          # rows: D
+            for lane in threads(R):
+                st = T.alloc_buffer((1,), dtype, scope="local")
+                b = task // _ceil(N, R)
+                i = task % _ceil(N, R) * R + lane
+                if i < N:
+                    st[0] = T.cast(0, dtype)
+                    for e in range(Dv):
+                        st[0] = st[0] + dO[b, i, e] * O[b, i, e]
+                    Dd[b, i] = st[0]
+        for task in blocks(BH * _ceil(N, R)):                          # query rows: dq
+            for lane in threads(R):
+                qi = T.alloc_buffer((Dk,), dtype, scope="local")
+                gi = T.alloc_buffer((Dv,), dtype, scope="local")
+                acc = T.alloc_buffer((Dk,), dtype, scope="local")
+                st = T.alloc_buffer((2,), dtype, scope="local")      # s, dO_i·v_j
+                b = task // _ceil(N, R)
+                i = task % _ceil(N, R) * R + lane
+                if i < N:
+                    for c in range(Dk):
+                        qi[c] = Q[b, i, c] * T.cast(sc, dtype)
+                        acc[c] = T.cast(0, dtype)
+                    for e in range(Dv):
+                        gi[e] = dO[b, i, e]
+                    for j in range(keys(i, N)):
+                        st[0] = T.cast(0, dtype)
+                        for c in range(Dk):
+                            st[0] = st[0] + qi[c] * K[b, j, c]
+                        st[1] = T.cast(0, dtype)
+                        for e in range(Dv):
+                            st[1] = st[1] + gi[e] * V[b, j, e]
+                        ds = T.exp(score(TAB, b % H, i - j, _half(P), st[0]) - LSE[b, i]) * (st[1] - Dd[b, i])
+                        for c in range(Dk):
+                            acc[c] = acc[c] + ds * K[b, j, c]
+                    for c in range(Dk):
+                        dQ[b, i, c] = acc[c] * T.cast(sc, dtype)
+        for task in blocks(BH * _ceil(N, R)):                          # key rows: dk, dv
+            for lane in threads(R):
+                kj = T.alloc_buffer((Dk,), dtype, scope="local")
+                vj = T.alloc_buffer((Dv,), dtype, scope="local")
+                ak = T.alloc_buffer((Dk,), dtype, scope="local")
+                av = T.alloc_buffer((Dv,), dtype, scope="local")
+                st = T.alloc_buffer((3,), dtype, scope="local")      # s, p, dO_i·v_j
+                b = task // _ceil(N, R)
+                j = task % _ceil(N, R) * R + lane
+                if j < N:
+                    for c in range(Dk):
+                        kj[c] = K[b, j, c] * T.cast(sc, dtype)
+                        ak[c] = T.cast(0, dtype)
+                    for e in range(Dv):
+                        vj[e] = V[b, j, e]
+                        av[e] = T.cast(0, dtype)
+                    for i0 in range(N - first(j)):
+                        i = i0 + first(j)
+                        st[0] = T.cast(0, dtype)
+                        for c in range(Dk):
+                            st[0] = st[0] + Q[b, i, c] * kj[c]
+                        st[1] = T.exp(score(TAB, b % H, i - j, _half(P), st[0]) - LSE[b, i])
+                        st[2] = T.cast(0, dtype)
+                        for e in range(Dv):
+                            st[2] = st[2] + dO[b, i, e] * vj[e]
+                            av[e] = av[e] + st[1] * dO[b, i, e]
+                        ds = st[1] * (st[2] - Dd[b, i])
+                        for c in range(Dk):
+                            ak[c] = ak[c] + ds * Q[b, i, c]
+                    for c in range(Dk):
+                        dK[b, j, c] = ak[c] * T.cast(sc, dtype)
+                    for e in range(Dv):
+                        dV[b, j, e] = av[e]
+        if learn:
+            G = T.alloc_buffer((BH, 2 * N), dtype)            # G[b, r + N − 1] = Σ_{i − j = r} ds_ij
+            for task in blocks(BH * _ceil(2 * N - 1, R)):                      # diagonals
+                for lane in threads(R):
+                    st = T.alloc_buffer((3,), dtype, scope="local")  # s, dO_i·v_j, Σ ds
+                    b = task // _ceil(2 * N - 1, R)
+                    d = task % _ceil(2 * N - 1, R) * R + lane
+                    r = d - (N - 1)                           # i − j
+                    if d < 2 * N - 1:
+                        st[2] = T.cast(0, dtype)
+                        if r >= r0 * (N - 1):
+                            for t in range(N - T.abs(r)):
+                                i = t + T.max(r, T.int64(0))
+                                j = i - r
+                                st[0] = T.cast(0, dtype)
+                                for c in range(Dk):
+                                    st[0] = st[0] + Q[b, i, c] * K[b, j, c]
+                                st[1] = T.cast(0, dtype)
+                                for e in range(Dv):
+                                    st[1] = st[1] + dO[b, i, e] * V[b, j, e]
+                                st[2] = st[2] + T.exp(score(TAB, b % H, r, _half(P), st[0] * T.cast(sc, dtype))
+                                                      - LSE[b, i]) * (st[1] - Dd[b, i])
+                        G[b, d] = st[2]
+            for task in blocks(_ceil(H * P, R)):                           # table slots
+                for lane in threads(R):
+                    st = T.alloc_buffer((1,), dtype, scope="local")
+                    x = task * R + lane
+                    if x < H * P:
+                        h = x // P
+                        w = x % P
+                        lo = T.if_then_else(w == 0, -(N - 1), w - _half(P))      # the r with slot(r) = w
+                        hi = T.if_then_else(w == 2 * _half(P), N - 1, w - _half(P))
+                        lo_c = T.max(lo, -(N - 1))
+                        hi_c = T.min(hi, N - 1)
+                        st[0] = T.cast(0, dtype)
+                        for bb in range(BH // H):
+                            for rr in range(T.max(hi_c - lo_c + 1, T.int64(0))):
+                                st[0] = st[0] + G[bb * H + h, lo_c + rr + N - 1]
+                        dTAB[h, w] = st[0]
+    return kernel
+
