@@ -34,6 +34,7 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_kde_accuracy.py
 	$(PY) benchmarks/bench_fft.py
 	$(PY) benchmarks/bench_tuning.py
+	$(PY) benchmarks/bench_gpu.py
 
 # re-measure the shipped tuning database (schedules/tuned/) on this machine (~7 min)
 tuned-db: $(VENV)/.installed

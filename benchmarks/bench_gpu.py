@@ -8,7 +8,8 @@ Causal and full masks, B·H = 16, M = Dk = Dv = 64, N in {1024, 4096, 16384}, fl
   fla chunk            flash-linear-attention's chunked kernel (`fla.ops.linear_attn`), when installed
 forward and forward+backward, CUDA-synchronized wall time; ratios are (baseline) / (attndsl).
 
-    python benchmarks/bench_gpu.py [--kernel elu1|favor] [--lengths 1024,4096,16384] [--quick]
+    python benchmarks/bench_gpu.py [--kernel elu1|favor|softmax] [--lengths 1024,4096,16384] [--quick]
+(--kernel softmax: the quadratic form against SDPA, eager softmax(s·q·kᵀ)·v and its torch.compile.)
 Writes benchmarks/results/bench_gpu_<kernel>.{md,png}. Without a GPU it says so and exits 0.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_linear import SPECS, linear_chunked, linear_full, plot, torch_feature_map  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GPU_SPECS = {**SPECS, "softmax": "attention bench {{ mask = {mask} }}"}
 
 
 def timeit(fn, budget=1.0, max_reps=50) -> float:
@@ -63,7 +65,22 @@ def fla_method(attn, causal):
     return run
 
 
+def softmax_methods(attn, causal):
+    """The quadratic form (softmax_rows.py) against SDPA and the same maths written out."""
+    def plain(q, k, v):
+        s = attn.scale * q @ k.transpose(-1, -2)
+        if causal:
+            n = q.shape[-2]
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        return torch.softmax(s, -1) @ v
+    return {"attndsl": attn, "torch": plain, "torch.compile": torch.compile(plain, dynamic=False),
+            "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                   scale=attn.scale)}
+
+
 def methods(attn, causal):
+    if attn.spec.kernel.name == "softmax":
+        return softmax_methods(attn, causal)
     phi = torch_feature_map(attn)
     core = linear_chunked if causal else linear_full
 
@@ -81,7 +98,7 @@ def run(kernel: str, lengths: list[int], bh=(2, 8), dim=64, with_backward=True):
     rows = []
     for mask in ("causal", "none"):
         causal = mask == "causal"
-        attn = attndsl.compile(SPECS[kernel].format(mask=mask), heads=bh[1], head_dim=dim, target="cuda")
+        attn = attndsl.compile(GPU_SPECS[kernel].format(mask=mask), heads=bh[1], head_dim=dim, target="cuda")
         attn.cuda()                         # its buffers (the projection W) on the GPU, as a user would
         print("\n".join(l for l in attn.explain().splitlines() if l.lstrip().startswith(("build", "tuning"))),
               flush=True)
@@ -109,9 +126,10 @@ def run(kernel: str, lengths: list[int], bh=(2, 8), dim=64, with_backward=True):
 def table(rows, kernel) -> str:
     by = {(r["mask"], r["n"], r["method"]): r for r in rows}
     names = [m for m in ("torch", "torch.compile", "sdpa", "fla chunk") if any(r["method"] == m for r in rows)]
-    out = [f"### linear attention on {torch.cuda.get_device_name()}, kernel {kernel}, B·H=16, M=D=64, float32",
+    what = "softmax attention (quadratic form)" if kernel == "softmax" else f"linear attention, kernel {kernel}"
+    out = [f"### {what} on {torch.cuda.get_device_name()}, B·H=16, M=D=64, float32",
            "", f"| mask | N | attndsl fwd ms | {' | '.join(names)} | fwd speed-up vs {' / '.join(names)} "
-           f"| attndsl fwd+bwd ms | fwd+bwd speed-up |", "|---" * (5 + len(names)) + "|"]
+           f"| attndsl fwd+bwd ms | fwd+bwd speed-up |", "|---" * (6 + len(names)) + "|"]
     for mask, n in sorted({(r["mask"], r["n"]) for r in rows}):
         a = by[(mask, n, "attndsl")]
         base = [by.get((mask, n, m)) for m in names]
@@ -126,7 +144,7 @@ def table(rows, kernel) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", choices=sorted(SPECS), default="elu1")
+    p.add_argument("--kernel", choices=sorted(GPU_SPECS), default="elu1")
     p.add_argument("--lengths", default="1024,4096,16384")
     p.add_argument("--quick", action="store_true", help="N=1024 only, forward only")
     a = p.parse_args(argv)
