@@ -296,7 +296,7 @@ def sampled_attention_backward(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: 
     dks, dvs = k.new_empty(BH, S, k.shape[2]), v.new_empty(BH, S, v.shape[2])
     _kernel(lib, node + "_bwd")(q, k, v, pq, pk, si, lw, sb, out, lse, dout.contiguous(),
                                 dq, dk, dv, dks, dvs, dlw, block)
-    rows = (si.long() + k.shape[1] * torch.arange(BH)[:, None]).reshape(-1)   # samples repeat: add
+    rows = (si.long() + k.shape[1] * torch.arange(BH, device=si.device)[:, None]).reshape(-1)  # samples repeat: add
     dk.view(-1, k.shape[2]).index_add_(0, rows, dks.view(-1, k.shape[2]))
     dv.view(-1, v.shape[2]).index_add_(0, rows, dvs.view(-1, v.shape[2]))
     return dq, dk, dv, dlw

@@ -44,8 +44,9 @@ def bucket_order(x: Tensor, planes: Tensor) -> Tensor:
     """(BH, N) permutation sorting the rows of x (BH, N, Dk) by Gray-ranked LSH bucket, stably."""
     BH, N, D = x.shape
     bits = planes.shape[1]
-    signs = (x.detach().reshape(BH * N, D) @ planes.to(x.dtype)) > 0     # (BH·N, r)
-    code = (signs.to(torch.int32) * (1 << torch.arange(bits, dtype=torch.int32))).sum(-1, dtype=torch.int32)
+    signs = (x.detach().reshape(BH * N, D) @ planes.to(x)) > 0     # (BH·N, r)
+    bit = 1 << torch.arange(bits, dtype=torch.int32, device=x.device)
+    code = (signs.to(torch.int32) * bit).sum(-1, dtype=torch.int32)
     return torch.sort(gray_rank(code.reshape(BH, N), bits), dim=-1, stable=True).indices
 
 
@@ -67,7 +68,7 @@ def residual_weights(q: Tensor, k: Tensor, v: Tensor, sampling, gen: torch.Gener
     """w (BH, N), rows summing to 1 (or 0 where all of v is 0): what the residual samples follow."""
     if sampling["residual"] == "columns":          # (1/R) Σ_{i∈R} softmax_j(s q_i·k_j)
         BH, N, D = q.shape
-        rows = torch.randint(N, (BH, min(N, max(8, int(sampling["samples"])))), generator=gen)
+        rows = torch.randint(N, (BH, min(N, max(8, int(sampling["samples"])))), generator=gen).to(q.device)
         qr = q.gather(1, rows[..., None].expand(-1, -1, D))
         return torch.softmax(scale * qr @ k.transpose(1, 2), dim=-1).mean(1)
     norms = torch.linalg.vector_norm(v, dim=-1).square()
@@ -76,11 +77,14 @@ def residual_weights(q: Tensor, k: Tensor, v: Tensor, sampling, gen: torch.Gener
 
 def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed: int,
          scale: float | None = None) -> Samples:
-    """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv); scale s (default 1/√Dk)."""
+    """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv); scale s (default 1/√Dk).
+    The random numbers come from a CPU generator whatever the tensors' device, so a seed draws the
+    same samples on a GPU as on the CPU."""
     BH, N, _ = k.shape
     S = int(sampling["samples"])
+    dev = k.device
     gen = torch.Generator().manual_seed(seed)
-    u = torch.rand(BH, S, generator=gen, dtype=torch.float64)
+    u = torch.rand(BH, S, generator=gen, dtype=torch.float64).to(dev)
     if sampling.name == "kde":
         block, pq, pk = int(sampling["block"]), bucket_order(q, planes), bucket_order(k, planes)
         w = residual_weights(q, k, v, sampling, gen, scale if scale is not None else q.shape[-1] ** -0.5)
@@ -92,11 +96,11 @@ def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed:
         lw = -torch.log(p.gather(1, si) * S)
     else:                          # uniform: identity order, a query's own key is its block
         block = 1
-        pq = pk = torch.arange(N).expand(BH, N)
+        pq = pk = torch.arange(N, device=dev).expand(BH, N)
         pos = si = (u * N).long().clamp_max(N - 1)
-        lw = torch.full((BH, S), -math.log(S / N), dtype=v.dtype)
+        lw = torch.full((BH, S), -math.log(S / N), dtype=v.dtype, device=dev)
     if S == 0:       # TVM refuses torch's strides of an empty tensor: one sample of weight e^−1e30 = 0
         pos = si = pos.new_zeros(BH, 1)
-        lw = torch.full((BH, 1), -1e30, dtype=v.dtype)
+        lw = torch.full((BH, 1), -1e30, dtype=v.dtype, device=dev)
     i32 = lambda t: t.to(torch.int32).contiguous()
     return Samples(i32(pq), i32(pk), i32(si), lw.to(v.dtype).contiguous(), i32(pos // block), block)

@@ -173,18 +173,27 @@ def _portable_softmax(node: SoftmaxAttention, names, dtype, gpu):
                                                     learn, gpu)}
 
 
+def _portable_sampled(node: SampledAttention, names, dtype, gpu):
+    from . import softmax_rows
+    dk, dv = node.q.shape[-1], node.v.shape[-1]
+    return {names[0]: softmax_rows.sampled_forward(names[0], dk, dv, dtype, node.causal, node.scale, gpu),
+            names[1]: softmax_rows.sampled_backward(names[1], dk, dv, dtype, node.causal, node.scale, gpu)}
+
+
 PORTABLE_LOWERINGS: dict[type, Callable] = {
     Input: LOWERINGS[Input], Position: LOWERINGS[Position], Add: LOWERINGS[Add],
     FeatureMap: _portable_feature_map,
     LinearAttention: _portable_linear,
     PositionalAttention: _portable_decayed,
     SoftmaxAttention: _portable_softmax,
+    SampledAttention: _portable_sampled,
 }
 PORTABLE_FORMS: dict[type, frozenset | None] = {
     Input: None, Position: None, Add: None, FeatureMap: None,
     LinearAttention: frozenset(LINEAR_FORMS),
     PositionalAttention: frozenset({"decayed"}),
     SoftmaxAttention: LOWERED_FORMS[SoftmaxAttention],
+    SampledAttention: LOWERED_FORMS[SampledAttention],
 }
 # target kinds whose kernels are the portable ones (every other kind: the CPU kernels)
 PORTABLE_KINDS = {"cuda"}

@@ -255,3 +255,216 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         dTAB[h, w] = st[0]
     return kernel
 
+
+
+# --- sampled softmax (KDEformer, uniform): sampled.py's estimator, a thread per row ------------------
+#
+# Rows in sorted order: sorted query i is row PQ[i] of Q, sorted key j row PK[j] of K, V; blocks of
+# `blk` sorted rows, g(i) = i // blk. Query i sees its block's keys (j ≤ i when causal), weight 1,
+# and sample t (row SI_t of K, V, log-weight LW_t) iff SB_t ≠ g(i) (causal: SB_t < g(i)).
+
+def _sampled_helpers(causal: bool):
+    """(keys of query i's block: first, count; queries of key j's block: first, count; sample
+    visibility) as expressions over sorted positions."""
+    def own_keys(i, N, blk):
+        start = i // blk * blk
+        return start, (i - start + 1) if causal else (T.min(start + blk, N) - start)
+
+    def own_queries(j, N, blk):
+        start = j // blk * blk
+        first = j if causal else start
+        return first, T.min(start + blk, N) - first
+
+    def sees(sb, i, blk):
+        return T.Cast("int64", sb) < i // blk if causal else T.Cast("int64", sb) != i // blk
+    return own_keys, own_queries, sees
+
+
+def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, gpu: bool):
+    """(Q, K, V, PQ, PK, SI, LW, SB, O out, LSE out, blk): sampled.py's forward."""
+    blocks, threads = _loops(gpu)
+    own_keys, _, sees = _sampled_helpers(causal)
+    R = THREADS
+
+    @T.macro
+    def fold(qi, acc, st, K, V, b, row, lw):
+        """One key into the running max st[0], normalizer st[1] and output acc."""
+        st[2] = lw
+        for c in range(Dk):
+            st[2] = st[2] + qi[c] * K[b, row, c]
+        m_new = T.max(st[0], st[2])
+        st[3] = T.exp(st[0] - m_new)
+        p = T.exp(st[2] - m_new)
+        st[1] = st[1] * st[3] + p
+        for e in range(Dv):
+            acc[e] = acc[e] * st[3] + p * V[b, row, e]
+        st[0] = m_new
+
+    @T.prim_func
+    def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
+               lw: T.handle, sb: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": gpu})
+        BH, N, S = T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q, (BH, N, Dk), dtype)
+        K = T.match_buffer(k, (BH, N, Dk), dtype)
+        V = T.match_buffer(v, (BH, N, Dv), dtype)
+        PQ = T.match_buffer(pq, (BH, N), "int32")
+        PK = T.match_buffer(pk, (BH, N), "int32")
+        SI = T.match_buffer(si, (BH, S), "int32")
+        LW = T.match_buffer(lw, (BH, S), dtype)
+        SB = T.match_buffer(sb, (BH, S), "int32")
+        O = T.match_buffer(o, (BH, N, Dv), dtype)
+        LSE = T.match_buffer(lse, (BH, N), dtype)
+        for task in blocks(BH * _ceil(N, R)):
+            for lane in threads(R):
+                qi = T.alloc_buffer((Dk,), dtype, scope="local")
+                acc = T.alloc_buffer((Dv,), dtype, scope="local")
+                st = T.alloc_buffer((4,), dtype, scope="local")      # m, l, s, e^(m − m')
+                b = task // _ceil(N, R)
+                i = task % _ceil(N, R) * R + lane
+                if i < N:
+                    for c in range(Dk):
+                        qi[c] = Q[b, PQ[b, i], c] * T.cast(scale, dtype)
+                    for e in range(Dv):
+                        acc[e] = T.cast(0, dtype)
+                    st[0] = T.min_value(dtype)
+                    st[1] = T.cast(0, dtype)
+                    for jj in range(own_keys(i, N, blk)[1]):
+                        fold(qi, acc, st, K, V, b, PK[b, own_keys(i, N, blk)[0] + jj], T.cast(0, dtype))
+                    for t in range(S):
+                        if sees(SB[b, t], i, blk):
+                            fold(qi, acc, st, K, V, b, SI[b, t], LW[b, t])
+                    for e in range(Dv):
+                        O[b, PQ[b, i], e] = acc[e] / st[1]
+                    LSE[b, PQ[b, i]] = st[0] + T.log(st[1])
+    return kernel
+
+
+def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, gpu: bool):
+    """(Q, K, V, PQ, PK, SI, LW, SB, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk), sampled.py's
+    backward: dK, dV the block keys' share (a thread per sorted key), dKS, dVS, dLW a thread per
+    sample over every query that sees it (the caller adds dKS, dVS into rows SI)."""
+    blocks, threads = _loops(gpu)
+    own_keys, own_queries, sees = _sampled_helpers(causal)
+    R = THREADS
+    sc = float(scale)
+
+    @T.macro
+    def pair(st, Q, K, V, dO, LSE, Dd, b, qrow, krow, lw):
+        """st[0] = p, st[1] = dS of query row qrow and key row krow."""
+        st[0] = lw
+        for c in range(Dk):
+            st[0] = st[0] + Q[b, qrow, c] * K[b, krow, c] * T.cast(sc, dtype)
+        st[0] = T.exp(st[0] - LSE[b, qrow])
+        st[1] = T.cast(0, dtype)
+        for e in range(Dv):
+            st[1] = st[1] + dO[b, qrow, e] * V[b, krow, e]
+        st[1] = st[0] * (st[1] - Dd[b, qrow])
+
+    @T.macro
+    def key_side(ak, av, st, Q, dO, b, qrow):
+        for e in range(Dv):
+            av[e] = av[e] + st[0] * dO[b, qrow, e]
+        for c in range(Dk):
+            ak[c] = ak[c] + st[1] * Q[b, qrow, c]
+
+    @T.prim_func
+    def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
+               lw: T.handle, sb: T.handle, o: T.handle, lse: T.handle, do: T.handle, dq: T.handle,
+               dk: T.handle, dv: T.handle, dks: T.handle, dvs: T.handle, dlw: T.handle, blk: T.int64):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": gpu})
+        BH, N, S = T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q, (BH, N, Dk), dtype)
+        K = T.match_buffer(k, (BH, N, Dk), dtype)
+        V = T.match_buffer(v, (BH, N, Dv), dtype)
+        PQ = T.match_buffer(pq, (BH, N), "int32")
+        PK = T.match_buffer(pk, (BH, N), "int32")
+        SI = T.match_buffer(si, (BH, S), "int32")
+        LW = T.match_buffer(lw, (BH, S), dtype)
+        SB = T.match_buffer(sb, (BH, S), "int32")
+        O = T.match_buffer(o, (BH, N, Dv), dtype)
+        LSE = T.match_buffer(lse, (BH, N), dtype)
+        dO = T.match_buffer(do, (BH, N, Dv), dtype)
+        dQ = T.match_buffer(dq, (BH, N, Dk), dtype)
+        dK = T.match_buffer(dk, (BH, N, Dk), dtype)
+        dV = T.match_buffer(dv, (BH, N, Dv), dtype)
+        dKS = T.match_buffer(dks, (BH, S, Dk), dtype)
+        dVS = T.match_buffer(dvs, (BH, S, Dv), dtype)
+        dLW = T.match_buffer(dlw, (BH, S), dtype)
+        Dd = T.alloc_buffer((BH, N), dtype)                   # D = dO·O, by row
+        for task in blocks(BH * _ceil(N, R)):                 # rows: D
+            for lane in threads(R):
+                st = T.alloc_buffer((1,), dtype, scope="local")
+                b = task // _ceil(N, R)
+                i = task % _ceil(N, R) * R + lane
+                if i < N:
+                    st[0] = T.cast(0, dtype)
+                    for e in range(Dv):
+                        st[0] = st[0] + dO[b, i, e] * O[b, i, e]
+                    Dd[b, i] = st[0]
+        for task in blocks(BH * _ceil(N, R)):                 # sorted query rows: dq
+            for lane in threads(R):
+                acc = T.alloc_buffer((Dk,), dtype, scope="local")
+                st = T.alloc_buffer((2,), dtype, scope="local")      # p, dS
+                b = task // _ceil(N, R)
+                i = task % _ceil(N, R) * R + lane
+                if i < N:
+                    for c in range(Dk):
+                        acc[c] = T.cast(0, dtype)
+                    for jj in range(own_keys(i, N, blk)[1]):
+                        pair(st, Q, K, V, dO, LSE, Dd, b, PQ[b, i], PK[b, own_keys(i, N, blk)[0] + jj],
+                             T.cast(0, dtype))
+                        for c in range(Dk):
+                            acc[c] = acc[c] + st[1] * K[b, PK[b, own_keys(i, N, blk)[0] + jj], c]
+                    for t in range(S):
+                        if sees(SB[b, t], i, blk):
+                            pair(st, Q, K, V, dO, LSE, Dd, b, PQ[b, i], SI[b, t], LW[b, t])
+                            for c in range(Dk):
+                                acc[c] = acc[c] + st[1] * K[b, SI[b, t], c]
+                    for c in range(Dk):
+                        dQ[b, PQ[b, i], c] = acc[c] * T.cast(sc, dtype)
+        for task in blocks(BH * _ceil(N, R)):                 # sorted key rows: dk, dv (block share)
+            for lane in threads(R):
+                ak = T.alloc_buffer((Dk,), dtype, scope="local")
+                av = T.alloc_buffer((Dv,), dtype, scope="local")
+                st = T.alloc_buffer((2,), dtype, scope="local")
+                b = task // _ceil(N, R)
+                j = task % _ceil(N, R) * R + lane
+                if j < N:
+                    for c in range(Dk):
+                        ak[c] = T.cast(0, dtype)
+                    for e in range(Dv):
+                        av[e] = T.cast(0, dtype)
+                    for ii in range(own_queries(j, N, blk)[1]):
+                        pair(st, Q, K, V, dO, LSE, Dd, b, PQ[b, own_queries(j, N, blk)[0] + ii], PK[b, j],
+                             T.cast(0, dtype))
+                        key_side(ak, av, st, Q, dO, b, PQ[b, own_queries(j, N, blk)[0] + ii])
+                    for c in range(Dk):
+                        dK[b, PK[b, j], c] = ak[c] * T.cast(sc, dtype)
+                    for e in range(Dv):
+                        dV[b, PK[b, j], e] = av[e]
+        for task in blocks(_ceil(BH * S, R)):                 # samples: dks, dvs, dlw
+            for lane in threads(R):
+                ak = T.alloc_buffer((Dk,), dtype, scope="local")
+                av = T.alloc_buffer((Dv,), dtype, scope="local")
+                st = T.alloc_buffer((3,), dtype, scope="local")      # p, dS, Σ dS
+                x = task * R + lane
+                if x < BH * S:
+                    b = x // S
+                    t = x % S
+                    for c in range(Dk):
+                        ak[c] = T.cast(0, dtype)
+                    for e in range(Dv):
+                        av[e] = T.cast(0, dtype)
+                    st[2] = T.cast(0, dtype)
+                    for i in range(N):
+                        if sees(SB[b, t], i, blk):
+                            pair(st, Q, K, V, dO, LSE, Dd, b, PQ[b, i], SI[b, t], LW[b, t])
+                            key_side(ak, av, st, Q, dO, b, PQ[b, i])
+                            st[2] = st[2] + st[1]
+                    for c in range(Dk):
+                        dKS[b, t, c] = ak[c] * T.cast(sc, dtype)
+                    for e in range(Dv):
+                        dVS[b, t, e] = av[e]
+                    dLW[b, t] = st[2]
+    return kernel

@@ -36,6 +36,11 @@ SOFTMAX = {"plain-full": "", "plain-causal": "mask = causal",
            "table-causal": "position = toeplitz(max_distance=200, init=normal); mask = causal",
            "alibi-causal": "position = alibi; mask = causal",
            "user-full": "position(r) = -0.05 * abs(r) + 0.01 * r"}
+# the sampled forms (softmax_rows.py): an estimator for given samples, so compared with the CPU kernels
+SAMPLED = {"kde": "sampling = kde(buckets=4, block=8, samples=6, seed=1)",
+           "kde-columns": "sampling = kde(buckets=4, block=8, samples=6, seed=1, residual=columns)",
+           "uniform-causal": "sampling = uniform(samples=5, seed=2); mask = causal",
+           "uniform-full": "sampling = uniform(samples=5, seed=2)"}
 HAS_GPU = torch.cuda.is_available()
 
 
@@ -154,6 +159,45 @@ def test_portable_softmax_gradcheck_float64(portable_on_cpu, case):
     assert torch.autograd.gradcheck(f, (q, k, v, *params.values()), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def sampled(case: str, target="llvm", head_dim=8, value_dim=6) -> attndsl.Attention:
+    return attndsl.compile(f"attention t {{ {SAMPLED[case]} }}", heads=2, head_dim=head_dim,
+                           value_dim=value_dim, target=target)
+
+
+def out_and_grads(attn, q, k, v):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attn(q, k, v)
+    out.backward(torch.ones_like(out) + torch.arange(out.numel()).reshape(out.shape).to(out) % 3)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", sorted(SAMPLED))
+def test_portable_sampled_matches_the_cpu_kernels(portable_on_cpu, monkeypatch, case, dtype):
+    """Same seed, same samples: the row-per-thread kernels give the CPU kernels' estimate and its
+    exact gradient (through the sample weights too, for kde)."""
+    q, k, v = inputs(2, 2, 53, 8, 6, dtype)
+    got = out_and_grads(sampled(case), q, k, v)
+    assert "portable kernels" in sampled(case).explain()
+    monkeypatch.setattr(lowering, "PORTABLE_KINDS", {"cuda"})
+    want = out_and_grads(sampled(case), q, k, v)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), want, got):
+        assert_close(name, a, b, 10 * RTOL[dtype])
+
+
+def test_portable_kde_is_exact_when_one_block_holds_every_key(portable_on_cpu):
+    attn = attndsl.compile("attention t { sampling = kde(buckets=4, block=64, samples=6) }", heads=2,
+                           head_dim=8, value_dim=6)
+    check_against_reference(attn, *inputs(1, 2, 40, 8, 6, torch.float64), RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("case", ["kde", "uniform-causal"])
+def test_portable_sampled_gradcheck_float64(portable_on_cpu, case):
+    attn = sampled(case, head_dim=3, value_dim=2)
+    q, k, v = (t.requires_grad_() for t in inputs(1, 2, 19, 3, 2, torch.float64))
+    assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def test_portable_gradcheck_across_chunks(portable_on_cpu):
     """Causal rows in three chunks of te_forms.CHUNK: the prefix states and the in-chunk blocks."""
     attn = compiled("elu1", "causal", heads=1, head_dim=3, value_dim=2)
@@ -190,7 +234,7 @@ def test_every_feature_map_family_has_a_portable_example():
     names = {p.values[1] for p in PORTABLE_EXAMPLES}
     assert {"linear_elu", "linear_elu_causal", "performer_causal", "squared_softplus",
             "gaussian_rff", "hyperbolic_causal", "alibi_linear", "softmax_causal", "softmax_rpe",
-            "softmax_alibi"} <= names
+            "softmax_alibi", "kdeformer", "kdeformer_columns", "uniform_sampled"} <= names
 
 
 @pytest.mark.parametrize("target", CUDA_TARGETS)
@@ -219,10 +263,10 @@ def test_compile_for_cuda_builds_without_a_gpu():
 
 
 def test_forms_without_portable_kernels_are_a_spec_error():
-    text = (EXAMPLES / "sampled.attn").read_text()
+    text = (EXAMPLES / "positions.attn").read_text()
     with pytest.raises(SpecError, match="not lowered for target cuda") as e:
-        attndsl.compile(text, name="kdeformer", heads=2, head_dim=16, target="cuda")
-    assert "forms with cuda kernels: decayed, linear, prefix_sum, quadratic" in str(e.value)
+        attndsl.compile(text, name="smooth_bias", heads=2, head_dim=16, target="cuda")
+    assert "forms with cuda kernels: decayed, kde, linear, prefix_sum, quadratic, uniform" in str(e.value)
     assert "target='llvm' compiles every form" in str(e.value)
 
 
@@ -302,6 +346,17 @@ def test_gpu_softmax_matches_reference(case, dtype):
     attn = softmax(case, target="cuda").cuda()
     q, k, v = (t.cuda() for t in inputs(2, 2, 300, 8, 6, dtype))
     check_against_reference(attn, q, k, v, 10 * RTOL[dtype])
+
+
+@gpu
+@pytest.mark.parametrize("case", sorted(SAMPLED))
+def test_gpu_sampled_matches_the_cpu_kernels(case):
+    """The same seed draws the same samples on both devices (a CPU generator)."""
+    q, k, v = inputs(2, 2, 300, 8, 6, torch.float64)
+    want = out_and_grads(sampled(case), q, k, v)
+    got = out_and_grads(sampled(case, target="cuda").cuda(), q.cuda(), k.cuda(), v.cuda())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), want, got):
+        assert_close(name, a, b.cpu(), 1e-9)
 
 
 @gpu
