@@ -173,9 +173,9 @@ def cmd_tune(args) -> int:
     from .lowering import tune
     from .schedules import lookup
     if args.target != "llvm":
-        print(f"attndsl tune: target {args.target} builds the portable kernels, scheduled by dlight's "
-              f"GPU rules, which have no knobs yet: there is nothing to tune (tune --target llvm "
-              f"tunes the CPU kernels)", file=sys.stderr)
+        print(f"attndsl tune: target {args.target} builds the portable kernels (dlight's GPU rules "
+              f"and hand-bound row kernels), which have no knobs yet: there is nothing to tune "
+              f"(tune --target llvm tunes the CPU kernels)", file=sys.stderr)
         return 2
     db = Path(args.db) if args.db else lookup.user_db()
     rpc = None

@@ -96,7 +96,7 @@ class Attention(nn.Module):
         from . import lowering
 
         kind = target_kind(self.target)
-        portable = lowering.portable(kind)       # GPU targets: te_forms.py's kernels, untuned
+        portable = lowering.portable(kind)       # GPU targets: the portable kernels, untuned
         dirs = tuning.tuning_dirs() if self.tuned and not portable else []
         notes: dict = {}
 
@@ -276,7 +276,7 @@ class Attention(nn.Module):
         lines = []
         for dtype, (dirs, tuned) in self._tuning.items():
             if dirs is None:
-                how = ", scheduled by dlight's GPU rules" if target_kind(self.target) == "cuda" else ""
+                how = ", bound to GPU threads (dlight's rules or their own)" if target_kind(self.target) == "cuda" else ""
                 lines.append(f"  tuning {dtype}: none (target {self.target}: the portable kernels"
                              f"{how}; they have no knobs)")
             elif not dirs:

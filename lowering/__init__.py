@@ -200,7 +200,8 @@ PORTABLE_KINDS = {"cuda"}
 
 
 def portable(kind: str) -> bool:
-    """Whether a target kind ('llvm', 'cuda') builds te_forms.py's kernels."""
+    """Whether a target kind ('llvm', 'cuda') builds the portable kernels (te_forms.py,
+    softmax_rows.py) rather than the CPU ones."""
     return kind in PORTABLE_KINDS
 
 

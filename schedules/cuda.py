@@ -10,7 +10,7 @@ from __future__ import annotations
 
 # what users may write as `target=` for CUDA -> the TVM target (a tag, or a dict)
 TARGETS: dict[str, str | dict] = {
-    "cuda": "nvidia/nvidia-h100",                 # no GPU to ask: the H100 (sm_90a)
+    "cuda": "nvidia/nvidia-h100",                 # this machine's GPU if it has one, else the H100
     "nvidia/nvidia-h100": "nvidia/nvidia-h100",
     "sm_90a": "nvidia/nvidia-h100",
     "sm_80": {"kind": "cuda", "arch": "sm_80"},   # A100 class
@@ -24,7 +24,11 @@ def is_cuda(target: str | dict) -> bool:
 
 
 def tvm_target(target: str | dict):
+    """The TVM target; plain 'cuda' is the GPU of this machine (its arch, shared memory, threads)
+    where there is one, else the H100."""
     import tvm
+    if target == "cuda" and tvm.runtime.enabled("cuda") and tvm.runtime.device("cuda", 0).exist:
+        return tvm.target.Target.from_device("cuda")
     return tvm.target.Target(TARGETS.get(target, target) if isinstance(target, str) else target)
 
 

@@ -255,7 +255,7 @@ def test_compile_for_cuda_builds_without_a_gpu():
     attn = attndsl.compile((EXAMPLES / "performer_causal.attn").read_text(), heads=2, head_dim=16,
                            target="sm_80")
     text = attn.explain()
-    assert "target=sm_80" in text and "portable kernels, scheduled by dlight" in text
+    assert "target=sm_80" in text and "portable kernels, bound to GPU threads" in text
     if not HAS_GPU:
         assert "not cached: no CUDA runtime" in text
         with pytest.raises(ValueError, match="compiled for CUDA"):
