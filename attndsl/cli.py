@@ -2,7 +2,7 @@
 
     attndsl check model.attn                      parse and check every block
     attndsl emit model.attn --stage ast|ir|linear|tir|cuda|mlir|linalg [--after STAGE] [--target T]
-    attndsl run model.attn --heads 8 --head-dim 64 --seq 1024   compile, compare with §2, time
+    attndsl run model.attn --heads 8 --head-dim 64 --seq 1024 [--target cuda]   compile, compare with §2, time
     attndsl tune model.attn --lengths 1024,4096 --trials 9 [--db DIR] [--rpc-tracker HOST:PORT --rpc-key KEY]
                                                   measure the kernels' knob choices into a database
 """
@@ -131,23 +131,33 @@ def cmd_run(args) -> int:
     import torch
 
     from . import compile
+    from .lowering.runtime import target_kind
+    device = "cuda" if target_kind(args.target) == "cuda" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"attndsl run: target {args.target} runs on a CUDA GPU, and torch sees none here "
+              f"(`attndsl emit FILE --stage cuda` shows its kernels without one)", file=sys.stderr)
+        return 2
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.manual_seed(0)
     status = 0
     for spec in _blocks(args):
         t0 = time.perf_counter()
         attn = compile(args.file, spec.name, heads=args.heads, head_dim=args.head_dim,
-                       value_dim=args.value_dim)
+                       value_dim=args.value_dim, target=args.target).to(device)
         t_compile = time.perf_counter() - t0
         shape = (args.batch, args.heads, args.seq)
         q, k = torch.randn(*shape, args.head_dim), torch.randn(*shape, args.head_dim)
         v = torch.randn(*shape, args.value_dim or args.head_dim)
+        q, k, v = (t.to(device) for t in (q, k, v))
         out = attn(q, k, v)
         ref = attn.reference(q.double(), k.double(), v.double())
         err = ((out.double() - ref).norm() / ref.norm()).item()
         times = []
         for _ in range(args.repeat):
+            sync()
             t = time.perf_counter()
             attn(q, k, v)
+            sync()
             times.append(time.perf_counter() - t)
         sampled = spec.sampling.name != "none"       # an estimate: its error is shown, not judged
         ok = sampled or err < 1e-4
@@ -223,6 +233,8 @@ def main(argv=None) -> int:
                            help="with --stage tir|cuda: the kernels of this target "
                            "(--stage cuda: default cuda, the H100)")
         else:
+            s.add_argument("--target", choices=("llvm", *TARGETS), default="llvm",
+                           help="llvm: this CPU; a CUDA target runs on this machine's GPU")
             s.add_argument("--batch", type=int, default=2)
             s.add_argument("--seq", type=int, default=1024)
             s.add_argument("--repeat", type=int, default=5)

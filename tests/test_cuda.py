@@ -381,3 +381,16 @@ def test_tune_for_cuda_says_there_is_nothing_to_tune(tmp_path, capsys):
     assert cli.main(["tune", path, "--target", "cuda", "--db", str(tmp_path)]) == 2
     assert "no knobs yet" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the message of a machine without a GPU")
+def test_run_for_cuda_without_a_gpu_says_so(capsys):
+    assert cli.main(["run", str(EXAMPLES / "linear_elu.attn"), "--target", "cuda", "--seq", "64"]) == 2
+    assert "torch sees none here" in capsys.readouterr().err
+
+
+@gpu
+def test_run_for_cuda_checks_and_times_on_the_gpu(capsys):
+    assert cli.main(["run", str(EXAMPLES / "performer_causal.attn"), "--target", "cuda", "--seq", "512",
+                     "--heads", "2", "--head-dim", "32"]) == 0
+    assert "ok" in capsys.readouterr().out
