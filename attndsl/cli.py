@@ -182,11 +182,6 @@ def cmd_tune(args) -> int:
     from . import pipeline
     from .lowering import tune
     from .schedules import lookup
-    if args.target != "llvm":
-        print(f"attndsl tune: target {args.target} builds the portable kernels (dlight's GPU rules "
-              f"and hand-bound row kernels), which have no knobs yet: there is nothing to tune "
-              f"(tune --target llvm tunes the CPU kernels)", file=sys.stderr)
-        return 2
     db = Path(args.db) if args.db else lookup.user_db()
     rpc = None
     if args.rpc_tracker:
@@ -201,9 +196,13 @@ def cmd_tune(args) -> int:
         planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim)
         print(f"tuning {spec.name} ({args.dtype}, B·H={args.batch * args.heads}, N={args.lengths}) "
               f"into {db}")
-        rows = tune.tune(planned.root, args.dtype, lengths=lengths, trials=args.trials, db_folder=db,
-                         sizes={"BH": args.batch * args.heads, "H": args.heads, "P": _table_width(spec)},
-                         target=args.target, rpc=rpc)
+        try:
+            rows = tune.tune(planned.root, args.dtype, lengths=lengths, trials=args.trials, db_folder=db,
+                             sizes={"BH": args.batch * args.heads, "H": args.heads, "P": _table_width(spec)},
+                             target=args.target, rpc=rpc)
+        except RuntimeError as e:
+            print(f"attndsl tune: {e}", file=sys.stderr)
+            return 2
         if rows:
             print(tune.summary(rows))
     return 0
@@ -249,7 +248,8 @@ def main(argv=None) -> int:
     t.add_argument("--lengths", default="1024,4096", help="sequence lengths to time (comma-separated)")
     t.add_argument("--trials", type=int, default=9, help="knob choices per kernel, the default included")
     t.add_argument("--target", choices=("llvm", *TARGETS), default="llvm",
-                   help="llvm: this CPU (the CUDA targets' kernels have no knobs yet)")
+                   help="llvm: this CPU; a CUDA target: the portable kernels, timed on this machine's "
+                   "GPU or through --rpc-tracker")
     t.add_argument("--db", help="the database folder (default: $ATTNDSL_TUNING_DB, else <cache dir>/tuning)")
     t.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker to time on")
     t.add_argument("--rpc-key", help="the device key the tracker's servers registered with")

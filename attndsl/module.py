@@ -96,17 +96,14 @@ class Attention(nn.Module):
         from . import lowering
 
         kind = target_kind(self.target)
-        portable = lowering.portable(kind)       # GPU targets: the portable kernels, untuned
-        dirs = tuning.tuning_dirs() if self.tuned and not portable else []
+        portable = lowering.portable(kind)       # GPU targets: the portable kernels
+        dirs = tuning.tuning_dirs() if self.tuned else []
         notes: dict = {}
 
         def compile_kernels():
             from .lowering.build import build, resolve_target
             target = resolve_target(self.target)
-            if portable:
-                funcs, chosen = lowering.lower(root, dtype, portable=True, gpu=kind == "cuda"), {}
-            else:
-                funcs, chosen = lowering.lower_tuned(root, dtype, dirs, target)
+            funcs, chosen = lowering.lower_tuned(root, dtype, dirs, target, portable, gpu=kind == "cuda")
             notes["tuned"] = {k: {"knobs": c.knobs, "speedup": round(c.speedup, 4),
                                   "lengths": list(c.lengths), "db": c.folder} for k, c in chosen.items()}
             return build(funcs, target)
@@ -129,7 +126,7 @@ class Attention(nn.Module):
         self._build_log.append(f"{dtype}: {'loaded from cache' if hit else 'compiled'} in "
                                f"{time.perf_counter() - t0:.2f} s (key {key[:12]}"
                                f"{'' if loadable else '; not cached: no CUDA runtime on this machine'})")
-        self._tuning[dtype] = (None if portable else dirs, notes.get("tuned", {}))
+        self._tuning[dtype] = (dirs, notes.get("tuned", {}))
         ops.register_library(key, lib)
         self._libs[dtype] = key
         return key
@@ -260,7 +257,12 @@ class Attention(nn.Module):
             lines.append(f"target {MLIR_TARGET} (torch-mlir: attn dialect -> linalg -> LLVM, forward only):")
             site = lambda i, node: f"  {node.op}{i}   {describe(node)}"                 # noqa: E731
         else:
-            lines.append("kernels (TVM, one build serves every batch and length):")
+            from . import lowering
+            what = "TVM"
+            if lowering.portable(target_kind(self.target)):
+                what = ("TVM, the portable kernels (te_forms.py, softmax_rows.py)"
+                        + (", bound to GPU threads" if target_kind(self.target) == "cuda" else ""))
+            lines.append(f"kernels ({what}; one build serves every batch and length):")
             site = lambda i, node: f"  {node.op}{i}_fwd / {node.op}{i}_bwd   {_describe(node)}"  # noqa: E731
         for i, node in enumerate(postorder(planned.root)):
             if not isinstance(node, (Input, Position, Add)):       # these run no kernel of their own
@@ -275,11 +277,7 @@ class Attention(nn.Module):
     def _tuning_lines(self) -> list[str]:
         lines = []
         for dtype, (dirs, tuned) in self._tuning.items():
-            if dirs is None:
-                how = ", bound to GPU threads (dlight's rules or their own)" if target_kind(self.target) == "cuda" else ""
-                lines.append(f"  tuning {dtype}: none (target {self.target}: the portable kernels"
-                             f"{how}; they have no knobs)")
-            elif not dirs:
+            if not dirs:
                 why = "tuned=False" if not self.tuned else "no tuning database; `attndsl tune` makes one"
                 lines.append(f"  tuning {dtype}: default knobs ({why})")
             elif not tuned:

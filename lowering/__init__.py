@@ -136,44 +136,55 @@ LOWERED_FORMS: dict[type, frozenset | None] = {
 
 
 # --- the portable kernels (te_forms.py, softmax_rows.py): what GPU targets build, scheduled by
-# schedules/cuda.py. Their lowerings take `gpu` (whether the loops are bound to threads) for knobs.
+# schedules/cuda.py. Their lowerings also take `gpu` (whether loops are bound to threads).
 
-def _portable_feature_map(node: FeatureMap, names, dtype, gpu):
+def _portable_feature_map(node: FeatureMap, names, dtype, knobs, gpu):
     from . import te_forms
     k = map_kernel(node)
     return {names[0]: te_forms.map_forward(names[0], k, node.role, dtype),
             names[1]: te_forms.map_backward(names[1], k, dtype)}
 
 
-def _portable_linear(node: LinearAttention, names, dtype, gpu):
+def _chunks(knobs, names) -> list[int]:
+    from attndsl.schedules.knobs import resolve
+    return [resolve("portable_linear", knobs.get(n))["chunk"] for n in names]
+
+
+def _portable_linear(node: LinearAttention, names, dtype, knobs, gpu):
     from . import featuremap, te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
     causal = LINEAR_FORMS[node.form]
     phi = dphi = None
     if node.phi is not None:
         phi, dphi = featuremap.elementwise_pair(map_kernel_of(node.phi, m, m, node.prescale), dtype)
-    return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, causal, phi),
-            names[1]: te_forms.linear_backward(names[1], m, d, dtype, causal, phi, dphi)}
+    cf, cb = _chunks(knobs, names)
+    return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, causal, phi, chunk=cf),
+            names[1]: te_forms.linear_backward(names[1], m, d, dtype, causal, phi, dphi, chunk=cb)}
 
 
-def _portable_decayed(node: PositionalAttention, names, dtype, gpu):
+def _portable_decayed(node: PositionalAttention, names, dtype, knobs, gpu):
     from . import te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
-    return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, decayed=True),
-            names[1]: te_forms.linear_backward(names[1], m, d, dtype, node.causal, decayed=True)}
+    cf, cb = _chunks(knobs, names)
+    return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, decayed=True, chunk=cf),
+            names[1]: te_forms.linear_backward(names[1], m, d, dtype, node.causal, decayed=True, chunk=cb)}
 
 
-def _portable_softmax(node: SoftmaxAttention, names, dtype, gpu):
+def _portable_softmax(node: SoftmaxAttention, names, dtype, knobs, gpu):
+    from attndsl.schedules.knobs import resolve
+
     from . import softmax_rows
     dk, dv = node.q.shape[-1], node.v.shape[-1]
     pos = node.bias.position if node.bias is not None else None
     learn = pos is not None and learns(pos)
-    return {names[0]: softmax_rows.softmax_forward(names[0], dk, dv, dtype, node.causal, node.scale, pos, gpu),
+    rf, rb = (resolve("portable_rows", knobs.get(n))["rows"] for n in names)
+    return {names[0]: softmax_rows.softmax_forward(names[0], dk, dv, dtype, node.causal, node.scale, pos, gpu,
+                                                   rf),
             names[1]: softmax_rows.softmax_backward(names[1], dk, dv, dtype, node.causal, node.scale, pos,
-                                                    learn, gpu)}
+                                                    learn, gpu, rb)}
 
 
-def _portable_sampled(node: SampledAttention, names, dtype, gpu):
+def _portable_sampled(node: SampledAttention, names, dtype, knobs, gpu):
     from . import softmax_rows
     dk, dv = node.q.shape[-1], node.v.shape[-1]
     return {names[0]: softmax_rows.sampled_forward(names[0], dk, dv, dtype, node.causal, node.scale, gpu),
@@ -181,7 +192,9 @@ def _portable_sampled(node: SampledAttention, names, dtype, gpu):
 
 
 PORTABLE_LOWERINGS: dict[type, Callable] = {
-    Input: LOWERINGS[Input], Position: LOWERINGS[Position], Add: LOWERINGS[Add],
+    Input: lambda node, names, dtype, knobs, gpu: {},
+    Position: lambda node, names, dtype, knobs, gpu: {},
+    Add: lambda node, names, dtype, knobs, gpu: {},
     FeatureMap: _portable_feature_map,
     LinearAttention: _portable_linear,
     PositionalAttention: _portable_decayed,
@@ -234,24 +247,26 @@ def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = 
     """Every kernel the planned IR needs, {name: PrimFunc}, for one dtype; `knobs` {kernel name:
     {knob: value}} (schedules/knobs.py) overrides the defaults of the kernels it names; `only`:
     just the nodes owning these kernel names (the tuner's variants); `portable`: the portable
-    kernels (GPU targets) instead of the CPU ones (they take no knobs), with their loops bound to
-    GPU threads when `gpu` (else CPU loops: how they are tested without a GPU)."""
+    kernels (GPU targets) instead of the CPU ones, with their loops bound to GPU threads when
+    `gpu` (else CPU loops: how they are tested without a GPU)."""
     check(root, portable)
     lowerings = _registry(portable)[0]
     funcs = {}
     for i, node in enumerate(postorder(root)):
         names = kernel_names(i, node)
         if only is None or only.intersection(names):
-            funcs.update(lowerings[type(node)](node, names, dtype, gpu if portable else knobs or {}))
+            extra = (gpu,) if portable else ()
+            funcs.update(lowerings[type(node)](node, names, dtype, knobs or {}, *extra))
     return funcs
 
 
-def lower_tuned(root: Node, dtype: str, dirs: list, target: dict) -> tuple[dict, dict]:
+def lower_tuned(root: Node, dtype: str, dirs: list, target, portable: bool = False,
+                gpu: bool = True) -> tuple[dict, dict]:
     """(funcs, chosen): lower() with the knobs the tuning databases `dirs` (searched in order,
     schedules/lookup.py) pick for `target`; chosen {kernel name: database.Choice} lists the kernels
-    built with other than their defaults."""
-    funcs = lower(root, dtype)
-    names = tunable(root)
+    built with other than their defaults. `portable`, `gpu` as lower()'s."""
+    funcs = lower(root, dtype, portable=portable, gpu=gpu)
+    names = tunable(root, portable)
     if not dirs or not names:
         return funcs, {}
     import tvm
@@ -263,12 +278,19 @@ def lower_tuned(root: Node, dtype: str, dirs: list, target: dict) -> tuple[dict,
         if choice is not None and choice.knobs != knob_spaces.defaults(family):
             chosen[name] = choice
     if chosen:
-        funcs.update(lower(root, dtype, {k: c.knobs for k, c in chosen.items()}, only=set(chosen)))
+        funcs.update(lower(root, dtype, {k: c.knobs for k, c in chosen.items()}, only=set(chosen),
+                           portable=portable, gpu=gpu))
     return funcs, chosen
 
 
-def knob_family(node: Node) -> str | None:
-    """The schedules/knobs.py family of a node's kernels (both of them), None when not tunable."""
+def knob_family(node: Node, portable: bool = False) -> str | None:
+    """The schedules/knobs.py family of a node's kernels (both of them), None when not tunable;
+    `portable`: of the portable kernels."""
+    decayed = isinstance(node, PositionalAttention) and node.form == "decayed"
+    if portable:
+        if isinstance(node, LinearAttention) or decayed:
+            return "portable_linear"
+        return "portable_rows" if isinstance(node, SoftmaxAttention) else None
     if isinstance(node, LinearAttention) or (isinstance(node, PositionalAttention) and node.form == "decayed"):
         return "linear"
     if isinstance(node, PositionalAttention) and node.form == "toeplitz_fft":
@@ -278,11 +300,12 @@ def knob_family(node: Node) -> str | None:
     return None
 
 
-def tunable(root: Node) -> dict[str, str]:
-    """{kernel name: knob family} of the planned IR's tunable kernels."""
+def tunable(root: Node, portable: bool = False) -> dict[str, str]:
+    """{kernel name: knob family} of the planned IR's tunable kernels (`portable`: the portable
+    kernels')."""
     out = {}
     for i, node in enumerate(postorder(root)):
-        family = knob_family(node)
+        family = knob_family(node, portable)
         if family is not None:
             out.update(dict.fromkeys(kernel_names(i, node), family))
     return out

@@ -29,7 +29,7 @@ from tvm.script import tirx as T
 
 from .toeplitz import bias_builder
 
-THREADS = 128          # rows per thread block
+THREADS = 128          # rows (threads) per thread block: the default of the rows knob
 
 
 def _loops(gpu: bool):
@@ -69,12 +69,12 @@ def _ranges(causal: bool):
 
 
 def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
-                    gpu: bool):
+                    gpu: bool, rows: int = THREADS):
     """(Q, K, V, TAB, O out, LSE out)."""
     blocks, threads = _loops(gpu)
     score = _score(position, dtype)
     keys, _ = _ranges(causal)
-    R = THREADS
+    R = rows
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, lse: T.handle):
@@ -119,13 +119,13 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
 
 def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
-                     learn: bool, gpu: bool):
+                     learn: bool, gpu: bool, rows: int = THREADS):
     """(Q, K, V, TAB, O, LSE, dO, dQ out, dK out, dV out, dTAB out (zeroed by the caller))."""
     blocks, threads = _loops(gpu)
     score = _score(position, dtype)
     keys, first = _ranges(causal)
     r0 = -1 if not causal else 0          # the smallest diagonal r = i − j with pairs
-    R = THREADS
+    R = rows
     sc = float(scale)
 
     @T.prim_func
@@ -280,11 +280,12 @@ def _sampled_helpers(causal: bool):
     return own_keys, own_queries, sees
 
 
-def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, gpu: bool):
+def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, gpu: bool,
+                    rows: int = THREADS):
     """(Q, K, V, PQ, PK, SI, LW, SB, O out, LSE out, blk): sampled.py's forward."""
     blocks, threads = _loops(gpu)
     own_keys, _, sees = _sampled_helpers(causal)
-    R = THREADS
+    R = rows
 
     @T.macro
     def fold(qi, acc, st, K, V, b, row, lw):
@@ -340,13 +341,14 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
     return kernel
 
 
-def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, gpu: bool):
+def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, gpu: bool,
+                     rows: int = THREADS):
     """(Q, K, V, PQ, PK, SI, LW, SB, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk), sampled.py's
     backward: dK, dV the block keys' share (a thread per sorted key), dKS, dVS, dLW a thread per
     sample over every query that sees it (the caller adds dKS, dVS into rows SI)."""
     blocks, threads = _loops(gpu)
     own_keys, own_queries, sees = _sampled_helpers(causal)
-    R = THREADS
+    R = rows
     sc = float(scale)
 
     @T.macro

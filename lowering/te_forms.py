@@ -23,7 +23,7 @@ from attndsl.expr import diff
 
 from .expr_tir import to_tir
 
-CHUNK = 64          # rows per chunk of the causal forms
+CHUNK = 64          # rows per chunk of the causal and decayed forms (the default of the chunk knob)
 
 
 def _i64(n: int) -> tirx.IntImm:
@@ -171,8 +171,8 @@ class _Dir:
     """One direction of the chunk scans: states of earlier (later=False) or later chunks, decayed
     by γ = e^(−rate(b, rate_later)) per row (rate None: γ = 1, and the weights are omitted)."""
 
-    def __init__(self, rate, later: bool, rate_later: bool):
-        self.rate, self.later, self.rate_later = rate, later, rate_later
+    def __init__(self, rate, later: bool, rate_later: bool, C: int):
+        self.rate, self.later, self.rate_later, self.C = rate, later, rate_later, C
 
     def _pow(self, b, k):
         """γ^k, k ≥ 0 an index expression (clamped at 0: a masked-out power never overflows)."""
@@ -182,22 +182,22 @@ class _Dir:
         return tirx.exp(-rate * tirx.Cast(rate.dtype, tirx.max(k, _i64(0))))
 
     def fold(self, b, s):
-        return self._pow(b, s if self.later else _i64(CHUNK - 1) - s)
+        return self._pow(b, s if self.later else _i64(self.C - 1) - s)
 
     def carry(self, b, c, c2):
-        return self._pow(b, _i64(CHUNK) * ((c2 - c - 1) if self.later else (c - 1 - c2)))
+        return self._pow(b, _i64(self.C) * ((c2 - c - 1) if self.later else (c - 1 - c2)))
 
     def row(self, b, t):
-        return self._pow(b, (_i64(CHUNK) - t) if self.later else t + 1)
+        return self._pow(b, (_i64(self.C) - t) if self.later else t + 1)
 
 
 def _times(w, x):
     return x if w is None else w * x
 
 
-def _chunked(X, N, dtype, name):
+def _chunked(X, N, dtype, name, chunk: int):
     """X (BH, N, w) as chunks (BH, nc, C, w), rows past N zero."""
-    C = _i64(CHUNK)
+    C = _i64(chunk)
     nc = tirx.floordiv(N + C - 1, C)
     return te.compute((X.shape[0], nc, C, X.shape[2]), lambda b, c, t, w: tirx.if_then_else(
         c * C + t < N, X[b, c * C + t, w], _zero(dtype)), name)
@@ -205,7 +205,7 @@ def _chunked(X, N, dtype, name):
 
 def _chunk_states(Ac, Bc, d: _Dir, name):
     """Per chunk Σ_t fold(t)·Ac[t, :] ⊗ Bc[t, :]: (BH, nc, wa, wb)."""
-    t = te.reduce_axis((0, _i64(CHUNK)), "t")
+    t = te.reduce_axis((0, Ac.shape[2]), "t")
     BH, nc, _, wa = Ac.shape
     return te.compute((BH, nc, wa, Bc.shape[3]), lambda b, c, m, e: te.sum(
         _times(d.fold(b, t), Ac[b, c, t, m] * Bc[b, c, t, e]), axis=t), name)
@@ -213,7 +213,7 @@ def _chunk_states(Ac, Bc, d: _Dir, name):
 
 def _chunk_sums(Ac, d: _Dir, name, weight=None):
     """Per chunk Σ_t fold(t)·weight[t]·Ac[t, :]: (BH, nc, wa)."""
-    t = te.reduce_axis((0, _i64(CHUNK)), "t")
+    t = te.reduce_axis((0, Ac.shape[2]), "t")
     BH, nc, _, wa = Ac.shape
     return te.compute((BH, nc, wa), lambda b, c, m: te.sum(_times(d.fold(b, t), _times(
         None if weight is None else weight[b, c, t], Ac[b, c, t, m])), axis=t), name)
@@ -232,8 +232,9 @@ def _scan(S, d: _Dir, name):
     return te.compute(S.shape, lambda b, c, m: te.sum(term(b, c, (m,)), axis=c2), name)
 
 
-def _chunk_of(i):
-    C = _i64(CHUNK)
+def _chunk_of(i, chunk: int):
+    """(chunk index, row in the chunk) of row i."""
+    C = _i64(chunk)
     return tirx.floordiv(i, C), tirx.floormod(i, C)
 
 
@@ -261,21 +262,22 @@ def _in_chunk(Rows, Chunks, N, mask, name):
     w = te.reduce_axis((0, Rows.shape[2]), name + "_w")
 
     def body(b, i, s):
-        c, t = _chunk_of(i)
+        c, t = _chunk_of(i, int(Chunks.shape[2]))
         prod = Rows[b, i, w] * Chunks[b, c, s, w]
         return prod if mask is None else tirx.Select(mask(t, s), prod, _zero(Rows.dtype))
-    return te.compute((Rows.shape[0], N, _i64(CHUNK)), lambda b, i, s: te.sum(body(b, i, s), axis=w), name)
+    return te.compute((Rows.shape[0], N, Chunks.shape[2]), lambda b, i, s: te.sum(body(b, i, s), axis=w), name)
 
 
-def _scans(rate, causal):
+def _scans(rate, causal, C: int):
     """The key-side directions of a query (earlier keys; and later keys without a causal mask,
     decayed) and their mirrors, the query-side directions of a key (backward)."""
-    keys = [_Dir(rate, False, False)] + ([_Dir(rate, True, True)] if not causal else [])
-    queries = [_Dir(rate, True, False)] + ([_Dir(rate, False, True)] if not causal else [])
+    keys = [_Dir(rate, False, False, C)] + ([_Dir(rate, True, True, C)] if not causal else [])
+    queries = [_Dir(rate, True, False, C)] + ([_Dir(rate, False, True, C)] if not causal else [])
     return keys, queries
 
 
-def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, decayed=False):
+def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, decayed=False,
+                   chunk: int = CHUNK):
     """(Qf, Kf, V, TAB, O out, DEN out): DEN_i = Σ_{j∈mask(i)} w_ij a_ij, O_i = Σ w_ij a_ij V_j / DEN_i;
     TAB (H, 2) the decay rates (earlier, later) of the decayed form, else unused."""
     BH, N, q, k, v, tab, Qf, Kf, rate = _linear_inputs(M, D, dtype, phi, decayed)
@@ -289,29 +291,30 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
         m2 = te.reduce_axis((0, Mi), "m2")
         den = te.compute((BH, N), lambda b, i: te.sum(Qf[b, i, m2] * z[b, m2], axis=m2), "den")
     else:                                   # chunk scans, one per direction
-        Kc, Vc = _chunked(Kf, N, dtype, "kc"), _chunked(v, N, dtype, "vc")
-        keys, _ = _scans(rate, causal)
+        C = chunk
+        Kc, Vc = _chunked(Kf, N, dtype, "kc", C), _chunked(v, N, dtype, "vc", C)
+        keys, _ = _scans(rate, causal, C)
         nums, dens = [], []
         for n_, d in enumerate(keys):
             P = _scan(_chunk_states(Kc, Vc, d, f"s_chunk{n_}"), d, f"P{n_}")
             Pz = _scan(_chunk_sums(Kc, d, f"z_chunk{n_}"), d, f"Pz{n_}")
             nums.append((d, _contract(Qf, P, lambda b, i, x: (b, i, x),
-                                      lambda b, i, x, e: (b, _chunk_of(i)[0], x, e), (BH, N, Di), M, f"inter{n_}")))
+                                      lambda b, i, x, e: (b, _chunk_of(i, C)[0], x, e), (BH, N, Di), M, f"inter{n_}")))
             m2 = te.reduce_axis((0, Mi), f"m2_{n_}")
             dens.append((d, te.compute((BH, N), lambda b, i: te.sum(
-                Qf[b, i, m2] * Pz[b, _chunk_of(i)[0], m2], axis=m2), f"den_inter{n_}")))
+                Qf[b, i, m2] * Pz[b, _chunk_of(i, C)[0], m2], axis=m2), f"den_inter{n_}")))
         A0 = _in_chunk(Qf, Kc, N, (lambda t, s: s <= t) if causal else None, "scores")
         A = A0 if rate is None else te.compute(A0.shape, lambda b, i, s: A0[b, i, s] * _pair(
-            rate, b, _chunk_of(i)[1], s, causal), "scores_w")
+            rate, b, _chunk_of(i, C)[1], s, causal), "scores_w")
         intra = _contract(A, Vc, lambda b, i, x: (b, i, x),
-                          lambda b, i, x, e: (b, _chunk_of(i)[0], x, e), (BH, N, Di), CHUNK, "intra")
-        s2 = te.reduce_axis((0, _i64(CHUNK)), "s2")
+                          lambda b, i, x, e: (b, _chunk_of(i, C)[0], x, e), (BH, N, Di), C, "intra")
+        s2 = te.reduce_axis((0, _i64(C)), "s2")
         den_a = te.compute((BH, N), lambda b, i: te.sum(A[b, i, s2], axis=s2), "den_intra")
 
         def rows(b, i, parts, idx, base):
             total = base
             for d, X in parts:
-                total = total + _times(d.row(b, _chunk_of(i)[1]), X[(b, i, *idx)])
+                total = total + _times(d.row(b, _chunk_of(i, C)[1]), X[(b, i, *idx)])
             return total
         num = te.compute((BH, N, Di), lambda b, i, e: rows(b, i, nums, (e,), intra[b, i, e]), "num")
         den = te.compute((BH, N), lambda b, i: rows(b, i, dens, (), den_a[b, i]), "den")
@@ -320,7 +323,7 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
 
 
 def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, dphi=None,
-                    decayed=False):
+                    decayed=False, chunk: int = CHUNK):
     """(Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out), linear.py's formulas: with
     g_i = dO_i/DEN_i, r_i = (dO_i·O_i)/DEN_i and b_ij = g_i·V_j − r_i over j ∈ mask(i):
     dQf_i = Σ_j w_ij b_ij Kf_j,  dKf_j = Σ_{i∋j} w_ij b_ij Qf_i,  dV_j = Σ_{i∋j} w_ij (Qf_i·Kf_j) g_i;
@@ -350,15 +353,15 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
         dKf = te.compute(Kf.shape, lambda b, j, m: dsv[b, j, m] - dz[b, m], "dkf")
         dV = te.compute(v.shape, lambda b, j, d: te.sum(Kf[b, j, m1] * dS[b, m1, d], axis=m1), "dv_")
     else:
-        C = _i64(CHUNK)
-        Qc, Kc, Vc = (_chunked(X, N, dtype, n) for X, n in ((Qf, "qc"), (Kf, "kc"), (v, "vc")))
-        gc = _chunked(g, N, dtype, "gc")
+        C, Ci = chunk, _i64(chunk)
+        Qc, Kc, Vc = (_chunked(X, N, dtype, n, C) for X, n in ((Qf, "qc"), (Kf, "kc"), (v, "vc")))
+        gc = _chunked(g, N, dtype, "gc", C)
         rc = te.compute(gc.shape[:3], lambda b, c, t: tirx.if_then_else(
-            c * C + t < N, r[b, c * C + t], _zero(dtype)), "rc")
-        cq = lambda i: _chunk_of(i)[0]                                       # noqa: E731
+            c * Ci + t < N, r[b, c * Ci + t], _zero(dtype)), "rc")
+        cq = lambda i: _chunk_of(i, C)[0]                                       # noqa: E731
         at_c = lambda b, i, x, e: (b, cq(i), x, e)                           # noqa: E731
         own = lambda b, i, x: (b, i, x)                                      # noqa: E731
-        keys, queries = _scans(rate, causal)
+        keys, queries = _scans(rate, causal, C)
         q_parts, k_parts, v_parts = [], [], []
         for n_, d in enumerate(keys):      # states of the keys a query sees: dQf
             P = _scan(_chunk_states(Kc, Vc, d, f"s_chunk{n_}"), d, f"P{n_}")
@@ -384,26 +387,26 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
             return x if keep is None else tirx.Select(keep, x, _zero(dtype))
 
         def pair_rows(b, i, s):            # query i, key s of its chunk
-            return _pair(rate, b, _chunk_of(i)[1], s, causal)
+            return _pair(rate, b, _chunk_of(i, C)[1], s, causal)
 
         def pair_cols(b, j, t):            # key j, query t of its chunk
-            return _pair(rate, b, t, _chunk_of(j)[1], causal)
-        Bq = te.compute((BH, N, C), lambda b, i, s: _times(pair_rows(b, i, s), masked(
-            None if rows_mask is None else rows_mask(_chunk_of(i)[1], s), gv_q[b, i, s] - r[b, i])), "b_rows")
-        Bk = te.compute((BH, N, C), lambda b, j, t: _times(pair_cols(b, j, t), masked(
-            None if cols_mask is None else cols_mask(_chunk_of(j)[1], t), gv_k[b, j, t] - rc[b, cq(j), t])),
+            return _pair(rate, b, t, _chunk_of(j, C)[1], causal)
+        Bq = te.compute((BH, N, Ci), lambda b, i, s: _times(pair_rows(b, i, s), masked(
+            None if rows_mask is None else rows_mask(_chunk_of(i, C)[1], s), gv_q[b, i, s] - r[b, i])), "b_rows")
+        Bk = te.compute((BH, N, Ci), lambda b, j, t: _times(pair_cols(b, j, t), masked(
+            None if cols_mask is None else cols_mask(_chunk_of(j, C)[1], t), gv_k[b, j, t] - rc[b, cq(j), t])),
             "b_cols")
         Ak = Ak0 if rate is None else te.compute(Ak0.shape, lambda b, j, t: Ak0[b, j, t] * pair_cols(b, j, t),
                                                  "a_cols_w")
-        dq_in = _contract(Bq, Kc, own, at_c, Qf.shape, CHUNK, "dq_intra")
-        dk_in = _contract(Bk, Qc, own, at_c, Kf.shape, CHUNK, "dk_intra")
-        dv_in = _contract(Ak, gc, own, at_c, v.shape, CHUNK, "dv_intra")
+        dq_in = _contract(Bq, Kc, own, at_c, Qf.shape, C, "dq_intra")
+        dk_in = _contract(Bk, Qc, own, at_c, Kf.shape, C, "dk_intra")
+        dv_in = _contract(Ak, gc, own, at_c, v.shape, C, "dv_intra")
 
         def total(base, parts, name, shape):
             def body(b, i, e):
                 acc = base[b, i, e]
                 for d, X in parts:
-                    acc = acc + _times(d.row(b, _chunk_of(i)[1]), X[b, i, e])
+                    acc = acc + _times(d.row(b, _chunk_of(i, C)[1]), X[b, i, e])
                 return acc
             return te.compute(shape, body, name)
         dQf = total(dq_in, q_parts, "dqf", Qf.shape)

@@ -10,6 +10,9 @@ tracker, and commit a TuningRecord per (choice, length) to a meta_schedule JSOND
 The kernels are hand-written TVMScript, not block-style TIR, so meta_schedule's own search spaces
 (which schedule blocks) do not apply; the space here is the knob grid, a knob is a
 sample_categorical decision in the record's trace, and the grid is small enough to measure whole.
+GPU targets tune the portable kernels' knobs (te_forms.py's chunk, softmax_rows.py's rows per
+block) the same way, each choice built as compile() builds it (dlight's schedules); meta_schedule's
+own search over the TE kernels' blocks is not used (yet).
 Timing inputs are random (meta_schedule's allocator), of concrete shapes: BH = batch·heads, the
 length N, the position parameters (H, P); scalar parameters (the FFT length) are specialized.
 """
@@ -35,8 +38,10 @@ from .build import resolve_target
 
 def _compile(mod, target, _params):
     """meta_schedule's builder hook: our kernels need no s_tir passes (and its default build
-    imports tvm.s_tir.tensor_intrin, 90 s here per worker)."""
-    ex = tvm.compile(mod, target=target)
+    imports tvm.s_tir.tensor_intrin, 90 s here per worker); CUDA kernels are scheduled first, as
+    compile() builds them (build.build)."""
+    from .build import build
+    ex = build(dict(mod.functions_items()), target)
     return getattr(ex, "mod", ex)
 
 
@@ -63,7 +68,8 @@ def arg_shapes(func, sizes: dict[str, int]) -> list:
     for p in func.params:
         if not isinstance(p.ty, tirx.buffer.BufferType):
             continue
-        shape = [int(s) if isinstance(s, tirx.IntImm) else sizes[s.name] for s in p.ty.shape]
+        # a dim not in sizes is an argument the kernel ignores (te_forms._unused): one element
+        shape = [int(s) if isinstance(s, tirx.IntImm) else sizes.get(s.name, 1) for s in p.ty.shape]
         infos.append(ms.arg_info.TensorInfo(str(p.ty.dtype), shape))
     return infos
 
@@ -111,14 +117,21 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
          progress: Callable[[str], None] = print, timeout_s: float = 300) -> list[Measured]:
     """Tune the planned IR's kernels; `sizes` gives BH, H and P (the lengths give N).
     Returns one Measured per (kernel, length)."""
+    from . import portable as is_portable
+    from .runtime import target_kind
+    portable = is_portable(target_kind(target))      # GPU targets: the portable kernels' knobs
     target = tvm.target.Target(resolve_target(target))
-    names = {k: f for k, f in tunable(root).items() if kernels is None or k in kernels}
+    if portable and rpc is None and not (tvm.runtime.enabled("cuda") and tvm.cuda(0).exist):
+        raise RuntimeError(f"no CUDA GPU here to time the {target.kind.name} kernels on: run "
+                           f"`attndsl tune` on the GPU's machine, or pass --rpc-tracker/--rpc-key of "
+                           f"a TVM RPC server running there")
+    names = {k: f for k, f in tunable(root, portable).items() if kernels is None or k in kernels}
     if not names:
         progress("nothing to tune: no kernel of this spec has knobs")
         return []
     db = database.open_db(db_folder)
     workloads = {k: db.commit_workload(database.workload(f))       # once per kernel
-                 for k, f in lower(root, dtype, only=set(names)).items() if k in names}
+                 for k, f in lower(root, dtype, only=set(names), portable=portable).items() if k in names}
     builder = ms.builder.LocalBuilder(max_workers=min(2, config.num_threads()), timeout_sec=timeout_s,
                                       f_build=_compile)
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
@@ -134,7 +147,7 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
             done += 1
             label = knob_spaces.label(choice)
             t0 = time.perf_counter()
-            funcs = lower(root, dtype, {k: choice for k in pair}, only=set(pair))
+            funcs = lower(root, dtype, {k: choice for k in pair}, only=set(pair), portable=portable)
             inputs, keys = [], []
             for k in pair:
                 for n in lengths:

@@ -1,4 +1,4 @@
-"""The tunable knobs of the hand-written CPU kernels: per kernel family, the choices and the default.
+"""The tunable knobs of the kernels: per kernel family, the choices and the default.
 
 A knob changes how a kernel is scheduled (chunk length, register tile, FFT channel block), never
 what it computes: tests/test_tune.py checks every choice of both families, forward and backward,
@@ -35,6 +35,14 @@ SPACES: dict[str, tuple[Knob, ...]] = {
     # lowering/toeplitz.py: toeplitz_fft and values_fft, forward and backward
     "toeplitz": (
         Knob("channels", (128, 256, 512, 1024), 256, "most FFT channels per block (G·L floats of scratch)"),
+    ),
+    # GPU targets' portable kernels. lowering/te_forms.py: linear, prefix_sum and decayed
+    "portable_linear": (
+        Knob("chunk", (32, 64, 128), 64, "rows per chunk of the scans over chunk states"),
+    ),
+    # lowering/softmax_rows.py: the softmax form
+    "portable_rows": (
+        Knob("rows", (64, 128, 256), 128, "rows (threads) per thread block"),
     ),
 }
 

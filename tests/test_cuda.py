@@ -255,7 +255,7 @@ def test_compile_for_cuda_builds_without_a_gpu():
     attn = attndsl.compile((EXAMPLES / "performer_causal.attn").read_text(), heads=2, head_dim=16,
                            target="sm_80")
     text = attn.explain()
-    assert "target=sm_80" in text and "portable kernels, bound to GPU threads" in text
+    assert "target=sm_80" in text and "portable kernels (te_forms.py, softmax_rows.py), bound to GPU threads" in text
     if not HAS_GPU:
         assert "not cached: no CUDA runtime" in text
         with pytest.raises(ValueError, match="compiled for CUDA"):
@@ -376,10 +376,69 @@ def test_gpu_library_is_cached():
     torch.testing.assert_close(a(q, k, v), b(q, k, v))
 
 
-def test_tune_for_cuda_says_there_is_nothing_to_tune(tmp_path, capsys):
+# --- the portable kernels' knobs (schedules/knobs.py portable_*) through a tuning database ------------
+
+def _record(db_folder, root, kernels, family, times: dict, target: str, n=256):
+    """Commit `times` {knob label: seconds} for the portable `kernels` as if measured on `target`."""
+    import tvm
+    from attndsl.lowering import tune
+    from attndsl.lowering.runtime import target_kind
+    from attndsl.schedules import database, knobs
+    funcs = lowering.lower(root, "float32", portable=True, gpu=target_kind(target) == "cuda")
+    db = database.open_db(db_folder)
+    tgt = tvm.target.Target(build.resolve_target(target))
+    for kernel in kernels:
+        wl = db.commit_workload(database.workload(funcs[kernel]))
+        info = tune.arg_shapes(funcs[kernel], {"BH": 2, "H": 2, "P": 9, "N": n})
+        for choice in knobs.grid(family):
+            if knobs.label(choice) in times:
+                database.commit(db, wl, family, choice, [times[knobs.label(choice)]] * 2, tgt, info)
+
+
+KNOB_CASES = [("elu1-causal", "kernel = elu1; mask = causal", "portable_linear", "chunk", 32),
+              ("elu1-causal", "kernel = elu1; mask = causal", "portable_linear", "chunk", 128),
+              ("alibi-full", "kernel = elu1; position = alibi", "portable_linear", "chunk", 128),
+              ("table-softmax", "position = toeplitz(max_distance=4, init=normal)", "portable_rows", "rows", 64),
+              ("causal-softmax", "mask = causal", "portable_rows", "rows", 256)]
+
+
+@pytest.mark.parametrize("case,body,family,knob,value", KNOB_CASES,
+                         ids=[f"{c[0]}-{c[3]}{c[4]}" for c in KNOB_CASES])
+def test_every_portable_knob_choice_computes_the_same_attention(portable_on_cpu, tmp_path, monkeypatch,
+                                                                case, body, family, knob, value):
+    """A record that makes the choice the best: compile() builds it, explain() names it, and it
+    matches the reference forward and backward."""
+    from attndsl.schedules import knobs
+    monkeypatch.setenv("ATTNDSL_TUNING_DB", str(tmp_path))
+    text = f"attention t {{ {body} }}"
+    root = pipeline.run(attndsl.parse(text).block(None), 8, 6).root
+    kernels = list(lowering.tunable(root, portable=True))
+    assert kernels and all(f == family for f in lowering.tunable(root, portable=True).values())
+    default = knobs.label(knobs.defaults(family))
+    _record(tmp_path, root, kernels, family, {default: 2e-3, f"{knob}={value}": 1e-3}, "llvm")
+    attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6)
+    assert f"{kernels[0]} {knob}={value}  (2.00x the defaults" in attn.explain()
+    check_against_reference(attn, *inputs(1, 2, 300, 8, 6, torch.float64), RTOL[torch.float64])
+
+
+def test_a_record_for_a_cuda_target_is_built_for_it(tmp_path, monkeypatch):
+    """The lookup of CUDA kernels' knobs, without a GPU: a record for sm_80 picks chunk=128."""
+    monkeypatch.setenv("ATTNDSL_TUNING_DB", str(tmp_path))
+    text = "attention t { kernel = elu1; mask = causal }"
+    root = pipeline.run(attndsl.parse(text).block(None), 8, 6).root
+    kernels = list(lowering.tunable(root, portable=True))
+    _record(tmp_path, root, kernels, "portable_linear", {"chunk=64": 3e-3, "chunk=128": 1e-3}, "sm_80")
+    attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6, target="sm_80")
+    assert f"{kernels[1]} chunk=128  (3.00x the defaults" in attn.explain()
+    other = attndsl.compile(text, heads=2, head_dim=8, value_dim=6, target="nvidia/nvidia-h100")
+    assert "default knobs (no better record" in other.explain()      # another GPU: not applied
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the message of a machine without a GPU")
+def test_tune_for_cuda_without_a_gpu_says_where_to_run_it(tmp_path, capsys):
     path = str(EXAMPLES / "linear_elu.attn")
     assert cli.main(["tune", path, "--target", "cuda", "--db", str(tmp_path)]) == 2
-    assert "no knobs yet" in capsys.readouterr().err
+    assert "no CUDA GPU here" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
@@ -394,3 +453,21 @@ def test_run_for_cuda_checks_and_times_on_the_gpu(capsys):
     assert cli.main(["run", str(EXAMPLES / "performer_causal.attn"), "--target", "cuda", "--seq", "512",
                      "--heads", "2", "--head-dim", "32"]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+def test_the_tuner_builds_cuda_variants_with_meta_schedules_builder():
+    """What `attndsl tune --target cuda` hands meta_schedule's LocalBuilder (worker processes):
+    every chunk choice of a causal kernel, scheduled and compiled for sm_80 (timing needs a GPU)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from attndsl.lowering import tune
+    from attndsl.schedules import knobs
+    root = pipeline.run(attndsl.parse("attention t { kernel = elu1; mask = causal }").block(None), 16, 16).root
+    fwd = next(k for k in lowering.tunable(root, portable=True) if k.endswith("_fwd"))
+    target = tvm.target.Target(build.resolve_target("sm_80"))
+    inputs_ = [ms.builder.BuilderInput(tvm.IRModule({"main": lowering.lower(
+        root, "float32", {fwd: c}, only={fwd}, portable=True)[fwd].with_attr("global_symbol", "main")}), target)
+        for c in knobs.grid("portable_linear")]
+    built = ms.builder.LocalBuilder(max_workers=1, f_build=tune._compile).build(inputs_)
+    assert [b.error_msg for b in built] == [None] * len(inputs_)
+    assert all(Path(b.artifact_path).stat().st_size > 0 for b in built)
