@@ -8,10 +8,12 @@ thread blocks) for CUDA. Same names, signatures and outputs as the CPU kernels, 
 calls either.
 
 Shapes: X (BH, N, Dk), W' (width, Dk), Wt = W'ᵀ, F (BH, N, width); Qf, Kf (BH, N, M),
-V, O, dO (BH, N, D), DEN (BH, N); BH and N symbolic. Causal linear attention is chunked (C rows):
-per chunk c the state Sc = Σ_t Kf_t ⊗ V_t, the exclusive prefix P_c = Σ_{c' < c} S_c' (a masked
-reduction over chunk indices, O((N/C)²·M·D)), and the masked C×C block inside the chunk —
-O(N·C·(M + D) + (N/C)²·M·D) work, never an N×N tensor.
+V, O, dO (BH, N, D), DEN (BH, N); BH and N symbolic. Causal linear attention and the decayed form
+are chunked (C rows, the `chunk` knob of schedules/knobs.py): per chunk c the state
+Sc = Σ_t Kf_t ⊗ V_t, the exclusive prefix P_c = Σ_{c' < c} S_c' (a masked reduction over chunk
+indices, O((N/C)²·M·D); decayed: weighted by powers of γ, and a second scan over later chunks
+without a causal mask), and the C×C block inside the chunk — O(N·C·(M + D) + (N/C)²·M·D) work,
+never an N×N tensor.
 """
 from __future__ import annotations
 
