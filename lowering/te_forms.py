@@ -221,6 +221,37 @@ def _chunk_sums(Ac, d: _Dir, name, weight=None):
         None if weight is None else weight[b, c, t], Ac[b, c, t, m])), axis=t), name)
 
 
+def _total_state(A, B, N, name):
+    """Σ_n A[n, :] ⊗ B[n, :] over the whole sequence: (BH, wa, wb)."""
+    n = te.reduce_axis((0, N), name + "_n")
+    return te.compute((A.shape[0], A.shape[2], B.shape[2]), lambda b, m, e: te.sum(
+        A[b, n, m] * B[b, n, e], axis=n), name)
+
+
+def _total_sum(A, N, name, weight=None):
+    """Σ_n weight[n]·A[n, :] over the whole sequence: (BH, wa)."""
+    n = te.reduce_axis((0, N), name + "_n")
+    return te.compute((A.shape[0], A.shape[2]), lambda b, m: te.sum(
+        _times(None if weight is None else weight[b, n], A[b, n, m]), axis=n), name)
+
+
+def _scanned(Ac, Bc, d: _Dir, name, weight=None):
+    """(states, sums) of direction d: the exclusive scans of Σ Ac ⊗ Bc and Σ weight·Ac per chunk."""
+    return (_scan(_chunk_states(Ac, Bc, d, name + "_chunk"), d, name),
+            _scan(_chunk_sums(Ac, d, name + "z_chunk", weight=weight), d, name + "z"))
+
+
+def _plus_rows(base, parts, C: int, name):
+    """base + Σ_d row_d(t_i)·X_d over parts [(direction d, X_d)], X_d shaped like base (BH, N, ...)."""
+    def body(*idx):
+        b, i = idx[0], idx[1]
+        acc = base[idx]
+        for d, X in parts:
+            acc = acc + _times(d.row(b, _chunk_of(i, C)[1]), X[idx])
+        return acc
+    return te.compute(base.shape, body, name)
+
+
 def _scan(S, d: _Dir, name):
     """Exclusive scan over chunk indices: Σ_{c' < c} carry·S[c'] (Σ_{c' > c} when d.later)."""
     nc = S.shape[1]
@@ -285,10 +316,7 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
     BH, N, q, k, v, tab, Qf, Kf, rate = _linear_inputs(M, D, dtype, phi, decayed)
     Mi, Di = _i64(M), _i64(D)
     if not (causal or decayed):            # one total state
-        n = te.reduce_axis((0, N), "n")
-        S = te.compute((BH, Mi, Di), lambda b, m, d: te.sum(Kf[b, n, m] * v[b, n, d], axis=n), "S")
-        n2 = te.reduce_axis((0, N), "n2")
-        z = te.compute((BH, Mi), lambda b, m: te.sum(Kf[b, n2, m], axis=n2), "z")
+        S, z = _total_state(Kf, v, N, "S"), _total_sum(Kf, N, "z")
         num = _contract(Qf, S, lambda b, i, x: (b, i, x), lambda b, i, x, e: (b, x, e), (BH, N, Di), M, "num")
         m2 = te.reduce_axis((0, Mi), "m2")
         den = te.compute((BH, N), lambda b, i: te.sum(Qf[b, i, m2] * z[b, m2], axis=m2), "den")
@@ -298,8 +326,7 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
         keys, _ = _scans(rate, causal, C)
         nums, dens = [], []
         for n_, d in enumerate(keys):
-            P = _scan(_chunk_states(Kc, Vc, d, f"s_chunk{n_}"), d, f"P{n_}")
-            Pz = _scan(_chunk_sums(Kc, d, f"z_chunk{n_}"), d, f"Pz{n_}")
+            P, Pz = _scanned(Kc, Vc, d, f"P{n_}")
             nums.append((d, _contract(Qf, P, lambda b, i, x: (b, i, x),
                                       lambda b, i, x, e: (b, _chunk_of(i, C)[0], x, e), (BH, N, Di), M, f"inter{n_}")))
             m2 = te.reduce_axis((0, Mi), f"m2_{n_}")
@@ -312,14 +339,7 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
                           lambda b, i, x, e: (b, _chunk_of(i, C)[0], x, e), (BH, N, Di), C, "intra")
         s2 = te.reduce_axis((0, _i64(C)), "s2")
         den_a = te.compute((BH, N), lambda b, i: te.sum(A[b, i, s2], axis=s2), "den_intra")
-
-        def rows(b, i, parts, idx, base):
-            total = base
-            for d, X in parts:
-                total = total + _times(d.row(b, _chunk_of(i, C)[1]), X[(b, i, *idx)])
-            return total
-        num = te.compute((BH, N, Di), lambda b, i, e: rows(b, i, nums, (e,), intra[b, i, e]), "num")
-        den = te.compute((BH, N), lambda b, i: rows(b, i, dens, (), den_a[b, i]), "den")
+        num, den = _plus_rows(intra, nums, C, "num"), _plus_rows(den_a, dens, C, "den")
     out = te.compute((BH, N, Di), lambda b, i, d: num[b, i, d] / den[b, i], "out")
     return _func(name, [q, k, v, tab, out, den])
 
@@ -341,14 +361,8 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
     r = te.compute((BH, N), lambda b, i: te.sum(dO[b, i, d0] * O[b, i, d0] / DEN[b, i], axis=d0), "r")
     d1, d2, m1 = (te.reduce_axis((0, e), n) for e, n in ((Di, "d1"), (Di, "d2"), (Mi, "m1")))
     if not (causal or decayed):
-        n = te.reduce_axis((0, N), "n")
-        S = te.compute((BH, Mi, Di), lambda b, m, d: te.sum(Kf[b, n, m] * v[b, n, d], axis=n), "S")
-        n2 = te.reduce_axis((0, N), "n2")
-        z = te.compute((BH, Mi), lambda b, m: te.sum(Kf[b, n2, m], axis=n2), "z")
-        n3 = te.reduce_axis((0, N), "n3")
-        dS = te.compute((BH, Mi, Di), lambda b, m, d: te.sum(Qf[b, n3, m] * g[b, n3, d], axis=n3), "dS")
-        n4 = te.reduce_axis((0, N), "n4")
-        dz = te.compute((BH, Mi), lambda b, m: te.sum(r[b, n4] * Qf[b, n4, m], axis=n4), "dz")
+        S, z = _total_state(Kf, v, N, "S"), _total_sum(Kf, N, "z")
+        dS, dz = _total_state(Qf, g, N, "dS"), _total_sum(Qf, N, "dz", weight=r)
         sg = te.compute(Qf.shape, lambda b, i, m: te.sum(S[b, m, d1] * g[b, i, d1], axis=d1), "sg")
         dsv = te.compute(Kf.shape, lambda b, j, m: te.sum(dS[b, m, d2] * v[b, j, d2], axis=d2), "dsv")
         dQf = te.compute(Qf.shape, lambda b, i, m: sg[b, i, m] - r[b, i] * z[b, m], "dqf")
@@ -366,14 +380,12 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
         keys, queries = _scans(rate, causal, C)
         q_parts, k_parts, v_parts = [], [], []
         for n_, d in enumerate(keys):      # states of the keys a query sees: dQf
-            P = _scan(_chunk_states(Kc, Vc, d, f"s_chunk{n_}"), d, f"P{n_}")
-            Pz = _scan(_chunk_sums(Kc, d, f"z_chunk{n_}"), d, f"Pz{n_}")
+            P, Pz = _scanned(Kc, Vc, d, f"P{n_}")
             pg = _contract(g, P, own, lambda b, i, x, m: (b, cq(i), m, x), Qf.shape, D, f"pg{n_}")
             q_parts.append((d, te.compute(Qf.shape, lambda b, i, m: pg[b, i, m] - r[b, i] * Pz[b, cq(i), m],
                                           f"dq_inter{n_}")))
         for n_, d in enumerate(queries):   # states of the queries that see a key: dKf, dV
-            R = _scan(_chunk_states(Qc, gc, d, f"r_chunk{n_}"), d, f"R{n_}")
-            Rz = _scan(_chunk_sums(Qc, d, f"rz_chunk{n_}", weight=rc), d, f"Rz{n_}")
+            R, Rz = _scanned(Qc, gc, d, f"R{n_}", weight=rc)
             rv = _contract(v, R, own, lambda b, j, x, m: (b, cq(j), m, x), Kf.shape, D, f"rv{n_}")
             k_parts.append((d, te.compute(Kf.shape, lambda b, j, m: rv[b, j, m] - Rz[b, cq(j), m],
                                           f"dk_inter{n_}")))
@@ -404,16 +416,9 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
         dk_in = _contract(Bk, Qc, own, at_c, Kf.shape, C, "dk_intra")
         dv_in = _contract(Ak, gc, own, at_c, v.shape, C, "dv_intra")
 
-        def total(base, parts, name, shape):
-            def body(b, i, e):
-                acc = base[b, i, e]
-                for d, X in parts:
-                    acc = acc + _times(d.row(b, _chunk_of(i, C)[1]), X[b, i, e])
-                return acc
-            return te.compute(shape, body, name)
-        dQf = total(dq_in, q_parts, "dqf", Qf.shape)
-        dKf = total(dk_in, k_parts, "dkf", Kf.shape)
-        dV = total(dv_in, v_parts, "dv_", v.shape)
+        dQf = _plus_rows(dq_in, q_parts, C, "dqf")
+        dKf = _plus_rows(dk_in, k_parts, C, "dkf")
+        dV = _plus_rows(dv_in, v_parts, C, "dv_")
     if phi is not None:
         dQf = te.compute(q.shape, lambda b, i, m: dQf[b, i, m] * dphi(q[b, i, m]), "dq")
         dKf = te.compute(k.shape, lambda b, j, m: dKf[b, j, m] * dphi(k[b, j, m]), "dk")
