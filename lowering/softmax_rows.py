@@ -60,6 +60,63 @@ def _score(position, dtype):
     return lambda TAB, h, r, W, dot: dot + bias(TAB, h, r, W)
 
 
+def _bias(position, dtype):
+    """(TAB, h, r, W) -> b(r), 0 without a position term."""
+    if position is None:
+        return lambda TAB, h, r, W: T.cast(0, dtype)
+    return bias_builder(position, dtype)
+
+
+def _online(Dk: int, Dv: int, dtype: str):
+    """(start, fold, finish): the online normalizer of one query row, in registers — acc (Dv,) the
+    output, st = [m, l, s, e^(m − m')] the running max, normalizer, score and rescale."""
+    @T.macro
+    def start(acc, st):
+        for e in range(Dv):
+            acc[e] = T.cast(0, dtype)
+        st[0] = T.min_value(dtype)
+        st[1] = T.cast(0, dtype)
+
+    @T.macro
+    def fold(qi, acc, st, K, V, b, row, add):
+        """Key row `row` with score qi·k + add."""
+        st[2] = T.cast(0, dtype)
+        for c in range(Dk):
+            st[2] = st[2] + qi[c] * K[b, row, c]
+        st[2] = st[2] + add
+        m_new = T.max(st[0], st[2])
+        st[3] = T.exp(st[0] - m_new)
+        p = T.exp(st[2] - m_new)
+        st[1] = st[1] * st[3] + p
+        for e in range(Dv):
+            acc[e] = acc[e] * st[3] + p * V[b, row, e]
+        st[0] = m_new
+
+    @T.macro
+    def finish(acc, st, O, LSE, b, row):
+        for e in range(Dv):
+            O[b, row, e] = acc[e] / st[1]
+        LSE[b, row] = st[0] + T.log(st[1])
+    return start, fold, finish
+
+
+def _row_dots(blocks, threads, R: int, Dv: int, dtype: str):
+    """The backward's first stage: Dd[b, i] = dO_i·O_i, a thread per row."""
+    @T.macro
+    def row_dots(Dd, dO, O, BH, N):
+        for task in blocks(BH * _ceil(N, R)):
+            for lane in threads(R):
+                st = T.alloc_buffer((1,), dtype, scope="local")
+                b = task // _ceil(N, R)
+                i = task % _ceil(N, R) * R + lane
+                if i < N:
+                    st[0] = T.cast(0, dtype)
+                    for e in range(Dv):
+                        st[0] = st[0] + dO[b, i, e] * O[b, i, e]
+                    Dd[b, i] = st[0]
+    return row_dots
+
+
 def _ranges(causal: bool):
     """(keys(i, N), first query(j)): how many keys query i sees (from 0), the first query that
     sees key j."""
@@ -72,7 +129,8 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                     gpu: bool, rows: int = THREADS):
     """(Q, K, V, TAB, O out, LSE out)."""
     blocks, threads = _loops(gpu)
-    score = _score(position, dtype)
+    bias = _bias(position, dtype)
+    start, fold, finish = _online(Dk, Dv, dtype)
     keys, _ = _ranges(causal)
     R = rows
 
@@ -96,25 +154,10 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                 if i < N:
                     for c in range(Dk):
                         qi[c] = Q[b, i, c] * T.cast(scale, dtype)
-                    for e in range(Dv):
-                        acc[e] = T.cast(0, dtype)
-                    st[0] = T.min_value(dtype)
-                    st[1] = T.cast(0, dtype)
+                    start(acc, st)
                     for j in range(keys(i, N)):
-                        st[2] = T.cast(0, dtype)
-                        for c in range(Dk):
-                            st[2] = st[2] + qi[c] * K[b, j, c]
-                        st[2] = score(TAB, b % H, i - j, _half(P), st[2])
-                        m_new = T.max(st[0], st[2])
-                        st[3] = T.exp(st[0] - m_new)
-                        p = T.exp(st[2] - m_new)
-                        st[1] = st[1] * st[3] + p
-                        for e in range(Dv):
-                            acc[e] = acc[e] * st[3] + p * V[b, j, e]
-                        st[0] = m_new
-                    for e in range(Dv):
-                        O[b, i, e] = acc[e] / st[1]
-                    LSE[b, i] = st[0] + T.log(st[1])
+                        fold(qi, acc, st, K, V, b, j, bias(TAB, b % H, i - j, _half(P)))
+                    finish(acc, st, O, LSE, b, i)
     return kernel
 
 
@@ -127,6 +170,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     r0 = -1 if not causal else 0          # the smallest diagonal r = i − j with pairs
     R = rows
     sc = float(scale)
+    row_dots = _row_dots(blocks, threads, R, Dv, dtype)
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, lse: T.handle,
@@ -145,16 +189,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         dV = T.match_buffer(dv, (BH, N, Dv), dtype)
         dTAB = T.match_buffer(dtab, (H, P), dtype)
         Dd = T.alloc_buffer((BH, N), dtype)                   # D_i = dO_i·O_i
-        for task in blocks(BH * _ceil(N, R)):                          # rows: D
-            for lane in threads(R):
-                st = T.alloc_buffer((1,), dtype, scope="local")
-                b = task // _ceil(N, R)
-                i = task % _ceil(N, R) * R + lane
-                if i < N:
-                    st[0] = T.cast(0, dtype)
-                    for e in range(Dv):
-                        st[0] = st[0] + dO[b, i, e] * O[b, i, e]
-                    Dd[b, i] = st[0]
+        row_dots(Dd, dO, O, BH, N)
         for task in blocks(BH * _ceil(N, R)):                          # query rows: dq
             for lane in threads(R):
                 qi = T.alloc_buffer((Dk,), dtype, scope="local")
@@ -285,21 +320,8 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
     """(Q, K, V, PQ, PK, SI, LW, SB, O out, LSE out, blk): sampled.py's forward."""
     blocks, threads = _loops(gpu)
     own_keys, _, sees = _sampled_helpers(causal)
+    start, fold, finish = _online(Dk, Dv, dtype)
     R = rows
-
-    @T.macro
-    def fold(qi, acc, st, K, V, b, row, lw):
-        """One key into the running max st[0], normalizer st[1] and output acc."""
-        st[2] = lw
-        for c in range(Dk):
-            st[2] = st[2] + qi[c] * K[b, row, c]
-        m_new = T.max(st[0], st[2])
-        st[3] = T.exp(st[0] - m_new)
-        p = T.exp(st[2] - m_new)
-        st[1] = st[1] * st[3] + p
-        for e in range(Dv):
-            acc[e] = acc[e] * st[3] + p * V[b, row, e]
-        st[0] = m_new
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
@@ -326,18 +348,13 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                 if i < N:
                     for c in range(Dk):
                         qi[c] = Q[b, PQ[b, i], c] * T.cast(scale, dtype)
-                    for e in range(Dv):
-                        acc[e] = T.cast(0, dtype)
-                    st[0] = T.min_value(dtype)
-                    st[1] = T.cast(0, dtype)
+                    start(acc, st)
                     for jj in range(own_keys(i, N, blk)[1]):
                         fold(qi, acc, st, K, V, b, PK[b, own_keys(i, N, blk)[0] + jj], T.cast(0, dtype))
                     for t in range(S):
                         if sees(SB[b, t], i, blk):
                             fold(qi, acc, st, K, V, b, SI[b, t], LW[b, t])
-                    for e in range(Dv):
-                        O[b, PQ[b, i], e] = acc[e] / st[1]
-                    LSE[b, PQ[b, i]] = st[0] + T.log(st[1])
+                    finish(acc, st, O, LSE, b, PQ[b, i])
     return kernel
 
 
@@ -350,6 +367,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     own_keys, own_queries, sees = _sampled_helpers(causal)
     R = rows
     sc = float(scale)
+    row_dots = _row_dots(blocks, threads, R, Dv, dtype)
 
     @T.macro
     def pair(st, Q, K, V, dO, LSE, Dd, b, qrow, krow, lw):
@@ -394,16 +412,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         dVS = T.match_buffer(dvs, (BH, S, Dv), dtype)
         dLW = T.match_buffer(dlw, (BH, S), dtype)
         Dd = T.alloc_buffer((BH, N), dtype)                   # D = dO·O, by row
-        for task in blocks(BH * _ceil(N, R)):                 # rows: D
-            for lane in threads(R):
-                st = T.alloc_buffer((1,), dtype, scope="local")
-                b = task // _ceil(N, R)
-                i = task % _ceil(N, R) * R + lane
-                if i < N:
-                    st[0] = T.cast(0, dtype)
-                    for e in range(Dv):
-                        st[0] = st[0] + dO[b, i, e] * O[b, i, e]
-                    Dd[b, i] = st[0]
+        row_dots(Dd, dO, O, BH, N)
         for task in blocks(BH * _ceil(N, R)):                 # sorted query rows: dq
             for lane in threads(R):
                 acc = T.alloc_buffer((Dk,), dtype, scope="local")
