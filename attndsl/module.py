@@ -201,6 +201,7 @@ class Attention(nn.Module):
                          position_table=self.position_table)
 
     def _validate(self, q, k, v) -> None:
+        kind = target_kind(self.target)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -210,7 +211,6 @@ class Attention(nn.Module):
             if t.dtype not in KERNEL_DTYPES and t.dtype not in UPCAST:
                 raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float64, "
                                 f"bfloat16 and float16 (computed in float32)")
-            kind = target_kind(self.target)
             if t.device.type != "cpu" and kind == "llvm":
                 raise ValueError(f"{name} is on {t.device}, but this Attention was compiled for the "
                                  f"CPU (target llvm); move it with .cpu() or compile for a GPU target")

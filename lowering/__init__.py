@@ -111,11 +111,15 @@ def _sampled_attention(node: SampledAttention, names, dtype, knobs):
             names[1]: sampled.sampled_backward(names[1], dk, dv, dtype, node.causal, node.scale)}
 
 
+def _no_kernels(*_) -> dict:
+    """Inputs; a position (its parameters are an input of the kernels using it); an Add (an
+    elementwise sum, done by torch)."""
+    return {}
+
+
 # node type -> (node, (fwd name, bwd name), dtype, knobs {kernel name: {knob: value}}) -> {name: PrimFunc}
 LOWERINGS: dict[type, Callable] = {
-    Input: lambda node, names, dtype, knobs: {},
-    Position: lambda node, names, dtype, knobs: {},   # its parameters are an input of the kernels using it
-    Add: lambda node, names, dtype, knobs: {},        # an elementwise sum, done by torch
+    Input: _no_kernels, Position: _no_kernels, Add: _no_kernels,
     FeatureMap: _feature_map,
     LinearAttention: _linear_attention,
     PositionalAttention: _positional_attention,
@@ -192,9 +196,7 @@ def _portable_sampled(node: SampledAttention, names, dtype, knobs, gpu):
 
 
 PORTABLE_LOWERINGS: dict[type, Callable] = {
-    Input: lambda node, names, dtype, knobs, gpu: {},
-    Position: lambda node, names, dtype, knobs, gpu: {},
-    Add: lambda node, names, dtype, knobs, gpu: {},
+    Input: _no_kernels, Position: _no_kernels, Add: _no_kernels,
     FeatureMap: _portable_feature_map,
     LinearAttention: _portable_linear,
     PositionalAttention: _portable_decayed,

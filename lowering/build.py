@@ -16,8 +16,7 @@ def resolve_target(target: str | dict) -> dict | tvm.target.Target:
     if target in ("llvm", "cpu"):
         from tvm.target import codegen
         return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
-    raise ValueError(f"unknown target {target!r}; valid: 'llvm' (this CPU), "
-                     f"{', '.join(map(repr, cuda.TARGETS))} or a TVM target dict")
+    raise cuda.unknown(target)
 
 
 def build(funcs: dict, target) -> tvm.runtime.Module:

@@ -41,8 +41,7 @@ def check_target(target: str | dict) -> str | dict:
         return "llvm"
     if cuda.is_cuda(target):
         return target
-    raise ValueError(f"unknown target {target!r}; valid: 'llvm' (this CPU), "
-                     f"{', '.join(map(repr, cuda.TARGETS))} or a TVM target dict")
+    raise cuda.unknown(target)
 
 
 def target_kind(target: str | dict) -> str:

@@ -30,7 +30,7 @@ from tvm.s_tir import meta_schedule as ms
 from attndsl import config
 from attndsl.ir import postorder
 from attndsl.passes.plan import fft_length
-from attndsl.schedules import database, knobs as knob_spaces
+from attndsl.schedules import cuda, database, knobs as knob_spaces
 
 from . import kernel_names, lower, tunable
 from .build import resolve_target
@@ -121,7 +121,7 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
     from .runtime import target_kind
     portable = is_portable(target_kind(target))      # GPU targets: the portable kernels' knobs
     target = tvm.target.Target(resolve_target(target))
-    if portable and rpc is None and not (tvm.runtime.enabled("cuda") and tvm.cuda(0).exist):
+    if portable and rpc is None and not cuda.has_gpu():
         raise RuntimeError(f"no CUDA GPU here to time the {target.kind.name} kernels on: run "
                            f"`attndsl tune` on the GPU's machine, or pass --rpc-tracker/--rpc-key of "
                            f"a TVM RPC server running there")

@@ -23,11 +23,23 @@ def is_cuda(target: str | dict) -> bool:
     return target in TARGETS
 
 
+def unknown(target) -> ValueError:
+    """The error for a target that is neither the CPU nor a CUDA name."""
+    return ValueError(f"unknown target {target!r}; valid: 'llvm' (this CPU), "
+                      f"{', '.join(map(repr, TARGETS))} or a TVM target dict")
+
+
+def has_gpu() -> bool:
+    """Whether TVM has its CUDA runtime here and sees a GPU."""
+    import tvm
+    return bool(tvm.runtime.enabled("cuda")) and tvm.runtime.device("cuda", 0).exist
+
+
 def tvm_target(target: str | dict):
     """The TVM target; plain 'cuda' is the GPU of this machine (its arch, shared memory, threads)
     where there is one, else the H100."""
     import tvm
-    if target == "cuda" and tvm.runtime.enabled("cuda") and tvm.runtime.device("cuda", 0).exist:
+    if target == "cuda" and has_gpu():
         return tvm.target.Target.from_device("cuda")
     return tvm.target.Target(TARGETS.get(target, target) if isinstance(target, str) else target)
 
