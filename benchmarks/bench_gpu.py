@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,27 +24,16 @@ import torch.nn.functional as F
 import attndsl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_linear import SPECS, linear_chunked, linear_full, plot, torch_feature_map  # noqa: E402
+import bench_linear  # noqa: E402
+from bench_linear import SPECS, fwd_and_bwd, plot, torch_feature_map  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SPECS = {**SPECS, "softmax": "attention bench {{ mask = {mask} }}"}
 
 
-def timeit(fn, budget=1.0, max_reps=50) -> float:
+def timeit(fn) -> float:
     """Best CUDA-synchronized wall time of fn() after a warm-up (which also compiles)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    best = first
-    for _ in range(max(1, min(max_reps, int(budget / max(first, 1e-6))))):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return bench_linear.timeit(fn, budget=1.0, max_reps=50, sync=torch.cuda.synchronize)
 
 
 def fla_method(attn, causal):
@@ -81,13 +69,7 @@ def softmax_methods(attn, causal):
 def methods(attn, causal):
     if attn.spec.kernel.name == "softmax":
         return softmax_methods(attn, causal)
-    phi = torch_feature_map(attn)
-    core = linear_chunked if causal else linear_full
-
-    def plain(q, k, v):
-        return core(phi(q), phi(k), v)
-    ms = {"attndsl": attn, "torch": plain, "torch.compile": torch.compile(plain, dynamic=False),
-          "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+    ms = bench_linear.methods(attn, causal)           # attndsl, torch, torch.compile, sdpa
     fla = fla_method(attn, causal)
     if fla is not None:
         ms["fla chunk"] = fla
@@ -110,11 +92,7 @@ def run(kernel: str, lengths: list[int], bh=(2, 8), dim=64, with_backward=True):
                 out = fn(q, k, v)
                 if name == "torch":
                     ref = out
-                fwd = timeit(lambda: fn(q, k, v))
-                bwd = float("nan")
-                if with_backward:
-                    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-                    bwd = timeit(lambda: fn(qg, kg, vg).sum().backward())
+                fwd, bwd = fwd_and_bwd(fn, q, k, v, with_backward, timer=timeit)
                 rows.append(dict(mask=mask, n=n, method=name, fwd=fwd, fwd_bwd=bwd))
                 print(f"  {mask:6s} N={n:6d} {name:14s} fwd {fwd * 1e3:9.3f} ms   "
                       f"fwd+bwd {bwd * 1e3:9.3f} ms", flush=True)

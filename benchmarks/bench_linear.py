@@ -69,18 +69,33 @@ def linear_chunked(qf, kf, v, chunk=64):
     return (num / den.unsqueeze(-1)).reshape(B, H, n * chunk, D)[:, :, :N]
 
 
-def timeit(fn, budget=2.0, max_reps=20) -> float:
+def timeit(fn, budget=2.0, max_reps=20, sync=lambda: None) -> float:
+    """Best wall time of fn() after a warm-up (which also compiles); `sync` waits for the device
+    (torch.cuda.synchronize for GPU work) before each clock reading."""
     fn()                                                    # warm up (and compile)
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     first = time.perf_counter() - t0
     reps = max(1, min(max_reps, int(budget / max(first, 1e-6))))
     best = first
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def fwd_and_bwd(fn, q, k, v, with_backward=True, timer=timeit) -> tuple[float, float]:
+    """(forward, forward+backward) times of fn(q, k, v); the second NaN without backward."""
+    fwd = timer(lambda: fn(q, k, v))
+    bwd = float("nan")
+    if with_backward:
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        bwd = timer(lambda: fn(qg, kg, vg).sum().backward())
+    return fwd, bwd
 
 
 def methods(attn, causal):
@@ -109,11 +124,7 @@ def run(kernel: str, lengths: list[int], bh=(2, 8), dim=64, with_backward=True):
             ms = methods(attn, causal)
             q, k, v = (torch.randn(*bh, n, dim) for _ in range(3))
             for name, fn in ms.items():
-                fwd = timeit(lambda: fn(q, k, v))
-                bwd = float("nan")
-                if with_backward:
-                    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-                    bwd = timeit(lambda: fn(qg, kg, vg).sum().backward())
+                fwd, bwd = fwd_and_bwd(fn, q, k, v, with_backward)
                 rows.append(dict(mask=mask, n=n, method=name, fwd=fwd, fwd_bwd=bwd))
                 print(f"  {mask:6s} N={n:6d} {name:14s} fwd {fwd * 1e3:9.2f} ms   "
                       f"fwd+bwd {bwd * 1e3:9.2f} ms", flush=True)

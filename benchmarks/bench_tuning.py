@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import attndsl
-from bench_linear import timeit
+from bench_linear import fwd_and_bwd
 from bench_rpe import bias_matrix
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,11 +87,7 @@ def run(lengths: list[int], with_backward: bool = True) -> list[dict]:
             row = dict(scenario=scenario, n=n, choice=tuning_of(tuned), runtime_s=runtime_s, reuse_s=reuse_s)
             for r in range(ROUNDS):          # interleaved rounds, the best of each: drift hits all alike
                 for name, fn in methods.items():
-                    fwd = timeit(lambda: fn(q, k, v))
-                    bwd = float("nan")
-                    if with_backward:
-                        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-                        bwd = timeit(lambda: fn(qg, kg, vg).sum().backward())
+                    fwd, bwd = fwd_and_bwd(fn, q, k, v, with_backward)
                     row[f"{name}_fwd"] = min(fwd, row.get(f"{name}_fwd", fwd))
                     row[f"{name}_bwd"] = min(bwd, row.get(f"{name}_bwd", bwd))
             for name in methods:
