@@ -378,21 +378,11 @@ def test_gpu_library_is_cached():
 
 # --- the portable kernels' knobs (schedules/knobs.py portable_*) through a tuning database ------------
 
-def _record(db_folder, root, kernels, family, times: dict, target: str, n=256):
+def _record(db_folder, root, kernels, family, times: dict, target: str):
     """Commit `times` {knob label: seconds} for the portable `kernels` as if measured on `target`."""
-    import tvm
-    from attndsl.lowering import tune
-    from attndsl.lowering.runtime import target_kind
-    from attndsl.schedules import database, knobs
-    funcs = lowering.lower(root, "float32", portable=True, gpu=target_kind(target) == "cuda")
-    db = database.open_db(db_folder)
-    tgt = tvm.target.Target(build.resolve_target(target))
+    from test_tune import _record as record
     for kernel in kernels:
-        wl = db.commit_workload(database.workload(funcs[kernel]))
-        info = tune.arg_shapes(funcs[kernel], {"BH": 2, "H": 2, "P": 9, "N": n})
-        for choice in knobs.grid(family):
-            if knobs.label(choice) in times:
-                database.commit(db, wl, family, choice, [times[knobs.label(choice)]] * 2, tgt, info)
+        record(db_folder, root, kernel, family, times, n=256, target=target, portable=True, P=9)
 
 
 KNOB_CASES = [("elu1-causal", "kernel = elu1; mask = causal", "portable_linear", "chunk", 32),

@@ -150,17 +150,19 @@ def test_every_toeplitz_channel_block_computes_the_same_attention(channels):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
-def _record(db_folder, root, kernel, family, times: dict, n=64):
-    """Commit `times` {knob label: seconds} for `kernel` as if measured at length n on this CPU."""
+def _record(db_folder, root, kernel, family, times: dict, n=64, target="llvm", portable=False, P=1):
+    """Commit `times` {knob label: seconds} for `kernel` as if measured at length n on `target`
+    (this CPU by default); `portable`: of the portable kernels (GPU targets' ones)."""
     import tvm
     from attndsl.lowering import lower, tune
     from attndsl.lowering.build import resolve_target
+    from attndsl.lowering.runtime import target_kind
     from attndsl.schedules import database
-    func = lower(root, "float32")[kernel]
+    func = lower(root, "float32", portable=portable, gpu=target_kind(target) == "cuda")[kernel]
     db = database.open_db(db_folder)
     wl = db.commit_workload(database.workload(func))
-    info = tune.arg_shapes(func, {"BH": 2, "H": 2, "P": 1, "N": n})
-    target = tvm.target.Target(resolve_target("llvm"))
+    info = tune.arg_shapes(func, {"BH": 2, "H": 2, "P": P, "N": n})
+    target = tvm.target.Target(resolve_target(target))
     for choice in knobs.grid(family):
         if knobs.label(choice) in times:
             database.commit(db, wl, family, choice, [times[knobs.label(choice)]] * 2, target, info)
