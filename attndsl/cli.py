@@ -44,11 +44,16 @@ def cmd_emit(args) -> int:
         return _emit_mlir(args)
     if args.stage == "linalg":
         return _emit_linalg(args)
+    forms = None
+    if args.stage in ("tir", "cuda"):            # plan among the forms the target has kernels for
+        from . import lowering
+        from .lowering.runtime import target_kind
+        forms = lowering.forms_for(target_kind(_kernel_target(args)))
     for spec in _blocks(args):
         if args.stage == "ast":
             print(_format_ast(spec))
             continue
-        planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim)
+        planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim, forms=forms)
         if args.stage == "ir":
             print(f"// {spec.name}: DESIGN §2 as IR\n{format_ir(planned.stage('ir'))}")
         elif args.stage == "linear":
@@ -59,6 +64,11 @@ def cmd_emit(args) -> int:
     return 0
 
 
+def _kernel_target(args):
+    """--target, where --stage cuda without one means the GPU."""
+    return "cuda" if args.stage == "cuda" and args.target == "llvm" else args.target
+
+
 def _emit_kernels(spec, planned, args) -> None:
     """--stage tir: the kernels' TVMScript for --target (scheduled, for CUDA); --stage cuda: the
     CUDA C that TVM generates for them (built here: no GPU needed)."""
@@ -66,7 +76,7 @@ def _emit_kernels(spec, planned, args) -> None:
     from .lowering import build
     from .lowering.runtime import target_kind
     from .module import not_lowered
-    target = "cuda" if args.stage == "cuda" and args.target == "llvm" else args.target
+    target = _kernel_target(args)
     kind = target_kind(target)
     try:
         funcs = lowering.lower(planned.root, args.dtype, portable=lowering.portable(kind), gpu=kind == "cuda")
@@ -179,8 +189,9 @@ def _table_width(spec) -> int:
 def cmd_tune(args) -> int:
     from pathlib import Path
 
-    from . import pipeline
+    from . import lowering, pipeline
     from .lowering import tune
+    from .lowering.runtime import target_kind
     from .schedules import lookup
     db = Path(args.db) if args.db else lookup.user_db()
     rpc = None
@@ -192,8 +203,9 @@ def cmd_tune(args) -> int:
             return 2
         rpc = (host, int(port), args.rpc_key)
     lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
+    forms = lowering.forms_for(target_kind(args.target))
     for spec in _blocks(args):
-        planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim)
+        planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim, forms=forms)
         print(f"tuning {spec.name} ({args.dtype}, B·H={args.batch * args.heads}, N={args.lengths}) "
               f"into {db}")
         try:

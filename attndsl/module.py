@@ -55,7 +55,7 @@ class Attention(nn.Module):
         self.target = MLIR_TARGET if target == MLIR_TARGET else check_target(target)
         self.check_finite = check_finite
         self.tuned = tuned                       # False: the default knobs, whatever the databases say
-        self.planned = pipeline.run(spec, head_dim, self.value_dim, plan_name=plan)
+        self.planned = pipeline.run(spec, head_dim, self.value_dim, plan_name=plan, forms=self._forms())
         self._libs: dict[str, str] = {}          # kernel dtype -> library key in ops
         self._build_log: list[str] = []
         self._tuning: dict[str, tuple] = {}       # kernel dtype -> (databases read, {kernel: choice})
@@ -89,6 +89,13 @@ class Attention(nn.Module):
             self._library("float32")             # build now: fails early, and first call is fast
 
     # --- compilation ---------------------------------------------------------------------------
+
+    def _forms(self) -> frozenset | None:
+        """The forms the target has kernels for, which the planner picks from (None: all)."""
+        if self.target == MLIR_TARGET:
+            return None
+        from . import lowering
+        return lowering.forms_for(target_kind(self.target))
 
     def _library(self, dtype: str) -> str:
         if dtype in self._libs:
@@ -244,7 +251,8 @@ class Attention(nn.Module):
                  f"  heads={self.heads} head_dim={self.head_dim} value_dim={self.value_dim} "
                  f"scale={self.scale:.6g} target={self.target}", ""]
         n = n or 4096
-        planned = self.planned if n == 4096 else pipeline.run(spec, self.head_dim, self.value_dim, n=n)
+        planned = self.planned if n == 4096 else pipeline.run(spec, self.head_dim, self.value_dim, n=n,
+                                                              forms=self._forms())
         lines.append(f"plan (cost model at N={n}, flops per batch·head):")
         for d in planned.decisions:
             costs = "  ".join(f"{f}={c / 1e6:.1f}M" for f, c in d.costs)

@@ -41,14 +41,15 @@ class Planned:
 
 
 def run(spec: AttentionSpec, head_dim: int, value_dim: int, *, plan_name: str = "auto",
-        n: int = 4096) -> Planned:
-    """AST -> planned IR. `n` is the sequence length the cost model plans for."""
+        n: int = 4096, forms: frozenset | None = None) -> Planned:
+    """AST -> planned IR. `n` is the sequence length the cost model plans for; `forms` the forms
+    the target has kernels for (None: every form)."""
     root = verify(lower_ast.lower(spec, head_dim, value_dim))
     stages = [("ir", root)]
     for name, rules in PASSES:
         root = verify(rewrite(root, rules))
         stages.append((name, root))
-    root, decisions = plan.choose(root, plan_name, n)
+    root, decisions = plan.choose(root, plan_name, n, forms)
     stages.append(("plan", verify(root)))
     if config.dump_ir():
         for name, node in stages:

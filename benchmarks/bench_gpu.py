@@ -8,8 +8,10 @@ Causal and full masks, B·H = 16, M = Dk = Dv = 64, N in {1024, 4096, 16384}, fl
   fla chunk            flash-linear-attention's chunked kernel (`fla.ops.linear_attn`), when installed
 forward and forward+backward, CUDA-synchronized wall time; ratios are (baseline) / (attndsl).
 
-    python benchmarks/bench_gpu.py [--kernel elu1|favor|softmax] [--lengths 1024,4096,16384] [--quick]
-(--kernel softmax: the quadratic form against SDPA, eager softmax(s·q·kᵀ)·v and its torch.compile.)
+    python benchmarks/bench_gpu.py [--kernel elu1|favor|softmax|clipped] [--lengths 1024,4096,16384] [--quick]
+(--kernel softmax: the quadratic form against SDPA, eager softmax(s·q·kᵀ)·v and its torch.compile;
+--kernel clipped: elu1 with a learned table clipped at W = 128, the banded form, against SDPA with
+the bias as a float mask and the same maths written out with its (H, N, N) weights.)
 Writes benchmarks/results/bench_gpu_<kernel>.{md,png}. Without a GPU it says so and exits 0.
 """
 from __future__ import annotations
@@ -28,7 +30,9 @@ import bench_linear  # noqa: E402
 from bench_linear import SPECS, fwd_and_bwd, plot, torch_feature_map  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GPU_SPECS = {**SPECS, "softmax": "attention bench {{ mask = {mask} }}"}
+GPU_SPECS = {**SPECS, "softmax": "attention bench {{ mask = {mask} }}",
+             "clipped": "attention bench {{ kernel = elu1; position = toeplitz(max_distance=128, init=normal); "
+                        "mask = {mask} }}"}
 
 
 def timeit(fn) -> float:
@@ -66,9 +70,40 @@ def softmax_methods(attn, causal):
                                                                    scale=attn.scale)}
 
 
+def table_bias(attn, n: int, device) -> torch.Tensor:
+    """b(i − j) (H, N, N) of the learned table, clipped at ±W."""
+    tab = attn.position_table.detach().to(device)
+    w = (tab.shape[1] - 1) // 2
+    r = torch.arange(n, device=device)
+    return tab[:, (r[:, None] - r[None, :]).clamp(-w, w) + w]
+
+
+def clipped_methods(attn, causal):
+    """The banded form against SDPA with the bias as a float mask, and Σ_j c(i−j) κ_ij v_j written out."""
+    phi = torch_feature_map(attn)
+    cache = {}
+
+    def bias(q):                             # built once per length, outside the timed calls
+        n = q.shape[-2]
+        if n not in cache:
+            b = table_bias(attn, n, q.device)
+            if causal:
+                b = b.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            cache[n] = b.unsqueeze(0)
+        return cache[n]
+
+    def plain(q, k, v):
+        a = (phi(q) @ phi(k).transpose(-1, -2)) * bias(q).exp()
+        return (a @ v) / a.sum(-1, keepdim=True)
+    return {"attndsl": attn, "torch": plain, "torch.compile": torch.compile(plain, dynamic=False),
+            "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias(q), scale=attn.scale)}
+
+
 def methods(attn, causal):
     if attn.spec.kernel.name == "softmax":
         return softmax_methods(attn, causal)
+    if attn.position_table is not None:
+        return clipped_methods(attn, causal)
     ms = bench_linear.methods(attn, causal)           # attndsl, torch, torch.compile, sdpa
     fla = fla_method(attn, causal)
     if fla is not None:
@@ -104,7 +139,9 @@ def run(kernel: str, lengths: list[int], bh=(2, 8), dim=64, with_backward=True):
 def table(rows, kernel) -> str:
     by = {(r["mask"], r["n"], r["method"]): r for r in rows}
     names = [m for m in ("torch", "torch.compile", "sdpa", "fla chunk") if any(r["method"] == m for r in rows)]
-    what = "softmax attention (quadratic form)" if kernel == "softmax" else f"linear attention, kernel {kernel}"
+    what = {"softmax": "softmax attention (quadratic form)",
+            "clipped": "elu1 with a table clipped at W = 128 (banded form; sdpa: the bias as a float mask)"}.get(
+        kernel, f"linear attention, kernel {kernel}")
     out = [f"### {what} on {torch.cuda.get_device_name()}, B·H=16, M=D=64, float32",
            "", f"| mask | N | attndsl fwd ms | {' | '.join(names)} | fwd speed-up vs {' / '.join(names)} "
            f"| attndsl fwd+bwd ms | fwd+bwd speed-up |", "|---" * (6 + len(names)) + "|"]

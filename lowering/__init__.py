@@ -166,10 +166,13 @@ def _portable_linear(node: LinearAttention, names, dtype, knobs, gpu):
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, causal, phi, dphi, chunk=cb)}
 
 
-def _portable_decayed(node: PositionalAttention, names, dtype, knobs, gpu):
+def _portable_positional(node: PositionalAttention, names, dtype, knobs, gpu):
     from . import te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
     cf, cb = _chunks(knobs, names)
+    if node.form == "banded":                    # a clipped table: the band by offsets, far keys by chunks
+        return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf),
+                names[1]: te_forms.banded_backward(names[1], m, d, dtype, node.causal, chunk=cb)}
     return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, decayed=True, chunk=cf),
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, node.causal, decayed=True, chunk=cb)}
 
@@ -199,14 +202,14 @@ PORTABLE_LOWERINGS: dict[type, Callable] = {
     Input: _no_kernels, Position: _no_kernels, Add: _no_kernels,
     FeatureMap: _portable_feature_map,
     LinearAttention: _portable_linear,
-    PositionalAttention: _portable_decayed,
+    PositionalAttention: _portable_positional,
     SoftmaxAttention: _portable_softmax,
     SampledAttention: _portable_sampled,
 }
 PORTABLE_FORMS: dict[type, frozenset | None] = {
     Input: None, Position: None, Add: None, FeatureMap: None,
     LinearAttention: frozenset(LINEAR_FORMS),
-    PositionalAttention: frozenset({"decayed"}),
+    PositionalAttention: frozenset({"banded", "decayed"}),
     SoftmaxAttention: LOWERED_FORMS[SoftmaxAttention],
     SampledAttention: LOWERED_FORMS[SampledAttention],
 }
@@ -218,6 +221,11 @@ def portable(kind: str) -> bool:
     """Whether a target kind ('llvm', 'cuda') builds the portable kernels (te_forms.py,
     softmax_rows.py) rather than the CPU ones."""
     return kind in PORTABLE_KINDS
+
+
+def forms_for(kind: str) -> frozenset | None:
+    """The forms a target kind has kernels for, for the planner (None: every form)."""
+    return frozenset(lowered_forms(True)) if portable(kind) else None
 
 
 def _registry(portable: bool) -> tuple[dict, dict]:
@@ -288,9 +296,8 @@ def lower_tuned(root: Node, dtype: str, dirs: list, target, portable: bool = Fal
 def knob_family(node: Node, portable: bool = False) -> str | None:
     """The schedules/knobs.py family of a node's kernels (both of them), None when not tunable;
     `portable`: of the portable kernels."""
-    decayed = isinstance(node, PositionalAttention) and node.form == "decayed"
     if portable:
-        if isinstance(node, LinearAttention) or decayed:
+        if isinstance(node, (LinearAttention, PositionalAttention)):     # decayed, banded: chunked
             return "portable_linear"
         return "portable_rows" if isinstance(node, SoftmaxAttention) else None
     if isinstance(node, LinearAttention) or (isinstance(node, PositionalAttention) and node.form == "decayed"):

@@ -423,3 +423,209 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
         dQf = te.compute(q.shape, lambda b, i, m: dQf[b, i, m] * dphi(q[b, i, m]), "dq")
         dKf = te.compute(k.shape, lambda b, j, m: dKf[b, j, m] * dphi(k[b, j, m]), "dk")
     return _func(name, [q, k, v, tab, O, DEN, dO, dQf, dKf, dV])
+
+
+# --- banded + constant (banded.py's maths for a table clipped at W) -------------------------------
+#
+# c(r) = c₊ = c(W) for r ≥ W, c₋ = c(−W) for r ≤ −W (0 when causal), the table inside (|r| < W).
+# With v̄ = [v, 1], a query i sums the band |i − j| < W pair by pair, indexed by offset r = i − j
+# (so the table's gradient is a sum per offset), and the far keys j ≤ i − W and j ≥ i + W through
+# chunk prefix states shifted by W:
+#     Σ_j c(i−j) κ_ij v̄_j = Σ_{|r|<W} c(r) κ_{i,i−r} v̄_{i−r} + c₊ F_<(i − W) + c₋ F_>(i + W)
+# F_<(p) = φq_i·Σ_{j ≤ p} φk_j⊗v̄_j = φq_i·P[chunk(p)] + Σ_{s ≤ t(p)} (φq_i·φk_s) v̄_s over p's
+# chunk (F_> mirrored). O(N·W·(M + D)) for the band, O(N·C·(M + D) + (N/C)²·M·D) for the rest.
+
+def _ones_col(X, dtype, name, sign=1.0, extra=None):
+    """[X, sign·extra] (BH, N, w + 1): X with one more column, `extra` (BH, N) or 1."""
+    w = X.shape[2]
+    last = (lambda b, i: tirx.const(sign, dtype)) if extra is None else (
+        lambda b, i: extra[b, i] * tirx.const(sign, dtype))
+    return te.compute((X.shape[0], X.shape[1], w + 1), lambda b, i, e: tirx.if_then_else(
+        e < w, X[b, i, tirx.min(e, w - 1)], last(b, i)), name)
+
+
+def _far(Rows, X, Y, N, pos, later: bool, C: int, name):
+    """F[b, i, :] = Σ_{j ≤ p} (Rows_i·X_j) Y_j, p = pos(i) (later: over j ≥ p); zero where p is
+    outside [0, N). Chunk states of X⊗Y, their exclusive scan, and p's chunk row by row."""
+    dtype = Rows.dtype
+    Xc, Yc = _chunked(X, N, dtype, name + "_xc", C), _chunked(Y, N, dtype, name + "_yc", C)
+    d = _Dir(None, later, later, C)
+    P = _scan(_chunk_states(Xc, Yc, d, name + "_chunk"), d, name + "_scan")
+    BH, Ci = Rows.shape[0], _i64(C)
+
+    def at(i):                     # (valid, chunk, row) of p = pos(i)
+        p = pos(i)
+        pc = tirx.max(tirx.min(p, N - 1), _i64(0))
+        return tirx.And(p >= 0, p < N), tirx.floordiv(pc, Ci), tirx.floormod(pc, Ci)
+    w = te.reduce_axis((0, Rows.shape[2]), name + "_w")
+
+    def score(b, i, s):
+        ok, c, t = at(i)
+        keep = tirx.And(ok, s >= t if later else s <= t)
+        return te.sum(tirx.Select(keep, Rows[b, i, w] * Xc[b, c, s, w], _zero(dtype)), axis=w)
+    A = te.compute((BH, N, Ci), score, name + "_scores")
+    s2 = te.reduce_axis((0, Ci), name + "_s")
+    intra = te.compute((BH, N, Y.shape[2]), lambda b, i, e: te.sum(
+        A[b, i, s2] * Yc[b, at(i)[1], s2, e], axis=s2), name + "_intra")
+    w2 = te.reduce_axis((0, Rows.shape[2]), name + "_w2")
+    inter = te.compute((BH, N, Y.shape[2]), lambda b, i, e: te.sum(tirx.Select(
+        at(i)[0], Rows[b, i, w2] * P[b, at(i)[1], w2, e], _zero(dtype)), axis=w2), name + "_inter")
+    return te.compute(intra.shape, lambda b, i, e: intra[b, i, e] + inter[b, i, e], name)
+
+
+class _Band:
+    """The table's geometry: W = (P − 1)/2, the offsets u < U of the band (r = u when causal, else
+    r = u − (Wn − 1), Wn = min(W, N)) and the weights c = exp(b − max b) over the r that occur
+    (clamped at 1: an entry no r reaches may exceed the max; it multiplies 0)."""
+
+    def __init__(self, TAB, BH, N, causal: bool, dtype: str):
+        H, P = TAB.shape
+        self.TAB, self.N, self.causal, self.dtype = TAB, N, causal, dtype
+        self.W = tirx.floordiv(P - 1, _i64(2))
+        self.Wn = tirx.min(self.W, N)
+        self.U = self.Wn if causal else 2 * self.Wn - 1
+
+        def occurs(r):
+            return tirx.And(r >= 0, r < N) if causal else tirx.And(r > -N, r < N)
+        # per batch·head, not per head: an intermediate indexed by bh mod H would be compacted by
+        # TVM to a size that depends on the thread indices
+        t = te.reduce_axis((0, P), "t")
+        mx = te.compute((BH,), lambda b: te.max(tirx.Select(
+            occurs(t - self.W), TAB[tirx.floormod(b, H), t], tirx.min_value(dtype)), axis=t), "tab_max")
+        self.cw = te.compute((BH, P), lambda b, p: tirx.exp(tirx.min(
+            TAB[tirx.floormod(b, H), p] - mx[b], _zero(dtype))), "cw")
+
+    def r(self, u):
+        return u if self.causal else u - (self.Wn - 1)
+
+    def c(self, b, u):
+        """c(r(u)) of batch·head b."""
+        return self.cw[b, self.r(u) + self.W]
+
+    def far(self, b, later: bool):
+        """c₊ (keys at r ≥ W) or c₋ (r ≤ −W; 0 when causal)."""
+        if later and self.causal:
+            return _zero(self.dtype)
+        return self.cw[b, 0 if later else 2 * self.W]
+
+    def other(self, i, u, sign: int):
+        """(valid, clamped index) of row i − sign·r(u): the key of query i (sign 1) or the query
+        of key i (sign −1)."""
+        j = i - sign * self.r(u)
+        return tirx.And(j >= 0, j < self.N), tirx.max(tirx.min(j, self.N - 1), _i64(0))
+
+    def pairs(self, A, B, sign: int, name):
+        """(BH, N, U): Σ_w A[i, w]·B[i − sign·r(u), w], zero where that row is outside."""
+        w = te.reduce_axis((0, A.shape[2]), name + "_w")
+
+        def body(b, i, u):
+            ok, j = self.other(i, u, sign)
+            return te.sum(tirx.Select(ok, A[b, i, w] * B[b, j, w], _zero(self.dtype)), axis=w)
+        return te.compute((A.shape[0], self.N, self.U), body, name)
+
+    def gather(self, S, X, sign: int, name):
+        """(BH, N, w): Σ_u S[row, u]·X[other row, :] — with sign 1, S indexed by this query and X by
+        its keys; with sign −1, S and X both indexed by the query i = j + r(u) of key j."""
+        u = te.reduce_axis((0, self.U), name + "_u")
+
+        def body(b, i, e):
+            ok, j = self.other(i, u, sign)
+            s = S[b, i, u] if sign == 1 else S[b, j, u]
+            return te.sum(tirx.Select(ok, s * X[b, j, e], _zero(self.dtype)), axis=u)
+        return te.compute((X.shape[0], self.N, X.shape[2]), body, name)
+
+
+def _banded_inputs(M, D, dtype):
+    BH, N = _dims()
+    q = te.placeholder((BH, N, _i64(M)), dtype, "qf")
+    k = te.placeholder((BH, N, _i64(M)), dtype, "kf")
+    v = te.placeholder((BH, N, _i64(D)), dtype, "v")
+    tab = te.placeholder((tirx.Var("H", "int64"), tirx.Var("P", "int64")), dtype, "tab")
+    return BH, N, q, k, v, tab, tirx.Var("unused", "int64")
+
+
+def _weighted_sum(parts, shape, name):
+    """Σ over parts [(c(b) or None, X)] of c·X, X (BH, N, w)."""
+    def body(b, i, e):
+        acc = None
+        for w, X in parts:
+            term = _times(w(b) if w is not None else None, X[b, i, e])
+            acc = term if acc is None else acc + term
+        return acc
+    return te.compute(shape, body, name)
+
+
+def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: int = CHUNK):
+    """(Qf, Kf, V, TAB, O out, DEN out, unused): DEN_i = Σ_j c(i−j) κ_ij, O_i = Σ_j c(i−j) κ_ij V_j / DEN_i;
+    TAB (H, 2W+1) the learned table, c = exp(TAB − max) clipped at ±W."""
+    BH, N, q, k, v, tab, unused = _banded_inputs(M, D, dtype)
+    band = _Band(tab, BH, N, causal, dtype)
+    Vb = _ones_col(v, dtype, "vb")
+    kappa = band.pairs(q, k, 1, "kappa")
+    A = te.compute(kappa.shape, lambda b, i, u: band.c(b, u) * kappa[b, i, u], "a")
+    parts = [(None, band.gather(A, Vb, 1, "near")),
+             (lambda b: band.far(b, False), _far(q, k, Vb, N, lambda i: i - band.W, False, chunk, "before"))]
+    if not causal:
+        parts.append((lambda b: band.far(b, True), _far(q, k, Vb, N, lambda i: i + band.W, True, chunk, "after")))
+    num = _weighted_sum(parts, (BH, N, _i64(D + 1)), "num")
+    den = te.compute((BH, N), lambda b, i: num[b, i, D], "den")
+    out = te.compute((BH, N, _i64(D)), lambda b, i, d: num[b, i, d] / num[b, i, D], "out")
+    return _func(name, [q, k, v, tab, out, den, unused])
+
+
+def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: int = CHUNK):
+    """(Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out, dTAB out, unused). With g_i = dO_i/DEN_i,
+    r_i = (dO_i·O_i)/DEN_i, b_ij = g_i·V_j − r_i = ḡ_i·v̄_j (ḡ = [g, −r]) and w_ij = c(i − j):
+        dQf_i = Σ_j w_ij b_ij Kf_j,  dKf_j = Σ_i w_ij b_ij Qf_i,  dV_j = Σ_i w_ij κ_ij g_i,
+        dTAB[h, r + W] = c(r) Σ_{bh ≡ h} Σ_{i − j = r} κ_ij b_ij  (band offsets; the far slots 2W and 0
+    collect c₊ Σ_i Qf_i·F_<(i) and c₋ Σ_i Qf_i·F_>(i) of dQf's far parts)."""
+    BH, N, q, k, v, tab, unused = _banded_inputs(M, D, dtype)
+    Mi, Di = _i64(M), _i64(D)
+    O = te.placeholder((BH, N, Di), dtype, "o")
+    DEN = te.placeholder((BH, N), dtype, "den")
+    dO = te.placeholder((BH, N, Di), dtype, "do")
+    band = _Band(tab, BH, N, causal, dtype)
+    g = te.compute((BH, N, Di), lambda b, i, d: dO[b, i, d] / DEN[b, i], "g")
+    d0 = te.reduce_axis((0, Di), "d0")
+    r = te.compute((BH, N), lambda b, i: te.sum(dO[b, i, d0] * O[b, i, d0] / DEN[b, i], axis=d0), "r")
+    gb, Vb = _ones_col(g, dtype, "gb", -1.0, r), _ones_col(v, dtype, "vb")
+    # the band, by offset: κ and b for query i and its key i − r(u)
+    kappa = band.pairs(q, k, 1, "kappa")
+    bq = band.pairs(gb, Vb, 1, "b_band")
+    Bw = te.compute(kappa.shape, lambda b, i, u: band.c(b, u) * bq[b, i, u], "bw")
+    Aw = te.compute(kappa.shape, lambda b, i, u: band.c(b, u) * kappa[b, i, u], "aw")
+    sides = [(False, lambda b: band.far(b, False))] + ([] if causal else [(True, lambda b: band.far(b, True))])
+    shift = {False: lambda i: i - band.W, True: lambda i: i + band.W}    # a query's far keys from p
+    mirror = {False: lambda j: j + band.W, True: lambda j: j - band.W}   # a key's far queries from p
+    q_parts, k_parts, v_parts, fars = [(None, band.gather(Bw, k, 1, "dq_band"))], \
+        [(None, band.gather(Bw, q, -1, "dk_band"))], [(None, band.gather(Aw, g, -1, "dv_band"))], []
+    for later, c in sides:
+        tag = "after" if later else "before"
+        Fq = _far(gb, Vb, k, N, shift[later], later, chunk, f"dq_{tag}")
+        q_parts.append((c, Fq))
+        k_parts.append((c, _far(Vb, gb, q, N, mirror[later], not later, chunk, f"dk_{tag}")))
+        v_parts.append((c, _far(k, q, g, N, mirror[later], not later, chunk, f"dv_{tag}")))
+        i_, m_ = te.reduce_axis((0, N), f"i_{tag}"), te.reduce_axis((0, Mi), f"m_{tag}")
+        fars.append((later, c, te.compute((BH,), lambda b: te.sum(q[b, i_, m_] * Fq[b, i_, m_], axis=[i_, m_]),
+                                          f"far_{tag}")))
+    dQf = _weighted_sum(q_parts, q.shape, "dqf")
+    dKf = _weighted_sum(k_parts, k.shape, "dkf")
+    dV = _weighted_sum(v_parts, v.shape, "dv_")
+    # the table: per offset over (bh, i), then per slot over the batch·heads of a head
+    i2 = te.reduce_axis((0, N), "i2")
+    E = te.compute((BH, band.U), lambda b, u: te.sum(kappa[b, i2, u] * Bw[b, i2, u], axis=i2), "e_band")
+    H, P = tab.shape
+    per_h = te.reduce_axis((0, tirx.floordiv(BH, H)), "per_h")
+
+    def slot(h, t):
+        rr = t - band.W
+        u = rr if causal else rr + band.Wn - 1
+        inside = tirx.And(rr >= 0, rr < band.Wn) if causal else tirx.And(rr > -band.Wn, rr < band.Wn)
+        uc = tirx.max(tirx.min(u, band.U - 1), _i64(0))
+        val = tirx.Select(inside, E[per_h * H + h, uc], _zero(dtype))
+        for later, c, F in fars:
+            at = t == (0 if later else 2 * band.W)
+            val = val + tirx.Select(at, c(per_h * H + h) * F[per_h * H + h], _zero(dtype))
+        return te.sum(val, axis=per_h)
+    dTAB = te.compute((H, P), slot, "dtab")
+    return _func(name, [q, k, v, tab, O, DEN, dO, dQf, dKf, dV, dTAB, unused])

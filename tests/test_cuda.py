@@ -30,6 +30,12 @@ DECAYED = {"alibi-causal": "kernel = elu1; position = alibi; mask = causal",
            "alibi-full": "kernel = elu1; position = alibi",
            "affine-full": "kernel = relu; position(r) = -0.1 * abs(r) + 0.05 * r",
            "affine-causal": "kernel = favor(features=16, seed=2); position(r) = -0.2 * abs(r); mask = causal"}
+# the banded form (a table clipped at W): W below, across and beyond the chunks of te_forms.CHUNK
+BANDED = {"clipped-full": "kernel = elu1; position = toeplitz(max_distance=5, init=normal)",
+          "clipped-causal": "kernel = relu; position = toeplitz(max_distance=3, init=normal); mask = causal",
+          "wide-full": "kernel = favor(features=16, seed=1); position = toeplitz(max_distance=70, init=normal)",
+          "wide-causal": "kernel = elu1; position = toeplitz(max_distance=100, init=normal); mask = causal",
+          "longer-than-n": "kernel = elu1; position = toeplitz(max_distance=400, init=normal)"}
 # the quadratic form (softmax_rows.py), with every position kind
 SOFTMAX = {"plain-full": "", "plain-causal": "mask = causal",
            "table-full": "position = toeplitz(max_distance=4, init=normal)",
@@ -117,39 +123,48 @@ def test_portable_decayed_gradcheck_float64(portable_on_cpu, case):
     assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def softmax(case: str, target="llvm", head_dim=8, value_dim=6) -> attndsl.Attention:
-    key = ("softmax", case, target, head_dim, value_dim)
+def with_table(body: str, form: str, target="llvm", head_dim=8, value_dim=6) -> attndsl.Attention:
+    """`attention t { body }` planned as `form`, its table (if any) far from the zero init."""
+    key = (body, form, target, head_dim, value_dim)
     if key not in _CACHE:
-        attn = attndsl.compile(f"attention t {{ {SOFTMAX[case]} }}", heads=2, head_dim=head_dim,
+        attn = attndsl.compile(f"attention t {{ {body} }}", heads=2, head_dim=head_dim,
                                value_dim=value_dim, target=target)
-        assert "form quadratic" in attn.explain()
-        if attn.position_table is not None:          # a table far from its zero init
+        assert f"form {form}" in attn.explain()
+        if attn.position_table is not None:
             with torch.no_grad():
                 attn.position_table.copy_(0.5 * torch.randn_like(attn.position_table))
         _CACHE[key] = attn
     return _CACHE[key]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("case", sorted(SOFTMAX))
-def test_portable_softmax_matches_reference(portable_on_cpu, case, dtype):
-    attn = softmax(case)
-    q, k, v = inputs(2, 2, 150, 8, 6, dtype)
-    check_against_reference(attn, q, k, v, RTOL[dtype])
-    if attn.position_table is not None:               # d table, through the kernels' diagonal sums
-        g = torch.randn(2, 2, 150, 6, dtype=torch.float64)
+def softmax(case: str, **kw) -> attndsl.Attention:
+    return with_table(SOFTMAX[case], "quadratic", **kw)
+
+
+def banded(case: str, **kw) -> attndsl.Attention:
+    return with_table(BANDED[case], "banded", **kw)
+
+
+WITH_TABLE = {"quadratic": softmax, "banded": banded}
+TABLE_CASES = [("quadratic", c) for c in sorted(SOFTMAX)] + [("banded", c) for c in sorted(BANDED)]
+
+
+def check_with_table(attn, q, k, v, rtol):
+    """Out, dq, dk, dv and (where there is a table) d table vs the reference."""
+    check_against_reference(attn, q, k, v, rtol)
+    if attn.position_table is not None:
+        g = torch.randn(v.shape, dtype=torch.float64, device=v.device)
         attn.zero_grad()
         (attn.reference(q.double(), k.double(), v.double()) * g).sum().backward()
         ref = attn.position_table.grad.clone()
         attn.zero_grad()
-        (attn(q, k, v) * g.to(dtype)).sum().backward()
-        assert_close("dtable", ref, attn.position_table.grad, 20 * RTOL[dtype])
+        (attn(q, k, v) * g.to(q)).sum().backward()
+        assert_close("dtable", ref, attn.position_table.grad.to(ref.device), 20 * rtol)
 
 
-@pytest.mark.parametrize("case", sorted(SOFTMAX))
-def test_portable_softmax_gradcheck_float64(portable_on_cpu, case):
-    attn = softmax(case, head_dim=3, value_dim=2)
-    q, k, v = (t.requires_grad_() for t in inputs(1, 2, 11, 3, 2, torch.float64))
+def gradcheck_with_table(attn, q, k, v):
+    """float64 gradcheck in q, k, v and the table (as an input)."""
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     params = {}
     if attn.position_table is not None:
         params["position_table"] = attn.position_table.detach().double().clone().requires_grad_()
@@ -157,6 +172,36 @@ def test_portable_softmax_gradcheck_float64(portable_on_cpu, case):
     def f(q, k, v, *tab):
         return torch.func.functional_call(attn, dict(zip(params, tab)), (q, k, v))
     assert torch.autograd.gradcheck(f, (q, k, v, *params.values()), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("form,case", TABLE_CASES, ids=[f"{f}-{c}" for f, c in TABLE_CASES])
+def test_portable_softmax_and_banded_match_reference(portable_on_cpu, form, case, dtype):
+    """N = 150. Banded: the band by offsets, the far keys through chunk states shifted by W (both
+    sides without a mask), the table's gradient per offset and in its two far slots."""
+    check_with_table(WITH_TABLE[form](case), *inputs(2, 2, 150, 8, 6, dtype), RTOL[dtype])
+
+
+@pytest.mark.parametrize("case", sorted(SOFTMAX))
+def test_portable_softmax_gradcheck_float64(portable_on_cpu, case):
+    gradcheck_with_table(softmax(case, head_dim=3, value_dim=2), *inputs(1, 2, 11, 3, 2, torch.float64))
+
+
+@pytest.mark.parametrize("case", ["clipped-full", "clipped-causal", "wide-full"])
+def test_portable_banded_gradcheck_float64(portable_on_cpu, case):
+    """N = C + 9, so far keys fall in the chunk before and the chunk after."""
+    gradcheck_with_table(banded(case, head_dim=3, value_dim=2),
+                         *inputs(1, 2, te_forms.CHUNK + 9, 3, 2, torch.float64))
+
+
+def test_the_planner_picks_forms_the_target_has_kernels_for():
+    """A table as long as the sequence: Toeplitz-FFT on the CPU, banded (exact, O(N·W)) for CUDA,
+    which has no FFT kernels."""
+    text = "attention t { kernel = elu1; position = toeplitz(max_distance=4096) }"
+    cpu = pipeline.run(attndsl.parse(text).block("t"), 64, 64)
+    assert [d.form for d in cpu.decisions] == ["toeplitz_fft"]
+    gpu = attndsl.compile(text, heads=2, head_dim=64, target="sm_80")
+    assert "form banded" in gpu.explain() and "toeplitz_fft=" not in gpu.explain()
 
 
 def sampled(case: str, target="llvm", head_dim=8, value_dim=6) -> attndsl.Attention:
@@ -234,7 +279,7 @@ def test_every_feature_map_family_has_a_portable_example():
     names = {p.values[1] for p in PORTABLE_EXAMPLES}
     assert {"linear_elu", "linear_elu_causal", "performer_causal", "squared_softplus",
             "gaussian_rff", "hyperbolic_causal", "alibi_linear", "softmax_causal", "softmax_rpe",
-            "softmax_alibi", "kdeformer", "kdeformer_columns", "uniform_sampled"} <= names
+            "softmax_alibi", "kdeformer", "kdeformer_columns", "uniform_sampled", "clipped_table"} <= names
 
 
 @pytest.mark.parametrize("target", CUDA_TARGETS)
@@ -266,7 +311,7 @@ def test_forms_without_portable_kernels_are_a_spec_error():
     text = (EXAMPLES / "positions.attn").read_text()
     with pytest.raises(SpecError, match="not lowered for target cuda") as e:
         attndsl.compile(text, name="smooth_bias", heads=2, head_dim=16, target="cuda")
-    assert "forms with cuda kernels: decayed, kde, linear, prefix_sum, quadratic, uniform" in str(e.value)
+    assert "forms with cuda kernels: banded, decayed, kde, linear, prefix_sum, quadratic, uniform" in str(e.value)
     assert "target='llvm' compiles every form" in str(e.value)
 
 
@@ -341,11 +386,10 @@ def test_gpu_decayed_matches_reference(case, dtype):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("case", sorted(SOFTMAX))
-def test_gpu_softmax_matches_reference(case, dtype):
-    attn = softmax(case, target="cuda").cuda()
+@pytest.mark.parametrize("form,case", TABLE_CASES, ids=[f"{f}-{c}" for f, c in TABLE_CASES])
+def test_gpu_softmax_and_banded_match_reference(form, case, dtype):
     q, k, v = (t.cuda() for t in inputs(2, 2, 300, 8, 6, dtype))
-    check_against_reference(attn, q, k, v, 10 * RTOL[dtype])
+    check_with_table(WITH_TABLE[form](case, target="cuda").cuda(), q, k, v, 10 * RTOL[dtype])
 
 
 @gpu
@@ -388,6 +432,8 @@ def _record(db_folder, root, kernels, family, times: dict, target: str):
 KNOB_CASES = [("elu1-causal", "kernel = elu1; mask = causal", "portable_linear", "chunk", 32),
               ("elu1-causal", "kernel = elu1; mask = causal", "portable_linear", "chunk", 128),
               ("alibi-full", "kernel = elu1; position = alibi", "portable_linear", "chunk", 128),
+              ("clipped-full", "kernel = elu1; position = toeplitz(max_distance=40, init=normal)", "portable_linear",
+               "chunk", 32),
               ("table-softmax", "position = toeplitz(max_distance=4, init=normal)", "portable_rows", "rows", 64),
               ("causal-softmax", "mask = causal", "portable_rows", "rows", 256)]
 
@@ -401,7 +447,7 @@ def test_every_portable_knob_choice_computes_the_same_attention(portable_on_cpu,
     from attndsl.schedules import knobs
     monkeypatch.setenv("ATTNDSL_TUNING_DB", str(tmp_path))
     text = f"attention t {{ {body} }}"
-    root = pipeline.run(attndsl.parse(text).block(None), 8, 6).root
+    root = pipeline.run(attndsl.parse(text).block(None), 8, 6, forms=lowering.forms_for("llvm")).root
     kernels = list(lowering.tunable(root, portable=True))
     assert kernels and all(f == family for f in lowering.tunable(root, portable=True).values())
     default = knobs.label(knobs.defaults(family))
@@ -415,7 +461,7 @@ def test_a_record_for_a_cuda_target_is_built_for_it(tmp_path, monkeypatch):
     """The lookup of CUDA kernels' knobs, without a GPU: a record for sm_80 picks chunk=128."""
     monkeypatch.setenv("ATTNDSL_TUNING_DB", str(tmp_path))
     text = "attention t { kernel = elu1; mask = causal }"
-    root = pipeline.run(attndsl.parse(text).block(None), 8, 6).root
+    root = pipeline.run(attndsl.parse(text).block(None), 8, 6, forms=lowering.forms_for("llvm")).root
     kernels = list(lowering.tunable(root, portable=True))
     _record(tmp_path, root, kernels, "portable_linear", {"chunk=64": 3e-3, "chunk=128": 1e-3}, "sm_80")
     attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6, target="sm_80")

@@ -134,8 +134,11 @@ def candidates(n: Node) -> list[Form]:
     return [f for f in FORMS if isinstance(n, f.node) and f.valid(n)]
 
 
-def choose(root: Node, plan: str = "auto", n: int = 4096) -> tuple[Node, list[Decision]]:
-    """Set `form` on every site; returns the new tree and the choices made (for explain())."""
+def choose(root: Node, plan: str = "auto", n: int = 4096,
+           forms: frozenset | None = None) -> tuple[Node, list[Decision]]:
+    """Set `form` on every site; returns the new tree and the choices made (for explain()).
+    `forms`: the forms the target has kernels for (None: all); a site none of whose valid forms
+    is among them keeps every candidate, so that lowering names what is missing."""
     known = sorted({f.name for f in FORMS})
     if plan != "auto" and plan not in known:
         from ..diagnostics import did_you_mean
@@ -145,15 +148,16 @@ def choose(root: Node, plan: str = "auto", n: int = 4096) -> tuple[Node, list[De
     def rule(node):
         if not hasattr(node, "form") or node.form is not None:
             return None
-        forms = candidates(node)
+        valid = candidates(node)
+        usable = [f for f in valid if forms is None or f.name in forms] or valid
         if plan != "auto":
-            forced = [f for f in forms if f.name == plan]
+            forced = [f for f in valid if f.name == plan]
             if not forced:
                 raise SpecError(f"plan {plan!r} does not apply to this spec", node.span,
-                                help=f"forms valid here: {', '.join(f.name for f in forms) or 'none'}")
-            forms = forced
-        best = min(forms, key=lambda f: f.cost(node, n))
-        choices.append(Decision(node, best.name, tuple((f.name, f.cost(node, n)) for f in candidates(node))))
+                                help=f"forms valid here: {', '.join(f.name for f in valid) or 'none'}")
+            usable = forced
+        best = min(usable, key=lambda f: f.cost(node, n))
+        choices.append(Decision(node, best.name, tuple((f.name, f.cost(node, n)) for f in usable)))
         return replace(node, form=best.name)
 
     out = rewrite(root, [("choose_form", rule)])
