@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -111,6 +112,18 @@ def _load(so: Path, label: str, t0: float):
     return lib
 
 
+def _load_copy(so: Path, label: str, t0: float):
+    """The entry just written, loaded from a copy (removed at once): the process never maps the
+    entry's own file, so a later load of that path sees the file as it is then (the loader hands
+    back an already-loaded library by name) and damage to it cannot reach code already running."""
+    tmp = so.with_name(f".{so.stem}.{os.getpid()}.load.so")
+    shutil.copyfile(so, tmp)
+    try:
+        return _load(tmp, label, t0)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _build(build: Callable, label: str):
     _log(1, f"compiling {label} ...")
     t0 = time.perf_counter()
@@ -194,7 +207,11 @@ def load_or_build(key: str, build: Callable[[], Any], *, label: str,
             _store(key, lib, label, so, meta, notes)
         except Exception as e:                              # disk full, no linker: still compiled
             _warn(f"attndsl: could not write {so} ({e}); using the library from memory", once=True)
-        return lib, False
+            return lib, False
+        try:                # what later processes will load (and, on a CPU, on torch's threads)
+            return _load_copy(so, label, t0), False
+        except Exception:
+            return lib, False
     finally:
         guard.release()
 

@@ -66,6 +66,12 @@ def num_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def use_openmp() -> bool:
+    """False when ATTNDSL_OPENMP is 0/false/no: the CPU kernels' parallel loops on TVM's own thread
+    pool instead of torch's OpenMP threads (lowering/omp.py)."""
+    return "ATTNDSL_OPENMP" not in os.environ or _flag("ATTNDSL_OPENMP")
+
+
 FFT_IMPLS = ("tir", "library")
 
 
@@ -107,6 +113,7 @@ def _flags() -> dict[str, tuple[object, str]]:
         "ATTNDSL_VERBOSE": (verbose(), "0/1/2: progress messages while compiling"),
         "ATTNDSL_NO_CACHE": (not use_cache(), "always rebuild kernels; never read or write the cache"),
         "ATTNDSL_NUM_THREADS": (num_threads(), "threads of the TVM kernels (read when TVM starts)"),
+        "ATTNDSL_OPENMP": (use_openmp(), "run the CPU kernels' parallel loops on torch's OpenMP threads"),
         "ATTNDSL_FFT": (fft_impl(), "FFT of the Toeplitz kernels: tir (TVMScript) or library (torch.fft)"),
         "TVM_CUDA_COMPILE_MODE": (cuda_compile_mode(), "how CUDA kernels compile when loaded: nvrtc or nvcc"),
     }

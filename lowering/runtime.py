@@ -78,4 +78,8 @@ def load_library(path: str | Path):
     """A library written by `export_library`, as a module whose kernels are looked up by name."""
     _load_runtime()
     import tvm_ffi
-    return tvm_ffi.load_module(str(path))
+
+    from . import omp
+    lib = tvm_ffi.load_module(str(path))
+    omp.adopt(path)                              # its parallel loops on torch's OpenMP threads
+    return lib

@@ -1,0 +1,63 @@
+"""lowering/omp.py: the CPU kernels' parallel loops on torch's OpenMP threads."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attndsl
+from attndsl import config
+from attndsl.lowering import omp
+
+from conftest import RTOL, assert_close
+
+pytestmark = pytest.mark.skipif(omp.shim() is None, reason="no C compiler with OpenMP here")
+
+
+def launches() -> int:
+    return omp.shim().attndsl_launches()
+
+
+@pytest.mark.parametrize("body", ["", "mask = causal", "kernel = elu1; position = toeplitz(max_distance=9)"],
+                         ids=["softmax", "softmax-causal", "banded"])
+def test_kernels_run_on_the_openmp_launcher_and_match_the_reference(body):
+    attn = attndsl.compile(f"attention t {{ {body} }}", heads=2, head_dim=16)
+    q, k, v = (torch.randn(2, 2, 300, 16, requires_grad=True) for _ in range(3))
+    ref = attn.reference(*(t.double() for t in (q, k, v)))
+    before = launches()
+    out = attn(q, k, v)
+    assert launches() > before                         # a hit, or a miss loaded back from disk
+    assert_close("out", ref, out, RTOL[torch.float32])
+    before = launches()
+    out.sum().backward()                               # the backward's parallel loops too
+    assert launches() > before and torch.isfinite(q.grad).all()
+
+
+def test_one_openmp_runtime_in_the_process():
+    """The shim binds to the libgomp torch loaded (same soname), so there is one pool of threads."""
+    maps = [line.split()[-1] for line in open("/proc/self/maps") if "gomp" in line]
+    assert len(set(maps)) == 1, maps
+
+
+def test_a_library_without_parallel_loops_keeps_tvm_s_launcher(tmp_path):
+    from tvm import te
+
+    from attndsl.lowering.runtime import load_library
+    a = te.placeholder((4,), "float32", "a")
+    b = te.compute((4,), lambda i: a[i] + 1, "b")
+    import tvm
+    so = tmp_path / "plain.so"
+    tvm.compile(te.create_prim_func([a, b]).with_attr("global_symbol", "f"), target="llvm").export_library(str(so))
+    load_library(so)
+    assert omp.adopt(so) is False
+
+
+def test_attndsl_openmp_0_keeps_tvm_s_pool():
+    code = ("import attndsl; from attndsl.lowering import omp; "
+            "a = attndsl.compile('attention t { }', heads=1, head_dim=8); print(omp.shim())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "ATTNDSL_OPENMP": "0"})
+    assert out.stdout.strip() == "None"
+    assert "ATTNDSL_OPENMP" in config.describe()
