@@ -132,7 +132,7 @@ def _build(build: Callable, label: str):
     return lib
 
 
-def _replace_atomically(dst: Path, write: Callable[[str], None]) -> None:
+def replace_atomically(dst: Path, write: Callable[[str], None]) -> None:
     """write(tmp) into a temporary beside dst, then rename it over dst (atomic on one filesystem)."""
     # the suffix stays last: export_library picks the output format from it
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.stem}.", suffix=".tmp" + dst.suffix)
@@ -147,11 +147,11 @@ def _replace_atomically(dst: Path, write: Callable[[str], None]) -> None:
 
 
 def _store(key: str, lib, label: str, so: Path, meta: Path, notes: dict) -> None:
-    _replace_atomically(so, lib.export_library)
+    replace_atomically(so, lib.export_library)
     info = {"key": key, "label": label, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **_versions(), "format": CACHE_FORMAT, "size": so.stat().st_size, "sha256": _sha256(so),
             "notes": notes}
-    _replace_atomically(meta, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1) + "\n"))
+    replace_atomically(meta, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1) + "\n"))
     _log(2, f"cached {label} at {so}")
 
 

@@ -27,6 +27,7 @@ import attndsl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_linear  # noqa: E402
+import bench_rpe  # noqa: E402
 from bench_linear import SPECS, fwd_and_bwd, plot, torch_feature_map  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,14 +71,6 @@ def softmax_methods(attn, causal):
                                                                    scale=attn.scale)}
 
 
-def table_bias(attn, n: int, device) -> torch.Tensor:
-    """b(i − j) (H, N, N) of the learned table, clipped at ±W."""
-    tab = attn.position_table.detach().to(device)
-    w = (tab.shape[1] - 1) // 2
-    r = torch.arange(n, device=device)
-    return tab[:, (r[:, None] - r[None, :]).clamp(-w, w) + w]
-
-
 def clipped_methods(attn, causal):
     """The banded form against SDPA with the bias as a float mask, and Σ_j c(i−j) κ_ij v_j written out."""
     phi = torch_feature_map(attn)
@@ -86,10 +79,7 @@ def clipped_methods(attn, causal):
     def bias(q):                             # built once per length, outside the timed calls
         n = q.shape[-2]
         if n not in cache:
-            b = table_bias(attn, n, q.device)
-            if causal:
-                b = b.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-            cache[n] = b.unsqueeze(0)
+            cache[n] = bench_rpe.bias_matrix(attn, n).to(q.device)    # (1, H, N, N), −inf where masked
         return cache[n]
 
     def plain(q, k, v):

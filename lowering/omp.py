@@ -8,7 +8,7 @@ few cores a TVM kernel called between torch ops waits for them (measured here, 2
 N = 512 in bench_softmax.py's interleaved rounds: 17.5 ms against 8.1 ms with the OpenMP
 workers told to sleep, OMP_WAIT_POLICY=PASSIVE).
 
-`adopt(path)` points a loaded library's launcher at a ten-line C function that runs the tasks as
+`adopt(path)` points a loaded library's launcher at a small C function that runs the tasks as
 one OpenMP team in the libgomp torch has loaded (same soname, so the same runtime and the same
 threads): task i of n = omp_get_thread_num() of a team of n = num_threads() threads, which is
 what TVM's launcher hands a lambda. The shim is compiled once per machine with the C compiler
@@ -62,14 +62,13 @@ def _build(dst: Path) -> None:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc)")
+    from attndsl.cache import replace_atomically
+    dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "omp_launch.c"
         src.write_text(SOURCE)
-        out = Path(tmp) / dst.name
-        subprocess.run([cc, "-O2", "-fPIC", "-shared", "-fopenmp", str(src), "-o", str(out)],
-                       check=True, capture_output=True)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        out.replace(dst)
+        replace_atomically(dst, lambda out: subprocess.run(
+            [cc, "-O2", "-fPIC", "-shared", "-fopenmp", str(src), "-o", out], check=True, capture_output=True))
 
 
 def shim() -> ctypes.CDLL | None:

@@ -444,6 +444,11 @@ def _ones_col(X, dtype, name, sign=1.0, extra=None):
         e < w, X[b, i, tirx.min(e, w - 1)], last(b, i)), name)
 
 
+def _clamp(x, hi):
+    """x clipped to [0, hi]: an index that is safe to read (masked where it was outside)."""
+    return tirx.max(tirx.min(x, hi), _i64(0))
+
+
 def _far(Rows, X, Y, N, pos, later: bool, C: int, name):
     """F[b, i, :] = Σ_{j ≤ p} (Rows_i·X_j) Y_j, p = pos(i) (later: over j ≥ p); zero where p is
     outside [0, N). Chunk states of X⊗Y, their exclusive scan, and p's chunk row by row."""
@@ -455,7 +460,7 @@ def _far(Rows, X, Y, N, pos, later: bool, C: int, name):
 
     def at(i):                     # (valid, chunk, row) of p = pos(i)
         p = pos(i)
-        pc = tirx.max(tirx.min(p, N - 1), _i64(0))
+        pc = _clamp(p, N - 1)
         return tirx.And(p >= 0, p < N), tirx.floordiv(pc, Ci), tirx.floormod(pc, Ci)
     w = te.reduce_axis((0, Rows.shape[2]), name + "_w")
 
@@ -512,7 +517,7 @@ class _Band:
         """(valid, clamped index) of row i − sign·r(u): the key of query i (sign 1) or the query
         of key i (sign −1)."""
         j = i - sign * self.r(u)
-        return tirx.And(j >= 0, j < self.N), tirx.max(tirx.min(j, self.N - 1), _i64(0))
+        return tirx.And(j >= 0, j < self.N), _clamp(j, self.N - 1)
 
     def pairs(self, A, B, sign: int, name):
         """(BH, N, U): Σ_w A[i, w]·B[i − sign·r(u), w], zero where that row is outside."""
@@ -621,8 +626,7 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: 
         rr = t - band.W
         u = rr if causal else rr + band.Wn - 1
         inside = tirx.And(rr >= 0, rr < band.Wn) if causal else tirx.And(rr > -band.Wn, rr < band.Wn)
-        uc = tirx.max(tirx.min(u, band.U - 1), _i64(0))
-        val = tirx.Select(inside, E[per_h * H + h, uc], _zero(dtype))
+        val = tirx.Select(inside, E[per_h * H + h, _clamp(u, band.U - 1)], _zero(dtype))
         for later, c, F in fars:
             at = t == (0 if later else 2 * band.W)
             val = val + tirx.Select(at, c(per_h * H + h) * F[per_h * H + h], _zero(dtype))

@@ -1,6 +1,7 @@
 """lowering/omp.py: the CPU kernels' parallel loops on torch's OpenMP threads."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -58,6 +59,6 @@ def test_attndsl_openmp_0_keeps_tvm_s_pool():
     code = ("import attndsl; from attndsl.lowering import omp; "
             "a = attndsl.compile('attention t { }', heads=1, head_dim=8); print(omp.shim())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "ATTNDSL_OPENMP": "0"})
+                         env={**os.environ, "ATTNDSL_OPENMP": "0"})
     assert out.stdout.strip() == "None"
     assert "ATTNDSL_OPENMP" in config.describe()
