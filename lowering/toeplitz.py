@@ -17,14 +17,17 @@ Scores (Luo): c = exp(b − max b) (the shift cancels in the normalizer). Channe
 d ≤ D, v_aug = [v, 1]:  NUM_i,d = Σ_m Qf_im Σ_j c(i−j) Kf_jm v_aug_jd,  O = NUM[:, :D] / NUM[:, D].
 Values (FastRPB): c = b, channels d < D:  Y_i = Σ_j c(i−j) V_j.
 
-Memory: channels go through the FFT a block at a time (G = Mb·(D+1) sequences of length L) and
-heads one after another, so the (N, M·D) state sequence is never materialized, for any head.
+Memory: heads run one after another and channels go through the FFT a block at a time, so the
+(N, M·D) state sequence is never materialized, for any head. The forward is fused (one FFT work
+buffer per value channel, VL features in its lanes, see scores_forward); the backwards run
+blocks of G = Mb·(D+1) sequences through the packed FFT.
 """
 from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
 
+from . import fft_tir
 from .expr_tir import to_tir
 from attndsl.schedules.knobs import resolve as knobs_of
 
@@ -136,14 +139,28 @@ def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
 
 
 def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position, knobs=None):
-    """Luo et al.: (Qf, Kf, V, TAB, O out, DEN out, n_fft). DEN_i = Σ_j c(i−j) Qf_i·Kf_j and
-    O_i = Σ_j c(i−j) (Qf_i·Kf_j) V_j / DEN_i, over j ≤ i when causal."""
+    """Luo et al., fused: (Qf, Kf, V, TAB, O out, DEN out, n_fft), the maths of the module.
+
+    One work unit per value channel d ≤ D (in parallel), VL features m at a time (the vector
+    lanes): Z[t, l] = Kf[t, m0+l]·v_aug[t, d] is written straight into the FFT's work buffer,
+    convolved with c_h in place (fft_tir.convolver: rfft, product, irfft in one buffer of
+    2(L+2)·VL floats), and Qf[t, m0+l]·Z[t, l] summed into the unit's accumulator. No (G, L)
+    sequence or spectrum buffer exists and no transpose runs; NUM (D+1, N) is the only state
+    a head keeps. `knobs` (the channels block) applies to the backward only."""
     D1 = D + 1
-    Mb = _block(M, D1, knobs_of("toeplitz", knobs)["channels"])
-    G = Mb * D1
-    VL = V_LANES
+    VL = fft_tir.lanes(dtype)
+    MB = (M + VL - 1) // VL
+    full = M % VL == 0
     zero = T.cast(0, dtype)
-    build_spectrum, _, spectral, _ = _position_macros(dtype, causal, bias_builder(position, dtype), True)
+    one = T.cast(1, dtype)
+    build_spectrum, _, _, _ = _position_macros(dtype, causal, bias_builder(position, dtype), True)
+    setup, convolve = fft_tir.convolver(dtype, VL)
+
+    def feature(X, bh, t, m):
+        """X[bh, t, m], 0 for the lanes past M (a gather only when M is not a multiple of VL)."""
+        if full:
+            return X[bh, t, m]
+        return tirx.Select(m < M, X[bh, t, tirx.min(m, M - 1)], zero)
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle,
@@ -160,42 +177,39 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
         O = T.match_buffer(o, (BH, N, D), dtype)
         DEN = T.match_buffer(dn, (BH, N), dtype)
         W = (P - 1) // 2
-        Np = (N + VL - 1) // VL * VL
         CC = T.alloc_buffer((H, Lf), dtype)
         CH = T.alloc_buffer((H, Lf // 2 + 1, 2), dtype)
-        U = T.alloc_buffer((G, Lf), dtype)
-        X = T.alloc_buffer((G, Lf // 2 + 1, 2), dtype)
-        QT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
-        KT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
-        VT = T.alloc_buffer((D1, (N + VL - 1) // VL * VL), dtype)
-        NT = T.alloc_buffer((D1, (N + VL - 1) // VL * VL), dtype)
+        TW = T.alloc_buffer((Lf // 2, 2), dtype)
+        TR = T.alloc_buffer((Lf // 4 + 1, 2), dtype)
+        TWi = T.alloc_buffer((Lf // 2, 2), dtype)
+        TRi = T.alloc_buffer((Lf // 4 + 1, 2), dtype)
+        NT = T.alloc_buffer((D1, N), dtype)
         build_spectrum(CC, CH, TAB, H, N, Lf, W)
+        setup(TW, TR, TWi, TRi, Lf)
         for bh in range(BH):
             h = bh % H
-            for m in T.parallel(M):
-                for i in range(Np):
-                    QT[m, i] = T.Select(i < N, Q[bh, T.min(i, N - 1), m], zero)
-                    KT[m, i] = T.Select(i < N, K[bh, T.min(i, N - 1), m], zero)
             for d in T.parallel(D1):
-                for i in range(Np):
-                    if d < D:
-                        VT[d, i] = T.Select(i < N, Vv[bh, T.min(i, N - 1), d], zero)
-                    else:
-                        VT[d, i] = T.cast(1, dtype)
-                    NT[d, i] = zero
-            for mb in range(M // Mb):
-                for g in T.parallel(G):
-                    for i0 in range(Np // VL):
-                        for il in T.vectorized(VL):
-                            U[g, i0 * VL + il] = KT[mb * Mb + g // D1, i0 * VL + il] * VT[g % D1, i0 * VL + il]
-                T.evaluate(T.call_packed("attndsl.fft.rfft", U, X, N))
-                spectral(X, CH, h, Lf // 2 + 1, False)
-                T.evaluate(T.call_packed("attndsl.fft.irfft", X, U))
-                for d in T.parallel(D1):
-                    for i0 in range(Np // VL):
-                        for ml in range(Mb):
-                            for il in T.vectorized(VL):
-                                NT[d, i0 * VL + il] += QT[mb * Mb + ml, i0 * VL + il] * U[ml * D1 + d, i0 * VL + il]
+                Z = T.alloc_buffer((2 * Lf + 4, VL), dtype)
+                A = T.alloc_buffer((N, VL), dtype)
+                for t in range(N):
+                    for l in T.vectorized(VL):
+                        A[t, l] = zero
+                for mb in range(MB):
+                    for t in range(N):
+                        vd: T.let = T.Select(d < D, Vv[bh, t, T.min(d, D - 1)], one)
+                        for l in T.vectorized(VL):
+                            Z[t, l] = feature(K, bh, t, mb * VL + l) * vd
+                    for t in range(Lf - N):
+                        for l in T.vectorized(VL):
+                            Z[N + t, l] = zero
+                    convolve(Z, CH, h, TW, TR, TWi, Lf, False)
+                    for t in range(N):
+                        for l in T.vectorized(VL):
+                            A[t, l] += feature(Q, bh, t, mb * VL + l) * Z[t, l]
+                for t in range(N):
+                    NT[d, t] = zero
+                    for l in range(VL):
+                        NT[d, t] += A[t, l]
             for i in T.parallel(N):
                 DEN[bh, i] = NT[D, i]
                 for d in range(D):

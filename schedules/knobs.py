@@ -34,7 +34,7 @@ SPACES: dict[str, tuple[Knob, ...]] = {
     ),
     # lowering/toeplitz.py: toeplitz_fft and values_fft, forward and backward
     "toeplitz": (
-        Knob("channels", (128, 256, 512, 1024), 256, "most FFT channels per block (G·L floats of scratch)"),
+        Knob("channels", (128, 256, 512, 1024), 256, "most FFT channels per block of the backward (G·L floats of scratch; the fused forward has no block)"),
     ),
     # GPU targets' portable kernels. lowering/te_forms.py: linear, prefix_sum and decayed
     "portable_linear": (

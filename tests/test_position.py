@@ -270,3 +270,19 @@ def test_geometric_recogniser_alibi(causal, rates):
     from attndsl.passes.geometric import decay_rates
     s = attndsl.parse("attention t { kernel = elu1\n position = alibi }").blocks[0]
     assert decay_rates(s.position, causal) == rates
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("head_dim", [3, 6, 13])
+@pytest.mark.parametrize("mask", ["full", "causal"])
+def test_fused_fft_forward_with_ragged_feature_lanes(head_dim, mask, dtype):
+    """The fused Toeplitz-FFT forward puts VL features in the vector lanes (8 in float32, 4 in
+    float64): feature counts that leave the last block partly empty, and lengths that leave the
+    FFT buffer mostly zero padding, vs the reference."""
+    text = spec("table_full", "scores", mask).replace("favor(features=16, seed=2)", "elu1")
+    attn = attndsl.compile(text, heads=2, head_dim=head_dim, value_dim=5, plan="toeplitz_fft")
+    assert attn.planned.decisions[0].form == "toeplitz_fft"
+    for n in (1, 9, 33):
+        q, k, v = inputs(1, n, head_dim, 5, dtype)
+        ref = attn.reference(q.double(), k.double(), v.double())
+        assert_close("out", ref, attn(q, k, v), 5 * RTOL[dtype])
