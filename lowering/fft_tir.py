@@ -533,10 +533,10 @@ def convolver(dtype: str, VL: int | None = None):
     spectra: (setup, convolve).
 
         setup(TW, TR, TWi, TRi, L)            twiddle tables of both directions
-        convolve(Z, CH, h, TW, TR, TWi, L, conj)
+        convolve(Z, CH, h, TW, TR, TWi, L)
             Z (2L + 4, VL): rows t < L of half 0 hold VL real sequences u_l[t] (one per lane);
-            on return the same rows hold irfft(ĉ_h · rfft(u_l), L) (conj(ĉ_h) when `conj`: the
-            correlation), ĉ_h = CH[h] (L/2+1, 2) the rfft of a real sequence.
+            on return the same rows hold irfft(ĉ_h · rfft(u_l), L), ĉ_h = CH[h] (L/2+1, 2) the
+            rfft of a real sequence.
     The forward FFT_{L/2} of z_k = u_2k + i·u_2k+1 lands in half s = stages mod 2; one pass over
     the Hermitian pairs (k, L/2 − k) there does the real-input split, the spectral product and
     the inverse's unsplit (scales folded: 2X from the split, 1/(2L) at the end), in place; the
@@ -550,68 +550,59 @@ def convolver(dtype: str, VL: int | None = None):
         twiddles_f(TW, TR, L)
         twiddles_i(TWi, TRi, L)
 
-    def product_macro(conj: bool):
-        sign = T.cast(-1 if conj else 1, dtype)
-
-        @T.macro
-        def product(Z, zo, CH, h, TR, N, L):
-            """In place on rows zo..: Z = FFT_N(z) -> the inverse's input Z' for ĉ·X (module maths)."""
-            inv: T.let = T.cast(1, dtype) / T.cast(L, dtype)
-            c0: T.let = CH[h, 0, 0]
-            cn: T.let = CH[h, N, 0]
+    @T.macro
+    def product(Z, zo, CH, h, TR, N, L):
+        """In place on rows zo..: Z = FFT_N(z) -> the inverse's input Z' for ĉ·X (module maths)."""
+        inv: T.let = T.cast(1, dtype) / T.cast(L, dtype)
+        c0: T.let = CH[h, 0, 0]
+        cn: T.let = CH[h, N, 0]
+        for l in T.vectorized(VL):
+            x0: T.let = Z[zo, l] + Z[zo + 1, l]
+            xn: T.let = Z[zo, l] - Z[zo + 1, l]
+            Z[zo, l] = (x0 * c0 + xn * cn) * inv
+            Z[zo + 1, l] = (x0 * c0 - xn * cn) * inv
+        half_inv: T.let = inv * T.cast(0.5, dtype)
+        for k in range(1, N // 2 + 1):
+            wr: T.let = TR[k, 0]
+            wi: T.let = TR[k, 1]
+            akr: T.let = CH[h, k, 0]
+            aki: T.let = CH[h, k, 1]
+            anr: T.let = CH[h, N - k, 0]
+            ani: T.let = CH[h, N - k, 1]
             for l in T.vectorized(VL):
-                x0: T.let = Z[zo, l] + Z[zo + 1, l]
-                xn: T.let = Z[zo, l] - Z[zo + 1, l]
-                Z[zo, l] = (x0 * c0 + xn * cn) * inv
-                Z[zo + 1, l] = (x0 * c0 - xn * cn) * inv
-            half_inv: T.let = inv * T.cast(0.5, dtype)
-            for k in range(1, N // 2 + 1):
-                wr: T.let = TR[k, 0]
-                wi: T.let = TR[k, 1]
-                akr: T.let = CH[h, k, 0]
-                aki: T.let = CH[h, k, 1] * sign
-                anr: T.let = CH[h, N - k, 0]
-                ani: T.let = CH[h, N - k, 1] * sign
-                for l in T.vectorized(VL):
-                    zr: T.let = Z[zo + 2 * k, l]
-                    zi: T.let = Z[zo + 2 * k + 1, l]
-                    nr: T.let = Z[zo + 2 * (N - k), l]
-                    ni: T.let = Z[zo + 2 * (N - k) + 1, l]
-                    er: T.let = zr + nr                       # 2E, 2O of the split
-                    ei: T.let = zi - ni
-                    orr: T.let = zi + ni
-                    oi: T.let = nr - zr
-                    pr: T.let = wr * orr - wi * oi            # 2·W_L^k·O
-                    pi: T.let = wr * oi + wi * orr
-                    xkr: T.let = er + pr                      # 2X_k, 2X_{N−k}
-                    xki: T.let = ei + pi
-                    xnr: T.let = er - pr
-                    xni: T.let = pi - ei
-                    ykr: T.let = xkr * akr - xki * aki        # 2Y = ĉ·2X
-                    yki: T.let = xkr * aki + xki * akr
-                    ynr: T.let = xnr * anr - xni * ani
-                    yni: T.let = xnr * ani + xni * anr
-                    gr: T.let = ykr + ynr                     # the unsplit: E' = Y_k + conj Y_{N−k}
-                    gi: T.let = yki - yni
-                    dr: T.let = ykr - ynr                     # O' = (Y_k − conj Y_{N−k})·W_L^−k
-                    di: T.let = yki + yni
-                    qr: T.let = dr * wr + di * wi
-                    qi: T.let = di * wr - dr * wi
-                    Z[zo + 2 * k, l] = (gr - qi) * half_inv
-                    Z[zo + 2 * k + 1, l] = (gi + qr) * half_inv
-                    Z[zo + 2 * (N - k), l] = (gr + qi) * half_inv
-                    Z[zo + 2 * (N - k) + 1, l] = (qr - gi) * half_inv
-        return product
-
-    conv, corr = product_macro(False), product_macro(True)
+                zr: T.let = Z[zo + 2 * k, l]
+                zi: T.let = Z[zo + 2 * k + 1, l]
+                nr: T.let = Z[zo + 2 * (N - k), l]
+                ni: T.let = Z[zo + 2 * (N - k) + 1, l]
+                er: T.let = zr + nr                       # 2E, 2O of the split
+                ei: T.let = zi - ni
+                orr: T.let = zi + ni
+                oi: T.let = nr - zr
+                pr: T.let = wr * orr - wi * oi            # 2·W_L^k·O
+                pi: T.let = wr * oi + wi * orr
+                xkr: T.let = er + pr                      # 2X_k, 2X_{N−k}
+                xki: T.let = ei + pi
+                xnr: T.let = er - pr
+                xni: T.let = pi - ei
+                ykr: T.let = xkr * akr - xki * aki        # 2Y = ĉ·2X
+                yki: T.let = xkr * aki + xki * akr
+                ynr: T.let = xnr * anr - xni * ani
+                yni: T.let = xnr * ani + xni * anr
+                gr: T.let = ykr + ynr                     # the unsplit: E' = Y_k + conj Y_{N−k}
+                gi: T.let = yki - yni
+                dr: T.let = ykr - ynr                     # O' = (Y_k − conj Y_{N−k})·W_L^−k
+                di: T.let = yki + yni
+                qr: T.let = dr * wr + di * wi
+                qi: T.let = di * wr - dr * wi
+                Z[zo + 2 * k, l] = (gr - qi) * half_inv
+                Z[zo + 2 * k + 1, l] = (gi + qr) * half_inv
+                Z[zo + 2 * (N - k), l] = (gr + qi) * half_inv
+                Z[zo + 2 * (N - k) + 1, l] = (qr - gi) * half_inv
 
     @T.macro
-    def convolve(Z, CH, h, TW, TR, TWi, L, conj):
+    def convolve(Z, CH, h, TW, TR, TWi, L):
         fft_f(Z, 0, TW, L // 2, _log2(L // 2))
-        if conj:
-            corr(Z, _half(_stages(L), L), CH, h, TR, L // 2, L)
-        else:
-            conv(Z, _half(_stages(L), L), CH, h, TR, L // 2, L)
+        product(Z, _half(_stages(L), L), CH, h, TR, L // 2, L)
         fft_i(Z, _stages(L) % 2, TWi, L // 2, _log2(L // 2))
 
     return setup, convolve

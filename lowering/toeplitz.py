@@ -202,7 +202,7 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
                     for t in range(Lf - N):
                         for l in T.vectorized(VL):
                             Z[N + t, l] = zero
-                    convolve(Z, CH, h, TW, TR, TWi, Lf, False)
+                    convolve(Z, CH, h, TW, TR, TWi, Lf)
                     for t in range(N):
                         for l in T.vectorized(VL):
                             A[t, l] += feature(Q, bh, t, mb * VL + l) * Z[t, l]
