@@ -29,6 +29,7 @@ from tvm.script import tirx as T
 
 from . import fft_tir
 from .expr_tir import to_tir
+from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve as knobs_of
 
 V_LANES = 16            # vector width of the position loops (fp32 AVX-512; fine for fp64 too)
@@ -148,7 +149,7 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
     sequence or spectrum buffer exists and no transpose runs; NUM (D+1, N) is the only state
     a head keeps. `knobs` (the channels block) applies to the backward only."""
     D1 = D + 1
-    VL = fft_tir.lanes(dtype)
+    VL = cpu.lanes(dtype)          # one vector register of features (16 f32 with AVX-512)
     MB = (M + VL - 1) // VL
     full = M % VL == 0
     zero = T.cast(0, dtype)
@@ -199,7 +200,7 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
                         vd: T.let = T.Select(d < D, Vv[bh, t, T.min(d, D - 1)], one)
                         for l in T.vectorized(VL):
                             Z[t, l] = feature(K, bh, t, mb * VL + l) * vd
-                    for t in range(Lf - N):
+                    for t in range(Lf // 2 - N):        # the rows the pruned first stage reads
                         for l in T.vectorized(VL):
                             Z[N + t, l] = zero
                     convolve(Z, CH, h, TW, TR, TWi, Lf)

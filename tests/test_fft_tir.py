@@ -91,3 +91,60 @@ def test_packed_functions_agree(impl, monkeypatch):
     assert_close("packed rfft", ref, y, rtol(torch.float32, 256))
     assert_close("packed irfft", torch.fft.irfft(torch.view_as_complex(ref), n=256, dim=1), back,
                  rtol(torch.float32, 256))
+
+
+def _convolver_kernel(dtype: str, VL: int):
+    """(U (L, VL), CH (H, L/2+1, 2), Y (L, VL) out, junk): the convolver's work buffer filled with
+    `junk`, rows t < L/2 of half 0 from U, convolved with CH[H − 1], rows t < L/2 copied to Y."""
+    from tvm.script import tirx as T
+    from attndsl.lowering import fft_tir
+    setup, convolve = fft_tir.convolver(dtype, VL)
+
+    @T.prim_func
+    def kernel(u: T.handle, ch: T.handle, y: T.handle, junk: T.float64):
+        T.func_attr({"global_symbol": "convolve", "tirx.noalias": True})
+        L = T.int64()
+        H = T.int64()
+        U = T.match_buffer(u, (L, VL), dtype)
+        CH = T.match_buffer(ch, (H, L // 2 + 1, 2), dtype)
+        Y = T.match_buffer(y, (L, VL), dtype)
+        TW = T.alloc_buffer((L // 2, 2), dtype)
+        TR = T.alloc_buffer((L // 4 + 1, 2), dtype)
+        TWi = T.alloc_buffer((L // 2, 2), dtype)
+        TRi = T.alloc_buffer((L // 4 + 1, 2), dtype)
+        Z = T.alloc_buffer((2 * L + 4, VL), dtype)
+        setup(TW, TR, TWi, TRi, L)
+        for r in range(2 * L + 4):
+            for l in range(VL):
+                Z[r, l] = T.Cast(dtype, junk)
+        for t in range(L // 2):
+            for l in range(VL):
+                Z[t, l] = U[t, l]
+        convolve(Z, CH, H - 1, TW, TR, TWi, L)
+        for t in range(L // 2):
+            for l in range(VL):
+                Y[t, l] = Z[t, l]
+
+    return kernel
+
+
+@pytest.mark.parametrize("tag,VL", [("f32", 8), ("f32", 16), ("f64", 4), ("f64", 8)])
+def test_convolver_is_a_linear_convolution(tag, VL):
+    """fft_tir.convolver (the fused Toeplitz forward's transform, both FFTs pruned): for u zero past
+    L/2, rows t < L/2 become irfft(ĉ·rfft(u))[t], and nothing else in the buffer is read (it is
+    NaN here). Lengths L/2 = 8..1024 cover log2(L/2) mod 3 = 0, 1, 2 (a last radix-8, radix-2 or
+    radix-4 stage); VL covers the AVX2 and AVX-512 widths on any host."""
+    from attndsl.lowering import build
+    dtype = DTYPES[tag]
+    lib = build.build({"convolve": _convolver_kernel(str(dtype).split(".")[1], VL)},
+                      build.resolve_target("llvm"))
+    for L in (16, 32, 64, 128, 1024, 2048):
+        n = L // 2 - 3 if L > 16 else L // 2
+        u = torch.zeros(L, VL, dtype=dtype)
+        u[:n] = torch.randn(n, VL, dtype=dtype)
+        c = torch.randn(2, L, dtype=dtype)
+        ch = torch.view_as_real(torch.fft.rfft(c, dim=1)).contiguous()
+        y = torch.full((L, VL), float("nan"), dtype=dtype)
+        lib["convolve"](torch.where(torch.arange(L)[:, None] < L // 2, u, float("nan")), ch, y, float("nan"))
+        ref = torch.fft.irfft(torch.fft.rfft(u.double().T, dim=1) * torch.fft.rfft(c[1].double()), n=L, dim=1).T
+        assert_close(f"convolve L={L}", ref[:L // 2], y[:L // 2], 4 * rtol(dtype, L))

@@ -276,8 +276,8 @@ def test_geometric_recogniser_alibi(causal, rates):
 @pytest.mark.parametrize("head_dim", [3, 6, 13])
 @pytest.mark.parametrize("mask", ["full", "causal"])
 def test_fused_fft_forward_with_ragged_feature_lanes(head_dim, mask, dtype):
-    """The fused Toeplitz-FFT forward puts VL features in the vector lanes (8 in float32, 4 in
-    float64): feature counts that leave the last block partly empty, and lengths that leave the
+    """The fused Toeplitz-FFT forward puts VL features in the vector lanes (a register's worth:
+    8 / 4 in float32 / float64 with AVX2, 16 / 8 with AVX-512): feature counts that leave the last block partly empty, and lengths that leave the
     FFT buffer mostly zero padding, vs the reference."""
     text = spec("table_full", "scores", mask).replace("favor(features=16, seed=2)", "elu1")
     attn = attndsl.compile(text, heads=2, head_dim=head_dim, value_dim=5, plan="toeplitz_fft")
