@@ -41,10 +41,10 @@ from .linear import _shuffle_idx
 
 
 def lanes(dtype: str) -> int:
-    """Channels per block of the transposing rfft / irfft: one 256-bit register. (16-lane f32
-    blocks ran no faster on a znver3 (AVX2) VM and, in one fwd+bwd run of a Toeplitz form at
-    N = 4096 on znver4 (AVX-512), 6% slower overall; the fused convolver, with no transposes,
-    takes the host's full width instead: schedules/cpu.lanes. _macros handles VL = 4, 8, 16.)"""
+    """Channels per block: one 256-bit register. (16-lane f32 blocks ran no faster on a znver3
+    (AVX2) VM and, in one fwd+bwd run of a Toeplitz form at N = 4096 on znver4 (AVX-512), 6%
+    slower overall; fft_convolve, with no transposes, takes the host's full width instead.
+    _macros handles VL = 4, 8, 16.)"""
     return 8 if dtype == "float32" else 4
 
 
@@ -111,233 +111,169 @@ def _macros(dtype: str, VL: int, inverse: bool):
         TR[L // 4, 0] = w(L // 4, L, False)
         TR[L // 4, 1] = w(L // 4, L, True)
 
-    def stages(zero_in: bool, low_out: bool):
-        """(radix4, radix8, radix2) stage macros. zero_in: the upper half of the stage's input is
-        zero (the first stage of a zero-padded sequence: those loads and adds are skipped);
-        low_out: only the lower half of its output is wanted (a last stage, where m = 1 and the
-        twiddles are 1: those outputs are not computed)."""
-
-        def up(W, i, j, l):
-            """x_i + x_j for x_j in the upper half (x_i alone when that half is zero)."""
-            return W[i, l] if zero_in else W[i, l] + W[j, l]
-
-        def un(W, i, j, l):
-            return W[i, l] if zero_in else W[i, l] - W[j, l]
-
-        @T.macro
-        def radix4(W, so, do, TW, N, s):
-            """One Stockham stage from rows so.. of W to rows do.., n = N/s, m = n/4, p < m, q < s
-            (element x_j = W[so + 2j] + i·W[so + 2j + 1]):
-            a, b, c, d = x[q + s(p + {0,1,2,3}m)]
-            y[q + s(4p + {0,1,2,3})] = (a+c)+(b+d), W^p((a−c)∓i(b−d)), W^2p((a+c)−(b+d)), W^3p((a−c)±i(b−d))."""
-            for p in range(N // (4 * s)):
-                w1r: T.let = TW[p * s, 0]
-                w1i: T.let = TW[p * s, 1]
-                w2r: T.let = TW[2 * p * s, 0]
-                w2i: T.let = TW[2 * p * s, 1]
-                w3r: T.let = TW[3 * p * s, 0]
-                w3i: T.let = TW[3 * p * s, 1]
-                for q in range(s):
-                    for l in T.vectorized(VL):
-                        ia: T.let = so + 2 * (q + s * p)
-                        ib: T.let = ia + N // 2
-                        ic: T.let = ia + N
-                        id: T.let = ia + 3 * (N // 2)
-                        apcr: T.let = up(W, ia, ic, l)
-                        apci: T.let = up(W, ia + 1, ic + 1, l)
-                        amcr: T.let = un(W, ia, ic, l)
-                        amci: T.let = un(W, ia + 1, ic + 1, l)
-                        bpdr: T.let = up(W, ib, id, l)
-                        bpdi: T.let = up(W, ib + 1, id + 1, l)
-                        bmdr: T.let = un(W, ib, id, l)
-                        bmdi: T.let = un(W, ib + 1, id + 1, l)
-                        # forward: t1 = (a−c) − i(b−d), t3 = (a−c) + i(b−d); inverse: the other way
-                        t1r: T.let = pm(amcr, bmdi)
-                        t1i: T.let = mp(amci, bmdr)
-                        t3r: T.let = mp(amcr, bmdi)
-                        t3i: T.let = pm(amci, bmdr)
-                        t2r: T.let = apcr - bpdr
-                        t2i: T.let = apci - bpdi
-                        o: T.let = do + 2 * (q + 4 * s * p)
-                        if low_out:                 # m = 1, p = 0: unit twiddles
-                            W[o, l] = apcr + bpdr
-                            W[o + 1, l] = apci + bpdi
-                            W[o + 2 * s, l] = t1r
-                            W[o + 2 * s + 1, l] = t1i
-                        else:
-                            W[o, l] = apcr + bpdr
-                            W[o + 1, l] = apci + bpdi
-                            W[o + 2 * s, l] = t1r * w1r - t1i * w1i
-                            W[o + 2 * s + 1, l] = t1r * w1i + t1i * w1r
-                            W[o + 4 * s, l] = t2r * w2r - t2i * w2i
-                            W[o + 4 * s + 1, l] = t2r * w2i + t2i * w2r
-                            W[o + 6 * s, l] = t3r * w3r - t3i * w3i
-                            W[o + 6 * s + 1, l] = t3r * w3i + t3i * w3r
-
-        @T.macro
-        def radix8(W, so, do, TW, N, s):
-            """One Stockham radix-8 stage, n = N/s, m = n/8, p < m, q < s: x_r = x[q + s(p + rm)],
-            y[q + s(8p + k)] = W_n^pk Σ_r x_r W_8^rk, the 8-point DFT as a span-4 butterfly
-            (b_r = (x_r − x_r+4)·W_8^r) followed by two 4-point DFTs (even and odd k)."""
-            for p in range(N // (8 * s)):
-                w1r: T.let = TW[p * s, 0]
-                w1i: T.let = TW[p * s, 1]
-                w2r: T.let = TW[2 * p * s, 0]
-                w2i: T.let = TW[2 * p * s, 1]
-                w3r: T.let = TW[3 * p * s, 0]
-                w3i: T.let = TW[3 * p * s, 1]
-                w4r: T.let = TW[4 * p * s, 0]
-                w4i: T.let = TW[4 * p * s, 1]
-                w5r: T.let = TW[5 * p * s, 0]
-                w5i: T.let = TW[5 * p * s, 1]
-                w6r: T.let = TW[6 * p * s, 0]
-                w6i: T.let = TW[6 * p * s, 1]
-                w7r: T.let = TW[7 * p * s, 0]
-                w7i: T.let = TW[7 * p * s, 1]
-                for q in range(s):
-                    for l in T.vectorized(VL):
-                        i0: T.let = so + 2 * (q + s * p)
-                        a0r: T.let = up(W, i0, i0 + N, l)
-                        a0i: T.let = up(W, i0 + 1, i0 + N + 1, l)
-                        b0r: T.let = un(W, i0, i0 + N, l)
-                        b0i: T.let = un(W, i0 + 1, i0 + N + 1, l)
-                        a1r: T.let = up(W, i0 + N // 4, i0 + N // 4 + N, l)
-                        a1i: T.let = up(W, i0 + N // 4 + 1, i0 + N // 4 + N + 1, l)
-                        d1r: T.let = un(W, i0 + N // 4, i0 + N // 4 + N, l)
-                        d1i: T.let = un(W, i0 + N // 4 + 1, i0 + N // 4 + N + 1, l)
-                        a2r: T.let = up(W, i0 + N // 2, i0 + N // 2 + N, l)
-                        a2i: T.let = up(W, i0 + N // 2 + 1, i0 + N // 2 + N + 1, l)
-                        d2r: T.let = un(W, i0 + N // 2, i0 + N // 2 + N, l)
-                        d2i: T.let = un(W, i0 + N // 2 + 1, i0 + N // 2 + N + 1, l)
-                        a3r: T.let = up(W, i0 + 3 * (N // 4), i0 + 3 * (N // 4) + N, l)
-                        a3i: T.let = up(W, i0 + 3 * (N // 4) + 1, i0 + 3 * (N // 4) + N + 1, l)
-                        d3r: T.let = un(W, i0 + 3 * (N // 4), i0 + 3 * (N // 4) + N, l)
-                        d3i: T.let = un(W, i0 + 3 * (N // 4) + 1, i0 + 3 * (N // 4) + N + 1, l)
-                        # b_r = d_r·W_8^r: W_8 = (1 ∓ i)/√2, W_8^2 = ∓i, W_8^3 = (−1 ∓ i)/√2
-                        b1r: T.let = pm(d1r, d1i) * c8
-                        b1i: T.let = mp(d1i, d1r) * c8
-                        b2r: T.let = sel(d2i, -d2i)
-                        b2i: T.let = sel(-d2r, d2r)
-                        b3r: T.let = sel(d3i - d3r, -(d3r + d3i)) * c8
-                        b3i: T.let = sel(-(d3r + d3i), d3r - d3i) * c8
-                        # 4-point DFTs: A_j (outputs k = 2j), B_j (k = 2j + 1)
-                        e0r: T.let = a0r + a2r
-                        e0i: T.let = a0i + a2i
-                        e1r: T.let = a0r - a2r
-                        e1i: T.let = a0i - a2i
-                        f0r: T.let = a1r + a3r
-                        f0i: T.let = a1i + a3i
-                        f1r: T.let = a1r - a3r
-                        f1i: T.let = a1i - a3i
-                        g0r: T.let = b0r + b2r
-                        g0i: T.let = b0i + b2i
-                        g1r: T.let = b0r - b2r
-                        g1i: T.let = b0i - b2i
-                        h0r: T.let = b1r + b3r
-                        h0i: T.let = b1i + b3i
-                        h1r: T.let = b1r - b3r
-                        h1i: T.let = b1i - b3i
-                        y2r: T.let = pm(e1r, f1i)
-                        y2i: T.let = mp(e1i, f1r)
-                        y4r: T.let = e0r - f0r
-                        y4i: T.let = e0i - f0i
-                        y6r: T.let = mp(e1r, f1i)
-                        y6i: T.let = pm(e1i, f1r)
-                        y1r: T.let = g0r + h0r
-                        y1i: T.let = g0i + h0i
-                        y3r: T.let = pm(g1r, h1i)
-                        y3i: T.let = mp(g1i, h1r)
-                        y5r: T.let = g0r - h0r
-                        y5i: T.let = g0i - h0i
-                        y7r: T.let = mp(g1r, h1i)
-                        y7i: T.let = pm(g1i, h1r)
-                        o: T.let = do + 2 * (q + 8 * s * p)
-                        if low_out:
-                            W[o, l] = e0r + f0r
-                            W[o + 1, l] = e0i + f0i
-                            W[o + 2 * s, l] = y1r
-                            W[o + 2 * s + 1, l] = y1i
-                            W[o + 4 * s, l] = y2r
-                            W[o + 4 * s + 1, l] = y2i
-                            W[o + 6 * s, l] = y3r
-                            W[o + 6 * s + 1, l] = y3i
-                        else:
-                            W[o, l] = e0r + f0r
-                            W[o + 1, l] = e0i + f0i
-                            W[o + 2 * s, l] = y1r * w1r - y1i * w1i
-                            W[o + 2 * s + 1, l] = y1r * w1i + y1i * w1r
-                            W[o + 4 * s, l] = y2r * w2r - y2i * w2i
-                            W[o + 4 * s + 1, l] = y2r * w2i + y2i * w2r
-                            W[o + 6 * s, l] = y3r * w3r - y3i * w3i
-                            W[o + 6 * s + 1, l] = y3r * w3i + y3i * w3r
-                            W[o + 8 * s, l] = y4r * w4r - y4i * w4i
-                            W[o + 8 * s + 1, l] = y4r * w4i + y4i * w4r
-                            W[o + 10 * s, l] = y5r * w5r - y5i * w5i
-                            W[o + 10 * s + 1, l] = y5r * w5i + y5i * w5r
-                            W[o + 12 * s, l] = y6r * w6r - y6i * w6i
-                            W[o + 12 * s + 1, l] = y6r * w6i + y6i * w6r
-                            W[o + 14 * s, l] = y7r * w7r - y7i * w7i
-                            W[o + 14 * s + 1, l] = y7r * w7i + y7i * w7r
-
-        @T.macro
-        def radix2(W, so, do, N):
-            """The last stage when log2 N is odd: s = N/2, y[q] = x[q] + x[q+s], y[q+s] = x[q] − x[q+s]
-            (rows: re and im of x[q] are rows 2q, 2q+1, those of x[q+s] N rows further)."""
-            for q in range(N):
+    @T.macro
+    def radix4(W, so, do, TW, N, s):
+        """One Stockham stage from rows so.. of W to rows do.., n = N/s, m = n/4, p < m, q < s
+        (element x_j = W[so + 2j] + i·W[so + 2j + 1]):
+        a, b, c, d = x[q + s(p + {0,1,2,3}m)]
+        y[q + s(4p + {0,1,2,3})] = (a+c)+(b+d), W^p((a−c)∓i(b−d)), W^2p((a+c)−(b+d)), W^3p((a−c)±i(b−d))."""
+        for p in range(N // (4 * s)):
+            w1r: T.let = TW[p * s, 0]
+            w1i: T.let = TW[p * s, 1]
+            w2r: T.let = TW[2 * p * s, 0]
+            w2i: T.let = TW[2 * p * s, 1]
+            w3r: T.let = TW[3 * p * s, 0]
+            w3i: T.let = TW[3 * p * s, 1]
+            for q in range(s):
                 for l in T.vectorized(VL):
-                    W[do + q, l] = W[so + q, l] + W[so + q + N, l]
-                    if not low_out:
-                        W[do + q + N, l] = W[so + q, l] - W[so + q + N, l]
+                    ia: T.let = so + 2 * (q + s * p)
+                    ib: T.let = ia + N // 2
+                    ic: T.let = ia + N
+                    id: T.let = ia + 3 * (N // 2)
+                    apcr: T.let = W[ia, l] + W[ic, l]
+                    apci: T.let = W[ia + 1, l] + W[ic + 1, l]
+                    amcr: T.let = W[ia, l] - W[ic, l]
+                    amci: T.let = W[ia + 1, l] - W[ic + 1, l]
+                    bpdr: T.let = W[ib, l] + W[id, l]
+                    bpdi: T.let = W[ib + 1, l] + W[id + 1, l]
+                    bmdr: T.let = W[ib, l] - W[id, l]
+                    bmdi: T.let = W[ib + 1, l] - W[id + 1, l]
+                    # forward: t1 = (a−c) − i(b−d), t3 = (a−c) + i(b−d); inverse: the other way
+                    t1r: T.let = pm(amcr, bmdi)
+                    t1i: T.let = mp(amci, bmdr)
+                    t3r: T.let = mp(amcr, bmdi)
+                    t3i: T.let = pm(amci, bmdr)
+                    t2r: T.let = apcr - bpdr
+                    t2i: T.let = apci - bpdi
+                    o: T.let = do + 2 * (q + 4 * s * p)
+                    W[o, l] = apcr + bpdr
+                    W[o + 1, l] = apci + bpdi
+                    W[o + 2 * s, l] = t1r * w1r - t1i * w1i
+                    W[o + 2 * s + 1, l] = t1r * w1i + t1i * w1r
+                    W[o + 4 * s, l] = t2r * w2r - t2i * w2i
+                    W[o + 4 * s + 1, l] = t2r * w2i + t2i * w2r
+                    W[o + 6 * s, l] = t3r * w3r - t3i * w3i
+                    W[o + 6 * s + 1, l] = t3r * w3i + t3i * w3r
 
-        return radix4, radix8, radix2
+    @T.macro
+    def radix8(W, so, do, TW, N, s):
+        """One Stockham radix-8 stage, n = N/s, m = n/8, p < m, q < s: x_r = x[q + s(p + rm)],
+        y[q + s(8p + k)] = W_n^pk Σ_r x_r W_8^rk, the 8-point DFT as a span-4 butterfly
+        (b_r = (x_r − x_r+4)·W_8^r) followed by two 4-point DFTs (even and odd k)."""
+        for p in range(N // (8 * s)):
+            w1r: T.let = TW[p * s, 0]
+            w1i: T.let = TW[p * s, 1]
+            w2r: T.let = TW[2 * p * s, 0]
+            w2i: T.let = TW[2 * p * s, 1]
+            w3r: T.let = TW[3 * p * s, 0]
+            w3i: T.let = TW[3 * p * s, 1]
+            w4r: T.let = TW[4 * p * s, 0]
+            w4i: T.let = TW[4 * p * s, 1]
+            w5r: T.let = TW[5 * p * s, 0]
+            w5i: T.let = TW[5 * p * s, 1]
+            w6r: T.let = TW[6 * p * s, 0]
+            w6i: T.let = TW[6 * p * s, 1]
+            w7r: T.let = TW[7 * p * s, 0]
+            w7i: T.let = TW[7 * p * s, 1]
+            for q in range(s):
+                for l in T.vectorized(VL):
+                    i0: T.let = so + 2 * (q + s * p)
+                    a0r: T.let = W[i0, l] + W[i0 + N, l]
+                    a0i: T.let = W[i0 + 1, l] + W[i0 + N + 1, l]
+                    b0r: T.let = W[i0, l] - W[i0 + N, l]
+                    b0i: T.let = W[i0 + 1, l] - W[i0 + N + 1, l]
+                    a1r: T.let = W[i0 + N // 4, l] + W[i0 + N // 4 + N, l]
+                    a1i: T.let = W[i0 + N // 4 + 1, l] + W[i0 + N // 4 + N + 1, l]
+                    d1r: T.let = W[i0 + N // 4, l] - W[i0 + N // 4 + N, l]
+                    d1i: T.let = W[i0 + N // 4 + 1, l] - W[i0 + N // 4 + N + 1, l]
+                    a2r: T.let = W[i0 + N // 2, l] + W[i0 + N // 2 + N, l]
+                    a2i: T.let = W[i0 + N // 2 + 1, l] + W[i0 + N // 2 + N + 1, l]
+                    d2r: T.let = W[i0 + N // 2, l] - W[i0 + N // 2 + N, l]
+                    d2i: T.let = W[i0 + N // 2 + 1, l] - W[i0 + N // 2 + N + 1, l]
+                    a3r: T.let = W[i0 + 3 * (N // 4), l] + W[i0 + 3 * (N // 4) + N, l]
+                    a3i: T.let = W[i0 + 3 * (N // 4) + 1, l] + W[i0 + 3 * (N // 4) + N + 1, l]
+                    d3r: T.let = W[i0 + 3 * (N // 4), l] - W[i0 + 3 * (N // 4) + N, l]
+                    d3i: T.let = W[i0 + 3 * (N // 4) + 1, l] - W[i0 + 3 * (N // 4) + N + 1, l]
+                    # b_r = d_r·W_8^r: W_8 = (1 ∓ i)/√2, W_8^2 = ∓i, W_8^3 = (−1 ∓ i)/√2
+                    b1r: T.let = pm(d1r, d1i) * c8
+                    b1i: T.let = mp(d1i, d1r) * c8
+                    b2r: T.let = sel(d2i, -d2i)
+                    b2i: T.let = sel(-d2r, d2r)
+                    b3r: T.let = sel(d3i - d3r, -(d3r + d3i)) * c8
+                    b3i: T.let = sel(-(d3r + d3i), d3r - d3i) * c8
+                    # 4-point DFTs: A_j (outputs k = 2j), B_j (k = 2j + 1)
+                    e0r: T.let = a0r + a2r
+                    e0i: T.let = a0i + a2i
+                    e1r: T.let = a0r - a2r
+                    e1i: T.let = a0i - a2i
+                    f0r: T.let = a1r + a3r
+                    f0i: T.let = a1i + a3i
+                    f1r: T.let = a1r - a3r
+                    f1i: T.let = a1i - a3i
+                    g0r: T.let = b0r + b2r
+                    g0i: T.let = b0i + b2i
+                    g1r: T.let = b0r - b2r
+                    g1i: T.let = b0i - b2i
+                    h0r: T.let = b1r + b3r
+                    h0i: T.let = b1i + b3i
+                    h1r: T.let = b1r - b3r
+                    h1i: T.let = b1i - b3i
+                    y2r: T.let = pm(e1r, f1i)
+                    y2i: T.let = mp(e1i, f1r)
+                    y4r: T.let = e0r - f0r
+                    y4i: T.let = e0i - f0i
+                    y6r: T.let = mp(e1r, f1i)
+                    y6i: T.let = pm(e1i, f1r)
+                    y1r: T.let = g0r + h0r
+                    y1i: T.let = g0i + h0i
+                    y3r: T.let = pm(g1r, h1i)
+                    y3i: T.let = mp(g1i, h1r)
+                    y5r: T.let = g0r - h0r
+                    y5i: T.let = g0i - h0i
+                    y7r: T.let = mp(g1r, h1i)
+                    y7i: T.let = pm(g1i, h1r)
+                    o: T.let = do + 2 * (q + 8 * s * p)
+                    W[o, l] = e0r + f0r
+                    W[o + 1, l] = e0i + f0i
+                    W[o + 2 * s, l] = y1r * w1r - y1i * w1i
+                    W[o + 2 * s + 1, l] = y1r * w1i + y1i * w1r
+                    W[o + 4 * s, l] = y2r * w2r - y2i * w2i
+                    W[o + 4 * s + 1, l] = y2r * w2i + y2i * w2r
+                    W[o + 6 * s, l] = y3r * w3r - y3i * w3i
+                    W[o + 6 * s + 1, l] = y3r * w3i + y3i * w3r
+                    W[o + 8 * s, l] = y4r * w4r - y4i * w4i
+                    W[o + 8 * s + 1, l] = y4r * w4i + y4i * w4r
+                    W[o + 10 * s, l] = y5r * w5r - y5i * w5i
+                    W[o + 10 * s + 1, l] = y5r * w5i + y5i * w5r
+                    W[o + 12 * s, l] = y6r * w6r - y6i * w6i
+                    W[o + 12 * s + 1, l] = y6r * w6i + y6i * w6r
+                    W[o + 14 * s, l] = y7r * w7r - y7i * w7i
+                    W[o + 14 * s + 1, l] = y7r * w7i + y7i * w7r
 
+    @T.macro
+    def radix2(W, so, do, N):
+        """The last stage when log2 N is odd: s = N/2, y[q] = x[q] + x[q+s], y[q+s] = x[q] − x[q+s]
+        (rows: re and im of x[q] are rows 2q, 2q+1, those of x[q+s] N rows further)."""
+        for q in range(N):
+            for l in T.vectorized(VL):
+                W[do + q, l] = W[so + q, l] + W[so + q + N, l]
+                W[do + q + N, l] = W[so + q, l] - W[so + q + N, l]
 
-    def fft_of(zero_in: bool = False, low_out: bool = False):
-        """T.macro fft(W, h, TW, N, lg): FFT_N of half h of W (rows h·R.., R = 2N + 2), stages
-        ping-ponging between the halves: ⌊lg/3⌋ radix-8 stages, then one radix-4 or radix-2 stage
-        for lg mod 3 = 2 or 1 (lg = log2 N); the result lands in half (h + stages) mod 2, stages =
-        ⌈lg/3⌉. zero_in: z's upper half is zero (the first stage prunes it); low_out: only the
-        lower half of the result is wanted (the last stage prunes the rest)."""
-        assert not (zero_in and low_out), "a pruned stage is either the first or the last"
-        r4, r8, r2 = stages(False, False)
-        _, r8z, _ = stages(True, False)
-        r4l, r8l, r2l = stages(False, True)
+    @T.macro
+    def fft(W, h, TW, N, lg):
+        """FFT_N of half h of W (rows h·R.., R = 2N + 2), stages ping-ponging between the halves:
+        ⌊lg/3⌋ radix-8 stages, then one radix-4 or radix-2 stage for lg mod 3 = 2 or 1 (lg =
+        log2 N); the result lands in half (h + stages) mod 2, stages = ⌈lg/3⌉."""
+        for st in range(lg // 3):
+            radix8(W, (h + st) % 2 * (2 * N + 2), (h + st + 1) % 2 * (2 * N + 2), TW, N,
+                   T.shift_left(T.int64(1), 3 * st))
+        if lg % 3 == 2:
+            radix4(W, (h + lg // 3) % 2 * (2 * N + 2), (h + lg // 3 + 1) % 2 * (2 * N + 2), TW, N,
+                   T.shift_left(T.int64(1), 3 * (lg // 3)))
+        if lg % 3 == 1:
+            radix2(W, (h + lg // 3) % 2 * (2 * N + 2), (h + lg // 3 + 1) % 2 * (2 * N + 2), N)
 
-        @T.macro
-        def fft(W, h, TW, N, lg):
-            for st in range(lg // 3):
-                if zero_in:
-                    if st == 0:
-                        r8z(W, h % 2 * (2 * N + 2), (h + 1) % 2 * (2 * N + 2), TW, N, 1)
-                    else:
-                        r8(W, (h + st) % 2 * (2 * N + 2), (h + st + 1) % 2 * (2 * N + 2), TW, N,
-                           T.shift_left(T.int64(1), 3 * st))
-                elif low_out:
-                    if st == lg // 3 - 1 and lg % 3 == 0:
-                        r8l(W, (h + st) % 2 * (2 * N + 2), (h + st + 1) % 2 * (2 * N + 2), TW, N,
-                            T.shift_left(T.int64(1), 3 * st))
-                    else:
-                        r8(W, (h + st) % 2 * (2 * N + 2), (h + st + 1) % 2 * (2 * N + 2), TW, N,
-                           T.shift_left(T.int64(1), 3 * st))
-                else:
-                    r8(W, (h + st) % 2 * (2 * N + 2), (h + st + 1) % 2 * (2 * N + 2), TW, N,
-                       T.shift_left(T.int64(1), 3 * st))
-            if lg % 3 == 2:
-                if low_out:
-                    r4l(W, (h + lg // 3) % 2 * (2 * N + 2), (h + lg // 3 + 1) % 2 * (2 * N + 2), TW, N,
-                        T.shift_left(T.int64(1), 3 * (lg // 3)))
-                else:
-                    r4(W, (h + lg // 3) % 2 * (2 * N + 2), (h + lg // 3 + 1) % 2 * (2 * N + 2), TW, N,
-                       T.shift_left(T.int64(1), 3 * (lg // 3)))
-            if lg % 3 == 1:
-                if low_out:
-                    r2l(W, (h + lg // 3) % 2 * (2 * N + 2), (h + lg // 3 + 1) % 2 * (2 * N + 2), N)
-                else:
-                    r2(W, (h + lg // 3) % 2 * (2 * N + 2), (h + lg // 3 + 1) % 2 * (2 * N + 2), N)
-
-        return fft
-
-    return zero, transpose, twiddles, fft_of
+    return zero, transpose, twiddles, radix4, radix2, fft
 
 
 def _log2(L):
@@ -358,8 +294,7 @@ def _half(h, L):
 def rfft_macro(dtype: str, VL: int | None = None):
     """T.macro transform(X, Y, n): Y = rfft(X[:, :n], L) (see the module docstring)."""
     VL = VL or lanes(dtype)
-    zero, transpose, twiddles, fft_of = _macros(dtype, VL, False)
-    fft = fft_of()
+    zero, transpose, twiddles, _, _, fft = _macros(dtype, VL, False)
     half = T.cast(0.5, dtype)
 
     @T.macro
@@ -453,8 +388,7 @@ def rfft_macro(dtype: str, VL: int | None = None):
 def irfft_macro(dtype: str, VL: int | None = None):
     """T.macro transform(Y, X): X = irfft(Y, L) (see the module docstring)."""
     VL = VL or lanes(dtype)
-    zero, transpose, twiddles, fft_of = _macros(dtype, VL, True)
-    fft = fft_of()
+    zero, transpose, twiddles, _, _, fft = _macros(dtype, VL, True)
 
     @T.macro
     def load(Z, Yf, g0, G, L, R, S):
@@ -595,87 +529,3 @@ def library(dtype: str):
     from .build import build, resolve_target
     return build({"rfft": rfft("rfft", dtype), "irfft": irfft("irfft", dtype)}, resolve_target("llvm"))
 
-
-def convolver(dtype: str, VL: int | None = None):
-    """Macros for a Toeplitz product done in place in one work buffer, no transposes, no (G, L)
-    spectra: (setup, convolve).
-
-        setup(TW, TR, TWi, TRi, L)            twiddle tables of both directions
-        convolve(Z, CH, h, TW, TR, TWi, L)
-            Z (2L + 4, VL): rows t < L/2 of half 0 hold VL real sequences u_l[t] (one per lane),
-            zero-padded to L (rows L/2.. are not read: u_l is taken as 0 there); on return rows
-            t < L/2 hold irfft(ĉ_h · rfft(u_l), L)[t], ĉ_h = CH[h] (L/2+1, 2) the rfft of a real
-            sequence (the rest of the buffer is scratch).
-    The forward FFT_{L/2} of z_k = u_2k + i·u_2k+1 lands in half s = stages mod 2; one pass over
-    the Hermitian pairs (k, L/2 − k) there does the real-input split, the spectral product and
-    the inverse's unsplit (scales folded: 2X from the split, 1/(2L) at the end), in place; the
-    inverse FFT goes from half s back to half 0 (2·stages is even). Both FFTs are pruned: z_k = 0
-    for k ≥ L/4, so the forward's first stage skips that half; only z_k, k < L/4, of the inverse
-    is wanted, so its last stage computes no more."""
-    VL = VL or lanes(dtype)
-    _, _, twiddles_f, fft_of_f = _macros(dtype, VL, False)
-    _, _, twiddles_i, fft_of_i = _macros(dtype, VL, True)
-    fft_f = fft_of_f(zero_in=True)          # z_k = 0 for k ≥ L/4 (u is zero-padded past N ≤ L/2)
-    fft_i = fft_of_i(low_out=True)          # rows t < L/2 of the result are all that is read
-
-    @T.macro
-    def setup(TW, TR, TWi, TRi, L):
-        twiddles_f(TW, TR, L)
-        twiddles_i(TWi, TRi, L)
-
-    @T.macro
-    def product(Z, zo, CH, h, TR, N, L):
-        """In place on rows zo..: Z = FFT_N(z) -> the inverse's input Z' for ĉ·X (module maths)."""
-        inv: T.let = T.cast(1, dtype) / T.cast(L, dtype)
-        c0: T.let = CH[h, 0, 0]
-        cn: T.let = CH[h, N, 0]
-        for l in T.vectorized(VL):
-            x0: T.let = Z[zo, l] + Z[zo + 1, l]
-            xn: T.let = Z[zo, l] - Z[zo + 1, l]
-            Z[zo, l] = (x0 * c0 + xn * cn) * inv
-            Z[zo + 1, l] = (x0 * c0 - xn * cn) * inv
-        half_inv: T.let = inv * T.cast(0.5, dtype)
-        for k in range(1, N // 2 + 1):
-            wr: T.let = TR[k, 0]
-            wi: T.let = TR[k, 1]
-            akr: T.let = CH[h, k, 0]
-            aki: T.let = CH[h, k, 1]
-            anr: T.let = CH[h, N - k, 0]
-            ani: T.let = CH[h, N - k, 1]
-            for l in T.vectorized(VL):
-                zr: T.let = Z[zo + 2 * k, l]
-                zi: T.let = Z[zo + 2 * k + 1, l]
-                nr: T.let = Z[zo + 2 * (N - k), l]
-                ni: T.let = Z[zo + 2 * (N - k) + 1, l]
-                er: T.let = zr + nr                       # 2E, 2O of the split
-                ei: T.let = zi - ni
-                orr: T.let = zi + ni
-                oi: T.let = nr - zr
-                pr: T.let = wr * orr - wi * oi            # 2·W_L^k·O
-                pi: T.let = wr * oi + wi * orr
-                xkr: T.let = er + pr                      # 2X_k, 2X_{N−k}
-                xki: T.let = ei + pi
-                xnr: T.let = er - pr
-                xni: T.let = pi - ei
-                ykr: T.let = xkr * akr - xki * aki        # 2Y = ĉ·2X
-                yki: T.let = xkr * aki + xki * akr
-                ynr: T.let = xnr * anr - xni * ani
-                yni: T.let = xnr * ani + xni * anr
-                gr: T.let = ykr + ynr                     # the unsplit: E' = Y_k + conj Y_{N−k}
-                gi: T.let = yki - yni
-                dr: T.let = ykr - ynr                     # O' = (Y_k − conj Y_{N−k})·W_L^−k
-                di: T.let = yki + yni
-                qr: T.let = dr * wr + di * wi
-                qi: T.let = di * wr - dr * wi
-                Z[zo + 2 * k, l] = (gr - qi) * half_inv
-                Z[zo + 2 * k + 1, l] = (gi + qr) * half_inv
-                Z[zo + 2 * (N - k), l] = (gr + qi) * half_inv
-                Z[zo + 2 * (N - k) + 1, l] = (qr - gi) * half_inv
-
-    @T.macro
-    def convolve(Z, CH, h, TW, TR, TWi, L):
-        fft_f(Z, 0, TW, L // 2, _log2(L // 2))
-        product(Z, _half(_stages(L), L), CH, h, TR, L // 2, L)
-        fft_i(Z, _stages(L) % 2, TWi, L // 2, _log2(L // 2))
-
-    return setup, convolve

@@ -1,6 +1,7 @@
 """Toeplitz-FFT kernels: relative positions in linear attention in O(N log N) (Luo et al. 2021,
-FastRPB), forward and exact backward, in TVMScript around an FFT called through packed
-functions (fftlib.py: fft_tir.py's TVMScript FFT by default, or torch.fft).
+FastRPB), forward and exact backward, in TVMScript. The scores forward inlines its FFT
+(fft_convolve.py); the other kernels call one through packed functions (fftlib.py: fft_tir.py's
+TVMScript FFT by default, or torch.fft).
 
 Shapes: Qf, Kf (BH, N, M); V, O, dO (BH, N, D); DEN (BH, N); TAB (H, P) the position parameters
 (a learned table, P = 2W+1; alibi slopes, P = 1; unused for a user function); head h = bh mod H.
@@ -18,16 +19,17 @@ d ≤ D, v_aug = [v, 1]:  NUM_i,d = Σ_m Qf_im Σ_j c(i−j) Kf_jm v_aug_jd,  O 
 Values (FastRPB): c = b, channels d < D:  Y_i = Σ_j c(i−j) V_j.
 
 Memory: heads run one after another and channels go through the FFT a block at a time, so the
-(N, M·D) state sequence is never materialized, for any head. The forward is fused (one FFT work
-buffer per value channel, VL features in its lanes, see scores_forward); the backwards run
-blocks of G = Mb·(D+1) sequences through the packed FFT.
+(N, M·D) state sequence is never materialized, for any head. The scores forward is fused (one
+FFT work buffer per value channel, 2·VL features in its lanes and complex parts, see
+scores_forward); the backwards and the values form run blocks of G = Mb·(D+1) sequences through
+the packed FFT.
 """
 from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
 
-from . import fft_tir
+from . import fft_convolve
 from .expr_tir import to_tir
 from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve as knobs_of
@@ -81,8 +83,8 @@ def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
         return tirx.Or(p < N, p > L - N)
 
     @T.macro
-    def build_spectrum(CC, CH, TAB, H, N, Lf, W):
-        """CC[h, p] = c_h(r), r = p or p − L; CH[h] = rfft(CC[h])."""
+    def weights(CC, TAB, H, N, Lf, W):
+        """CC[h, p] = c_h(r), r = p or p − L (0 where r is masked)."""
         for h in T.parallel(H):
             mx = T.alloc_buffer((1,), dtype, scope="local")
             mx[0] = T.min_value(dtype)
@@ -95,6 +97,11 @@ def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
             if exp_c:
                 for p in range(Lf):
                     CC[h, p] = T.Select(valid(p, N, Lf), T.exp(CC[h, p] - mx[0]), zero)
+
+    @T.macro
+    def build_spectrum(CC, CH, TAB, H, N, Lf, W):
+        """CC[h, p] = c_h(r), r = p or p − L; CH[h] = rfft(CC[h])."""
+        weights(CC, TAB, H, N, Lf, W)
         T.evaluate(T.call_packed("attndsl.fft.rfft", CC, CH, Lf))
 
     @T.macro
@@ -136,29 +143,31 @@ def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
                 DC[h, w, 0] += XA[g, w, 0] * XB[g, w, 0] + XA[g, w, 1] * XB[g, w, 1]
                 DC[h, w, 1] += XA[g, w, 1] * XB[g, w, 0] - XA[g, w, 0] * XB[g, w, 1]
 
-    return build_spectrum, table_grad, spectral, cross_spectrum
+    return build_spectrum, table_grad, spectral, cross_spectrum, weights
 
 
 def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position, knobs=None):
     """Luo et al., fused: (Qf, Kf, V, TAB, O out, DEN out, n_fft), the maths of the module.
 
-    One work unit per value channel d ≤ D (in parallel), VL features m at a time (the vector
-    lanes): Z[t, l] = Kf[t, m0+l]·v_aug[t, d] is written straight into the FFT's work buffer,
-    convolved with c_h in place (fft_tir.convolver: rfft, product, irfft in one buffer of
-    2(L+2)·VL floats), and Qf[t, m0+l]·Z[t, l] summed into the unit's accumulator. No (G, L)
-    sequence or spectrum buffer exists and no transpose runs; NUM (D+1, N) is the only state
-    a head keeps. `knobs` (the channels block) applies to the backward only."""
+    One work unit per value channel d ≤ D (in parallel), 2·VL features m at a time: the vector
+    lanes hold VL of them and the real and imaginary parts two feature blocks,
+    z_t = (Kf[t, m0+l] + i·Kf[t, m0+VL+l])·v_aug[t, d], written straight into the FFT's work
+    buffer, convolved with c_h in place (fft_convolve.convolver: ĉ·FFT(z), inverse, depth-first
+    in one buffer of 2L·VL floats), and Qf[t, m0+l]·Re z_t + Qf[t, m0+VL+l]·Im z_t summed into the
+    unit's accumulator. No (G, L) sequence or spectrum buffer exists and no transpose runs;
+    NUM (D+1, N) is the only state a head keeps. `knobs` (the channels block) applies to the
+    backward only."""
     D1 = D + 1
     VL = cpu.lanes(dtype)          # one vector register of features (16 f32 with AVX-512)
-    MB = (M + VL - 1) // VL
-    full = M % VL == 0
+    MP = (M + 2 * VL - 1) // (2 * VL)
+    full = M % (2 * VL) == 0
     zero = T.cast(0, dtype)
     one = T.cast(1, dtype)
-    build_spectrum, _, _, _ = _position_macros(dtype, causal, bias_builder(position, dtype), True)
-    setup, convolve = fft_tir.convolver(dtype, VL)
+    _, _, _, _, weights = _position_macros(dtype, causal, bias_builder(position, dtype), True)
+    setup, spectrum, convolve = fft_convolve.convolver(dtype, VL)
 
     def feature(X, bh, t, m):
-        """X[bh, t, m], 0 for the lanes past M (a gather only when M is not a multiple of VL)."""
+        """X[bh, t, m], 0 for the lanes past M (a gather only when M is not a multiple of 2·VL)."""
         if full:
             return X[bh, t, m]
         return tirx.Select(m < M, X[bh, t, tirx.min(m, M - 1)], zero)
@@ -179,34 +188,37 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
         DEN = T.match_buffer(dn, (BH, N), dtype)
         W = (P - 1) // 2
         CC = T.alloc_buffer((H, Lf), dtype)
-        CH = T.alloc_buffer((H, Lf // 2 + 1, 2), dtype)
-        TW = T.alloc_buffer((Lf // 2, 2), dtype)
-        TR = T.alloc_buffer((Lf // 4 + 1, 2), dtype)
-        TWi = T.alloc_buffer((Lf // 2, 2), dtype)
-        TRi = T.alloc_buffer((Lf // 4 + 1, 2), dtype)
+        CH = T.alloc_buffer((H, Lf, 2), dtype)
+        TW = T.alloc_buffer((Lf, 2), dtype)
+        TWi = T.alloc_buffer((Lf, 2), dtype)
+        ZS = T.alloc_buffer((2 * Lf, VL), dtype)
         NT = T.alloc_buffer((D1, N), dtype)
-        build_spectrum(CC, CH, TAB, H, N, Lf, W)
-        setup(TW, TR, TWi, TRi, Lf)
+        weights(CC, TAB, H, N, Lf, W)
+        setup(TW, TWi, Lf)
+        spectrum(CC, CH, ZS, H, TW, Lf)
         for bh in range(BH):
             h = bh % H
             for d in T.parallel(D1):
-                Z = T.alloc_buffer((2 * Lf + 4, VL), dtype)
+                Z = T.alloc_buffer((2 * Lf, VL), dtype)
                 A = T.alloc_buffer((N, VL), dtype)
                 for t in range(N):
                     for l in T.vectorized(VL):
                         A[t, l] = zero
-                for mb in range(MB):
+                for mp in range(MP):
                     for t in range(N):
                         vd: T.let = T.Select(d < D, Vv[bh, t, T.min(d, D - 1)], one)
                         for l in T.vectorized(VL):
-                            Z[t, l] = feature(K, bh, t, mb * VL + l) * vd
+                            Z[2 * t, l] = feature(K, bh, t, 2 * mp * VL + l) * vd
+                            Z[2 * t + 1, l] = feature(K, bh, t, (2 * mp + 1) * VL + l) * vd
                     for t in range(Lf // 2 - N):        # the rows the pruned first stage reads
                         for l in T.vectorized(VL):
-                            Z[N + t, l] = zero
-                    convolve(Z, CH, h, TW, TR, TWi, Lf)
+                            Z[2 * (N + t), l] = zero
+                            Z[2 * (N + t) + 1, l] = zero
+                    convolve(Z, CH, h, TW, TWi, Lf)
                     for t in range(N):
                         for l in T.vectorized(VL):
-                            A[t, l] += feature(Q, bh, t, mb * VL + l) * Z[t, l]
+                            A[t, l] += (feature(Q, bh, t, 2 * mp * VL + l) * Z[2 * t, l]
+                                        + feature(Q, bh, t, (2 * mp + 1) * VL + l) * Z[2 * t + 1, l])
                 for t in range(N):
                     NT[d, t] = zero
                     for l in range(VL):
@@ -232,7 +244,7 @@ def scores_backward(name: str, M: int, D: int, dtype: str, causal: bool, positio
     G = Mb * D1
     VL = V_LANES
     zero = T.cast(0, dtype)
-    build_spectrum, table_grad, spectral, cross_spectrum = _position_macros(
+    build_spectrum, table_grad, spectral, cross_spectrum, _ = _position_macros(
         dtype, causal, bias_builder(position, dtype), True)
 
     @T.prim_func
@@ -348,7 +360,7 @@ def scores_backward(name: str, M: int, D: int, dtype: str, causal: bool, positio
 
 def values_forward(name: str, D: int, dtype: str, causal: bool, position):
     """FastRPB: (V, TAB, Y out, n_fft). Y_i = Σ_j b(i−j) V_j over j ≤ i when causal."""
-    build_spectrum, _, spectral, _ = _position_macros(dtype, causal, bias_builder(position, dtype), False)
+    build_spectrum, _, spectral, _, _ = _position_macros(dtype, causal, bias_builder(position, dtype), False)
 
     @T.prim_func
     def kernel(v: T.handle, tab: T.handle, y: T.handle, Lf: T.int64):
@@ -385,7 +397,7 @@ def values_backward(name: str, D: int, dtype: str, causal: bool, position, learn
     """Gradient of values_forward: (V, TAB, dY, dV out, dTAB out, n_fft).
     dV_j = Σ_i b(i−j) dY_i (correlation); db(r) = Σ_i dY_i·V_{i−r} (cross-correlation)."""
     zero = T.cast(0, dtype)
-    build_spectrum, table_grad, spectral, cross_spectrum = _position_macros(
+    build_spectrum, table_grad, spectral, cross_spectrum, _ = _position_macros(
         dtype, causal, bias_builder(position, dtype), False)
 
     @T.prim_func
