@@ -1,5 +1,5 @@
 """Toeplitz products by FFT in one work buffer, in place and depth-first: the fused Toeplitz-FFT
-forward's transform (toeplitz.scores_forward).
+scores kernels' transform (toeplitz.scores_forward, scores_backward).
 
 Z (2L, VL): rows 2t, 2t+1 hold re, im of z_t, t < L, VL independent complex sequences (one per
 vector lane). Two real sequences ride in one complex one, z = u + i·u', so a circular
@@ -79,8 +79,9 @@ def _stages(dtype: str, VL: int, inverse: bool):
     def stage8_of(zero_in: bool, low_out: bool):
         """One radix-8 stage of span s over `groups` groups of 8s points from point cb:
         x_r = z[g·8s + j + r·s], y_k = Σ_r x_r W_8^{±rk}; forward: z[.. + k·s] = y_k W_8s^{jk};
-        inverse (the adjoint): x_k times W_8s^{−jk} first. zero_in: x_r = 0 for r ≥ 4;
-        low_out: only y_r, r < 4, stored."""
+        inverse (the adjoint): x_k times W_8s^{−jk} first. W_8s^{jk} = TW[j·k·stride],
+        stride = L/(8s) (passed, not divided: a division hoisted out of a skipped branch
+        faulted at L < 64). zero_in: x_r = 0 for r ≥ 4; low_out: only y_r, r < 4, stored."""
         def up(a, b):
             return a if zero_in else a + b
 
@@ -88,10 +89,10 @@ def _stages(dtype: str, VL: int, inverse: bool):
             return a if zero_in else a - b
 
         @T.macro
-        def stage8(Z, cb, s, groups, TW, L):
+        def stage8(Z, cb, s, groups, TW, stride):
             for g in range(groups):
                 for j in range(s):
-                    e: T.let = j * (L // (8 * s))
+                    e: T.let = j * stride                          # W_8s^jk = W_L^(jk·stride)
                     w1r: T.let = TW[e, 0]
                     w1i: T.let = TW[e, 1]
                     w2r: T.let = TW[2 * e, 0]
@@ -215,7 +216,8 @@ def _stages(dtype: str, VL: int, inverse: bool):
 
 
 def convolver(dtype: str, VL: int, block_bytes: int = BLOCK_BYTES):
-    """Macros (setup, spectrum, convolve) over Z (2L, VL) work buffers (module docstring):
+    """Macros (setup, spectrum, convolve, correlation) and run_of over Z (2L, VL) work buffers
+    (module docstring):
 
         setup(TW, TWi, L)             twiddle tables W_L^{±k}, k < L, (L, 2) each
         spectrum(CC, CH, Zs, H, TW, L)
@@ -224,7 +226,11 @@ def convolver(dtype: str, VL: int, block_bytes: int = BLOCK_BYTES):
         convolve(Z, CH, h, TW, TWi, L)
                                       rows of points t < L/2 of Z: z -> (c_h ⊛ z)[t], z zero past
                                       L/2 (those rows are not read), c_h the circular sequence of
-                                      CH[h]; the rest of Z is scratch."""
+                                      CH[h]; the rest of Z is scratch (scores_forward)
+        run_of(pair, learn)           the same for one or two buffers, the second correlated,
+                                      and their cross-spectrum summed (scores_backward)
+        correlation(DC, DCC, Zs, H, TWi, L)
+                                      DCC (H, L) real, natural order, from such summed spectra"""
     f8, f4, f2, tw_f = _stages(dtype, VL, False)
     i8, i4, i2, tw_i = _stages(dtype, VL, True)
     fwd8, fwd8_zero_in = f8(False, False), f8(True, False)
@@ -241,7 +247,8 @@ def convolver(dtype: str, VL: int, block_bytes: int = BLOCK_BYTES):
     def forward_from(Z, cb, first, TW, L):
         """Forward stages first.. on the L/8^first points from cb (span L/8^(st+1) each)."""
         for st in range(first, _log2(L) // 3):
-            fwd8(Z, cb, T.shift_right(L, 3 * st + 3), T.shift_left(T.int64(1), 3 * (st - first)), TW, L)
+            fwd8(Z, cb, T.shift_right(L, 3 * st + 3), T.shift_left(T.int64(1), 3 * (st - first)), TW,
+                 T.shift_left(T.int64(1), 3 * st))
         if _log2(L) % 3 == 2:
             f4(Z, cb, T.shift_right(L, 3 * first) // 4)
         if _log2(L) % 3 == 1:
@@ -256,22 +263,63 @@ def convolver(dtype: str, VL: int, block_bytes: int = BLOCK_BYTES):
             i2(Z, cb, T.shift_right(L, 3 * first) // 2)
         for r in range(_log2(L) // 3 - first):
             inv8(Z, cb, T.shift_right(L, 3 * (_log2(L) // 3 - r)),
-                 T.shift_left(T.int64(1), 3 * (_log2(L) // 3 - 1 - r - first)), TWi, L)
+                 T.shift_left(T.int64(1), 3 * (_log2(L) // 3 - 1 - r - first)), TWi,
+                 T.shift_left(T.int64(1), 3 * (_log2(L) // 3 - 1 - r)))
 
-    @T.macro
-    def middle(Z, CH, h, cb, first, TW, TWi, L):
-        """On the L/8^first points from cb, whose outer stages are done: the remaining forward
-        stages, the product with ĉ_h (in the same digit-reversed order), the inverse stages."""
-        forward_from(Z, cb, first, TW, L)
-        for t in range(T.shift_right(L, 3 * first)):
-            cr: T.let = CH[h, cb + t, 0]
-            ci: T.let = CH[h, cb + t, 1]
-            for l in T.vectorized(VL):
-                zr: T.let = Z[2 * (cb + t), l]
-                zi: T.let = Z[2 * (cb + t) + 1, l]
-                Z[2 * (cb + t), l] = zr * cr - zi * ci
-                Z[2 * (cb + t) + 1, l] = zr * ci + zi * cr
-        inverse_from(Z, cb, first, TWi, L)
+    def run_of(pair: bool, learn: bool):
+        """T.macro run(ZZ, CH, h, DCV, TW, TWi, L), ZZ (2L·W, VL) holding W = 1 or 2 (`pair`) work
+        buffers one after the other (z1 from point 0, z2 from point L): z1 <- c_h ⊛ z1 and, with
+        `pair`, z2 <- c_h ⋆ z2 (the correlation Σ_i c(i − j) z2_i: conj ĉ), both transforms
+        interleaved block by block; with `learn`, DCV (2L, VL) += FFT(z2)·conj(FFT(z1)) per
+        lane, in the transform's order (`correlation` takes it back). Each stage is instantiated
+        once: a pair's buffers are point offsets w·L in a loop, and one or two levels of blocks
+        are a runtime choice."""
+        ways = 2 if pair else 1
+
+        @T.macro
+        def middle(ZZ, CH, h, DCV, cb, first, TW, TWi, L):
+            """On the L/8^first points from cb, whose outer stages are done: the remaining forward
+            stages, the products with ĉ_h (in the same digit-reversed order), the inverse stages."""
+            for w in range(ways):
+                forward_from(ZZ, w * L + cb, first, TW, L)
+            for t in range(T.shift_right(L, 3 * first)):
+                cr: T.let = CH[h, cb + t, 0]
+                ci: T.let = CH[h, cb + t, 1]
+                for l in T.vectorized(VL):
+                    zr: T.let = ZZ[2 * (cb + t), l]
+                    zi: T.let = ZZ[2 * (cb + t) + 1, l]
+                    ZZ[2 * (cb + t), l] = zr * cr - zi * ci
+                    ZZ[2 * (cb + t) + 1, l] = zr * ci + zi * cr
+                    if pair:
+                        ar: T.let = ZZ[2 * (L + cb + t), l]
+                        ai: T.let = ZZ[2 * (L + cb + t) + 1, l]
+                        if learn:
+                            DCV[2 * (cb + t), l] += ar * zr + ai * zi
+                            DCV[2 * (cb + t) + 1, l] += ai * zr - ar * zi
+                        ZZ[2 * (L + cb + t), l] = ar * cr + ai * ci
+                        ZZ[2 * (L + cb + t) + 1, l] = ai * cr - ar * ci
+            for w in range(ways):
+                inverse_from(ZZ, w * L + cb, first, TWi, L)
+
+        @T.macro
+        def run(ZZ, CH, h, DCV, TW, TWi, L):
+            # levels of blocks: 2 (blocks of L/8, then of L/64 points) or 1
+            lv: T.let = T.Select(tirx.And(L >= 64, L // 8 * point > block_bytes), 2, 1)
+            for w in range(ways):
+                fwd8_zero_in(ZZ, w * L, L // 8, 1, TW, T.int64(1))
+            for b in range(8):
+                if lv == 2:
+                    for w in range(ways):
+                        fwd8(ZZ, w * L + b * (L // 8), L // 64, 1, TW, T.int64(8))
+                for b2 in range(T.Select(lv == 2, 8, 1)):
+                    middle(ZZ, CH, h, DCV, b * (L // 8) + b2 * (L // 64), lv, TW, TWi, L)
+                if lv == 2:
+                    for w in range(ways):
+                        inv8(ZZ, w * L + b * (L // 8), L // 64, 1, TWi, T.int64(8))
+            for w in range(ways):
+                inv8_low_out(ZZ, w * L, L // 8, 1, TWi, T.int64(1))
+
+        return run
 
     @T.macro
     def spectrum(CC, CH, Zs, H, TW, L):
@@ -280,7 +328,7 @@ def convolver(dtype: str, VL: int, block_bytes: int = BLOCK_BYTES):
                 for l in range(VL):
                     Zs[2 * t, l] = T.Select(hb * VL + l < H, CC[T.min(hb * VL + l, H - 1), t], zero)
                     Zs[2 * t + 1, l] = zero
-            fwd8(Zs, 0, L // 8, 1, TW, L)
+            fwd8(Zs, 0, L // 8, 1, TW, T.int64(1))
             for b in range(8):
                 forward_from(Zs, b * (L // 8), 1, TW, L)
             for l in range(VL):
@@ -290,17 +338,26 @@ def convolver(dtype: str, VL: int, block_bytes: int = BLOCK_BYTES):
                         CH[hb * VL + l, t, 1] = Zs[2 * t + 1, l] / T.cast(L, dtype)
 
     @T.macro
-    def convolve(Z, CH, h, TW, TWi, L):
-        fwd8_zero_in(Z, 0, L // 8, 1, TW, L)
-        if tirx.And(L >= 64, L // 8 * point > block_bytes):     # blocks of L/8, then of L/64 points
+    def correlation(DC, DCC, Zs, H, TWi, L):
+        """DCC[h, p] = Re(FFT⁻¹(DC[h]))[p], p < L (natural order), DC (H, L, 2) cross-spectra
+        summed in the transform's order (run's DCV)."""
+        for hb in range((H + VL - 1) // VL):
+            for t in range(L):
+                for l in range(VL):
+                    Zs[2 * t, l] = T.Select(hb * VL + l < H, DC[T.min(hb * VL + l, H - 1), t, 0], zero)
+                    Zs[2 * t + 1, l] = T.Select(hb * VL + l < H, DC[T.min(hb * VL + l, H - 1), t, 1], zero)
             for b in range(8):
-                fwd8(Z, b * (L // 8), L // 64, 1, TW, L)
-                for b2 in range(8):
-                    middle(Z, CH, h, b * (L // 8) + b2 * (L // 64), 2, TW, TWi, L)
-                inv8(Z, b * (L // 8), L // 64, 1, TWi, L)
-        else:
-            for b in range(8):
-                middle(Z, CH, h, b * (L // 8), 1, TW, TWi, L)
-        inv8_low_out(Z, 0, L // 8, 1, TWi, L)
+                inverse_from(Zs, b * (L // 8), 1, TWi, L)
+            inv8(Zs, 0, L // 8, 1, TWi, T.int64(1))
+            for l in range(VL):
+                if hb * VL + l < H:
+                    for t in range(L):
+                        DCC[hb * VL + l, t] = Zs[2 * t, l] / T.cast(L, dtype)
 
-    return setup, spectrum, convolve
+    run_single = run_of(False, False)
+
+    @T.macro
+    def convolve(Z, CH, h, TW, TWi, L):
+        run_single(Z, CH, h, Z, TW, TWi, L)
+
+    return setup, spectrum, convolve, correlation, run_of

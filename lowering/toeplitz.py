@@ -1,6 +1,6 @@
 """Toeplitz-FFT kernels: relative positions in linear attention in O(N log N) (Luo et al. 2021,
-FastRPB), forward and exact backward, in TVMScript. The scores forward inlines its FFT
-(fft_convolve.py); the other kernels call one through packed functions (fftlib.py: fft_tir.py's
+FastRPB), forward and exact backward, in TVMScript. The scores kernels inline their FFTs
+(fft_convolve.py); the values kernels call one through packed functions (fftlib.py: fft_tir.py's
 TVMScript FFT by default, or torch.fft).
 
 Shapes: Qf, Kf (BH, N, M); V, O, dO (BH, N, D); DEN (BH, N); TAB (H, P) the position parameters
@@ -19,10 +19,10 @@ d ≤ D, v_aug = [v, 1]:  NUM_i,d = Σ_m Qf_im Σ_j c(i−j) Kf_jm v_aug_jd,  O 
 Values (FastRPB): c = b, channels d < D:  Y_i = Σ_j c(i−j) V_j.
 
 Memory: heads run one after another and channels go through the FFT a block at a time, so the
-(N, M·D) state sequence is never materialized, for any head. The scores forward is fused (one
-FFT work buffer per value channel, 2·VL features in its lanes and complex parts, see
-scores_forward); the backwards and the values form run blocks of G = Mb·(D+1) sequences through
-the packed FFT.
+(N, M·D) state sequence is never materialized, for any head. The scores kernels are fused (FFT
+work buffers of 2·VL features, in the vector lanes and the complex parts, filled straight from
+the inputs and contracted in place: scores_forward, scores_backward); the values form runs its
+D channels through the packed FFT.
 """
 from __future__ import annotations
 
@@ -33,18 +33,6 @@ from . import fft_convolve
 from .expr_tir import to_tir
 from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve as knobs_of
-
-V_LANES = 16            # vector width of the position loops (fp32 AVX-512; fine for fp64 too)
-
-
-def _block(M: int, D1: int, max_channels: int) -> int:
-    """Features per channel block: the largest divisor of M with Mb·(D+1) ≤ max_channels (the
-    channels knob: G·L floats of scratch, 16 MB at G = 256, L = 16384)."""
-    best = 1
-    for mb in range(1, M + 1):
-        if M % mb == 0 and mb * D1 <= max_channels:
-            best = mb
-    return best
 
 
 def rel(p, N, Lf):
@@ -105,10 +93,9 @@ def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
         T.evaluate(T.call_packed("attndsl.fft.rfft", CC, CH, Lf))
 
     @T.macro
-    def table_grad(DC, DCC, CC, dTAB, H, P, N, Lf, W):
-        """dTAB from DC = Σ rfft(a)·conj(rfft(b)): dc = irfft(DC), then db = dc·c (scores, as
-        c = exp(b)) or dc (values), scattered into the table through the clip."""
-        T.evaluate(T.call_packed("attndsl.fft.irfft", DC, DCC))
+    def scatter_grad(DCC, CC, dTAB, H, P, N, Lf, W):
+        """dTAB from dc = DCC (H, L), circular order: db = dc·c (scores, as c = exp(b)) or dc
+        (values), scattered into the table through the clip."""
         for h in T.parallel(H):
             for t in range(P):
                 dTAB[h, t] = zero
@@ -118,6 +105,12 @@ def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
                         dTAB[h, slot(rel(p, N, Lf), W)] += DCC[h, p] * CC[h, p]
                     else:
                         dTAB[h, slot(rel(p, N, Lf), W)] += DCC[h, p]
+
+    @T.macro
+    def table_grad(DC, DCC, CC, dTAB, H, P, N, Lf, W):
+        """dTAB from DC = Σ rfft(a)·conj(rfft(b)): dc = irfft(DC), then scatter_grad."""
+        T.evaluate(T.call_packed("attndsl.fft.irfft", DC, DCC))
+        scatter_grad(DCC, CC, dTAB, H, P, N, Lf, W)
 
     @T.macro
     def spectral(X, CH, h, F, conj):
@@ -143,7 +136,22 @@ def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
                 DC[h, w, 0] += XA[g, w, 0] * XB[g, w, 0] + XA[g, w, 1] * XB[g, w, 1]
                 DC[h, w, 1] += XA[g, w, 1] * XB[g, w, 0] - XA[g, w, 0] * XB[g, w, 1]
 
-    return build_spectrum, table_grad, spectral, cross_spectrum, weights
+    return build_spectrum, table_grad, spectral, cross_spectrum, weights, scatter_grad
+
+
+def _block_bytes(knobs) -> int:
+    """fft_convolve's block size from the block_kb knob (schedules/knobs.py)."""
+    return knobs_of("toeplitz", knobs)["block_kb"] * 1024
+
+
+def _feature(M: int, VL: int, dtype: str):
+    """(X, bh, t, m) -> X[bh, t, m], 0 for the lanes past M (a gather only when M is not a
+    multiple of 2·VL, the features of one work buffer)."""
+    def feature(X, bh, t, m):
+        if M % (2 * VL) == 0:
+            return X[bh, t, m]
+        return tirx.Select(m < M, X[bh, t, tirx.min(m, M - 1)], T.cast(0, dtype))
+    return feature
 
 
 def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position, knobs=None):
@@ -155,22 +163,15 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
     buffer, convolved with c_h in place (fft_convolve.convolver: ĉ·FFT(z), inverse, depth-first
     in one buffer of 2L·VL floats), and Qf[t, m0+l]·Re z_t + Qf[t, m0+VL+l]·Im z_t summed into the
     unit's accumulator. No (G, L) sequence or spectrum buffer exists and no transpose runs;
-    NUM (D+1, N) is the only state a head keeps. `knobs` (the channels block) applies to the
-    backward only."""
+    NUM (D+1, N) is the only state a head keeps. `knobs`: block_kb, fft_convolve's block size."""
     D1 = D + 1
     VL = cpu.lanes(dtype)          # one vector register of features (16 f32 with AVX-512)
     MP = (M + 2 * VL - 1) // (2 * VL)
-    full = M % (2 * VL) == 0
+    feature = _feature(M, VL, dtype)
     zero = T.cast(0, dtype)
     one = T.cast(1, dtype)
-    _, _, _, _, weights = _position_macros(dtype, causal, bias_builder(position, dtype), True)
-    setup, spectrum, convolve = fft_convolve.convolver(dtype, VL)
-
-    def feature(X, bh, t, m):
-        """X[bh, t, m], 0 for the lanes past M (a gather only when M is not a multiple of 2·VL)."""
-        if full:
-            return X[bh, t, m]
-        return tirx.Select(m < M, X[bh, t, tirx.min(m, M - 1)], zero)
+    _, _, _, _, weights, _ = _position_macros(dtype, causal, bias_builder(position, dtype), True)
+    setup, spectrum, convolve, _, _ = fft_convolve.convolver(dtype, VL, _block_bytes(knobs))
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle,
@@ -231,6 +232,9 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
     return kernel
 
 
+D_CHUNKS = 4     # value channels of the fused backward split in this many chunks: MP·D_CHUNKS units
+
+
 def scores_backward(name: str, M: int, D: int, dtype: str, causal: bool, position, learn: bool,
                     knobs=None):
     """Exact gradient of scores_forward: (Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out,
@@ -238,14 +242,26 @@ def scores_backward(name: str, M: int, D: int, dtype: str, causal: bool, positio
         dQf_im = Σ_d g_id Σ_j c(i−j) Kf_jm v_aug_jd              (convolution)
         dKf_jm = Σ_d v_aug_jd R_md[j],  dV_jd = Σ_m Kf_jm R_md[j],  R_md[j] = Σ_i c(i−j) Qf_im g_id
         dc(r)  = Σ_md Σ_i Qf_im g_id Kf_{i−r,m} v_aug_{i−r,d}     (cross-correlation, by FFT)
-    dTAB is written only when `learn` (a learned table); the rest of the time it is left alone."""
+    Fused like the forward: a work unit per (feature pair block mp, chunk of value channels),
+    MP·D_CHUNKS in parallel; for each channel d of its chunk, two work buffers,
+    z1 = (Kf[:, m0+l] + i·Kf[:, m0+VL+l])·v_aug[:, d] and z2 = (Qf[:, m0+l] + i·Qf[:, m0+VL+l])·g[:, d],
+    go through fft_convolve's paired run (z1 convolved, z2 correlated, their cross-spectrum summed
+    per lane in the transform's order), then g_d·z1 and v_d·z2 are summed into the unit's dQf and
+    dKf (partials per chunk, added after) and Kf·z2 into dV (partials per mp). dTAB is written
+    only when `learn`: the summed cross-spectra of each head go back through the inverse
+    transform once, at the end. `knobs`: as the forward's."""
     D1 = D + 1
-    Mb = _block(M, D1, knobs_of("toeplitz", knobs)["channels"])
-    G = Mb * D1
-    VL = V_LANES
+    VL = cpu.lanes(dtype)
+    MP = (M + 2 * VL - 1) // (2 * VL)
+    NC = min(D_CHUNKS, D1)
+    DCH = (D1 + NC - 1) // NC
+    UNITS = MP * NC
+    feature = _feature(M, VL, dtype)
     zero = T.cast(0, dtype)
-    build_spectrum, table_grad, spectral, cross_spectrum, _ = _position_macros(
-        dtype, causal, bias_builder(position, dtype), True)
+    one = T.cast(1, dtype)
+    _, _, _, _, weights, scatter_grad = _position_macros(dtype, causal, bias_builder(position, dtype), True)
+    setup, spectrum, _, correlation, run_of = fft_convolve.convolver(dtype, VL, _block_bytes(knobs))
+    run = run_of(True, learn)
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle,
@@ -267,100 +283,116 @@ def scores_backward(name: str, M: int, D: int, dtype: str, causal: bool, positio
         dV = T.match_buffer(dv, (BH, N, D), dtype)
         dTAB = T.match_buffer(dtab, (H, P), dtype)
         W = (P - 1) // 2
-        Np = (N + VL - 1) // VL * VL
         CC = T.alloc_buffer((H, Lf), dtype)
-        CH = T.alloc_buffer((H, Lf // 2 + 1, 2), dtype)
-        DC = T.alloc_buffer((H, Lf // 2 + 1, 2), dtype)
+        CH = T.alloc_buffer((H, Lf, 2), dtype)
+        TW = T.alloc_buffer((Lf, 2), dtype)
+        TWi = T.alloc_buffer((Lf, 2), dtype)
+        ZS = T.alloc_buffer((2 * Lf, VL), dtype)
+        GT = T.alloc_buffer((D1, N), dtype)
+        DQP = T.alloc_buffer((NC, N, M), dtype)
+        DKP = T.alloc_buffer((NC, N, M), dtype)
+        DVP = T.alloc_buffer((MP, N, D1), dtype)
+        DC = T.alloc_buffer((H, Lf, 2), dtype)
+        DCS = T.alloc_buffer((UNITS, Lf, 2), dtype)
         DCC = T.alloc_buffer((H, Lf), dtype)
-        U = T.alloc_buffer((G, Lf), dtype)
-        XA = T.alloc_buffer((G, Lf // 2 + 1, 2), dtype)
-        XB = T.alloc_buffer((G, Lf // 2 + 1, 2), dtype)
-        QT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
-        KT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
-        VT = T.alloc_buffer((D1, (N + VL - 1) // VL * VL), dtype)
-        GT = T.alloc_buffer((D1, (N + VL - 1) // VL * VL), dtype)
-        dQT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
-        dKT = T.alloc_buffer((M, (N + VL - 1) // VL * VL), dtype)
-        dVT = T.alloc_buffer((D1, (N + VL - 1) // VL * VL), dtype)
-        build_spectrum(CC, CH, TAB, H, N, Lf, W)
+        weights(CC, TAB, H, N, Lf, W)
+        setup(TW, TWi, Lf)
+        spectrum(CC, CH, ZS, H, TW, Lf)
         if learn:
             for h in T.parallel(H):
-                for w in range(Lf // 2 + 1):
+                for w in range(Lf):
                     DC[h, w, 0] = zero
                     DC[h, w, 1] = zero
         for bh in range(BH):
             h = bh % H
-            for m in T.parallel(M):
-                for i in range(Np):
-                    QT[m, i] = T.Select(i < N, Q[bh, T.min(i, N - 1), m], zero)
-                    KT[m, i] = T.Select(i < N, K[bh, T.min(i, N - 1), m], zero)
-                    dQT[m, i] = zero
-                    dKT[m, i] = zero
-            for i in T.parallel(Np):
-                if i < N:
-                    inv: T.let = T.cast(1, dtype) / DEN[bh, i]
-                    GT[D, i] = zero
-                    for d in range(D):
-                        GT[d, i] = dO[bh, i, d] * inv
-                        GT[D, i] -= dO[bh, i, d] * O[bh, i, d] * inv
-                        VT[d, i] = Vv[bh, i, d]
-                        dVT[d, i] = zero
-                    VT[D, i] = T.cast(1, dtype)
-                else:
-                    for d in range(D1):
-                        GT[d, i] = zero
-                        VT[d, i] = zero
-                        dVT[d, i] = zero
-            for mb in range(M // Mb):
-                # B = Kf ⊗ v_aug and A = Qf ⊗ g, block by block, to the frequency domain
-                for g in T.parallel(G):
-                    for i0 in range(Np // VL):
-                        for il in T.vectorized(VL):
-                            U[g, i0 * VL + il] = KT[mb * Mb + g // D1, i0 * VL + il] * VT[g % D1, i0 * VL + il]
-                T.evaluate(T.call_packed("attndsl.fft.rfft", U, XB, N))
-                for g in T.parallel(G):
-                    for i0 in range(Np // VL):
-                        for il in T.vectorized(VL):
-                            U[g, i0 * VL + il] = QT[mb * Mb + g // D1, i0 * VL + il] * GT[g % D1, i0 * VL + il]
-                T.evaluate(T.call_packed("attndsl.fft.rfft", U, XA, N))
+            for i in T.parallel(N):
+                inv: T.let = one / DEN[bh, i]
+                GT[D, i] = zero
+                for d in range(D):
+                    GT[d, i] = dO[bh, i, d] * inv
+                    GT[D, i] -= dO[bh, i, d] * O[bh, i, d] * inv
+            for u in T.parallel(UNITS):
+                ZZ = T.alloc_buffer((4 * Lf, VL), dtype)      # z1, then z2 (rows 2L..)
+                DCV = T.alloc_buffer((2 * Lf, VL), dtype)
+                AQ = T.alloc_buffer((N, 2 * VL), dtype)
+                AK = T.alloc_buffer((N, 2 * VL), dtype)
+                SV = T.alloc_buffer((VL,), dtype)
+                for t in range(N):
+                    for l in T.vectorized(2 * VL):
+                        AQ[t, l] = zero
+                        AK[t, l] = zero
                 if learn:
-                    cross_spectrum(DC, XA, XB, h, Lf // 2 + 1, G)
-                # dQf: convolution of B, contracted with g
-                spectral(XB, CH, h, Lf // 2 + 1, False)
-                T.evaluate(T.call_packed("attndsl.fft.irfft", XB, U))
-                for ml in T.parallel(Mb):
-                    for i0 in range(Np // VL):
-                        for d in range(D1):
-                            for il in T.vectorized(VL):
-                                dQT[mb * Mb + ml, i0 * VL + il] += GT[d, i0 * VL + il] * U[ml * D1 + d, i0 * VL + il]
-                # dKf, dV: correlation of A, contracted with v_aug and Kf
-                spectral(XA, CH, h, Lf // 2 + 1, True)
-                T.evaluate(T.call_packed("attndsl.fft.irfft", XA, U))
-                for ml in T.parallel(Mb):
-                    for i0 in range(Np // VL):
-                        for d in range(D1):
-                            for il in T.vectorized(VL):
-                                dKT[mb * Mb + ml, i0 * VL + il] += VT[d, i0 * VL + il] * U[ml * D1 + d, i0 * VL + il]
-                for d in T.parallel(D):
-                    for i0 in range(Np // VL):
-                        for ml in range(Mb):
-                            for il in T.vectorized(VL):
-                                dVT[d, i0 * VL + il] += KT[mb * Mb + ml, i0 * VL + il] * U[ml * D1 + d, i0 * VL + il]
+                    for r in range(2 * Lf):
+                        for l in T.vectorized(VL):
+                            DCV[r, l] = zero
+                for dd in range(DCH):
+                    if u % NC * DCH + dd < D1:
+                        for t in range(N):
+                            vd: T.let = T.Select(u % NC * DCH + dd < D, Vv[bh, t, T.min(u % NC * DCH + dd, D - 1)], one)
+                            gd: T.let = GT[u % NC * DCH + dd, t]
+                            for l in T.vectorized(VL):
+                                ZZ[2 * t, l] = feature(K, bh, t, 2 * (u // NC) * VL + l) * vd
+                                ZZ[2 * t + 1, l] = feature(K, bh, t, (2 * (u // NC) + 1) * VL + l) * vd
+                                ZZ[2 * Lf + 2 * t, l] = feature(Q, bh, t, 2 * (u // NC) * VL + l) * gd
+                                ZZ[2 * Lf + 2 * t + 1, l] = feature(Q, bh, t, (2 * (u // NC) + 1) * VL + l) * gd
+                        for t in range(Lf // 2 - N):        # the rows the pruned first stage reads
+                            for l in T.vectorized(VL):
+                                ZZ[2 * (N + t), l] = zero
+                                ZZ[2 * (N + t) + 1, l] = zero
+                                ZZ[2 * Lf + 2 * (N + t), l] = zero
+                                ZZ[2 * Lf + 2 * (N + t) + 1, l] = zero
+                        run(ZZ, CH, h, DCV, TW, TWi, Lf)
+                        for t in range(N):
+                            vd: T.let = T.Select(u % NC * DCH + dd < D, Vv[bh, t, T.min(u % NC * DCH + dd, D - 1)], one)
+                            gd: T.let = GT[u % NC * DCH + dd, t]
+                            for l in T.vectorized(VL):
+                                AQ[t, l] += gd * ZZ[2 * t, l]
+                                AQ[t, VL + l] += gd * ZZ[2 * t + 1, l]
+                                AK[t, l] += vd * ZZ[2 * Lf + 2 * t, l]
+                                AK[t, VL + l] += vd * ZZ[2 * Lf + 2 * t + 1, l]
+                                SV[l] = (feature(K, bh, t, 2 * (u // NC) * VL + l) * ZZ[2 * Lf + 2 * t, l]
+                                         + feature(K, bh, t, (2 * (u // NC) + 1) * VL + l) * ZZ[2 * Lf + 2 * t + 1, l])
+                            DVP[u // NC, t, u % NC * DCH + dd] = zero
+                            for l in range(VL):
+                                DVP[u // NC, t, u % NC * DCH + dd] += SV[l]
+                for t in range(N):
+                    for l in range(2 * VL):
+                        if 2 * (u // NC) * VL + l < M:
+                            DQP[u % NC, t, T.min(2 * (u // NC) * VL + l, M - 1)] = AQ[t, l]
+                            DKP[u % NC, t, T.min(2 * (u // NC) * VL + l, M - 1)] = AK[t, l]
+                if learn:
+                    for w in range(Lf):
+                        DCS[u, w, 0] = zero
+                        DCS[u, w, 1] = zero
+                        for l in range(VL):
+                            DCS[u, w, 0] += DCV[2 * w, l]
+                            DCS[u, w, 1] += DCV[2 * w + 1, l]
             for i in T.parallel(N):
                 for m in range(M):
-                    dQ[bh, i, m] = dQT[m, i]
-                    dK[bh, i, m] = dKT[m, i]
+                    dQ[bh, i, m] = zero
+                    dK[bh, i, m] = zero
+                    for c in range(NC):
+                        dQ[bh, i, m] += DQP[c, i, m]
+                        dK[bh, i, m] += DKP[c, i, m]
                 for d in range(D):
-                    dV[bh, i, d] = dVT[d, i]
+                    dV[bh, i, d] = zero
+                    for b in range(MP):
+                        dV[bh, i, d] += DVP[b, i, d]
+            if learn:
+                for w in T.parallel(Lf):
+                    for uu in range(UNITS):
+                        DC[h, w, 0] += DCS[uu, w, 0]
+                        DC[h, w, 1] += DCS[uu, w, 1]
         if learn:
-            table_grad(DC, DCC, CC, dTAB, H, P, N, Lf, W)
+            correlation(DC, DCC, ZS, H, TWi, Lf)
+            scatter_grad(DCC, CC, dTAB, H, P, N, Lf, W)
 
     return kernel
 
 
 def values_forward(name: str, D: int, dtype: str, causal: bool, position):
     """FastRPB: (V, TAB, Y out, n_fft). Y_i = Σ_j b(i−j) V_j over j ≤ i when causal."""
-    build_spectrum, _, spectral, _, _ = _position_macros(dtype, causal, bias_builder(position, dtype), False)
+    build_spectrum, _, spectral, _, _, _ = _position_macros(dtype, causal, bias_builder(position, dtype), False)
 
     @T.prim_func
     def kernel(v: T.handle, tab: T.handle, y: T.handle, Lf: T.int64):
@@ -397,7 +429,7 @@ def values_backward(name: str, D: int, dtype: str, causal: bool, position, learn
     """Gradient of values_forward: (V, TAB, dY, dV out, dTAB out, n_fft).
     dV_j = Σ_i b(i−j) dY_i (correlation); db(r) = Σ_i dY_i·V_{i−r} (cross-correlation)."""
     zero = T.cast(0, dtype)
-    build_spectrum, table_grad, spectral, cross_spectrum, _ = _position_macros(
+    build_spectrum, table_grad, spectral, cross_spectrum, _, _ = _position_macros(
         dtype, causal, bias_builder(position, dtype), False)
 
     @T.prim_func

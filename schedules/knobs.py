@@ -32,9 +32,9 @@ SPACES: dict[str, tuple[Knob, ...]] = {
     "quadratic": (
         Knob("tile", (2, 4, 8), 4, "vector registers of query lanes per tile (T = tile·lanes rows and keys)"),
     ),
-    # lowering/toeplitz.py: toeplitz_fft and values_fft, forward and backward
+    # lowering/toeplitz.py: the toeplitz_fft scores kernels, forward and backward (fft_convolve)
     "toeplitz": (
-        Knob("channels", (128, 256, 512, 1024), 256, "most FFT channels per block of the backward (G·L floats of scratch; the fused forward has no block)"),
+        Knob("block_kb", (1, 128, 512, 4096), 512, "KiB of an FFT work-buffer block (L/8 points) past which fft_convolve adds a second level of blocks (1: always, for L ≥ 64)"),
     ),
     # GPU targets' portable kernels. lowering/te_forms.py: linear, prefix_sum and decayed
     "portable_linear": (

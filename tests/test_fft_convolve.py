@@ -22,7 +22,7 @@ def _kernel(dtype: str, VL: int, block_bytes: int):
     t < L/2 from U (rows 2t, 2t + 1), convolved with CC[H − 1], points t < L/2 copied to Y."""
     from tvm.script import tirx as T
     from attndsl.lowering import fft_convolve
-    setup, spectrum, convolve = fft_convolve.convolver(dtype, VL, block_bytes)
+    setup, spectrum, convolve, _, _ = fft_convolve.convolver(dtype, VL, block_bytes)
 
     @T.prim_func
     def kernel(u: T.handle, cc: T.handle, y: T.handle, junk: T.float64):

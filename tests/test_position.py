@@ -273,16 +273,25 @@ def test_geometric_recogniser_alibi(causal, rates):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("head_dim", [3, 6, 13])
+@pytest.mark.parametrize("head_dim", [3, 6, 13, 32])
 @pytest.mark.parametrize("mask", ["full", "causal"])
-def test_fused_fft_forward_with_ragged_feature_lanes(head_dim, mask, dtype):
-    """The fused Toeplitz-FFT forward puts VL features in the vector lanes (a register's worth:
-    8 / 4 in float32 / float64 with AVX2, 16 / 8 with AVX-512): feature counts that leave the last block partly empty, and lengths that leave the
-    FFT buffer mostly zero padding, vs the reference."""
+def test_fused_fft_kernels_with_ragged_feature_lanes(head_dim, mask, dtype):
+    """The fused Toeplitz-FFT kernels put 2·VL features in a work buffer (VL = a register's worth:
+    8 / 4 in float32 / float64 with AVX2, 16 / 8 with AVX-512, times the real and imaginary
+    parts): feature counts that leave the last block partly empty (3, 6, 13) or fill it (32),
+    value_dim = 5 (six channels in the backward's four chunks: one is empty), and lengths that
+    leave the FFT buffer mostly zero padding; forward and backward (d table included) vs the
+    reference."""
     text = spec("table_full", "scores", mask).replace("favor(features=16, seed=2)", "elu1")
     attn = attndsl.compile(text, heads=2, head_dim=head_dim, value_dim=5, plan="toeplitz_fft")
     assert attn.planned.decisions[0].form == "toeplitz_fft"
     for n in (1, 9, 33):
-        q, k, v = inputs(1, n, head_dim, 5, dtype)
-        ref = attn.reference(q.double(), k.double(), v.double())
-        assert_close("out", ref, attn(q, k, v), 5 * RTOL[dtype])
+        q, k, v = (t.requires_grad_() for t in inputs(1, n, head_dim, 5, dtype))
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        out, ref = attn(q, k, v), attn.reference(q64, k64, v64)
+        assert_close("out", ref, out, 5 * RTOL[dtype])
+        g = torch.randn_like(ref)
+        for name, a, b in zip(("dq", "dk", "dv", "dtable"), grads(attn, ref, q64, k64, v64, g),
+                              grads(attn, out, q, k, v, g.to(dtype))):
+            if n > 1 or name == "dv":        # one key: out = v, so dq, dk, dtable are 0 (noise)
+                assert_close(f"{name} N={n}", a, b, 50 * RTOL[dtype])

@@ -109,10 +109,11 @@ def test_every_linear_knob_choice_computes_the_same_attention(choice, causal):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("channels", knobs.SPACES["toeplitz"][0].choices)
-def test_every_toeplitz_channel_block_computes_the_same_attention(channels):
-    """The Toeplitz-FFT scores kernels at each channel block (M = D = 16: 4, 8, 16, 16 features a
-    block) against the maths in torch, forward and backward with the table's gradient (float64)."""
+@pytest.mark.parametrize("block_kb", knobs.SPACES["toeplitz"][0].choices)
+def test_every_toeplitz_block_size_computes_the_same_attention(block_kb):
+    """The Toeplitz-FFT scores kernels at each work-buffer block size (here L = 128: 1 KiB takes the
+    second level of blocks, the others one) against the maths in torch, forward and backward with
+    the table's gradient (float64)."""
     import torch
 
     from attndsl.lowering import fftlib, toeplitz
@@ -122,7 +123,7 @@ def test_every_toeplitz_channel_block_computes_the_same_attention(channels):
     M = D = 16
     W, N, H = 8, 45, 2
     pos = parse("attention t {\n kernel = relu\n position = toeplitz(max_distance=8)\n}").block(None).position
-    knob = {"channels": channels}
+    knob = {"block_kb": block_kb}
     lib = build({"f": toeplitz.scores_forward("f", M, D, "float64", False, pos, knob),
                  "b": toeplitz.scores_backward("b", M, D, "float64", False, pos, True, knob)},
                 resolve_target("llvm"))
