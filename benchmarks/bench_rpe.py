@@ -129,16 +129,21 @@ def methods(scenario: str, n: int):
     return attn, out
 
 
-def run(lengths, scenarios):
+def run(lengths, scenarios, backward=False):
+    """Forward times, or with `backward` forward + backward (out.sum().backward(), the inputs
+    requiring grad; the naive FFT is left out there)."""
     rows = []
     for scenario in scenarios:
         for n in lengths:
             attn, ms = methods(scenario, n)
             form = attn.planned.decisions[0].form
-            q, k, v = inputs(n)
+            q, k, v = (t.requires_grad_(backward) for t in inputs(n))
             for name, fn in ms.items():
-                with torch.no_grad():
-                    t = timeit(lambda: fn(q, k, v), budget=3.0, max_reps=5)
+                if backward and name == "naive fft":
+                    continue
+                with torch.set_grad_enabled(backward):
+                    t = timeit((lambda: fn(q, k, v).sum().backward()) if backward else (lambda: fn(q, k, v)),
+                               budget=3.0, max_reps=5)
                 rows.append(dict(scenario=scenario, n=n, method=name, fwd=t, form=form, batch=q.shape[0]))
                 print(f"  {scenario:8s} N={n:6d} {name:10s} {t * 1e3:10.1f} ms"
                       + (f"   ({form})" if name == "attndsl" else ""), flush=True)
@@ -173,7 +178,7 @@ def table(rows) -> str:
     return "\n".join(out)
 
 
-def plot(rows, path):
+def plot(rows, path, what="forward"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -190,7 +195,7 @@ def plot(rows, path):
         ax.set_xlabel("sequence length N")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    axes[0][0].set_ylabel("forward time (ms), lower is better")
+    axes[0][0].set_ylabel(f"{what} time (ms), lower is better")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -247,6 +252,8 @@ def main(argv=None):
     p.add_argument("--lengths", default="1024,4096,8192,16384,32768")
     p.add_argument("--scenarios", default="table,clipped,alibi,alibi_full")
     p.add_argument("--quick", action="store_true", help="N=1024 only")
+    p.add_argument("--backward", action="store_true",
+                   help="time forward + backward instead (table and plot: bench_rpe_bwd.*)")
     p.add_argument("--memory", action="store_true", help="also the peak memory at N = --memory-n")
     p.add_argument("--memory-n", type=int, default=16384)
     p.add_argument("--_peak", nargs=3, help=argparse.SUPPRESS)
@@ -255,17 +262,20 @@ def main(argv=None):
         return _peak_child(a._peak[0], int(a._peak[1]), a._peak[2])
     lengths = [1024] if a.quick else [int(x) for x in a.lengths.split(",")]
     print(f"bench_rpe: lengths {lengths}, {torch.get_num_threads()} threads", flush=True)
-    rows = run(lengths, a.scenarios.split(","))
+    rows = run(lengths, a.scenarios.split(","), a.backward)
     md = table(rows)
+    if a.backward:
+        md = md.replace(", forward,", ", forward + backward,", 1)
     mem = peak_memory("table", a.memory_n) if a.memory else []
     if mem:
         md += "\n\n" + memory_table(mem)
     print("\n" + md)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_rpe.md").write_text(md + "\n")
-    (RESULTS / "bench_rpe.json").write_text(json.dumps({"timings": rows, "peak_memory": mem}, indent=1))
-    plot(rows, RESULTS / "bench_rpe.png")
-    print(f"\nwrote {RESULTS / 'bench_rpe.md'} and .png")
+    stem = "bench_rpe_bwd" if a.backward else "bench_rpe"
+    (RESULTS / f"{stem}.md").write_text(md + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"timings": rows, "peak_memory": mem}, indent=1))
+    plot(rows, RESULTS / f"{stem}.png", "forward + backward" if a.backward else "forward")
+    print(f"\nwrote {RESULTS / stem}.md and .png")
 
 
 if __name__ == "__main__":
