@@ -528,4 +528,3 @@ def library(dtype: str):
     """The compiled pair {"rfft", "irfft"} for one dtype (what fftlib serves the kernels with)."""
     from .build import build, resolve_target
     return build({"rfft": rfft("rfft", dtype), "irfft": irfft("irfft", dtype)}, resolve_target("llvm"))
-

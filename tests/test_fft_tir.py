@@ -91,4 +91,3 @@ def test_packed_functions_agree(impl, monkeypatch):
     assert_close("packed rfft", ref, y, rtol(torch.float32, 256))
     assert_close("packed irfft", torch.fft.irfft(torch.view_as_complex(ref), n=256, dim=1), back,
                  rtol(torch.float32, 256))
-
