@@ -268,7 +268,7 @@ class Attention(nn.Module):
             from . import lowering
             what = "TVM"
             if lowering.portable(target_kind(self.target)):
-                what = ("TVM, the portable kernels (te_forms.py, softmax_rows.py)"
+                what = ("TVM, the portable kernels (te_forms.py, softmax_rows.py, fft_blocks.py)"
                         + (", bound to GPU threads" if target_kind(self.target) == "cuda" else ""))
             lines.append(f"kernels ({what}; one build serves every batch and length):")
             site = lambda i, node: f"  {node.op}{i}_fwd / {node.op}{i}_bwd   {_describe(node)}"  # noqa: E731

@@ -139,7 +139,7 @@ LOWERED_FORMS: dict[type, frozenset | None] = {
 }
 
 
-# --- the portable kernels (te_forms.py, softmax_rows.py): what GPU targets build, scheduled by
+# --- the portable kernels (te_forms.py, softmax_rows.py, fft_blocks.py): what GPU targets build, scheduled by
 # schedules/cuda.py. Their lowerings also take `gpu` (whether loops are bound to threads).
 
 def _portable_feature_map(node: FeatureMap, names, dtype, knobs, gpu):
@@ -167,14 +167,24 @@ def _portable_linear(node: LinearAttention, names, dtype, knobs, gpu):
 
 
 def _portable_positional(node: PositionalAttention, names, dtype, knobs, gpu):
-    from . import te_forms
-    m, d = node.qf.shape[-1], node.v.shape[-1]
+    from . import fft_blocks, te_forms
+    m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
+    if node.form == "toeplitz_fft":              # a thread block per FFT work row
+        return {names[0]: fft_blocks.scores_forward(names[0], m, d, dtype, node.causal, pos, gpu),
+                names[1]: fft_blocks.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos), gpu)}
     cf, cb = _chunks(knobs, names)
     if node.form == "banded":                    # a clipped table: the band by offsets, far keys by chunks
         return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf),
                 names[1]: te_forms.banded_backward(names[1], m, d, dtype, node.causal, chunk=cb)}
     return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, decayed=True, chunk=cf),
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, node.causal, decayed=True, chunk=cb)}
+
+
+def _portable_values(node: ToeplitzValues, names, dtype, knobs, gpu):
+    from . import fft_blocks
+    d, pos = node.v.shape[-1], node.bias.position
+    return {names[0]: fft_blocks.values_forward(names[0], d, dtype, node.causal, pos, gpu),
+            names[1]: fft_blocks.values_backward(names[1], d, dtype, node.causal, pos, learns(pos), gpu)}
 
 
 def _portable_softmax(node: SoftmaxAttention, names, dtype, knobs, gpu):
@@ -203,13 +213,15 @@ PORTABLE_LOWERINGS: dict[type, Callable] = {
     FeatureMap: _portable_feature_map,
     LinearAttention: _portable_linear,
     PositionalAttention: _portable_positional,
+    ToeplitzValues: _portable_values,
     SoftmaxAttention: _portable_softmax,
     SampledAttention: _portable_sampled,
 }
 PORTABLE_FORMS: dict[type, frozenset | None] = {
     Input: None, Position: None, Add: None, FeatureMap: None,
     LinearAttention: frozenset(LINEAR_FORMS),
-    PositionalAttention: frozenset({"banded", "decayed"}),
+    PositionalAttention: LOWERED_FORMS[PositionalAttention],
+    ToeplitzValues: LOWERED_FORMS[ToeplitzValues],
     SoftmaxAttention: LOWERED_FORMS[SoftmaxAttention],
     SampledAttention: LOWERED_FORMS[SampledAttention],
 }
@@ -219,7 +231,7 @@ PORTABLE_KINDS = {"cuda"}
 
 def portable(kind: str) -> bool:
     """Whether a target kind ('llvm', 'cuda') builds the portable kernels (te_forms.py,
-    softmax_rows.py) rather than the CPU ones."""
+    softmax_rows.py, fft_blocks.py) rather than the CPU ones."""
     return kind in PORTABLE_KINDS
 
 
@@ -297,7 +309,8 @@ def knob_family(node: Node, portable: bool = False) -> str | None:
     """The schedules/knobs.py family of a node's kernels (both of them), None when not tunable;
     `portable`: of the portable kernels."""
     if portable:
-        if isinstance(node, (LinearAttention, PositionalAttention)):     # decayed, banded: chunked
+        if isinstance(node, LinearAttention) or (isinstance(node, PositionalAttention)
+                                                 and node.form != "toeplitz_fft"):   # decayed, banded: chunked
             return "portable_linear"
         return "portable_rows" if isinstance(node, SoftmaxAttention) else None
     if isinstance(node, LinearAttention) or (isinstance(node, PositionalAttention) and node.form == "decayed"):
