@@ -1,10 +1,11 @@
-"""The CUDA path: the portable kernels (lowering/te_forms.py) that GPU targets build.
+"""The CUDA path: the portable kernels (lowering/te_forms.py, softmax_rows.py, fft_blocks.py)
+that GPU targets build.
 
 On any machine: the portable kernels built for the CPU (unscheduled, as they are) vs the O(N²)
 reference, forward and backward, every feature-map family × {full, causal}, float64 gradcheck;
 every portable example spec builds for the H100 (sm_90a) and sm_80 without a GPU; the generated
 CUDA C compiles with nvcc (where nvcc exists); `attndsl emit --stage cuda`; a clean SpecError for
-forms without portable kernels. With a GPU (torch.cuda): the same checks on the device.
+a form without portable kernels (one taken out of the registry: every form has them). With a GPU (torch.cuda): the same checks on the device.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import attndsl
 from attndsl import cli, lowering, pipeline
 from attndsl.diagnostics import SpecError
+from attndsl.ir import PositionalAttention
 from attndsl.lowering import build, te_forms
 
 from conftest import RTOL, assert_close
@@ -36,6 +38,13 @@ BANDED = {"clipped-full": "kernel = elu1; position = toeplitz(max_distance=5, in
           "wide-full": "kernel = favor(features=16, seed=1); position = toeplitz(max_distance=70, init=normal)",
           "wide-causal": "kernel = elu1; position = toeplitz(max_distance=100, init=normal); mask = causal",
           "longer-than-n": "kernel = elu1; position = toeplitz(max_distance=400, init=normal)"}
+# the Toeplitz-FFT forms (fft_blocks.py): a table as long as the sequence, a user function, FastRPB;
+# odd M and D (a pair's second half empty)
+FFT = {"table-full": "kernel = elu1; position = toeplitz(max_distance=400, init=normal)",
+       "table-causal": "kernel = relu; position = toeplitz(max_distance=400, init=normal); mask = causal",
+       "user-full": "kernel = elu1; position(r) = -0.3 * abs(r) * abs(r) / (1 + abs(r))",
+       "values-table": "kernel = elu1; position = toeplitz(max_distance=400, init=normal); apply = values",
+       "values-alibi-causal": "kernel = elu1; position = alibi; apply = values; mask = causal"}
 # the quadratic form (softmax_rows.py), with every position kind
 SOFTMAX = {"plain-full": "", "plain-causal": "mask = causal",
            "table-full": "position = toeplitz(max_distance=4, init=normal)",
@@ -124,11 +133,13 @@ def test_portable_decayed_gradcheck_float64(portable_on_cpu, case):
 
 
 def with_table(body: str, form: str, target="llvm", head_dim=8, value_dim=6) -> attndsl.Attention:
-    """`attention t { body }` planned as `form`, its table (if any) far from the zero init."""
+    """`attention t { body }` planned as `form` (forced, as a table longer than the sequence is
+    either banded or FFT; but not values_fft, whose spec has a linear site too, which plan= would
+    force as well), its table (if any) far from the zero init."""
     key = (body, form, target, head_dim, value_dim)
     if key not in _CACHE:
         attn = attndsl.compile(f"attention t {{ {body} }}", heads=2, head_dim=head_dim,
-                               value_dim=value_dim, target=target)
+                               value_dim=value_dim, target=target, plan="auto" if form == "values_fft" else form)
         assert f"form {form}" in attn.explain()
         if attn.position_table is not None:
             with torch.no_grad():
@@ -145,8 +156,13 @@ def banded(case: str, **kw) -> attndsl.Attention:
     return with_table(BANDED[case], "banded", **kw)
 
 
-WITH_TABLE = {"quadratic": softmax, "banded": banded}
-TABLE_CASES = [("quadratic", c) for c in sorted(SOFTMAX)] + [("banded", c) for c in sorted(BANDED)]
+def fft(case: str, **kw) -> attndsl.Attention:
+    return with_table(FFT[case], "values_fft" if "apply = values" in FFT[case] else "toeplitz_fft", **kw)
+
+
+WITH_TABLE = {"quadratic": softmax, "banded": banded, "fft": fft}
+TABLE_CASES = ([("quadratic", c) for c in sorted(SOFTMAX)] + [("banded", c) for c in sorted(BANDED)]
+               + [("fft", c) for c in sorted(FFT)])
 
 
 def check_with_table(attn, q, k, v, rtol):
@@ -178,13 +194,21 @@ def gradcheck_with_table(attn, q, k, v):
 @pytest.mark.parametrize("form,case", TABLE_CASES, ids=[f"{f}-{c}" for f, c in TABLE_CASES])
 def test_portable_softmax_and_banded_match_reference(portable_on_cpu, form, case, dtype):
     """N = 150. Banded: the band by offsets, the far keys through chunk states shifted by W (both
-    sides without a mask), the table's gradient per offset and in its two far slots."""
-    check_with_table(WITH_TABLE[form](case), *inputs(2, 2, 150, 8, 6, dtype), RTOL[dtype])
+    sides without a mask), the table's gradient per offset and in its two far slots. FFT: M = 7,
+    D = 5 (odd pairs), L = 512 (9 radix-2 stages, two passes of 256 threads each)."""
+    kw = {"head_dim": 7, "value_dim": 5} if form == "fft" else {}
+    check_with_table(WITH_TABLE[form](case, **kw), *inputs(2, 2, 150, kw.get("head_dim", 8),
+                                                           kw.get("value_dim", 6), dtype), RTOL[dtype])
 
 
 @pytest.mark.parametrize("case", sorted(SOFTMAX))
 def test_portable_softmax_gradcheck_float64(portable_on_cpu, case):
     gradcheck_with_table(softmax(case, head_dim=3, value_dim=2), *inputs(1, 2, 11, 3, 2, torch.float64))
+
+
+@pytest.mark.parametrize("case", sorted(FFT))
+def test_portable_fft_gradcheck_float64(portable_on_cpu, case):
+    gradcheck_with_table(fft(case, head_dim=3, value_dim=3), *inputs(1, 2, 11, 3, 3, torch.float64))
 
 
 @pytest.mark.parametrize("case", ["clipped-full", "clipped-causal", "wide-full"])
@@ -194,14 +218,28 @@ def test_portable_banded_gradcheck_float64(portable_on_cpu, case):
                          *inputs(1, 2, te_forms.CHUNK + 9, 3, 2, torch.float64))
 
 
-def test_the_planner_picks_forms_the_target_has_kernels_for():
-    """A table as long as the sequence: Toeplitz-FFT on the CPU, banded (exact, O(N·W)) for CUDA,
-    which has no FFT kernels."""
+@pytest.fixture
+def no_portable_fft(monkeypatch):
+    """The registry as if the portable Toeplitz-FFT kernels did not exist."""
+    forms = dict(lowering.PORTABLE_FORMS)
+    forms[PositionalAttention] = forms[PositionalAttention] - {"toeplitz_fft"}
+    monkeypatch.setattr(lowering, "PORTABLE_FORMS", forms)
+
+
+def test_the_planner_picks_forms_the_target_has_kernels_for(no_portable_fft):
+    """A table as long as the sequence: Toeplitz-FFT where the target has FFT kernels, else
+    banded (exact, O(N·W))."""
     text = "attention t { kernel = elu1; position = toeplitz(max_distance=4096) }"
     cpu = pipeline.run(attndsl.parse(text).block("t"), 64, 64)
     assert [d.form for d in cpu.decisions] == ["toeplitz_fft"]
     gpu = attndsl.compile(text, heads=2, head_dim=64, target="sm_80")
     assert "form banded" in gpu.explain() and "toeplitz_fft=" not in gpu.explain()
+
+
+def test_every_form_has_portable_kernels():
+    assert lowering.lowered_forms(portable=True) == lowering.lowered_forms()
+    text = "attention t { kernel = elu1; position = toeplitz(max_distance=4096) }"
+    assert "form toeplitz_fft" in attndsl.compile(text, heads=2, head_dim=64, target="sm_80").explain()
 
 
 def sampled(case: str, target="llvm", head_dim=8, value_dim=6) -> attndsl.Attention:
@@ -279,7 +317,8 @@ def test_every_feature_map_family_has_a_portable_example():
     names = {p.values[1] for p in PORTABLE_EXAMPLES}
     assert {"linear_elu", "linear_elu_causal", "performer_causal", "squared_softplus",
             "gaussian_rff", "hyperbolic_causal", "alibi_linear", "softmax_causal", "softmax_rpe",
-            "softmax_alibi", "kdeformer", "kdeformer_columns", "uniform_sampled", "clipped_table"} <= names
+            "softmax_alibi", "kdeformer", "kdeformer_columns", "uniform_sampled", "clipped_table", "smooth_bias",
+            "fastrpb"} <= names
 
 
 @pytest.mark.parametrize("target", CUDA_TARGETS)
@@ -300,18 +339,19 @@ def test_compile_for_cuda_builds_without_a_gpu():
     attn = attndsl.compile((EXAMPLES / "performer_causal.attn").read_text(), heads=2, head_dim=16,
                            target="sm_80")
     text = attn.explain()
-    assert "target=sm_80" in text and "portable kernels (te_forms.py, softmax_rows.py), bound to GPU threads" in text
+    assert "target=sm_80" in text and "portable kernels (te_forms.py, softmax_rows.py, fft_blocks.py), bound to GPU threads" in text
     if not HAS_GPU:
         assert "not cached: no CUDA runtime" in text
         with pytest.raises(ValueError, match="compiled for CUDA"):
             attn(*inputs(1, 2, 8, 16, 16, torch.float32, "favor"))
 
 
-def test_forms_without_portable_kernels_are_a_spec_error():
+def test_forms_without_portable_kernels_are_a_spec_error(no_portable_fft):
     text = (EXAMPLES / "positions.attn").read_text()
     with pytest.raises(SpecError, match="not lowered for target cuda") as e:
         attndsl.compile(text, name="smooth_bias", heads=2, head_dim=16, target="cuda")
-    assert "forms with cuda kernels: banded, decayed, kde, linear, prefix_sum, quadratic, uniform" in str(e.value)
+    assert ("forms with cuda kernels: banded, decayed, kde, linear, prefix_sum, quadratic, uniform, values_fft"
+            in str(e.value))
     assert "target='llvm' compiles every form" in str(e.value)
 
 
@@ -356,7 +396,7 @@ def test_emit_stage_tir_for_cuda_is_scheduled(capsys):
     assert "blockIdx.x" in capsys.readouterr().out
 
 
-def test_emit_stage_cuda_of_a_form_without_portable_kernels(capsys):
+def test_emit_stage_cuda_of_a_form_without_portable_kernels(capsys, no_portable_fft):
     path = str(EXAMPLES / "positions.attn")
     assert cli.main(["emit", path, "--name", "smooth_bias", "--stage", "cuda"]) == 1
     assert "not lowered for target cuda" in capsys.readouterr().err
