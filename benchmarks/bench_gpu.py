@@ -8,10 +8,13 @@ Causal and full masks, B·H = 16, M = Dk = Dv = 64, N in {1024, 4096, 16384}, fl
   fla chunk            flash-linear-attention's chunked kernel (`fla.ops.linear_attn`), when installed
 forward and forward+backward, CUDA-synchronized wall time; ratios are (baseline) / (attndsl).
 
-    python benchmarks/bench_gpu.py [--kernel elu1|favor|softmax|clipped] [--lengths 1024,4096,16384] [--quick]
+    python benchmarks/bench_gpu.py [--kernel elu1|favor|softmax|clipped|rpe] [--lengths 1024,4096,16384] [--quick]
 (--kernel softmax: the quadratic form against SDPA, eager softmax(s·q·kᵀ)·v and its torch.compile;
 --kernel clipped: elu1 with a learned table clipped at W = 128, the banded form, against SDPA with
-the bias as a float mask and the same maths written out with its (H, N, N) weights.)
+the bias as a float mask and the same maths written out with its (H, N, N) weights; --kernel rpe:
+elu1 with a table as long as the sequence, the Toeplitz-FFT form (fft_blocks.py), against the same
+baselines and the same table forced onto the banded form, `attndsl banded`, which the planner's
+flop costs rank below the FFT.)
 Writes benchmarks/results/bench_gpu_<kernel>.{md,png}. Without a GPU it says so and exits 0.
 """
 from __future__ import annotations
@@ -33,7 +36,9 @@ from bench_linear import SPECS, fwd_and_bwd, plot, torch_feature_map  # noqa: E4
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SPECS = {**SPECS, "softmax": "attention bench {{ mask = {mask} }}",
              "clipped": "attention bench {{ kernel = elu1; position = toeplitz(max_distance=128, init=normal); "
-                        "mask = {mask} }}"}
+                        "mask = {mask} }}",
+             "rpe": "attention bench {{ kernel = elu1; position = toeplitz(max_distance=16384, init=normal); "
+                    "mask = {mask} }}"}
 
 
 def timeit(fn) -> float:
@@ -72,7 +77,8 @@ def softmax_methods(attn, causal):
 
 
 def clipped_methods(attn, causal):
-    """The banded form against SDPA with the bias as a float mask, and Σ_j c(i−j) κ_ij v_j written out."""
+    """A table's form (banded, or toeplitz_fft) against SDPA with the bias as a float mask, and
+    Σ_j c(i−j) κ_ij v_j written out."""
     phi = torch_feature_map(attn)
     cache = {}
 
@@ -87,6 +93,14 @@ def clipped_methods(attn, causal):
         return (a @ v) / a.sum(-1, keepdim=True)
     return {"attndsl": attn, "torch": plain, "torch.compile": torch.compile(plain, dynamic=False),
             "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias(q), scale=attn.scale)}
+
+
+def banded_twin(attn, text):
+    """`text` compiled for CUDA on the banded form, with attn's table (the FFT form's rival)."""
+    twin = attndsl.compile(text, heads=attn.heads, head_dim=attn.head_dim, target="cuda", plan="banded").cuda()
+    with torch.no_grad():
+        twin.position_table.copy_(attn.position_table)
+    return twin
 
 
 def methods(attn, causal):
@@ -107,35 +121,44 @@ def run(kernel: str, lengths: list[int], bh=(2, 8), dim=64, with_backward=True):
         causal = mask == "causal"
         attn = attndsl.compile(GPU_SPECS[kernel].format(mask=mask), heads=bh[1], head_dim=dim, target="cuda")
         attn.cuda()                         # its buffers (the projection W) on the GPU, as a user would
+        extra = {"attndsl banded": banded_twin(attn, GPU_SPECS[kernel].format(mask=mask))} if kernel == "rpe" else {}
         print("\n".join(l for l in attn.explain().splitlines() if l.lstrip().startswith(("build", "tuning"))),
               flush=True)
         for n in lengths:
             torch._dynamo.reset()
             q, k, v = (torch.randn(*bh, n, dim, device="cuda") for _ in range(3))
             ref = None
-            for name, fn in methods(attn, causal).items():
-                out = fn(q, k, v)
+            for name, fn in {**methods(attn, causal), **extra}.items():
+                try:
+                    out = fn(q, k, v)
+                    fwd, bwd = fwd_and_bwd(fn, q, k, v, with_backward, timer=timeit)
+                except torch.cuda.OutOfMemoryError:         # an (N, N) or (N, 2W − 1) tensor at large N
+                    print(f"  {mask:6s} N={n:6d} {name:14s} out of GPU memory: left out", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
                 if name == "torch":
                     ref = out
-                fwd, bwd = fwd_and_bwd(fn, q, k, v, with_backward, timer=timeit)
                 rows.append(dict(mask=mask, n=n, method=name, fwd=fwd, fwd_bwd=bwd))
                 print(f"  {mask:6s} N={n:6d} {name:14s} fwd {fwd * 1e3:9.3f} ms   "
                       f"fwd+bwd {bwd * 1e3:9.3f} ms", flush=True)
-            err = ((attn(q, k, v) - ref).norm() / ref.norm()).item()
-            print(f"  {mask:6s} N={n:6d} attndsl vs torch: relative error {err:.1e}", flush=True)
+            if ref is not None:
+                err = ((attn(q, k, v) - ref).norm() / ref.norm()).item()
+                print(f"  {mask:6s} N={n:6d} attndsl vs torch: relative error {err:.1e}", flush=True)
     return rows
 
 
 def table(rows, kernel) -> str:
     by = {(r["mask"], r["n"], r["method"]): r for r in rows}
-    names = [m for m in ("torch", "torch.compile", "sdpa", "fla chunk") if any(r["method"] == m for r in rows)]
+    names = [m for m in ("torch", "torch.compile", "sdpa", "fla chunk", "attndsl banded")
+             if any(r["method"] == m for r in rows)]
     what = {"softmax": "softmax attention (quadratic form)",
-            "clipped": "elu1 with a table clipped at W = 128 (banded form; sdpa: the bias as a float mask)"}.get(
+            "clipped": "elu1 with a table clipped at W = 128 (banded form; sdpa: the bias as a float mask)",
+            "rpe": "elu1 with a table as long as the sequence (toeplitz_fft form; sdpa: the bias as a float mask)"}.get(
         kernel, f"linear attention, kernel {kernel}")
     out = [f"### {what} on {torch.cuda.get_device_name()}, B·H=16, M=D=64, float32",
            "", f"| mask | N | attndsl fwd ms | {' | '.join(names)} | fwd speed-up vs {' / '.join(names)} "
            f"| attndsl fwd+bwd ms | fwd+bwd speed-up |", "|---" * (6 + len(names)) + "|"]
-    for mask, n in sorted({(r["mask"], r["n"]) for r in rows}):
+    for mask, n in sorted({(r["mask"], r["n"]) for r in rows if r["method"] == "attndsl"}):
         a = by[(mask, n, "attndsl")]
         base = [by.get((mask, n, m)) for m in names]
         cell = lambda b, f: "—" if b is None else f(b)       # noqa: E731
@@ -163,7 +186,8 @@ def main(argv=None) -> int:
     print("\n" + md)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"bench_gpu_{a.kernel}.md").write_text(md + "\n")
-    plot(rows, f"{a.kernel} (GPU)", RESULTS / f"bench_gpu_{a.kernel}.png")
+    plot(rows, f"{a.kernel} (GPU)", RESULTS / f"bench_gpu_{a.kernel}.png",
+         methods=list(dict.fromkeys(r["method"] for r in rows)))
     print(f"\nwrote {RESULTS / f'bench_gpu_{a.kernel}.md'} and .png")
     return 0
 

@@ -148,13 +148,13 @@ def table(rows, kernel) -> str:
     return "\n".join(out)
 
 
-def plot(rows, kernel, path):
+def plot(rows, kernel, path, methods=("attndsl", "torch", "torch.compile", "sdpa")):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, mask in zip(axes, ("causal", "none")):
-        for method in ("attndsl", "torch", "torch.compile", "sdpa"):
+        for method in methods:
             pts = sorted((r["n"], r["fwd"] * 1e3) for r in rows if r["mask"] == mask and r["method"] == method)
             ax.plot(*zip(*pts), marker="o", label=method, linewidth=2.5 if method == "attndsl" else 1.2)
         ax.set_xscale("log", base=2)

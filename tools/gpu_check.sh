@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, for a lent GPU machine (the `device` tool) or any CUDA machine with PyTorch:
-# the GPU tests of tests/test_cuda.py, then benchmarks/bench_gpu.py (elu1, softmax and clipped; GPU_KERNELS). Results
+# the GPU tests of tests/test_cuda.py, then benchmarks/bench_gpu.py (elu1, softmax, clipped and rpe; GPU_KERNELS). Results
 # go to ${OUT:-benchmarks/results}. Python packages the machine lacks (apache-tvm, apache-tvm-ffi,
 # lark) are installed from wheels in .whl*/ folders (see tools/GPU.md) into /tmp/site.
 set -uo pipefail
@@ -30,7 +30,7 @@ PY
 status=0
 python3 -m pytest -q -p no:cacheprovider --rootdir "$repo" "$repo/tests/test_cuda.py" -k "gpu or run_for_cuda" \
     2>&1 | tee "$out/gpu_tests.log" || status=1
-for kernel in ${GPU_KERNELS:-elu1 softmax clipped}; do
+for kernel in ${GPU_KERNELS:-elu1 softmax clipped rpe}; do
     python3 "$repo/benchmarks/bench_gpu.py" --kernel "$kernel" --lengths "${GPU_LENGTHS:-1024,4096,16384}" \
         2>&1 | tee "$out/bench_gpu_$kernel.log" || status=1
     cp "$repo"/benchmarks/results/bench_gpu_"$kernel".* "$out"/ 2>/dev/null
