@@ -154,6 +154,11 @@ def _chunks(knobs, names) -> list[int]:
     return [resolve("portable_linear", knobs.get(n))["chunk"] for n in names]
 
 
+def _fft_threads(knobs, names) -> list[int]:
+    from attndsl.schedules.knobs import resolve
+    return [resolve("portable_fft", knobs.get(n))["threads"] for n in names]
+
+
 def _portable_linear(node: LinearAttention, names, dtype, knobs, gpu):
     from . import featuremap, te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
@@ -170,8 +175,10 @@ def _portable_positional(node: PositionalAttention, names, dtype, knobs, gpu):
     from . import fft_blocks, te_forms
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
     if node.form == "toeplitz_fft":              # a thread block per FFT work row
-        return {names[0]: fft_blocks.scores_forward(names[0], m, d, dtype, node.causal, pos, gpu),
-                names[1]: fft_blocks.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos), gpu)}
+        tf, tb = _fft_threads(knobs, names)
+        return {names[0]: fft_blocks.scores_forward(names[0], m, d, dtype, node.causal, pos, gpu, tf),
+                names[1]: fft_blocks.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos), gpu,
+                                                     tb)}
     cf, cb = _chunks(knobs, names)
     if node.form == "banded":                    # a clipped table: the band by offsets, far keys by chunks
         return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf),
@@ -183,8 +190,9 @@ def _portable_positional(node: PositionalAttention, names, dtype, knobs, gpu):
 def _portable_values(node: ToeplitzValues, names, dtype, knobs, gpu):
     from . import fft_blocks
     d, pos = node.v.shape[-1], node.bias.position
-    return {names[0]: fft_blocks.values_forward(names[0], d, dtype, node.causal, pos, gpu),
-            names[1]: fft_blocks.values_backward(names[1], d, dtype, node.causal, pos, learns(pos), gpu)}
+    tf, tb = _fft_threads(knobs, names)
+    return {names[0]: fft_blocks.values_forward(names[0], d, dtype, node.causal, pos, gpu, tf),
+            names[1]: fft_blocks.values_backward(names[1], d, dtype, node.causal, pos, learns(pos), gpu, tb)}
 
 
 def _portable_softmax(node: SoftmaxAttention, names, dtype, knobs, gpu):
@@ -309,8 +317,10 @@ def knob_family(node: Node, portable: bool = False) -> str | None:
     """The schedules/knobs.py family of a node's kernels (both of them), None when not tunable;
     `portable`: of the portable kernels."""
     if portable:
-        if isinstance(node, LinearAttention) or (isinstance(node, PositionalAttention)
-                                                 and node.form != "toeplitz_fft"):   # decayed, banded: chunked
+        if isinstance(node, ToeplitzValues) or (isinstance(node, PositionalAttention)
+                                                and node.form == "toeplitz_fft"):
+            return "portable_fft"
+        if isinstance(node, (LinearAttention, PositionalAttention)):     # decayed, banded: chunked
             return "portable_linear"
         return "portable_rows" if isinstance(node, SoftmaxAttention) else None
     if isinstance(node, LinearAttention) or (isinstance(node, PositionalAttention) and node.form == "decayed"):

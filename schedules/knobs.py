@@ -44,6 +44,10 @@ SPACES: dict[str, tuple[Knob, ...]] = {
     "portable_rows": (
         Knob("rows", (64, 128, 256), 128, "rows (threads) per thread block"),
     ),
+    # lowering/fft_blocks.py: the toeplitz_fft and values_fft forms
+    "portable_fft": (
+        Knob("threads", (128, 256, 512), 256, "threads per thread block (one FFT sequence each)"),
+    ),
 }
 
 

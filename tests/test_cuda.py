@@ -475,7 +475,11 @@ KNOB_CASES = [("elu1-causal", "kernel = elu1; mask = causal", "portable_linear",
               ("clipped-full", "kernel = elu1; position = toeplitz(max_distance=40, init=normal)", "portable_linear",
                "chunk", 32),
               ("table-softmax", "position = toeplitz(max_distance=4, init=normal)", "portable_rows", "rows", 64),
-              ("causal-softmax", "mask = causal", "portable_rows", "rows", 256)]
+              ("causal-softmax", "mask = causal", "portable_rows", "rows", 256),
+              ("table-fft", "kernel = elu1; position = toeplitz(max_distance=400, init=normal)", "portable_fft",
+               "threads", 128),
+              ("fastrpb-causal", "kernel = elu1; position = toeplitz(max_distance=400, init=normal); apply = values; "
+               "mask = causal", "portable_fft", "threads", 512)]
 
 
 @pytest.mark.parametrize("case,body,family,knob,value", KNOB_CASES,
@@ -488,8 +492,8 @@ def test_every_portable_knob_choice_computes_the_same_attention(portable_on_cpu,
     monkeypatch.setenv("ATTNDSL_TUNING_DB", str(tmp_path))
     text = f"attention t {{ {body} }}"
     root = pipeline.run(attndsl.parse(text).block(None), 8, 6, forms=lowering.forms_for("llvm")).root
-    kernels = list(lowering.tunable(root, portable=True))
-    assert kernels and all(f == family for f in lowering.tunable(root, portable=True).values())
+    kernels = [k for k, f in lowering.tunable(root, portable=True).items() if f == family]
+    assert kernels
     default = knobs.label(knobs.defaults(family))
     _record(tmp_path, root, kernels, family, {default: 2e-3, f"{knob}={value}": 1e-3}, "llvm")
     attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6)
@@ -531,19 +535,23 @@ def test_run_for_cuda_checks_and_times_on_the_gpu(capsys):
     assert "ok" in capsys.readouterr().out
 
 
-def test_the_tuner_builds_cuda_variants_with_meta_schedules_builder():
+@pytest.mark.parametrize("body,family", [("kernel = elu1; mask = causal", "portable_linear"),
+                                         ("kernel = elu1; position = toeplitz(max_distance=400)", "portable_fft")],
+                         ids=["causal-chunk", "fft-threads"])
+def test_the_tuner_builds_cuda_variants_with_meta_schedules_builder(body, family):
     """What `attndsl tune --target cuda` hands meta_schedule's LocalBuilder (worker processes):
-    every chunk choice of a causal kernel, scheduled and compiled for sm_80 (timing needs a GPU)."""
+    every knob choice of a forward kernel, scheduled and compiled for sm_80 (timing needs a GPU)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
     from attndsl.lowering import tune
     from attndsl.schedules import knobs
-    root = pipeline.run(attndsl.parse("attention t { kernel = elu1; mask = causal }").block(None), 16, 16).root
-    fwd = next(k for k in lowering.tunable(root, portable=True) if k.endswith("_fwd"))
+    root = pipeline.run(attndsl.parse(f"attention t {{ {body} }}").block(None), 16, 16).root
+    fwd = next(k for k, f in lowering.tunable(root, portable=True).items() if k.endswith("_fwd"))
+    assert lowering.tunable(root, portable=True)[fwd] == family
     target = tvm.target.Target(build.resolve_target("sm_80"))
     inputs_ = [ms.builder.BuilderInput(tvm.IRModule({"main": lowering.lower(
         root, "float32", {fwd: c}, only={fwd}, portable=True)[fwd].with_attr("global_symbol", "main")}), target)
-        for c in knobs.grid("portable_linear")]
+        for c in knobs.grid(family)]
     built = ms.builder.LocalBuilder(max_workers=1, f_build=tune._compile).build(inputs_)
     assert [b.error_msg for b in built] == [None] * len(inputs_)
     assert all(Path(b.artifact_path).stat().st_size > 0 for b in built)
