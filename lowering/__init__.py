@@ -72,8 +72,8 @@ def _positional_attention(node: PositionalAttention, names, dtype, knobs):
     from . import banded, linear, toeplitz
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
     if node.form == "banded":                    # a clipped table: far keys by prefix sums
-        return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal),
-                names[1]: banded.banded_backward(names[1], m, d, dtype, node.causal)}
+        return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal, knobs.get(names[0])),
+                names[1]: banded.banded_backward(names[1], m, d, dtype, node.causal, knobs.get(names[1]))}
     if node.form == "decayed":                   # γ = exp(−TAB[h, later]) per head and direction
         def slope(TAB, h, later):                # TAB (H, 2): rates for earlier, later keys
             return TAB[h, 1 if later else 0]
@@ -327,6 +327,8 @@ def knob_family(node: Node, portable: bool = False) -> str | None:
         return "linear"
     if isinstance(node, PositionalAttention) and node.form == "toeplitz_fft":
         return "toeplitz"
+    if isinstance(node, PositionalAttention) and node.form == "banded":
+        return "banded"
     if isinstance(node, SoftmaxAttention):
         return "quadratic"
     return None

@@ -24,26 +24,25 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from attndsl.schedules import cpu
+from attndsl.schedules.knobs import resolve
 
 from .linear import _helpers, _pad, fill, mm
 from .toeplitz import slot
 
-C = 32                  # rows per chunk
 
-
-# Symbolic sizes from the table width P = 2W + 1 and length N (inlined: TVM 0.27 refuses let-bound
-# variables in allocation shapes).
-def _nb(P):
+# Symbolic sizes from the table width P = 2W + 1, length N and chunk C (inlined: TVM 0.27 refuses
+# let-bound variables in allocation shapes).
+def _nb(P, C):
     """Chunks a window reaches on each side: ⌈(W − 1)/C⌉."""
     return ((P - 1) // 2 + C - 2) // C
 
 
-def _r0(P):
+def _r0(P, C):
     """The largest |r| inside a window, plus one: CE has 2·R0 + 1 entries."""
-    return (_nb(P) + 1) * C
+    return (_nb(P, C) + 1) * C
 
 
-def _chunks(N):
+def _chunks(N, C):
     return (N + C - 1) // C
 
 
@@ -71,8 +70,10 @@ def _weights(dtype: str, causal: bool):
     return weights
 
 
-def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool):
-    """(Qf, Kf, V, TAB, O out, DEN out, unused). DEN_i = Σ_j c(i−j) κ_ij, O_i = Σ_j c(i−j) κ_ij V_j / DEN_i."""
+def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: dict | None = None):
+    """(Qf, Kf, V, TAB, O out, DEN out, unused). DEN_i = Σ_j c(i−j) κ_ij, O_i = Σ_j c(i−j) κ_ij V_j / DEN_i.
+    `knobs`: the chunk C (schedules/knobs.py "banded")."""
+    C = resolve("banded", knobs)["chunk"]
     L, zero, load, load_t, _, _ = _helpers(dtype, C)
     HL = cpu.lanes(dtype)         # register tiles follow the host's vector unit (schedules/cpu.py)
     R = cpu.tile_rows(D, HL, C)   # rows of a (·, D) tile
@@ -95,13 +96,13 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool):
         O = T.match_buffer(o, (BH, N, D), dtype)
         DEN = T.match_buffer(dn, (BH, N), dtype)
         W = (P - 1) // 2
-        nb = _nb(P)
-        R0 = _r0(P)
-        nc = _chunks(N)
-        CE = T.alloc_buffer((2 * _r0(P) + 1,), dtype)
+        nb = _nb(P, C)
+        R0 = _r0(P, C)
+        nc = _chunks(N, C)
+        CE = T.alloc_buffer((2 * _r0(P, C) + 1,), dtype)
         CPM = T.alloc_buffer((2,), dtype)
-        PS = T.alloc_buffer((_chunks(N) + 1, Mp, D), dtype)     # P[c]: Σ φk⊗v over chunks < c
-        PZ = T.alloc_buffer((_chunks(N) + 1, Mp), dtype)        # the same for the ones column
+        PS = T.alloc_buffer((_chunks(N, C) + 1, Mp, D), dtype)     # P[c]: Σ φk⊗v over chunks < c
+        PZ = T.alloc_buffer((_chunks(N, C) + 1, Mp), dtype)        # the same for the ones column
         for bh in range(BH):
             weights(TAB, bh % H, N, W, R0, CE, CPM)
             # chunk sums into P[c + 1], then prefix sums
@@ -198,7 +199,7 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool):
     return kernel
 
 
-def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool):
+def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: dict | None = None):
     """Exact gradient of banded_forward: (Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out,
     dTAB out (H, 2W+1), unused). With g_i = dO_i/DEN_i, cc_i = −(dO_i·O_i)/DEN_i, a_ij = Qf_i·Kf_j,
     b_ij = g_i·V_j + cc_i and w_ij = c(i−j) (c₊ / c₋ outside the windows):
@@ -207,7 +208,8 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool):
     Far keys of a query chunk go through the key prefix sums P (as forward), far queries of a key
     chunk through the query prefix sums Pq[c] = Σ_{i < cC} Qf_i⊗[g_i, cc_i]; the window tiles are
     recomputed once from the query side (dQf, the weights' gradient) and once from the key side
-    (dKf, dV), so no two threads write the same row."""
+    (dKf, dV), so no two threads write the same row. `knobs`: as banded_forward's."""
+    C = resolve("banded", knobs)["chunk"]
     L, zero, load, load_t, _, _ = _helpers(dtype, C)
     HL = cpu.lanes(dtype)
     RM = cpu.tile_rows(M, HL, C)  # rows of a (·, M) tile
@@ -236,22 +238,22 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool):
         dV = T.match_buffer(dv, (BH, N, D), dtype)
         dTAB = T.match_buffer(dtab, (H, P), dtype)
         W = (P - 1) // 2
-        nb = _nb(P)
-        R0 = _r0(P)
-        nc = _chunks(N)
-        CE = T.alloc_buffer((2 * _r0(P) + 1,), dtype)
+        nb = _nb(P, C)
+        R0 = _r0(P, C)
+        nc = _chunks(N, C)
+        CE = T.alloc_buffer((2 * _r0(P, C) + 1,), dtype)
         CPM = T.alloc_buffer((2,), dtype)
-        PS = T.alloc_buffer((_chunks(N) + 1, Mp, D), dtype)     # key prefix sums Σ Kf⊗V
-        PZ = T.alloc_buffer((_chunks(N) + 1, Mp), dtype)        #                 Σ Kf
-        QS = T.alloc_buffer((_chunks(N), Mp, D), dtype)         # query chunk sums Σ Qf⊗g
-        QZ = T.alloc_buffer((_chunks(N), Mp), dtype)            #                  Σ Qf cc
-        PQ = T.alloc_buffer((_chunks(N) + 1, Mp, D), dtype)     # their prefix sums
-        PQZ = T.alloc_buffer((_chunks(N) + 1, Mp), dtype)
-        GALL = T.alloc_buffer((1, _chunks(N) * C, D), dtype)   # g rows (zero past N)
-        CCALL = T.alloc_buffer((_chunks(N) * C,), dtype)
-        DCE = T.alloc_buffer((_chunks(N), 2 * _r0(P) + 1), dtype)   # per query chunk: c(r) Σ a b
-        DPM = T.alloc_buffer((_chunks(N), 2), dtype)                # per query chunk: dc₊, dc₋
-        DSUM = T.alloc_buffer((2 * _r0(P) + 1,), dtype)
+        PS = T.alloc_buffer((_chunks(N, C) + 1, Mp, D), dtype)     # key prefix sums Σ Kf⊗V
+        PZ = T.alloc_buffer((_chunks(N, C) + 1, Mp), dtype)        #                 Σ Kf
+        QS = T.alloc_buffer((_chunks(N, C), Mp, D), dtype)         # query chunk sums Σ Qf⊗g
+        QZ = T.alloc_buffer((_chunks(N, C), Mp), dtype)            #                  Σ Qf cc
+        PQ = T.alloc_buffer((_chunks(N, C) + 1, Mp, D), dtype)     # their prefix sums
+        PQZ = T.alloc_buffer((_chunks(N, C) + 1, Mp), dtype)
+        GALL = T.alloc_buffer((1, _chunks(N, C) * C, D), dtype)   # g rows (zero past N)
+        CCALL = T.alloc_buffer((_chunks(N, C) * C,), dtype)
+        DCE = T.alloc_buffer((_chunks(N, C), 2 * _r0(P, C) + 1), dtype)   # per query chunk: c(r) Σ a b
+        DPM = T.alloc_buffer((_chunks(N, C), 2), dtype)                # per query chunk: dc₊, dc₋
+        DSUM = T.alloc_buffer((2 * _r0(P, C) + 1,), dtype)
         for h in range(H):
             for t in range(P):
                 dTAB[h, t] = zero

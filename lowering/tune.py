@@ -51,8 +51,9 @@ def _runner_init():
     fftlib.register()
 
 
-# scalar parameters of the kernels -> their value at length N
-SCALARS: dict[str, Callable[[int], int]] = {"Lf": fft_length}
+# scalar parameters of the kernels -> their value at length N (banded.py's `unused` is the FFT
+# length slot of the op it shares with the Toeplitz-FFT kernels)
+SCALARS: dict[str, Callable[[int], int]] = {"Lf": fft_length, "unused": lambda n: 0}
 
 
 def concrete(func, n: int):

@@ -36,6 +36,10 @@ SPACES: dict[str, tuple[Knob, ...]] = {
     "toeplitz": (
         Knob("block_kb", (1, 128, 512, 4096), 512, "KiB of an FFT work-buffer block (L/8 points) past which fft_convolve adds a second level of blocks (1: always, for L ≥ 64)"),
     ),
+    # lowering/banded.py: the banded + constant kernels of a clipped table, forward and backward
+    "banded": (
+        Knob("chunk", (16, 32, 64), 32, "rows per chunk (C): window tiles are C×C, a window (2⌈(W−1)/C⌉+1)·C keys"),
+    ),
     # GPU targets' portable kernels. lowering/te_forms.py: linear, prefix_sum and decayed
     "portable_linear": (
         Knob("chunk", (32, 64, 128), 64, "rows per chunk of the scans over chunk states"),

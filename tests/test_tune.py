@@ -30,6 +30,7 @@ def test_trace_decisions_round_trip():
     ("attention t { kernel = elu1; mask = causal }", "auto", "linear"),
     # its FFT length, a scalar parameter, is specialized per length
     ("attention t { kernel = elu1; position = toeplitz(max_distance=64) }", "toeplitz_fft", "toeplitz"),
+    ("attention t { kernel = elu1; position = toeplitz(max_distance=8) }", "banded", "banded"),
 ])
 def test_tune_records_and_choose_reads_them(tmp_path, text, plan, family):
     """Two candidates of a kernel at N = 64, timed by meta_schedule's LocalRunner, committed to a
@@ -109,13 +110,42 @@ def test_every_linear_knob_choice_computes_the_same_attention(choice, causal):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+def _positional_kernels_match_torch(lib, M, D, W, N, H, causal, *extra):
+    """lib["f"], lib["b"] (a PositionalAttention form's kernels, a learned table clipped at W)
+    against the maths in torch, float64: out, the normalizer up to its per-head shift, and the
+    gradients of Qf, Kf, V and the table. `extra`: the kernels' trailing scalar."""
+    import torch
+    g = torch.Generator().manual_seed(1)
+    qf, kf = (torch.rand(H, N, M, generator=g, dtype=torch.float64) + 0.1 for _ in range(2))
+    v, dout = (torch.randn(H, N, D, generator=g, dtype=torch.float64) for _ in range(2))
+    tab = 0.3 * torch.randn(H, 2 * W + 1, generator=g, dtype=torch.float64)
+    out, den = torch.empty_like(v), torch.empty(H, N, dtype=torch.float64)
+    lib["f"](qf, kf, v, tab, out, den, *extra)
+
+    leaves = [t.clone().requires_grad_() for t in (qf, kf, v, tab)]
+    r = torch.arange(N)[:, None] - torch.arange(N)[None, :]
+    c = leaves[3][:, (r.clamp(-W, W) + W)].exp()                   # (H, N, N): exp b(i − j)
+    a = c * (leaves[0] @ leaves[1].transpose(1, 2))
+    if causal:
+        a = a * (r >= 0)
+    ref_den = a.sum(-1)
+    ref = (a @ leaves[2]) / ref_den[..., None]
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-9, atol=1e-11)
+    # the kernel's normalizer carries c = exp(b − max b), a per-head factor that cancels in out
+    ratio = den / ref_den.detach()
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-9, atol=0)
+    grads = torch.autograd.grad(ref, leaves, dout)
+    mine = [torch.empty_like(t) for t in (qf, kf, v)] + [torch.zeros_like(tab)]
+    lib["b"](qf, kf, v, tab, out, den, dout, *mine, *extra)
+    for got, want in zip(mine, grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("block_kb", knobs.SPACES["toeplitz"][0].choices)
 def test_every_toeplitz_block_size_computes_the_same_attention(block_kb):
     """The Toeplitz-FFT scores kernels at each work-buffer block size (here L = 128: 1 KiB takes the
     second level of blocks, the others one) against the maths in torch, forward and backward with
     the table's gradient (float64)."""
-    import torch
-
     from attndsl.lowering import fftlib, toeplitz
     from attndsl.lowering.build import build, resolve_target
     from attndsl.passes.plan import fft_length
@@ -127,28 +157,23 @@ def test_every_toeplitz_block_size_computes_the_same_attention(block_kb):
     lib = build({"f": toeplitz.scores_forward("f", M, D, "float64", False, pos, knob),
                  "b": toeplitz.scores_backward("b", M, D, "float64", False, pos, True, knob)},
                 resolve_target("llvm"))
-    g = torch.Generator().manual_seed(1)
-    qf, kf = (torch.rand(H, N, M, generator=g, dtype=torch.float64) + 0.1 for _ in range(2))
-    v, dout = (torch.randn(H, N, D, generator=g, dtype=torch.float64) for _ in range(2))
-    tab = 0.3 * torch.randn(H, 2 * W + 1, generator=g, dtype=torch.float64)
-    out, den = torch.empty_like(v), torch.empty(H, N, dtype=torch.float64)
-    lib["f"](qf, kf, v, tab, out, den, fft_length(N))
+    _positional_kernels_match_torch(lib, M, D, W, N, H, False, fft_length(N))
 
-    leaves = [t.clone().requires_grad_() for t in (qf, kf, v, tab)]
-    r = torch.arange(N)[:, None] - torch.arange(N)[None, :]
-    c = leaves[3][:, (r.clamp(-W, W) + W)].exp()                   # (H, N, N): exp b(i − j)
-    a = c * (leaves[0] @ leaves[1].transpose(1, 2))
-    ref_den = a.sum(-1)
-    ref = (a @ leaves[2]) / ref_den[..., None]
-    torch.testing.assert_close(out, ref.detach(), rtol=1e-9, atol=1e-11)
-    # the kernel's normalizer carries c = exp(b − max b), a per-head factor that cancels in out
-    ratio = den / ref_den.detach()
-    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-9, atol=0)
-    grads = torch.autograd.grad(ref, leaves, dout)
-    mine = [torch.empty_like(t) for t in (qf, kf, v)] + [torch.zeros_like(tab)]
-    lib["b"](qf, kf, v, tab, out, den, dout, *mine, fft_length(N))
-    for got, want in zip(mine, grads):
-        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+@pytest.mark.parametrize("chunk", knobs.SPACES["banded"][0].choices)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_every_banded_chunk_computes_the_same_attention(chunk, causal):
+    """The banded kernels at each chunk size against the maths in torch (float64, W = 20 < N = 150,
+    a ragged length: each chunk size has windows of 1–2 chunks a side, far keys on both sides and
+    a tail chunk), forward and backward with the table's gradient."""
+    from attndsl.lowering import banded
+    from attndsl.lowering.build import build, resolve_target
+    M, D = 16, 8
+    knob = {"chunk": chunk}
+    lib = build({"f": banded.banded_forward("f", M, D, "float64", causal, knob),
+                 "b": banded.banded_backward("b", M, D, "float64", causal, knob)},
+                resolve_target("llvm"))
+    _positional_kernels_match_torch(lib, M, D, 20, 150, 2, causal, 0)
 
 
 def _record(db_folder, root, kernel, family, times: dict, n=64, target="llvm", portable=False, P=1):
@@ -241,8 +266,8 @@ def test_the_shipped_database_still_matches_the_kernels_it_was_tuned_for():
     from attndsl.schedules import knobs as knob_spaces
     root = pipeline.run(parse("attention t { kernel = elu1; mask = causal }").block(None), 64, 64).root
     _, chosen = lowering.lower_tuned(root, "float32", [lookup.SHIPPED], resolve_target("llvm"))
-    if not chosen and "znver3" not in resolve_target("llvm")["mcpu"]:
-        pytest.skip("the shipped records are for znver3; this CPU is another class")
+    if not chosen and resolve_target("llvm")["mcpu"] not in ("znver3", "znver4"):
+        pytest.skip("the shipped records are for znver3 and znver4; this CPU is another class")
     assert set(chosen) == set(lowering.tunable(root)), "schedules/tuned/ is stale: run `make tuned-db`"
     assert all(c.knobs != knob_spaces.defaults("linear") and c.speedup > 1 for c in chosen.values())
 
@@ -281,3 +306,36 @@ def test_every_quadratic_tile_computes_the_same_attention(tile, causal):
     lib["b"](q, k, v, tab, out, lse, dout, *mine)
     for got, want in zip(mine, grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_drop_target_keeps_the_other_cpu_classes_records(tmp_path):
+    """`make tuned-db` re-measures one CPU class: drop_target removes that class's records and the
+    workloads only they used; another class's records still choose the same knobs."""
+    import tvm
+    from attndsl import lowering
+    from attndsl.lowering import lower
+    from attndsl.schedules import database
+    root = pipeline.run(parse("attention t { kernel = elu1; mask = causal }").block(None), 16, 16).root
+    fwd, bwd = sorted(lowering.tunable(root))[::-1]            # *_fwd, *_bwd
+    funcs = lower(root, "float32")
+    host, other = {"kind": "llvm", "mcpu": "znver4"}, {"kind": "llvm", "mcpu": "skylake-avx512"}
+    db = database.open_db(tmp_path)
+    for kernel, targets in ((fwd, (host,)), (bwd, (host, other))):
+        wl = db.commit_workload(database.workload(funcs[kernel]))
+        for target in targets:
+            for choice, secs in ((knobs.defaults("linear"), 2e-3), ({"chunk": 64, "tile_regs": 4}, 1e-3)):
+                database.commit(db, wl, "linear", choice, [secs], tvm.target.Target(target),
+                                tune_info(funcs[kernel]))
+    assert database.drop_target(tmp_path, host) == 4       # 2 choices × 2 kernels
+    dbs = database.open_dbs([tmp_path])
+    assert database.choose(dbs, funcs[fwd], "linear", tvm.target.Target(host)) is None
+    assert database.choose(dbs, funcs[bwd], "linear", tvm.target.Target(host)) is None
+    kept = database.choose(dbs, funcs[bwd], "linear", tvm.target.Target(other))
+    assert kept.knobs == {"chunk": 64, "tile_regs": 4} and kept.speedup == pytest.approx(2.0)
+    assert len((tmp_path / "database_workload.json").read_text().splitlines()) == 1
+    assert database.drop_target(tmp_path, host) == 0
+
+
+def tune_info(func):
+    from attndsl.lowering import tune
+    return tune.arg_shapes(func, {"BH": 2, "H": 2, "P": 1, "N": 64})
