@@ -4,6 +4,7 @@ For each tunable form, M = Dk = Dv = 64, B·H = 8, N in {4096} (or --lengths):
   causal linear   elu1, mask causal (prefix_sum kernels)
   alibi           elu1, alibi, mask causal (decayed kernels)
   rpe table       elu1, a learned table over the whole range, no mask (toeplitz_fft kernels)
+  rpe clipped     elu1, a learned table clipped at 128, no mask (banded kernels)
   untuned         attndsl.compile(..., tuned=False): the default knobs
   tuned           attndsl.compile(...): the knobs the tuning databases pick (your
                   `attndsl tune` database, else the one shipped in schedules/tuned/)
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tvm.target.codegen import llvm_get_system_cpu
 
 import attndsl
 from bench_linear import fwd_and_bwd
@@ -38,6 +40,7 @@ SCENARIOS = {
     "causal linear": "attention bench {{ kernel = elu1 \n mask = causal }}",
     "alibi": "attention bench {{ kernel = elu1 \n position = alibi \n mask = causal }}",
     "rpe table": "attention bench {{ kernel = elu1 \n position = toeplitz(max_distance={n}, init=normal) }}",
+    "rpe clipped": "attention bench {{ kernel = elu1 \n position = toeplitz(max_distance=128, init=normal) }}",
 }
 
 
@@ -100,7 +103,8 @@ def run(lengths: list[int], with_backward: bool = True) -> list[dict]:
 
 
 def table(rows) -> str:
-    out = [f"### tuned vs untuned kernels, B·H={B * H}, M=D=64, {torch.get_num_threads()} threads", "",
+    out = [f"### tuned vs untuned kernels, B·H={B * H}, M=D=64, {torch.get_num_threads()} threads, "
+           f"{llvm_get_system_cpu()}", "",
            "| form | N | untuned fwd ms | tuned fwd ms | fwd speed-up | untuned fwd+bwd ms | tuned fwd+bwd ms "
            "| fwd+bwd speed-up | sdpa fwd / fwd+bwd ms | tuned build reused in (+ TVM runtime load) | tuned choice |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -21,7 +21,9 @@ at every length.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,3 +127,30 @@ def choose(dbs: list, func, family: str, target) -> Choice | None:
         speedup = math.exp(sum(math.log(t[default] / t[best]) for t in times.values()) / len(times))
         return Choice(dict(best), speedup, tuple(sorted(times)), folder)
     return None
+
+
+def drop_target(folder, target: dict) -> int:
+    """Remove the records measured on `target` (a target dict: its "kind" and "mcpu" are compared)
+    from the database in `folder`, with the workloads no record uses any more; the other targets'
+    records stay (how `make tuned-db` re-measures one CPU class of the shipped database). Plain
+    JSON, rewritten atomically; returns the number of records removed."""
+    folder = Path(folder)
+    wl_path, rec_path = folder / "database_workload.json", folder / "database_tuning_record.json"
+    if not rec_path.is_file():
+        return 0
+
+    def same(t: dict) -> bool:
+        return all(t.get(k) == target.get(k) for k in ("kind", "mcpu"))
+    lines = [ln for ln in rec_path.read_text().splitlines() if ln.strip()]
+    kept = [(rec[0], ln) for ln in lines for rec in [json.loads(ln)] if not same(rec[1][2])]
+    workloads = [ln for ln in wl_path.read_text().splitlines() if ln.strip()]
+    used = sorted({i for i, _ in kept})
+    index = {old: new for new, old in enumerate(used)}
+    # a record line is [workload index, record]: only the index is rewritten
+    for path, out in ((wl_path, [workloads[i] for i in used]),
+                      (rec_path, [f"[{index[i]}," + ln.split(",", 1)[1] for i, ln in kept])):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in out))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
