@@ -186,6 +186,16 @@ def _table_width(spec) -> int:
     return 1
 
 
+def _tuning_sizes(spec, args) -> dict[str, int]:
+    """The tuner's concrete sizes besides N: B·H, the position parameters' (H, P), and a sampled
+    spec's samples S and block of sorted rows blk (1 for uniform, as sampling.draw)."""
+    sizes = {"BH": args.batch * args.heads, "H": args.heads, "P": _table_width(spec)}
+    if spec.sampling.name in ("kde", "uniform"):
+        sizes["S"] = int(spec.sampling["samples"])
+        sizes["blk"] = int(spec.sampling["block"]) if spec.sampling.name == "kde" else 1
+    return sizes
+
+
 def cmd_tune(args) -> int:
     from pathlib import Path
 
@@ -210,7 +220,7 @@ def cmd_tune(args) -> int:
               f"into {db}")
         try:
             rows = tune.tune(planned.root, args.dtype, lengths=lengths, trials=args.trials, db_folder=db,
-                             sizes={"BH": args.batch * args.heads, "H": args.heads, "P": _table_width(spec)},
+                             sizes=_tuning_sizes(spec, args),
                              target=args.target, rpc=rpc)
         except RuntimeError as e:
             print(f"attndsl tune: {e}", file=sys.stderr)

@@ -107,8 +107,10 @@ def _softmax_attention(node: SoftmaxAttention, names, dtype, knobs):
 def _sampled_attention(node: SampledAttention, names, dtype, knobs):
     from . import sampled
     dk, dv = node.q.shape[-1], node.v.shape[-1]
-    return {names[0]: sampled.sampled_forward(names[0], dk, dv, dtype, node.causal, node.scale),
-            names[1]: sampled.sampled_backward(names[1], dk, dv, dtype, node.causal, node.scale)}
+    return {names[0]: sampled.sampled_forward(names[0], dk, dv, dtype, node.causal, node.scale,
+                                              knobs.get(names[0])),
+            names[1]: sampled.sampled_backward(names[1], dk, dv, dtype, node.causal, node.scale,
+                                               knobs.get(names[1]))}
 
 
 def _no_kernels(*_) -> dict:
@@ -329,7 +331,7 @@ def knob_family(node: Node, portable: bool = False) -> str | None:
         return "toeplitz"
     if isinstance(node, PositionalAttention) and node.form == "banded":
         return "banded"
-    if isinstance(node, SoftmaxAttention):
+    if isinstance(node, (SoftmaxAttention, SampledAttention)):    # the same tiles (sampled.py)
         return "quadratic"
     return None
 

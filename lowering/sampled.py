@@ -38,14 +38,15 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from attndsl.schedules import cpu
+from attndsl.schedules.knobs import resolve as knobs_of
 
 from .linear import fill, mm
 from .quadratic import _cols, mmc, softmax_exp, tile
 
 
-def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
-    """Tile loaders and the visibility test shared by the kernels (closures over the constants)."""
-    Tt = tile(dtype)
+def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float, Tt: int):
+    """Tile loaders and the visibility test shared by the kernels (closures over the constants;
+    Tt query rows and keys per tile)."""
     zero = T.cast(0, dtype)
     sc = tirx.const(scale, dtype)
     big = T.int32(2 ** 30)
@@ -122,13 +123,14 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
     return visible, load_queries, load_keys, block_keys
 
 
-def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
-    """(Q, K, V, PQ, PK, SI, LW, SB, O out, LSE out, blk)."""
-    L, Tt = cpu.lanes(dtype), tile(dtype)
+def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, knobs=None):
+    """(Q, K, V, PQ, PK, SI, LW, SB, O out, LSE out, blk). `knobs` (schedules/knobs.py, family
+    "quadratic", as the exact softmax kernels): tile."""
+    L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
     R1 = cpu.tile_rows(Tt, L, Tt)
     CV = _cols(Dv, L)
     R = cpu.tile_rows(CV, L, Tt)
-    visible, load_queries, load_keys, block_keys = _helpers(Dk, Dv, dtype, causal, scale)
+    visible, load_queries, load_keys, block_keys = _helpers(Dk, Dv, dtype, causal, scale, Tt)
     zero = T.cast(0, dtype)
     one = T.cast(1, dtype)
     lowest = tirx.min_value(dtype)
@@ -221,15 +223,16 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
     return kernel
 
 
-def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float):
+def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, knobs=None):
     """(Q, K, V, PQ, PK, SI, LW, SB, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk): the exact
     gradient of sampled_forward's O for the given samples; dK, dV hold the block keys' share only
-    (the caller adds dKS, dVS into rows SI); LW's gradient lets p depend on the inputs."""
-    L, Tt = cpu.lanes(dtype), tile(dtype)
+    (the caller adds dKS, dVS into rows SI); LW's gradient lets p depend on the inputs. `knobs` as
+    sampled_forward's."""
+    L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
     R1 = cpu.tile_rows(Tt, L, Tt)
     CK, CV = _cols(Dk, L), _cols(Dv, L)
     RK, RV = cpu.tile_rows(CK, L, Tt), cpu.tile_rows(CV, L, Tt)
-    visible, load_queries, load_keys, block_keys = _helpers(Dk, Dv, dtype, causal, scale)
+    visible, load_queries, load_keys, block_keys = _helpers(Dk, Dv, dtype, causal, scale, Tt)
     zero = T.cast(0, dtype)
     sc = tirx.const(scale, dtype)
 

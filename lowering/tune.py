@@ -11,10 +11,13 @@ The kernels are hand-written TVMScript, not block-style TIR, so meta_schedule's 
 (which schedule blocks) do not apply; the space here is the knob grid, a knob is a
 sample_categorical decision in the record's trace, and the grid is small enough to measure whole.
 GPU targets tune the portable kernels' knobs (te_forms.py's chunk, softmax_rows.py's rows per
-block) the same way, each choice built as compile() builds it (dlight's schedules); meta_schedule's
-own search over the TE kernels' blocks is not used (yet).
+block, fft_blocks.py's threads per block) the same way, each choice built as compile() builds it
+(dlight's schedules); meta_schedule's own search over the TE kernels' blocks is not used (yet).
 Timing inputs are random (meta_schedule's allocator), of concrete shapes: BH = batch·heads, the
-length N, the position parameters (H, P); scalar parameters (the FFT length) are specialized.
+length N, the position parameters (H, P), the samples S; scalar parameters (the FFT length, the
+sampled kernels' block) are specialized. Integer buffers (the sampled kernels' row orders, sample
+rows and sample blocks) hold arange over their last axis instead: identity order, sample t = row t,
+in bounds where random integers would not be.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import tvm
 from tvm import tirx
 from tvm.s_tir import meta_schedule as ms
@@ -51,16 +55,39 @@ def _runner_init():
     fftlib.register()
 
 
-# scalar parameters of the kernels -> their value at length N (banded.py's `unused` is the FFT
-# length slot of the op it shares with the Toeplitz-FFT kernels)
-SCALARS: dict[str, Callable[[int], int]] = {"Lf": fft_length, "unused": lambda n: 0}
+# scalar parameters of the kernels -> their value at length N, unless the sizes give it (banded.py's
+# `unused` is the FFT length slot of the op it shares with the Toeplitz-FFT kernels; `blk`, the
+# sampled kernels' block of sorted rows, is the spec's)
+SCALARS: dict[str, Callable[[int], int]] = {"Lf": fft_length, "unused": lambda n: 0, "blk": lambda n: 1}
 
 
-def concrete(func, n: int):
+def concrete(func, n: int, sizes: dict | None = None):
     """`func` with its scalar parameters specialized for length n (buffers stay symbolic)."""
-    values = {p: tirx.IntImm(p.ty.dtype, SCALARS[p.name](n)) for p in func.params
-              if not isinstance(p.ty, tirx.buffer.BufferType)}
+    sizes = sizes or {}
+    values = {p: tirx.IntImm(p.ty.dtype, sizes[p.name] if p.name in sizes else SCALARS[p.name](n))
+              for p in func.params if not isinstance(p.ty, tirx.buffer.BufferType)}
     return func.specialize(values) if values else func
+
+
+def _index_buffers(args_info, repeated_args):
+    """Integer buffers of each argument list set to arange over their last axis (module docstring)."""
+    for args in repeated_args:
+        for (_, dtype, shape), arg in zip(args_info, args):
+            if dtype.startswith("int"):
+                arg.copyfrom(np.ascontiguousarray(np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape)))
+    return repeated_args
+
+
+def _alloc_local(device, args_info, alloc_repeat):
+    """The LocalRunner's allocator (in its worker process): meta_schedule's, then _index_buffers."""
+    from tvm.s_tir.meta_schedule.runner import local_runner
+    return _index_buffers(args_info, local_runner.default_alloc_argument(device, args_info, alloc_repeat))
+
+
+def _alloc_rpc(session, device, args_info, alloc_repeat):
+    """The RPCRunner's allocator (tensors on the server): meta_schedule's, then _index_buffers."""
+    from tvm.s_tir.meta_schedule.runner import rpc_runner
+    return _index_buffers(args_info, rpc_runner.default_alloc_argument(session, device, args_info, alloc_repeat))
 
 
 def arg_shapes(func, sizes: dict[str, int]) -> list:
@@ -106,17 +133,19 @@ def make_runner(rpc: tuple[str, int, str] | None, repeat: int, timeout_s: float)
                                           enable_cpu_cache_flush=False)
     if rpc is None:
         return ms.runner.LocalRunner(timeout_sec=timeout_s, evaluator_config=evaluator,
-                                     initializer=_runner_init)
+                                     initializer=_runner_init, f_alloc_argument=_alloc_local)
     host, port, key = rpc
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                                  session_timeout_sec=int(timeout_s))
-    return ms.runner.RPCRunner(config, evaluator_config=evaluator, max_workers=1)
+    return ms.runner.RPCRunner(config, evaluator_config=evaluator, max_workers=1,
+                               f_alloc_argument=_alloc_rpc)
 
 
 def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials: int,
          db_folder, target="llvm", rpc=None, repeat: int = 5, kernels: list[str] | None = None,
          progress: Callable[[str], None] = print, timeout_s: float = 300) -> list[Measured]:
-    """Tune the planned IR's kernels; `sizes` gives BH, H and P (the lengths give N).
+    """Tune the planned IR's kernels; `sizes` gives BH, H and P (the lengths give N), and for the
+    sampled kernels S and blk.
     Returns one Measured per (kernel, length)."""
     from . import portable as is_portable
     from .runtime import target_kind
@@ -153,7 +182,7 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
             for k in pair:
                 for n in lengths:
                     inputs.append(ms.builder.BuilderInput(
-                        tvm.IRModule({"main": concrete(funcs[k], n).with_attr("global_symbol", "main")}),
+                        tvm.IRModule({"main": concrete(funcs[k], n, sizes).with_attr("global_symbol", "main")}),
                         target))
                     keys.append((k, n))
             built = builder.build(inputs)

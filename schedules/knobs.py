@@ -28,7 +28,7 @@ SPACES: dict[str, tuple[Knob, ...]] = {
         Knob("chunk", (16, 32, 64), 32, "rows per chunk (C)"),
         Knob("tile_regs", (4, 8, 16), 16, "vector registers of an accumulator tile"),
     ),
-    # lowering/quadratic.py: the softmax form, forward and backward
+    # lowering/quadratic.py: the softmax form, and lowering/sampled.py: kde and uniform, forward and backward
     "quadratic": (
         Knob("tile", (2, 4, 8), 4, "vector registers of query lanes per tile (T = tile·lanes rows and keys)"),
     ),

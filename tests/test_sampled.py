@@ -201,3 +201,36 @@ def test_cli_run_reports_an_estimate(tmp_path, capsys):
     path.write_text("attention s { sampling = uniform(samples=16) }\n")
     assert main(["run", str(path), "--seq", "64", "--heads", "2", "--head-dim", "16"]) == 0
     assert "estimate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tile", [2, 8])
+@pytest.mark.parametrize("name", ["kde", "uniform_causal"])
+def test_every_tile_knob_choice_computes_the_estimator(name, tile, tmp_path, monkeypatch):
+    """A tuning record that makes `tile` the best (the quadratic family's knob, shared with the
+    exact softmax kernels): compile() builds it, explain() names it, and forward and backward still
+    compute the estimator (N = 100: tiles of 16..128 rows leave a ragged tail)."""
+    from attndsl import lowering, pipeline
+    from attndsl.schedules import knobs
+    from test_tune import _record
+    monkeypatch.setenv("ATTNDSL_TUNING_DB", str(tmp_path))
+    text, causal = SPECS[name]
+    root = pipeline.run(attndsl.parse(text).block(None), 16, 8).root
+    kernels = lowering.tunable(root)
+    assert set(kernels.values()) == {"quadratic"} and len(kernels) == 2
+    for kernel in kernels:
+        _record(tmp_path, root, kernel, "quadratic", {knobs.label(knobs.defaults("quadratic")): 2e-3,
+                                                      f"tile={tile}": 1e-3})
+    attn = attndsl.compile(text, heads=2, head_dim=16, value_dim=8)
+    assert all(f"{k} tile={tile}  (2.00x the defaults" in attn.explain() for k in kernels)
+    N = 100
+    q, k, v = qkv(N, grad=True)
+    dout = torch.randn(1, 2, N, 8, dtype=torch.float64)
+    out = attn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    r = [x.reshape(2, N, -1) for x in (q, k, v)]
+    s = sampling.draw(*r, attn.planned.root.sampling, attn.lsh_planes, attn.sampling_seed)
+    want = estimate(*r, s, attn.scale, causal).reshape(1, 2, N, 8)
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-11)

@@ -31,6 +31,8 @@ def test_trace_decisions_round_trip():
     # its FFT length, a scalar parameter, is specialized per length
     ("attention t { kernel = elu1; position = toeplitz(max_distance=64) }", "toeplitz_fft", "toeplitz"),
     ("attention t { kernel = elu1; position = toeplitz(max_distance=8) }", "banded", "banded"),
+    # int32 row orders and sample rows: timed with in-bounds indices (tune._index_buffers)
+    ("attention t { sampling = kde(buckets=4, block=16, samples=8, seed=0) }", "auto", "quadratic"),
 ])
 def test_tune_records_and_choose_reads_them(tmp_path, text, plan, family):
     """Two candidates of a kernel at N = 64, timed by meta_schedule's LocalRunner, committed to a
@@ -40,7 +42,7 @@ def test_tune_records_and_choose_reads_them(tmp_path, text, plan, family):
     from attndsl.lowering.build import resolve_target
     from attndsl.schedules import database
     root = pipeline.run(parse(text).block(None), 16, 16, plan_name=plan).root
-    rows = tune.tune(root, "float32", sizes={"BH": 2, "H": 2, "P": 129}, lengths=[64], trials=2,
+    rows = tune.tune(root, "float32", sizes={"BH": 2, "H": 2, "P": 129, "S": 8, "blk": 16}, lengths=[64], trials=2,
                      db_folder=tmp_path, repeat=2, progress=lambda s: None)
     assert rows and all(len(r.times) == 2 and not r.errors for r in rows)
     target = tvm.target.Target(resolve_target("llvm"))
