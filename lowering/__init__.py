@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from attndsl import config
+from attndsl.schedules.knobs import resolve
 
 config.export_tvm_threads()          # before the first kernel starts TVM's thread pool
 
@@ -152,12 +153,10 @@ def _portable_feature_map(node: FeatureMap, names, dtype, knobs, gpu):
 
 
 def _chunks(knobs, names) -> list[int]:
-    from attndsl.schedules.knobs import resolve
     return [resolve("portable_linear", knobs.get(n))["chunk"] for n in names]
 
 
 def _fft_threads(knobs, names) -> list[int]:
-    from attndsl.schedules.knobs import resolve
     return [resolve("portable_fft", knobs.get(n))["threads"] for n in names]
 
 
@@ -198,7 +197,6 @@ def _portable_values(node: ToeplitzValues, names, dtype, knobs, gpu):
 
 
 def _portable_softmax(node: SoftmaxAttention, names, dtype, knobs, gpu):
-    from attndsl.schedules.knobs import resolve
 
     from . import softmax_rows
     dk, dv = node.q.shape[-1], node.v.shape[-1]
@@ -214,8 +212,9 @@ def _portable_softmax(node: SoftmaxAttention, names, dtype, knobs, gpu):
 def _portable_sampled(node: SampledAttention, names, dtype, knobs, gpu):
     from . import softmax_rows
     dk, dv = node.q.shape[-1], node.v.shape[-1]
-    return {names[0]: softmax_rows.sampled_forward(names[0], dk, dv, dtype, node.causal, node.scale, gpu),
-            names[1]: softmax_rows.sampled_backward(names[1], dk, dv, dtype, node.causal, node.scale, gpu)}
+    rf, rb = (resolve("portable_rows", knobs.get(n))["rows"] for n in names)
+    return {names[0]: softmax_rows.sampled_forward(names[0], dk, dv, dtype, node.causal, node.scale, gpu, rf),
+            names[1]: softmax_rows.sampled_backward(names[1], dk, dv, dtype, node.causal, node.scale, gpu, rb)}
 
 
 PORTABLE_LOWERINGS: dict[type, Callable] = {
@@ -324,7 +323,7 @@ def knob_family(node: Node, portable: bool = False) -> str | None:
             return "portable_fft"
         if isinstance(node, (LinearAttention, PositionalAttention)):     # decayed, banded: chunked
             return "portable_linear"
-        return "portable_rows" if isinstance(node, SoftmaxAttention) else None
+        return "portable_rows" if isinstance(node, (SoftmaxAttention, SampledAttention)) else None
     if isinstance(node, LinearAttention) or (isinstance(node, PositionalAttention) and node.form == "decayed"):
         return "linear"
     if isinstance(node, PositionalAttention) and node.form == "toeplitz_fft":

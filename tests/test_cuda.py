@@ -476,6 +476,9 @@ KNOB_CASES = [("elu1-causal", "kernel = elu1; mask = causal", "portable_linear",
                "chunk", 32),
               ("table-softmax", "position = toeplitz(max_distance=4, init=normal)", "portable_rows", "rows", 64),
               ("causal-softmax", "mask = causal", "portable_rows", "rows", 256),
+              # one block holds every key (N = 300): the estimate is exact
+              ("kde-one-block", "sampling = kde(buckets=4, block=512, samples=6, seed=1)", "portable_rows", "rows",
+               64),
               ("table-fft", "kernel = elu1; position = toeplitz(max_distance=400, init=normal)", "portable_fft",
                "threads", 128),
               ("fastrpb-causal", "kernel = elu1; position = toeplitz(max_distance=400, init=normal); apply = values; "
