@@ -130,7 +130,7 @@ def plot(rows, path):
     ax.axhline(1.3, color="r", linewidth=0.8, linestyle="--", label="goal 1.3x")
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("untuned time / tuned time (higher is better)")
-    ax.set_title("attndsl: speed-up from the tuning database")
+    ax.set_title(f"attndsl: speed-up from the tuning database ({llvm_get_system_cpu()})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

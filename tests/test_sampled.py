@@ -62,20 +62,25 @@ def qkv(N, dtype=torch.float64, dk=16, dv=8, grad=False, seed=0):
     return [x.requires_grad_(grad) for x in t]
 
 
+def kernels_and_estimator(attn, N, dtype, causal):
+    """([out, dq, dk, dv] of the kernels, the same of `estimate` for the draws of the call), for
+    random q, k, v (1, 2, N, ·) and a random output gradient."""
+    q, k, v = qkv(N, dtype, grad=True)
+    dout = torch.randn(1, 2, N, 8, dtype=dtype)
+    out = attn(q, k, v)
+    r = [x.reshape(2, N, -1) for x in (q, k, v)]
+    s = sampling.draw(*r, attn.planned.root.sampling, attn.lsh_planes, attn.sampling_seed)
+    want = estimate(*r, s, attn.scale, causal).reshape(1, 2, N, 8)
+    return ([out, *torch.autograd.grad(out, (q, k, v), dout)],
+            [want, *torch.autograd.grad(want, (q, k, v), dout)])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("N", [1, 7, 33, 100, 129])
 def test_kernels_compute_the_estimator(name, N, dtype):
     text, causal = SPECS[name]
-    attn = compiled(text)
-    q, k, v = qkv(N, dtype, grad=True)
-    dout = torch.randn(1, 2, N, 8, dtype=dtype)
-    out = attn(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    r = [x.reshape(2, N, -1) for x in (q, k, v)]
-    s = sampling.draw(*r, attn.planned.root.sampling, attn.lsh_planes, attn.sampling_seed)
-    want = estimate(*r, s, attn.scale, causal).reshape(1, 2, N, 8)
-    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    (out, *grads), (want, *want_grads) = kernels_and_estimator(compiled(text), N, dtype, causal)
     scale = want.abs().max().item() + 1e-30
     assert (out - want).abs().max().item() <= TOL[dtype] * scale
     for got, exp in zip(grads, want_grads):
@@ -222,15 +227,7 @@ def test_every_tile_knob_choice_computes_the_estimator(name, tile, tmp_path, mon
                                                       f"tile={tile}": 1e-3})
     attn = attndsl.compile(text, heads=2, head_dim=16, value_dim=8)
     assert all(f"{k} tile={tile}  (2.00x the defaults" in attn.explain() for k in kernels)
-    N = 100
-    q, k, v = qkv(N, grad=True)
-    dout = torch.randn(1, 2, N, 8, dtype=torch.float64)
-    out = attn(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    r = [x.reshape(2, N, -1) for x in (q, k, v)]
-    s = sampling.draw(*r, attn.planned.root.sampling, attn.lsh_planes, attn.sampling_seed)
-    want = estimate(*r, s, attn.scale, causal).reshape(1, 2, N, 8)
-    want_grads = torch.autograd.grad(want, (q, k, v), dout)
-    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
-    for got, exp in zip(grads, want_grads):
+    mine, want = kernels_and_estimator(attn, 100, torch.float64, causal)
+    torch.testing.assert_close(mine[0], want[0], rtol=1e-10, atol=1e-12)
+    for got, exp in zip(mine[1:], want[1:]):
         torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-11)
