@@ -197,7 +197,6 @@ def _portable_values(node: ToeplitzValues, names, dtype, knobs, gpu):
 
 
 def _portable_softmax(node: SoftmaxAttention, names, dtype, knobs, gpu):
-
     from . import softmax_rows
     dk, dv = node.q.shape[-1], node.v.shape[-1]
     pos = node.bias.position if node.bias is not None else None
