@@ -75,6 +75,11 @@ def residual_weights(q: Tensor, k: Tensor, v: Tensor, sampling, gen: torch.Gener
     return norms / norms.sum(-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
 
 
+def block_rows(sampling) -> int:
+    """Rows per block of the sorted order: kde's `block`; 1 for uniform (a query's own key)."""
+    return int(sampling["block"]) if sampling.name == "kde" else 1
+
+
 def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed: int,
          scale: float | None = None) -> Samples:
     """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv); scale s (default 1/√Dk).
@@ -86,7 +91,7 @@ def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed:
     gen = torch.Generator().manual_seed(seed)
     u = torch.rand(BH, S, generator=gen, dtype=torch.float64).to(dev)
     if sampling.name == "kde":
-        block, pq, pk = int(sampling["block"]), bucket_order(q, planes), bucket_order(k, planes)
+        pq, pk = bucket_order(q, planes), bucket_order(k, planes)
         w = residual_weights(q, k, v, sampling, gen, scale if scale is not None else q.shape[-1] ** -0.5)
         total = w.sum(-1, keepdim=True)
         p = 0.5 / N + torch.where(total > 0, 0.5 * w, 0.5 / N)
@@ -95,7 +100,6 @@ def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed:
         si = pk.gather(1, pos)
         lw = -torch.log(p.gather(1, si) * S)
     else:                          # uniform: identity order, a query's own key is its block
-        block = 1
         pq = pk = torch.arange(N, device=dev).expand(BH, N)
         pos = si = (u * N).long().clamp_max(N - 1)
         lw = torch.full((BH, S), -math.log(S / N), dtype=v.dtype, device=dev)
@@ -103,4 +107,5 @@ def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed:
         pos = si = pos.new_zeros(BH, 1)
         lw = torch.full((BH, 1), -1e30, dtype=v.dtype, device=dev)
     i32 = lambda t: t.to(torch.int32).contiguous()
+    block = block_rows(sampling)
     return Samples(i32(pq), i32(pk), i32(si), lw.to(v.dtype).contiguous(), i32(pos // block), block)

@@ -152,12 +152,9 @@ def _portable_feature_map(node: FeatureMap, names, dtype, knobs, gpu):
             names[1]: te_forms.map_backward(names[1], k, dtype)}
 
 
-def _chunks(knobs, names) -> list[int]:
-    return [resolve("portable_linear", knobs.get(n))["chunk"] for n in names]
-
-
-def _fft_threads(knobs, names) -> list[int]:
-    return [resolve("portable_fft", knobs.get(n))["threads"] for n in names]
+def _knob(knobs, names, family: str, knob: str) -> list[int]:
+    """The value of `knob` (schedules/knobs.py `family`) for each kernel of `names`."""
+    return [resolve(family, knobs.get(n))[knob] for n in names]
 
 
 def _portable_linear(node: LinearAttention, names, dtype, knobs, gpu):
@@ -167,7 +164,7 @@ def _portable_linear(node: LinearAttention, names, dtype, knobs, gpu):
     phi = dphi = None
     if node.phi is not None:
         phi, dphi = featuremap.elementwise_pair(map_kernel_of(node.phi, m, m, node.prescale), dtype)
-    cf, cb = _chunks(knobs, names)
+    cf, cb = _knob(knobs, names, "portable_linear", "chunk")
     return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, causal, phi, chunk=cf),
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, causal, phi, dphi, chunk=cb)}
 
@@ -176,11 +173,11 @@ def _portable_positional(node: PositionalAttention, names, dtype, knobs, gpu):
     from . import fft_blocks, te_forms
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
     if node.form == "toeplitz_fft":              # a thread block per FFT work row
-        tf, tb = _fft_threads(knobs, names)
+        tf, tb = _knob(knobs, names, "portable_fft", "threads")
         return {names[0]: fft_blocks.scores_forward(names[0], m, d, dtype, node.causal, pos, gpu, tf),
                 names[1]: fft_blocks.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos), gpu,
                                                      tb)}
-    cf, cb = _chunks(knobs, names)
+    cf, cb = _knob(knobs, names, "portable_linear", "chunk")
     if node.form == "banded":                    # a clipped table: the band by offsets, far keys by chunks
         return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf),
                 names[1]: te_forms.banded_backward(names[1], m, d, dtype, node.causal, chunk=cb)}
@@ -191,7 +188,7 @@ def _portable_positional(node: PositionalAttention, names, dtype, knobs, gpu):
 def _portable_values(node: ToeplitzValues, names, dtype, knobs, gpu):
     from . import fft_blocks
     d, pos = node.v.shape[-1], node.bias.position
-    tf, tb = _fft_threads(knobs, names)
+    tf, tb = _knob(knobs, names, "portable_fft", "threads")
     return {names[0]: fft_blocks.values_forward(names[0], d, dtype, node.causal, pos, gpu, tf),
             names[1]: fft_blocks.values_backward(names[1], d, dtype, node.causal, pos, learns(pos), gpu, tb)}
 
@@ -201,7 +198,7 @@ def _portable_softmax(node: SoftmaxAttention, names, dtype, knobs, gpu):
     dk, dv = node.q.shape[-1], node.v.shape[-1]
     pos = node.bias.position if node.bias is not None else None
     learn = pos is not None and learns(pos)
-    rf, rb = (resolve("portable_rows", knobs.get(n))["rows"] for n in names)
+    rf, rb = _knob(knobs, names, "portable_rows", "rows")
     return {names[0]: softmax_rows.softmax_forward(names[0], dk, dv, dtype, node.causal, node.scale, pos, gpu,
                                                    rf),
             names[1]: softmax_rows.softmax_backward(names[1], dk, dv, dtype, node.causal, node.scale, pos,
@@ -211,7 +208,7 @@ def _portable_softmax(node: SoftmaxAttention, names, dtype, knobs, gpu):
 def _portable_sampled(node: SampledAttention, names, dtype, knobs, gpu):
     from . import softmax_rows
     dk, dv = node.q.shape[-1], node.v.shape[-1]
-    rf, rb = (resolve("portable_rows", knobs.get(n))["rows"] for n in names)
+    rf, rb = _knob(knobs, names, "portable_rows", "rows")
     return {names[0]: softmax_rows.sampled_forward(names[0], dk, dv, dtype, node.causal, node.scale, gpu, rf),
             names[1]: softmax_rows.sampled_backward(names[1], dk, dv, dtype, node.causal, node.scale, gpu, rb)}
 

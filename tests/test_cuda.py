@@ -549,8 +549,9 @@ def test_the_tuner_builds_cuda_variants_with_meta_schedules_builder(body, family
     from attndsl.lowering import tune
     from attndsl.schedules import knobs
     root = pipeline.run(attndsl.parse(f"attention t {{ {body} }}").block(None), 16, 16).root
-    fwd = next(k for k, f in lowering.tunable(root, portable=True).items() if k.endswith("_fwd"))
-    assert lowering.tunable(root, portable=True)[fwd] == family
+    kernels = lowering.tunable(root, portable=True)
+    fwd = next(k for k in kernels if k.endswith("_fwd"))
+    assert kernels[fwd] == family
     target = tvm.target.Target(build.resolve_target("sm_80"))
     inputs_ = [ms.builder.BuilderInput(tvm.IRModule({"main": lowering.lower(
         root, "float32", {fwd: c}, only={fwd}, portable=True)[fwd].with_attr("global_symbol", "main")}), target)
