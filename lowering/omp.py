@@ -14,11 +14,18 @@ threads): task i of n = omp_get_thread_num() of a team of n = num_threads() thre
 what TVM's launcher hands a lambda. The shim is compiled once per machine with the C compiler
 TVM links kernels with, and cached. Libraries that use TVM's parallel barrier keep TVM's pool.
 ATTNDSL_OPENMP=0, or no C compiler with OpenMP, keeps TVM's pool everywhere.
+
+Fork: neither libgomp nor TVM's pool survives `fork()` (the child inherits a pool whose threads
+do not exist, and the first parallel loop waits for them forever). In a forked child (a
+DataLoader worker, multiprocessing with fork) every library, loaded before or after the fork,
+runs its parallel loops inline as one task on the calling thread, as torch's own ops do in
+DataLoader workers (`torch.set_num_threads(1)`).
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -56,6 +63,51 @@ int attndsl_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_tas
 """
 
 _SHIM: ctypes.CDLL | None | bool = None      # False: unavailable (no compiler, or switched off)
+_LOADED: list[ctypes.CDLL] = []               # every kernel library loaded in this process
+_forked = False                               # this process is a fork() child of one that loaded any
+
+
+class _GroupEnv(ctypes.Structure):
+    _fields_ = [("sync_handle", ctypes.c_void_p), ("num_task", ctypes.c_int)]
+
+
+_LAMBDA = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(_GroupEnv), ctypes.c_void_p)
+
+
+@ctypes.CFUNCTYPE(ctypes.c_int, _LAMBDA, ctypes.c_void_p, ctypes.c_int)
+def _inline_launch(flambda, cdata, num_task):
+    """TVMBackendParallelLaunch without threads: the whole loop as task 0 of 1."""
+    return flambda(0, ctypes.byref(_GroupEnv(None, 1)), cdata)
+
+
+@ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+def _inline_barrier(task_id, penv):
+    """TVMBackendParallelBarrier of a team of one: nothing to wait for."""
+    return 0
+
+
+def _set_pointer(so: ctypes.CDLL, symbol: str, fn) -> bool:
+    try:
+        ptr = ctypes.c_void_p.in_dll(so, symbol)
+    except ValueError:                           # the library has no such hook
+        return False
+    ptr.value = ctypes.cast(fn, ctypes.c_void_p).value
+    return True
+
+
+def _run_inline(so: ctypes.CDLL) -> None:
+    _set_pointer(so, "__TVMBackendParallelLaunch", _inline_launch)
+    _set_pointer(so, "__TVMBackendParallelBarrier", _inline_barrier)
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+    for so in _LOADED:
+        _run_inline(so)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _build(dst: Path) -> None:
@@ -94,19 +146,18 @@ def shim() -> ctypes.CDLL | None:
 def adopt(path: str | Path) -> bool:
     """Point the parallel launcher of the loaded library at `path` to the OpenMP shim; False
     (TVM's pool kept) where there is no shim, or the library has no parallel loops or uses
-    TVM's barrier."""
+    TVM's barrier. In a forked child its loops run inline instead (False)."""
+    so = ctypes.CDLL(str(path))                  # the loaded library itself (dlopen refcount)
+    _LOADED.append(so)
+    if _forked:
+        _run_inline(so)
+        return False
     lib = shim()
     if lib is None:
         return False
-    so = ctypes.CDLL(str(path))                  # the loaded library itself (dlopen refcount)
     try:
         ctypes.c_void_p.in_dll(so, "__TVMBackendParallelBarrier")
         return False                             # a barrier needs TVM's pool
     except ValueError:
         pass
-    try:
-        launch = ctypes.c_void_p.in_dll(so, "__TVMBackendParallelLaunch")
-    except ValueError:                           # no parallel loop in this library
-        return False
-    launch.value = ctypes.cast(lib.attndsl_parallel_launch, ctypes.c_void_p).value
-    return True
+    return _set_pointer(so, "__TVMBackendParallelLaunch", lib.attndsl_parallel_launch)
