@@ -51,9 +51,12 @@ def random_projection(m: int, dk: int, seed: int, orthogonal: bool) -> torch.Ten
 
 def stabilizer(raw: torch.Tensor, role: str) -> torch.Tensor:
     """The max subtracted before exp: per row for queries, per (batch, head) for keys.
-    Either is a constant factor of one row's (or every row's) kernel values, so it cancels."""
+    Either is a constant factor of one row's (or every row's) kernel values, so it cancels. The max
+    is over the finite entries: a NaN key stays in its own column (DESIGN §7), not in every row."""
     dims = (-1,) if role == "q" else (-2, -1)
-    return raw.detach().amax(dim=dims, keepdim=True)
+    raw = raw.detach()
+    return raw.masked_fill(~torch.isfinite(raw), float("-inf")).amax(dim=dims, keepdim=True).clamp_min(
+        torch.finfo(raw.dtype).min)
 
 
 def _dk(c: Choice, dk: int) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import cache, ops, pipeline, sampling
+from . import cache, nonfinite, ops, pipeline, sampling
 from .schedules import lookup as tuning
 from .ast import AttentionSpec
 from .diagnostics import SpecError
@@ -164,7 +164,10 @@ class Attention(nn.Module):
         env["position"] = self._position_params(dtype).to(q.device)
         w, wt = (t.to(q.device) for t in self._projection(dtype))
         params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed}
-        out = _execute(self.planned.root, env, lib, params)
+        root = self.planned.root
+        out = nonfinite.guarded(lambda q, k, v: _execute(root, {**env, "q": q, "k": k, "v": v}, lib, params),
+                                env["q"], env["k"], env["v"], self.spec.causal,
+                                reads_every_key=self.spec.sampling.name == "none")
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
 
     def _forward_mlir(self, env, dtype, q, k, v) -> torch.Tensor:

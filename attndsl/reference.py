@@ -54,6 +54,24 @@ def kernel_logits_or_values(spec: AttentionSpec, q, k, scale, projection):
     return fmap.apply(spec.kernel, c * q, w, "q") @ fmap.apply(spec.kernel, c * k, w, "k").transpose(-1, -2)
 
 
+def masked_matmul(w: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Σ_j [M_ij] w_ij v_j, (…, N, N) @ (…, N, D), where a masked pair is left out, not multiplied
+    by 0: a non-finite v_jd reaches only the rows whose mask sees j (DESIGN §7). w must be 0 (or
+    anything finite) where masked."""
+    bad = ~torch.isfinite(v)
+    out = w @ v.masked_fill(bad, 0)
+    cols = bad.any(-1).reshape(-1, bad.shape[-2]).any(0).nonzero().flatten()   # keys with any
+    if cols.numel() == 0:
+        return out
+    step = max(1, (1 << 22) // max(1, w.numel() // w.shape[-1] * v.shape[-1]))  # ≤ 4M elements
+    for lo in range(0, cols.numel(), step):
+        j = cols[lo:lo + step]
+        vj = v[..., j, :].masked_fill(~bad[..., j, :], 0)                     # (…, J, D)
+        term = w[..., :, j, None] * vj[..., None, :, :]                         # (…, N, J, D)
+        out = out + term.masked_fill(~mask[:, j, None], 0).sum(-2)
+    return out
+
+
 def effective_scale(spec: AttentionSpec, head_dim: int) -> float:
     """s: the spec's `scale`, else 1/√Dk."""
     return float(spec.scale) if spec.scale is not None else 1.0 / math.sqrt(head_dim)
@@ -80,9 +98,9 @@ def reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         a = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
     else:                                               # A = κ exp(b) M, normalised
         a = kv if scores_bias is None else kv * torch.exp(scores_bias)
-        a = a * mask
+        a = a.masked_fill(~mask, 0)                     # select: a masked NaN stays out
         a = a / a.sum(-1, keepdim=True)
-    out = a @ v
+    out = masked_matmul(a, mask, v)
     if bias is not None and spec.apply.name == "values":  # + Σ_j M_ij b(i − j) v_j (FastRPB)
-        out = out + (bias * mask) @ v
+        out = out + masked_matmul(bias.masked_fill(~mask, 0), mask, v)
     return out.to(in_dtype)

@@ -1,0 +1,75 @@
+"""NaN and Inf: a non-finite input reaches exactly the outputs its mask lets it reach (DESIGN §7).
+
+The kernels mix rows: an FFT spreads one NaN over every row, a chunked prefix sum multiplies the
+masked pairs of a chunk by 0 (0·NaN = NaN), and some feature maps drop NaN. `guarded` keeps the
+kernels' fast path for finite inputs (one sum over the output, or over k and v for forms that
+never read every key) and otherwise runs them on the inputs with their non-finite entries set to
+0, then writes NaN where §2 has a non-finite value:
+
+    out[i, d] is NaN  ⇔  q_i is not finite, or row i sees (mask) a key j with k_j not finite
+                          or v_jd not finite.
+
+Gradients follow §2 too: NaN from the outputs that are NaN, to the inputs they depend on.
+q, k (BH, N, Dk), v (BH, N, Dv), out (BH, N, Dv).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    """Whether every element is finite: a sum is not finite if any element is not (or if the sum
+    overflows, which only sends the caller down the exact slow path)."""
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+class _Poisoned(torch.autograd.Function):
+    """out with NaN at `hit`; backward: the finite outputs' gradient flows on into `out`, and a
+    reached output with a nonzero gradient sends NaN to its row of q and to every key its row
+    sees, as §2's own backward does."""
+
+    @staticmethod
+    def forward(ctx, out, hit, q, k, v, causal):
+        ctx.save_for_backward(hit)
+        ctx.causal, ctx.shapes = causal, (q.shape, k.shape, v.shape)
+        return out.masked_fill(hit, float("nan"))
+
+    @staticmethod
+    def backward(ctx, g):
+        (hit,) = ctx.saved_tensors
+        rows = (hit & (g != 0)).any(-1)                                  # (BH, N), NaN != 0
+        keys = rows.flip(1).cumsum(1).flip(1) > 0 if ctx.causal else rows.any(1, keepdim=True).expand_as(rows)
+        nan = [g.new_zeros(shape).masked_fill(m[..., None], float("nan"))
+               for shape, m in zip(ctx.shapes, (rows, keys, keys))]
+        return (g.masked_fill(hit, 0), None, *nan, None)
+
+
+def reached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(BH, N, Dv) bool: the outputs a non-finite q, k or v reaches (row i sees j ≤ i if causal,
+    every j otherwise)."""
+    bad_q = ~torch.isfinite(q).all(-1, keepdim=True)                 # (BH, N, 1)
+    bad_k = ~torch.isfinite(k).all(-1, keepdim=True)                 # (BH, N, 1)
+    bad_v = ~torch.isfinite(v)                                       # (BH, N, Dv)
+    seen = bad_k | bad_v
+    if causal:
+        seen = seen.cumsum(1) > 0                                    # keys j ≤ i
+    else:
+        seen = seen.any(1, keepdim=True).expand_as(bad_v)
+    return seen | bad_q
+
+
+def guarded(run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+            reads_every_key: bool = True) -> torch.Tensor:
+    """run(q, k, v) with §7's NaN rule. `reads_every_key`: False for the sampled forms, whose
+    output may not see a non-finite key at all, so their inputs are checked instead."""
+    if not reads_every_key and not _finite(q, k, v):
+        out = None
+    else:
+        out = run(q, k, v)
+        if _finite(out) or _finite(q, k, v):      # nothing reached, or the kernels' own overflow
+            return out
+    clean = [t.masked_fill(~torch.isfinite(t), 0) for t in (q, k, v)]
+    return _Poisoned.apply(run(*clean), reached(q, k, v, causal), q, k, v, causal)
