@@ -4,7 +4,8 @@ The kernels mix rows: an FFT spreads one NaN over every row, a chunked prefix su
 masked pairs of a chunk by 0 (0·NaN = NaN), and some feature maps drop NaN. `guarded` keeps the
 kernels' fast path for finite inputs (one sum over the output, or over k and v for forms that
 never read every key) and otherwise runs them on the inputs with their non-finite entries set to
-0, then writes NaN where §2 has a non-finite value:
+0, then writes NaN where §2 has a non-finite value (always so under torch.compile, whose graph
+has no data-dependent branch):
 
     out[i, d] is NaN  ⇔  q_i is not finite, or row i sees (mask) a key j with k_j not finite
                           or v_jd not finite.
@@ -65,11 +66,18 @@ def guarded(run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
             reads_every_key: bool = True) -> torch.Tensor:
     """run(q, k, v) with §7's NaN rule. `reads_every_key`: False for the sampled forms, whose
     output may not see a non-finite key at all, so their inputs are checked instead."""
+    if torch.compiler.is_compiling():             # no data-dependent branch in a graph: always exact
+        return _exact(run, q, k, v, causal)
     if not reads_every_key and not _finite(q, k, v):
         out = None
     else:
         out = run(q, k, v)
         if _finite(out) or _finite(q, k, v):      # nothing reached, or the kernels' own overflow
             return out
+    return _exact(run, q, k, v, causal)
+
+
+def _exact(run, q, k, v, causal):
+    """run on the inputs with their non-finite entries zeroed, NaN where §2 has it."""
     clean = [t.masked_fill(~torch.isfinite(t), 0) for t in (q, k, v)]
     return _Poisoned.apply(run(*clean), reached(q, k, v, causal), q, k, v, causal)

@@ -101,3 +101,15 @@ def test_the_reference_leaves_masked_nan_out():
     out = reference(spec, q, k, v, position_table=torch.randn(1, 9, dtype=torch.float64))
     assert torch.isfinite(out[0, 0, :9]).all() and torch.isfinite(out[0, 0, 9:, [0, 1, 3]]).all()
     assert out[0, 0, 9:, 2].isnan().all()
+
+
+def test_the_rule_holds_under_torch_compile(compiled):
+    attn = compiled("prefix_sum")
+    fn = torch.compile(attn, fullgraph=True, dynamic=True)
+    for where in ("k", "v"):
+        q, k, v = inputs(where)
+        out, ref = fn(q, k, v), attn.reference(*(t.double() for t in (q, k, v)))
+        assert torch.equal(out.isnan(), ref.isnan())
+        assert_close("finite rows", ref[~ref.isnan()], out[~ref.isnan()], RTOL[torch.float32])
+    q, k, v = inputs("q", 0.5)                     # finite inputs: the same numbers as eager
+    assert_close("finite", attn(q, k, v), fn(q, k, v), 1e-6)
