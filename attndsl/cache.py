@@ -4,21 +4,28 @@
     <cache_dir>/<key[:2]>/<key>.json    {key, label, created, tvm, tvm_ffi, format, size, sha256,
                                          notes (what the build chose, e.g. tuned knobs)}
     <cache_dir>/<key[:2]>/<key>.lock    held while one process checks, builds and writes the entry
+    <cache_dir>/<key[:2]>/<key>.owner   who holds the lock: {pid, host, started, label}
 
 Both files are written to temporaries in the same folder and moved into place with `os.replace`,
 under the lock, so a reader sees either no entry or a whole one, and two processes compiling the
 same key build it once. An entry that fails its check (missing metadata, wrong size or hash, a
-library that will not load) is rebuilt with an `AttndslCacheWarning`. The cache never fails a
-compile: if it cannot be written the library is built in memory and used from there.
+library that will not load, or one without the kernels the caller expects) is rebuilt with an
+`AttndslCacheWarning`. The cache never fails a compile: if it cannot be written the library is
+built in memory and used from there. A process waiting for another's lock waits LOCK_WAIT_S, then
+looks at the holder (the .owner file): one that is running on this host is waited for (with a
+warning naming it, up to LOCK_TIMEOUT_S); one that is stopped, gone, elsewhere or unknown is named
+in a warning, and the library is built in memory without caching.
 
 TVM is imported only when something is built or loaded, so the front end imports without it.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -32,10 +39,13 @@ import filelock
 
 from . import config
 
-CACHE_FORMAT = 1            # bump when the layout or the meaning of a key changes
-LOCK_TIMEOUT_S = 30 * 60    # a build longer than this in another process: build our own copy
+CACHE_FORMAT = 2            # bump when the layout or the meaning of a key changes
+LOCK_WAIT_S = 10.0          # then look at who holds the lock
+LOCK_TIMEOUT_S = 30 * 60    # a running build longer than this in another process: build our own copy
 
 _warned: set[str] = set()   # messages already given once in this process
+_rejected: set[str] = set()  # entry paths this process loaded and found wanting (see _load)
+_copies = itertools.count()
 
 
 class AttndslCacheWarning(UserWarning):
@@ -77,11 +87,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _paths(key: str) -> tuple[Path, Path, Path]:
-    folder = config.cache_dir() / key[:2]
-    return folder / f"{key}.so", folder / f"{key}.json", folder / f"{key}.lock"
-
-
 def _problem(key: str, so: Path, meta: Path) -> str | None:
     """Why the entry cannot be trusted; None when it can; "" when there is simply no entry."""
     if not so.exists():
@@ -105,21 +110,62 @@ def _problem(key: str, so: Path, meta: Path) -> str | None:
     return None
 
 
-def _load(so: Path, label: str, t0: float):
+def _import_tvm_ffi() -> None:
+    """Import tvm_ffi, which a load needs, without ml_dtypes: tvm_ffi imports it only to map its
+    numpy dtypes (bfloat16, float8, ...; no kernel here takes them), and its import alone costs
+    ~0.8 s here (numpy 2 ufunc registration), most of a cache hit. A later `import tvm` (a build)
+    imports ml_dtypes for itself."""
+    if "tvm_ffi" in sys.modules or "ml_dtypes" in sys.modules:
+        return
+    sys.modules["ml_dtypes"] = None          # `import ml_dtypes` raises ImportError, which tvm_ffi skips
+    try:
+        import tvm_ffi  # noqa: F401
+    finally:
+        if "ml_dtypes" in sys.modules and sys.modules["ml_dtypes"] is None:
+            del sys.modules["ml_dtypes"]
+
+
+def _has(lib, name: str) -> bool:
+    try:
+        lib[name]
+        return True
+    except (AttributeError, KeyError):
+        return False
+
+
+def _open(path: Path, label: str, t0: float, expect: tuple[str, ...]):
     from .lowering.runtime import load_library
-    lib = load_library(so)
+    _import_tvm_ffi()
+    lib = load_library(path)
+    missing = [name for name in expect if not _has(lib, name)]
+    if missing:
+        raise LookupError(f"it lacks the kernels {', '.join(missing[:4])}"
+                          f"{' ...' if len(missing) > 4 else ''} (a library of another spec?)")
     _log(1, f"loaded {label} from cache ({(time.perf_counter() - t0) * 1e3:.1f} ms)")
     return lib
 
 
-def _load_copy(so: Path, label: str, t0: float):
-    """The entry just written, loaded from a copy (removed at once): the process never maps the
-    entry's own file, so a later load of that path sees the file as it is then (the loader hands
-    back an already-loaded library by name) and damage to it cannot reach code already running."""
-    tmp = so.with_name(f".{so.stem}.{os.getpid()}.load.so")
+def _load(so: Path, label: str, t0: float, expect: tuple[str, ...] = ()):
+    """The library at `so`; raises if it lacks a function named in `expect`. A path this process
+    has loaded and found wanting is loaded through a copy: the loader would hand back the library
+    it mapped first, by name."""
+    if str(so) in _rejected:
+        return _load_copy(so, label, t0, expect)
+    try:
+        return _open(so, label, t0, expect)
+    except Exception:
+        _rejected.add(str(so))
+        raise
+
+
+def _load_copy(so: Path, label: str, t0: float, expect: tuple[str, ...] = ()):
+    """The entry, loaded from a copy (removed at once) under a name of its own: the process never
+    maps the entry's own file, so a later load of that path sees the file as it is then and
+    damage to it cannot reach code already running."""
+    tmp = so.with_name(f".{so.stem}.{os.getpid()}.{next(_copies)}.load.so")
     shutil.copyfile(so, tmp)
     try:
-        return _load(tmp, label, t0)
+        return _open(tmp, label, t0, expect)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -160,42 +206,115 @@ def _read_notes(meta: Path, notes: dict) -> None:
     notes.update(json.loads(meta.read_text()).get("notes") or {})
 
 
-def load_or_build(key: str, build: Callable[[], Any], *, label: str,
-                  notes: dict | None = None, cacheable: bool = True) -> tuple[Any, bool]:
+def _paths(key: str) -> tuple[Path, Path, Path]:
+    folder = config.cache_dir() / key[:2]
+    return folder / f"{key}.so", folder / f"{key}.json", folder / f"{key}.lock"
+
+
+def _write_owner(owner: Path, label: str) -> None:
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "label": label,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        replace_atomically(owner, lambda tmp: Path(tmp).write_text(json.dumps(info)))
+    except OSError:
+        pass                                     # only for messages
+
+
+def _read_owner(owner: Path) -> dict:
+    try:
+        info = json.loads(owner.read_text())
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _holder_state(info: dict) -> str:
+    """"running", "stopped", "gone" or "unknown" (no record, another host, no /proc)."""
+    pid = info.get("pid")
+    if not isinstance(pid, int) or info.get("host") != socket.gethostname():
+        return "unknown"
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "gone"
+    except OSError:
+        return "unknown"
+    state = stat.rsplit(")", 1)[-1].split()[0]     # the field after "(comm)"
+    return {"T": "stopped", "t": "stopped", "Z": "gone", "X": "gone"}.get(state, "running")
+
+
+def _describe_holder(info: dict) -> str:
+    if not info:
+        return "an unknown process (no owner record)"
+    return (f"pid {info.get('pid')} on host {info.get('host')} (since {info.get('started')}, "
+            f"building {info.get('label')})")
+
+
+def _acquire(guard: filelock.FileLock, owner: Path, so: Path, label: str) -> bool:
+    """Take `guard`; False when its holder is not worth waiting for (stopped, gone, unknown) or
+    has held it past LOCK_TIMEOUT_S: then the caller builds in memory."""
+    t0, warned = time.monotonic(), False
+    while True:
+        try:
+            guard.acquire(timeout=LOCK_WAIT_S)
+            return True
+        except filelock.Timeout:
+            pass
+        info = _read_owner(owner)
+        state = _holder_state(info)
+        waited = time.monotonic() - t0
+        if state != "running" or waited >= LOCK_TIMEOUT_S:
+            why = f"{state}" if state != "running" else f"still building after {waited:.0f} s"
+            _warn(f"attndsl: the cache lock {so.with_suffix('.lock')} is held by {_describe_holder(info)}"
+                  f" [{why}]; building {label} in memory without caching (end that process, or "
+                  f"remove the lock file if it is gone, to cache again)")
+            return False
+        if not warned:
+            _warn(f"attndsl: waiting for {_describe_holder(info)}, which holds the cache lock "
+                  f"{so.with_suffix('.lock')}")
+            warned = True
+
+
+def load_or_build(key: str, build: Callable[[], Any], *, label: str, notes: dict | None = None,
+                  cacheable: bool = True, expect: tuple[str, ...] = ()) -> tuple[Any, bool]:
     """(library, hit): the cached library for `key`, or build() stored under `key`.
 
     A hit returns a `tvm.runtime.Module` loaded from disk; a miss returns what build() made.
     `notes`: a dict build() may fill (JSON values); stored with the entry, and refilled from it on
     a hit, so what a build decided is known without building. `cacheable=False`: only build (a
     library this machine could not load back, e.g. CUDA kernels where there is no CUDA runtime).
+    `expect`: function names a loaded entry must have (else it is rebuilt, with a warning).
     """
     if notes is None:
         notes = {}
     if not config.use_cache() or not cacheable:
         return _build(build, label), False
     so, meta, lock = _paths(key)
+    owner = lock.with_suffix(".owner")
     t0 = time.perf_counter()
     if _problem(key, so, meta) is None:                     # fast path: a whole entry, no lock
         try:
-            lib = _load(so, label, t0)
+            lib = _load(so, label, t0, expect)
             _read_notes(meta, notes)
             return lib, True
         except Exception:
             pass                                            # looked again under the lock below
     try:
         so.parent.mkdir(parents=True, exist_ok=True)
-        guard = filelock.FileLock(str(lock), timeout=LOCK_TIMEOUT_S)
-        guard.acquire()
-    except (OSError, filelock.Timeout) as e:
+        guard = filelock.FileLock(str(lock))
+        if not _acquire(guard, owner, so, label):
+            return _build(build, label), False
+    except OSError as e:
         _warn(f"attndsl: compile cache at {so.parent} is not usable ({e}); "
               f"building in memory (set ATTNDSL_CACHE_DIR to a writable folder)", once=True)
         return _build(build, label), False
     try:
+        _write_owner(owner, label)
         # another process may have written the entry while we waited for the lock
         problem = _problem(key, so, meta)
         if problem is None:
             try:
-                lib = _load(so, label, t0)
+                lib = _load(so, label, t0, expect)
                 _read_notes(meta, notes)
                 return lib, True
             except Exception as e:
@@ -213,15 +332,20 @@ def load_or_build(key: str, build: Callable[[], Any], *, label: str,
         except Exception:
             return lib, False
     finally:
+        owner.unlink(missing_ok=True)
         guard.release()
 
 
 def _files() -> list[Path]:
     root = config.cache_dir()
-    if not root.is_dir():
-        return []
-    return [p for d in root.glob("??") if d.is_dir() for p in d.iterdir()
-            if p.suffix in (".so", ".json", ".lock")]
+    out = []
+    try:
+        for d in root.glob("??"):
+            if d.is_dir():
+                out += [p for p in d.iterdir() if p.suffix in (".so", ".json", ".lock", ".owner")]
+    except OSError:                  # an unreadable folder: what could be listed
+        pass
+    return out
 
 
 def clear() -> int:
@@ -242,13 +366,16 @@ def clear() -> int:
 
 
 def entries() -> list[dict]:
-    """The metadata of every entry, oldest first, with `path` and `ok` (passes its checks)."""
+    """The metadata of every entry, oldest first, with `path` and `ok` (passes its checks); a
+    file that is not an entry's metadata shows as `ok` False."""
     out = []
     for meta in (p for p in _files() if p.suffix == ".json" and not p.name.startswith(".")):
         try:
             info = json.loads(meta.read_text())
         except (OSError, ValueError):
+            info = None
+        if not isinstance(info, dict):
             info = {"key": meta.stem}
         so = meta.with_suffix(".so")
         out.append({**info, "path": str(so), "ok": _problem(meta.stem, so, meta) is None})
-    return sorted(out, key=lambda e: e.get("created", ""))
+    return sorted(out, key=lambda e: str(e.get("created", "")))

@@ -1,9 +1,11 @@
-"""The on-disk compile cache: hits, keys, damaged entries, no cache, and two processes racing."""
+"""The on-disk compile cache: hits, keys, damaged entries, no cache, two processes racing, a lock
+holder that does not finish, junk in the cache folder."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -282,3 +284,108 @@ def test_two_processes_build_once(tmp_path):
     files = sorted(p.name for p in cache_dir.glob("??/*") if p.is_file())   # entries (not omp/, the launcher)
     assert [f for f in files if f.endswith(".so")] == [f"{cache.make_key(spec='race')}.so"]
     assert len(files) == 3                               # .so, .json, .lock: no temporaries left
+
+
+# --- a lock holder that does not finish -------------------------------------------------------------
+
+HOLDER = textwrap.dedent("""
+    import sys, time, pathlib
+    from attndsl import cache
+
+    work = pathlib.Path(sys.argv[1])
+
+    def build():                             # holds the lock until told to go on
+        (work / "holding").touch()
+        while not (work / "go").exists():
+            time.sleep(0.01)
+        from tvm import te
+        import tvm
+        n = te.var("n", "int64")
+        a = te.placeholder((n,), "float32", name="A")
+        b = te.compute((n,), lambda i: a[i] * 2.0, name="B")
+        f = te.create_prim_func([a, b]).with_attr("global_symbol", "double")
+        return tvm.compile(tvm.IRModule({"double": f}), target={"kind": "llvm"})
+
+    cache.load_or_build(cache.make_key(spec="held"), build, label="held")
+""")
+
+
+@pytest.fixture
+def holder(cache_dir, tmp_path):
+    """A process inside load_or_build for key spec="held", holding the lock until `go` exists."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "holding").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    yield proc, tmp_path / "go"
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+def test_a_stopped_lock_holder_is_named_and_the_library_built_in_memory(holder, monkeypatch):
+    proc, _ = holder
+    os.kill(proc.pid, signal.SIGSTOP)                    # e.g. Ctrl-Z in another terminal
+    monkeypatch.setattr(cache, "LOCK_WAIT_S", 0.2, raising=False)
+    build = Counted()
+    with pytest.warns(AttndslCacheWarning, match=rf"held by pid {proc.pid} on host .* building held\).*"
+                                                 rf"\[stopped\]; building held in memory without caching"):
+        lib, hit = cache.load_or_build(cache.make_key(spec="held"), build, label="held")
+    assert (hit, build.calls) == (False, 1) and runs_correctly(lib)
+    assert not entry(cache.make_key(spec="held"))[0].exists()
+    proc.kill()                                          # a dead holder's lock is free again
+    proc.wait()
+    lib, hit = load(cache.make_key(spec="held"), build, label="held")
+    assert (hit, build.calls) == (False, 2) and entry(cache.make_key(spec="held"))[0].exists()
+
+
+def test_a_running_lock_holder_is_waited_for_with_a_warning(holder, monkeypatch):
+    proc, go = holder
+    monkeypatch.setattr(cache, "LOCK_WAIT_S", 0.2, raising=False)
+    told = []
+    real = cache._warn
+
+    def warn(msg, once=False):                           # the holder goes on once we have said so
+        told.append(msg)
+        go.touch()
+        real(msg, once)
+    monkeypatch.setattr(cache, "_warn", warn)
+    build = Counted()
+    with pytest.warns(AttndslCacheWarning, match=rf"waiting for pid {proc.pid} on host"):
+        lib, hit = cache.load_or_build(cache.make_key(spec="held"), build, label="held")
+    assert (hit, build.calls) == (True, 0) and runs_correctly(lib)      # the holder's entry
+    assert len(told) == 1
+    assert proc.wait(timeout=120) == 0
+
+
+# --- what is in the cache folder besides entries ------------------------------------------------------
+
+def test_entries_and_clear_pass_over_junk(cache_dir):
+    key = cache.make_key(spec="double")
+    load(key, double_lib)
+    (cache_dir / "README").write_text("not an entry")
+    (cache_dir / "zz").write_text("a file named like a folder")
+    junk = cache_dir / "ab"
+    junk.mkdir()
+    (junk / "list.json").write_text("[1, 2]")
+    (junk / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    (junk / "folder.json").mkdir()
+    (junk / "dated.json").write_text(json.dumps({"created": 5}))
+    found = {Path(e["path"]).stem: e["ok"] for e in cache.entries()}
+    assert found == {key: True, "list": False, "binary": False, "folder": False, "dated": False}
+    cache.clear()                                        # removes the files, leaves the folder
+    assert [Path(e["path"]).stem for e in cache.entries()] == ["folder"]
+
+
+def test_a_library_without_the_expected_functions_is_rebuilt(cache_dir):
+    build, key = Counted(), cache.make_key(spec="double")
+    load(key, build)
+    with pytest.warns(AttndslCacheWarning, match=rf"{key}.so for double: it does not load \(it lacks "
+                                                 r"the kernels triple"):
+        lib, hit = cache.load_or_build(key, build, label="double", expect=("double", "triple"))
+    assert (hit, build.calls) == (False, 2) and runs_correctly(lib)
