@@ -18,12 +18,17 @@ kernel's workload with records for the target; among its measured choices, the o
 smallest geometric mean, over the tuned lengths, of time / best time at that length. The
 default is among the candidates, so a choice is never one that measured slower than the default
 at every length.
+
+A damaged database never fails a compile: a folder whose files do not load, or whose records
+cannot be read, is skipped with an `AttndslCacheWarning` naming its record file; a record whose
+time is not a positive number is ignored with one.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +36,25 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 
+from attndsl.cache import AttndslCacheWarning
+
 from . import knobs as knob_spaces
+
+RECORDS = "database_tuning_record.json"
+_warned: set[str] = set()
+
+
+def _warn(folder, problem: str) -> None:
+    msg = (f"attndsl: tuning database {Path(folder) / RECORDS} {problem}; using the default knobs "
+           f"for what it holds (delete or repair the file, or run `attndsl tune` again)")
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, AttndslCacheWarning, stacklevel=3)
+
+
+def _reason(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
 def open_db(folder) -> ms.database.JSONDatabase:
@@ -97,15 +120,24 @@ def measured(db, mod, family: str, target) -> dict:
     for rec in db.get_top_k(wl, 1 << 30):
         if rec.target is None or str(rec.target) != str(target) or not rec.run_secs:
             continue
+        secs = mean_secs(rec.run_secs)
+        if not (0 < secs < math.inf):
+            raise ValueError(f"a record's run_secs is {[float(t) for t in rec.run_secs]}")
         n = int(rec.args_info[0].shape[1])
         key = tuple(sorted(choice_of(rec.trace, family).items()))
-        out.setdefault(n, {})[key] = min(mean_secs(rec.run_secs), out.get(n, {}).get(key, math.inf))
+        out.setdefault(n, {})[key] = min(secs, out.get(n, {}).get(key, math.inf))
     return out
 
 
 def open_dbs(dirs) -> list[tuple[str, ms.database.JSONDatabase]]:
-    """(folder, database) of each folder, in order: what choose() searches."""
-    return [(str(d), open_db(d)) for d in dirs]
+    """(folder, database) of each folder that loads, in order: what choose() searches."""
+    out = []
+    for d in dirs:
+        try:
+            out.append((str(d), open_db(d)))
+        except Exception as e:           # a line that is not JSON, a record TVM cannot read
+            _warn(d, f"does not load ({_reason(e)})")
+    return out
 
 
 def choose(dbs: list, func, family: str, target) -> Choice | None:
@@ -114,7 +146,11 @@ def choose(dbs: list, func, family: str, target) -> Choice | None:
     mod = workload(func)
     default = tuple(sorted(knob_spaces.defaults(family).items()))
     for folder, db in dbs:
-        times = measured(db, mod, family, target)
+        try:
+            times = measured(db, mod, family, target)
+        except Exception as e:
+            _warn(folder, f"has a record that cannot be used ({_reason(e)})")
+            continue
         # only lengths where the default was measured too, so the speed-up is a real comparison
         times = {n: t for n, t in times.items() if default in t}
         if not times:

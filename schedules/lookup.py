@@ -29,13 +29,32 @@ def tuning_dirs() -> list[Path]:
     return [d for d in (user_db(), SHIPPED) if (d / FILES[1]).is_file() and (d / FILES[1]).stat().st_size]
 
 
+_FINGERPRINTS: dict[tuple, str] = {}     # (path, size, mtime, inode) of each file -> fingerprint
+
+
 def fingerprint(dirs: list[Path]) -> str | None:
-    """sha256 (16 hex) of the record files of `dirs`; None when there are none."""
+    """sha256 (16 hex) of the record files of `dirs`; None when there are none. Files unchanged
+    (size and mtime) since the last call in this process are not read again."""
     if not dirs:
         return None
-    h = hashlib.sha256()
+    stamp = []
     for d in dirs:
         for name in FILES:
-            p = d / name
-            h.update(name.encode() + b"\0" + (p.read_bytes() if p.is_file() else b""))
-    return h.hexdigest()[:16]
+            try:
+                st = (d / name).stat()
+                stamp.append((str(d / name), st.st_size, st.st_mtime_ns, st.st_ino))
+            except OSError:
+                stamp.append((str(d / name), None, None, None))
+    stamp = tuple(stamp)
+    if stamp not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for d in dirs:
+            for name in FILES:
+                p = d / name
+                try:
+                    data = p.read_bytes()
+                except OSError:
+                    data = b""
+                h.update(name.encode() + b"\0" + data)
+        _FINGERPRINTS[stamp] = h.hexdigest()[:16]
+    return _FINGERPRINTS[stamp]
