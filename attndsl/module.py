@@ -5,6 +5,8 @@ q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import time
 from pathlib import Path
@@ -28,14 +30,39 @@ MLIR_TARGET = "mlir-cpu"
 UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
+@functools.cache
 def _lowering_source_hash() -> str:
-    """Kernel code is part of the cache key: any edit of lowering/ or schedules/ rebuilds."""
+    """Kernel code is part of the cache key: any edit of lowering/ or schedules/ rebuilds (read
+    once per process)."""
     from . import lowering, schedules
     h = hashlib.sha256()
     for pkg in (lowering, schedules):
         for p in sorted(Path(pkg.__file__).parent.glob("*.py")):
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+_host_cpu = functools.cache(host_cpu)
+
+
+def canonical(x):
+    """A JSON-able form of an IR node (or any AST value) that holds what it means and not where it
+    was written: every compared dataclass field (spans are not compared), floats exact."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return [type(x).__name__, {f.name: canonical(getattr(x, f.name))
+                                   for f in dataclasses.fields(x) if f.compare}]
+    if isinstance(x, (tuple, list)):
+        return [canonical(v) for v in x]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"no canonical form for {type(x).__name__}")
+
+
+def kernels_of(root: Node) -> tuple[str, ...]:
+    """The kernel names a library for the planned IR `root` holds (those `_execute` calls)."""
+    from .lowering import kernel_names
+    return tuple(name for i, node in enumerate(postorder(root))
+                 if not isinstance(node, (Input, Position, Add)) for name in kernel_names(i, node))
 
 
 class Attention(nn.Module):
@@ -107,14 +134,6 @@ class Attention(nn.Module):
         dirs = tuning.tuning_dirs() if self.tuned else []
         notes: dict = {}
 
-        def compile_kernels():
-            from .lowering.build import build, resolve_target
-            target = resolve_target(self.target)
-            funcs, chosen = lowering.lower_tuned(root, dtype, dirs, target, portable, gpu=kind == "cuda")
-            notes["tuned"] = {k: {"knobs": c.knobs, "speedup": round(c.speedup, 4),
-                                  "lengths": list(c.lengths), "db": c.folder} for k, c in chosen.items()}
-            return build(funcs, target)
-
         root = self.planned.root
         try:
             lowering.check(root, portable)
@@ -124,12 +143,27 @@ class Attention(nn.Module):
         if kind == "cuda":
             from .lowering.runtime import prepare_cuda
             loadable = prepare_cuda()
-        key = cache.make_key(spec=repr(self.spec), dims=[self.head_dim, self.value_dim], dtype=dtype,
-                             target=self.target, host=host_cpu(), ir=format_ir(root), lowering=_lowering_source_hash(),
+        # what decides the code, not where the spec was written: the planned IR (spans left out)
+        key = cache.make_key(ir=canonical(root), dims=[self.head_dim, self.value_dim], dtype=dtype,
+                             target=self.target, host=_host_cpu(), lowering=_lowering_source_hash(),
                              tuning=tuning.fingerprint(dirs), kernels="portable" if portable else "cpu")
+        expect = kernels_of(root)
+        if kind == "llvm":                       # a library built for another key is caught at load
+            expect += (f"attndsl_key_{key[:16]}",)
+
+        def compile_kernels():
+            from .lowering.build import build, resolve_target
+            target = resolve_target(self.target)
+            funcs, chosen = lowering.lower_tuned(root, dtype, dirs, target, portable, gpu=kind == "cuda")
+            notes["tuned"] = {k: {"knobs": c.knobs, "speedup": round(c.speedup, 4),
+                                  "lengths": list(c.lengths), "db": c.folder} for k, c in chosen.items()}
+            if kind == "llvm":
+                funcs.update(_stamp(expect[-1]))
+            return build(funcs, target)
+
         t0 = time.perf_counter()
-        lib, hit = cache.load_or_build(key, compile_kernels,
-                                       label=f"{self.spec.name}/{dtype}", notes=notes, cacheable=loadable)
+        lib, hit = cache.load_or_build(key, compile_kernels, label=f"{self.spec.name}/{dtype}",
+                                       notes=notes, cacheable=loadable, expect=expect)
         self._build_log.append(f"{dtype}: {'loaded from cache' if hit else 'compiled'} in "
                                f"{time.perf_counter() - t0:.2f} s (key {key[:12]}"
                                f"{'' if loadable else '; not cached: no CUDA runtime on this machine'})")
@@ -137,6 +171,21 @@ class Attention(nn.Module):
         ops.register_library(key, lib)
         self._libs[dtype] = key
         return key
+
+    # --- pickling: the libraries are per process, reattached (cache or build) at the first call ---
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_mlir"] = None                    # a compiled program: rebuilt on first use
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # library keys name what ops holds in *this* process: keep those (a deepcopy), drop others
+        for dtype, key in list(self._libs.items()):
+            if key not in ops._LIBRARIES:
+                del self._libs[dtype]
+                self._tuning.pop(dtype, None)
 
     def _mlir_program(self):
         from .mlir import backend, linalg
@@ -155,10 +204,14 @@ class Attention(nn.Module):
         out_dtype = q.dtype
         dtype = UPCAST.get(q.dtype, q.dtype)
         B, H, N, _ = q.shape
+        if B == 0:
+            return self._empty(q, k, v)
         env = {"q": q.to(dtype).reshape(B * H, N, -1).contiguous(),
                "k": k.to(dtype).reshape(B * H, N, -1).contiguous(),
                "v": v.to(dtype).reshape(B * H, N, -1).contiguous()}
-        if self._mlir is not None:
+        if self.target == MLIR_TARGET:
+            if self._mlir is None:
+                self._mlir = self._mlir_program()
             return self._forward_mlir(env, dtype, q, k, v).reshape(B, H, N, self.value_dim).to(out_dtype)
         lib = self._library(KERNEL_DTYPES[dtype])
         env["position"] = self._position_params(dtype).to(q.device)
@@ -169,6 +222,14 @@ class Attention(nn.Module):
                                 env["q"], env["k"], env["v"], self.spec.causal,
                                 reads_every_key=self.spec.sampling.name == "none")
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
+
+    def _empty(self, q, k, v) -> torch.Tensor:
+        """The (0, H, N, Dv) output of an empty batch, as SDPA gives, still connected to q, k, v
+        and the position table so that backward gives them (empty or zero) gradients."""
+        zero = (q.sum() + k.sum()).to(v.dtype) * 0
+        if self.position_table is not None:
+            zero = zero + (self.position_table.sum() * 0).to(v.dtype)
+        return v + zero
 
     def _forward_mlir(self, env, dtype, q, k, v) -> torch.Tensor:
         table = self.position_table
@@ -233,6 +294,12 @@ class Attention(nn.Module):
         want = {"q": (B, self.heads, N, self.head_dim), "k": (B, self.heads, N, self.head_dim),
                 "v": (B, self.heads, N, self.value_dim)}
         for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.shape[1] != self.heads and t.shape[2] == self.heads:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}: dimension 1 must be heads "
+                                 f"({self.heads}), as in scaled_dot_product_attention's (batch, heads, "
+                                 f"seq, dim); this looks like (batch, seq, heads, dim): pass "
+                                 f"{name}.transpose(1, 2)")
+        for name, t in (("q", q), ("k", k), ("v", v)):
             if tuple(t.shape) != want[name]:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want[name]} "
                                  f"(heads={self.heads}, head_dim={self.head_dim}, "
@@ -243,6 +310,11 @@ class Attention(nn.Module):
             for name, t in (("q", q), ("k", k), ("v", v)):
                 if not torch.isfinite(t).all():
                     raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
+            for name in ("position_table", "position_slopes", "projection"):
+                t = getattr(self, name)
+                if t is not None and not torch.isfinite(t.detach()).all():
+                    raise ValueError(f"the module's {name} contains NaN or Inf (check_finite=True); "
+                                     f"it is used by every call: restore it (e.g. load_state_dict)")
 
     # --- explain -----------------------------------------------------------------------------------
 
@@ -263,7 +335,7 @@ class Attention(nn.Module):
             lines.append(f"  {d.site.op}: {d.form}   [{costs}; quadratic §2={quad / 1e6:.1f}M, "
                          f"{quad / dict(d.costs)[d.form]:.0f}x more]")
         lines.append("")
-        if self._mlir is not None:
+        if self.target == MLIR_TARGET:
             from .mlir.linalg import describe
             lines.append(f"target {MLIR_TARGET} (torch-mlir: attn dialect -> linalg -> LLVM, forward only):")
             site = lambda i, node: f"  {node.op}{i}   {describe(node)}"                 # noqa: E731
@@ -303,6 +375,13 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         forms = ", ".join(d.form for d in self.planned.decisions)
         return f"{self.spec.name}: heads={self.heads}, head_dim={self.head_dim}, forms=[{forms}]"
+
+
+def _stamp(name: str) -> dict:
+    """A function that does nothing, named after the cache key: its presence tells a loaded
+    library was built for this key."""
+    from tvm import tirx
+    return {name: tirx.PrimFunc([], tirx.Evaluate(0)).with_attr("global_symbol", name)}
 
 
 def not_lowered(spec: AttentionSpec, e, kind: str) -> SpecError:

@@ -30,6 +30,9 @@ BAD = {
     "mixed_dtype": (lambda q, k, v: (q, k.double(), v), TypeError, "share a dtype"),
     "not_tensor": (lambda q, k, v: (q.tolist(), k, v), TypeError, "torch.Tensor"),
     "empty_seq": (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]), ValueError, "length is 0"),
+    "seq_first": (lambda q, k, v: (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), ValueError,
+                  r"q has shape \(1, 5, 2, 8\): dimension 1 must be heads \(2\).*pass q.transpose\(1, 2\)"),
+    "v_seq_first": (lambda q, k, v: (q, k, v.transpose(1, 2)), ValueError, r"pass v.transpose\(1, 2\)"),
 }
 
 
@@ -47,6 +50,27 @@ def test_nan_policy():
     strict = attndsl.compile("attention a { kernel = elu1 }", heads=2, head_dim=8, value_dim=4,
                              check_finite=True)
     with pytest.raises(ValueError, match="NaN or Inf"):
+        strict(q, k, v)
+
+
+def test_an_empty_batch_gives_an_empty_output_and_gradients():
+    q, k, v = (t[:0].requires_grad_(True) for t in qkv())
+    out = attn()(q, k, v)
+    assert out.shape == (0, 2, 5, 4) and out.dtype == torch.float32
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    half = attn()(*(t.detach().bfloat16() for t in (q, k, v)))
+    assert half.shape == (0, 2, 5, 4) and half.dtype == torch.bfloat16
+
+
+def test_check_finite_covers_the_position_table():
+    strict = attndsl.compile("attention t { kernel = elu1; position = toeplitz(max_distance=3) }",
+                             heads=2, head_dim=8, value_dim=4, check_finite=True)
+    q, k, v = qkv()
+    assert torch.isfinite(strict(q, k, v)).all()
+    with torch.no_grad():
+        strict.position_table[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="position_table contains NaN or Inf"):
         strict(q, k, v)
 
 
