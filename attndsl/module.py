@@ -9,12 +9,13 @@ import dataclasses
 import functools
 import hashlib
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import cache, nonfinite, ops, pipeline, sampling
+from . import cache, nonfinite, ops, pipeline, precision, sampling
 from .schedules import lookup as tuning
 from .ast import AttentionSpec
 from .diagnostics import SpecError
@@ -83,6 +84,7 @@ class Attention(nn.Module):
         self.check_finite = check_finite
         self.tuned = tuned                       # False: the default knobs, whatever the databases say
         self.planned = pipeline.run(spec, head_dim, self.value_dim, plan_name=plan, forms=self._forms())
+        self._kappa: dict = {}                   # (N, causal) -> κ of a fixed position term (precision.py)
         self._libs: dict[str, str] = {}          # kernel dtype -> library key in ops
         self._build_log: list[str] = []
         self._tuning: dict[str, tuple] = {}       # kernel dtype -> (databases read, {kernel: choice})
@@ -213,6 +215,10 @@ class Attention(nn.Module):
             if self._mlir is None:
                 self._mlir = self._mlir_program()
             return self._forward_mlir(env, dtype, q, k, v).reshape(B, H, N, self.value_dim).to(out_dtype)
+        fft_dtype = self._fft_dtype(dtype, N)
+        if fft_dtype != dtype:                   # precision.py: float64 resolves what float32 cannot
+            dtype = fft_dtype
+            env = {name: t.to(dtype) for name, t in env.items()}
         lib = self._library(KERNEL_DTYPES[dtype])
         env["position"] = self._position_params(dtype).to(q.device)
         w, wt = (t.to(q.device) for t in self._projection(dtype))
@@ -230,6 +236,32 @@ class Attention(nn.Module):
         if self.position_table is not None:
             zero = zero + (self.position_table.sum() * 0).to(v.dtype)
         return v + zero
+
+    def _fft_dtype(self, dtype: torch.dtype, n: int) -> torch.dtype:
+        """The dtype a call of length n computes in: its own while the Toeplitz-FFT form resolves
+        the position term there, float64 where only that does (warned once), else PrecisionError."""
+        site = next((x for x in postorder(self.planned.root)
+                     if isinstance(x, PositionalAttention) and x.form == "toeplitz_fft"), None)
+        if site is None or torch.compiler.is_compiling():    # the check runs in eager mode
+            return dtype
+        position, key = site.bias.position, (n, site.causal)
+        kappa = None if position.name == "toeplitz" else self._kappa.get(key)   # a table changes
+        if kappa is None:
+            b = precision.position_values(position, n, self.heads, self.position_table, self.position_slopes)
+            kappa = precision.condition(b, site.causal)
+            if position.name != "toeplitz":
+                self._kappa[key] = kappa
+        chosen = precision.dtype_for(kappa, dtype)
+        what = "the learned position table" if position.name == "toeplitz" else "this position term"
+        if chosen is None:
+            raise precision.refusal(kappa, n, dtype, what)
+        if chosen != dtype and ("warned", n) not in self._kappa:
+            self._kappa["warned", n] = True
+            warnings.warn(f"attndsl: {self.spec.name} at N={n} computes in float64 (the Toeplitz-FFT "
+                          f"form cannot resolve {what} in {str(dtype).removeprefix('torch.')}: condition "
+                          f"κ = {kappa:.3g} > {precision.limit(dtype):.3g}); the output keeps its dtype",
+                          stacklevel=3)
+        return chosen
 
     def _forward_mlir(self, env, dtype, q, k, v) -> torch.Tensor:
         table = self.position_table

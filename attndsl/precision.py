@@ -1,0 +1,85 @@
+"""What the Toeplitz-FFT scores form can resolve, per dtype and length (DESIGN §7).
+
+The FFT computes y_i = Σ_j c(i−j) x_j, c = exp(b), with an absolute error of about
+ε·‖c‖₂·‖x‖₂ over the whole sequence, while row i's own value is of the order of its weights
+Σ_{j∈M(i)} c(i−j) times the data. A row whose weights are small beside the largest ones anywhere
+(b growing with distance, a learned table grown far from 0) loses its digits. The condition
+
+    κ = ‖c‖₂·√N / min_i Σ_{j∈M(i)} c(i−j)        (c over the offsets the mask uses)
+
+bounds the worst row's relative error by about ε·κ (measured: 0.3–1 ε·κ over tables growing and
+decaying with |r| and r, causal and not, N = 512). A call is run in its dtype while 2·ε·κ ≤ TOL,
+else in float64 where that suffices (float32 in, float32 out), else refused with an error that
+says why and what to use instead. TOL is the caller's dtype's: a float32 call computed in
+float64 need only be right to float32's tolerance.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ast import Choice
+from .expr import evaluate
+
+# the worst row's relative error a call may have, per dtype of the computation
+TOL = {torch.float32: 1e-3, torch.float64: 1e-9}
+EPS = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+SAFETY = 2.0                       # the predicted error is SAFETY·ε·κ
+
+
+class PrecisionError(ValueError):
+    """The position term spans more than the FFT form can resolve at this length, in any dtype."""
+
+
+def position_values(position: Choice, n: int, heads: int, table: torch.Tensor | None,
+                    slopes: torch.Tensor | None) -> torch.Tensor:
+    """b_h(r) at r = −(n−1) … n−1, (H, 2n−1) float64."""
+    r = torch.arange(-(n - 1), n, dtype=torch.float64)
+    if position.name == "toeplitz":
+        w = int(position["max_distance"])
+        return table.detach().double()[:, r.long().clamp(-w, w) + w]
+    if position.name == "alibi":
+        return -slopes.detach().double().reshape(-1, 1) * r.abs()
+    return evaluate(position.expr, r).expand(heads, -1)
+
+
+def condition(b: torch.Tensor, causal: bool) -> float:
+    """κ (above) of b (H, 2n−1) over r = −(n−1) … n−1, the largest over heads."""
+    n = (b.shape[-1] + 1) // 2
+    if causal:
+        b = b[:, n - 1:]                                    # r = 0 … n−1 (j ≤ i)
+    if not torch.isfinite(b).all():
+        return math.inf
+    c = torch.exp(b - b.amax(-1, keepdim=True))             # the scale cancels in κ
+    csum = torch.cat([c.new_zeros(c.shape[0], 1), c.cumsum(-1)], -1)
+    if causal:
+        rows = csum[:, 1:]                                  # row i: r = 0 … i
+    else:
+        rows = csum[:, n:] - csum[:, :n]                    # row i: r = i−(n−1) … i
+    kappa = c.norm(dim=-1) * math.sqrt(n) / rows.amin(-1)
+    return float(kappa.max())
+
+
+def limit(dtype: torch.dtype, within: torch.dtype | None = None) -> float:
+    """The largest κ a computation in `dtype` resolves to the tolerance of `within` (its own)."""
+    return TOL[within or dtype] / (SAFETY * EPS[dtype])
+
+
+def dtype_for(kappa: float, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype to compute a call in dtype `dtype` of condition κ in, to that dtype's tolerance:
+    its own, float64, or None (neither)."""
+    for d in (dtype, torch.float64):
+        if kappa <= limit(d, dtype):
+            return d
+    return None
+
+
+def refusal(kappa: float, n: int, dtype: torch.dtype, what: str) -> PrecisionError:
+    return PrecisionError(
+        f"the Toeplitz-FFT form cannot compute {what} at N={n} within tolerance: exp(b) spans so much "
+        f"that rows whose weights are small beside the largest ones lose their digits (condition "
+        f"κ = {kappa:.3g}; float32 resolves κ ≤ {limit(torch.float32):.3g}, float64 κ ≤ "
+        f"{limit(torch.float64):.3g}). Use a shorter sequence, a bias that "
+        f"decays (or stays flat) with distance, or, for a learned table, plan='banded' (exact for any "
+        f"table, O(N·W))")

@@ -1,0 +1,84 @@
+"""The Toeplitz-FFT form is right or refuses (DESIGN §7): its worst row stays within the dtype's
+tolerance of the reference, computed in float64 where float32 cannot, else a PrecisionError."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import attndsl
+from attndsl.precision import TOL, PrecisionError, condition
+
+N_MAX = 600
+
+
+@pytest.fixture(scope="module")
+def table_attn():
+    def get(causal):
+        mask = "; mask = causal" if causal else ""
+        return attndsl.compile(f"attention t {{ kernel = elu1; position = toeplitz(max_distance={N_MAX}){mask} }}",
+                               heads=1, head_dim=16, plan="toeplitz_fft")
+    return {c: get(c) for c in (False, True)}
+
+
+def worst_row(out, ref):
+    return ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+
+
+def grown(slope, shape):
+    r = torch.arange(2 * N_MAX + 1) - N_MAX
+    return (slope * (r.abs() if shape == "abs" else -r)).float()[None]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", ["abs", "ramp"])
+@pytest.mark.parametrize("slope", [0.0, 0.01, 0.03, 0.06, 0.2])
+def test_every_answer_is_within_tolerance_or_refused(table_attn, causal, shape, slope):
+    attn, n = table_attn[causal], 512
+    with torch.no_grad():
+        attn.position_table.copy_(grown(slope, shape))
+    q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = attn(q, k, v)
+    except PrecisionError as e:
+        assert "plan='banded'" in str(e) and "N=512" in str(e)
+        return
+    ref = attn.reference(q.double(), k.double(), v.double())
+    assert worst_row(out, ref) <= TOL[torch.float32]
+
+
+def test_a_table_grown_past_float32_computes_in_float64_with_a_warning(table_attn):
+    attn = table_attn[True]
+    with torch.no_grad():
+        attn.position_table.copy_(grown(0.02, "abs"))        # the issue's learned table
+    q, k, v = (torch.randn(1, 1, 500, 16, requires_grad=True) for _ in range(3))   # warned once per N
+    with pytest.warns(UserWarning, match="computes in float64"):
+        out = attn(q, k, v)
+    assert out.dtype == torch.float32
+    ref = attn.reference(q.double(), k.double(), v.double())
+    assert worst_row(out, ref) <= TOL[torch.float32]
+    g = torch.autograd.grad(out.sum(), q)[0]
+    qd = q.detach().double().requires_grad_()
+    want = torch.autograd.grad(attn.reference(qd, k.double(), v.double()).sum(), qd)[0]
+    assert ((g.double() - want).norm() / want.norm()).item() <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("body, n", [("kernel = elu1; position(r) = -r", 512),
+                                     ("kernel = relu; position(r) = 0.05 * abs(r); mask = causal", 512)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_position_function_the_fft_cannot_resolve_is_refused(body, n, dtype):
+    attn = attndsl.compile(f"attention g {{ {body} }}", heads=1, head_dim=8)
+    q, k, v = (torch.randn(1, 1, n, 8, dtype=dtype) for _ in range(3))
+    with pytest.raises(PrecisionError, match="Toeplitz-FFT form cannot compute this position term at N=512"):
+        attn(q, k, v)
+
+
+def test_the_condition_of_flat_and_decaying_biases_is_small():
+    r = torch.arange(-511, 512, dtype=torch.float64)
+    assert condition(torch.zeros(1, 1023), causal=False) == pytest.approx(512 ** 0.5 * 1023 ** 0.5 / 512)
+    assert condition((-0.1 * r.abs())[None], causal=True) < 100
+    assert condition((0.05 * r.abs())[None], causal=True) > 1e10
+    assert condition(torch.full((1, 1023), float("nan")), causal=False) == float("inf")
