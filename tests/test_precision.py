@@ -9,6 +9,7 @@ import torch
 
 import attndsl
 from attndsl.precision import TOL, PrecisionError, condition
+from attndsl.reference import reference
 
 N_MAX = 600
 
@@ -82,3 +83,22 @@ def test_the_condition_of_flat_and_decaying_biases_is_small():
     assert condition((-0.1 * r.abs())[None], causal=True) < 100
     assert condition((0.05 * r.abs())[None], causal=True) > 1e10
     assert condition(torch.full((1, 1023), float("nan")), causal=False) == float("inf")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_banded_resolves_a_table_past_float32_s_exp_range(causal):
+    """exp(100) overflows float32: the banded kernels weigh by exp(b − max b)."""
+    mask = "; mask = causal" if causal else ""
+    attn = attndsl.compile(f"attention t {{ kernel = elu1; position = toeplitz(max_distance=8){mask} }}",
+                           heads=2, head_dim=8, plan="banded")
+    with torch.no_grad():
+        attn.position_table.zero_()
+        attn.position_table[:, 6:11] = 100.0
+    q, k, v = (torch.randn(1, 2, 64, 8, requires_grad=True) for _ in range(3))
+    out = attn(q, k, v)
+    table = attn.position_table.detach().double().requires_grad_()
+    ref = reference(attn.spec, q.double(), k.double(), v.double(), position_table=table)
+    assert worst_row(out, ref) <= 1e-5
+    got = torch.autograd.grad(out.sum(), attn.position_table)[0]
+    want = torch.autograd.grad(ref.sum(), table)[0]
+    assert torch.isfinite(got).all() and torch.allclose(got.double(), want, rtol=1e-3, atol=1e-5)
