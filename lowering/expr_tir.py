@@ -20,12 +20,14 @@ def _softplus(u):  # log(1 + e^u) = max(u, 0) + log(1 + e^−|u|), no overflow
 
 FUNCTIONS: dict[str, Callable[..., tirx.PrimExpr]] = {
     "exp": vmath.exp, "log": tirx.log, "abs": tirx.abs, "sqrt": tirx.sqrt,
-    "relu": lambda u: tirx.max(u, _const(0, u)),
+    "relu": lambda u: tirx.Select(u <= _const(0, u), _const(0, u), u),     # NaN stays NaN
     "elu": lambda u: tirx.Select(u > _const(0, u), u, vmath.exp(u) - _const(1, u)),
     "sigmoid": lambda u: _const(1, u) / (_const(1, u) + vmath.exp(-u)),
     "tanh": tirx.tanh, "softplus": _softplus,
     "sin": lambda u: vmath.cos(u, -1), "cos": vmath.cos,
-    "min": tirx.min, "max": tirx.max,
+    # TVM's max(a, b) is a > b ? a : b, which drops a NaN in a (and min likewise): keep it
+    "min": lambda a, b: tirx.Select(tirx.isnan(a), a, tirx.min(a, b)),
+    "max": lambda a, b: tirx.Select(tirx.isnan(a), a, tirx.max(a, b)),
     "step": lambda u: tirx.Select(u > _const(0, u), _const(1, u), _const(0, u)),
     "sign": lambda u: tirx.Select(u > _const(0, u), _const(1, u),
                                   tirx.Select(u < _const(0, u), _const(-1, u), _const(0, u))),
