@@ -111,6 +111,7 @@ class Attention(nn.Module):
         # the samples of every call are drawn from this seed: same inputs, same output; set it to
         # draw others (e.g. per training step)
         self.sampling_seed = spec.sampling["seed"] if spec.sampling.name != "none" else None
+        self._check_fft_range()
         self._mlir = None
         if self.target == MLIR_TARGET:
             self._mlir = self._mlir_program()
@@ -237,11 +238,37 @@ class Attention(nn.Module):
             zero = zero + (self.position_table.sum() * 0).to(v.dtype)
         return v + zero
 
+    def _fft_site(self) -> PositionalAttention | None:
+        """The Toeplitz-FFT scores site TVM computes, if any (target mlir-cpu evaluates it densely)."""
+        if self.target == MLIR_TARGET:
+            return None
+        return next((x for x in postorder(self.planned.root)
+                     if isinstance(x, PositionalAttention) and x.form == "toeplitz_fft"), None)
+
+    def _fft_lengths(self) -> dict[torch.dtype, int] | None:
+        """Per input dtype, the longest N at which the Toeplitz-FFT form resolves this module's
+        fixed position term (precision.py); None without one (no FFT site, or a learned table)."""
+        site = self._fft_site()
+        if site is None or site.bias.position.name == "toeplitz":
+            return None
+        return {d: precision.longest(site.bias.position, site.causal, self.heads, self.position_slopes, d)
+                for d in (torch.float32, torch.float64)}
+
+    def _check_fft_range(self) -> None:
+        """A fixed position term the FFT form resolves only on short sequences is refused here."""
+        lengths = self._fft_lengths()
+        if lengths is not None and max(lengths.values()) < precision.MIN_LENGTH:
+            raise SpecError(f"the Toeplitz-FFT form cannot compute this position term past "
+                            f"N={max(lengths.values())}: exp(b) spans so much that rows whose weights are "
+                            f"small beside the largest ones lose their digits, even in float64",
+                            self.spec.span_of("position"),
+                            help="a bias that decays (or stays flat) with distance, e.g. "
+                                 "position(r) = -0.1 * abs(r); see docs/numerics.md")
+
     def _fft_dtype(self, dtype: torch.dtype, n: int) -> torch.dtype:
         """The dtype a call of length n computes in: its own while the Toeplitz-FFT form resolves
         the position term there, float64 where only that does (warned once), else PrecisionError."""
-        site = next((x for x in postorder(self.planned.root)
-                     if isinstance(x, PositionalAttention) and x.form == "toeplitz_fft"), None)
+        site = self._fft_site()
         if site is None or torch.compiler.is_compiling():    # the check runs in eager mode
             return dtype
         position, key = site.bias.position, (n, site.causal)
@@ -366,6 +393,13 @@ class Attention(nn.Module):
             quad = quadratic_cost(d.site, n)
             lines.append(f"  {d.site.op}: {d.form}   [{costs}; quadratic §2={quad / 1e6:.1f}M, "
                          f"{quad / dict(d.costs)[d.form]:.0f}x more]")
+        lengths = self._fft_lengths()
+        if lengths is not None:
+            lines.append(f"  precision (docs/numerics.md): the Toeplitz-FFT form resolves this position term "
+                         f"for float32 inputs up to N={lengths[torch.float32]}, float64 up to "
+                         f"N={lengths[torch.float64]} (of {precision.LENGTHS[-1]} tried)")
+        elif self._fft_site() is not None:
+            lines.append("  precision (docs/numerics.md): the learned table is checked at every call")
         lines.append("")
         if self.target == MLIR_TARGET:
             from .mlir.linalg import describe

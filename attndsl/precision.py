@@ -83,3 +83,20 @@ def refusal(kappa: float, n: int, dtype: torch.dtype, what: str) -> PrecisionErr
         f"{limit(torch.float64):.3g}). Use a shorter sequence, a bias that "
         f"decays (or stays flat) with distance, or, for a learned table, plan='banded' (exact for any "
         f"table, O(N·W))")
+
+
+LENGTHS = tuple(2 ** p for p in range(4, 17))     # 16 … 65536
+MIN_LENGTH = 128                                   # a fixed term resolved only below this is refused
+
+
+def longest(position: Choice, causal: bool, heads: int, slopes: torch.Tensor | None,
+            dtype: torch.dtype) -> int:
+    """The longest N of LENGTHS at which a fixed position term (a function or alibi) resolves to
+    `dtype`'s tolerance (computed in dtype or float64); 0 if none. κ grows with N."""
+    best = 0
+    for n in LENGTHS:
+        b = position_values(position, n, heads, None, slopes)
+        if dtype_for(condition(b, causal), dtype) is None:
+            break
+        best = n
+    return best

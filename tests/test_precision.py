@@ -67,14 +67,20 @@ def test_a_table_grown_past_float32_computes_in_float64_with_a_warning(table_att
     assert ((g.double() - want).norm() / want.norm()).item() <= TOL[torch.float32]
 
 
-@pytest.mark.parametrize("body, n", [("kernel = elu1; position(r) = -r", 512),
-                                     ("kernel = relu; position(r) = 0.05 * abs(r); mask = causal", 512)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_position_function_the_fft_cannot_resolve_is_refused(body, n, dtype):
-    attn = attndsl.compile(f"attention g {{ {body} }}", heads=1, head_dim=8)
-    q, k, v = (torch.randn(1, 1, n, 8, dtype=dtype) for _ in range(3))
+def test_a_position_function_the_fft_resolves_only_at_short_lengths_is_refused_at_call(dtype):
+    attn = attndsl.compile("attention g { kernel = relu; position(r) = 0.05 * abs(r); mask = causal }",
+                           heads=1, head_dim=8)
+    assert "float32 inputs up to N=256, float64 up to N=128" in attn.explain()
+    q, k, v = (torch.randn(1, 1, 512, 8, dtype=dtype) for _ in range(3))
     with pytest.raises(PrecisionError, match="Toeplitz-FFT form cannot compute this position term at N=512"):
         attn(q, k, v)
+
+
+def test_a_position_function_the_fft_cannot_resolve_at_any_useful_length_is_refused_at_compile():
+    with pytest.raises(attndsl.SpecError, match="cannot compute this position term past N=16") as e:
+        attndsl.compile("attention g {\n kernel = elu1\n position(r) = -r\n}", heads=1, head_dim=8)
+    assert "<spec>:3:" in str(e.value) and "decays" in str(e.value)
 
 
 def test_the_condition_of_flat_and_decaying_biases_is_small():
