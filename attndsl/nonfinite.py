@@ -2,8 +2,8 @@
 
 The kernels mix rows: an FFT spreads one NaN over every row, a chunked prefix sum multiplies the
 masked pairs of a chunk by 0 (0·NaN = NaN), and some feature maps drop NaN. `guarded` keeps the
-kernels' fast path for finite inputs (one sum over the output, or over k and v for forms that
-never read every key) and otherwise runs them on the inputs with their non-finite entries set to
+kernels' fast path for finite inputs (one sum over the output; over q, k and v for the sampled
+forms, which may never read a given key) and otherwise runs them on the inputs with their non-finite entries set to
 0, then writes NaN where §2 has a non-finite value (always so under torch.compile, whose graph
 has no data-dependent branch):
 
