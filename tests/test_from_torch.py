@@ -64,16 +64,33 @@ def test_scaled_dot_product_attention(causal):
     assert "scale = 0.3" in imported.text and ("mask = causal" in imported.text) == causal
 
 
-def test_alibi_like_bias_and_additive_mask():
+def alibi_bias(slopes, causal):
+    """fn(q, k, v) = softmax(q·kᵀ/4 − s_h·|i − j|) v, the bias written with arange and abs."""
     def attn(q, k, v):
         n = q.shape[2]
         r = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).float()
-        slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])[:, None, None]
-        bias = -slopes * r.abs() + torch.triu(torch.full((n, n), -1e9), 1)
-        return torch.softmax(q @ k.transpose(-1, -2) * 0.5 + bias, -1) @ v
+        bias = -torch.tensor(slopes)[:, None, None] * r.abs()
+        if causal:
+            bias = bias + torch.triu(torch.full((n, n), -1e9), 1)          # an additive mask
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + bias, -1) @ v
+    return attn
+
+
+@pytest.mark.parametrize("slopes, causal, position", [
+    ([2 ** (-8 * h / 4) for h in range(1, 5)], True, "position = alibi\n"),     # the paper's 2^(−8h/H)
+    ([0.1] * 4, False, "position = alibi(slope=0.1)\n"),                         # one slope for all heads
+], ids=["paper-slopes-causal", "one-slope-full"])
+def test_alibi_bias_becomes_alibi(slopes, causal, position):
+    attn = alibi_bias(slopes, causal)
     imported = attndsl.from_torch(attn, example(20))
-    assert "position = toeplitz(max_distance=19)" in imported.text and "mask = causal" in imported.text
-    same_as_module(imported, attn, 20)
+    assert position in imported.text and ("mask = causal" in imported.text) == causal
+    assert imported.position_table is None
+    same_as_module(imported, attn, 40)           # twice the export length: a table would be clipped at 19
+
+
+def test_other_per_head_slopes_are_refused():
+    with pytest.raises(FromTorchError, match=r"per-head slopes s = \[0\.5, 0\.25, 0\.125, 0\.0625\]"):
+        attndsl.from_torch(alibi_bias([0.5, 0.25, 0.125, 0.0625], True), example(20))
 
 
 def test_user_feature_map_non_causal():

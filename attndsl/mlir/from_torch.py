@@ -6,7 +6,8 @@ of inputs it depends on. Values that depend on no input (masks, position buckets
 lookups) are constants of the example length; what depends on q, k, v is matched against
 
     softmax:  softmax(s·φq·φkᵀ + B, masked) v,  φ(x) = c·x      -> kernel = softmax, scale = s·c_q·c_k
-                                                                    B Toeplitz -> position = toeplitz(W)
+                                                                    B = c_h − s_h·|i − j| -> position = alibi
+                                                                    other Toeplitz B -> position = toeplitz(W)
                                                                     mask = triu -> mask = causal
     linear:   contractions of φ(q), φ(k) and v (a cumsum: causal) -> kernel = NAME or kernel(x) = EXPR
 
@@ -389,8 +390,12 @@ def _softmax_fields(ops, values, phi, q, k):
     lines = ["kernel = softmax", f"scale = {scale:.7g}"]         # fit in float32: 7 digits
     table = None
     if bias.abs().max() > 0:
-        table, w = _toeplitz(bias, causal)
-        lines.append(f"position = toeplitz(max_distance={w})")
+        b = _relative(bias, causal)
+        position = _linear_in_distance(b, causal)
+        if position is None:
+            table, w = _clip(b)
+            position = f"position = toeplitz(max_distance={w})"
+        lines.append(position)
     if causal:
         lines.append("mask = causal")
     return lines, table
@@ -416,9 +421,8 @@ def _per_head(term: torch.Tensor, like: torch.Tensor, heads: int, n: int) -> tor
     return t[0].double()
 
 
-def _toeplitz(bias: torch.Tensor, causal: bool) -> tuple[torch.Tensor, int]:
-    """b_h(r), r = i − j, of a bias (H, N, N) that is Toeplitz, as a table (H, 2W+1) clipped at the
-    smallest W beyond which it is constant on each side."""
+def _relative(bias: torch.Tensor, causal: bool) -> torch.Tensor:
+    """b_h(r), r = −(N−1)..N−1, of a bias (H, N, N) that is Toeplitz, as (H, 2N−1) (float64)."""
     heads, n, _ = bias.shape
     i = torch.arange(n)
     r = i[:, None] - i[None, :]
@@ -430,6 +434,45 @@ def _toeplitz(bias: torch.Tensor, causal: bool) -> tuple[torch.Tensor, int]:
                              "term is relative")
     if causal:
         b[:, : n - 1] = b[:, n - 1: n]                  # r < 0 is masked: any value; take b(0)
+    return b
+
+
+def _linear_in_distance(b: torch.Tensor, causal: bool) -> str | None:
+    """The position field of a bias b_h(r) = c_h − s_h·|r| (c_h cancels in the softmax): `alibi` for
+    the ALiBi paper's slopes 2^(−8h/H), `alibi(slope=s)` for one slope s > 0 on every head,
+    `position(r) = s·abs(r)` for one growing slope; None when b is not linear in |r|. Per-head slopes
+    of any other kind are refused: no field says them, and a table would be clipped at the export
+    length (wrong beyond it)."""
+    from ..reference import alibi_slopes
+    heads, n = b.shape[0], (b.shape[1] + 1) // 2
+    r = torch.arange(-(n - 1), n, dtype=torch.float64)
+    keep = r >= 0 if causal else torch.ones_like(r, dtype=torch.bool)
+    if n < 3:                                        # two distances: any table is "linear"
+        return None
+    a, y = r[keep].abs(), b[:, keep]
+    design = torch.stack([torch.ones_like(a), -a], 1)
+    c, s = torch.linalg.lstsq(design, y.T).solution  # (H,) each
+    fit = c[:, None] - s[:, None] * a
+    if not torch.allclose(fit, y, rtol=0, atol=1e-5 * max(float(y.abs().max()), 1e-30)):
+        return None
+    if float(s.abs().max()) <= 1e-6 * float(y.abs().max()) / n:
+        return None                                  # constant per head: a table of width 0
+    if torch.allclose(s, s.mean().expand_as(s), rtol=1e-5, atol=0):
+        s0 = float(s.mean())
+        return f"position = alibi(slope={s0:.7g})" if s0 > 0 else f"position(r) = {-s0:.7g} * abs(r)"
+    if torch.allclose(s, alibi_slopes(heads), rtol=1e-5, atol=0):
+        return "position = alibi"
+    raise FromTorchError(
+        f"the score bias is −s_h·|i − j| with per-head slopes s = [{', '.join(f'{x:.4g}' for x in s.tolist())}], "
+        f"neither one slope for every head (position = alibi(slope=s)) nor the ALiBi slopes 2^(−8h/H) "
+        f"of {heads} heads (position = alibi); a spec has no field for other per-head slopes, and a "
+        f"toeplitz table read at the export length would be clipped there (wrong at longer lengths)")
+
+
+def _clip(b: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A relative bias (H, 2N−1) as a table (H, 2W+1) clipped at the smallest W beyond which it is
+    constant on each side."""
+    n = (b.shape[1] + 1) // 2
     w = n - 1
     while w > 0 and torch.equal(b[:, n - 1 + w], b[:, n - 2 + w]) and torch.equal(b[:, n - 1 - w], b[:, n - w]):
         w -= 1
