@@ -93,6 +93,27 @@ def test_other_per_head_slopes_are_refused():
         attndsl.from_torch(alibi_bias([0.5, 0.25, 0.125, 0.0625], True), example(20))
 
 
+def test_table_clipped_at_the_export_length_is_refused():
+    def growing(q, k, v):                        # linear in r, not |r|: no field says it
+        n = q.shape[2]
+        r = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).float()
+        return torch.softmax(q @ k.transpose(-1, -2) + 0.05 * r, -1) @ v
+    with pytest.raises(FromTorchError, match=r"not at N=40 .*still changing at distance 19.*too short to see"):
+        attndsl.from_torch(growing, example(20))
+    # T5's buckets are constant from distance 46 to 63 but change again at 64 (last at 91)
+    with pytest.raises(FromTorchError, match=r"constant from distance 46 to 63.*too short to see where the table "
+                                             r"is clipped.*Export at a length past"):
+        attndsl.from_torch(T5Attention(), example(64))
+
+
+def test_nan_where_the_original_has_nan_is_a_match():
+    def linear(q, k, v):                         # relu features: an all-negative row gives 0/0 in both
+        fq, fk = F.relu(q), F.relu(k)
+        return (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(-2, keepdim=True).transpose(-1, -2))
+    imported = attndsl.from_torch(linear, example(64, d=2))       # a quarter of the rows: NaN
+    assert "kernel = relu" in imported.text
+
+
 def test_user_feature_map_non_causal():
     def attn(q, k, v):
         fq, fk = torch.exp(-F.relu(q)) * 2 + q ** 2, torch.exp(-F.relu(k)) * 2 + k ** 2

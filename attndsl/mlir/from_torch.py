@@ -12,8 +12,10 @@ lookups) are constants of the example length; what depends on q, k, v is matched
     linear:   contractions of φ(q), φ(k) and v (a cumsum: causal) -> kernel = NAME or kernel(x) = EXPR
 
 where φ is read off the elementwise ops between an input and its first non-elementwise use. The
-candidate spec is then run through attndsl's reference on fresh random inputs and must reproduce
-the function's output; anything else is a `FromTorchError` naming the op it could not place.
+candidate spec is then run through attndsl's reference on fresh random inputs, of the example length
+and of twice it, and must reproduce the function's output at both (a table read at the example length
+that is still changing there is wrong beyond it); anything else is a `FromTorchError` naming the op it
+could not place, or what did not match.
 """
 from __future__ import annotations
 
@@ -306,7 +308,8 @@ class Imported:
 def from_torch(fn, example_inputs, *, name: str = "imported") -> Imported:
     """An attention implementation fn(q, k, v) (or an nn.Module), q, k (B, H, N, Dk), v (B, H, N, Dv),
     as an attndsl spec. Constants (masks, biases) are read at the example length N: export at an N
-    longer than the model's largest relative distance to see where its table is clipped."""
+    longer than the model's largest relative distance to see where its table is clipped (the spec is
+    checked at 2N, and refused where it does not match there)."""
     q, k, v = example_inputs
     ops, values = interpret(fn, example_inputs)
     exprs = elementwise_values(ops, values)
@@ -479,18 +482,68 @@ def _clip(b: torch.Tensor) -> tuple[torch.Tensor, int]:
     return b[:, n - 1 - w: n + w].float(), w
 
 
+TOLERANCE = 1e-4          # max |spec − fn| / max |fn| on fresh inputs (fn runs in the example dtype)
+
+
 def _verify(fn, imported: Imported, example_inputs) -> None:
-    """The spec's §2 meaning must reproduce fn on fresh inputs of the example shapes."""
+    """The spec's §2 meaning must reproduce fn on fresh inputs of the example shapes, and at twice
+    the example length: the constants were read at the example length, the spec claims every length."""
+    n = example_inputs[0].shape[2]
+    err = _mismatch(fn, imported, example_inputs, n)
+    if err > TOLERANCE:
+        raise FromTorchError(f"read fn as\n{imported.text}but that spec does not reproduce fn on fresh "
+                             f"inputs ({_error_text(err)}); from_torch recognises {RECOGNISED}")
+    longer = 2 * n
+    err = _mismatch(fn, imported, example_inputs, longer)
+    if err <= TOLERANCE:
+        return
+    table = imported.position_table
+    if table is not None:
+        w = (table.shape[1] - 1) // 2
+        seen = (f"is still changing at distance {n - 1}, the largest the export shows" if w == n - 1 else
+                f"is constant from distance {w} to {n - 1}, the largest the export shows, but changes "
+                f"again beyond it")
+        why = (f"the position bias read at N={n} {seen}: the export length is too short to see where the "
+               f"table is clipped, and toeplitz(max_distance={w}) is wrong at longer lengths. Export at a "
+               f"length past the model's largest distinct relative distance (where its bias stops changing)")
+    else:
+        why = (f"fn depends on the sequence length in a way the export at N={n} does not show (its masks "
+               f"and biases are read at the example length)")
+    raise FromTorchError(f"read fn as\n{imported.text}which reproduces fn at the export length N={n} but not "
+                         f"at N={longer} ({_error_text(err)}): {why}")
+
+
+def _mismatch(fn, imported: Imported, example_inputs, n: int) -> float:
+    """max |spec − fn| / max |fn| at length n on fresh random inputs (inf where one is non-finite and
+    the other is not, or differently so)."""
     from .. import parse
     from ..reference import reference
     spec = parse(imported.text).block()
-    g = torch.Generator().manual_seed(1234)
-    fresh = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in example_inputs]
+    g = torch.Generator().manual_seed(1234 + n)
+    batch = example_inputs[0].shape[0] if n == example_inputs[0].shape[2] else 1    # longer: N² memory
+    fresh = [torch.randn((batch, x.shape[1], n, *x.shape[3:]), generator=g, dtype=torch.float64)
+             for x in example_inputs]
     with torch.no_grad():
-        want = fn(*[x.to(example_inputs[0].dtype) for x in fresh]).double()
+        try:
+            want = fn(*[x.to(example_inputs[0].dtype) for x in fresh]).double()
+        except Exception as e:                       # noqa: BLE001 (fn itself fails at this length)
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise FromTorchError(f"fn does not run at N={n} ({first}); from_torch checks the spec at twice "
+                                 f"the example length, so export at most at half the longest length fn "
+                                 f"runs at") from None
         got = reference(spec, *fresh, position_table=None if imported.position_table is None
                         else imported.position_table.double())
-    err = float((got - want).norm() / want.norm().clamp_min(1e-300))
-    if not math.isfinite(err) or err > 1e-4:
-        raise FromTorchError(f"read fn as\n{imported.text}but that spec does not reproduce fn on fresh "
-                             f"inputs (relative error {err:.1e}); from_torch recognises {RECOGNISED}")
+    if got.shape != want.shape:
+        return math.inf
+    finite = torch.isfinite(want)
+    if not torch.equal(finite, torch.isfinite(got)) or not torch.equal(
+            want[~finite].nan_to_num(), got[~finite].nan_to_num()):
+        return math.inf
+    if not finite.any():
+        return 0.0
+    return float((got - want)[finite].abs().max() / want[finite].abs().max().clamp_min(1e-300))
+
+
+def _error_text(err: float) -> str:
+    return ("non-finite where fn is finite, or the other way" if not math.isfinite(err)
+            else f"max error {err:.1e} of fn's largest output")
