@@ -106,6 +106,21 @@ def test_table_clipped_at_the_export_length_is_refused():
         attndsl.from_torch(T5Attention(), example(64))
 
 
+def test_epsilon_in_the_normalizer_is_refused():
+    def linear(q, k, v):
+        fq, fk = F.relu(q), F.relu(k)
+        return (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(-2, keepdim=True).transpose(-1, -2) + 1e-6)
+    with pytest.raises(FromTorchError, match=r"adds the constant 1e-06 to the normalizer.*epsilon.*NaN"):
+        attndsl.from_torch(linear, example(16))
+
+    def softmax(q, k, v):
+        s = q @ k.transpose(-1, -2)
+        e = torch.exp(s - s.amax(-1, keepdim=True))
+        return e / (e.sum(-1, keepdim=True) + 1e-9) @ v
+    with pytest.raises(FromTorchError, match=r"adds the constant 1e-09 to the softmax's normalizer"):
+        attndsl.from_torch(softmax, example(16))
+
+
 def test_nan_where_the_original_has_nan_is_a_match():
     def linear(q, k, v):                         # relu features: an all-negative row gives 0/0 in both
         fq, fk = F.relu(q), F.relu(k)

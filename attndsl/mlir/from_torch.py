@@ -319,7 +319,10 @@ def from_torch(fn, example_inputs, *, name: str = "imported") -> Imported:
             raise FromTorchError(f"unrecognised op {op.name}{_where(op)} on the attention inputs; "
                                  f"from_torch recognises {RECOGNISED}")
     phi = feature_maps(ops, values, exprs)
-    softmax = any(_base(op) in SOFTMAX and {"q", "k"} <= values[op.operands[0]].deps for op in ops)
+    first_exp = next((i for i, op in enumerate(ops)
+                      if _base(op) in SOFTMAX and {"q", "k"} <= values[op.operands[0]].deps), None)
+    softmax = first_exp is not None
+    _refuse_added_constants(ops[first_exp + 1:] if softmax else ops, ops, values, exprs, softmax)
     heads, dk, dv = q.shape[1], q.shape[3], v.shape[3]
     table = None
     if softmax:
@@ -343,6 +346,49 @@ def _phi(phi: dict, inp: str) -> Expr:
     if e is None:
         raise FromTorchError(f"could not read the map applied to {inp}; from_torch recognises {RECOGNISED}")
     return e
+
+
+def _refuse_added_constants(candidates, ops, values, exprs, softmax: bool) -> None:
+    """A nonzero scalar added to (or subtracted from) a value of the inputs that is neither a feature
+    map of one input (φ: `elu(x) + 1`) nor a score before the softmax (where it cancels): the spec
+    would drop it. The usual one is an epsilon in the normalizer, `num / (den + 1e-6)`, which a spec
+    cannot say; without it the spec gives NaN where fn gives a number (a row of all-zero features)."""
+    users: dict = {}
+    for op in ops:
+        for i, o in enumerate(op.operands):
+            users.setdefault(o, []).append((op, i))
+
+    def divisor(key, seen=0) -> bool:                # read, through layout ops, as a divisor
+        for op, i in users.get(key, ()):
+            base = _base(op)
+            if (base == "div" and i == 1) or base == "reciprocal":
+                return True
+            if base in STRUCTURAL and op.results and seen < 32 and divisor(op.results[0], seen + 1):
+                return True
+        return False
+
+    for op in candidates:
+        if _base(op) not in ("add", "sub", "rsub") or not op.results or op.results[0] in exprs:
+            continue
+        operands = [values[o] for o in op.operands[:2]]
+        if len(operands) < 2 or sum(bool(v.deps) for v in operands) != 1:
+            continue
+        const = next(v for v in operands if not v.deps)
+        c = _num(const.number)
+        if c is None or c.value == 0.0:
+            continue
+        if divisor(op.results[0]):
+            what, effect = (("the softmax's normalizer", "change every output by about that much, relatively")
+                            if softmax else
+                            ("the normalizer φ(q)·Σφ(k)", "give NaN where fn gives a number (a query whose "
+                             "features are all zero)"))
+            raise FromTorchError(
+                f"fn adds the constant {c.value:g} to {what} ({op.name}{_where(op)}): an epsilon, and a "
+                f"spec has no eps field, so the imported spec would drop it and {effect}. Import fn "
+                f"without the epsilon, or keep it in PyTorch")
+        raise FromTorchError(
+            f"fn adds the constant {c.value:g} to a value of the attention inputs ({op.name}{_where(op)}) "
+            f"outside the feature maps and the score bias; from_torch recognises {RECOGNISED}")
 
 
 def _linear_fields(ops, values, phi) -> list[str]:
