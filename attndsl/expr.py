@@ -5,6 +5,7 @@ The same tree is evaluated three ways: on torch tensors here (the reference), as
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,18 +31,28 @@ TORCH_BINARY = {
 
 
 def evaluate(e: Expr, x: torch.Tensor) -> torch.Tensor:
-    """EXPR at every element of x (the variable's value), as a tensor of x's shape and dtype."""
-    if isinstance(e, Num):
-        return torch.full_like(x, e.value)
-    if isinstance(e, Var):
-        return x
-    if isinstance(e, Unary):
-        return -evaluate(e.operand, x)
-    if isinstance(e, Binary):
-        return TORCH_BINARY[e.op](evaluate(e.left, x), evaluate(e.right, x))
-    if isinstance(e, Call):
-        return TORCH_FUNCTIONS[e.func](*(evaluate(a, x) for a in e.args))
-    raise TypeError(f"not an expression: {e!r}")
+    """EXPR at every element of x (the variable's value), as a tensor of x's shape and dtype.
+    A subexpression shared by several parents (derivatives share them) is evaluated once."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def ev(n: Expr) -> torch.Tensor:
+        if id(n) in memo:
+            return memo[id(n)]
+        if isinstance(n, Num):
+            out = torch.full_like(x, n.value)
+        elif isinstance(n, Var):
+            out = x
+        elif isinstance(n, Unary):
+            out = -ev(n.operand)
+        elif isinstance(n, Binary):
+            out = TORCH_BINARY[n.op](ev(n.left), ev(n.right))
+        elif isinstance(n, Call):
+            out = TORCH_FUNCTIONS[n.func](*(ev(a) for a in n.args))
+        else:
+            raise TypeError(f"not an expression: {n!r}")
+        memo[id(n)] = out
+        return out
+    return ev(e)
 
 
 # --- symbolic derivative -------------------------------------------------------------------
@@ -145,6 +156,124 @@ def diff(e: Expr, var: str) -> Expr:
         (u,) = e.args
         return _mul(DERIVATIVES[e.func](u), diff(u, var))
     raise TypeError(f"not an expression: {e!r}")
+
+
+# --- what compiling an EXPR costs ------------------------------------------------------------
+#
+# TVM's analyzer substitutes every let-bound value into its uses, so the passes over a kernel walk
+# an EXPR as if every shared subexpression were written out: their time follows that expanded
+# size, not the size of the DAG. Per function, the TIR of lowering/expr_tir.py (float64, the larger):
+# (nodes, reads of the argument) of the vectorized form (lowering/vmath.py: fast to run, but large
+# and reading its argument many times) and of the libm form (one lane at a time; at most two
+# reads). tests/test_expr.py checks these numbers against the TIR.
+TIR_COST: dict[str, tuple[int, int, int, int]] = {
+    "exp": (335, 44, 2, 1), "elu": (342, 46, 10, 2), "sigmoid": (427, 44, 8, 1),
+    "softplus": (474, 45, 12, 2), "sin": (1521, 213, 2, 1), "cos": (1521, 213, 2, 1),
+    "elu_grad": (423, 44, 4, 1), "sign": (13, 2, 13, 2), "step": (6, 1, 6, 1), "relu": (3, 1, 3, 1),
+    "log": (2, 1, 2, 1), "abs": (2, 1, 2, 1), "sqrt": (2, 1, 2, 1), "tanh": (2, 1, 2, 1),
+    "min": (1, 1, 1, 1), "max": (1, 1, 1, 1),
+}
+FAST_ARG_MAX = 16        # the vectorized form takes arguments that expand to at most this many nodes
+FAST_BUDGET = 3200       # and an EXPR spends at most this many nodes on vectorized forms (LLVM's time)
+VAR_SIZE = 3             # the variable's value: x·c, or a cast of r
+SMALL_POWER = 8          # a ** k for an integer 0 <= k <= 8 is the product of k factors
+
+
+def small_power(b: Expr) -> int | None:
+    """k when `a ** b` is written as the product a·a·…·a (b = k, a small integer), else None."""
+    if isinstance(b, Num) and float(b.value).is_integer() and 0 <= b.value <= SMALL_POWER:
+        return int(b.value)
+    return None
+
+
+def children(e: Expr) -> tuple[Expr, ...]:
+    if isinstance(e, Unary):
+        return (e.operand,)
+    if isinstance(e, Binary):
+        return (e.left, e.right)
+    if isinstance(e, Call):
+        return e.args
+    return ()
+
+
+@dataclass
+class Plan:
+    """An EXPR as the lowering emits it: its distinct subexpressions (children first; equal
+    subtrees are one node), which calls take the vectorized form, each node's expanded size."""
+    nodes: list[Expr]
+    kids: list[tuple[int, ...]]
+    fast: list[bool]
+    size: list[int]
+    root: int
+
+    @property
+    def expanded(self) -> int:
+        """The expanded size of the whole EXPR."""
+        return self.size[self.root]
+
+
+def plan(e: Expr) -> Plan:
+    """Number the distinct subexpressions of `e`, choose each call's form (vectorized while its
+    argument is small and the budget lasts, in post-order) and size every node. Linear in the
+    number of distinct Python objects of `e` (a derivative shares its subtrees)."""
+    nodes: list[Expr] = []
+    kids: list[tuple[int, ...]] = []
+    fast: list[bool] = []
+    size: list[int] = []
+    number: dict[tuple, int] = {}
+    seen: dict[int, int] = {}                   # id(object) -> node number
+    budget = FAST_BUDGET
+    stack: list[tuple[Expr, bool]] = [(e, False)]
+    while stack:
+        n, ready = stack.pop()
+        if id(n) in seen:
+            continue
+        cs = children(n)
+        if not ready:
+            stack.append((n, True))
+            stack.extend((c, False) for c in reversed(cs) if id(c) not in seen)
+            continue
+        ks = tuple(seen[id(c)] for c in cs)
+        if isinstance(n, Num):
+            key: tuple = ("num", repr(float(n.value)))      # 0.0 and -0.0 apart
+        elif isinstance(n, Var):
+            key = ("var",)
+        elif isinstance(n, Unary):
+            key = ("neg", *ks)
+        elif isinstance(n, Binary):
+            key = ("bin", n.op, *ks)
+        elif isinstance(n, Call):
+            key = ("call", n.func, *ks)
+        else:
+            raise TypeError(f"not an expression: {n!r}")
+        if key not in number:
+            sizes = [size[k] for k in ks]
+            quick = False
+            if isinstance(n, Num):
+                grown = 1
+            elif isinstance(n, Var):
+                grown = VAR_SIZE
+            elif isinstance(n, Binary) and n.op == "**" and small_power(n.right) is not None:
+                k = small_power(n.right)
+                grown = max(1, k + k * sizes[0])
+            elif isinstance(n, Call):
+                nodes_, reads, lnodes, lreads = TIR_COST[n.func]
+                quick = (len(sizes) == 1 and (nodes_, reads) != (lnodes, lreads)
+                         and sizes[0] <= FAST_ARG_MAX and nodes_ <= budget)
+                if quick:
+                    budget -= nodes_
+                else:
+                    nodes_, reads = lnodes, lreads
+                grown = nodes_ + reads * sum(sizes)
+            else:
+                grown = 1 + sum(sizes)
+            number[key] = len(nodes)
+            nodes.append(n)
+            kids.append(ks)
+            fast.append(quick)
+            size.append(grown)
+        seen[id(n)] = number[key]
+    return Plan(nodes, kids, fast, size, seen[id(e)])
 
 
 def to_text(e: Expr) -> str:

@@ -42,3 +42,36 @@ def test_to_text_parses_back_to_the_same_tree(text):
         return parse(f"attention a {{ kernel(x) = {t} }}").block().kernel.expr
     e = user_map(text)
     assert user_map(to_text(e)) == e
+
+
+def _tir_count(e, var) -> tuple[int, int]:
+    """(nodes, reads of `var`) of a PrimExpr walked as a tree."""
+    import tvm
+    if isinstance(e, tvm.ir.expr.Var):
+        return 1, int(e.same_as(var))
+    nodes, reads = 1, 0
+    for attr in ("a", "b", "value", "condition", "true_value", "false_value", "args"):
+        kids = getattr(e, attr, None)
+        for k in (kids if attr == "args" and kids is not None else [kids]):
+            if isinstance(k, tvm.ir.expr.Expr):
+                n, r = _tir_count(k, var)
+                nodes, reads = nodes + n, reads + r
+    return nodes, reads
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tir_cost_table_covers_the_lowering(dtype):
+    """attndsl.expr.TIR_COST (what the checker's size limit counts) is at least what
+    lowering/expr_tir.py emits, for both forms of every function."""
+    from tvm import tirx
+
+    from attndsl.expr import TIR_COST
+    from attndsl.lowering.expr_tir import FUNCTIONS, LIBM
+    u, w = tirx.Var("u", dtype), tirx.Var("w", dtype)
+    for name, (nodes, reads, lnodes, lreads) in TIR_COST.items():
+        args = (u,) if name not in ("min", "max") else (u, w)
+        fast, libm = _tir_count(FUNCTIONS[name](*args), u), _tir_count(LIBM[name](*args), u)
+        # expanded size = nodes + reads · (the argument's size): the leaves are the argument's
+        assert fast[0] - fast[1] <= nodes + len(args) - 1 and fast[1] <= reads, (name, fast)
+        assert libm[0] - libm[1] <= lnodes + len(args) - 1 and libm[1] <= lreads, (name, libm)
+        assert lreads <= 2, name
