@@ -14,6 +14,19 @@ from .diagnostics import SpecError, did_you_mean
 
 REQUIRED = object()   # a parameter with no default
 INT_MAX = 2**63 - 1   # anything beyond int64 is a typo, not a setting
+# the kernels compute in float32: every number of a spec is 0 or a normal float32 magnitude
+F32_MAX = 3.4028234663852886e38
+F32_TINY = 1.1754943508222875e-38
+F32_RANGE = "numbers are 0 or float32 magnitudes, between 1.2e-38 and 3.4e38 (the kernels compute in float32)"
+# position(r) = EXPR is checked finite at every relative distance r = i − j with |r| <= this
+POSITION_REACH = 65536
+# a user map and its derivative expand to at most this many TIR operations (attndsl.expr.plan)
+MAX_EXPANDED = 500_000
+# kde's block and the samples per row: a block of 65536 rows is exact attention up to that length
+MAX_ROWS = 65536
+# the widest feature map (favor: features; hyperbolic, trig: 2·features): the kernels vectorize a
+# whole row, and compile time grows faster than the width (4096: 70 s for float32 and float64)
+MAX_WIDTH = 1024
 
 
 @dataclass(frozen=True)
@@ -67,10 +80,10 @@ def _seed() -> Param:
 FIELDS: dict[str, FieldSpec] = {f.name: f for f in [
     FieldSpec("kernel", "kernels", _options(
         Option("softmax"), Option("relu"), Option("elu1"), Option("exp_shift"),
-        Option("favor", (Param("features", int, 256, lo=1, hi=65536), Param("orthogonal", bool, True),
+        Option("favor", (Param("features", int, 256, lo=1, hi=MAX_WIDTH), Param("orthogonal", bool, True),
                          Param("stabilize", bool, True), _seed())),
-        Option("hyperbolic", (Param("features", int, 128, lo=1, hi=65536), _seed())),
-        Option("trig", (Param("features", int, 128, lo=1, hi=65536), Param("sigma", float, 1.0, gt=0),
+        Option("hyperbolic", (Param("features", int, 128, lo=1, hi=MAX_WIDTH // 2), _seed())),
+        Option("trig", (Param("features", int, 128, lo=1, hi=MAX_WIDTH // 2), Param("sigma", float, 1.0, gt=0),
                         _seed())),
     ), default="softmax", user_var="x"),
     FieldSpec("position", "positions", _options(
@@ -82,10 +95,11 @@ FIELDS: dict[str, FieldSpec] = {f.name: f for f in [
     FieldSpec("apply", "apply modes", _options(Option("scores"), Option("values")), default="scores"),
     FieldSpec("sampling", "sampling methods", _options(
         Option("none"),
-        Option("kde", (Param("buckets", int, 16, lo=2, hi=65536), Param("block", int, 128, lo=1),
-                       Param("samples", int, 128, lo=0), _seed(),
+        Option("kde", (Param("buckets", int, 16, lo=2, hi=65536),
+                       Param("block", int, 128, lo=1, hi=MAX_ROWS),
+                       Param("samples", int, 128, lo=0, hi=MAX_ROWS), _seed(),
                        Param("residual", str, "values", names=("values", "columns")))),
-        Option("uniform", (Param("samples", int, 256, lo=1), _seed())),
+        Option("uniform", (Param("samples", int, 256, lo=1, hi=MAX_ROWS), _seed())),
     ), default="none"),
     FieldSpec("mask", "masks", _options(Option("none"), Option("causal")), default="none"),
 ]}
@@ -221,12 +235,19 @@ def convert(p: Param, v: WrittenValue, what: str) -> Value:
         x = float(x) if abs(x) <= 1e308 else math.inf
         if not math.isfinite(x):
             raise SpecError(f"{what} is not a finite number: {got}", v.span, help=f"{p.name}: {describe(p)}")
+        if not _float32(x):
+            raise SpecError(f"{what} is outside the float32 range: {got}", v.span,
+                            help=f"{p.name}: {describe(p)}; {F32_RANGE}")
     if not _in_range(p, x):
         raise SpecError(f"{what} must be {_range(p)}, got {got}", v.span, help=f"{p.name}: {describe(p)}")
     if p.type is int and abs(x) > INT_MAX:
         raise SpecError(f"{what} is too large: {got}", v.span,
                         help=f"{p.name}: {describe(p)}, at most {INT_MAX}")
     return x
+
+
+def _float32(x: float) -> bool:
+    return x == 0 or F32_TINY <= abs(x) <= F32_MAX
 
 
 def _in_range(p: Param, x: float) -> bool:
@@ -237,6 +258,8 @@ def _in_range(p: Param, x: float) -> bool:
 def _range(p: Param) -> str:
     if p.lo is not None and p.hi is not None:
         return f"in [{p.lo}, {p.hi}]"
+    if p.gt is not None and p.hi is not None:
+        return f"in ({p.gt}, {p.hi}]"
     if p.gt is not None:
         return f"> {p.gt}"
     if p.lo is not None:
@@ -279,6 +302,9 @@ def check_user_map(fs: FieldSpec, f: WrittenField) -> Choice:
         raise SpecError(f"the parameter of a {fs.name} map must be named '{fs.user_var}', not '{f.param}'",
                         f.param_span, help=f"write {fs.name}({fs.user_var}) = EXPR")
     check_expr(f.expr, fs)
+    check_size(f.expr, fs)
+    if fs.user_var == "r":
+        check_finite_position(f.expr)
     return Choice("user", expr=f.expr, span=f.span)
 
 
@@ -288,8 +314,10 @@ def check_expr(e: Expr, fs: FieldSpec) -> None:
     todo = [e]
     while todo:                     # pre-order, left to right: errors come in source order
         n = todo.pop()
-        if isinstance(n, Num) and not math.isfinite(n.value):
-            raise SpecError("number too large", n.span, help="numbers must be finite (at most about 1e308)")
+        if isinstance(n, Num) and not _float32(n.value):
+            big = not math.isfinite(n.value) or abs(n.value) > F32_MAX
+            raise SpecError(f"number too {'large' if big else 'small'}", n.span,
+                            help=F32_RANGE)
         if isinstance(n, Var) and n.name != var:
             raise _bad_variable(n, fs)
         if isinstance(n, Call):
@@ -302,6 +330,58 @@ def check_expr(e: Expr, fs: FieldSpec) -> None:
                                 f"got {len(n.args)}", n.span,
                                 help=f"write {n.func}({', '.join('abc'[:arity])})")
         todo.extend(reversed(_children(n)))
+
+
+def check_size(e: Expr, fs: FieldSpec) -> None:
+    """A map (with its derivative, for kernels) expands to at most MAX_EXPANDED operations: what
+    bounds the compile time (attndsl.expr.plan)."""
+    from .expr import diff, plan
+    size = plan(e).expanded
+    if fs.user_var == "x":
+        size += plan(diff(e, "x")).expanded
+    if size > MAX_EXPANDED:
+        what = "and its derivative expand" if fs.user_var == "x" else "expands"
+        raise SpecError(f"this {fs.name} map is too large to compile: it {what} to {size:,} operations, "
+                        f"more than {MAX_EXPANDED:,}", e.span,
+                        help="the kernels write out every repeated subexpression, so each level of a "
+                             "nested elu, softplus or small power (x ** 2) doubles the size (elu "
+                             "nested 9 deep is within the limit, 10 deep is not); nest fewer calls")
+
+
+def check_finite_position(e: Expr) -> None:
+    """position(r) = EXPR is finite at every integer |r| <= POSITION_REACH, in float64 and float32."""
+    import torch
+
+    from .expr import evaluate
+    r = torch.arange(-POSITION_REACH, POSITION_REACH + 1, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        bad = ~torch.isfinite(evaluate(e, r.to(dtype)))
+        if bad.any():
+            at = sorted(r[bad].tolist(), key=lambda x: (abs(x), x < 0))[0]     # the one nearest 0
+            culprit, value = _first_non_finite(e, torch.tensor([at], dtype=dtype))
+            where = "" if dtype == torch.float64 else " in float32"
+            raise SpecError(f"position(r) is not finite at r = {int(at)}: the underlined part is "
+                            f"{value}{where}",
+                            culprit.span,
+                            help=f"a position term must be finite at every relative distance r = i - j "
+                                 f"with |r| <= {POSITION_REACH} (sequences up to {POSITION_REACH + 1} "
+                                 f"tokens) in float32 and float64: keep log and sqrt arguments positive "
+                                 f"and divisors away from 0, e.g. log(1 + abs(r)), 1 / (1 + abs(r))")
+
+
+def _first_non_finite(e: Expr, r0) -> tuple[Expr, str]:
+    """The innermost subexpression that is not finite at r0 (a 1-element tensor) although its
+    operands are, and its value."""
+    from .expr import evaluate
+    n = e
+    while True:
+        for c in _children(n):
+            if not bool(evaluate(c, r0).isfinite().all()):
+                n = c
+                break
+        else:
+            v = float(evaluate(n, r0)[0])
+            return n, "NaN" if math.isnan(v) else f"{v}"
 
 
 def _children(n: Expr) -> tuple[Expr, ...]:
