@@ -18,9 +18,46 @@ from .schedules.cuda import TARGETS
 STAGES = ("ast", "ir", "linear", "tir", "cuda", "mlir", "linalg")
 
 
+class UsageError(Exception):
+    """A command line that cannot run (a bad option, an unreadable file): one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):          # one line, not the usage block
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _count(lo: int = 1, hi: int | None = None):
+    """An argparse type: an int in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if val < lo or (hi is not None and val > hi):
+            raise argparse.ArgumentTypeError(
+                f"must be an integer {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}, got {val}")
+        return val
+    return parse
+
+
+def _lengths(text: str) -> list[int]:
+    """--lengths: comma-separated sequence lengths, each >= 1."""
+    one = _count()
+    out = [one(n.strip()) for n in text.split(",") if n.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated lengths, got {text!r}")
+    return out
+
+
 def _load(path: str):
     from . import parse, read_spec
-    text, filename = read_spec(path)
+    from .diagnostics import SpecError
+    try:
+        text, filename = read_spec(path)
+    except SpecError as e:            # no such file, unreadable, too large: not a mistake in a spec
+        raise UsageError(e.message) from None
     return parse(text, filename=filename)
 
 
@@ -213,12 +250,12 @@ def cmd_tune(args) -> int:
                   file=sys.stderr)
             return 2
         rpc = (host, int(port), args.rpc_key)
-    lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
+    lengths = args.lengths
     forms = lowering.forms_for(target_kind(args.target))
     for spec in _blocks(args):
         planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim, forms=forms)
-        print(f"tuning {spec.name} ({args.dtype}, B·H={args.batch * args.heads}, N={args.lengths}) "
-              f"into {db}")
+        print(f"tuning {spec.name} ({args.dtype}, B·H={args.batch * args.heads}, "
+              f"N={','.join(map(str, lengths))}) into {db}")
         try:
             rows = tune.tune(planned.root, args.dtype, lengths=lengths, trials=args.trials, db_folder=db,
                              sizes=_tuning_sizes(spec, args),
@@ -232,9 +269,10 @@ def cmd_tune(args) -> int:
 
 
 def main(argv=None) -> int:
+    from . import MAX_HEAD_DIM
     from .diagnostics import SpecError
-    p = argparse.ArgumentParser(prog="attndsl", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    dim = _count(1, MAX_HEAD_DIM)
+    p = _Parser(prog="attndsl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="parse and check a spec file")
     c.add_argument("file")
@@ -243,9 +281,9 @@ def main(argv=None) -> int:
                                        "run": "compile, check against the reference, time"}[name])
         s.add_argument("file")
         s.add_argument("--name", help="the attention block (default: all)")
-        s.add_argument("--heads", type=int, default=8)
-        s.add_argument("--head-dim", type=int, default=64)
-        s.add_argument("--value-dim", type=int, default=None)
+        s.add_argument("--heads", type=_count(), default=8)
+        s.add_argument("--head-dim", type=dim, default=64)
+        s.add_argument("--value-dim", type=dim, default=None)
         if name == "emit":
             s.add_argument("--stage", choices=STAGES, default="linear")
             s.add_argument("--after", default="plan", help="with --stage mlir: the pipeline stage to "
@@ -257,19 +295,20 @@ def main(argv=None) -> int:
         else:
             s.add_argument("--target", choices=("llvm", *TARGETS), default="llvm",
                            help="llvm: this CPU; a CUDA target runs on this machine's GPU")
-            s.add_argument("--batch", type=int, default=2)
-            s.add_argument("--seq", type=int, default=1024)
-            s.add_argument("--repeat", type=int, default=5)
+            s.add_argument("--batch", type=_count(), default=2)
+            s.add_argument("--seq", type=_count(), default=1024)
+            s.add_argument("--repeat", type=_count(), default=5)
     t = sub.add_parser("tune", help="measure the knob choices of a spec's kernels into a tuning database")
     t.add_argument("file")
     t.add_argument("--name", help="the attention block (default: all)")
-    t.add_argument("--heads", type=int, default=8)
-    t.add_argument("--batch", type=int, default=1)
-    t.add_argument("--head-dim", type=int, default=64)
-    t.add_argument("--value-dim", type=int, default=None)
+    t.add_argument("--heads", type=_count(), default=8)
+    t.add_argument("--batch", type=_count(), default=1)
+    t.add_argument("--head-dim", type=dim, default=64)
+    t.add_argument("--value-dim", type=dim, default=None)
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    t.add_argument("--lengths", default="1024,4096", help="sequence lengths to time (comma-separated)")
-    t.add_argument("--trials", type=int, default=9, help="knob choices per kernel, the default included")
+    t.add_argument("--lengths", type=_lengths, default=[1024, 4096],
+                   help="sequence lengths to time (comma-separated)")
+    t.add_argument("--trials", type=_count(), default=9, help="knob choices per kernel, the default included")
     t.add_argument("--target", choices=("llvm", *TARGETS), default="llvm",
                    help="llvm: this CPU; a CUDA target: the portable kernels, timed on this machine's "
                    "GPU or through --rpc-tracker")
@@ -279,6 +318,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return {"check": cmd_check, "emit": cmd_emit, "run": cmd_run, "tune": cmd_tune}[args.cmd](args)
+    except UsageError as e:
+        print(f"attndsl {args.cmd}: {e}", file=sys.stderr)
+        return 2
     except SpecError as e:
         print(e, file=sys.stderr)
         return 1

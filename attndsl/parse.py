@@ -19,6 +19,7 @@ from .diagnostics import SpecError
 
 MAX_PARENS = 100    # nested '(' in one place
 MAX_DEPTH = 200     # levels of the parse tree (a long chain of + or - also counts)
+MAX_BYTES = 1 << 20  # a spec is a few blocks of a few lines: anything longer is the wrong file
 
 _PARSER = Lark(grammar_path().read_text(encoding="utf-8"), parser="lalr", lexer="basic",
                propagate_positions=True, maybe_placeholders=True)
@@ -37,7 +38,17 @@ def parse(text: str | bytes, filename: str = "<spec>") -> SpecFile:
     return check(blocks, filename, source)
 
 
+def too_large(size: int, filename: str) -> SpecError:
+    """The error for a spec of `size` bytes (or characters) beyond MAX_BYTES."""
+    shown = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    return SpecError(f"{filename} is {shown}: a spec is at most 1 MiB", Span(filename, 0, 0, 0, 0),
+                     help="a spec holds `attention NAME { ... }` blocks of a few lines each; "
+                          "is this the right file?")
+
+
 def _decode(text: str | bytes, filename: str) -> str:
+    if isinstance(text, (str, bytes, bytearray, memoryview)) and len(text) > MAX_BYTES:
+        raise too_large(len(text), filename)
     if isinstance(text, (bytes, bytearray, memoryview)):
         data = bytes(text)
         try:

@@ -80,12 +80,27 @@ def block_rows(sampling) -> int:
     return int(sampling["block"]) if sampling.name == "kde" else 1
 
 
+# the samples of one call, B·H·samples, take about 48 bytes each: at most 2^25 (1.5 GiB)
+MAX_DRAWN = 1 << 25
+
+
+def check_size(sampling, BH: int, N: int) -> None:
+    """A ValueError, before any allocation, when a call would draw more than MAX_DRAWN samples."""
+    S = int(sampling["samples"])
+    if BH * S > MAX_DRAWN:
+        raise ValueError(
+            f"sampling = {sampling.name}(samples={S}) draws {S} keys for each of the B·H = {BH} "
+            f"rows: {BH * S:,} samples, {BH * S * 48 / 2**30:.1f} GiB, more than {MAX_DRAWN:,} per "
+            f"call; use fewer samples (a query reads {N} keys in exact attention) or a smaller batch")
+
+
 def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed: int,
          scale: float | None = None) -> Samples:
     """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv); scale s (default 1/√Dk).
     The random numbers come from a CPU generator whatever the tensors' device, so a seed draws the
     same samples on a GPU as on the CPU."""
     BH, N, _ = k.shape
+    check_size(sampling, BH, N)
     S = int(sampling["samples"])
     dev = k.device
     gen = torch.Generator().manual_seed(seed)
