@@ -33,16 +33,18 @@ def _softplus(u):  # log(1 + e^u) = max(u, 0) + log(1 + e^−|u|), no overflow
 # the vectorized forms (lowering/vmath.py): fast, but they read their argument many times
 FUNCTIONS: dict[str, Callable[..., tirx.PrimExpr]] = {
     "exp": vmath.exp, "log": tirx.log, "abs": tirx.abs, "sqrt": tirx.sqrt,
-    "relu": lambda u: tirx.max(u, _const(0, u)),
+    "relu": lambda u: tirx.Select(u <= _const(0, u), _const(0, u), u),     # NaN stays NaN
     "elu": lambda u: tirx.Select(u > _const(0, u), u, vmath.exp(u) - _const(1, u)),
     "sigmoid": lambda u: _const(1, u) / (_const(1, u) + vmath.exp(-u)),
     "tanh": tirx.tanh, "softplus": _softplus,
     "sin": lambda u: vmath.cos(u, -1), "cos": vmath.cos,
-    "min": tirx.min, "max": tirx.max,
+    # TVM's max(a, b) is a > b ? a : b, which drops a NaN in a (and min likewise): keep it
+    "min": lambda a, b: tirx.Select(tirx.isnan(a), a, tirx.min(a, b)),
+    "max": lambda a, b: tirx.Select(tirx.isnan(a), a, tirx.max(a, b)),
     "step": lambda u: tirx.Select(u > _const(0, u), _const(1, u), _const(0, u)),
     "sign": lambda u: tirx.Select(u > _const(0, u), _const(1, u),
                                   tirx.Select(u < _const(0, u), _const(-1, u), _const(0, u))),
-    "elu_grad": lambda u: vmath.exp(tirx.min(u, _const(0, u))),       # 1 for u > 0, else e^u
+    "elu_grad": lambda u: tirx.Select(u > _const(0, u), _const(1, u), vmath.exp(u)),
 }
 
 # the forms that read their argument at most twice (libm calls, one lane at a time): for arguments
@@ -50,13 +52,13 @@ FUNCTIONS: dict[str, Callable[..., tirx.PrimExpr]] = {
 LIBM: dict[str, Callable[..., tirx.PrimExpr]] = {
     **FUNCTIONS,
     "exp": tirx.exp,
-    "elu": lambda u: tirx.max(u, _const(0, u)) + tirx.min(tirx.exp(u) - _const(1, u), _const(0, u)),
+    "elu": lambda u: tirx.Select(u <= _const(0, u), tirx.exp(u) - _const(1, u), u),   # NaN stays NaN
     "sigmoid": lambda u: _const(1, u) / (_const(1, u) + tirx.exp(-u)),
     "softplus": lambda u: tirx.max(u, _const(0, u)) + tirx.log(_const(1, u) + tirx.exp(-tirx.abs(u))),
     "sin": tirx.sin, "cos": tirx.cos,
     "sign": lambda u: (tirx.Select(u > _const(0, u), _const(1, u), _const(0, u))
                        - tirx.Select(u < _const(0, u), _const(1, u), _const(0, u))),
-    "elu_grad": lambda u: tirx.exp(tirx.min(u, _const(0, u))),
+    "elu_grad": lambda u: tirx.Select(u > _const(0, u), _const(1, u), tirx.exp(u)),
 }
 
 BINARY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,
@@ -97,7 +99,10 @@ def to_tir(e: Expr, value: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
             out = _power(args[0], n.right, args[1]) if n.op == "**" else BINARY[n.op](*args)
         else:
             out = (FUNCTIONS if p.fast[i] else LIBM)[n.func](*args)
-        if reads[i] > 1 and not isinstance(out, (tirx.Var, tirx.IntImm, tirx.FloatImm)):
+        # the variable's own value is repeated, not bound: it is a load (and a scale), and the
+        # builtin maps (elu1, relu) keep the TIR the shipped tuning records were measured on
+        if reads[i] > 1 and not isinstance(n, (Var, Num)) \
+                and not isinstance(out, (tirx.Var, tirx.IntImm, tirx.FloatImm)):
             v = tirx.Var(f"e{len(bindings)}", dtype)
             bindings.append((v, out))
             out = v
