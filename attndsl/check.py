@@ -20,8 +20,11 @@ F32_TINY = 1.1754943508222875e-38
 F32_RANGE = "numbers are 0 or float32 magnitudes, between 1.2e-38 and 3.4e38 (the kernels compute in float32)"
 # position(r) = EXPR is checked finite at every relative distance r = i − j with |r| <= this
 POSITION_REACH = 65536
-# a user map and its derivative expand to at most this many TIR operations (attndsl.expr.plan)
+# a user map and its derivative expand to at most this many TIR operations, and make at most this
+# many transcendental calls (attndsl.expr.plan): what bounds TVM's and LLVM's time. A position map
+# is spliced into more kernels (the FFT forms' four): half as many operations.
 MAX_EXPANDED = 500_000
+MAX_CALLS = 40
 # kde's block and the samples per row: a block of 65536 rows is exact attention up to that length
 MAX_ROWS = 65536
 # the widest feature map (favor: features; hyperbolic, trig: 2·features): the kernels vectorize a
@@ -333,19 +336,27 @@ def check_expr(e: Expr, fs: FieldSpec) -> None:
 
 
 def check_size(e: Expr, fs: FieldSpec) -> None:
-    """A map (with its derivative, for kernels) expands to at most MAX_EXPANDED operations: what
-    bounds the compile time (attndsl.expr.plan)."""
+    """A map (with its derivative, for kernels) expands to at most MAX_EXPANDED operations and makes
+    at most MAX_CALLS transcendental calls: what bounds the compile time (attndsl.expr.plan)."""
     from .expr import diff, plan
-    size = plan(e).expanded
-    if fs.user_var == "x":
-        size += plan(diff(e, "x")).expanded
-    if size > MAX_EXPANDED:
-        what = "and its derivative expand" if fs.user_var == "x" else "expands"
-        raise SpecError(f"this {fs.name} map is too large to compile: it {what} to {size:,} operations, "
-                        f"more than {MAX_EXPANDED:,}", e.span,
+    plans = [plan(e)] + ([plan(diff(e, "x"))] if fs.user_var == "x" else [])
+    size, calls = sum(p.expanded for p in plans), sum(p.calls for p in plans)
+    what = "and its derivative" if fs.user_var == "x" else ""
+    most = MAX_EXPANDED if fs.user_var == "x" else MAX_EXPANDED // 2
+    if size > most:
+        raise SpecError(f"this {fs.name} map is too large to compile: it {what + ' ' if what else ''}"
+                        f"expand{'' if what else 's'} to {size:,} operations, more than {most:,}",
+                        e.span,
                         help="the kernels write out every repeated subexpression, so each level of a "
-                             "nested elu, softplus or small power (x ** 2) doubles the size (elu "
-                             "nested 9 deep is within the limit, 10 deep is not); nest fewer calls")
+                             "nested elu, softplus, min, max or small power (x ** 2) multiplies the "
+                             "size (elu nests at most 6 deep); nest fewer calls")
+    if calls > MAX_CALLS:
+        raise SpecError(f"this {fs.name} map is too large to compile: it {what + ' ' if what else ''}"
+                        f"make{'' if what else 's'} {calls} calls of exp, log, sin, cos, tanh, sigmoid, "
+                        f"softplus, elu or ** (non-integer powers), more than {MAX_CALLS}", e.span,
+                        help=f"at most {MAX_CALLS} such calls{' counting the derivative' if what else ''} "
+                             f"(a product of n sines has n in the map and 2n in its derivative); "
+                             f"use fewer terms")
 
 
 def check_finite_position(e: Expr) -> None:

@@ -164,15 +164,18 @@ def diff(e: Expr, var: str) -> Expr:
 # an EXPR as if every shared subexpression were written out: their time follows that expanded
 # size, not the size of the DAG. Per function, the TIR of lowering/expr_tir.py (float64, the larger):
 # (nodes, reads of the argument) of the vectorized form (lowering/vmath.py: fast to run, but large
-# and reading its argument many times) and of the libm form (one lane at a time; at most two
+# and reading its argument many times) and of the libm form (one lane at a time; at most three
 # reads). tests/test_expr.py checks these numbers against the TIR.
 TIR_COST: dict[str, tuple[int, int, int, int]] = {
-    "exp": (335, 44, 2, 1), "elu": (342, 46, 10, 2), "sigmoid": (427, 44, 8, 1),
+    "exp": (335, 44, 2, 1), "elu": (342, 46, 9, 3), "sigmoid": (427, 44, 8, 1),
     "softplus": (474, 45, 12, 2), "sin": (1521, 213, 2, 1), "cos": (1521, 213, 2, 1),
-    "elu_grad": (423, 44, 4, 1), "sign": (13, 2, 13, 2), "step": (6, 1, 6, 1), "relu": (3, 1, 3, 1),
+    "elu_grad": (340, 45, 7, 2), "sign": (13, 2, 13, 2), "step": (6, 1, 6, 1), "relu": (6, 2, 6, 2),
     "log": (2, 1, 2, 1), "abs": (2, 1, 2, 1), "sqrt": (2, 1, 2, 1), "tanh": (2, 1, 2, 1),
-    "min": (1, 1, 1, 1), "max": (1, 1, 1, 1),
+    "min": (5, 3, 5, 3), "max": (5, 3, 5, 3),             # NaN-keeping: the first argument 3 times
 }
+# the calls that are libm calls or vmath polynomials: LLVM's time grows with their number (a libm
+# call in a vectorized loop becomes one call per lane)
+TRANSCENDENTAL = frozenset({"exp", "log", "sin", "cos", "tanh", "sigmoid", "softplus", "elu", "elu_grad"})
 FAST_ARG_MAX = 16        # the vectorized form takes arguments that expand to at most this many nodes
 FAST_BUDGET = 3200       # and an EXPR spends at most this many nodes on vectorized forms (LLVM's time)
 VAR_SIZE = 3             # the variable's value: x·c, or a cast of r
@@ -210,6 +213,12 @@ class Plan:
     def expanded(self) -> int:
         """The expanded size of the whole EXPR."""
         return self.size[self.root]
+
+    @property
+    def calls(self) -> int:
+        """The distinct transcendental calls (and powers that are not products)."""
+        return sum(1 for n in self.nodes if (isinstance(n, Call) and n.func in TRANSCENDENTAL)
+                   or (isinstance(n, Binary) and n.op == "**" and small_power(n.right) is None))
 
 
 def plan(e: Expr) -> Plan:

@@ -47,7 +47,7 @@ FUNCTIONS: dict[str, Callable[..., tirx.PrimExpr]] = {
     "elu_grad": lambda u: tirx.Select(u > _const(0, u), _const(1, u), vmath.exp(u)),
 }
 
-# the forms that read their argument at most twice (libm calls, one lane at a time): for arguments
+# the forms that read their argument at most three times (libm calls, one lane at a time): for arguments
 # that expand to many nodes, or once the plan's budget of vectorized code is spent
 LIBM: dict[str, Callable[..., tirx.PrimExpr]] = {
     **FUNCTIONS,
