@@ -70,6 +70,17 @@ class Call:
 
 Expr = Union[Num, Var, Unary, Binary, Call]
 
+
+def children(e: Expr) -> tuple[Expr, ...]:
+    """The operands of an EXPR node (none for numbers and the variable)."""
+    if isinstance(e, Unary):
+        return (e.operand,)
+    if isinstance(e, Binary):
+        return (e.left, e.right)
+    if isinstance(e, Call):
+        return e.args
+    return ()
+
 # name -> arity of the functions an EXPR may call
 FUNCTIONS: dict[str, int] = {
     "exp": 1, "log": 1, "abs": 1, "sqrt": 1, "relu": 1, "elu": 1, "sigmoid": 1,

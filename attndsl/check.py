@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from .ast import (FUNCTIONS, AttentionSpec, Binary, Call, Choice, Expr, Num, SpecFile, Span, Unary,
-                  Value, Var, WrittenArg, WrittenBlock, WrittenField, WrittenValue)
+                  Value, Var, WrittenArg, WrittenBlock, WrittenField, WrittenValue, children)
 from .diagnostics import SpecError, did_you_mean
 
 REQUIRED = object()   # a parameter with no default
@@ -334,7 +334,7 @@ def check_expr(e: Expr, fs: FieldSpec) -> None:
                 raise SpecError(f"{n.func} takes {arity} argument{'s' if arity > 1 else ''}, "
                                 f"got {len(n.args)}", n.span,
                                 help=f"write {n.func}({', '.join('abc'[:arity])})")
-        todo.extend(reversed(_children(n)))
+        todo.extend(reversed(children(n)))
 
 
 def check_size(e: Expr, fs: FieldSpec) -> None:
@@ -389,7 +389,7 @@ def _first_non_finite(e: Expr, r0) -> tuple[Expr, str]:
     from .expr import evaluate
     n = e
     while True:
-        for c in _children(n):
+        for c in children(n):
             if not bool(evaluate(c, r0).isfinite().all()):
                 n = c
                 break
@@ -398,14 +398,6 @@ def _first_non_finite(e: Expr, r0) -> tuple[Expr, str]:
             return n, "NaN" if math.isnan(v) else f"{v}"
 
 
-def _children(n: Expr) -> tuple[Expr, ...]:
-    if isinstance(n, Unary):
-        return (n.operand,)
-    if isinstance(n, Binary):
-        return (n.left, n.right)
-    if isinstance(n, Call):
-        return n.args
-    return ()
 
 
 def _bad_variable(n: Var, fs: FieldSpec) -> SpecError:

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .ast import Binary, Call, Expr, Num, Unary, Var
+from .ast import Binary, Call, Expr, Num, Unary, Var, children
 
 # functions that only derivatives produce: step(u) = [u > 0], sign(u), elu_grad(u) = d elu / du
 INTERNAL_FUNCTIONS = {"step": 1, "sign": 1, "elu_grad": 1}
@@ -187,16 +187,6 @@ def small_power(b: Expr) -> int | None:
     if isinstance(b, Num) and float(b.value).is_integer() and 0 <= b.value <= SMALL_POWER:
         return int(b.value)
     return None
-
-
-def children(e: Expr) -> tuple[Expr, ...]:
-    if isinstance(e, Unary):
-        return (e.operand,)
-    if isinstance(e, Binary):
-        return (e.left, e.right)
-    if isinstance(e, Call):
-        return e.args
-    return ()
 
 
 @dataclass
