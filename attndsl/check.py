@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .ast import (FUNCTIONS, AttentionSpec, Binary, Call, Choice, Expr, Num, SpecFile, Span, Unary,
+from .ast import (FUNCTIONS, AttentionSpec, Call, Choice, Expr, Num, SpecFile, Span,
                   Value, Var, WrittenArg, WrittenBlock, WrittenField, WrittenValue, children)
 from .diagnostics import SpecError, did_you_mean
 
