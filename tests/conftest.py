@@ -31,3 +31,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def assert_close(name: str, ref: torch.Tensor, got: torch.Tensor, rtol: float) -> None:
     err = rel_err(got, ref)
     assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
+
+
+def assert_matches_reference(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             dtype: torch.dtype) -> torch.Tensor:
+    """attn on q, k, v in `dtype` against its reference in float64, forward and dq, dk, dv for one
+    random output gradient (RTOL, 20·RTOL); returns the compiled output."""
+    q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
+    ref = attn.reference(q64, k64, v64)
+    qc, kc, vc = (t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v))
+    out = attn(qc, kc, vc)
+    assert_close("out", ref, out, RTOL[dtype])
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out.backward(g.to(dtype))
+    for name, a, b in (("dq", q64, qc), ("dk", k64, kc), ("dv", v64, vc)):
+        assert_close(name, a.grad, b.grad, 20 * RTOL[dtype])
+    return out

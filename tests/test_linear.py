@@ -9,7 +9,7 @@ import attndsl
 from attndsl import ops
 from attndsl.ir import postorder
 
-from conftest import RTOL, assert_close
+from conftest import RTOL, assert_close, assert_matches_reference
 
 KERNELS = {
     "relu": "kernel = relu",
@@ -54,17 +54,8 @@ CASES = [(kern, mask) for kern in KERNELS for mask in MASKS]
 def test_forward_backward_match_reference(kernel, mask, dtype):
     attn = compiled(kernel, mask)
     q, k, v = inputs(2, 2, 37, 8, 6, dtype, kernel)
-    q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
-    ref = attn.reference(q64, k64, v64)
-    qc, kc, vc = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = attn(qc, kc, vc)
+    out = assert_matches_reference(attn, q, k, v, dtype)
     assert out.dtype == dtype and out.shape == (2, 2, 37, 6)
-    assert_close("out", ref, out, RTOL[dtype])
-    g = torch.randn_like(ref)
-    ref.backward(g)
-    out.backward(g.to(dtype))
-    for name, a, b in (("dq", q64, qc), ("dk", k64, kc), ("dv", v64, vc)):
-        assert_close(name, a.grad, b.grad, 20 * RTOL[dtype])
 
 
 @pytest.mark.parametrize("kernel,mask", CASES, ids=[f"{k}-{m}" for k, m in CASES])

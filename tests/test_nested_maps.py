@@ -15,7 +15,7 @@ import attndsl
 from attndsl.ast import Call, Var
 from attndsl.expr import diff, plan
 
-from conftest import RTOL, assert_close
+from conftest import assert_matches_reference
 
 
 def nest(func: str, depth: int, var: str = "x") -> str:
@@ -73,13 +73,4 @@ def compiled(case: str) -> attndsl.Attention:
 def test_nested_maps_match_the_reference(case, dtype):
     attn = compiled(case)
     q, k, v = 0.5 * torch.randn(2, 2, 37, 8), 0.5 * torch.randn(2, 2, 37, 8), torch.randn(2, 2, 37, 6)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref = attn.reference(q64, k64, v64)
-    qc, kc, vc = (t.to(dtype).requires_grad_() for t in (q, k, v))
-    out = attn(qc, kc, vc)
-    assert_close("out", ref, out, RTOL[dtype])
-    g = torch.randn_like(ref)
-    ref.backward(g)
-    out.backward(g.to(dtype))
-    for name, a, b in (("dq", q64, qc), ("dk", k64, kc), ("dv", v64, vc)):
-        assert_close(name, a.grad, b.grad, 20 * RTOL[dtype])
+    assert_matches_reference(attn, q, k, v, dtype)
