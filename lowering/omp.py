@@ -64,7 +64,7 @@ int attndsl_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_tas
 
 _SHIM: ctypes.CDLL | None | bool = None      # False: unavailable (no compiler, or switched off)
 _LOADED: list[ctypes.CDLL] = []               # every kernel library loaded in this process
-_forked = False                               # this process is a fork() child of one that loaded any
+_forked = False                               # this process is a fork() child (of one that imported this)
 
 
 class _GroupEnv(ctypes.Structure):
