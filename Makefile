@@ -34,6 +34,7 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_kde_accuracy.py
 	$(PY) benchmarks/bench_fft.py
 	$(PY) benchmarks/bench_tuning.py
+	$(PY) benchmarks/bench_nonfinite.py
 	$(PY) benchmarks/bench_gpu.py
 
 # re-measure this CPU class's records of the shipped tuning database (schedules/tuned/; the other
