@@ -85,6 +85,7 @@ class Attention(nn.Module):
         self.tuned = tuned                       # False: the default knobs, whatever the databases say
         self.planned = pipeline.run(spec, head_dim, self.value_dim, plan_name=plan, forms=self._forms())
         self._kappa: dict = {}                   # (N, causal) -> κ of a fixed position term (precision.py)
+        self._warned_float64: set[int] = set()   # lengths told they compute in float64
         self._libs: dict[str, str] = {}          # kernel dtype -> library key in ops
         self._build_log: list[str] = []
         self._tuning: dict[str, tuple] = {}       # kernel dtype -> (databases read, {kernel: choice})
@@ -282,8 +283,8 @@ class Attention(nn.Module):
         what = "the learned position table" if position.name == "toeplitz" else "this position term"
         if chosen is None:
             raise precision.refusal(kappa, n, dtype, what)
-        if chosen != dtype and ("warned", n) not in self._kappa:
-            self._kappa["warned", n] = True
+        if chosen != dtype and n not in self._warned_float64:
+            self._warned_float64.add(n)
             warnings.warn(f"attndsl: {self.spec.name} at N={n} computes in float64 (the Toeplitz-FFT "
                           f"form cannot resolve {what} in {str(dtype).removeprefix('torch.')}: condition "
                           f"κ = {kappa:.3g} > {precision.limit(dtype):.3g}); the output keeps its dtype",
