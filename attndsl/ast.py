@@ -119,6 +119,12 @@ class Choice:
             return default
 
 
+# the feature maps whose values can all be zero (or whose normalizer can be ≤ 0: trig), so that a
+# row's normalizer can vanish; they get a floor of DEFAULT_EPS unless the spec sets `eps`
+VANISHING_MAPS = frozenset({"relu", "trig", "user"})
+DEFAULT_EPS = 1e-6
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """One `attention NAME { ... }` block, every field present (defaults filled in).
@@ -129,6 +135,8 @@ class AttentionSpec:
     sampling: none | kde | uniform
     mask:     none | causal
     scale:    None means 1/sqrt(head_dim)
+    eps:      the normalizer's floor (out_i = num_i / (den_i + eps)); None means the kernel's
+              default, `floor` below
     """
 
     name: str
@@ -138,6 +146,7 @@ class AttentionSpec:
     sampling: Choice
     mask: Choice
     scale: float | None
+    eps: float | None = None
     span: Span = field(default=NOWHERE, compare=False)
     # span of each field as written (absent when the field took its default)
     field_spans: tuple[tuple[str, Span], ...] = field(default=(), compare=False)
@@ -151,6 +160,21 @@ class AttentionSpec:
     @property
     def causal(self) -> bool:
         return self.mask.name == "causal"
+
+    @property
+    def stabilized(self) -> bool:
+        """Whether the kernel divides φ by a data-dependent stabilizer (favor unless
+        stabilize = false, hyperbolic, exp_shift)."""
+        k = self.kernel
+        return k.name in ("hyperbolic", "exp_shift") or (k.name == "favor" and bool(k["stabilize"]))
+
+    @property
+    def floor(self) -> float:
+        """eps as written, else 1e-6 for a feature map that can be zero (relu, trig, a user map) and
+        0 for one that cannot (elu1, favor, hyperbolic, exp_shift) and for softmax."""
+        if self.eps is not None:
+            return float(self.eps)
+        return DEFAULT_EPS if self.kernel.name in VANISHING_MAPS else 0.0
 
 
 @dataclass(frozen=True)

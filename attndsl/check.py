@@ -109,7 +109,13 @@ FIELDS: dict[str, FieldSpec] = {f.name: f for f in [
     FieldSpec("mask", "masks", _options(Option("none"), Option("causal")), default="none"),
 ]}
 SCALE = Param("scale", float, None, gt=0, absent="1/sqrt(head_dim)")
-FIELD_NAMES = (*FIELDS, "scale")
+EPS = Param("eps", float, None, lo=0,
+            absent="1e-6 with relu, trig or a user map, 0 with the strictly positive maps")
+NUMBERS = {"scale": SCALE, "eps": EPS}          # the fields that take a plain number
+FIELD_NAMES = (*FIELDS, *NUMBERS)
+# the maps whose stabilizer rescales the normalizer by a data-dependent factor: a floor added to it
+# would mean something different for every input, so they take no eps (they are strictly positive)
+STABILIZED = {"favor": "favor(stabilize=true)", "hyperbolic": "hyperbolic", "exp_shift": "exp_shift"}
 
 
 def check(blocks: tuple[WrittenBlock, ...], filename: str, source: str) -> SpecFile:
@@ -139,12 +145,13 @@ def check_block(b: WrittenBlock) -> AttentionSpec:
             raise SpecError(f"duplicate field '{f.name}' (first set at line {written[f.name].span.line})",
                             f.name_span, help=f"set each field once; remove one of the two '{f.name}' lines")
         written[f.name] = f
-        values[f.name] = check_scale(f) if f.name == "scale" else check_field(FIELDS[f.name], f)
+        values[f.name] = check_number(f) if f.name in NUMBERS else check_field(FIELDS[f.name], f)
     for name, fs in FIELDS.items():
         if name not in values:
             values[name] = Choice(fs.default, default_params(fs.options[fs.default]), span=b.span)
     spec = AttentionSpec(b.name, values["kernel"], values["position"], values["apply"],
-                         values["sampling"], values["mask"], values.get("scale"), span=b.span,
+                         values["sampling"], values["mask"], values.get("scale"), values.get("eps"),
+                         span=b.span,
                          field_spans=tuple((k, f.span) for k, f in written.items()))
     check_combination(spec)
     return spec
@@ -170,10 +177,11 @@ def _user_map_hint(fs: FieldSpec) -> str:
     return f", or a user map {fs.name}({fs.user_var}) = EXPR" if fs.user_var else ""
 
 
-def check_scale(f: WrittenField) -> float:
+def check_number(f: WrittenField) -> float:
     if f.expr is not None:
-        raise SpecError("scale is a number, not a map", f.name_span, help="write e.g. scale = 0.125")
-    return convert(SCALE, f.value, "scale")
+        example = {"scale": "0.125", "eps": "1e-6"}[f.name]
+        raise SpecError(f"{f.name} is a number, not a map", f.name_span, help=f"write e.g. {f.name} = {example}")
+    return float(convert(NUMBERS[f.name], f.value, f.name))
 
 
 def default_params(option: Option) -> tuple[tuple[str, Value], ...]:
@@ -439,8 +447,26 @@ def check_combination(spec: AttentionSpec) -> None:
             raise SpecError(f"kde buckets must be a power of two, got {buckets}", spec.span_of("sampling"),
                             help=f"the buckets are the sign patterns of log2(buckets) hyperplanes; "
                                  f"try {1 << (buckets.bit_length() - 1)} or {1 << buckets.bit_length()}")
+    check_eps(spec)
     if spec.apply.name == "values" and spec.position.name == "none":
         raise SpecError("apply = values needs a position term: there is nothing to apply",
                         spec.span_of("apply"),
                         help="set position = toeplitz(max_distance=...), alibi or position(r) = EXPR, "
                              "or remove `apply`")
+
+
+def check_eps(spec: AttentionSpec) -> None:
+    """eps floors a feature map's normalizer; softmax's is ≥ 1 and a stabilized map's is rescaled."""
+    if not spec.eps:
+        return
+    kernel = spec.kernel
+    if kernel.name == "softmax":
+        raise SpecError("eps applies to feature-map kernels; softmax takes none", spec.span_of("eps"),
+                        help="softmax's normalizer is at least 1 once its row maximum is subtracted, "
+                             "so it never vanishes; remove `eps`")
+    if spec.stabilized:
+        raise SpecError(f"eps cannot be combined with {STABILIZED[kernel.name]}", spec.span_of("eps"),
+                        help="its stabilizer rescales every normalizer by a factor that depends on the "
+                             "inputs, so a floor would too; the map is strictly positive and needs none: "
+                             "remove `eps`" + (", or write favor(stabilize=false)" if kernel.name == "favor"
+                                               else ""))

@@ -152,9 +152,10 @@ class Masked(Node):
 
 @dataclass(frozen=True)
 class Normalize(Node):
-    """out_i = Σ_j A_ij v_j / Σ_j A_ij."""
+    """out_i = Σ_j A_ij v_j / (Σ_j A_ij + eps); eps (the spec's floor) None for 0."""
     scores: Node
     v: Node
+    eps: float | None = None
     span: Span = field(default=NOWHERE, compare=False)
 
     @property
@@ -205,7 +206,7 @@ class Sample(Node):
 class LinearAttention(Node):
     """out_i = φq_i·Σ_{j∈M(i)} φk_j v_jᵀ / φq_i·Σ_{j∈M(i)} φk_j; `form` is chosen by the planner.
     With `phi` set (an elementwise map fused in), qf and kf are the raw q, k and the kernel
-    applies φ(prescale·x) itself."""
+    applies φ(prescale·x) itself. The normalizer gets + eps when eps is set."""
     qf: Node
     kf: Node
     v: Node
@@ -213,6 +214,7 @@ class LinearAttention(Node):
     form: str | None = None
     phi: Choice | None = None
     prescale: float | None = None
+    eps: float | None = None
     span: Span = field(default=NOWHERE, compare=False)
 
     @property
@@ -224,13 +226,15 @@ class LinearAttention(Node):
 class PositionalAttention(Node):
     """Linear attention with a relative-position weight (Luo et al. 2021), c(r) = exp(b(r)):
     out_i = Σ_{j∈M(i)} c(i−j) (φq_i·φk_j) v_j / Σ_{j∈M(i)} c(i−j) (φq_i·φk_j).
-    The weights form a Toeplitz matrix; `form` (FFT, banded, decayed) is chosen by the planner."""
+    The weights form a Toeplitz matrix; `form` (FFT, banded, decayed) is chosen by the planner.
+    The normalizer gets + eps when eps is set."""
     qf: Node
     kf: Node
     v: Node
     bias: Node
     causal: bool
     form: str | None = None
+    eps: float | None = None
     span: Span = field(default=NOWHERE, compare=False)
 
     @property

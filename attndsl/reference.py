@@ -96,10 +96,10 @@ def reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if spec.kernel.name == "softmax":                   # A = exp(s q·k + b) M, normalised
         logits = kv if scores_bias is None else kv + scores_bias
         a = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
-    else:                                               # A = κ exp(b) M, normalised
+    else:                                               # A = κ exp(b) M, normalised, floored
         a = kv if scores_bias is None else kv * torch.exp(scores_bias)
         a = a.masked_fill(~mask, 0)                     # select: a masked NaN stays out
-        a = a / a.sum(-1, keepdim=True)
+        a = a / (a.sum(-1, keepdim=True) + spec.floor)
     out = masked_matmul(a, mask, v)
     if bias is not None and spec.apply.name == "values":  # + Σ_j M_ij b(i − j) v_j (FastRPB)
         out = out + masked_matmul(bias.masked_fill(~mask, 0), mask, v)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from attndsl import config
+from attndsl.passes.geometric import decayed_floor
 from attndsl.schedules.knobs import resolve
 
 config.export_tvm_threads()          # before the first kernel starts TVM's thread pool
@@ -59,7 +60,8 @@ def _linear_attention(node: LinearAttention, names, dtype, knobs):
     phi = dphi = None
     if node.phi is not None:                     # fused elementwise map (passes/fuse_maps.py)
         phi, dphi = featuremap.elementwise_pair(map_kernel_of(node.phi, m, m, node.prescale), dtype)
-    return {names[0]: linear.linear_forward(names[0], m, d, dtype, causal, phi, knobs=knobs.get(names[0])),
+    return {names[0]: linear.linear_forward(names[0], m, d, dtype, causal, phi, knobs=knobs.get(names[0]),
+                                            eps=node.eps),
             names[1]: linear.linear_backward(names[1], m, d, dtype, causal, phi, dphi,
                                              knobs=knobs.get(names[1]))}
 
@@ -73,16 +75,19 @@ def _positional_attention(node: PositionalAttention, names, dtype, knobs):
     from . import banded, linear, toeplitz
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
     if node.form == "banded":                    # a clipped table: far keys by prefix sums
-        return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal, knobs.get(names[0])),
+        return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal, knobs.get(names[0]),
+                                                eps=node.eps),
                 names[1]: banded.banded_backward(names[1], m, d, dtype, node.causal, knobs.get(names[1]))}
     if node.form == "decayed":                   # γ = exp(−TAB[h, later]) per head and direction
         def slope(TAB, h, later):                # TAB (H, 2): rates for earlier, later keys
             return TAB[h, 1 if later else 0]
         return {names[0]: linear.linear_forward(names[0], m, d, dtype, node.causal, slope=slope,
-                                                knobs=knobs.get(names[0])),
+                                                knobs=knobs.get(names[0]),
+                                                eps=decayed_floor(node.eps, pos)),
                 names[1]: linear.linear_backward(names[1], m, d, dtype, node.causal, slope=slope,
                                                  knobs=knobs.get(names[1]))}
-    return {names[0]: toeplitz.scores_forward(names[0], m, d, dtype, node.causal, pos, knobs.get(names[0])),
+    return {names[0]: toeplitz.scores_forward(names[0], m, d, dtype, node.causal, pos, knobs.get(names[0]),
+                                              eps=node.eps),
             names[1]: toeplitz.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos),
                                                knobs.get(names[1]))}
 
@@ -165,7 +170,7 @@ def _portable_linear(node: LinearAttention, names, dtype, knobs, gpu):
     if node.phi is not None:
         phi, dphi = featuremap.elementwise_pair(map_kernel_of(node.phi, m, m, node.prescale), dtype)
     cf, cb = _knob(knobs, names, "portable_linear", "chunk")
-    return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, causal, phi, chunk=cf),
+    return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, causal, phi, chunk=cf, eps=node.eps),
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, causal, phi, dphi, chunk=cb)}
 
 
@@ -174,14 +179,16 @@ def _portable_positional(node: PositionalAttention, names, dtype, knobs, gpu):
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
     if node.form == "toeplitz_fft":              # a thread block per FFT work row
         tf, tb = _knob(knobs, names, "portable_fft", "threads")
-        return {names[0]: fft_blocks.scores_forward(names[0], m, d, dtype, node.causal, pos, gpu, tf),
+        return {names[0]: fft_blocks.scores_forward(names[0], m, d, dtype, node.causal, pos, gpu, tf,
+                                                    eps=node.eps),
                 names[1]: fft_blocks.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos), gpu,
                                                      tb)}
     cf, cb = _knob(knobs, names, "portable_linear", "chunk")
     if node.form == "banded":                    # a clipped table: the band by offsets, far keys by chunks
-        return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf),
+        return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf, eps=node.eps),
                 names[1]: te_forms.banded_backward(names[1], m, d, dtype, node.causal, chunk=cb)}
-    return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, decayed=True, chunk=cf),
+    return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, decayed=True, chunk=cf,
+                                              eps=decayed_floor(node.eps, pos)),
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, node.causal, decayed=True, chunk=cb)}
 
 

@@ -20,6 +20,8 @@ contiguous vector: w(s, t) = CE[R0 + (ci − kc)·C + t − s].
 """
 from __future__ import annotations
 
+import math
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -46,9 +48,11 @@ def _chunks(N, C):
     return (N + C - 1) // C
 
 
-def _weights(dtype: str, causal: bool):
-    """weights(TAB, h, N, W, R0, CE, CPM): CE[R0 + r] = c_h(r) for |r| ≤ R0, CPM = (c₊, c₋)."""
+def _weights(dtype: str, causal: bool, eps: float | None = None):
+    """weights(TAB, h, N, W, R0, CE, CPM): CE[R0 + r] = c_h(r) for |r| ≤ R0, CPM = (c₊, c₋), and
+    with `eps` CPM[2] = eps·exp(−max b), the floor in the weights' units."""
     zero = T.cast(0, dtype)
+    floored = bool(eps)
 
     def occurs(r, N):
         return tirx.And(r >= 0, r < N) if causal else tirx.And(r > -N, r < N)
@@ -66,20 +70,24 @@ def _weights(dtype: str, causal: bool):
                              T.exp(T.min(TAB[h, slot(e - R0, W)] - mx[0], zero)), zero)
         CPM[0] = T.exp(T.min(TAB[h, 2 * W] - mx[0], zero))
         CPM[1] = zero if causal else T.exp(T.min(TAB[h, 0] - mx[0], zero))
+        if floored:
+            CPM[2] = T.exp(T.cast(math.log(eps), dtype) - mx[0])
 
     return weights
 
 
-def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: dict | None = None):
-    """(Qf, Kf, V, TAB, O out, DEN out, unused). DEN_i = Σ_j c(i−j) κ_ij, O_i = Σ_j c(i−j) κ_ij V_j / DEN_i.
-    `knobs`: the chunk C (schedules/knobs.py "banded")."""
+def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: dict | None = None,
+                   eps: float | None = None):
+    """(Qf, Kf, V, TAB, O out, DEN out, unused). DEN_i = Σ_j c(i−j) κ_ij (+ eps·exp(−max b) with
+    `eps`), O_i = Σ_j c(i−j) κ_ij V_j / DEN_i. `knobs`: the chunk C (schedules/knobs.py "banded")."""
     C = resolve("banded", knobs)["chunk"]
     L, zero, load, load_t, _, _ = _helpers(dtype, C)
     HL = cpu.lanes(dtype)         # register tiles follow the host's vector unit (schedules/cpu.py)
     R = cpu.tile_rows(D, HL, C)   # rows of a (·, D) tile
     R1 = cpu.tile_rows(C, HL, C)  # rows of a score tile
     Mp = _pad(M, R)
-    weights = _weights(dtype, causal)
+    weights = _weights(dtype, causal, eps)
+    floored = bool(eps)
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle,
@@ -100,7 +108,7 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: d
         R0 = _r0(P, C)
         nc = _chunks(N, C)
         CE = T.alloc_buffer((2 * _r0(P, C) + 1,), dtype)
-        CPM = T.alloc_buffer((2,), dtype)
+        CPM = T.alloc_buffer((3 if floored else 2,), dtype)
         PS = T.alloc_buffer((_chunks(N, C) + 1, Mp, D), dtype)     # P[c]: Σ φk⊗v over chunks < c
         PZ = T.alloc_buffer((_chunks(N, C) + 1, Mp), dtype)        # the same for the ones column
         for bh in range(BH):
@@ -192,6 +200,8 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: d
                                 NUM[t0 * R + r, d] = acc[r, d]
                 for t in range(C):
                     if ci * C + t < N:
+                        if floored:
+                            den[t] = den[t] + CPM[2]
                         DEN[bh, ci * C + t] = den[t]
                         for d in T.vectorized(D):
                             O[bh, ci * C + t, d] = NUM[t, d] * (T.cast(1, dtype) / den[t])

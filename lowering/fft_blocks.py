@@ -275,10 +275,11 @@ def _pair(X, b, n, m, M: int, dtype: str):
 
 
 def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position, gpu: bool,
-                   rows: int = THREADS):
+                   rows: int = THREADS, eps: float | None = None):
     """Luo et al.: (Qf, Kf, V, TAB, O out, DEN out, n_fft), as toeplitz.scores_forward. A task per
     (batch·head, value channel d ≤ D) runs the ⌈M/2⌉ feature pairs through its work row,
-    z = (Kf_m + i·Kf_m')·v_aug_d convolved with c, and sums Qf_m·Re z + Qf_m'·Im z into NUM."""
+    z = (Kf_m + i·Kf_m')·v_aug_d convolved with c, and sums Qf_m·Re z + Qf_m'·Im z into NUM.
+    With `eps`, DEN_i gets + eps·exp(−max b) (c = exp(b − max b))."""
     R = rows
     D1 = D + 1
     MP = (M + 1) // 2
@@ -287,6 +288,7 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
     spectrum, _ = position_macros(dtype, causal, position, True, R, gpu)
     zero = T.cast(0, dtype)
     one = T.cast(1, dtype)
+    floored = bool(eps)
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle,
@@ -341,6 +343,8 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
                 b = (task * R + lane) // N
                 i = (task * R + lane) % N
                 if b < BH:
+                    if floored:
+                        NT[b * D1 + D, i] += T.exp(T.cast(math.log(eps), dtype) - MX[b % H, 0])
                     DEN[b, i] = NT[b * D1 + D, i]
                     for d in range(D):
                         O[b, i, d] = NT[b * D1 + d, i] / NT[b * D1 + D, i]

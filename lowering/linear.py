@@ -201,7 +201,7 @@ def _decay_tables(dtype: str, C: int, slope, later: bool):
 
 
 def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, slope=None,
-                   knobs=None):
+                   knobs=None, eps: float | None = None):
     """Linear attention forward: (Qf (BH,N,M), Kf (BH,N,M), V (BH,N,D), TAB (H,P), O (BH,N,D) out,
     DEN (BH,N) out). With a_ij = Qf_i·Kf_j over j ∈ mask(i) ({j ≤ i} causal, all j otherwise):
     DEN_i = Σ_j a_ij and O_i = (Σ_j a_ij V_j) / DEN_i.
@@ -211,9 +211,11 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
     running forward in time decays by γ_f per token (ALiBi as a recurrence); without a causal mask
     a second one runs backward in time over the strictly later keys, and the two sums meet before
     the division:  O_i = (Σ_{j≤i} γ_f^(i−j) a_ij V_j + Σ_{j>i} γ_b^(j−i) a_ij V_j) / DEN_i.
-    TAB is unused when not decayed. `knobs` (schedules/knobs.py, family "linear"): chunk, tile_regs."""
+    TAB is unused when not decayed. `knobs` (schedules/knobs.py, family "linear"): chunk, tile_regs.
+    `eps` (the spec's floor, in the kernel's units): DEN_i gets + eps before the division."""
     kn = knobs_of("linear", knobs)
     C, regs = kn["chunk"], kn["tile_regs"]
+    floored = bool(eps)           # a Python bool: TVMScript unrolls `if floored` at parse time
     decayed = slope is not None
     scan = causal or decayed      # a running state over chunks, not one total
     two_way = decayed and not causal
@@ -264,7 +266,7 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
                     S[m0 * R + r, d] = acc[r, d]
 
     @T.macro(hygienic=False)
-    def query_rows(base, G, Dec, later, first, last, load_ft=load_ft):
+    def query_rows(base, G, Dec, later, first, last, load_ft=load_ft, floored=floored, eps=eps):
         """The chunk's rows against the state (·G[WQ, t] when decayed) plus, when scanning, the
         intra-chunk pairs of the direction (Kc, Vc loaded). Unless `first`, added to the sums
         already in O and DEN; divided by DEN when `last`, else O keeps the raw sum."""
@@ -307,6 +309,8 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
                 if base + t0 * R + r < N:
                     if not first:
                         den[t0 * R + r] = den[t0 * R + r] + DEN[b, base + t0 * R + r]
+                    if last and floored:
+                        den[t0 * R + r] = den[t0 * R + r] + T.cast(eps, dtype)
                     DEN[b, base + t0 * R + r] = den[t0 * R + r]
                     for d in T.vectorized(D):
                         if not first:

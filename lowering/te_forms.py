@@ -310,8 +310,8 @@ def _scans(rate, causal, C: int):
 
 
 def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None, decayed=False,
-                   chunk: int = CHUNK):
-    """(Qf, Kf, V, TAB, O out, DEN out): DEN_i = Σ_{j∈mask(i)} w_ij a_ij, O_i = Σ w_ij a_ij V_j / DEN_i;
+                   chunk: int = CHUNK, eps: float | None = None):
+    """(Qf, Kf, V, TAB, O out, DEN out): DEN_i = Σ_{j∈mask(i)} w_ij a_ij (+ eps), O_i = Σ w_ij a_ij V_j / DEN_i;
     TAB (H, 2) the decay rates (earlier, later) of the decayed form, else unused."""
     BH, N, q, k, v, tab, Qf, Kf, rate = _linear_inputs(M, D, dtype, phi, decayed)
     Mi, Di = _i64(M), _i64(D)
@@ -340,6 +340,9 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
         s2 = te.reduce_axis((0, _i64(C)), "s2")
         den_a = te.compute((BH, N), lambda b, i: te.sum(A[b, i, s2], axis=s2), "den_intra")
         num, den = _plus_rows(intra, nums, C, "num"), _plus_rows(den_a, dens, C, "den")
+    if eps:
+        raw = den
+        den = te.compute((BH, N), lambda b, i: raw[b, i] + tirx.const(eps, dtype), "den_floored")
     out = te.compute((BH, N, Di), lambda b, i, d: num[b, i, d] / den[b, i], "out")
     return _func(name, [q, k, v, tab, out, den])
 
@@ -495,7 +498,7 @@ class _Band:
         # per batch·head, not per head: an intermediate indexed by bh mod H would be compacted by
         # TVM to a size that depends on the thread indices
         t = te.reduce_axis((0, P), "t")
-        mx = te.compute((BH,), lambda b: te.max(tirx.Select(
+        self.mx = mx = te.compute((BH,), lambda b: te.max(tirx.Select(
             occurs(t - self.W), TAB[tirx.floormod(b, H), t], tirx.min_value(dtype)), axis=t), "tab_max")
         self.cw = te.compute((BH, P), lambda b, p: tirx.exp(tirx.min(
             TAB[tirx.floormod(b, H), p] - mx[b], _zero(dtype))), "cw")
@@ -560,9 +563,10 @@ def _weighted_sum(parts, shape, name):
     return te.compute(shape, body, name)
 
 
-def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: int = CHUNK):
-    """(Qf, Kf, V, TAB, O out, DEN out, unused): DEN_i = Σ_j c(i−j) κ_ij, O_i = Σ_j c(i−j) κ_ij V_j / DEN_i;
-    TAB (H, 2W+1) the learned table, c = exp(TAB − max) clipped at ±W."""
+def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: int = CHUNK,
+                   eps: float | None = None):
+    """(Qf, Kf, V, TAB, O out, DEN out, unused): DEN_i = Σ_j c(i−j) κ_ij (+ eps·exp(−max TAB)),
+    O_i = Σ_j c(i−j) κ_ij V_j / DEN_i; TAB (H, 2W+1) the learned table, c = exp(TAB − max) clipped at ±W."""
     BH, N, q, k, v, tab, unused = _banded_inputs(M, D, dtype)
     band = _Band(tab, BH, N, causal, dtype)
     Vb = _ones_col(v, dtype, "vb")
@@ -573,8 +577,12 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: i
     if not causal:
         parts.append((lambda b: band.far(b, True), _far(q, k, Vb, N, lambda i: i + band.W, True, chunk, "after")))
     num = _weighted_sum(parts, (BH, N, _i64(D + 1)), "num")
-    den = te.compute((BH, N), lambda b, i: num[b, i, D], "den")
-    out = te.compute((BH, N, _i64(D)), lambda b, i, d: num[b, i, d] / num[b, i, D], "out")
+    if eps:                                 # eps in the units of c: eps·exp(−max TAB)
+        log_eps = tirx.const(math.log(eps), dtype)
+        den = te.compute((BH, N), lambda b, i: num[b, i, D] + tirx.exp(log_eps - band.mx[b]), "den")
+    else:
+        den = te.compute((BH, N), lambda b, i: num[b, i, D], "den")
+    out = te.compute((BH, N, _i64(D)), lambda b, i, d: num[b, i, d] / den[b, i], "out")
     return _func(name, [q, k, v, tab, out, den, unused])
 
 

@@ -26,6 +26,8 @@ D channels through the packed FFT.
 """
 from __future__ import annotations
 
+import math
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -61,14 +63,36 @@ def bias_builder(position, dtype: str):
     return bias
 
 
-def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
-    """Macros shared by all four kernels: the weights' spectrum, and the table's gradient."""
-    zero = T.cast(0, dtype)
-
+def _valid(causal: bool):
+    """valid(p, N, L): whether circular position p holds an r = i − j that occurs (r ≥ 0 if causal)."""
     def valid(p, N, L):
         if causal:
             return p < N
         return tirx.Or(p < N, p > L - N)
+    return valid
+
+
+def _floor(dtype: str, causal: bool, bias, eps: float):
+    """floor(FL, TAB, H, N, Lf, W): FL[h] = eps·exp(−max_r b_h(r)), the floor in the units of the
+    weights c = exp(b − max b)."""
+    valid = _valid(causal)
+
+    @T.macro
+    def floor(FL, TAB, H, N, Lf, W):
+        for h in T.parallel(H):
+            mx = T.alloc_buffer((1,), dtype, scope="local")
+            mx[0] = T.min_value(dtype)
+            for p in range(Lf):
+                if valid(p, N, Lf):
+                    mx[0] = T.max(mx[0], bias(TAB, h, rel(p, N, Lf), W))
+            FL[h] = T.exp(T.cast(math.log(eps), dtype) - mx[0])
+    return floor
+
+
+def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
+    """Macros shared by all four kernels: the weights' spectrum, and the table's gradient."""
+    zero = T.cast(0, dtype)
+    valid = _valid(causal)
 
     @T.macro
     def weights(CC, TAB, H, N, Lf, W):
@@ -154,8 +178,10 @@ def _feature(M: int, VL: int, dtype: str):
     return feature
 
 
-def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position, knobs=None):
-    """Luo et al., fused: (Qf, Kf, V, TAB, O out, DEN out, n_fft), the maths of the module.
+def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position, knobs=None,
+                   eps: float | None = None):
+    """Luo et al., fused: (Qf, Kf, V, TAB, O out, DEN out, n_fft), the maths of the module; with
+    `eps`, DEN_i gets + eps·exp(−max b) (c = exp(b − max b)).
 
     One work unit per value channel d ≤ D (in parallel), 2·VL features m at a time: the vector
     lanes hold VL of them and the real and imaginary parts two feature blocks,
@@ -171,6 +197,8 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
     zero = T.cast(0, dtype)
     one = T.cast(1, dtype)
     _, _, _, _, weights, _ = _position_macros(dtype, causal, bias_builder(position, dtype), True)
+    floored = bool(eps)
+    floor = _floor(dtype, causal, bias_builder(position, dtype), eps) if floored else None
     setup, spectrum, convolve, _, _ = fft_convolve.convolver(dtype, VL, _block_bytes(knobs))
 
     @T.prim_func
@@ -194,7 +222,10 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
         TWi = T.alloc_buffer((Lf, 2), dtype)
         ZS = T.alloc_buffer((2 * Lf, VL), dtype)
         NT = T.alloc_buffer((D1, N), dtype)
+        FL = T.alloc_buffer((H,), dtype)             # the floor per head (with eps)
         weights(CC, TAB, H, N, Lf, W)
+        if floored:
+            floor(FL, TAB, H, N, Lf, W)
         setup(TW, TWi, Lf)
         spectrum(CC, CH, ZS, H, TW, Lf)
         for bh in range(BH):
@@ -224,6 +255,9 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
                     NT[d, t] = zero
                     for l in range(VL):
                         NT[d, t] += A[t, l]
+            if floored:
+                for i in T.parallel(N):
+                    NT[D, i] = NT[D, i] + FL[h]
             for i in T.parallel(N):
                 DEN[bh, i] = NT[D, i]
                 for d in range(D):

@@ -106,12 +106,23 @@ def test_table_clipped_at_the_export_length_is_refused():
         attndsl.from_torch(T5Attention(), example(64))
 
 
-def test_epsilon_in_the_normalizer_is_refused():
+def test_epsilon_in_the_normalizer_becomes_eps():
     def linear(q, k, v):
         fq, fk = F.relu(q), F.relu(k)
-        return (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(-2, keepdim=True).transpose(-1, -2) + 1e-6)
-    with pytest.raises(FromTorchError, match=r"adds the constant 1e-06 to the normalizer.*epsilon.*NaN"):
-        attndsl.from_torch(linear, example(16))
+        return (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(-2, keepdim=True).transpose(-1, -2) + 1e-3)
+    imported = attndsl.from_torch(linear, example(16, d=2))
+    assert "kernel = relu" in imported.text and "eps = 0.001" in imported.text
+    attn = imported.compile()
+    q, k, v = example(40, attn.heads, attn.head_dim, attn.value_dim)
+    q[:, :, ::4] = -q[:, :, ::4].abs()           # rows with no features: 0 in both, not 0/0
+    with torch.no_grad():
+        assert_close("compiled vs the PyTorch original", linear(q, k, v), attn(q, k, v), 2e-5)
+
+    def subtracted(q, k, v):
+        fq, fk = F.elu(q) + 1, F.elu(k) + 1
+        return (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(-2, keepdim=True).transpose(-1, -2) - 1e-6)
+    with pytest.raises(FromTorchError, match=r"subtracts 1e-06 from the normalizer.*eps ≥ 0"):
+        attndsl.from_torch(subtracted, example(16))
 
     def softmax(q, k, v):
         s = q @ k.transpose(-1, -2)
@@ -126,7 +137,7 @@ def test_nan_where_the_original_has_nan_is_a_match():
         fq, fk = F.relu(q), F.relu(k)
         return (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(-2, keepdim=True).transpose(-1, -2))
     imported = attndsl.from_torch(linear, example(64, d=2))       # a quarter of the rows: NaN
-    assert "kernel = relu" in imported.text
+    assert "kernel = relu" in imported.text and "eps = 0" in imported.text     # as fn: no floor
 
 
 def test_user_feature_map_non_causal():

@@ -18,8 +18,9 @@ from attndsl.mlir import MLIRFormatError, dialect, from_mlir, from_module, to_ml
 EXAMPLES = Path(__file__).parent.parent / "examples"
 HEAD_DIM, VALUE_DIM = 64, 32
 
-# what the examples do not show: sampling, exp_shift, alibi with a slope, a unary minus under **
+# what the examples do not show: sampling, exp_shift, alibi with a slope, a unary minus under **, eps
 EXTRA = """
+attention relu_floor { kernel = relu; eps = 0.25; position = toeplitz(max_distance=8); mask = causal }
 attention kde_scaled { sampling = kde(buckets=8); scale = 0.5 }
 attention user_position { position(r) = (-abs(r)) ** 2 * -0.001 }
 attention uniform_causal { sampling = uniform(samples=64, seed=3); mask = causal }

@@ -322,13 +322,13 @@ def from_torch(fn, example_inputs, *, name: str = "imported") -> Imported:
     first_exp = next((i for i, op in enumerate(ops)
                       if _base(op) in SOFTMAX and {"q", "k"} <= values[op.operands[0]].deps), None)
     softmax = first_exp is not None
-    _refuse_added_constants(ops[first_exp + 1:] if softmax else ops, ops, values, exprs, softmax)
+    eps = _added_epsilon(ops[first_exp + 1:] if softmax else ops, ops, values, exprs, softmax)
     heads, dk, dv = q.shape[1], q.shape[3], v.shape[3]
     table = None
     if softmax:
         spec_lines, table = _softmax_fields(ops, values, phi, q, k)
     else:
-        spec_lines = _linear_fields(ops, values, phi)
+        spec_lines = [*_linear_fields(ops, values, phi), f"eps = {eps:g}"]   # written even when 0: fn's floor
     text = f"attention {name} {{\n" + "".join(f"    {ln}\n" for ln in spec_lines) + "}\n"
     imported = Imported(text, heads, dk, dv, table)
     _verify(fn, imported, example_inputs)
@@ -348,11 +348,11 @@ def _phi(phi: dict, inp: str) -> Expr:
     return e
 
 
-def _refuse_added_constants(candidates, ops, values, exprs, softmax: bool) -> None:
-    """A nonzero scalar added to (or subtracted from) a value of the inputs that is neither a feature
-    map of one input (φ: `elu(x) + 1`) nor a score before the softmax (where it cancels): the spec
-    would drop it. The usual one is an epsilon in the normalizer, `num / (den + 1e-6)`, which a spec
-    cannot say; without it the spec gives NaN where fn gives a number (a row of all-zero features)."""
+def _added_epsilon(candidates, ops, values, exprs, softmax: bool) -> float:
+    """The epsilon of linear attention's normalizer, `num / (den + 1e-6)`: the spec's eps (0 when
+    fn has none). Any other nonzero scalar added to (or subtracted from) a value of the inputs that is
+    neither a feature map of one input (φ: `elu(x) + 1`) nor a score before the softmax (where it
+    cancels) is refused: the spec would drop it (softmax takes no eps: its normalizer is ≥ 1)."""
     users: dict = {}
     for op in ops:
         for i, o in enumerate(op.operands):
@@ -367,6 +367,7 @@ def _refuse_added_constants(candidates, ops, values, exprs, softmax: bool) -> No
                 return True
         return False
 
+    found: dict[float, Op] = {}
     for op in candidates:
         if _base(op) not in ("add", "sub", "rsub") or not op.results or op.results[0] in exprs:
             continue
@@ -378,17 +379,25 @@ def _refuse_added_constants(candidates, ops, values, exprs, softmax: bool) -> No
         if c is None or c.value == 0.0:
             continue
         if divisor(op.results[0]):
-            what, effect = (("the softmax's normalizer", "change every output by about that much, relatively")
-                            if softmax else
-                            ("the normalizer φ(q)·Σφ(k)", "give NaN where fn gives a number (a query whose "
-                             "features are all zero)"))
-            raise FromTorchError(
-                f"fn adds the constant {c.value:g} to {what} ({op.name}{_where(op)}): an epsilon, and a "
-                f"spec has no eps field, so the imported spec would drop it and {effect}. Import fn "
-                f"without the epsilon, or keep it in PyTorch")
+            if softmax:
+                raise FromTorchError(
+                    f"fn adds the constant {c.value:g} to the softmax's normalizer ({op.name}{_where(op)}): "
+                    f"a spec's softmax takes no eps (its normalizer is at least 1), so the imported spec "
+                    f"would drop it and change every output by about that much, relatively. Import fn "
+                    f"without the epsilon, or keep it in PyTorch")
+            if _base(op) != "add" or c.value < 0:
+                raise FromTorchError(
+                    f"fn subtracts {abs(c.value):g} from the normalizer φ(q)·Σφ(k) ({op.name}{_where(op)}); "
+                    f"a spec's eps is a floor added to it (eps ≥ 0)")
+            found[c.value] = op
+            continue
         raise FromTorchError(
             f"fn adds the constant {c.value:g} to a value of the attention inputs ({op.name}{_where(op)}) "
             f"outside the feature maps and the score bias; from_torch recognises {RECOGNISED}")
+    if len(found) > 1:
+        where = ", ".join(f"{c:g} ({op.name}{_where(op)})" for c, op in found.items())
+        raise FromTorchError(f"fn adds different constants to the normalizer: {where}; a spec has one eps")
+    return next(iter(found), 0.0)
 
 
 def _linear_fields(ops, values, phi) -> list[str]:

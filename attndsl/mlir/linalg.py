@@ -37,6 +37,7 @@ from torch_mlir import ir, passmanager, rewrite
 
 from ..ast import Var
 from ..expr import BUILTIN_MAPS
+from ..passes.geometric import decayed_floor
 from ..ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
                   SampledAttention, SoftmaxAttention, ToeplitzValues, postorder)
 from . import dialect
@@ -98,7 +99,14 @@ def plus(b: Body, shape, m: str, x: str, y: str) -> str:
     return ew(b, shape, m, [(x, shape, m), (y, shape, m)], lambda g, u, w: g.f("arith.addf", u, w))
 
 
-def divide(b: Body, num: str, den: str, bh: str, n: str, d: int) -> str:
+def divide(b: Body, num: str, den: str, bh: str, n: str, d: int, eps: float | None = None,
+           shift: str | None = None) -> str:
+    """num / (den + eps), eps·exp(−shift_i) where the weights were divided by exp(shift_i)."""
+    if eps and shift is None:
+        den = ew(b, (bh, n), "b,i", [(den, (bh, n), "b,i")], lambda g, x: g.f("arith.addf", x, g.const(eps)))
+    elif eps:
+        den = ew(b, (bh, n), "b,i", [(den, (bh, n), "b,i"), (shift, (bh, n), "b,i")],
+                 lambda g, x, m: g.f("arith.addf", x, g.exp(g.f("arith.subf", g.const(math.log(eps)), m))))
     return ew(b, (bh, n, d), "b,i,d", [(num, (bh, n, d), "b,i,d"), (den, (bh, n), "b,i")],
               lambda g, x, y: g.f("arith.divf", x, y))
 
@@ -189,9 +197,9 @@ def _rows(b: Body, x: str, width: int) -> tuple[str, str]:
 
 
 def toeplitz_mix(b: Body, kappa: str, pos, tab: str, p: Params, causal: bool, v: str, dims, d: int,
-                 logits: bool) -> str:
-    """out_i = Σ_j A_ij v_j / Σ_j A_ij over (BH, N, N) scores: A = exp(κ + b − max) for softmax
-    logits, A = κ·exp(b − max_j b) for kernel values; masked entries get b = −∞."""
+                 logits: bool, eps: float | None = None) -> str:
+    """out_i = Σ_j A_ij v_j / (Σ_j A_ij + eps) over (BH, N, N) scores: A = exp(κ + b − max) for
+    softmax logits, A = κ·exp(b − max_j b) for kernel values; masked entries get b = −∞."""
     bh, n = dims
     sq = (bh, n, n)
     bias = ew(b, sq, "b,i,j", [], lambda g: bias_value(g, pos, tab, p, causal, NEG_INF))
@@ -206,7 +214,7 @@ def toeplitz_mix(b: Body, kappa: str, pos, tab: str, p: Params, causal: bool, v:
                lambda g, kv, bv, mv: g.f("arith.mulf", kv, g.exp(g.f("arith.subf", bv, mv))))
     num = red(b, (bh, n, d), "b,i,d", [(a, sq, "b,i,j"), (v, (bh, n, d), "b,j,d")])
     den = red(b, (bh, n), "b,i", [(a, sq, "b,i,j")])
-    return divide(b, num, den, bh, n, d)
+    return divide(b, num, den, bh, n, d, eps, mx)
 
 
 # --- recurrences (prefix sums, decayed) ----------------------------------------------------------
@@ -273,22 +281,22 @@ def decay(b: Body, rates: str, p: Params, column: int, dims) -> str:
 
 
 def linear_like(b: Body, qf: str, kf: str, v: str, m: int, d: int, causal: bool,
-                rates: str | None, p: Params) -> str:
+                rates: str | None, p: Params, eps: float | None = None) -> str:
     """Linear attention (no decay) or the decayed form, as recurrences (causal or decayed) or
-    two contractions (neither)."""
+    two contractions (neither); the normalizer gets + eps."""
     dims = bh, n = _rows(b, v, d)
     if not causal and rates is None:                  # linear: S = φkᵀ v, z = φkᵀ 1
         s = red(b, (bh, m, d), "b,m,d", [(kf, (bh, n, m), "b,j,m"), (v, (bh, n, d), "b,j,d")])
         z = red(b, (bh, m), "b,m", [(kf, (bh, n, m), "b,j,m")])
         num = red(b, (bh, n, d), "b,i,d", [(qf, (bh, n, m), "b,i,m"), (s, (bh, m, d), "b,m,d")])
         den = red(b, (bh, n), "b,i", [(qf, (bh, n, m), "b,i,m"), (z, (bh, m), "b,m")])
-        return divide(b, num, den, bh, n, d)
+        return divide(b, num, den, bh, n, d, eps)
     gf = b.full((bh,), 1.0) if rates is None else decay(b, rates, p, 0, dims)   # prefix sums: γ = 1
     num, den = recurrence(b, qf, kf, v, dims, m, d, gf, backward=False)
     if not causal:                                    # the later keys, backward in time
         nb, db = recurrence(b, qf, kf, v, dims, m, d, decay(b, rates, p, 1, dims), backward=True)
         num, den = plus(b, (bh, n, d), "b,i,d", num, nb), plus(b, (bh, n), "b,i", den, db)
-    return divide(b, num, den, bh, n, d)
+    return divide(b, num, den, bh, n, d, eps)
 
 
 # --- one body per node type -----------------------------------------------------------------------
@@ -300,16 +308,18 @@ def _linear(node: LinearAttention, b: Body, a: dict, p: Params) -> str:
         expr = node.phi.expr or BUILTIN_MAPS[node.phi.name]
         dims = _rows(b, qf, m)
         qf, kf = (elementwise(b, x, dims, m, expr, node.prescale) for x in (qf, kf))
-    return linear_like(b, qf, kf, a["v"], m, d, node.causal, None, p)
+    return linear_like(b, qf, kf, a["v"], m, d, node.causal, None, p, node.eps)
 
 
 def _positional(node: PositionalAttention, b: Body, a: dict, p: Params) -> str:
     m, d = node.qf.shape[-1], node.v.shape[-1]
     if node.form == "decayed":
-        return linear_like(b, a["qf"], a["kf"], a["v"], m, d, node.causal, a["rates"], p)
+        return linear_like(b, a["qf"], a["kf"], a["v"], m, d, node.causal, a["rates"], p,
+                           decayed_floor(node.eps, node.bias.position))
     dims = bh, n = _rows(b, a["v"], d)
     kappa = red(b, (bh, n, n), "b,i,j", [(a["qf"], (bh, n, m), "b,i,m"), (a["kf"], (bh, n, m), "b,j,m")])
-    return toeplitz_mix(b, kappa, node.bias.position, a["bias"], p, node.causal, a["v"], dims, d, logits=False)
+    return toeplitz_mix(b, kappa, node.bias.position, a["bias"], p, node.causal, a["v"], dims, d, logits=False,
+                        eps=node.eps)
 
 
 def _values(node: ToeplitzValues, b: Body, a: dict, p: Params) -> str:

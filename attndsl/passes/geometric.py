@@ -12,6 +12,7 @@ exponents stay ≤ 0). alibi(slope) is this with α = −slope, β = 0 (per head
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from ..ast import Binary, Call, Choice, Num, Unary, Var
@@ -72,3 +73,14 @@ def decay_rates(position: Choice, causal: bool) -> Decay | None:
     if earlier < 0.0 or (later is not None and later < 0.0):
         return None
     return Decay(earlier, later)
+
+
+def decayed_floor(eps: float | None, position: Choice) -> float | None:
+    """The decayed form's floor: eps·e^(−c), as its weights drop the constant c of
+    b(r) = α|r| + βr + c (e^c cancels in the ratio, not against eps); c = 0 for alibi. Capped at
+    float32's largest number."""
+    if not eps:
+        return None
+    aff = affine(position.expr) if position.name == "user" else None
+    c = 0.0 if aff is None else aff[2]
+    return min(eps * math.exp(min(-c, 700.0)), 3e38)

@@ -34,7 +34,7 @@ def lower(spec: AttentionSpec, head_dim: int, value_dim: int) -> Node:
             scores = Biased(scores, bias, span=spec.span_of("position"))
     if spec.causal:
         scores = Masked(scores, span=spec.span_of("mask"))
-    out: Node = Normalize(scores, v, span=kspan)
+    out: Node = Normalize(scores, v, spec.floor or None, span=kspan)
     if spec.sampling.name != "none":
         out = Sample(out, spec.sampling, span=spec.span_of("sampling"))
     if bias is not None and spec.apply.name == "values":
