@@ -221,15 +221,42 @@ class Attention(nn.Module):
         if fft_dtype != dtype:                   # precision.py: float64 resolves what float32 cannot
             dtype = fft_dtype
             env = {name: t.to(dtype) for name, t in env.items()}
+        out, den = self._run(env, dtype)
+        if den is not None and den < precision.UNDERFLOW[dtype]:
+            # a stabilized map's normalizer near underflow (precision.py): float64, or refused
+            if dtype == torch.float64:
+                raise precision.stabilizer_refusal(self.spec.name, N)
+            if N not in self._warned_float64:
+                self._warned_float64.add(N)
+                warnings.warn(f"attndsl: {self.spec.name} at N={N} computes in float64: the "
+                              f"{self.spec.kernel.name} stabilizer left a row's normalizer at {den:.3g}, "
+                              f"near {str(dtype).removeprefix('torch.')}'s underflow (keys whose feature "
+                              f"scores lie far above the ones a row sees); the output keeps its dtype",
+                              stacklevel=2)
+            out, den = self._run({name: t.double() for name, t in env.items()}, torch.float64)
+            if den is not None and den < precision.UNDERFLOW[torch.float64]:
+                raise precision.stabilizer_refusal(self.spec.name, N)
+        return out.reshape(B, H, N, self.value_dim).to(out_dtype)
+
+    def _run(self, env: dict, dtype: torch.dtype) -> tuple[torch.Tensor, float | None]:
+        """The planned IR on the kernels of `dtype` with §7's NaN rule: (out (BH, N, Dv), the
+        smallest normalizer of a stabilized map's form, None otherwise or under torch.compile)."""
         lib = self._library(KERNEL_DTYPES[dtype])
-        env["position"] = self._position_params(dtype).to(q.device)
-        w, wt = (t.to(q.device) for t in self._projection(dtype))
-        params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed}
+        device = env["q"].device
+        env = {**env, "position": self._position_params(dtype).to(device)}
+        w, wt = (t.to(device) for t in self._projection(dtype))
+        dens: list = []                          # each normalizer's minimum, as the runners see it
+        watch = self.spec.stabilized and not torch.compiler.is_compiling()
+        params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed,
+                  "dens": dens if watch else None}
         root = self.planned.root
         out = nonfinite.guarded(lambda q, k, v: _execute(root, {**env, "q": q, "k": k, "v": v}, lib, params),
                                 env["q"], env["k"], env["v"], self.spec.causal,
                                 reads_every_key=self.spec.sampling.name == "none")
-        return out.reshape(B, H, N, self.value_dim).to(out_dtype)
+        if not dens:
+            return out, None
+        den = float(dens[-1].detach().nan_to_num(0.0))     # the last run's (the exact path's, if taken)
+        return out, den
 
     def _empty(self, q, k, v) -> torch.Tensor:
         """The (0, H, N, Dv) output of an empty batch, as SDPA gives, still connected to q, k, v
@@ -476,11 +503,12 @@ def _describe(node: Node) -> str:
         return f"form {node.form}, causal={node.causal}, scale {node.scale:.4g}, b(r) = {what}"
     if isinstance(node, SampledAttention):
         return f"form {node.form}, causal={node.causal}, scale {node.scale:.4g}, sampling {format_attr(node.sampling)}"
+    floor = f", eps {node.eps:.4g}" if getattr(node, "eps", None) else ""
     if isinstance(node, (PositionalAttention, ToeplitzValues)):
-        return f"form {node.form}, causal={node.causal}, b(r) = {_position_text(node.bias.position)}"
+        return f"form {node.form}, causal={node.causal}, b(r) = {_position_text(node.bias.position)}{floor}"
     if isinstance(node, LinearAttention):
         fused = f", φ = {node.phi.name} fused in (prescale {node.prescale:.4g})" if node.phi else ""
-        return f"form {node.form}, causal={node.causal}{fused}"
+        return f"form {node.form}, causal={node.causal}{fused}{floor}"
     return ""
 
 
@@ -492,8 +520,16 @@ def _run_feature_map(node, args, lib, name, p):
     return ops.feature_map(args[0], p["w"], p["wt"], lib, name, node.width)
 
 
+def _watched(out_den, p):
+    """out of an (out, DEN) pair; DEN's minimum noted in p["dens"] when the module watches it."""
+    out, den = out_den[:2]
+    if p["dens"] is not None:
+        p["dens"].append(den.amin() if den.numel() else den.new_ones(()))
+    return out
+
+
 def _run_linear(node, args, lib, name, p):
-    return ops.linear_attention(*args, lib, name)[0]
+    return _watched(ops.linear_attention(*args, lib, name), p)
 
 
 EXECUTE = {FeatureMap: _run_feature_map, LinearAttention: _run_linear}
@@ -502,8 +538,8 @@ EXECUTE = {FeatureMap: _run_feature_map, LinearAttention: _run_linear}
 def _run_positional(node, args, lib, name, p):
     qf, kf, v, tab = args
     if node.form == "decayed":               # recurrences with γ = exp(−rate) per head and direction
-        return ops.linear_attention(qf, kf, v, lib, name, _decay_slopes(node, tab))[0]
-    return ops.toeplitz_attention(qf, kf, v, tab, lib, name)[0]
+        return _watched(ops.linear_attention(qf, kf, v, lib, name, _decay_slopes(node, tab)), p)
+    return _watched(ops.toeplitz_attention(qf, kf, v, tab, lib, name), p)
 
 
 def _decay_slopes(node, tab):

@@ -100,3 +100,22 @@ def longest(position: Choice, causal: bool, heads: int, slopes: torch.Tensor | N
             break
         best = n
     return best
+
+
+# --- the stabilized feature maps (favor, hyperbolic, exp_shift) --------------------------------------
+#
+# Their key stabilizer divides every φ(k) by exp(max over the keys), so a key whose scores are far
+# above the others' (or a query row that sees only keys far below them, as a causal row may) sends
+# the other terms of a row's normalizer below the dtype's smallest normal number, where they vanish:
+# a row can lose digits or become 0/0. A lost term is below that number, and a row has at most N·M
+# of them, so a normalizer (in the kernels' units) above UNDERFLOW[dtype] has lost less than 1e-8 of
+# itself for any N·M ≤ 2^40 (2^40·1.2e-38 = 1.3e-26 against 1e-18 in float32).
+UNDERFLOW = {torch.float32: 1e-18, torch.float64: 1e-290}
+
+
+def stabilizer_refusal(spec_name: str, n: int) -> PrecisionError:
+    return PrecisionError(
+        f"{spec_name} at N={n}: the feature map's stabilizer cannot hold these keys even in float64: "
+        f"some keys' random-feature scores lie more than ~700 nats above the scores a row sees, so "
+        f"that row's normalizer underflows. Normalize q and k (e.g. LayerNorm) or lower their scale, "
+        f"or use kernel = softmax (exact, online max per row)")

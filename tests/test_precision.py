@@ -108,3 +108,52 @@ def test_banded_resolves_a_table_past_float32_s_exp_range(causal):
     got = torch.autograd.grad(out.sum(), attn.position_table)[0]
     want = torch.autograd.grad(ref.sum(), table)[0]
     assert torch.isfinite(got).all() and torch.allclose(got.double(), want, rtol=1e-3, atol=1e-5)
+
+
+# --- the stabilized maps: a row's normalizer near underflow -------------------------------------------
+
+@pytest.fixture(scope="module")
+def favor_causal():
+    """favor at head_dim 256, where one key's features can outscore the others' by ~130 nats."""
+    return attndsl.compile("attention f { kernel = favor(features=16, seed=0); mask = causal }",
+                           heads=1, head_dim=256)
+
+
+def _keys(case: str, k: torch.Tensor) -> torch.Tensor:
+    from attndsl.featuremaps import random_projection
+    k = k.clone()
+    if case == "aligned later key":              # x = w_0 maximizes w_0·x − |x|²/2: every earlier
+        w = random_projection(16, 256, 0, True).float()        # key's features fall below 1e-38
+        k[0, 0, 40] = w[0] / 256 ** -0.25
+    elif case == "large first key":              # its features underflow beside the others'
+        k[0, 0, 0] *= 5
+    return k
+
+
+@pytest.mark.parametrize("case,n", [("aligned later key", 64), ("large first key", 65)])
+def test_stabilizer_underflow_computes_in_float64(favor_causal, case, n):
+    """Before: the rows before the aligned key (the first row, for the large first key) were 0/0;
+    the call now finds a normalizer below float32's floor and runs in float64 (warned once per N)."""
+    q, k, v = (torch.randn(1, 1, n, 256) for _ in range(3))
+    k = _keys(case, k)
+    with pytest.warns(UserWarning, match=r"computes in float64: the favor stabilizer"):
+        out = favor_causal(q, k, v)
+    ref = favor_causal.reference(q.double(), k.double(), v.double())
+    assert out.dtype == torch.float32 and worst_row(out, ref) < TOL[torch.float32]
+
+
+def test_ordinary_inputs_stay_in_float32(favor_causal):
+    q, k, v = (torch.randn(2, 1, 300, 256) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = favor_causal(q, k, v)
+    assert worst_row(out, favor_causal.reference(q.double(), k.double(), v.double())) < TOL[torch.float32]
+
+
+def test_stabilizer_beyond_float64_is_refused(favor_causal):
+    q, k, v = (torch.randn(1, 1, 32, 256) for _ in range(3))
+    k[0, 0, 0] *= 40                              # ~ −2·10^5 nats below the others
+    with pytest.raises(PrecisionError, match=r"stabilizer cannot hold these keys even in float64.*LayerNorm"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            favor_causal(q, k, v)
