@@ -16,7 +16,7 @@ from .parse import parse
 __version__ = "0.1.0"
 
 
-MAX_HEAD_DIM = 1024    # head_dim and value_dim: the kernels vectorize whole rows (DESIGN §6)
+MAX_HEAD_DIM = 1024    # head_dim and value_dim: the kernels vectorize whole rows
 
 
 def read_spec(text_or_path: str | bytes | os.PathLike) -> tuple[str | bytes, str]:

@@ -2,7 +2,7 @@
 
     attndsl check model.attn                      parse and check every block
     attndsl emit model.attn --stage ast|ir|linear|tir|cuda|mlir|linalg [--after STAGE] [--target T]
-    attndsl run model.attn --heads 8 --head-dim 64 --seq 1024 [--target cuda]   compile, compare with §2, time
+    attndsl run model.attn --heads 8 --head-dim 64 --seq 1024 [--target cuda]   compile, compare with the reference, time
     attndsl tune model.attn --lengths 1024,4096 --trials 9 [--db DIR] [--rpc-tracker HOST:PORT --rpc-key KEY]
                                                   measure the kernels' knob choices into a database
 """
@@ -92,7 +92,7 @@ def cmd_emit(args) -> int:
             continue
         planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim, forms=forms)
         if args.stage == "ir":
-            print(f"// {spec.name}: DESIGN §2 as IR\n{format_ir(planned.stage('ir'))}")
+            print(f"// {spec.name}: the spec's O(N²) meaning as IR\n{format_ir(planned.stage('ir'))}")
         elif args.stage == "linear":
             print(f"// {spec.name}: after {', '.join(n for n, _ in planned.stages[1:])}\n"
                   f"{format_ir(planned.root)}")
@@ -210,7 +210,7 @@ def cmd_run(args) -> int:
         ok = sampled or err < 1e-4
         status |= not ok
         verdict = "estimate" if sampled else "ok" if ok else "FAIL"
-        print(f"{spec.name:24s} compile {t_compile:6.2f} s   rel.err vs §2 {err:.1e} "
+        print(f"{spec.name:24s} compile {t_compile:6.2f} s   rel.err vs reference {err:.1e} "
               f"{verdict}   forward {min(times) * 1e3:8.2f} ms  "
               f"(B={args.batch} H={args.heads} N={args.seq})")
     return status

@@ -52,7 +52,7 @@ def random_projection(m: int, dk: int, seed: int, orthogonal: bool) -> torch.Ten
 def stabilizer(raw: torch.Tensor, role: str) -> torch.Tensor:
     """The max subtracted before exp: per row for queries, per (batch, head) for keys.
     Either is a constant factor of one row's (or every row's) kernel values, so it cancels. The max
-    is over the finite entries: a NaN key stays in its own column (DESIGN §7), not in every row."""
+    is over the finite entries: a NaN key stays in its own column (docs/numerics.md), not in every row."""
     dims = (-1,) if role == "q" else (-2, -1)
     raw = raw.detach()
     return raw.masked_fill(~torch.isfinite(raw), float("-inf")).amax(dim=dims, keepdim=True).clamp_min(

@@ -1,9 +1,9 @@
 """The IR: a frozen expression tree over per-(batch·head) tensors, printable in SSA form.
 
 Shapes are symbolic in BH (batch·heads) and N (sequence length); feature and value widths are
-baked in. Quadratic nodes (`ExpDot`, `Dot`, `Biased`, `Masked`, `Normalize`) describe DESIGN §2
-literally; passes rewrite them into the cheap forms (`LinearAttention`, ...), which `lowering/`
-turns into TVM kernels.
+baked in. Quadratic nodes (`ExpDot`, `Dot`, `Biased`, `Masked`, `Normalize`) describe the spec's
+O(N²) meaning literally; passes rewrite them into the cheap forms (`LinearAttention`, ...), which
+`lowering/` turns into TVM kernels.
 The softmax kernel keeps its quadratic form: `SoftmaxAttention` (the flash-style kernels).
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ class FeatureMap(Node):
         return (*ROWS, self.width)
 
 
-# --- quadratic nodes (DESIGN §2) -------------------------------------------------------------------
+# --- quadratic nodes (the spec's meaning) ---------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ExpDot(Node):

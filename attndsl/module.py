@@ -1,6 +1,6 @@
-"""`attndsl.Attention`: a compiled spec as a torch.nn.Module (DESIGN §4).
+"""`attndsl.Attention`: a compiled spec as a torch.nn.Module .
 
-forward runs the planned IR node by node on TVM kernels (`attndsl.ops`); `reference` runs §2.
+forward runs the planned IR node by node on TVM kernels (`attndsl.ops`); `reference` runs the spec's O(N²) meaning.
 q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv).
 """
 from __future__ import annotations
@@ -239,7 +239,7 @@ class Attention(nn.Module):
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
 
     def _run(self, env: dict, dtype: torch.dtype) -> tuple[torch.Tensor, float | None]:
-        """The planned IR on the kernels of `dtype` with §7's NaN rule: (out (BH, N, Dv), the
+        """The planned IR on the kernels of `dtype` with the NaN rule of docs/numerics.md: (out (BH, N, Dv), the
         smallest normalizer of a stabilized map's form, None otherwise or under torch.compile)."""
         lib = self._library(KERNEL_DTYPES[dtype])
         device = env["q"].device
@@ -353,7 +353,7 @@ class Attention(nn.Module):
         return torch.zeros(self.heads, 1, dtype=dtype)
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """DESIGN §2 literally, O(N²), with this module's random features and tables."""
+        """The spec's meaning literally, O(N²), with this module's random features and tables."""
         self._validate(q, k, v)
         return reference(self.spec, q, k, v, projection=self.projection,
                          position_table=self.position_table)
@@ -419,7 +419,7 @@ class Attention(nn.Module):
         for d in planned.decisions:
             costs = "  ".join(f"{f}={c / 1e6:.1f}M" for f, c in d.costs)
             quad = quadratic_cost(d.site, n)
-            lines.append(f"  {d.site.op}: {d.form}   [{costs}; quadratic §2={quad / 1e6:.1f}M, "
+            lines.append(f"  {d.site.op}: {d.form}   [{costs}; quadratic O(N²)={quad / 1e6:.1f}M, "
                          f"{quad / dict(d.costs)[d.form]:.0f}x more]")
         lengths = self._fft_lengths()
         if lengths is not None:

@@ -1,16 +1,16 @@
-"""NaN and Inf: a non-finite input reaches exactly the outputs its mask lets it reach (DESIGN §7).
+"""NaN and Inf: a non-finite input reaches exactly the outputs its mask lets it reach (docs/numerics.md).
 
 The kernels mix rows: an FFT spreads one NaN over every row, a chunked prefix sum multiplies the
 masked pairs of a chunk by 0 (0·NaN = NaN), and some feature maps drop NaN. `guarded` keeps the
 kernels' fast path for finite inputs (one sum over the output; over q, k and v for the sampled
 forms, which may never read a given key) and otherwise runs them on the inputs with their non-finite entries set to
-0, then writes NaN where §2 has a non-finite value (always so under torch.compile, whose graph
+0, then writes NaN where the reference has a non-finite value (always so under torch.compile, whose graph
 has no data-dependent branch):
 
     out[i, d] is NaN  ⇔  q_i is not finite, or row i sees (mask) a key j with k_j not finite
                           or v_jd not finite.
 
-Gradients follow §2 too: NaN from the outputs that are NaN, to the inputs they depend on.
+Gradients follow the reference too: NaN from the outputs that are NaN, to the inputs they depend on.
 q, k (BH, N, Dk), v (BH, N, Dv), out (BH, N, Dv).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _finite(*tensors: torch.Tensor) -> bool:
 class _Poisoned(torch.autograd.Function):
     """out with NaN at `hit`; backward: the finite outputs' gradient flows on into `out`, and a
     reached output with a nonzero gradient sends NaN to its row of q and to every key its row
-    sees, as §2's own backward does."""
+    sees, as the reference's own backward does."""
 
     @staticmethod
     def forward(ctx, out, hit, q, k, v, causal):
@@ -64,7 +64,7 @@ def reached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> 
 def guarded(run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
             reads_every_key: bool = True) -> torch.Tensor:
-    """run(q, k, v) with §7's NaN rule. `reads_every_key`: False for the sampled forms, whose
+    """run(q, k, v) with the NaN rule. `reads_every_key`: False for the sampled forms, whose
     output may not see a non-finite key at all, so their inputs are checked instead."""
     if torch.compiler.is_compiling():             # no data-dependent branch in a graph: always exact
         return _exact(run, q, k, v, causal)
@@ -78,6 +78,6 @@ def guarded(run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 
 
 def _exact(run, q, k, v, causal):
-    """run on the inputs with their non-finite entries zeroed, NaN where §2 has it."""
+    """run on the inputs with their non-finite entries zeroed, NaN where the reference has it."""
     clean = [t.masked_fill(~torch.isfinite(t), 0) for t in (q, k, v)]
     return _Poisoned.apply(run(*clean), reached(q, k, v, causal), q, k, v, causal)

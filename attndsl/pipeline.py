@@ -1,6 +1,6 @@
 """The compiler, top to bottom. Each stage is its own module; this file only lists them.
 
-    text --parse--> AST --lower_ast--> IR (§2, quadratic)
+    text --parse--> AST --lower_ast--> IR (the meaning, quadratic)
          --fold_scale--> --linearize--> --fuse_softmax--> --fuse_maps--> --plan (cost model)--> forms
          --lowering (attndsl.lowering)--> TVM kernels --build/cache--> Attention module
 """

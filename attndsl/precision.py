@@ -1,4 +1,4 @@
-"""What the Toeplitz-FFT scores form can resolve, per dtype and length (DESIGN §7).
+"""What the Toeplitz-FFT scores form can resolve, per dtype and length (docs/numerics.md).
 
 The FFT computes y_i = Σ_j c(i−j) x_j, c = exp(b), with an absolute error of about
 ε·‖c‖₂·‖x‖₂ over the whole sequence, while row i's own value is of the order of its weights

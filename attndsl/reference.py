@@ -1,4 +1,4 @@
-"""The meaning of a spec: DESIGN §2 computed literally, O(N²), per batch and head.
+"""The meaning of a spec (docs/language.md) computed literally, O(N²), per batch and head.
 
 This is the oracle every compiled form is tested against. It needs no TVM.
 q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv), in q's dtype (bf16/fp16 computed in fp32).
@@ -56,7 +56,7 @@ def kernel_logits_or_values(spec: AttentionSpec, q, k, scale, projection):
 
 def masked_matmul(w: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Σ_j [M_ij] w_ij v_j, (…, N, N) @ (…, N, D), where a masked pair is left out, not multiplied
-    by 0: a non-finite v_jd reaches only the rows whose mask sees j (DESIGN §7). w must be 0 (or
+    by 0: a non-finite v_jd reaches only the rows whose mask sees j (docs/numerics.md). w must be 0 (or
     anything finite) where masked."""
     bad = ~torch.isfinite(v)
     out = w @ v.masked_fill(bad, 0)
@@ -80,7 +80,7 @@ def effective_scale(spec: AttentionSpec, head_dim: int) -> float:
 def reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
               projection: torch.Tensor | None = None,
               position_table: torch.Tensor | None = None) -> torch.Tensor:
-    """out per DESIGN §2. `sampling` specs return the exact softmax result they estimate."""
+    """out as the spec means it (docs/language.md). `sampling` specs return the exact softmax result they estimate."""
     in_dtype = q.dtype
     if in_dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()

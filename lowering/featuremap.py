@@ -1,6 +1,6 @@
 """Feature-map kernels φ(c·x) and their backward, in TVMScript, one per map family.
 
-Families (the registry `FAMILIES` maps each kernel name of DESIGN §1 to one):
+Families (the registry `FAMILIES` maps each kernel name of the language to one):
   elementwise  φ(x)_d = f(x_d) for an EXPR f (relu, elu1, user maps); dx = c·f'(c x)·dφ
   exp          φ(x)_w = exp(raw_w − stab)·norm with raw = c x (exp_shift) or
                raw = W'(c x) − |c x|²/2 (favor; hyperbolic with W' = [W; −W]);
@@ -277,7 +277,7 @@ def _elementwise(kernel, dk, width, c):
     return MapKernel("elementwise", dk, width, c, expr=kernel.expr or BUILTIN_MAPS[kernel.name])
 
 
-# kernel name of DESIGN §1 -> (Choice, Dk, width, √s) -> MapKernel
+# kernel name of the language -> (Choice, Dk, width, √s) -> MapKernel
 MAPS = {
     "relu": _elementwise,
     "elu1": _elementwise,

@@ -11,7 +11,7 @@ arithmetic that LLVM vectorizes (AVX-512: 16 lanes):
 Taylor degrees keep errors within about one ulp of the dtype on the reduced range; exp underflows
 through the subnormals to 0 and overflows to inf like libm; NaN propagates (through p).
 float32 range reduction is exact for |x| < ~6000 (larger arguments lose accuracy gradually).
-No let-bindings are emitted (DESIGN §6: a vectorized let miscompiles); LLVM shares the repeats.
+No let-bindings are emitted (a vectorized let miscompiles in TVM 0.27); LLVM shares the repeats.
 """
 from __future__ import annotations
 

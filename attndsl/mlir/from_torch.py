@@ -541,7 +541,7 @@ TOLERANCE = 1e-4          # max |spec − fn| / max |fn| on fresh inputs (fn run
 
 
 def _verify(fn, imported: Imported, example_inputs) -> None:
-    """The spec's §2 meaning must reproduce fn on fresh inputs of the example shapes, and at twice
+    """The spec's meaning must reproduce fn on fresh inputs of the example shapes, and at twice
     the example length: the constants were read at the example length, the spec claims every length."""
     n = example_inputs[0].shape[2]
     err = _mismatch(fn, imported, example_inputs, n)

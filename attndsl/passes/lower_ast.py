@@ -1,4 +1,4 @@
-"""AST -> IR: DESIGN §2 written down literally as quadratic nodes.
+"""AST -> IR: the spec's meaning (docs/language.md) written down literally as quadratic nodes.
 
     out = Normalize(Masked?(Biased?(κ, b)), v) [+ ToeplitzValues(b, v)]  [Sample(...)]
     κ   = ExpDot(q, k, s)                      softmax

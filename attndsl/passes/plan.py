@@ -114,7 +114,7 @@ FORMS: list[Form] = [
 
 
 def quadratic_cost(n: Node, N: int) -> float:
-    """What §2 costs: N² kernel values, each a dot product, and N² weighted value rows."""
+    """What the O(N²) reference costs: N² kernel values, each a dot product, and N² weighted value rows."""
     if isinstance(n, ToeplitzValues):
         return 2.0 * N * N * n.v.shape[-1]
     if isinstance(n, (SoftmaxAttention, SampledAttention)):
