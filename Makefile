@@ -21,7 +21,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
