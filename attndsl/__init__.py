@@ -62,19 +62,24 @@ def _check_dims(heads, head_dim, value_dim) -> None:
                              f"whole rows of it), got {val}")
 
 
+_DEFAULT_DTYPE = "float32"       # compile(dtype=...): torch.float32, named without importing torch here
+
+
 def compile(text_or_path, name: str | None = None, *, heads: int, head_dim: int,
             value_dim: int | None = None, target="llvm", plan: str = "auto",
-            check_finite: bool = False, tuned: bool = True):
+            check_finite: bool = False, tuned: bool = True, dtype=_DEFAULT_DTYPE):
     """Parse, plan, lower and build one attention block; returns an `Attention` module.
     `text_or_path`: the spec's text (str or UTF-8 bytes) or a path to a .attn file.
     `tuned`: build the knobs a tuning database records for these kernels (schedules/lookup.py);
-    False builds the defaults."""
+    False builds the defaults. `dtype`: the inputs' dtype whose kernels are built now (float32 by
+    default; float16 and bfloat16 run on float32's); any other dtype builds at its first call, and
+    None builds nothing before the first call."""
     from .module import Attention
     _check_dims(heads, head_dim, value_dim)
     text, filename = read_spec(text_or_path)
     spec = parse(text, filename=filename).block(name)
     return Attention(spec, heads=heads, head_dim=head_dim, value_dim=value_dim, target=target,
-                     plan=plan, check_finite=check_finite, tuned=tuned)
+                     plan=plan, check_finite=check_finite, tuned=tuned, dtype=dtype)
 
 
 def from_torch(fn_or_module, example_inputs, *, name: str = "imported"):

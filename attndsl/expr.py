@@ -13,9 +13,6 @@ import torch.nn.functional as F
 
 from .ast import Binary, Call, Expr, Num, Unary, Var, children
 
-# functions that only derivatives produce: step(u) = [u > 0], sign(u), elu_grad(u) = d elu / du
-INTERNAL_FUNCTIONS = {"step": 1, "sign": 1, "elu_grad": 1}
-
 TORCH_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "exp": torch.exp, "log": torch.log, "abs": torch.abs, "sqrt": torch.sqrt,
     "relu": torch.relu, "elu": F.elu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,

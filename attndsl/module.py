@@ -69,7 +69,7 @@ def kernels_of(root: Node) -> tuple[str, ...]:
 class Attention(nn.Module):
     def __init__(self, spec: AttentionSpec, *, heads: int, head_dim: int, value_dim: int | None = None,
                  target: str | dict = "llvm", plan: str = "auto", check_finite: bool = False,
-                 tuned: bool = True):
+                 tuned: bool = True, dtype: torch.dtype | str | None = torch.float32):
         super().__init__()
 
         for name, val in (("heads", heads), ("head_dim", head_dim), ("value_dim", value_dim or head_dim)):
@@ -114,10 +114,11 @@ class Attention(nn.Module):
         self.sampling_seed = spec.sampling["seed"] if spec.sampling.name != "none" else None
         self._check_fft_range()
         self._mlir = None
+        eager = _kernel_dtype(dtype)
         if self.target == MLIR_TARGET:
             self._mlir = self._mlir_program()
-        else:
-            self._library("float32")             # build now: fails early, and first call is fast
+        elif eager is not None:
+            self._library(eager)                 # build now: fails early, and the first call is fast
 
     # --- compilation ---------------------------------------------------------------------------
 
@@ -407,13 +408,13 @@ class Attention(nn.Module):
 
     def explain(self, n: int | None = None) -> str:
         """The plan: chosen form and estimated cost per site, kernels, and the IR after each pass."""
-        from .passes.plan import quadratic_cost
+        from .passes.plan import PLAN_LENGTH, quadratic_cost
         spec = self.spec
         lines = [f"attention {spec.name}  ({spec.span})",
                  f"  heads={self.heads} head_dim={self.head_dim} value_dim={self.value_dim} "
                  f"scale={self.scale:.6g} target={self.target}", ""]
-        n = n or 4096
-        planned = self.planned if n == 4096 else pipeline.run(spec, self.head_dim, self.value_dim, n=n,
+        n = n or PLAN_LENGTH
+        planned = self.planned if n == PLAN_LENGTH else pipeline.run(spec, self.head_dim, self.value_dim, n=n,
                                                               forms=self._forms())
         lines.append(f"plan (cost model at N={n}, flops per batch·head):")
         for d in planned.decisions:
@@ -437,7 +438,7 @@ class Attention(nn.Module):
             from . import lowering
             what = "TVM"
             if lowering.portable(target_kind(self.target)):
-                what = ("TVM, the portable kernels (te_forms.py, softmax_rows.py, fft_blocks.py)"
+                what = ("TVM, the portable kernels"
                         + (", bound to GPU threads" if target_kind(self.target) == "cuda" else ""))
             lines.append(f"kernels ({what}; one build serves every batch and length):")
             site = lambda i, node: f"  {node.op}{i}_fwd / {node.op}{i}_bwd   {_describe(node)}"  # noqa: E731
@@ -469,6 +470,19 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         forms = ", ".join(d.form for d in self.planned.decisions)
         return f"{self.spec.name}: heads={self.heads}, head_dim={self.head_dim}, forms=[{forms}]"
+
+
+def _kernel_dtype(dtype) -> str | None:
+    """compile(dtype=...) -> the kernel dtype to build now ("float32", "float64") or None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    dtype = UPCAST.get(dtype, dtype)
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"dtype must be torch.float32, torch.float64, torch.float16, torch.bfloat16 "
+                         f"or None (build at the first call), got {dtype!r}")
+    return KERNEL_DTYPES[dtype]
 
 
 def _stamp(name: str) -> dict:

@@ -13,6 +13,7 @@ from . import config
 from .ast import AttentionSpec
 from .ir import Node, format_ir
 from .passes import fold_scale, fuse_maps, fuse_softmax, linearize, lower_ast, plan
+from .passes.plan import PLAN_LENGTH
 from .rewrite import rewrite
 from .verify import verify
 
@@ -41,7 +42,7 @@ class Planned:
 
 
 def run(spec: AttentionSpec, head_dim: int, value_dim: int, *, plan_name: str = "auto",
-        n: int = 4096, forms: frozenset | None = None) -> Planned:
+        n: int = PLAN_LENGTH, forms: frozenset | None = None) -> Planned:
     """AST -> planned IR. `n` is the sequence length the cost model plans for; `forms` the forms
     the target has kernels for (None: every form)."""
     root = verify(lower_ast.lower(spec, head_dim, value_dim))

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from attndsl import config
 from attndsl.passes.geometric import decayed_floor
 from attndsl.schedules.knobs import resolve
-
-config.export_tvm_threads()          # before the first kernel starts TVM's thread pool
-
 from attndsl.ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
                         SampledAttention, SoftmaxAttention, ToeplitzValues, postorder)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import tvm
 
+from attndsl import config
 from attndsl.schedules import cuda
 
 
@@ -20,6 +21,8 @@ def resolve_target(target: str | dict) -> dict | tvm.target.Target:
 
 
 def build(funcs: dict, target) -> tvm.runtime.Module:
+    """The kernels `funcs` ({name: prim_func}) compiled for `target` into one module."""
+    config.export_tvm_threads()          # before a kernel of it starts TVM's thread pool
     mod = tvm.IRModule(funcs)
     if isinstance(target, tvm.target.Target) and target.kind.name == "cuda":
         mod = cuda.schedule(mod, target)

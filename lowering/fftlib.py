@@ -5,8 +5,8 @@ TVM has no FFT op. The Toeplitz kernels (toeplitz.py) do everything else themsel
     T.call_packed("attndsl.fft.irfft", Y (G, L/2+1, 2), X (G, L) real)      X = irfft(Y, L)
 on their scratch buffers (zero copy); `register()` must run before such a kernel is called.
 
-IMPL picks what serves them (ATTNDSL_FFT at import; read at every call, so switching it needs no
-rebuild of any kernel):
+ATTNDSL_FFT picks what serves them, read at every call (so switching it needs no rebuild of any
+kernel; `IMPL`, when set, overrides it, as benchmarks/bench_fft.py does):
   "tir"      fft_tir.py's TVMScript FFT (channels across vector lanes, Stockham radix-8), compiled
              once per dtype into its own library, kept in the compile cache like the kernels
              (a cache hit needs only the TVM runtime; a miss builds it, ~10-20 s).
@@ -31,7 +31,12 @@ import torch
 
 from attndsl import config
 
-IMPL = config.fft_impl()     # "tir" | "library" (see above); ATTNDSL_FFT sets it at import
+IMPL: str | None = None      # "tir" | "library" overrides ATTNDSL_FFT (see above)
+
+
+def impl() -> str:
+    """What serves the packed calls now: IMPL, else ATTNDSL_FFT (config.fft_impl)."""
+    return IMPL or config.fft_impl()
 
 _DTYPES = {"float32": (torch.float32, ctypes.c_float), "float64": (torch.float64, ctypes.c_double)}
 _registered = False
@@ -77,7 +82,7 @@ def tir_library(dtype: str):
 
 
 def _rfft(x, y, n) -> int:
-    if IMPL == "tir":                    # the kernel's DLTensors pass straight through
+    if impl() == "tir":                    # the kernel's DLTensors pass straight through
         tir_library(str(x.dtype))["rfft"](x, y, n)
         return 0
     xt, yt = _wrap(x), _wrap(y)
@@ -87,7 +92,7 @@ def _rfft(x, y, n) -> int:
 
 
 def _irfft(y, x) -> int:
-    if IMPL == "tir":
+    if impl() == "tir":
         tir_library(str(x.dtype))["irfft"](y, x)
         return 0
     yt, xt = _wrap(y), _wrap(x)

@@ -18,9 +18,9 @@ _RUNTIME: ctypes.CDLL | None = None
 
 def _load_runtime() -> None:
     global _RUNTIME
+    config.export_tvm_threads()                           # before the thread pool starts
     if _RUNTIME is not None or "tvm" in sys.modules:      # `import tvm` has loaded it already
         return
-    config.export_tvm_threads()                           # before the thread pool starts
     spec = importlib.util.find_spec("tvm")
     if spec is None or spec.origin is None:
         raise ImportError("apache-tvm is not installed (pip install apache-tvm==0.27.0.post1)")

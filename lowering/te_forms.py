@@ -22,10 +22,11 @@ import math
 from tvm import te, tirx
 
 from attndsl.expr import diff
+from attndsl.schedules.knobs import defaults
 
 from .expr_tir import to_tir
 
-CHUNK = 64          # rows per chunk of the causal and decayed forms (the default of the chunk knob)
+CHUNK = defaults("portable_linear")["chunk"]    # rows per chunk of the causal, decayed and banded scans
 
 
 def _i64(n: int) -> tirx.IntImm:

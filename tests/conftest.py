@@ -17,6 +17,21 @@ def _private_cache(tmp_path_factory):
     yield
 
 
+_SHARED: dict = {}
+
+
+def shared(text: str, name: str | None = None, **kw):
+    """attndsl.compile(text, name, **kw), once per session for every test module that asks for the
+    same spec and arguments. Nothing is built up front (dtype=None): each dtype's kernels build at
+    its first call, so a float64-only use never builds float32. Callers must not mutate the module
+    (tables, seeds): build their own for that."""
+    import attndsl
+    key = (text, name, tuple(sorted(kw.items())))
+    if key not in _SHARED:
+        _SHARED[key] = attndsl.compile(text, name, dtype=None, **kw)
+    return _SHARED[key]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ def built(form: str, target: str = "llvm", head_dim: int = 4, value_dim: int = 3
     key = (form, target, head_dim, value_dim, body, frozenset(lowering.PORTABLE_KINDS))
     if key not in _BUILT:
         attn = attndsl.compile(f"attention t {{ {body} }}", heads=2, head_dim=head_dim, value_dim=value_dim,
-                               target=target, plan=plan)
+                               target=target, plan=plan, dtype=None)
         if form != "values_fft":
             assert f"form {form}" in attn.explain()
         if attn.position_table is not None:          # far from 0: the kernels divide by exp(max b)

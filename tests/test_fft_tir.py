@@ -76,10 +76,10 @@ def test_round_trip_with_padding(kernels, tag):
 @pytest.mark.parametrize("impl", ["library", "tir"])
 def test_packed_functions_agree(impl, monkeypatch):
     """A kernel calling T.call_packed("attndsl.fft.rfft"/"irfft"), as the Toeplitz kernels do, gets
-    the same transform whichever implementation fftlib.IMPL has serve it."""
+    the same transform whichever implementation ATTNDSL_FFT has serve it (read at every call)."""
     from attndsl.lowering import build, fft_tir, fftlib
     fftlib.register()
-    monkeypatch.setattr(fftlib, "IMPL", impl)
+    monkeypatch.setenv("ATTNDSL_FFT", impl)
     lib = build.build({"r": fft_tir.rfft("r", "float32", "library"),
                        "i": fft_tir.irfft("i", "float32", "library")}, build.resolve_target("llvm"))
     x = torch.randn(3, 256)

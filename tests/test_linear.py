@@ -9,7 +9,7 @@ import attndsl
 from attndsl import ops
 from attndsl.ir import postorder
 
-from conftest import RTOL, assert_close, assert_matches_reference
+from conftest import RTOL, assert_close, assert_matches_reference, shared
 
 KERNELS = {
     "relu": "kernel = relu",
@@ -28,15 +28,8 @@ def spec(kernel: str, mask: str) -> str:
     return f"attention t {{\n    {KERNELS[kernel]}\n    {MASKS[mask]}\n}}\n"
 
 
-_CACHE: dict = {}
-
-
 def compiled(kernel: str, mask: str, heads=2, head_dim=8, value_dim=6) -> attndsl.Attention:
-    key = (kernel, mask, heads, head_dim, value_dim)
-    if key not in _CACHE:
-        _CACHE[key] = attndsl.compile(spec(kernel, mask), heads=heads, head_dim=head_dim,
-                                      value_dim=value_dim)
-    return _CACHE[key]
+    return shared(spec(kernel, mask), heads=heads, head_dim=head_dim, value_dim=value_dim)
 
 
 def inputs(B, H, N, Dk, Dv, dtype, kernel="relu"):
@@ -146,7 +139,22 @@ def test_non_contiguous_inputs_are_accepted():
 
 
 def test_explain_shows_plan_kernels_and_every_pass():
-    text = compiled("favor", "causal").explain()
+    attn = compiled("favor", "causal")
+    attn(*inputs(1, 2, 5, 8, 6, torch.float32, "favor"))       # built at the first call
+    text = attn.explain()
     for piece in ("prefix_sum", "quadratic O(N²)", "feature_map", "_fwd", "IR after ir",
                   "IR after linearize", "IR after plan", "build float32"):
         assert piece in text
+
+
+def test_compile_builds_the_dtype_it_is_given_and_the_others_at_their_first_call():
+    text = spec("elu1", "causal")
+    default = attndsl.compile(text, heads=2, head_dim=8)
+    f64 = attndsl.compile(text, heads=2, head_dim=8, dtype=torch.float64)
+    lazy = attndsl.compile(text, heads=2, head_dim=8, dtype=None)
+    half = attndsl.compile(text, heads=2, head_dim=8, dtype=torch.bfloat16)
+    assert [sorted(m._libs) for m in (default, f64, lazy, half)] == [["float32"], ["float64"], [], ["float32"]]
+    lazy(*inputs(1, 2, 5, 8, 8, torch.float64, "elu1"))
+    assert sorted(lazy._libs) == ["float64"]
+    with pytest.raises(ValueError, match=r"dtype must be torch.float32, .* or None .*got torch.int32"):
+        attndsl.compile(text, heads=2, head_dim=8, dtype=torch.int32)

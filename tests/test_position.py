@@ -11,7 +11,7 @@ import attndsl
 from attndsl import ops, pipeline
 from attndsl.ir import postorder
 
-from conftest import RTOL, assert_close
+from conftest import RTOL, assert_close, shared
 
 POSITIONS = {
     "table": "position = toeplitz(max_distance=6, init=normal)",     # clipped: N ≫ W
@@ -26,20 +26,13 @@ KERNELS = {"table": "elu1", "table_full": "favor(features=16, seed=2)", "alibi":
 CASES = [(p, a, m) for p in POSITIONS for a in ("scores", "values") for m in ("full", "causal")]
 IDS = [f"{p}-{a}-{m}" for p, a, m in CASES]
 
-_CACHE: dict = {}
-
-
 def spec(position: str, apply: str, mask: str) -> str:
     return (f"attention t {{\n    kernel = {KERNELS[position]}\n    {POSITIONS[position]}\n"
             f"    apply = {apply}\n    mask = {'causal' if mask == 'causal' else 'none'}\n}}\n")
 
 
 def compiled(position, apply, mask, head_dim=8, value_dim=6, plan="auto") -> attndsl.Attention:
-    key = (position, apply, mask, head_dim, value_dim, plan)
-    if key not in _CACHE:
-        _CACHE[key] = attndsl.compile(spec(position, apply, mask), heads=2, head_dim=head_dim,
-                                      value_dim=value_dim, plan=plan)
-    return _CACHE[key]
+    return shared(spec(position, apply, mask), heads=2, head_dim=head_dim, value_dim=value_dim, plan=plan)
 
 
 def inputs(B, N, Dk, Dv, dtype):

@@ -11,7 +11,7 @@ import attndsl
 from attndsl import ops
 from attndsl.ir import SoftmaxAttention, postorder
 
-from conftest import RTOL, assert_close
+from conftest import RTOL, assert_close, shared
 
 POSITIONS = {
     "none": "position = none",
@@ -25,20 +25,13 @@ CASES = [(p, "scores", m) for p in POSITIONS for m in ("full", "causal")]
 CASES += [(p, "values", m) for p in ("table", "user") for m in ("full", "causal")]
 IDS = [f"{p}-{a}-{m}" for p, a, m in CASES]
 
-_CACHE: dict = {}
-
-
 def spec(position: str, apply: str = "scores", mask: str = "full") -> str:
     return (f"attention t {{\n    kernel = softmax\n    {POSITIONS[position]}\n"
             f"    apply = {apply}\n    mask = {'causal' if mask == 'causal' else 'none'}\n}}\n")
 
 
 def compiled(position, apply="scores", mask="full", head_dim=8, value_dim=6) -> attndsl.Attention:
-    key = (position, apply, mask, head_dim, value_dim)
-    if key not in _CACHE:
-        _CACHE[key] = attndsl.compile(spec(position, apply, mask), heads=2, head_dim=head_dim,
-                                      value_dim=value_dim)
-    return _CACHE[key]
+    return shared(spec(position, apply, mask), heads=2, head_dim=head_dim, value_dim=value_dim)
 
 
 def inputs(B, N, Dk, Dv, dtype, spread=1.0):

@@ -12,17 +12,13 @@ import attndsl
 from attndsl import ops, sampling
 from attndsl.ast import Choice
 
+from conftest import shared
+
 KDE = "attention s {{ sampling = kde(buckets=8, block={block}, samples={samples}, seed=1) }}"
 UNIFORM = "attention s {{ sampling = uniform(samples={samples}, seed=1){mask} }}"
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
-_CACHE: dict = {}
-
-
 def compiled(text: str, dk: int = 16, dv: int = 8) -> attndsl.Attention:
-    key = (text, dk, dv)
-    if key not in _CACHE:
-        _CACHE[key] = attndsl.compile(text, heads=2, head_dim=dk, value_dim=dv)
-    return _CACHE[key]
+    return shared(text, heads=2, head_dim=dk, value_dim=dv)
 
 
 SPECS = {

@@ -233,6 +233,14 @@ def test_compile_builds_the_recorded_choice_and_a_cache_hit_keeps_it(tmp_path, m
     assert "default knobs (no tuning database" in untuned.explain()
 
 
+def _free_port() -> int:
+    """A TCP port the OS has just handed out on loopback (free unless raced for)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_tune_through_a_loopback_rpc_tracker_and_server(tmp_path):
     """TVM's own RPC tracker and one server (with the FFT functions registered) on loopback: the
     tuner's RPCRunner gets the server from the tracker by key and times a tiny kernel on it."""
@@ -240,14 +248,15 @@ def test_tune_through_a_loopback_rpc_tracker_and_server(tmp_path):
     from tvm import rpc
     from tvm.rpc import server, tracker
     from attndsl.lowering import tune
-    trk = tracker.Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
-    srv = server.Server("127.0.0.1", port=9300, port_end=9400, tracker_addr=("127.0.0.1", trk.port),
+    port, port2 = _free_port(), _free_port()         # no fixed ports: another run may hold them
+    trk = tracker.Tracker("127.0.0.1", port=port, port_end=port + 1, silent=True)
+    srv = server.Server("127.0.0.1", port=port2, port_end=port2 + 1, tracker_addr=("127.0.0.1", trk.port),
                         key="attndsl-test", silent=True, server_init_callback=tune._runner_init)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 60                  # the server registers asynchronously: poll
         while "attndsl-test" not in rpc.connect_tracker("127.0.0.1", trk.port).text_summary():
             assert time.time() < deadline, "the server never registered with the tracker"
-            time.sleep(0.5)
+            time.sleep(0.05)
         root = pipeline.run(parse("attention t { kernel = relu }").block(None), 16, 16).root
         rows = tune.tune(root, "float32", sizes={"BH": 2, "H": 2, "P": 1}, lengths=[64], trials=2,
                          db_folder=tmp_path, repeat=2, rpc=("127.0.0.1", trk.port, "attndsl-test"),

@@ -5,16 +5,19 @@ for a sequence of N.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..diagnostics import SpecError
-import math
-
 from ..ir import (LinearAttention, Node, PositionalAttention, SampledAttention, SoftmaxAttention,
                   ToeplitzValues, postorder)
-from .geometric import decay_rates
 from ..rewrite import rewrite
+from ..schedules.knobs import defaults
+from .geometric import decay_rates
+
+PLAN_LENGTH = 4096                               # the sequence length the plan is costed at
+BANDED_CHUNK = defaults("banded")["chunk"]       # the banded kernels' default chunk (their window tiles)
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,12 @@ def _toeplitz_fft_cost(n: PositionalAttention, N: int) -> float:
 
 
 def _banded_cost(n: PositionalAttention, N: int) -> float:
-    """Window tiles (keys within ±(W + C) of a query chunk, C = 32) with exact weights, plus the
-    constant weights beyond the clip through chunk prefix sums (one M×(D+1) product a row)."""
+    """Window tiles (keys within ±(W + C) of a query chunk, C the banded chunk knob's default) with
+    exact weights, plus the constant weights beyond the clip through chunk prefix sums (one
+    M×(D+1) product a row)."""
     m, d = n.qf.shape[-1], n.v.shape[-1]
     w = int(n.bias.position["max_distance"])
-    window = min(N, (1 if n.causal else 2) * w + 32)
+    window = min(N, (1 if n.causal else 2) * w + BANDED_CHUNK)
     return 2.0 * N * window * (m + d + 1) + 4.0 * N * m * (d + 1)
 
 
@@ -134,7 +138,7 @@ def candidates(n: Node) -> list[Form]:
     return [f for f in FORMS if isinstance(n, f.node) and f.valid(n)]
 
 
-def choose(root: Node, plan: str = "auto", n: int = 4096,
+def choose(root: Node, plan: str = "auto", n: int = PLAN_LENGTH,
            forms: frozenset | None = None) -> tuple[Node, list[Decision]]:
     """Set `form` on every site; returns the new tree and the choices made (for explain()).
     `forms`: the forms the target has kernels for (None: all); a site none of whose valid forms
