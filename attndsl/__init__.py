@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .diagnostics import SpecError
+from .lowering.target import Target
 from .parse import parse
 
 __version__ = "0.1.0"
@@ -66,7 +67,7 @@ _DEFAULT_DTYPE = "float32"       # compile(dtype=...): torch.float32, named with
 
 
 def compile(text_or_path, name: str | None = None, *, heads: int, head_dim: int,
-            value_dim: int | None = None, target="llvm", plan: str = "auto",
+            value_dim: int | None = None, target: str | dict | Target = "llvm", plan: str = "auto",
             check_finite: bool = False, tuned: bool = True, dtype=_DEFAULT_DTYPE):
     """Parse, plan, lower and build one attention block; returns an `Attention` module.
     `text_or_path`: the spec's text (str or UTF-8 bytes) or a path to a .attn file.
@@ -96,4 +97,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["parse", "compile", "from_torch", "SpecError", "Attention", "read_spec"]
+__all__ = ["parse", "compile", "from_torch", "SpecError", "Attention", "Target", "read_spec"]

@@ -84,8 +84,7 @@ def cmd_emit(args) -> int:
     forms = None
     if args.stage in ("tir", "cuda"):            # plan among the forms the target has kernels for
         from . import lowering
-        from .lowering.runtime import target_kind
-        forms = lowering.forms_for(target_kind(_kernel_target(args)))
+        forms = lowering.forms_for(_kernel_target(args))
     for spec in _blocks(args):
         if args.stage == "ast":
             print(_format_ast(spec))
@@ -102,8 +101,9 @@ def cmd_emit(args) -> int:
 
 
 def _kernel_target(args):
-    """--target, where --stage cuda without one means the GPU."""
-    return "cuda" if args.stage == "cuda" and args.target == "llvm" else args.target
+    """--target as a Target (lowering/target.py), where --stage cuda without one means the GPU."""
+    from .lowering.target import resolve
+    return resolve("cuda" if args.stage == "cuda" and args.target == "llvm" else args.target)
 
 
 def _emit_kernels(spec, planned, args) -> None:
@@ -111,17 +111,15 @@ def _emit_kernels(spec, planned, args) -> None:
     CUDA C that TVM generates for them (built here: no GPU needed)."""
     from . import lowering
     from .lowering import build
-    from .lowering.runtime import target_kind
     from .module import not_lowered
     target = _kernel_target(args)
-    kind = target_kind(target)
     try:
-        funcs = lowering.lower(planned.root, args.dtype, portable=lowering.portable(kind), gpu=kind == "cuda")
+        funcs = lowering.lower(planned.root, args.dtype, portable=target.portable, gpu=target.gpu)
     except lowering.NotLowered as e:
-        raise not_lowered(spec, e, kind) from None
+        raise not_lowered(spec, e, target) from None
     tgt = build.resolve_target(target)
     if args.stage == "tir":
-        if kind == "cuda":
+        if target.gpu:
             from .schedules import cuda
             print(cuda.schedule(build.tvm.IRModule(funcs), tgt).script())
         else:
@@ -178,8 +176,8 @@ def cmd_run(args) -> int:
     import torch
 
     from . import compile
-    from .lowering.runtime import target_kind
-    device = "cuda" if target_kind(args.target) == "cuda" else "cpu"
+    from .lowering.target import resolve
+    device = resolve(args.target).device
     if device == "cuda" and not torch.cuda.is_available():
         print(f"attndsl run: target {args.target} runs on a CUDA GPU, and torch sees none here "
               f"(`attndsl emit FILE --stage cuda` shows its kernels without one)", file=sys.stderr)
@@ -239,7 +237,7 @@ def cmd_tune(args) -> int:
 
     from . import lowering, pipeline
     from .lowering import tune
-    from .lowering.runtime import target_kind
+    from .lowering.target import resolve
     from .schedules import lookup
     db = Path(args.db) if args.db else lookup.user_db()
     rpc = None
@@ -251,7 +249,7 @@ def cmd_tune(args) -> int:
             return 2
         rpc = (host, int(port), args.rpc_key)
     lengths = args.lengths
-    forms = lowering.forms_for(target_kind(args.target))
+    forms = lowering.forms_for(resolve(args.target))
     for spec in _blocks(args):
         planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim, forms=forms)
         print(f"tuning {spec.name} ({args.dtype}, B·H={args.batch * args.heads}, "

@@ -23,11 +23,12 @@ from .featuremaps import lookup
 from .ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
                  SampledAttention, SoftmaxAttention, ToeplitzValues, format_attr, format_ir,
                  postorder)
-from .lowering.runtime import check_target, host_cpu, target_kind
+from .lowering.runtime import host_cpu
+from .lowering.target import MLIR as MLIR_TARGET
+from .lowering.target import Target, resolve
 from .reference import alibi_slopes, effective_scale, reference
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-MLIR_TARGET = "mlir-cpu"
 UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
@@ -68,7 +69,7 @@ def kernels_of(root: Node) -> tuple[str, ...]:
 
 class Attention(nn.Module):
     def __init__(self, spec: AttentionSpec, *, heads: int, head_dim: int, value_dim: int | None = None,
-                 target: str | dict = "llvm", plan: str = "auto", check_finite: bool = False,
+                 target: str | dict | Target = "llvm", plan: str = "auto", check_finite: bool = False,
                  tuned: bool = True, dtype: torch.dtype | str | None = torch.float32):
         super().__init__()
 
@@ -78,9 +79,9 @@ class Attention(nn.Module):
         self.spec, self.heads, self.head_dim = spec, heads, head_dim
         self.value_dim = value_dim or head_dim
         self.scale = effective_scale(spec, head_dim)
-        # "mlir-cpu": the torch-mlir backend (attndsl/mlir/backend.py); else a TVM target, resolved
-        # (TVM imported) only when building
-        self.target = MLIR_TARGET if target == MLIR_TARGET else check_target(target)
+        # where the kernels run (lowering/target.py); the TVM target is resolved (TVM imported) only
+        # when building
+        self.target = resolve(target)
         self.check_finite = check_finite
         self.tuned = tuned                       # False: the default knobs, whatever the databases say
         self.planned = pipeline.run(spec, head_dim, self.value_dim, plan_name=plan, forms=self._forms())
@@ -115,7 +116,7 @@ class Attention(nn.Module):
         self._check_fft_range()
         self._mlir = None
         eager = _kernel_dtype(dtype)
-        if self.target == MLIR_TARGET:
+        if self.target.kind == "mlir":
             self._mlir = self._mlir_program()
         elif eager is not None:
             self._library(eager)                 # build now: fails early, and the first call is fast
@@ -124,18 +125,17 @@ class Attention(nn.Module):
 
     def _forms(self) -> frozenset | None:
         """The forms the target has kernels for, which the planner picks from (None: all)."""
-        if self.target == MLIR_TARGET:
+        if self.target.kind == "mlir":
             return None
         from . import lowering
-        return lowering.forms_for(target_kind(self.target))
+        return lowering.forms_for(self.target)
 
     def _library(self, dtype: str) -> str:
         if dtype in self._libs:
             return self._libs[dtype]
         from . import lowering
 
-        kind = target_kind(self.target)
-        portable = lowering.portable(kind)       # GPU targets: the portable kernels
+        kind, portable = self.target.kind, self.target.portable
         dirs = tuning.tuning_dirs() if self.tuned else []
         notes: dict = {}
 
@@ -143,15 +143,15 @@ class Attention(nn.Module):
         try:
             lowering.check(root, portable)
         except lowering.NotLowered as e:
-            raise not_lowered(self.spec, e, kind) from None
+            raise not_lowered(self.spec, e, self.target) from None
         loadable = True
         if kind == "cuda":
             from .lowering.runtime import prepare_cuda
             loadable = prepare_cuda()
         # what decides the code, not where the spec was written: the planned IR (spans left out)
         key = cache.make_key(ir=canonical(root), dims=[self.head_dim, self.value_dim], dtype=dtype,
-                             target=self.target, host=_host_cpu(), lowering=_lowering_source_hash(),
-                             tuning=tuning.fingerprint(dirs), kernels="portable" if portable else "cpu")
+                             target=[str(self.target.spec()), self.target.kernels], host=_host_cpu(), lowering=_lowering_source_hash(),
+                             tuning=tuning.fingerprint(dirs))
         expect = kernels_of(root)
         if kind == "llvm":                       # a library built for another key is caught at load
             expect += (f"attndsl_key_{key[:16]}",)
@@ -159,7 +159,7 @@ class Attention(nn.Module):
         def compile_kernels():
             from .lowering.build import build, resolve_target
             target = resolve_target(self.target)
-            funcs, chosen = lowering.lower_tuned(root, dtype, dirs, target, portable, gpu=kind == "cuda")
+            funcs, chosen = lowering.lower_tuned(root, dtype, dirs, target, portable, gpu=self.target.gpu)
             notes["tuned"] = {k: {"knobs": c.knobs, "speedup": round(c.speedup, 4),
                                   "lengths": list(c.lengths), "db": c.folder} for k, c in chosen.items()}
             if kind == "llvm":
@@ -214,7 +214,7 @@ class Attention(nn.Module):
         env = {"q": q.to(dtype).reshape(B * H, N, -1).contiguous(),
                "k": k.to(dtype).reshape(B * H, N, -1).contiguous(),
                "v": v.to(dtype).reshape(B * H, N, -1).contiguous()}
-        if self.target == MLIR_TARGET:
+        if self.target.kind == "mlir":
             if self._mlir is None:
                 self._mlir = self._mlir_program()
             return self._forward_mlir(env, dtype, q, k, v).reshape(B, H, N, self.value_dim).to(out_dtype)
@@ -269,7 +269,7 @@ class Attention(nn.Module):
 
     def _fft_site(self) -> PositionalAttention | None:
         """The Toeplitz-FFT scores site TVM computes, if any (target mlir-cpu evaluates it densely)."""
-        if self.target == MLIR_TARGET:
+        if self.target.kind == "mlir":
             return None
         return next((x for x in postorder(self.planned.root)
                      if isinstance(x, PositionalAttention) and x.form == "toeplitz_fft"), None)
@@ -360,7 +360,7 @@ class Attention(nn.Module):
                          position_table=self.position_table)
 
     def _validate(self, q, k, v) -> None:
-        kind = target_kind(self.target)
+        kind = self.target.kind
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -430,16 +430,15 @@ class Attention(nn.Module):
         elif self._fft_site() is not None:
             lines.append("  precision (docs/numerics.md): the learned table is checked at every call")
         lines.append("")
-        if self.target == MLIR_TARGET:
+        if self.target.kind == "mlir":
             from .mlir.linalg import describe
             lines.append(f"target {MLIR_TARGET} (torch-mlir: attn dialect -> linalg -> LLVM, forward only):")
             site = lambda i, node: f"  {node.op}{i}   {describe(node)}"                 # noqa: E731
         else:
             from . import lowering
             what = "TVM"
-            if lowering.portable(target_kind(self.target)):
-                what = ("TVM, the portable kernels"
-                        + (", bound to GPU threads" if target_kind(self.target) == "cuda" else ""))
+            if self.target.portable:
+                what = "TVM, the portable kernels" + (", bound to GPU threads" if self.target.gpu else "")
             lines.append(f"kernels ({what}; one build serves every batch and length):")
             site = lambda i, node: f"  {node.op}{i}_fwd / {node.op}{i}_bwd   {_describe(node)}"  # noqa: E731
         for i, node in enumerate(postorder(planned.root)):
@@ -492,10 +491,10 @@ def _stamp(name: str) -> dict:
     return {name: tirx.PrimFunc([], tirx.Evaluate(0)).with_attr("global_symbol", name)}
 
 
-def not_lowered(spec: AttentionSpec, e, kind: str) -> SpecError:
-    """The SpecError for a lowering.NotLowered `e` on a target kind ('llvm', 'cuda')."""
+def not_lowered(spec: AttentionSpec, e, target: Target) -> SpecError:
+    """The SpecError for a lowering.NotLowered `e` on `target`."""
     from . import lowering
-    portable = lowering.portable(kind)
+    kind, portable = target.kind, target.portable
     node = e.nodes[-1]
     what = f"the {node.op} form '{node.form}'" if getattr(node, "form", None) else f"the {node.op} node"
     where = f"for target {kind}" if portable else "to TVM"

@@ -233,19 +233,9 @@ PORTABLE_FORMS: dict[type, frozenset | None] = {
     SoftmaxAttention: LOWERED_FORMS[SoftmaxAttention],
     SampledAttention: LOWERED_FORMS[SampledAttention],
 }
-# target kinds whose kernels are the portable ones (every other kind: the CPU kernels)
-PORTABLE_KINDS = {"cuda"}
-
-
-def portable(kind: str) -> bool:
-    """Whether a target kind ('llvm', 'cuda') builds the portable kernels (te_forms.py,
-    softmax_rows.py, fft_blocks.py) rather than the CPU ones."""
-    return kind in PORTABLE_KINDS
-
-
-def forms_for(kind: str) -> frozenset | None:
-    """The forms a target kind has kernels for, for the planner (None: every form)."""
-    return frozenset(lowered_forms(True)) if portable(kind) else None
+def forms_for(target) -> frozenset | None:
+    """The forms a Target (target.py) has kernels for, for the planner (None: every form)."""
+    return frozenset(lowered_forms(True)) if target.portable else None
 
 
 def _registry(portable: bool) -> tuple[dict, dict]:

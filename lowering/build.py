@@ -6,10 +6,15 @@ import tvm
 from attndsl import config
 from attndsl.schedules import cuda
 
+from .target import Target
 
-def resolve_target(target: str | dict) -> dict | tvm.target.Target:
-    """'llvm' means this machine's CPU (its -mcpu, so AVX-512 is used where present); CUDA names
-    (schedules/cuda.py TARGETS) their TVM target."""
+
+def resolve_target(target) -> dict | tvm.target.Target:
+    """The TVM target of a Target (target.py), a name or a TVM target dict: 'llvm' means this
+    machine's CPU (its -mcpu, so AVX-512 is used where present); CUDA names (schedules/cuda.py
+    TARGETS) their TVM target."""
+    if isinstance(target, Target):
+        target = target.spec()
     if cuda.is_cuda(target):
         return cuda.tvm_target(target)
     if isinstance(target, dict):

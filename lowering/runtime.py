@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from attndsl import config
-from attndsl.schedules import cuda
 
 _RUNTIME: ctypes.CDLL | None = None
 
@@ -30,25 +29,6 @@ def _load_runtime() -> None:
         import tvm  # noqa: F401
         return
     _RUNTIME = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-
-
-def check_target(target: str | dict) -> str | dict:
-    """The user's target, validated without TVM: 'llvm'/'cpu' (this CPU), a CUDA name
-    (schedules/cuda.py TARGETS) or a TVM target dict."""
-    if isinstance(target, dict) and "kind" in target:
-        return dict(target)
-    if target in ("llvm", "cpu"):
-        return "llvm"
-    if cuda.is_cuda(target):
-        return target
-    raise cuda.unknown(target)
-
-
-def target_kind(target: str | dict) -> str:
-    """'llvm' or 'cuda' (or a dict's kind)."""
-    if isinstance(target, dict):
-        return target["kind"]
-    return "cuda" if cuda.is_cuda(target) else target
 
 
 def prepare_cuda() -> bool:

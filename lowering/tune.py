@@ -147,9 +147,8 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
     """Tune the planned IR's kernels; `sizes` gives BH, H and P (the lengths give N), and for the
     sampled kernels S and blk.
     Returns one Measured per (kernel, length)."""
-    from . import portable as is_portable
-    from .runtime import target_kind
-    portable = is_portable(target_kind(target))      # GPU targets: the portable kernels' knobs
+    from .target import resolve
+    portable = resolve(target).portable              # GPU targets: the portable kernels' knobs
     target = tvm.target.Target(resolve_target(target))
     if portable and rpc is None and not cuda.has_gpu():
         raise RuntimeError(f"no CUDA GPU here to time the {target.kind.name} kernels on: run "

@@ -26,7 +26,8 @@ def is_cuda(target: str | dict) -> bool:
 def unknown(target) -> ValueError:
     """The error for a target that is neither the CPU nor a CUDA name."""
     return ValueError(f"unknown target {target!r}; valid: 'llvm' (this CPU), "
-                      f"{', '.join(map(repr, TARGETS))} or a TVM target dict")
+                      f"{', '.join(map(repr, TARGETS))}, 'mlir-cpu' (the torch-mlir backend), "
+                      f"attndsl.Target('llvm', kernels='portable') or a TVM target dict")
 
 
 def has_gpu() -> bool:

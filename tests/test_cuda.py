@@ -59,18 +59,14 @@ SAMPLED = {"kde": "sampling = kde(buckets=4, block=8, samples=6, seed=1)",
 HAS_GPU = torch.cuda.is_available()
 
 
-@pytest.fixture(scope="module")
-def portable_on_cpu():
-    """Target llvm builds the portable kernels (as a GPU target would, minus the schedule)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lowering, "PORTABLE_KINDS", lowering.PORTABLE_KINDS | {"llvm"})
-        yield
+# this CPU running the portable kernels (as a GPU target builds them, minus the schedule)
+PORTABLE_CPU = attndsl.Target("llvm", kernels="portable")
 
 
 _CACHE: dict = {}
 
 
-def compiled(kernel: str, mask: str, target="llvm", heads=2, head_dim=8, value_dim=6):
+def compiled(kernel: str, mask: str, target=PORTABLE_CPU, heads=2, head_dim=8, value_dim=6):
     key = (kernel, mask, target, heads, head_dim, value_dim)
     if key not in _CACHE:
         _CACHE[key] = attndsl.compile(spec(kernel, mask), heads=heads, head_dim=head_dim, dtype=None,
@@ -96,20 +92,20 @@ def check_against_reference(attn, q, k, v, rtol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("kernel,mask", CASES, ids=[f"{k}-{m}" for k, m in CASES])
-def test_portable_kernels_match_reference(portable_on_cpu, kernel, mask, dtype):
+def test_portable_kernels_match_reference(kernel, mask, dtype):
     attn = compiled(kernel, mask)
     assert "portable kernels" in attn.explain()
     check_against_reference(attn, *inputs(2, 2, 70, 8, 6, dtype, kernel), RTOL[dtype])
 
 
 @pytest.mark.parametrize("kernel,mask", CASES, ids=[f"{k}-{m}" for k, m in CASES])
-def test_portable_gradcheck_float64(portable_on_cpu, kernel, mask):
+def test_portable_gradcheck_float64(kernel, mask):
     attn = compiled(kernel, mask, heads=2, head_dim=4, value_dim=3)
     q, k, v = (t.requires_grad_() for t in inputs(1, 2, 5, 4, 3, torch.float64, kernel))
     assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def decayed(case: str, target="llvm", head_dim=8, value_dim=6) -> attndsl.Attention:
+def decayed(case: str, target=PORTABLE_CPU, head_dim=8, value_dim=6) -> attndsl.Attention:
     key = ("decayed", case, target, head_dim, value_dim)
     if key not in _CACHE:
         _CACHE[key] = attndsl.compile(f"attention t {{ {DECAYED[case]} }}", heads=2, head_dim=head_dim, dtype=None,
@@ -120,19 +116,19 @@ def decayed(case: str, target="llvm", head_dim=8, value_dim=6) -> attndsl.Attent
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", sorted(DECAYED))
-def test_portable_decayed_matches_reference(portable_on_cpu, case, dtype):
+def test_portable_decayed_matches_reference(case, dtype):
     check_against_reference(decayed(case), *inputs(2, 2, 150, 8, 6, dtype), RTOL[dtype])
 
 
 @pytest.mark.parametrize("case", sorted(DECAYED))
-def test_portable_decayed_gradcheck_float64(portable_on_cpu, case):
+def test_portable_decayed_gradcheck_float64(case):
     """Across chunks (N = C + 3): the decayed states carried from chunk to chunk, both ways."""
     attn = decayed(case, head_dim=3, value_dim=2)
     q, k, v = (t.requires_grad_() for t in inputs(1, 2, te_forms.CHUNK + 3, 3, 2, torch.float64))
     assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def with_table(body: str, form: str, target="llvm", head_dim=8, value_dim=6) -> attndsl.Attention:
+def with_table(body: str, form: str, target=PORTABLE_CPU, head_dim=8, value_dim=6) -> attndsl.Attention:
     """`attention t { body }` planned as `form` (forced, as a table longer than the sequence is
     either banded or FFT; but not values_fft, whose spec has a linear site too, which plan= would
     force as well), its table (if any) far from the zero init."""
@@ -192,7 +188,7 @@ def gradcheck_with_table(attn, q, k, v):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("form,case", TABLE_CASES, ids=[f"{f}-{c}" for f, c in TABLE_CASES])
-def test_portable_softmax_and_banded_match_reference(portable_on_cpu, form, case, dtype):
+def test_portable_softmax_and_banded_match_reference(form, case, dtype):
     """N = 150. Banded: the band by offsets, the far keys through chunk states shifted by W (both
     sides without a mask), the table's gradient per offset and in its two far slots. FFT: M = 7,
     D = 5 (odd pairs), L = 512 (9 radix-2 stages, two passes of 256 threads each)."""
@@ -202,17 +198,17 @@ def test_portable_softmax_and_banded_match_reference(portable_on_cpu, form, case
 
 
 @pytest.mark.parametrize("case", sorted(SOFTMAX))
-def test_portable_softmax_gradcheck_float64(portable_on_cpu, case):
+def test_portable_softmax_gradcheck_float64(case):
     gradcheck_with_table(softmax(case, head_dim=3, value_dim=2), *inputs(1, 2, 11, 3, 2, torch.float64))
 
 
 @pytest.mark.parametrize("case", sorted(FFT))
-def test_portable_fft_gradcheck_float64(portable_on_cpu, case):
+def test_portable_fft_gradcheck_float64(case):
     gradcheck_with_table(fft(case, head_dim=3, value_dim=3), *inputs(1, 2, 11, 3, 3, torch.float64))
 
 
 @pytest.mark.parametrize("case", ["clipped-full", "clipped-causal", "wide-full"])
-def test_portable_banded_gradcheck_float64(portable_on_cpu, case):
+def test_portable_banded_gradcheck_float64(case):
     """N = C + 9, so far keys fall in the chunk before and the chunk after."""
     gradcheck_with_table(banded(case, head_dim=3, value_dim=2),
                          *inputs(1, 2, te_forms.CHUNK + 9, 3, 2, torch.float64))
@@ -241,7 +237,7 @@ def test_a_table_as_long_as_the_sequence_takes_the_fft_form_on_cuda():
     assert "form toeplitz_fft" in attndsl.compile(text, heads=2, head_dim=64, target="sm_80").explain()
 
 
-def sampled(case: str, target="llvm", head_dim=8, value_dim=6) -> attndsl.Attention:
+def sampled(case: str, target=PORTABLE_CPU, head_dim=8, value_dim=6) -> attndsl.Attention:
     return attndsl.compile(f"attention t {{ {SAMPLED[case]} }}", heads=2, head_dim=head_dim,
                            value_dim=value_dim, target=target)
 
@@ -255,32 +251,31 @@ def out_and_grads(attn, q, k, v):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", sorted(SAMPLED))
-def test_portable_sampled_matches_the_cpu_kernels(portable_on_cpu, monkeypatch, case, dtype):
+def test_portable_sampled_matches_the_cpu_kernels(case, dtype):
     """Same seed, same samples: the row-per-thread kernels give the CPU kernels' estimate and its
     exact gradient (through the sample weights too, for kde)."""
     q, k, v = inputs(2, 2, 53, 8, 6, dtype)
     got = out_and_grads(sampled(case), q, k, v)
     assert "portable kernels" in sampled(case).explain()
-    monkeypatch.setattr(lowering, "PORTABLE_KINDS", {"cuda"})
-    want = out_and_grads(sampled(case), q, k, v)
+    want = out_and_grads(sampled(case, target="llvm"), q, k, v)
     for name, a, b in zip(("out", "dq", "dk", "dv"), want, got):
         assert_close(name, a, b, 10 * RTOL[dtype])
 
 
-def test_portable_kde_is_exact_when_one_block_holds_every_key(portable_on_cpu):
+def test_portable_kde_is_exact_when_one_block_holds_every_key():
     attn = attndsl.compile("attention t { sampling = kde(buckets=4, block=64, samples=6) }", heads=2,
-                           head_dim=8, value_dim=6)
+                           head_dim=8, value_dim=6, target=PORTABLE_CPU)
     check_against_reference(attn, *inputs(1, 2, 40, 8, 6, torch.float64), RTOL[torch.float64])
 
 
 @pytest.mark.parametrize("case", ["kde", "uniform-causal"])
-def test_portable_sampled_gradcheck_float64(portable_on_cpu, case):
+def test_portable_sampled_gradcheck_float64(case):
     attn = sampled(case, head_dim=3, value_dim=2)
     q, k, v = (t.requires_grad_() for t in inputs(1, 2, 19, 3, 2, torch.float64))
     assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_portable_gradcheck_across_chunks(portable_on_cpu):
+def test_portable_gradcheck_across_chunks():
     """Causal rows in three chunks of te_forms.CHUNK: the prefix states and the in-chunk blocks."""
     attn = compiled("elu1", "causal", heads=1, head_dim=3, value_dim=2)
     n = 2 * te_forms.CHUNK + 3
@@ -290,7 +285,7 @@ def test_portable_gradcheck_across_chunks(portable_on_cpu):
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 130, 1000], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("mask", ["full", "causal"])
-def test_portable_one_build_serves_every_length(portable_on_cpu, mask, n):
+def test_portable_one_build_serves_every_length(mask, n):
     attn = compiled("favor", mask)
     q, k, v = inputs(1, 2, n, 8, 6, torch.float64, "favor")
     assert_close("out", attn.reference(q, k, v), attn(q, k, v), RTOL[torch.float64])
@@ -486,19 +481,19 @@ KNOB_CASES = [("elu1-causal", "kernel = elu1; mask = causal", "portable_linear",
 
 @pytest.mark.parametrize("case,body,family,knob,value", KNOB_CASES,
                          ids=[f"{c[0]}-{c[3]}{c[4]}" for c in KNOB_CASES])
-def test_every_portable_knob_choice_computes_the_same_attention(portable_on_cpu, tmp_path, monkeypatch,
+def test_every_portable_knob_choice_computes_the_same_attention(tmp_path, monkeypatch,
                                                                 case, body, family, knob, value):
     """A record that makes the choice the best: compile() builds it, explain() names it, and it
     matches the reference forward and backward."""
     from attndsl.schedules import knobs
     monkeypatch.setenv("ATTNDSL_TUNING_DB", str(tmp_path))
     text = f"attention t {{ {body} }}"
-    root = pipeline.run(attndsl.parse(text).block(None), 8, 6, forms=lowering.forms_for("llvm")).root
+    root = pipeline.run(attndsl.parse(text).block(None), 8, 6, forms=lowering.forms_for(PORTABLE_CPU)).root
     kernels = [k for k, f in lowering.tunable(root, portable=True).items() if f == family]
     assert kernels
     default = knobs.label(knobs.defaults(family))
     _record(tmp_path, root, kernels, family, {default: 2e-3, f"{knob}={value}": 1e-3}, "llvm")
-    attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6)
+    attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6, target=PORTABLE_CPU)
     assert f"{kernels[0]} {knob}={value}  (2.00x the defaults" in attn.explain()
     check_against_reference(attn, *inputs(1, 2, 300, 8, 6, torch.float64), RTOL[torch.float64])
 
@@ -507,7 +502,7 @@ def test_a_record_for_a_cuda_target_is_built_for_it(tmp_path, monkeypatch):
     """The lookup of CUDA kernels' knobs, without a GPU: a record for sm_80 picks chunk=128."""
     monkeypatch.setenv("ATTNDSL_TUNING_DB", str(tmp_path))
     text = "attention t { kernel = elu1; mask = causal }"
-    root = pipeline.run(attndsl.parse(text).block(None), 8, 6, forms=lowering.forms_for("llvm")).root
+    root = pipeline.run(attndsl.parse(text).block(None), 8, 6).root
     kernels = list(lowering.tunable(root, portable=True))
     _record(tmp_path, root, kernels, "portable_linear", {"chunk=64": 3e-3, "chunk=128": 1e-3}, "sm_80")
     attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6, target="sm_80")

@@ -184,9 +184,9 @@ def _record(db_folder, root, kernel, family, times: dict, n=64, target="llvm", p
     import tvm
     from attndsl.lowering import lower, tune
     from attndsl.lowering.build import resolve_target
-    from attndsl.lowering.runtime import target_kind
+    from attndsl.lowering.target import resolve
     from attndsl.schedules import database
-    func = lower(root, "float32", portable=portable, gpu=target_kind(target) == "cuda")[kernel]
+    func = lower(root, "float32", portable=portable, gpu=resolve(target).gpu)[kernel]
     db = database.open_db(db_folder)
     wl = db.commit_workload(database.workload(func))
     info = tune.arg_shapes(func, {"BH": 2, "H": 2, "P": P, "N": n})
