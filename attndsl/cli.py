@@ -2,7 +2,7 @@
 
     attndsl check model.attn                      parse and check every block
     attndsl emit model.attn --stage ast|ir|linear|tir|cuda|mlir|linalg [--after STAGE] [--target T]
-    attndsl run model.attn --heads 8 --head-dim 64 --seq 1024 [--target cuda]   compile, compare with the reference, time
+    attndsl run model.attn --heads 8 --head-dim 64 --seq 1024 [--target cuda]   compile, check, time
     attndsl tune model.attn --lengths 1024,4096 --trials 9 [--db DIR] [--rpc-tracker HOST:PORT --rpc-key KEY]
                                                   measure the kernels' knob choices into a database
 """

@@ -1,6 +1,7 @@
-"""`attndsl.Attention`: a compiled spec as a torch.nn.Module .
+"""`attndsl.Attention`: a compiled spec as a torch.nn.Module.
 
-forward runs the planned IR node by node on TVM kernels (`attndsl.ops`); `reference` runs the spec's O(N²) meaning.
+forward runs the planned IR node by node on TVM kernels (`attndsl.ops`); `reference` runs the
+spec's O(N²) meaning.
 q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv).
 """
 from __future__ import annotations
@@ -150,8 +151,8 @@ class Attention(nn.Module):
             loadable = prepare_cuda()
         # what decides the code, not where the spec was written: the planned IR (spans left out)
         key = cache.make_key(ir=canonical(root), dims=[self.head_dim, self.value_dim], dtype=dtype,
-                             target=[str(self.target.spec()), self.target.kernels], host=_host_cpu(), lowering=_lowering_source_hash(),
-                             tuning=tuning.fingerprint(dirs))
+                             target=[str(self.target.spec()), self.target.kernels], host=_host_cpu(),
+                             lowering=_lowering_source_hash(), tuning=tuning.fingerprint(dirs))
         expect = kernels_of(root)
         if kind == "llvm":                       # a library built for another key is caught at load
             expect += (f"attndsl_key_{key[:16]}",)
@@ -223,10 +224,8 @@ class Attention(nn.Module):
             dtype = fft_dtype
             env = {name: t.to(dtype) for name, t in env.items()}
         out, den = self._run(env, dtype)
-        if den is not None and den < precision.UNDERFLOW[dtype]:
-            # a stabilized map's normalizer near underflow (precision.py): float64, or refused
-            if dtype == torch.float64:
-                raise precision.stabilizer_refusal(self.spec.name, N)
+        # a stabilized map's normalizer near underflow (precision.py): float64, else refused
+        if den is not None and den < precision.UNDERFLOW[dtype] and dtype != torch.float64:
             if N not in self._warned_float64:
                 self._warned_float64.add(N)
                 warnings.warn(f"attndsl: {self.spec.name} at N={N} computes in float64: the "
@@ -234,14 +233,16 @@ class Attention(nn.Module):
                               f"near {str(dtype).removeprefix('torch.')}'s underflow (keys whose feature "
                               f"scores lie far above the ones a row sees); the output keeps its dtype",
                               stacklevel=2)
-            out, den = self._run({name: t.double() for name, t in env.items()}, torch.float64)
-            if den is not None and den < precision.UNDERFLOW[torch.float64]:
-                raise precision.stabilizer_refusal(self.spec.name, N)
+            dtype = torch.float64
+            out, den = self._run({name: t.double() for name, t in env.items()}, dtype)
+        if den is not None and den < precision.UNDERFLOW[dtype]:
+            raise precision.stabilizer_refusal(self.spec.name, N)
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
 
     def _run(self, env: dict, dtype: torch.dtype) -> tuple[torch.Tensor, float | None]:
-        """The planned IR on the kernels of `dtype` with the NaN rule of docs/numerics.md: (out (BH, N, Dv), the
-        smallest normalizer of a stabilized map's form, None otherwise or under torch.compile)."""
+        """The planned IR on the kernels of `dtype` with the NaN rule of docs/numerics.md:
+        (out (BH, N, Dv), the smallest normalizer of a stabilized map's form, None for other maps
+        and under torch.compile)."""
         lib = self._library(KERNEL_DTYPES[dtype])
         device = env["q"].device
         env = {**env, "position": self._position_params(dtype).to(device)}
@@ -414,8 +415,8 @@ class Attention(nn.Module):
                  f"  heads={self.heads} head_dim={self.head_dim} value_dim={self.value_dim} "
                  f"scale={self.scale:.6g} target={self.target}", ""]
         n = n or PLAN_LENGTH
-        planned = self.planned if n == PLAN_LENGTH else pipeline.run(spec, self.head_dim, self.value_dim, n=n,
-                                                              forms=self._forms())
+        planned = self.planned if n == PLAN_LENGTH else pipeline.run(spec, self.head_dim, self.value_dim,
+                                                                     n=n, forms=self._forms())
         lines.append(f"plan (cost model at N={n}, flops per batch·head):")
         for d in planned.decisions:
             costs = "  ".join(f"{f}={c / 1e6:.1f}M" for f, c in d.costs)

@@ -80,7 +80,8 @@ def effective_scale(spec: AttentionSpec, head_dim: int) -> float:
 def reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
               projection: torch.Tensor | None = None,
               position_table: torch.Tensor | None = None) -> torch.Tensor:
-    """out as the spec means it (docs/language.md). `sampling` specs return the exact softmax result they estimate."""
+    """out as the spec means it (docs/language.md). `sampling` specs return the exact softmax
+    result they estimate."""
     in_dtype = q.dtype
     if in_dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
