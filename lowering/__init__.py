@@ -1,11 +1,13 @@
 """IR -> TVM TIR: the only place TVM kernels are written.
 
-`lower(root, dtype)` walks a planned IR and asks the registry `LOWERINGS` for the kernels of each
-node: every node gets a forward and a backward prim_func named `<op><index>_fwd|_bwd`.
+`lower(root, dtype)` walks a planned IR and asks the registry (`FORMS`, one record per form, and
+`NODE_KERNELS` for the nodes that are not form sites) for the kernels of each node: every node
+gets a forward and a backward prim_func named `<op><index>_fwd|_bwd`.
 A node with no lowering raises `NotLowered`, which the front end reports against the spec.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from attndsl.passes.geometric import decayed_floor
@@ -46,13 +48,10 @@ def _feature_map(node: FeatureMap, names, dtype, knobs):
     return {names[0]: fwd(names[0], k, node.role, dtype), names[1]: bwd(names[1], k, dtype)}
 
 
-LINEAR_FORMS = {"linear": False, "prefix_sum": True}     # form -> causal
-
-
 def _linear_attention(node: LinearAttention, names, dtype, knobs):
     from . import featuremap, linear
     m, d = node.qf.shape[-1], node.v.shape[-1]
-    causal = LINEAR_FORMS[node.form]
+    causal = node.causal                         # prefix_sum; linear when False
     phi = dphi = None
     if node.phi is not None:                     # fused elementwise map (passes/fuse_maps.py)
         phi, dphi = featuremap.elementwise_pair(map_kernel_of(node.phi, m, m, node.prescale), dtype)
@@ -67,21 +66,33 @@ def learns(position) -> bool:
     return position.name == "toeplitz"
 
 
-def _positional_attention(node: PositionalAttention, names, dtype, knobs):
-    from . import banded, linear, toeplitz
+def _banded(node: PositionalAttention, names, dtype, knobs):
+    """A clipped table: the ±W band exactly, the far keys by chunk prefix sums."""
+    from . import banded
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal, knobs.get(names[0]),
+                                            eps=node.eps),
+            names[1]: banded.banded_backward(names[1], m, d, dtype, node.causal, knobs.get(names[1]))}
+
+
+def _decay_slope(TAB, h, later):
+    """γ = exp(−TAB[h, later]): TAB (H, 2) holds the rates for earlier and later keys."""
+    return TAB[h, 1 if later else 0]
+
+
+def _decayed(node: PositionalAttention, names, dtype, knobs):
+    from . import linear
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    return {names[0]: linear.linear_forward(names[0], m, d, dtype, node.causal, slope=_decay_slope,
+                                            knobs=knobs.get(names[0]),
+                                            eps=decayed_floor(node.eps, node.bias.position)),
+            names[1]: linear.linear_backward(names[1], m, d, dtype, node.causal, slope=_decay_slope,
+                                             knobs=knobs.get(names[1]))}
+
+
+def _toeplitz_fft(node: PositionalAttention, names, dtype, knobs):
+    from . import toeplitz
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
-    if node.form == "banded":                    # a clipped table: far keys by prefix sums
-        return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal, knobs.get(names[0]),
-                                                eps=node.eps),
-                names[1]: banded.banded_backward(names[1], m, d, dtype, node.causal, knobs.get(names[1]))}
-    if node.form == "decayed":                   # γ = exp(−TAB[h, later]) per head and direction
-        def slope(TAB, h, later):                # TAB (H, 2): rates for earlier, later keys
-            return TAB[h, 1 if later else 0]
-        return {names[0]: linear.linear_forward(names[0], m, d, dtype, node.causal, slope=slope,
-                                                knobs=knobs.get(names[0]),
-                                                eps=decayed_floor(node.eps, pos)),
-                names[1]: linear.linear_backward(names[1], m, d, dtype, node.causal, slope=slope,
-                                                 knobs=knobs.get(names[1]))}
     return {names[0]: toeplitz.scores_forward(names[0], m, d, dtype, node.causal, pos, knobs.get(names[0]),
                                               eps=node.eps),
             names[1]: toeplitz.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos),
@@ -121,28 +132,6 @@ def _no_kernels(*_) -> dict:
     return {}
 
 
-# node type -> (node, (fwd name, bwd name), dtype, knobs {kernel name: {knob: value}}) -> {name: PrimFunc}
-LOWERINGS: dict[type, Callable] = {
-    Input: _no_kernels, Position: _no_kernels, Add: _no_kernels,
-    FeatureMap: _feature_map,
-    LinearAttention: _linear_attention,
-    PositionalAttention: _positional_attention,
-    ToeplitzValues: _toeplitz_values,
-    SoftmaxAttention: _softmax_attention,
-    SampledAttention: _sampled_attention,
-}
-
-# node type -> the forms (passes/plan.py) its lowering implements; nodes without forms: None
-LOWERED_FORMS: dict[type, frozenset | None] = {
-    Input: None, Position: None, Add: None, FeatureMap: None,
-    LinearAttention: frozenset(LINEAR_FORMS),
-    PositionalAttention: frozenset({"toeplitz_fft", "banded", "decayed"}),
-    ToeplitzValues: frozenset({"values_fft"}),
-    SoftmaxAttention: frozenset({"quadratic"}),
-    SampledAttention: frozenset({"kde", "uniform"}),
-}
-
-
 # --- the portable kernels (te_forms.py, softmax_rows.py, fft_blocks.py): what GPU targets build, scheduled by
 # schedules/cuda.py. Their lowerings also take `gpu` (whether loops are bound to threads).
 
@@ -161,7 +150,7 @@ def _knob(knobs, names, family: str, knob: str) -> list[int]:
 def _portable_linear(node: LinearAttention, names, dtype, knobs, gpu):
     from . import featuremap, te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
-    causal = LINEAR_FORMS[node.form]
+    causal = node.causal                         # prefix_sum; linear when False
     phi = dphi = None
     if node.phi is not None:
         phi, dphi = featuremap.elementwise_pair(map_kernel_of(node.phi, m, m, node.prescale), dtype)
@@ -170,21 +159,30 @@ def _portable_linear(node: LinearAttention, names, dtype, knobs, gpu):
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, causal, phi, dphi, chunk=cb)}
 
 
-def _portable_positional(node: PositionalAttention, names, dtype, knobs, gpu):
-    from . import fft_blocks, te_forms
+def _portable_toeplitz_fft(node: PositionalAttention, names, dtype, knobs, gpu):
+    """A thread block per FFT work row."""
+    from . import fft_blocks
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
-    if node.form == "toeplitz_fft":              # a thread block per FFT work row
-        tf, tb = _knob(knobs, names, "portable_fft", "threads")
-        return {names[0]: fft_blocks.scores_forward(names[0], m, d, dtype, node.causal, pos, gpu, tf,
-                                                    eps=node.eps),
-                names[1]: fft_blocks.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos), gpu,
-                                                     tb)}
+    tf, tb = _knob(knobs, names, "portable_fft", "threads")
+    return {names[0]: fft_blocks.scores_forward(names[0], m, d, dtype, node.causal, pos, gpu, tf, eps=node.eps),
+            names[1]: fft_blocks.scores_backward(names[1], m, d, dtype, node.causal, pos, learns(pos), gpu, tb)}
+
+
+def _portable_banded(node: PositionalAttention, names, dtype, knobs, gpu):
+    """A clipped table: the band by offsets, the far keys by chunks."""
+    from . import te_forms
+    m, d = node.qf.shape[-1], node.v.shape[-1]
     cf, cb = _knob(knobs, names, "portable_linear", "chunk")
-    if node.form == "banded":                    # a clipped table: the band by offsets, far keys by chunks
-        return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf, eps=node.eps),
-                names[1]: te_forms.banded_backward(names[1], m, d, dtype, node.causal, chunk=cb)}
+    return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf, eps=node.eps),
+            names[1]: te_forms.banded_backward(names[1], m, d, dtype, node.causal, chunk=cb)}
+
+
+def _portable_decayed(node: PositionalAttention, names, dtype, knobs, gpu):
+    from . import te_forms
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    cf, cb = _knob(knobs, names, "portable_linear", "chunk")
     return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, decayed=True, chunk=cf,
-                                              eps=decayed_floor(node.eps, pos)),
+                                              eps=decayed_floor(node.eps, node.bias.position)),
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, node.causal, decayed=True, chunk=cb)}
 
 
@@ -216,48 +214,68 @@ def _portable_sampled(node: SampledAttention, names, dtype, knobs, gpu):
             names[1]: softmax_rows.sampled_backward(names[1], dk, dv, dtype, node.causal, node.scale, gpu, rb)}
 
 
-PORTABLE_LOWERINGS: dict[type, Callable] = {
-    Input: _no_kernels, Position: _no_kernels, Add: _no_kernels,
-    FeatureMap: _portable_feature_map,
-    LinearAttention: _portable_linear,
-    PositionalAttention: _portable_positional,
-    ToeplitzValues: _portable_values,
-    SoftmaxAttention: _portable_softmax,
-    SampledAttention: _portable_sampled,
+# --- the registry: every form's kernels -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FormKernels:
+    """The kernels of one form (passes/plan.py has when it is valid and its cost): the CPU lowering
+    (node, (fwd name, bwd name), dtype, knobs {kernel name: {knob: value}}) -> {name: PrimFunc},
+    the portable one (the same and `gpu`: loops bound to GPU threads), and the schedules/knobs.py
+    family of each (None: no knobs)."""
+    name: str
+    node: type
+    cpu: Callable | None
+    portable: Callable | None
+    cpu_knobs: str | None
+    portable_knobs: str | None
+
+
+FORMS: dict[str, FormKernels] = {f.name: f for f in [
+    FormKernels("linear", LinearAttention, _linear_attention, _portable_linear, "linear", "portable_linear"),
+    FormKernels("prefix_sum", LinearAttention, _linear_attention, _portable_linear, "linear", "portable_linear"),
+    FormKernels("decayed", PositionalAttention, _decayed, _portable_decayed, "linear", "portable_linear"),
+    FormKernels("banded", PositionalAttention, _banded, _portable_banded, "banded", "portable_linear"),
+    FormKernels("toeplitz_fft", PositionalAttention, _toeplitz_fft, _portable_toeplitz_fft, "toeplitz",
+                "portable_fft"),
+    FormKernels("values_fft", ToeplitzValues, _toeplitz_values, _portable_values, None, "portable_fft"),
+    FormKernels("quadratic", SoftmaxAttention, _softmax_attention, _portable_softmax, "quadratic",
+                "portable_rows"),
+    # the sampled kernels share the quadratic ones' tiles (sampled.py)
+    FormKernels("kde", SampledAttention, _sampled_attention, _portable_sampled, "quadratic", "portable_rows"),
+    FormKernels("uniform", SampledAttention, _sampled_attention, _portable_sampled, "quadratic",
+                "portable_rows"),
+]}
+# the nodes that are not form sites: feature maps have kernels of their own (no knobs); inputs,
+# positions (their parameters are an input of the kernels using them) and sums (torch) have none
+NODE_KERNELS: dict[type, tuple[Callable, Callable] | None] = {
+    FeatureMap: (_feature_map, _portable_feature_map), Input: None, Position: None, Add: None,
 }
-PORTABLE_FORMS: dict[type, frozenset | None] = {
-    Input: None, Position: None, Add: None, FeatureMap: None,
-    LinearAttention: frozenset(LINEAR_FORMS),
-    PositionalAttention: LOWERED_FORMS[PositionalAttention],
-    ToeplitzValues: LOWERED_FORMS[ToeplitzValues],
-    SoftmaxAttention: LOWERED_FORMS[SoftmaxAttention],
-    SampledAttention: LOWERED_FORMS[SampledAttention],
-}
+
+
+def lowering_of(node: Node, portable: bool) -> Callable | None:
+    """The function that writes `node`'s kernels, or None when it has none (its form unlowered)."""
+    if type(node) in NODE_KERNELS:
+        pair = NODE_KERNELS[type(node)]
+        return (lambda *_: {}) if pair is None else pair[portable]
+    f = FORMS.get(getattr(node, "form", None))
+    if f is None or not isinstance(node, f.node):
+        return None
+    return f.portable if portable else f.cpu
+
+
 def forms_for(target) -> frozenset | None:
     """The forms a Target (target.py) has kernels for, for the planner (None: every form)."""
     return frozenset(lowered_forms(True)) if target.portable else None
 
 
-def _registry(portable: bool) -> tuple[dict, dict]:
-    return (PORTABLE_LOWERINGS, PORTABLE_FORMS) if portable else (LOWERINGS, LOWERED_FORMS)
-
-
 def lowered_forms(portable: bool = False) -> list[str]:
-    """Every form that has kernels, for error messages."""
-    return sorted(f for forms in _registry(portable)[1].values() if forms for f in forms)
-
-
-def _lowered(node: Node, portable: bool) -> bool:
-    lowerings, forms_of = _registry(portable)
-    if type(node) not in lowerings:
-        return False
-    forms = forms_of[type(node)]
-    return forms is None or node.form in forms
+    """Every form that has kernels (CPU, or portable), for the planner and error messages."""
+    return sorted(name for name, f in FORMS.items() if (f.portable if portable else f.cpu) is not None)
 
 
 def check(root: Node, portable: bool = False) -> None:
     """Raise NotLowered naming every node that has no kernels (cheap: builds nothing)."""
-    missing = [node for node in postorder(root) if not _lowered(node, portable)]
+    missing = [node for node in postorder(root) if lowering_of(node, portable) is None]
     if missing:
         raise NotLowered(missing)
 
@@ -270,13 +288,12 @@ def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = 
     kernels (GPU targets) instead of the CPU ones, with their loops bound to GPU threads when
     `gpu` (else CPU loops: how they are tested without a GPU)."""
     check(root, portable)
-    lowerings = _registry(portable)[0]
     funcs = {}
     for i, node in enumerate(postorder(root)):
         names = kernel_names(i, node)
         if only is None or only.intersection(names):
             extra = (gpu,) if portable else ()
-            funcs.update(lowerings[type(node)](node, names, dtype, knobs or {}, *extra))
+            funcs.update(lowering_of(node, portable)(node, names, dtype, knobs or {}, *extra))
     return funcs
 
 
@@ -306,22 +323,10 @@ def lower_tuned(root: Node, dtype: str, dirs: list, target, portable: bool = Fal
 def knob_family(node: Node, portable: bool = False) -> str | None:
     """The schedules/knobs.py family of a node's kernels (both of them), None when not tunable;
     `portable`: of the portable kernels."""
-    if portable:
-        if isinstance(node, ToeplitzValues) or (isinstance(node, PositionalAttention)
-                                                and node.form == "toeplitz_fft"):
-            return "portable_fft"
-        if isinstance(node, (LinearAttention, PositionalAttention)):     # decayed, banded: chunked
-            return "portable_linear"
-        return "portable_rows" if isinstance(node, (SoftmaxAttention, SampledAttention)) else None
-    if isinstance(node, LinearAttention) or (isinstance(node, PositionalAttention) and node.form == "decayed"):
-        return "linear"
-    if isinstance(node, PositionalAttention) and node.form == "toeplitz_fft":
-        return "toeplitz"
-    if isinstance(node, PositionalAttention) and node.form == "banded":
-        return "banded"
-    if isinstance(node, (SoftmaxAttention, SampledAttention)):    # the same tiles (sampled.py)
-        return "quadratic"
-    return None
+    f = FORMS.get(getattr(node, "form", None))
+    if f is None:
+        return None
+    return f.portable_knobs if portable else f.cpu_knobs
 
 
 def tunable(root: Node, portable: bool = False) -> dict[str, str]:

@@ -9,6 +9,8 @@ a form without portable kernels (one taken out of the registry: every form has t
 """
 from __future__ import annotations
 
+import dataclasses
+
 import shutil
 from pathlib import Path
 
@@ -217,9 +219,8 @@ def test_portable_banded_gradcheck_float64(case):
 @pytest.fixture
 def no_portable_fft(monkeypatch):
     """The registry as if the portable Toeplitz-FFT kernels did not exist."""
-    forms = dict(lowering.PORTABLE_FORMS)
-    forms[PositionalAttention] = forms[PositionalAttention] - {"toeplitz_fft"}
-    monkeypatch.setattr(lowering, "PORTABLE_FORMS", forms)
+    monkeypatch.setitem(lowering.FORMS, "toeplitz_fft", dataclasses.replace(lowering.FORMS["toeplitz_fft"],
+                                                                            portable=None))
 
 
 def test_the_planner_picks_forms_the_target_has_kernels_for(no_portable_fft):
@@ -230,6 +231,14 @@ def test_the_planner_picks_forms_the_target_has_kernels_for(no_portable_fft):
     assert [d.form for d in cpu.decisions] == ["toeplitz_fft"]
     gpu = attndsl.compile(text, heads=2, head_dim=64, target="sm_80")
     assert "form banded" in gpu.explain() and "toeplitz_fft=" not in gpu.explain()
+
+
+def test_every_planned_form_has_cpu_and_portable_kernels():
+    """The planner's forms (passes/plan.py) and the lowering registry name the same forms, each
+    with both kernel sets and the node type the planner gives it."""
+    from attndsl.passes.plan import FORMS as PLANNED
+    assert {f.name: f.node for f in PLANNED} == {n: f.node for n, f in lowering.FORMS.items()}
+    assert all(f.cpu is not None and f.portable is not None for f in lowering.FORMS.values())
 
 
 def test_a_table_as_long_as_the_sequence_takes_the_fft_form_on_cuda():

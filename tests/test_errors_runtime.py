@@ -1,4 +1,6 @@
 """Bad tensors and unsupported forms get clear errors that say what to do."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -76,7 +78,7 @@ def test_check_finite_covers_the_position_table():
 
 def test_a_form_without_kernels_is_a_located_spec_error(monkeypatch):
     from attndsl import lowering
-    monkeypatch.setitem(lowering.LOWERED_FORMS, lowering.SampledAttention, frozenset())
+    monkeypatch.setitem(lowering.FORMS, "kde", dataclasses.replace(lowering.FORMS["kde"], cpu=None))
     with pytest.raises(SpecError, match="sampled_attention form .kde. is not lowered to TVM") as e:
         attndsl.compile("attention s { sampling = kde(samples=8) }", heads=1, head_dim=8)
     assert "<spec>:" in str(e.value) and "^" in str(e.value)
