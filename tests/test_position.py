@@ -175,7 +175,7 @@ def test_forced_forms_agree(case):
     q, k, v = (t.requires_grad_() for t in inputs(2, 45, 8, 6, torch.float64))
     results = []
     for form in forms:
-        attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6, plan=form)
+        attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6, plan=form, dtype=torch.float64)
         assert [d.form for d in attn.planned.decisions] == [form]
         out = attn(q, k, v)
         results.append((out, torch.autograd.grad(out.square().sum(), (q, k, v))))
@@ -200,7 +200,7 @@ def test_table_by_fft_and_by_banded_agree(table, mask):
     g = torch.randn(2, 2, 45, 6, dtype=torch.float64)
     table_init = None
     for form in ("banded", "toeplitz_fft"):
-        attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6, plan=form)
+        attn = attndsl.compile(text, heads=2, head_dim=8, value_dim=6, plan=form, dtype=torch.float64)
         assert [d.form for d in attn.planned.decisions] == [form]
         attn.double()
         if table_init is None:
