@@ -105,22 +105,24 @@ def fft_abs_bias_relu_causal_f32():
                     *_qkv(512))
 
 
-@probe
-def fft_learned_table_grown_f32():
+def _grown_table():
+    """A full-range learned table grown to 0.02·|r|, on the Toeplitz-FFT form."""
     import torch
     attn = _spec("kernel = elu1; position = toeplitz(max_distance=512)", plan="toeplitz_fft")
     with torch.no_grad():
         attn.position_table.copy_(0.02 * (torch.arange(1025) - 512).abs().float().expand(2, -1))
-    return _compare(attn, *_qkv(512))
+    return attn
+
+
+@probe
+def fft_learned_table_grown_f32():
+    return _compare(_grown_table(), *_qkv(512))
 
 
 @probe
 def fft_learned_table_grown_f64():
     import torch
-    attn = _spec("kernel = elu1; position = toeplitz(max_distance=512)", plan="toeplitz_fft")
-    with torch.no_grad():
-        attn.position_table.copy_(0.02 * (torch.arange(1025) - 512).abs().float().expand(2, -1))
-    return _compare(attn, *_qkv(512, dtype=torch.float64), tol=1e-9)
+    return _compare(_grown_table(), *_qkv(512, dtype=torch.float64), tol=1e-9)
 
 
 def _nan_q(body):
