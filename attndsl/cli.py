@@ -109,14 +109,10 @@ def _kernel_target(args):
 def _emit_kernels(spec, planned, args) -> None:
     """--stage tir: the kernels' TVMScript for --target (scheduled, for CUDA); --stage cuda: the
     CUDA C that TVM generates for them (built here: no GPU needed)."""
-    from . import lowering
+    from . import driver
     from .lowering import build
-    from .module import not_lowered
     target = _kernel_target(args)
-    try:
-        funcs = lowering.lower(planned.root, args.dtype, portable=target.portable, gpu=target.gpu)
-    except lowering.NotLowered as e:
-        raise not_lowered(spec, e, target) from None
+    funcs = driver.lower(spec, planned.root, target, args.dtype)
     tgt = build.resolve_target(target)
     if args.stage == "tir":
         if target.gpu:

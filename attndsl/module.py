@@ -6,66 +6,24 @@ q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv).
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
-import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import cache, nonfinite, ops, pipeline, precision, sampling
-from .schedules import lookup as tuning
+from . import driver, nonfinite, ops, pipeline, precision, sampling
 from .ast import AttentionSpec
 from .diagnostics import SpecError
 from .featuremaps import lookup
 from .ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
                  SampledAttention, SoftmaxAttention, ToeplitzValues, format_attr, format_ir,
                  postorder)
-from .lowering.runtime import host_cpu
 from .lowering.target import MLIR as MLIR_TARGET
 from .lowering.target import Target, resolve
 from .reference import alibi_slopes, effective_scale, reference
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
-
-
-@functools.cache
-def _lowering_source_hash() -> str:
-    """Kernel code is part of the cache key: any edit of lowering/ or schedules/ rebuilds (read
-    once per process)."""
-    from . import lowering, schedules
-    h = hashlib.sha256()
-    for pkg in (lowering, schedules):
-        for p in sorted(Path(pkg.__file__).parent.glob("*.py")):
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-_host_cpu = functools.cache(host_cpu)
-
-
-def canonical(x):
-    """A JSON-able form of an IR node (or any AST value) that holds what it means and not where it
-    was written: every compared dataclass field (spans are not compared), floats exact."""
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return [type(x).__name__, {f.name: canonical(getattr(x, f.name))
-                                   for f in dataclasses.fields(x) if f.compare}]
-    if isinstance(x, (tuple, list)):
-        return [canonical(v) for v in x]
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    raise TypeError(f"no canonical form for {type(x).__name__}")
-
-
-def kernels_of(root: Node) -> tuple[str, ...]:
-    """The kernel names a library for the planned IR `root` holds (those `_execute` calls)."""
-    from .lowering import kernel_names
-    return tuple(name for i, node in enumerate(postorder(root))
-                 if not isinstance(node, (Input, Position, Add)) for name in kernel_names(i, node))
 
 
 class Attention(nn.Module):
@@ -132,51 +90,14 @@ class Attention(nn.Module):
         return lowering.forms_for(self.target)
 
     def _library(self, dtype: str) -> str:
-        if dtype in self._libs:
-            return self._libs[dtype]
-        from . import lowering
-
-        kind, portable = self.target.kind, self.target.portable
-        dirs = tuning.tuning_dirs() if self.tuned else []
-        notes: dict = {}
-
-        root = self.planned.root
-        try:
-            lowering.check(root, portable)
-        except lowering.NotLowered as e:
-            raise not_lowered(self.spec, e, self.target) from None
-        loadable = True
-        if kind == "cuda":
-            from .lowering.runtime import prepare_cuda
-            loadable = prepare_cuda()
-        # what decides the code, not where the spec was written: the planned IR (spans left out)
-        key = cache.make_key(ir=canonical(root), dims=[self.head_dim, self.value_dim], dtype=dtype,
-                             target=[str(self.target.spec()), self.target.kernels], host=_host_cpu(),
-                             lowering=_lowering_source_hash(), tuning=tuning.fingerprint(dirs))
-        expect = kernels_of(root)
-        if kind == "llvm":                       # a library built for another key is caught at load
-            expect += (f"attndsl_key_{key[:16]}",)
-
-        def compile_kernels():
-            from .lowering.build import build, resolve_target
-            target = resolve_target(self.target)
-            funcs, chosen = lowering.lower_tuned(root, dtype, dirs, target, portable, gpu=self.target.gpu)
-            notes["tuned"] = {k: {"knobs": c.knobs, "speedup": round(c.speedup, 4),
-                                  "lengths": list(c.lengths), "db": c.folder} for k, c in chosen.items()}
-            if kind == "llvm":
-                funcs.update(_stamp(expect[-1]))
-            return build(funcs, target)
-
-        t0 = time.perf_counter()
-        lib, hit = cache.load_or_build(key, compile_kernels, label=f"{self.spec.name}/{dtype}",
-                                       notes=notes, cacheable=loadable, expect=expect)
-        self._build_log.append(f"{dtype}: {'loaded from cache' if hit else 'compiled'} in "
-                               f"{time.perf_counter() - t0:.2f} s (key {key[:12]}"
-                               f"{'' if loadable else '; not cached: no CUDA runtime on this machine'})")
-        self._tuning[dtype] = (dirs, notes.get("tuned", {}))
-        ops.register_library(key, lib)
-        self._libs[dtype] = key
-        return key
+        """The key (in ops) of this module's kernels in `dtype`, built or loaded once (driver.py)."""
+        if dtype not in self._libs:
+            lib = driver.library(self.spec, self.planned.root, self.target, (self.head_dim, self.value_dim),
+                                 dtype, self.tuned)
+            self._build_log.append(lib.describe(dtype))
+            self._tuning[dtype] = (list(lib.dirs), lib.tuned)
+            self._libs[dtype] = lib.key
+        return self._libs[dtype]
 
     # --- pickling: the libraries are per process, reattached (cache or build) at the first call ---
 
@@ -483,25 +404,6 @@ def _kernel_dtype(dtype) -> str | None:
         raise ValueError(f"dtype must be torch.float32, torch.float64, torch.float16, torch.bfloat16 "
                          f"or None (build at the first call), got {dtype!r}")
     return KERNEL_DTYPES[dtype]
-
-
-def _stamp(name: str) -> dict:
-    """A function that does nothing, named after the cache key: its presence tells a loaded
-    library was built for this key."""
-    from tvm import tirx
-    return {name: tirx.PrimFunc([], tirx.Evaluate(0)).with_attr("global_symbol", name)}
-
-
-def not_lowered(spec: AttentionSpec, e, target: Target) -> SpecError:
-    """The SpecError for a lowering.NotLowered `e` on `target`."""
-    from . import lowering
-    kind, portable = target.kind, target.portable
-    node = e.nodes[-1]
-    what = f"the {node.op} form '{node.form}'" if getattr(node, "form", None) else f"the {node.op} node"
-    where = f"for target {kind}" if portable else "to TVM"
-    return SpecError(f"{what} is not lowered {where}, so spec '{spec.name}' cannot be compiled",
-                     spec.span, help=f"forms with {kind} kernels: {', '.join(lowering.lowered_forms(portable))}"
-                     + ("; target='llvm' compiles every form" if portable else ""))
 
 
 def _position_text(pos) -> str:

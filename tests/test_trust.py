@@ -20,7 +20,7 @@ pytest.importorskip("tvm")
 import attndsl  # noqa: E402
 from attndsl import cache, pipeline  # noqa: E402
 from attndsl.cache import AttndslCacheWarning  # noqa: E402
-from attndsl.module import canonical  # noqa: E402
+from attndsl.driver import canonical  # noqa: E402
 from attndsl.parse import parse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
