@@ -18,6 +18,8 @@ from .featuremaps import lookup
 from .ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
                  SampledAttention, SoftmaxAttention, ToeplitzValues, format_attr, format_ir,
                  postorder)
+from .lowering.forms import feature_map
+from .lowering.registry import form_of
 from .lowering.target import MLIR as MLIR_TARGET
 from .lowering.target import Target, resolve
 from .reference import alibi_slopes, effective_scale, reference
@@ -194,7 +196,8 @@ class Attention(nn.Module):
         if self.target.kind == "mlir":
             return None
         return next((x for x in postorder(self.planned.root)
-                     if isinstance(x, PositionalAttention) and x.form == "toeplitz_fft"), None)
+                     if isinstance(x, PositionalAttention) and getattr(form_of(x), "fft_scores", False)),
+                    None)
 
     def _fft_lengths(self) -> dict[torch.dtype, int] | None:
         """Per input dtype, the longest N at which the Toeplitz-FFT form resolves this module's
@@ -251,7 +254,8 @@ class Attention(nn.Module):
         rates, samples = torch.zeros(self.heads, 2, dtype=dtype), []
         for node in postorder(self.planned.root):
             if isinstance(node, PositionalAttention) and node.form == "decayed":
-                rates = _decay_slopes(node, tab).contiguous()
+                from .lowering.forms.decayed import rates as decay_rates
+                rates = decay_rates(node, tab).contiguous()
             if isinstance(node, SampledAttention):       # sorted and sampled in torch, as for TVM
                 s = sampling.draw(env["q"], env["k"], env["v"], node.sampling, self.lsh_planes,
                                   self.sampling_seed, node.scale)
@@ -330,7 +334,8 @@ class Attention(nn.Module):
 
     def explain(self, n: int | None = None) -> str:
         """The plan: chosen form and estimated cost per site, kernels, and the IR after each pass."""
-        from .passes.plan import PLAN_LENGTH, quadratic_cost
+        from .lowering.costs import quadratic_cost
+        from .passes.plan import PLAN_LENGTH
         spec = self.spec
         lines = [f"attention {spec.name}  ({spec.span})",
                  f"  heads={self.heads} head_dim={self.head_dim} value_dim={self.value_dim} "
@@ -430,64 +435,9 @@ def _describe(node: Node) -> str:
 
 # --- the executor: one torch op per IR node ---------------------------------------------------------
 
-# each runner: (node, its children's values, library key, kernel name, module parameters)
-
-def _run_feature_map(node, args, lib, name, p):
-    return ops.feature_map(args[0], p["w"], p["wt"], lib, name, node.width)
-
-
-def _watched(out_den, p):
-    """out of an (out, DEN) pair; DEN's minimum noted in p["dens"] when the module watches it."""
-    out, den = out_den[:2]
-    if p["dens"] is not None:
-        p["dens"].append(den.amin() if den.numel() else den.new_ones(()))
-    return out
-
-
-def _run_linear(node, args, lib, name, p):
-    return _watched(ops.linear_attention(*args, lib, name), p)
-
-
-EXECUTE = {FeatureMap: _run_feature_map, LinearAttention: _run_linear}
-
-
-def _run_positional(node, args, lib, name, p):
-    qf, kf, v, tab = args
-    if node.form == "decayed":               # recurrences with γ = exp(−rate) per head and direction
-        return _watched(ops.linear_attention(qf, kf, v, lib, name, _decay_slopes(node, tab)), p)
-    return _watched(ops.toeplitz_attention(qf, kf, v, tab, lib, name), p)
-
-
-def _decay_slopes(node, tab):
-    """(H, 2) decay rates (earlier keys, later keys) of exp(b(r)) ∝ e^(−a·|r|): alibi's slopes
-    (tab, (H, 1)) or a user function's constants (passes/geometric.py); later is 0 and unused when
-    causal."""
-    from .passes.geometric import decay_rates
-
-    def column(rate):
-        return tab if rate == "table" else torch.full_like(tab[:, :1], rate or 0.0)
-    return torch.cat([column(rate) for rate in decay_rates(node.bias.position, node.causal)], 1)
-
-
-def _run_values(node, args, lib, name, p):
-    tab, v = args
-    return ops.toeplitz_values(v, tab, lib, name)
-
-
-def _run_softmax(node, args, lib, name, p):
-    q, k, v = args[:3]
-    tab = args[3] if node.bias is not None else q.new_zeros(1, 1)
-    return ops.softmax_attention(q, k, v, tab, lib, name)[0]
-
-
-def _run_sampled(node, args, lib, name, p):
-    s = sampling.draw(*args, node.sampling, p["lsh_planes"], p["seed"], node.scale)
-    return ops.sampled_attention(*args, *s.args(), lib, name, s.block)[0]
-
-
-EXECUTE.update({PositionalAttention: _run_positional, ToeplitzValues: _run_values,
-                SoftmaxAttention: _run_softmax, SampledAttention: _run_sampled,
-                Add: lambda node, args, *_: args[0] + args[1]})
+# each runner: (node, its children's values, library key, kernel name, module parameters); a form
+# site runs its record's (lowering/forms/)
+RUNNERS = {FeatureMap: feature_map.run, Add: lambda node, args, *_: args[0] + args[1]}
 
 
 def _execute(root: Node, env: dict, lib: str, params: dict) -> torch.Tensor:
@@ -499,5 +449,6 @@ def _execute(root: Node, env: dict, lib: str, params: dict) -> torch.Tensor:
             values[node] = env["position"]
         else:
             args = [values[c] for c in node.children()]
-            values[node] = EXECUTE[type(node)](node, args, lib, f"{node.op}{i}", params)
+            run = RUNNERS.get(type(node)) or form_of(node).run
+            values[node] = run(node, args, lib, f"{node.op}{i}", params)
     return values[root]

@@ -125,7 +125,7 @@ linear_attention.register_autograd(_linear_grad, setup_context=_linear_setup)
 # Both forms' kernels share one signature; the trailing FFT length is read by the FFT kernels only.
 
 def _fft_len(n: int) -> int:
-    from .passes.plan import fft_length
+    from .lowering.costs import fft_length
     return fft_length(n)
 
 

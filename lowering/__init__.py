@@ -1,22 +1,21 @@
 """IR -> TVM TIR: the only place TVM kernels are written.
 
-`lower(root, dtype)` walks a planned IR and asks the registry (registry.py: `FORMS`, one record
-per form, and `NODE_KERNELS` for the nodes that are not form sites) for the kernels of each node:
-every node gets a forward and a backward prim_func named `<op><index>_fwd|_bwd`. lower_cpu.py and
-lower_portable.py say which kernel builders each form calls; the builders are the other modules
-here. A node with no lowering raises `NotLowered`, which the front end reports against the spec.
+`lower(root, dtype)` walks a planned IR and asks the registry (registry.py: `FORMS`, one `Form`
+record per form from forms/, and `NODE_KERNELS` for the nodes that are not form sites) for the
+kernels of each node: every node gets a forward and a backward prim_func named
+`<op><index>_fwd|_bwd`. A record names the kernel builders its form calls (the other modules
+here). A node with no lowering raises `NotLowered`, which the front end reports against the spec.
 """
 from __future__ import annotations
 
 from attndsl.ir import Node, postorder
 
-from .lower_cpu import learns, map_kernel, map_kernel_of
-from .registry import (FORMS, NODE_KERNELS, FormKernels, forms_for, kernel_names, knob_family,
-                       lowered_forms, lowering_of, tunable)
+from .form import Form
+from .registry import (FORMS, NODE_KERNELS, form_of, forms_for, kernel_names, knob_family, lowered_forms,
+                       lowering_of, tunable)
 
-__all__ = ["FORMS", "NODE_KERNELS", "FormKernels", "NotLowered", "check", "forms_for", "kernel_names",
-           "knob_family", "learns", "lower", "lower_tuned", "lowered_forms", "lowering_of", "map_kernel",
-           "map_kernel_of", "tunable"]
+__all__ = ["FORMS", "NODE_KERNELS", "Form", "NotLowered", "check", "form_of", "forms_for", "kernel_names",
+           "knob_family", "lower", "lower_tuned", "lowered_forms", "lowering_of", "tunable"]
 
 
 class NotLowered(Exception):

@@ -33,7 +33,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from attndsl import config
 from attndsl.ir import postorder
-from attndsl.passes.plan import fft_length
+from .costs import fft_length
 from attndsl.schedules import cuda, database, knobs as knob_spaces
 
 from . import kernel_names, lower, tunable

@@ -20,7 +20,8 @@ import torch
 import attndsl
 from attndsl import cli, lowering, pipeline
 from attndsl.diagnostics import SpecError
-from attndsl.ir import PositionalAttention
+from attndsl.ir import PositionalAttention, postorder
+from attndsl.passes import plan
 from attndsl.lowering import build, te_forms
 
 from conftest import RTOL, assert_close
@@ -234,11 +235,24 @@ def test_the_planner_picks_forms_the_target_has_kernels_for(no_portable_fft):
 
 
 def test_every_planned_form_has_cpu_and_portable_kernels():
-    """The planner's forms (passes/plan.py) and the lowering registry name the same forms, each
-    with both kernel sets and the node type the planner gives it."""
-    from attndsl.passes.plan import FORMS as PLANNED
-    assert {f.name: f.node for f in PLANNED} == {n: f.node for n, f in lowering.FORMS.items()}
+    """Every registered form has both kernel sets, and every form the planner can choose for some
+    spec is registered."""
     assert all(f.cpu is not None and f.portable is not None for f in lowering.FORMS.values())
+    valid = {f.name for body in SPECS_OF_EVERY_FORM
+             for site in _sites(f"attention t {{ {body} }}") for f in plan.candidates(site)}
+    assert valid == set(lowering.FORMS)
+
+
+SPECS_OF_EVERY_FORM = ["kernel = elu1", "kernel = elu1; mask = causal", "kernel = elu1; position = alibi",
+                       "kernel = elu1; position = toeplitz(max_distance=8)",
+                       "kernel = elu1; position = toeplitz(max_distance=8); apply = values", "",
+                       SAMPLED["kde"], SAMPLED["uniform-full"]]
+
+
+def _sites(text: str) -> list:
+    """The form sites of a spec's IR before planning."""
+    ir = pipeline.run(attndsl.parse(text).block("t"), 8, 8).stage("fuse_maps")
+    return [x for x in postorder(ir) if hasattr(x, "form")]
 
 
 def test_a_table_as_long_as_the_sequence_takes_the_fft_form_on_cuda():

@@ -150,7 +150,7 @@ def test_every_toeplitz_block_size_computes_the_same_attention(block_kb):
     the table's gradient (float64)."""
     from attndsl.lowering import fftlib, toeplitz
     from attndsl.lowering.build import build, resolve_target
-    from attndsl.passes.plan import fft_length
+    from attndsl.lowering.costs import fft_length
     fftlib.register()
     M = D = 16
     W, N, H = 8, 45, 2

@@ -44,8 +44,8 @@ ONE_OF = {                            # string attributes with a closed set of v
 def one_of(cls: type[Node], name: str) -> tuple[str, ...] | None:
     """The values a string field may take: a fixed set, or the planner's forms for the node type."""
     if name == "form":
-        from ..passes.plan import FORMS
-        return tuple(f.name for f in FORMS if f.node is cls)
+        from ..lowering.registry import FORMS
+        return tuple(f.name for f in FORMS.values() if f.node is cls)
     return ONE_OF.get((cls, name))
 
 

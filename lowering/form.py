@@ -1,0 +1,55 @@
+"""The `Form` record: all that is known about one form of an attention site, in one place.
+
+A form is one way to compute an IR site (LinearAttention, PositionalAttention, ToeplitzValues,
+SoftmaxAttention, SampledAttention): when it is valid, what it costs, the kernels that lower it
+(CPU and portable), their knob families (schedules/knobs.py), and how the module runs them. Each
+module of lowering/forms/ defines the records of its forms; registry.py collects them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from attndsl.ir import Node
+
+
+@dataclass(frozen=True)
+class Form:
+    """name: what plan= and explain() call it; node: the IR site type; valid(node); cost(node, N):
+    flops per batch·head at length N; summary: what it computes;
+    cpu(node, (fwd name, bwd name), dtype, knobs {kernel: {knob: value}}) -> {name: PrimFunc},
+    portable(the same, gpu) -> the portable kernels (None: none);
+    run(node, children's values, library key, kernel name, module params) -> the site's value;
+    cpu_knobs, portable_knobs: the kernels' knob families (None: not tunable);
+    fft_scores: whether precision.py's FFT condition check guards it."""
+    name: str
+    node: type
+    valid: Callable[[Node], bool]
+    cost: Callable[[Node, int], float]
+    summary: str
+    cpu: Callable | None
+    portable: Callable | None
+    run: Callable
+    cpu_knobs: str | None = None
+    portable_knobs: str | None = None
+    fft_scores: bool = False
+
+
+def learns(position) -> bool:
+    """Whether the position term has trainable parameters (a toeplitz table)."""
+    return position.name == "toeplitz"
+
+
+def knob(knobs: dict, names, family: str, name: str) -> list[int]:
+    """The value of knob `name` (schedules/knobs.py `family`) for each kernel of `names`."""
+    from attndsl.schedules.knobs import resolve
+    return [resolve(family, knobs.get(n))[name] for n in names]
+
+
+def watched(out_den, params: dict):
+    """out of a kernel's (out, DEN, ...): DEN's minimum noted in params["dens"] when the module
+    watches a stabilized map's normalizer (precision.py)."""
+    out, den = out_den[:2]
+    if params["dens"] is not None:
+        params["dens"].append(den.amin() if den.numel() else den.new_ones(()))
+    return out

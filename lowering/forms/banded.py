@@ -1,0 +1,47 @@
+"""banded: a learned table clipped at ±W (constant beyond): the ±W band with exact weights in
+C×C tiles, the far keys through chunk prefix sums. Exact for any table.
+
+CPU kernels: banded.py; portable: te_forms.py. They run through the Toeplitz op (ops.py).
+"""
+from __future__ import annotations
+
+from attndsl.ir import PositionalAttention
+from attndsl.schedules.knobs import defaults
+
+from ..form import Form, knob
+from .toeplitz_fft import run
+
+CHUNK = defaults("banded")["chunk"]       # the CPU kernels' default chunk (their window tiles)
+
+
+def lower_cpu(node: PositionalAttention, names, dtype, knobs):
+    from .. import banded
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal, knobs.get(names[0]),
+                                            eps=node.eps),
+            names[1]: banded.banded_backward(names[1], m, d, dtype, node.causal, knobs.get(names[1]))}
+
+
+def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
+    from .. import te_forms
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    cf, cb = knob(knobs, names, "portable_linear", "chunk")
+    return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf, eps=node.eps),
+            names[1]: te_forms.banded_backward(names[1], m, d, dtype, node.causal, chunk=cb)}
+
+
+def _cost(n: PositionalAttention, N: int) -> float:
+    """Window tiles (keys within ±(W + C) of a query chunk) with exact weights, plus the constant
+    weights beyond the clip through chunk prefix sums (one M×(D+1) product a row)."""
+    m, d = n.qf.shape[-1], n.v.shape[-1]
+    w = int(n.bias.position["max_distance"])
+    window = min(N, (1 if n.causal else 2) * w + CHUNK)
+    return 2.0 * N * window * (m + d + 1) + 4.0 * N * m * (d + 1)
+
+
+FORMS = [
+    Form("banded", PositionalAttention, lambda n: n.bias.position.name == "toeplitz", _cost,
+         "c(r) constant beyond the clip ±W: chunk prefix sums for the far keys, exact C×C tiles "
+         "for the ±W band",
+         lower_cpu, lower_portable, run, "banded", "portable_linear"),
+]

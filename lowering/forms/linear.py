@@ -1,0 +1,58 @@
+"""linear and prefix_sum: a feature-map kernel without position terms.
+
+    linear      S = Σ_j φk_j⊗[v_j, 1] once, out_i = φq_i·S / (φq_i·z + eps)   (two GEMMs)
+    prefix_sum  the same with S_i = S_{i−1} + φk_i⊗[v_i, 1], one pass in time (causal)
+
+CPU kernels: linear.py; portable: te_forms.py. An elementwise φ fused in (passes/fuse_maps.py) is
+applied at the kernels' loads.
+"""
+from __future__ import annotations
+
+from attndsl.ir import LinearAttention
+
+from ..costs import linear_cost
+from ..form import Form, knob, watched
+from .feature_map import map_kernel_of
+
+
+def _phi(node, dtype):
+    """The fused φ and φ′ (None when the node takes precomputed features)."""
+    if node.phi is None:
+        return None, None
+    from .. import featuremap
+    m = node.qf.shape[-1]
+    return featuremap.elementwise_pair(map_kernel_of(node.phi, m, m, node.prescale), dtype)
+
+
+def lower_cpu(node: LinearAttention, names, dtype, knobs):
+    from .. import linear
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    phi, dphi = _phi(node, dtype)
+    return {names[0]: linear.linear_forward(names[0], m, d, dtype, node.causal, phi, knobs=knobs.get(names[0]),
+                                            eps=node.eps),
+            names[1]: linear.linear_backward(names[1], m, d, dtype, node.causal, phi, dphi,
+                                             knobs=knobs.get(names[1]))}
+
+
+def lower_portable(node: LinearAttention, names, dtype, knobs, gpu):
+    from .. import te_forms
+    m, d = node.qf.shape[-1], node.v.shape[-1]
+    phi, dphi = _phi(node, dtype)
+    cf, cb = knob(knobs, names, "portable_linear", "chunk")
+    return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, phi, chunk=cf, eps=node.eps),
+            names[1]: te_forms.linear_backward(names[1], m, d, dtype, node.causal, phi, dphi, chunk=cb)}
+
+
+def run(node, args, lib, name, params):
+    from attndsl import ops
+    return watched(ops.linear_attention(*args, lib, name), params)
+
+
+FORMS = [
+    Form("linear", LinearAttention, lambda n: not n.causal, linear_cost,
+         "S = Σ_j φk_j⊗[v_j, 1] once, then out_i = φq_i·S (two GEMMs)",
+         lower_cpu, lower_portable, run, "linear", "portable_linear"),
+    Form("prefix_sum", LinearAttention, lambda n: n.causal, linear_cost,
+         "running state S_i = S_{i−1} + φk_i⊗[v_i, 1], out_i = φq_i·S_i (one pass)",
+         lower_cpu, lower_portable, run, "linear", "portable_linear"),
+]

@@ -1,0 +1,51 @@
+"""quadratic: exact softmax attention, flash-style: scores in tiles, a running max and
+normalizer, b(i−j) added on the fly; never the N×N matrix.
+
+CPU kernels: quadratic.py; portable: softmax_rows.py (a thread per row).
+"""
+from __future__ import annotations
+
+from attndsl.ir import SoftmaxAttention
+
+from ..costs import softmax_cost
+from ..form import Form, knob, learns
+
+
+def _position(node):
+    pos = node.bias.position if node.bias is not None else None
+    return pos, pos is not None and learns(pos)
+
+
+def lower_cpu(node: SoftmaxAttention, names, dtype, knobs):
+    from .. import quadratic
+    dk, dv = node.q.shape[-1], node.v.shape[-1]
+    pos, learn = _position(node)
+    return {names[0]: quadratic.softmax_forward(names[0], dk, dv, dtype, node.causal, node.scale, pos,
+                                                knobs.get(names[0])),
+            names[1]: quadratic.softmax_backward(names[1], dk, dv, dtype, node.causal, node.scale, pos, learn,
+                                                 knobs.get(names[1]))}
+
+
+def lower_portable(node: SoftmaxAttention, names, dtype, knobs, gpu):
+    from .. import softmax_rows
+    dk, dv = node.q.shape[-1], node.v.shape[-1]
+    pos, learn = _position(node)
+    rf, rb = knob(knobs, names, "portable_rows", "rows")
+    return {names[0]: softmax_rows.softmax_forward(names[0], dk, dv, dtype, node.causal, node.scale, pos, gpu,
+                                                   rf),
+            names[1]: softmax_rows.softmax_backward(names[1], dk, dv, dtype, node.causal, node.scale, pos,
+                                                    learn, gpu, rb)}
+
+
+def run(node, args, lib, name, params):
+    from attndsl import ops
+    q, k, v = args[:3]
+    tab = args[3] if node.bias is not None else q.new_zeros(1, 1)
+    return ops.softmax_attention(q, k, v, tab, lib, name)[0]
+
+
+FORMS = [
+    Form("quadratic", SoftmaxAttention, lambda n: True, softmax_cost,
+         "flash-style tiles: scores in L1, running max and normalizer, b(i−j) on the fly",
+         lower_cpu, lower_portable, run, "quadratic", "portable_rows"),
+]
