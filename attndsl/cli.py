@@ -219,12 +219,12 @@ def _table_width(spec) -> int:
 
 def _tuning_sizes(spec, args) -> dict[str, int]:
     """The tuner's concrete sizes besides N: B·H, the position parameters' (H, P), and a sampled
-    spec's samples S and block of sorted rows blk (as sampling.draw passes them)."""
+    spec's samples S and block of sorted rows (as sampling.draw passes them)."""
     from .sampling import block_rows
     sizes = {"BH": args.batch * args.heads, "H": args.heads, "P": _table_width(spec)}
     if spec.sampling.name in ("kde", "uniform"):
         sizes["S"] = int(spec.sampling["samples"])
-        sizes["blk"] = block_rows(spec.sampling)
+        sizes["block"] = block_rows(spec.sampling)
     return sizes
 
 

@@ -11,8 +11,8 @@ with κ_ij = φq_i·φk_j and P[c] = Σ_{j < cC} φk_j⊗v̄_j the chunk prefix 
 Cost O(N·(2nb+1)·C·(M+D)) + O(N·M·D); causal windows stop at the diagonal chunk.
 
 Shapes as in toeplitz.py: Qf, Kf (BH, N, M); V, O, dO (BH, N, D); DEN (BH, N); TAB (H, 2W+1), a
-learned table; h = bh mod H. M, D and dtype are baked in; BH, N, H, W are symbolic. The trailing
-scalar (the FFT length of the Toeplitz-FFT kernels, which share the op) is unused here.
+learned table; h = bh mod H. M, D and dtype are baked in; BH, N, H, W are symbolic. The kernels
+implement the op `banded_attention` (abi.py).
 
 Weights: c = exp(b − max b) over the r that occur (the shift cancels in the normalizer), stored for
 every r a window can see in CE[r + R0], R0 = (nb + 1)·C, so a row of a C×C tile reads them as one
@@ -78,7 +78,7 @@ def _weights(dtype: str, causal: bool, eps: float | None = None):
 
 def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: dict | None = None,
                    eps: float | None = None):
-    """(Qf, Kf, V, TAB, O out, DEN out, unused). DEN_i = Σ_j c(i−j) κ_ij (+ eps·exp(−max b) with
+    """(Qf, Kf, V, TAB, O out, DEN out). DEN_i = Σ_j c(i−j) κ_ij (+ eps·exp(−max b) with
     `eps`), O_i = Σ_j c(i−j) κ_ij V_j / DEN_i. `knobs`: the chunk C (schedules/knobs.py "banded")."""
     C = resolve("banded", knobs)["chunk"]
     L, zero, load, load_t, _, _ = _helpers(dtype, C)
@@ -90,8 +90,7 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: d
     floored = bool(eps)
 
     @T.prim_func
-    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle,
-               unused: T.int64):
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
@@ -211,7 +210,7 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: d
 
 def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: dict | None = None):
     """Exact gradient of banded_forward: (Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out,
-    dTAB out (H, 2W+1), unused). With g_i = dO_i/DEN_i, cc_i = −(dO_i·O_i)/DEN_i, a_ij = Qf_i·Kf_j,
+    dTAB out (H, 2W+1)). With g_i = dO_i/DEN_i, cc_i = −(dO_i·O_i)/DEN_i, a_ij = Qf_i·Kf_j,
     b_ij = g_i·V_j + cc_i and w_ij = c(i−j) (c₊ / c₋ outside the windows):
         dQf_i = Σ_j w_ij b_ij Kf_j,   dKf_j = Σ_i w_ij b_ij Qf_i,   dV_j = Σ_i w_ij a_ij g_i,
         dTAB[slot(r)] += c(r) Σ_{i−j=r} a_ij b_ij     (c = exp(b − max b); the shift cancels).
@@ -230,7 +229,7 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: 
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle,
-               do: T.handle, dq: T.handle, dk: T.handle, dv: T.handle, dtab: T.handle, unused: T.int64):
+               do: T.handle, dq: T.handle, dk: T.handle, dv: T.handle, dtab: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()

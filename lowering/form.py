@@ -20,6 +20,7 @@ class Form:
     cpu(node, (fwd name, bwd name), dtype, knobs {kernel: {knob: value}}) -> {name: PrimFunc},
     portable(the same, gpu) -> the portable kernels (None: none);
     run(node, children's values, library key, kernel name, module params) -> the site's value;
+    op: the kernel ABI op (abi.py) its kernels implement and `run` calls;
     cpu_knobs, portable_knobs: the kernels' knob families (None: not tunable);
     fft_scores: whether precision.py's FFT condition check guards it."""
     name: str
@@ -30,6 +31,7 @@ class Form:
     cpu: Callable | None
     portable: Callable | None
     run: Callable
+    op: str
     cpu_knobs: str | None = None
     portable_knobs: str | None = None
     fft_scores: bool = False

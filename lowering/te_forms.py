@@ -550,7 +550,7 @@ def _banded_inputs(M, D, dtype):
     k = te.placeholder((BH, N, _i64(M)), dtype, "kf")
     v = te.placeholder((BH, N, _i64(D)), dtype, "v")
     tab = te.placeholder((tirx.Var("H", "int64"), tirx.Var("P", "int64")), dtype, "tab")
-    return BH, N, q, k, v, tab, tirx.Var("unused", "int64")
+    return BH, N, q, k, v, tab
 
 
 def _weighted_sum(parts, shape, name):
@@ -566,9 +566,9 @@ def _weighted_sum(parts, shape, name):
 
 def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: int = CHUNK,
                    eps: float | None = None):
-    """(Qf, Kf, V, TAB, O out, DEN out, unused): DEN_i = Σ_j c(i−j) κ_ij (+ eps·exp(−max TAB)),
+    """(Qf, Kf, V, TAB, O out, DEN out): DEN_i = Σ_j c(i−j) κ_ij (+ eps·exp(−max TAB)),
     O_i = Σ_j c(i−j) κ_ij V_j / DEN_i; TAB (H, 2W+1) the learned table, c = exp(TAB − max) clipped at ±W."""
-    BH, N, q, k, v, tab, unused = _banded_inputs(M, D, dtype)
+    BH, N, q, k, v, tab = _banded_inputs(M, D, dtype)
     band = _Band(tab, BH, N, causal, dtype)
     Vb = _ones_col(v, dtype, "vb")
     kappa = band.pairs(q, k, 1, "kappa")
@@ -584,16 +584,16 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: i
     else:
         den = te.compute((BH, N), lambda b, i: num[b, i, D], "den")
     out = te.compute((BH, N, _i64(D)), lambda b, i, d: num[b, i, d] / den[b, i], "out")
-    return _func(name, [q, k, v, tab, out, den, unused])
+    return _func(name, [q, k, v, tab, out, den])
 
 
 def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: int = CHUNK):
-    """(Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out, dTAB out, unused). With g_i = dO_i/DEN_i,
+    """(Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out, dTAB out). With g_i = dO_i/DEN_i,
     r_i = (dO_i·O_i)/DEN_i, b_ij = g_i·V_j − r_i = ḡ_i·v̄_j (ḡ = [g, −r]) and w_ij = c(i − j):
         dQf_i = Σ_j w_ij b_ij Kf_j,  dKf_j = Σ_i w_ij b_ij Qf_i,  dV_j = Σ_i w_ij κ_ij g_i,
         dTAB[h, r + W] = c(r) Σ_{bh ≡ h} Σ_{i − j = r} κ_ij b_ij  (band offsets; the far slots 2W and 0
     collect c₊ Σ_i Qf_i·F_<(i) and c₋ Σ_i Qf_i·F_>(i) of dQf's far parts)."""
-    BH, N, q, k, v, tab, unused = _banded_inputs(M, D, dtype)
+    BH, N, q, k, v, tab = _banded_inputs(M, D, dtype)
     Mi, Di = _i64(M), _i64(D)
     O = te.placeholder((BH, N, Di), dtype, "o")
     DEN = te.placeholder((BH, N), dtype, "den")
@@ -641,4 +641,4 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: 
             val = val + tirx.Select(at, c(per_h * H + h) * F[per_h * H + h], _zero(dtype))
         return te.sum(val, axis=per_h)
     dTAB = te.compute((H, P), slot, "dtab")
-    return _func(name, [q, k, v, tab, O, DEN, dO, dQf, dKf, dV, dTAB, unused])
+    return _func(name, [q, k, v, tab, O, DEN, dO, dQf, dKf, dV, dTAB])

@@ -33,10 +33,9 @@ from tvm.s_tir import meta_schedule as ms
 
 from attndsl import config
 from attndsl.ir import postorder
-from .costs import fft_length
 from attndsl.schedules import cuda, database, knobs as knob_spaces
 
-from . import kernel_names, lower, tunable
+from . import abi, form_of, kernel_names, lower, tunable
 from .build import resolve_target
 
 
@@ -55,18 +54,13 @@ def _runner_init():
     fftlib.register()
 
 
-# scalar parameters of the kernels -> their value at length N, unless the sizes give it (banded.py's
-# `unused` is the FFT length slot of the op it shares with the Toeplitz-FFT kernels; `blk`, the
-# sampled kernels' block of sorted rows, is the spec's)
-SCALARS: dict[str, Callable[[int], int]] = {"Lf": fft_length, "unused": lambda n: 0, "blk": lambda n: 1}
-
-
-def concrete(func, n: int, sizes: dict | None = None):
-    """`func` with its scalar parameters specialized for length n (buffers stay symbolic)."""
-    sizes = sizes or {}
-    values = {p: tirx.IntImm(p.ty.dtype, sizes[p.name] if p.name in sizes else SCALARS[p.name](n))
-              for p in func.params if not isinstance(p.ty, tirx.buffer.BufferType)}
-    return func.specialize(values) if values else func
+def concrete(func, n: int, op: abi.Op, sizes: dict | None = None):
+    """`func`, a kernel of `op`, with its scalars (the ABI's, in order) specialized for length n and
+    the op attributes `sizes` gives (a sampled kernel's block); buffers stay symbolic."""
+    params = [p for p in func.params if not isinstance(p.ty, tirx.buffer.BufferType)]
+    values = abi.scalar_values(op, n, sizes or {})
+    assert len(params) == len(values), f"{op.name}: kernel scalars {params} vs the ABI's {op.scalars}"
+    return func.specialize({p: tirx.IntImm(p.ty.dtype, v) for p, v in zip(params, values)}) if params else func
 
 
 def _index_buffers(args_info, repeated_args):
@@ -145,7 +139,7 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
          db_folder, target="llvm", rpc=None, repeat: int = 5, kernels: list[str] | None = None,
          progress: Callable[[str], None] = print, timeout_s: float = 300) -> list[Measured]:
     """Tune the planned IR's kernels; `sizes` gives BH, H and P (the lengths give N), and for the
-    sampled kernels S and blk.
+    sampled kernels S and block.
     Returns one Measured per (kernel, length)."""
     from .target import resolve
     portable = resolve(target).portable              # GPU targets: the portable kernels' knobs
@@ -167,6 +161,8 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
     runner = make_runner(rpc, repeat, timeout_s)
     out = []
     pairs = _pairs(root, names)                      # (fwd, bwd) of a node share its candidates
+    ops = {k: abi.OPS[form_of(node).op] for i, node in enumerate(postorder(root)) if form_of(node)
+           for k in kernel_names(i, node)}
     total = sum(len(candidates(names[p[0]], trials)) for p in pairs)
     done = 0
     for pair in pairs:
@@ -181,7 +177,8 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
             for k in pair:
                 for n in lengths:
                     inputs.append(ms.builder.BuilderInput(
-                        tvm.IRModule({"main": concrete(funcs[k], n, sizes).with_attr("global_symbol", "main")}),
+                        tvm.IRModule({"main": concrete(funcs[k], n, ops[k], sizes).with_attr("global_symbol",
+                                                                                              "main")}),
                         target))
                     keys.append((k, n))
             built = builder.build(inputs)

@@ -42,7 +42,7 @@ def test_tune_records_and_choose_reads_them(tmp_path, text, plan, family):
     from attndsl.lowering.build import resolve_target
     from attndsl.schedules import database
     root = pipeline.run(parse(text).block(None), 16, 16, plan_name=plan).root
-    rows = tune.tune(root, "float32", sizes={"BH": 2, "H": 2, "P": 129, "S": 8, "blk": 16}, lengths=[64], trials=2,
+    rows = tune.tune(root, "float32", sizes={"BH": 2, "H": 2, "P": 129, "S": 8, "block": 16}, lengths=[64], trials=2,
                      db_folder=tmp_path, repeat=2, progress=lambda s: None)
     assert rows and all(len(r.times) == 2 and not r.errors for r in rows)
     target = tvm.target.Target(resolve_target("llvm"))
@@ -115,7 +115,7 @@ def test_every_linear_knob_choice_computes_the_same_attention(choice, causal):
 def _positional_kernels_match_torch(lib, M, D, W, N, H, causal, *extra):
     """lib["f"], lib["b"] (a PositionalAttention form's kernels, a learned table clipped at W)
     against the maths in torch, float64: out, the normalizer up to its per-head shift, and the
-    gradients of Qf, Kf, V and the table. `extra`: the kernels' trailing scalar."""
+    gradients of Qf, Kf, V and the table. `extra`: the kernels' trailing scalars (abi.py)."""
     import torch
     g = torch.Generator().manual_seed(1)
     qf, kf = (torch.rand(H, N, M, generator=g, dtype=torch.float64) + 0.1 for _ in range(2))
@@ -175,7 +175,7 @@ def test_every_banded_chunk_computes_the_same_attention(chunk, causal):
     lib = build({"f": banded.banded_forward("f", M, D, "float64", causal, knob),
                  "b": banded.banded_backward("b", M, D, "float64", causal, knob)},
                 resolve_target("llvm"))
-    _positional_kernels_match_torch(lib, M, D, 20, 150, 2, causal, 0)
+    _positional_kernels_match_torch(lib, M, D, 20, 150, 2, causal)
 
 
 def _record(db_folder, root, kernel, family, times: dict, n=64, target="llvm", portable=False, P=1):

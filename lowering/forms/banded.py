@@ -1,15 +1,14 @@
 """banded: a learned table clipped at ±W (constant beyond): the ±W band with exact weights in
 C×C tiles, the far keys through chunk prefix sums. Exact for any table.
 
-CPU kernels: banded.py; portable: te_forms.py. They run through the Toeplitz op (ops.py).
+CPU kernels: banded.py; portable: te_forms.py.
 """
 from __future__ import annotations
 
 from attndsl.ir import PositionalAttention
 from attndsl.schedules.knobs import defaults
 
-from ..form import Form, knob
-from .toeplitz_fft import run
+from ..form import Form, knob, watched
 
 CHUNK = defaults("banded")["chunk"]       # the CPU kernels' default chunk (their window tiles)
 
@@ -30,6 +29,12 @@ def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
             names[1]: te_forms.banded_backward(names[1], m, d, dtype, node.causal, chunk=cb)}
 
 
+def run(node, args, lib, name, params):
+    from attndsl import ops
+    qf, kf, v, tab = args
+    return watched(ops.banded_attention(qf, kf, v, tab, lib, name), params)
+
+
 def _cost(n: PositionalAttention, N: int) -> float:
     """Window tiles (keys within ±(W + C) of a query chunk) with exact weights, plus the constant
     weights beyond the clip through chunk prefix sums (one M×(D+1) product a row)."""
@@ -43,5 +48,5 @@ FORMS = [
     Form("banded", PositionalAttention, lambda n: n.bias.position.name == "toeplitz", _cost,
          "c(r) constant beyond the clip ±W: chunk prefix sums for the far keys, exact C×C tiles "
          "for the ±W band",
-         lower_cpu, lower_portable, run, "banded", "portable_linear"),
+         lower_cpu, lower_portable, run, "banded_attention", "banded", "portable_linear"),
 ]

@@ -51,7 +51,7 @@ def rates(node: PositionalAttention, tab: torch.Tensor) -> torch.Tensor:
 def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v, tab = args
-    return watched(ops.linear_attention(qf, kf, v, lib, name, rates(node, tab)), params)
+    return watched(ops.linear_attention(qf, kf, v, rates(node, tab), lib, name), params)
 
 
 def _cost(n: PositionalAttention, N: int) -> float:
@@ -64,5 +64,5 @@ FORMS = [
     Form("decayed", PositionalAttention, lambda n: decay_rates(n.bias.position, n.causal) is not None, _cost,
          "exp(b(r)) = γ^|r|: a running state that decays by γ per token, S_i = γ S_{i−1} + φk_i⊗[v_i, 1] "
          "(and, without a causal mask, a second one backward in time over the later keys)",
-         lower_cpu, lower_portable, run, "linear", "portable_linear"),
+         lower_cpu, lower_portable, run, "linear_attention", "linear", "portable_linear"),
 ]

@@ -45,14 +45,15 @@ def lower_portable(node: LinearAttention, names, dtype, knobs, gpu):
 
 def run(node, args, lib, name, params):
     from attndsl import ops
-    return watched(ops.linear_attention(*args, lib, name), params)
+    qf, kf, v = args
+    return watched(ops.linear_attention(qf, kf, v, v.new_zeros(1, 1), lib, name), params)   # no rates
 
 
 FORMS = [
     Form("linear", LinearAttention, lambda n: not n.causal, linear_cost,
          "S = Σ_j φk_j⊗[v_j, 1] once, then out_i = φq_i·S (two GEMMs)",
-         lower_cpu, lower_portable, run, "linear", "portable_linear"),
+         lower_cpu, lower_portable, run, "linear_attention", "linear", "portable_linear"),
     Form("prefix_sum", LinearAttention, lambda n: n.causal, linear_cost,
          "running state S_i = S_{i−1} + φk_i⊗[v_i, 1], out_i = φq_i·S_i (one pass)",
-         lower_cpu, lower_portable, run, "linear", "portable_linear"),
+         lower_cpu, lower_portable, run, "linear_attention", "linear", "portable_linear"),
 ]

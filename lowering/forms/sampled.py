@@ -51,7 +51,7 @@ def _cost(n: SampledAttention, N: int) -> float:
 
 def _sampled(scheme: str, summary: str) -> Form:
     return Form(scheme, SampledAttention, lambda n: n.sampling.name == scheme, _cost, summary,
-                lower_cpu, lower_portable, run, "quadratic", "portable_rows")
+                lower_cpu, lower_portable, run, "sampled_attention", "quadratic", "portable_rows")
 
 
 FORMS = [

@@ -31,7 +31,6 @@ def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
 
 
 def run(node, args, lib, name, params):
-    """The Toeplitz op (ops.py), which the banded kernels share."""
     from attndsl import ops
     qf, kf, v, tab = args
     return watched(ops.toeplitz_attention(qf, kf, v, tab, lib, name), params)
@@ -45,5 +44,5 @@ def _cost(n: PositionalAttention, N: int) -> float:
 FORMS = [
     Form("toeplitz_fft", PositionalAttention, lambda n: True, _cost,
          "per channel (m, d): Σ_j c(i−j) φk_jm [v_j, 1]_d by FFT (Luo et al.), contracted with φq_i",
-         lower_cpu, lower_portable, run, "toeplitz", "portable_fft", fft_scores=True),
+         lower_cpu, lower_portable, run, "toeplitz_attention", "toeplitz", "portable_fft", fft_scores=True),
 ]

@@ -34,5 +34,5 @@ def run(node, args, lib, name, params):
 FORMS = [
     Form("values_fft", ToeplitzValues, lambda n: True, lambda n, N: fft_cost(n.v.shape[-1], N),
          "Σ_j b(i−j) v_j by FFT per value channel (FastRPB)",
-         lower_cpu, lower_portable, run, None, "portable_fft"),
+         lower_cpu, lower_portable, run, "toeplitz_values", None, "portable_fft"),
 ]

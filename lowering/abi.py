@@ -1,0 +1,124 @@
+"""The kernel ABI: each op's tensors, outputs, gradients and scalars, in the order its kernels take them.
+
+Every op's forward and backward kernels follow one calling convention (tensors (BH, N, width),
+contiguous; the position parameters TAB (H, P)):
+
+    forward   fwd(*inputs it reads, *outputs, *scalars)
+    backward  bwd(*inputs, *saved outputs, d(value), *gradients, *scalars)
+
+The value is the first output; the others (a normalizer DEN, a log-sum-exp LSE) are internal:
+saved for the backward kernel, never differentiated. attndsl/ops.py generates the torch custom
+ops (forward, fake, backward, autograd) from these records; the tuner specializes the scalars
+from them (tune.concrete). Each form's record (form.Form.op) names the op it runs through.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .costs import fft_length
+
+# a shape rule: (the op's tensors and attributes by name) -> a new tensor
+Alloc = Callable[[dict], object]
+
+
+def like(x: str, zeros: bool = False) -> Alloc:
+    """A tensor shaped like input `x` (zero-filled where the kernel accumulates into it)."""
+    return (lambda t: t[x].new_zeros(t[x].shape)) if zeros else (lambda t: t[x].new_empty(t[x].shape))
+
+
+def rows(x: str) -> Alloc:
+    """(BH, N) of `x`: a value per row."""
+    return lambda t: t[x].new_empty(t[x].shape[0], t[x].shape[1])
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A trailing int64 kernel argument: its value from the sequence length n and the op's
+    attributes (or, tuning, the tuner's sizes)."""
+    name: str
+    value: Callable[[int, dict], int]
+
+
+@dataclass(frozen=True)
+class Op:
+    """name: attndsl::<name>; inputs: its tensors; attrs: its int attributes, after (lib, node);
+    outputs: (name, shape rule), the value first; grads: (name, shape rule) of the backward
+    kernel's output buffers: an input's name for its gradient (the inputs not named get None),
+    another name for scratch that `fold` (tensors by name, gradients as "d" + input) folds into
+    the gradients; reads: the inputs the forward kernel takes (default all); saves: whether the
+    backward kernel reads the outputs."""
+    name: str
+    doc: str
+    inputs: tuple[str, ...]
+    outputs: tuple[tuple[str, Alloc], ...]
+    grads: tuple[tuple[str, Alloc], ...]
+    attrs: tuple[str, ...] = ()
+    scalars: tuple[Scalar, ...] = ()
+    reads: tuple[str, ...] | None = None
+    saves: bool = True
+    fold: Callable[[dict], None] | None = None
+
+
+FFT_LENGTH = Scalar("Lf", lambda n, attrs: fft_length(n))
+
+
+def _fold_samples(t: dict) -> None:
+    """Sampled rows repeat: add each sample's dk, dv (dks, dvs (BH, S, D)) into its key's row."""
+    import torch
+    si, k, v = t["si"], t["k"], t["v"]
+    rows_ = (si.long() + k.shape[1] * torch.arange(si.shape[0], device=si.device)[:, None]).reshape(-1)
+    t["dk"].view(-1, k.shape[2]).index_add_(0, rows_, t["dks"].view(-1, k.shape[2]))
+    t["dv"].view(-1, v.shape[2]).index_add_(0, rows_, t["dvs"].view(-1, v.shape[2]))
+
+
+def _per_sample(x: str) -> Alloc:
+    """(BH, S, width of x): a row per sampled key."""
+    return lambda t: t[x].new_empty(t["si"].shape[0], t["si"].shape[1], t[x].shape[2])
+
+
+_POSITIONAL = dict(inputs=("qf", "kf", "v", "tab"), outputs=(("out", like("v")), ("den", rows("v"))),
+                   grads=(("qf", like("qf")), ("kf", like("kf")), ("v", like("v")),
+                          ("tab", like("tab", zeros=True))))
+
+OPS: dict[str, Op] = {op.name: op for op in [
+    Op("feature_map", "φ(x): x (BH, N, Dk), w = W' (width, Dk), wt = W'ᵀ -> (BH, N, width).",
+       inputs=("x", "w", "wt"), attrs=("width",), reads=("x", "wt"),
+       outputs=(("f", lambda t: t["x"].new_empty(t["x"].shape[0], t["x"].shape[1], t["width"])),),
+       grads=(("x", like("x")),)),
+    Op("linear_attention",
+       "(out (BH, N, Dv), den (BH, N)) = φq_i·Σ_{j∈M(i)} φk_j v_jᵀ / φq_i·Σ_{j∈M(i)} φk_j (+ eps) from "
+       "φq, φk (BH, N, M), v; tab (H, 2): the decayed form's per-head rates (a_earlier, a_later), "
+       "weighting a pair by e^(−a·|i−j|) (a (1, 1) dummy otherwise; never differentiated).",
+       inputs=("qf", "kf", "v", "tab"), outputs=_POSITIONAL["outputs"], grads=_POSITIONAL["grads"][:3]),
+    Op("toeplitz_attention",
+       "(out, den) of Σ_j c(i−j)(φq_i·φk_j) v_j / Σ_j c(i−j)(φq_i·φk_j), c = exp(b), b from the "
+       "position parameters tab (H, P), by FFT of length Lf ≥ 2N − 1.",
+       scalars=(FFT_LENGTH,), **_POSITIONAL),
+    Op("banded_attention", "toeplitz_attention's (out, den) for a table clipped at ±W: the band exactly, "
+       "the far keys by chunk prefix sums.", **_POSITIONAL),
+    Op("toeplitz_values", "Σ_j b(i−j) v_j (BH, N, Dv) (FastRPB), b from tab (H, P), by FFT.",
+       inputs=("v", "tab"), outputs=(("y", like("v")),), grads=(("v", like("v")), ("tab", like("tab", zeros=True))),
+       scalars=(FFT_LENGTH,), saves=False),
+    Op("softmax_attention",
+       "(out (BH, N, Dv), lse (BH, N)): softmax(s·q·kᵀ + b) v, flash-style, b(i − j) from tab (H, P) "
+       "(a (1, 1) dummy without a position term); lse is the row log-sum-exp the backward "
+       "recomputes the weights from.",
+       inputs=("q", "k", "v", "tab"), outputs=(("out", like("v")), ("lse", rows("v"))),
+       grads=(("q", like("q")), ("k", like("k")), ("v", like("v")), ("tab", like("tab", zeros=True)))),
+    Op("sampled_attention",
+       "(out, lse) of the sampled estimate of softmax attention: rows visited in the order pq "
+       "(queries), pk (keys) (BH, N) int32 and cut into blocks of `block`; each query sees its "
+       "block's keys exactly and the sampled rows si (BH, S) int32 of k, v with log-weights lw "
+       "(BH, S), unless its block holds them (sb (BH, S) int32, the sample's block).",
+       inputs=("q", "k", "v", "pq", "pk", "si", "lw", "sb"), attrs=("block",),
+       outputs=(("out", like("v")), ("lse", rows("v"))),
+       grads=(("q", like("q")), ("k", like("k")), ("v", like("v")), ("dks", _per_sample("k")),
+              ("dvs", _per_sample("v")), ("lw", like("lw"))), fold=_fold_samples,
+       scalars=(Scalar("blk", lambda n, attrs: attrs.get("block", 1)),)),
+]}
+
+
+def scalar_values(op: Op, n: int, attrs: dict) -> list[int]:
+    """The trailing scalars of `op`'s kernels at length n."""
+    return [s.value(n, attrs) for s in op.scalars]
