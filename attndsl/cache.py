@@ -134,7 +134,7 @@ def _has(lib, name: str) -> bool:
 
 
 def _open(path: Path, label: str, t0: float, expect: tuple[str, ...]):
-    from .lowering.runtime import load_library
+    from .runtime.load import load_library
     _import_tvm_ffi()
     lib = load_library(path)
     missing = [name for name in expect if not _has(lib, name)]

@@ -68,7 +68,7 @@ def num_threads() -> int:
 
 def use_openmp() -> bool:
     """False when ATTNDSL_OPENMP is 0/false/no: the CPU kernels' parallel loops on TVM's own thread
-    pool instead of torch's OpenMP threads (lowering/omp.py)."""
+    pool instead of torch's OpenMP threads (attndsl/runtime/omp.py)."""
     return "ATTNDSL_OPENMP" not in os.environ or _flag("ATTNDSL_OPENMP")
 
 
@@ -76,7 +76,7 @@ FFT_IMPLS = ("tir", "library")
 
 
 def fft_impl() -> str:
-    """ATTNDSL_FFT: what serves the Toeplitz kernels' FFTs, "tir" (lowering/fft_tir.py, the
+    """ATTNDSL_FFT: what serves the Toeplitz kernels' FFTs, "tir" (lowering/fft/real.py, the
     default: faster here, see benchmarks/bench_fft.py) or "library" (torch.fft)."""
     raw = os.environ.get("ATTNDSL_FFT", "").strip().lower() or "tir"
     if raw not in FFT_IMPLS:

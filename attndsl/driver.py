@@ -68,7 +68,7 @@ def library(spec: AttentionSpec, root: Node, target: Target, dims: tuple[int, in
     dirs = tuning.tuning_dirs() if tuned else []
     loadable = True
     if target.kind == "cuda":
-        from .lowering.runtime import prepare_cuda
+        from .runtime.load import prepare_cuda
         loadable = prepare_cuda()
     # what decides the code, not where the spec was written: the planned IR (spans left out)
     key = cache.make_key(ir=canonical(root), dims=list(dims), dtype=dtype,
@@ -114,7 +114,7 @@ def kernel_source_hash() -> str:
 
 @functools.cache
 def _host_cpu() -> str:
-    from .lowering.runtime import host_cpu
+    from .runtime.load import host_cpu
     return host_cpu()
 
 

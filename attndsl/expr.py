@@ -1,7 +1,7 @@
 """User expressions (`kernel(x) = EXPR`, `position(r) = EXPR`): evaluation and symbolic derivative.
 
 The same tree is evaluated three ways: on torch tensors here (the reference), as TVM TIR in
-`attndsl.lowering.expr_tir`, and differentiated here so backward kernels get d/dx in closed form.
+`attndsl.lowering.tir.expr`, and differentiated here so backward kernels get d/dx in closed form.
 """
 from __future__ import annotations
 
@@ -159,8 +159,8 @@ def diff(e: Expr, var: str) -> Expr:
 #
 # TVM's analyzer substitutes every let-bound value into its uses, so the passes over a kernel walk
 # an EXPR as if every shared subexpression were written out: their time follows that expanded
-# size, not the size of the DAG. Per function, the TIR of lowering/expr_tir.py (float64, the larger):
-# (nodes, reads of the argument) of the vectorized form (lowering/vmath.py: fast to run, but large
+# size, not the size of the DAG. Per function, the TIR of lowering/tir/expr.py (float64, the larger):
+# (nodes, reads of the argument) of the vectorized form (lowering/tir/vmath.py: fast to run, but large
 # and reading its argument many times) and of the libm form (one lane at a time; at most three
 # reads). tests/test_expr.py checks these numbers against the TIR.
 TIR_COST: dict[str, tuple[int, int, int, int]] = {

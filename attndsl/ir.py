@@ -265,7 +265,7 @@ class SoftmaxAttention(Node):
 class SampledAttention(Node):
     """An estimate of softmax attention from a sampling scheme (`sampling`: kde or uniform), per
     query its block's keys exactly plus importance-weighted sampled keys (attndsl/sampling.py,
-    lowering/sampled.py); no N×N tensor. `form` (kde, uniform) set by the planner."""
+    lowering/cpu/sampled.py); no N×N tensor. `form` (kde, uniform) set by the planner."""
     q: Node
     k: Node
     v: Node

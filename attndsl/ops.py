@@ -16,8 +16,8 @@ _LIBRARIES: dict[str, object] = {}
 
 
 def register_library(key: str, lib) -> None:
-    from .lowering import fftlib
-    fftlib.register()            # the Toeplitz kernels call back into the library FFT
+    from .lowering.fft import packed
+    packed.register()            # the Toeplitz kernels call back into the library FFT
     _LIBRARIES[key] = lib
 
 

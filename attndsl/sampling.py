@@ -1,5 +1,5 @@
 """The discrete half of sampled softmax attention, in torch: LSH buckets, the sort, the samples.
-The kernels (lowering/sampled.py) do the arithmetic; everything here is O(N·(Dk·r + log N)).
+The kernels (lowering/cpu/sampled.py) do the arithmetic; everything here is O(N·(Dk·r + log N)).
 
 KDEformer (Zandieh et al. 2023), `sampling = kde(buckets, block, samples, seed)`:
   1. angular LSH: r = log2(buckets) random hyperplanes; a row's bucket is its sign pattern, ranked

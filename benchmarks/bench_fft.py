@@ -1,8 +1,8 @@
-"""The FFT inside the Toeplitz kernels: TVMScript (lowering/fft_tir.py) vs the library (fftlib.py).
+"""The FFT inside the Toeplitz kernels: TVMScript (lowering/fft/real.py) vs the library (lowering/fft/packed.py).
 
 Both sides run exactly as the Toeplitz kernels run them: a compiled TVM kernel that calls
 T.call_packed("attndsl.fft.rfft" / "attndsl.fft.irfft") on its (G, L) / (G, L/2+1, 2) buffers,
-served by fftlib with IMPL = "library" (torch.fft/pocketfft with out=) or IMPL = "tir" (fft_tir's
+served by lowering/fft/packed.py with IMPL = "library" (torch.fft/pocketfft with out=) or IMPL = "tir" (real.py's
 compiled TVMScript FFT); "direct" times that TVMScript kernel called straight from Python
 (the packed detour's cost is the difference). G = 260 channels (4 features × 65 = D+1 channels, M = D =
 64), float32, rfft with n = L/2 valid samples (the zero padding of a Toeplitz product) and irfft.
@@ -17,7 +17,7 @@ Writes benchmarks/results/bench_fft.{md,png} (bench_fft_tT.* when --threads is g
 instead times the one Toeplitz form that still calls the packed FFT with each FFT (fftlib.IMPL
 switched in-process): the values form (apply = values, FastRPB), elu1, B·H = 8, M = D = 64,
 learned table over the whole range, no mask, forward, float32. (The scores kernels run their
-own FFT inline, lowering/fft_convolve.py, and call no packed FFT.)
+own FFT inline, lowering/fft/convolve.py, and call no packed FFT.)
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def gflops(L: int, seconds: float) -> float:
 
 def compile_kernels():
     """{impl: (rfft, irfft)}: the packed-call kernels (served per fftlib.IMPL) and the direct ones."""
-    from attndsl.lowering import build, fft_tir, fftlib
+    from attndsl.lowering import build
+    from attndsl.lowering.fft import packed as fftlib, real as fft_tir
     funcs = {"rfft_packed": fft_tir.rfft("rfft_packed", "float32", "library"),
              "irfft_packed": fft_tir.irfft("irfft_packed", "float32", "library")}
     fftlib.register()
@@ -130,7 +131,7 @@ def toeplitz_ab(N: int, reps: int) -> str:
     """Forward time of the values form over a full-range table with each FFT behind the
     kernels' packed calls (fftlib.IMPL, read per call: the same compiled kernels)."""
     import attndsl
-    from attndsl.lowering import fftlib
+    from attndsl.lowering.fft import packed as fftlib
     text = (f"attention bench {{ kernel = elu1\n position = toeplitz(max_distance={N}, init=normal)\n"
             f" apply = values\n mask = none }}")
     q, k, v = (torch.randn(1, 8, N, 64) for _ in range(3))

@@ -50,8 +50,8 @@ def _compile(mod, target, _params):
 
 def _runner_init():
     """Run in each runner process: the FFT packed functions the Toeplitz kernels call."""
-    from . import fftlib
-    fftlib.register()
+    from .fft import packed
+    packed.register()
 
 
 def concrete(func, n: int, op: abi.Op, sizes: dict | None = None):

@@ -1,6 +1,6 @@
-"""CUDA targets and their schedule: dlight's GPU rules over lowering/te_forms.py's stages.
+"""CUDA targets and their schedule: dlight's GPU rules over lowering/portable/te_forms.py's stages.
 
-lowering/softmax_rows.py's kernels bind their own loops to threads (a hand schedule, marked
+lowering/portable/softmax_rows.py's kernels bind their own loops to threads (a hand schedule, marked
 `tirx.is_scheduled`, which dlight skips). te_forms.py's kernels are unscheduled dataflow (one
 block per `te.compute`), and `schedule` hands every block to dlight: Matmul, GEMV, Reduction and GeneralReduction where the block has their shape,
 else Fallback, which fuses the block's spatial loops, splits them over thread blocks and threads

@@ -23,32 +23,32 @@ class Knob:
 
 # family -> its knobs (the order is the order of the decisions in a record's trace)
 SPACES: dict[str, tuple[Knob, ...]] = {
-    # lowering/linear.py: linear, prefix_sum and decayed, forward and backward
+    # lowering/cpu/linear.py: linear, prefix_sum and decayed, forward and backward
     "linear": (
         Knob("chunk", (16, 32, 64), 32, "rows per chunk (C)"),
         Knob("tile_regs", (4, 8, 16), 16, "vector registers of an accumulator tile"),
     ),
-    # lowering/quadratic.py: the softmax form, and lowering/sampled.py: kde and uniform, forward and backward
+    # lowering/cpu/quadratic.py: the softmax form, and lowering/cpu/sampled.py: kde and uniform, forward and backward
     "quadratic": (
         Knob("tile", (2, 4, 8), 4, "vector registers of query lanes per tile (T = tile·lanes rows and keys)"),
     ),
-    # lowering/toeplitz.py: the toeplitz_fft scores kernels, forward and backward (fft_convolve)
+    # lowering/cpu/toeplitz.py: the toeplitz_fft scores kernels, forward and backward (lowering/fft/convolve.py)
     "toeplitz": (
-        Knob("block_kb", (1, 128, 512, 4096), 512, "KiB of an FFT work-buffer block (L/8 points) past which fft_convolve adds a second level of blocks (1: always, for L ≥ 64)"),
+        Knob("block_kb", (1, 128, 512, 4096), 512, "KiB of an FFT work-buffer block (L/8 points) past which the FFT convolver adds a second level of blocks (1: always, for L ≥ 64)"),
     ),
-    # lowering/banded.py: the banded + constant kernels of a clipped table, forward and backward
+    # lowering/cpu/banded.py: the banded + constant kernels of a clipped table, forward and backward
     "banded": (
         Knob("chunk", (16, 32, 64), 32, "rows per chunk (C): window tiles are C×C, a window (2⌈(W−1)/C⌉+1)·C keys"),
     ),
-    # GPU targets' portable kernels. lowering/te_forms.py: linear, prefix_sum and decayed
+    # GPU targets' portable kernels. lowering/portable/te_forms.py: linear, prefix_sum and decayed
     "portable_linear": (
         Knob("chunk", (32, 64, 128), 64, "rows per chunk of the scans over chunk states"),
     ),
-    # lowering/softmax_rows.py: the softmax form
+    # lowering/portable/softmax_rows.py: the softmax form
     "portable_rows": (
         Knob("rows", (64, 128, 256), 128, "rows (threads) per thread block"),
     ),
-    # lowering/fft_blocks.py: the toeplitz_fft and values_fft forms
+    # lowering/portable/fft_blocks.py: the toeplitz_fft and values_fft forms
     "portable_fft": (
         Knob("threads", (128, 256, 512), 256, "threads per thread block (one FFT sequence each)"),
     ),

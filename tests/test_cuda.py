@@ -1,4 +1,4 @@
-"""The CUDA path: the portable kernels (lowering/te_forms.py, softmax_rows.py, fft_blocks.py)
+"""The CUDA path: the portable kernels (lowering/portable/te_forms.py, softmax_rows.py, fft_blocks.py)
 that GPU targets build.
 
 On any machine: the portable kernels built for the CPU (unscheduled, as they are) vs the O(N²)
@@ -22,7 +22,8 @@ from attndsl import cli, lowering, pipeline
 from attndsl.diagnostics import SpecError
 from attndsl.ir import PositionalAttention, postorder
 from attndsl.passes import plan
-from attndsl.lowering import build, te_forms
+from attndsl.lowering import build
+from attndsl.lowering.portable import te_forms
 
 from conftest import RTOL, assert_close
 from test_linear import KERNELS, MASKS, inputs, spec

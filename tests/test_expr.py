@@ -62,11 +62,11 @@ def _tir_count(e, var) -> tuple[int, int]:
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_tir_cost_table_covers_the_lowering(dtype):
     """attndsl.expr.TIR_COST (what the checker's size limit counts) is at least what
-    lowering/expr_tir.py emits, for both forms of every function."""
+    lowering/tir/expr.py emits, for both forms of every function."""
     from tvm import tirx
 
     from attndsl.expr import TIR_COST
-    from attndsl.lowering.expr_tir import FUNCTIONS, LIBM
+    from attndsl.lowering.tir.expr import FUNCTIONS, LIBM
     u, w = tirx.Var("u", dtype), tirx.Var("w", dtype)
     for name, (nodes, reads, lnodes, lreads) in TIR_COST.items():
         args = (u,) if name not in ("min", "max") else (u, w)

@@ -1,4 +1,4 @@
-"""lowering/fft_convolve.py, the fused Toeplitz-FFT forward's transform, on its own: the in-place
+"""lowering/fft/convolve.py, the fused Toeplitz-FFT forward's transform, on its own: the in-place
 depth-first convolver vs torch.fft in float64, for every last-stage radix, both vector widths of
 each dtype (AVX2 and AVX-512, on any host), one and two levels of blocks, zero-padded inputs and
 NaN wherever it must not read."""
@@ -21,7 +21,7 @@ def _kernel(dtype: str, VL: int, block_bytes: int):
     """(U (2L, VL), CC (H, L), Y (2L, VL) out, junk): the work buffer filled with `junk`, points
     t < L/2 from U (rows 2t, 2t + 1), convolved with CC[H − 1], points t < L/2 copied to Y."""
     from tvm.script import tirx as T
-    from attndsl.lowering import fft_convolve
+    from attndsl.lowering.fft import convolve as fft_convolve
     setup, spectrum, convolve, _, _ = fft_convolve.convolver(dtype, VL, block_bytes)
 
     @T.prim_func

@@ -1,4 +1,4 @@
-"""The TVMScript real FFT (lowering/fft_tir.py) vs torch.fft in float64: every length from 16 to
+"""The TVMScript real FFT (lowering/fft/real.py) vs torch.fft in float64: every length from 16 to
 65536 (odd and even log2 L: with and without the radix-2 stage), zero padding (n < L), channel
 counts that are not a multiple of the vector width, float32 and float64."""
 from __future__ import annotations
@@ -26,7 +26,8 @@ def rtol(dtype: torch.dtype, L: int) -> float:
 
 @pytest.fixture(scope="module")
 def kernels():
-    from attndsl.lowering import build, fft_tir
+    from attndsl.lowering import build
+    from attndsl.lowering.fft import real as fft_tir
     funcs = {}
     for tag, dt in (("f32", "float32"), ("f64", "float64")):
         funcs[f"rfft_{tag}"] = fft_tir.rfft(f"rfft_{tag}", dt)
@@ -77,7 +78,8 @@ def test_round_trip_with_padding(kernels, tag):
 def test_packed_functions_agree(impl, monkeypatch):
     """A kernel calling T.call_packed("attndsl.fft.rfft"/"irfft"), as the Toeplitz kernels do, gets
     the same transform whichever implementation ATTNDSL_FFT has serve it (read at every call)."""
-    from attndsl.lowering import build, fft_tir, fftlib
+    from attndsl.lowering import build
+    from attndsl.lowering.fft import packed as fftlib, real as fft_tir
     fftlib.register()
     monkeypatch.setenv("ATTNDSL_FFT", impl)
     lib = build.build({"r": fft_tir.rfft("r", "float32", "library"),

@@ -41,18 +41,18 @@ def test_tir_of_a_nested_derivative_stays_small():
     """The TIR of d/dx sigmoid^12(x) is a few thousand nodes when printed (it was 44^12)."""
     from tvm import tirx
 
-    from attndsl.lowering.expr_tir import to_tir
+    from attndsl.lowering.tir.expr import to_tir
     x = tirx.Var("x", "float32")
     lengths = {d: len(str(to_tir(diff(chain("sigmoid", d), "x"), x, "float32"))) for d in (6, 12)}
     assert lengths[12] < 4 * lengths[6] and lengths[12] < 100_000, lengths
 
 
 CASES = {
-    # linear form, the map fused into the linear kernels (lowering/linear.py)
+    # linear form, the map fused into the linear kernels (lowering/cpu/linear.py)
     "exp3-full": "kernel(x) = exp(exp(exp(x)))",
     # prefix sums, fused; the derivative in unrolled, vectorized loops
     "sigmoid4-causal": f"kernel(x) = {nest('sigmoid', 4)}\n    mask = causal",
-    # a position term: the map is its own kernel (lowering/featuremap.py elementwise_*)
+    # a position term: the map is its own kernel (lowering/cpu/featuremap.py elementwise_*)
     "mixed-decayed": "kernel(x) = softplus(elu(sin(x)) * cos(x)) + 0.1\n    position(r) = -0.1 * abs(r)",
     # softmax with a nested position term, computed inside the quadratic kernels
     "position-quadratic": "position(r) = sigmoid(sigmoid(sin(r / 8))) - exp(-exp(cos(r / 5)))\n"

@@ -1,4 +1,4 @@
-"""lowering/omp.py: the CPU kernels' parallel loops on torch's OpenMP threads."""
+"""attndsl/runtime/omp.py: the CPU kernels' parallel loops on torch's OpenMP threads."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import torch
 
 import attndsl
 from attndsl import config
-from attndsl.lowering import omp
+from attndsl.runtime import omp
 
 from conftest import RTOL, assert_close
 
@@ -45,7 +45,7 @@ def test_one_openmp_runtime_in_the_process():
 def test_a_library_without_parallel_loops_keeps_tvm_s_launcher(tmp_path):
     from tvm import te
 
-    from attndsl.lowering.runtime import load_library
+    from attndsl.runtime.load import load_library
     a = te.placeholder((4,), "float32", "a")
     b = te.compute((4,), lambda i: a[i] + 1, "b")
     import tvm
@@ -56,7 +56,7 @@ def test_a_library_without_parallel_loops_keeps_tvm_s_launcher(tmp_path):
 
 
 def test_attndsl_openmp_0_keeps_tvm_s_pool():
-    code = ("import attndsl; from attndsl.lowering import omp; "
+    code = ("import attndsl; from attndsl.runtime import omp; "
             "a = attndsl.compile('attention t { }', heads=1, head_dim=8); print(omp.shim())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "ATTNDSL_OPENMP": "0"})

@@ -36,7 +36,7 @@ def rows(x, idx):
 
 
 def estimate(q, k, v, s: sampling.Samples, scale: float, causal: bool) -> torch.Tensor:
-    """The estimator of lowering/sampled.py in plain torch: in bucket order, softmax over the visible
+    """The estimator of lowering/cpu/sampled.py in plain torch: in bucket order, softmax over the visible
     block keys and the visible samples (scores + log-weights); returned in the caller's order."""
     N = q.shape[1]
     qs, ks, vs = rows(q, s.pq), rows(k, s.pk), rows(v, s.pk)

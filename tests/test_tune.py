@@ -19,7 +19,7 @@ def test_resolve_rejects_unknown_knobs_and_choices(bad, match):
 
 
 def test_trace_decisions_round_trip():
-    from attndsl.lowering import linear
+    from attndsl.lowering.cpu import linear
     from attndsl.schedules import database
     mod = database.workload(linear.linear_forward("k", 16, 16, "float32", True))
     choice = {"chunk": 64, "tile_regs": 8}
@@ -89,7 +89,7 @@ def test_every_linear_knob_choice_computes_the_same_attention(choice, causal):
     length, so tail chunks are exercised for every chunk size)."""
     import torch
 
-    from attndsl.lowering import linear
+    from attndsl.lowering.cpu import linear
     from attndsl.lowering.build import build, resolve_target
     M = D = 16
     lib = build({"f": linear.linear_forward("f", M, D, "float64", causal, knobs=choice),
@@ -148,7 +148,8 @@ def test_every_toeplitz_block_size_computes_the_same_attention(block_kb):
     """The Toeplitz-FFT scores kernels at each work-buffer block size (here L = 128: 1 KiB takes the
     second level of blocks, the others one) against the maths in torch, forward and backward with
     the table's gradient (float64)."""
-    from attndsl.lowering import fftlib, toeplitz
+    from attndsl.lowering.cpu import toeplitz
+    from attndsl.lowering.fft import packed as fftlib
     from attndsl.lowering.build import build, resolve_target
     from attndsl.lowering.costs import fft_length
     fftlib.register()
@@ -168,7 +169,7 @@ def test_every_banded_chunk_computes_the_same_attention(chunk, causal):
     """The banded kernels at each chunk size against the maths in torch (float64, W = 20 < N = 150,
     a ragged length: each chunk size has windows of 1–2 chunks a side, far keys on both sides and
     a tail chunk), forward and backward with the table's gradient."""
-    from attndsl.lowering import banded
+    from attndsl.lowering.cpu import banded
     from attndsl.lowering.build import build, resolve_target
     M, D = 16, 8
     knob = {"chunk": chunk}
@@ -269,7 +270,7 @@ def test_tune_through_a_loopback_rpc_tracker_and_server(tmp_path):
 
 
 def test_the_shipped_database_still_matches_the_kernels_it_was_tuned_for():
-    """schedules/tuned/ keys its records by the kernels' code: an edit of lowering/linear.py that
+    """schedules/tuned/ keys its records by the kernels' code: an edit of lowering/cpu/linear.py that
     changes them makes the records stale (never applied). Then re-tune: `make tuned-db`."""
     from attndsl import lowering
     from attndsl.lowering.build import resolve_target
@@ -290,7 +291,7 @@ def test_every_quadratic_tile_computes_the_same_attention(tile, causal):
     a learned table), forward with its log-sum-exp and backward with the table's gradient."""
     import torch
 
-    from attndsl.lowering import quadratic
+    from attndsl.lowering.cpu import quadratic
     from attndsl.lowering.build import build, resolve_target
     D, W, N, H, s = 16, 8, 77, 2, 0.25
     pos = parse("attention t {\n position = toeplitz(max_distance=8)\n}").block(None).position

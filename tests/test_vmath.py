@@ -1,4 +1,4 @@
-"""The vectorizable exp/cos builders of lowering/vmath.py against torch, element by element."""
+"""The vectorizable exp/cos builders of lowering/tir/vmath.py against torch, element by element."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("tvm")
 from tvm.script import tirx as T  # noqa: E402
 
-from attndsl.lowering import vmath  # noqa: E402
+from attndsl.lowering.tir import vmath  # noqa: E402
 from attndsl.lowering.build import build, resolve_target  # noqa: E402
 
 FUNCS = {

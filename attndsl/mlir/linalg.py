@@ -340,7 +340,7 @@ def _softmax(node: SoftmaxAttention, b: Body, a: dict, p: Params) -> str:
 
 
 def _sampled(node: SampledAttention, b: Body, a: dict, p: Params) -> str:
-    """The estimator of lowering/sampled.py, densely in the callers' row order: query i (sorted
+    """The estimator of lowering/cpu/sampled.py, densely in the callers' row order: query i (sorted
     position invq_i, block g_i = invq_i // block) sees the keys of its block exactly (g_j = g_i, and
     invk_j ≤ invq_i when causal) and the samples s not in its block (sb_s ≠ g_i; causal: sb_s < g_i)
     with log-weights lw_s; out_i = softmax over both of (s q_i·k + lw) applied to [v; v_si]."""

@@ -4,7 +4,7 @@
       = softmax(s·q·kᵀ + b, masked) v
       -> SoftmaxAttention(q, k, v, b, causal, s)
 
-computed tile by tile with a running max and normalizer (lowering/quadratic.py), b(i − j)
+computed tile by tile with a running max and normalizer (lowering/cpu/quadratic.py), b(i − j)
 evaluated on the fly from the position parameters. A sampled estimate of it becomes its own form:
 
     Sample(SoftmaxAttention(q, k, v, none, causal, s), sampling) -> SampledAttention(...)

@@ -14,7 +14,7 @@ CHUNK = defaults("banded")["chunk"]       # the CPU kernels' default chunk (thei
 
 
 def lower_cpu(node: PositionalAttention, names, dtype, knobs):
-    from .. import banded
+    from ..cpu import banded
     m, d = node.qf.shape[-1], node.v.shape[-1]
     return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal, knobs.get(names[0]),
                                             eps=node.eps),
@@ -22,7 +22,7 @@ def lower_cpu(node: PositionalAttention, names, dtype, knobs):
 
 
 def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
-    from .. import te_forms
+    from ..portable import te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
     cf, cb = knob(knobs, names, "portable_linear", "chunk")
     return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf, eps=node.eps),

@@ -22,7 +22,7 @@ def _slope(TAB, h, later):
 
 
 def lower_cpu(node: PositionalAttention, names, dtype, knobs):
-    from .. import linear
+    from ..cpu import linear
     m, d = node.qf.shape[-1], node.v.shape[-1]
     return {names[0]: linear.linear_forward(names[0], m, d, dtype, node.causal, slope=_slope,
                                             knobs=knobs.get(names[0]),
@@ -32,7 +32,7 @@ def lower_cpu(node: PositionalAttention, names, dtype, knobs):
 
 
 def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
-    from .. import te_forms
+    from ..portable import te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
     cf, cb = knob(knobs, names, "portable_linear", "chunk")
     return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, decayed=True, chunk=cf,

@@ -9,7 +9,7 @@ from attndsl.ir import FeatureMap
 
 def map_kernel_of(kernel, dk: int, width: int, prescale: float):
     """The featuremap.py description of map `kernel` on Dk inputs, `width` features."""
-    from .. import featuremap
+    from ..cpu import featuremap
     return featuremap.MAPS[kernel.name](kernel, dk, width, prescale)
 
 
@@ -18,14 +18,14 @@ def map_kernel(node: FeatureMap):
 
 
 def lower_cpu(node: FeatureMap, names, dtype, knobs):
-    from .. import featuremap
+    from ..cpu import featuremap
     k = map_kernel(node)
     fwd, bwd = featuremap.FAMILIES[k.family]
     return {names[0]: fwd(names[0], k, node.role, dtype), names[1]: bwd(names[1], k, dtype)}
 
 
 def lower_portable(node: FeatureMap, names, dtype, knobs, gpu):
-    from .. import te_forms
+    from ..portable import te_forms
     k = map_kernel(node)
     return {names[0]: te_forms.map_forward(names[0], k, node.role, dtype),
             names[1]: te_forms.map_backward(names[1], k, dtype)}

@@ -19,13 +19,13 @@ def _phi(node, dtype):
     """The fused φ and φ′ (None when the node takes precomputed features)."""
     if node.phi is None:
         return None, None
-    from .. import featuremap
+    from ..cpu import featuremap
     m = node.qf.shape[-1]
     return featuremap.elementwise_pair(map_kernel_of(node.phi, m, m, node.prescale), dtype)
 
 
 def lower_cpu(node: LinearAttention, names, dtype, knobs):
-    from .. import linear
+    from ..cpu import linear
     m, d = node.qf.shape[-1], node.v.shape[-1]
     phi, dphi = _phi(node, dtype)
     return {names[0]: linear.linear_forward(names[0], m, d, dtype, node.causal, phi, knobs=knobs.get(names[0]),
@@ -35,7 +35,7 @@ def lower_cpu(node: LinearAttention, names, dtype, knobs):
 
 
 def lower_portable(node: LinearAttention, names, dtype, knobs, gpu):
-    from .. import te_forms
+    from ..portable import te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
     phi, dphi = _phi(node, dtype)
     cf, cb = knob(knobs, names, "portable_linear", "chunk")

@@ -17,7 +17,7 @@ def _position(node):
 
 
 def lower_cpu(node: SoftmaxAttention, names, dtype, knobs):
-    from .. import quadratic
+    from ..cpu import quadratic
     dk, dv = node.q.shape[-1], node.v.shape[-1]
     pos, learn = _position(node)
     return {names[0]: quadratic.softmax_forward(names[0], dk, dv, dtype, node.causal, node.scale, pos,
@@ -27,7 +27,7 @@ def lower_cpu(node: SoftmaxAttention, names, dtype, knobs):
 
 
 def lower_portable(node: SoftmaxAttention, names, dtype, knobs, gpu):
-    from .. import softmax_rows
+    from ..portable import softmax_rows
     dk, dv = node.q.shape[-1], node.v.shape[-1]
     pos, learn = _position(node)
     rf, rb = knob(knobs, names, "portable_rows", "rows")

@@ -18,7 +18,7 @@ from ..form import Form, knob
 
 
 def lower_cpu(node: SampledAttention, names, dtype, knobs):
-    from .. import sampled
+    from ..cpu import sampled
     dk, dv = node.q.shape[-1], node.v.shape[-1]
     return {names[0]: sampled.sampled_forward(names[0], dk, dv, dtype, node.causal, node.scale,
                                               knobs.get(names[0])),
@@ -27,7 +27,7 @@ def lower_cpu(node: SampledAttention, names, dtype, knobs):
 
 
 def lower_portable(node: SampledAttention, names, dtype, knobs, gpu):
-    from .. import softmax_rows
+    from ..portable import softmax_rows
     dk, dv = node.q.shape[-1], node.v.shape[-1]
     rf, rb = knob(knobs, names, "portable_rows", "rows")
     return {names[0]: softmax_rows.sampled_forward(names[0], dk, dv, dtype, node.causal, node.scale, gpu, rf),

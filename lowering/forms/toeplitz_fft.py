@@ -2,7 +2,7 @@
 channel (m, d), Σ_j c(i−j) φk_jm [v_j, 1]_d by FFT, contracted with φq_i. Its precision limit
 (precision.py) is checked per call.
 
-CPU kernels: toeplitz.py (an inlined FFT convolver, fft_convolve.py); portable: fft_blocks.py.
+CPU kernels: toeplitz.py (an inlined FFT convolver, fft/convolve.py); portable: fft_blocks.py.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..form import Form, knob, learns, watched
 
 
 def lower_cpu(node: PositionalAttention, names, dtype, knobs):
-    from .. import toeplitz
+    from ..cpu import toeplitz
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
     return {names[0]: toeplitz.scores_forward(names[0], m, d, dtype, node.causal, pos, knobs.get(names[0]),
                                               eps=node.eps),
@@ -23,7 +23,7 @@ def lower_cpu(node: PositionalAttention, names, dtype, knobs):
 
 def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
     """A thread block per FFT work row."""
-    from .. import fft_blocks
+    from ..portable import fft_blocks
     m, d, pos = node.qf.shape[-1], node.v.shape[-1], node.bias.position
     tf, tb = knob(knobs, names, "portable_fft", "threads")
     return {names[0]: fft_blocks.scores_forward(names[0], m, d, dtype, node.causal, pos, gpu, tf, eps=node.eps),

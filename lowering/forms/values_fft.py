@@ -1,6 +1,6 @@
 """values_fft: a position term on the values (FastRPB), Σ_j b(i−j) v_j by FFT per value channel.
 
-CPU kernels: toeplitz.py (the FFT through fftlib.py's packed functions); portable: fft_blocks.py.
+CPU kernels: toeplitz.py (the FFT through fft/packed.py's packed functions); portable: fft_blocks.py.
 """
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from ..form import Form, knob, learns
 
 
 def lower_cpu(node: ToeplitzValues, names, dtype, knobs):
-    from .. import toeplitz
+    from ..cpu import toeplitz
     d, pos = node.v.shape[-1], node.bias.position
     return {names[0]: toeplitz.values_forward(names[0], d, dtype, node.causal, pos),
             names[1]: toeplitz.values_backward(names[1], d, dtype, node.causal, pos, learns(pos))}
 
 
 def lower_portable(node: ToeplitzValues, names, dtype, knobs, gpu):
-    from .. import fft_blocks
+    from ..portable import fft_blocks
     d, pos = node.v.shape[-1], node.bias.position
     tf, tb = knob(knobs, names, "portable_fft", "threads")
     return {names[0]: fft_blocks.values_forward(names[0], d, dtype, node.causal, pos, gpu, tf),

@@ -95,3 +95,20 @@ def cos(x: tirx.PrimExpr, quadrants: int | tirx.PrimExpr = 0) -> tirx.PrimExpr:
     return tirx.Select(q == tirx.const(0, idt), c,
                        tirx.Select(q == tirx.const(1, idt), -s,
                                    tirx.Select(q == tirx.const(2, idt), -c, s)))
+
+
+# below this, exp(x) is under the smallest normal number: a softmax weight of 0
+_EXP_MIN = {"float32": -87.3, "float64": -708.3}
+
+
+def softmax_exp(x):
+    """exp(x) for x ≤ 0 (a score minus its row max or log-sum-exp): exp without the overflow
+    branch and the subnormal range (which a softmax weight next to 1 cannot resolve anyway)."""
+    dtype = str(x.ty)
+    idt, _, _, _, _, deg, _ = _FLOAT[dtype]
+    n = tirx.floor(x * _c(1.4426950408889634, dtype) + _c(0.5, dtype))
+    ln2_hi, ln2_lo = _LN2[dtype]
+    r = x - n * _c(ln2_hi, dtype) - n * _c(ln2_lo, dtype)
+    p = _horner(r, [1 / math.factorial(i) for i in range(deg + 1)], dtype)
+    val = p * _pow2(tirx.Cast(idt, n), dtype)
+    return tirx.Select(x < _c(_EXP_MIN[dtype], dtype), _c(0.0, dtype), val)

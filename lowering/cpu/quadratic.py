@@ -33,37 +33,14 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
-from . import vmath
-from .linear import fill, mm
-from .toeplitz import bias_builder, slot
 from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve as knobs_of
 
-
-_lanes = cpu.lanes
-
-
-def tile(dtype: str, vectors: int = 4) -> int:
-    """Query rows and keys per tile: `vectors` (the tile knob, default four) vector registers of
-    query lanes."""
-    return vectors * _lanes(dtype)
+from ..tir.position import bias_builder, slot
+from ..tir.tiles import fill, mm, mmc, out_cols, tile
+from ..tir.vmath import softmax_exp
 
 
-# below this, exp(x) is under the smallest normal number: a softmax weight of 0
-_EXP_MIN = {"float32": -87.3, "float64": -708.3}
-
-
-def softmax_exp(x):
-    """exp(x) for x ≤ 0 (a score minus its row max or log-sum-exp): vmath.exp without the overflow
-    branch and the subnormal range (which a softmax weight next to 1 cannot resolve anyway)."""
-    dtype = str(x.ty)
-    idt, _, _, _, _, deg, _ = vmath._FLOAT[dtype]
-    n = tirx.floor(x * vmath._c(1.4426950408889634, dtype) + vmath._c(0.5, dtype))
-    ln2_hi, ln2_lo = vmath._LN2[dtype]
-    r = x - n * vmath._c(ln2_hi, dtype) - n * vmath._c(ln2_lo, dtype)
-    p = vmath._horner(r, [1 / math.factorial(i) for i in range(deg + 1)], dtype)
-    val = p * vmath._pow2(tirx.Cast(idt, n), dtype)
-    return tirx.Select(x < vmath._c(_EXP_MIN[dtype], dtype), vmath._c(0.0, dtype), val)
 
 
 def _adder(bias):
@@ -71,25 +48,6 @@ def _adder(bias):
     return (lambda x, b: x + b) if bias is not None else (lambda x, b: x)
 
 
-_rows = cpu.tile_rows
-
-
-def _cols(width: int, lanes: int) -> int:
-    """Columns of an output register tile: the largest divisor of `width` ≤ four vectors."""
-    return max(c for c in range(1, min(width, 4 * lanes) + 1) if width % c == 0)
-
-
-@T.macro
-def mmc(acc, A, a_t, B, row0, R, k0, k1, col0, ncols):
-    """acc[r, :] += Σ_{k0 ≤ k < k1} A(row0 + r, k) B[k, col0 + :] (A read as A[k, row] when
-    a_t): `mm` on a window of B's columns."""
-    for k in range(k0, k1):
-        for r in T.unroll(R):
-            for j in T.vectorized(ncols):
-                if a_t:
-                    acc[r, j] = acc[r, j] + A[k, row0 + r] * B[k, col0 + j]
-                else:
-                    acc[r, j] = acc[r, j] + A[row0 + r, k] * B[k, col0 + j]
 
 
 @T.macro
@@ -120,10 +78,10 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
     """(Q, K, V, TAB, O out, LSE out). O_i = Σ_j softmax_j(s·q_i·k_j + b(i−j)) v_j over j ≤ i
     when causal; LSE_i = log Σ_j exp(s·q_i·k_j + b(i−j)). `position` None: no b.
     `knobs` (schedules/knobs.py, family "quadratic"): tile."""
-    L, Tt = _lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
-    R1 = _rows(Tt, L, Tt)             # rows of a score tile in registers (Tt columns)
-    CV = _cols(Dv, L)                 # output columns per register tile
-    R = _rows(CV, L, Tt)              # rows of an output register tile
+    L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
+    R1 = cpu.tile_rows(Tt, L, Tt)             # rows of a score tile in registers (Tt columns)
+    CV = out_cols(Dv, L)                 # output columns per register tile
+    R = cpu.tile_rows(CV, L, Tt)              # rows of an output register tile
     bias = bias_builder(position, dtype) if position is not None else None
     with_bias = _adder(bias)
     zero = T.cast(0, dtype)
@@ -238,10 +196,10 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     """(Q, K, V, TAB, O, LSE, dO, dQ out, dK out, dV out, dTAB out (H, P)): the exact gradient of
     softmax_forward's O. dTAB is written only when `learn` (a learned table), else left alone.
     `knobs` as softmax_forward's."""
-    L, Tt = _lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
-    R1 = _rows(Tt, L, Tt)
-    CK, CV = _cols(Dk, L), _cols(Dv, L)
-    RK, RV = _rows(CK, L, Tt), _rows(CV, L, Tt)
+    L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
+    R1 = cpu.tile_rows(Tt, L, Tt)
+    CK, CV = out_cols(Dk, L), out_cols(Dv, L)
+    RK, RV = cpu.tile_rows(CK, L, Tt), cpu.tile_rows(CV, L, Tt)
     bias = bias_builder(position, dtype) if position is not None else None
     with_bias = _adder(bias)
     zero = T.cast(0, dtype)

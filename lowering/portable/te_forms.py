@@ -24,7 +24,7 @@ from tvm import te, tirx
 from attndsl.expr import diff
 from attndsl.schedules.knobs import defaults
 
-from .expr_tir import to_tir
+from ..tir.expr import to_tir
 
 CHUNK = defaults("portable_linear")["chunk"]    # rows per chunk of the causal, decayed and banded scans
 

@@ -24,7 +24,7 @@ or, causal, LO = SB + 1; padding: LO > HI), and when causal also POS ≤ i. Quer
 block −2, which no key is visible to.
 
 Forward (per (bh, tile of T query rows)): key tiles over the blocks the rows span, then sample
-tiles, each folded into a running max, normalizer and output as in lowering/quadratic.py.
+tiles, each folded into a running max, normalizer and output as in lowering/cpu/quadratic.py.
 Backward, P recomputed from LSE and D_i = dO_i·O_i, dS = P (dP − D):
   * query-major (per query tile): dQ_i = s Σ_j dS_ij k_j over block keys and samples;
   * key-major (per key tile, block keys and samples alike): dV_j = Σ_i P_ij dO_i,
@@ -40,8 +40,8 @@ from tvm.script import tirx as T
 from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve as knobs_of
 
-from .linear import fill, mm
-from .quadratic import _cols, mmc, softmax_exp, tile
+from ..tir.tiles import fill, mm, mmc, out_cols, tile
+from ..tir.vmath import softmax_exp
 
 
 def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float, Tt: int):
@@ -128,7 +128,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
     "quadratic", as the exact softmax kernels): tile."""
     L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
     R1 = cpu.tile_rows(Tt, L, Tt)
-    CV = _cols(Dv, L)
+    CV = out_cols(Dv, L)
     R = cpu.tile_rows(CV, L, Tt)
     visible, load_queries, load_keys, block_keys = _helpers(Dk, Dv, dtype, causal, scale, Tt)
     zero = T.cast(0, dtype)
@@ -230,7 +230,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     sampled_forward's."""
     L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
     R1 = cpu.tile_rows(Tt, L, Tt)
-    CK, CV = _cols(Dk, L), _cols(Dv, L)
+    CK, CV = out_cols(Dk, L), out_cols(Dv, L)
     RK, RV = cpu.tile_rows(CK, L, Tt), cpu.tile_rows(CV, L, Tt)
     visible, load_queries, load_keys, block_keys = _helpers(Dk, Dv, dtype, causal, scale, Tt)
     zero = T.cast(0, dtype)

@@ -27,7 +27,7 @@ import functools
 
 from tvm.script import tirx as T
 
-from .toeplitz import bias_builder
+from ..tir.position import bias_builder
 
 THREADS = 128          # rows (threads) per thread block: the default of the rows knob
 

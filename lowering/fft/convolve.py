@@ -28,7 +28,7 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
-from . import vmath
+from ..tir import vmath
 
 
 BLOCK_BYTES = 512 * 1024   # half a 1 MiB L2. Measured (one thread, znver4): the second level ran

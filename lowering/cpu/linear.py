@@ -19,143 +19,7 @@ from tvm.script import tirx as T
 
 from attndsl.schedules.knobs import resolve as knobs_of
 
-
-def _lanes(dtype: str) -> int:
-    """Elements per 512-bit vector register."""
-    return 16 if dtype == "float32" else 8
-
-
-def _rows(cols: int, lanes: int, cap: int, budget: int = 16) -> int:
-    """Row tile for an accumulator (rows × cols): about `budget` vector registers (the tile_regs
-    knob), a power of two ≤ cap."""
-    regs = -(-cols // lanes)
-    r = 1
-    while r * 2 * regs <= budget and r * 2 <= cap:
-        r *= 2
-    return r
-
-
-def _pad(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _shuffle_idx(lanes: int, bit: int, hi: bool) -> list:
-    """Lane picks from concat(a, b) for one butterfly stage of a lanes×lanes transpose:
-    it swaps bit `bit` of the row index with the same bit of the lane index."""
-    if hi:
-        return [(m + bit) if not m & bit else lanes + m for m in range(lanes)]
-    return [m if not m & bit else lanes + m - bit for m in range(lanes)]
-
-
-@T.macro
-def mm(acc, A, a_t, B, row0, R, k0, k1, ncols):
-    """acc[r, :] += Σ_{k0 ≤ k < k1} A(row0 + r, k) B[k, :], A read as A[k, row] when a_t
-    (broadcast either way); acc is a register tile, so only operands stream from memory."""
-    for k in range(k0, k1):
-        for r in T.unroll(R):
-            for j in T.vectorized(ncols):
-                if a_t:
-                    acc[r, j] = acc[r, j] + A[k, row0 + r] * B[k, j]
-                else:
-                    acc[r, j] = acc[r, j] + A[row0 + r, k] * B[k, j]
-
-
-@T.macro
-def fill(acc, R, ncols):
-    """Zero an R × ncols register tile."""
-    for r in T.unroll(R):
-        for j in T.vectorized(ncols):
-            acc[r, j] = T.cast(0, acc.dtype)
-
-
-def _helpers(dtype: str, C: int, phi=None):
-    """Chunk loaders shared by the kernels (closures over dtype, chunk C, vector width, and the
-    fused elementwise map φ, a PrimExpr -> PrimExpr builder, when there is one)."""
-    L = _lanes(dtype)
-    zero = T.cast(0, dtype)
-    stages = [(b, _shuffle_idx(L, b, False), _shuffle_idx(L, b, True)) for b in (8, 4, 2, 1) if b < L]
-
-    @T.macro
-    def stage(X, Y, bit, lo, hi):
-        for t in T.unroll(L):
-            if t & bit == 0:
-                Y[t, T.Ramp(0, 1, L)] = T.Shuffle([X[t, T.Ramp(0, 1, L)], X[t + bit, T.Ramp(0, 1, L)]], lo)
-            else:
-                Y[t, T.Ramp(0, 1, L)] = T.Shuffle([X[t - bit, T.Ramp(0, 1, L)], X[t, T.Ramp(0, 1, L)]], hi)
-
-    @T.macro
-    def load(dst, src, b, base, N, ncols):
-        """dst[t, :ncols] = src[b, base + t, :], rows past N zeroed."""
-        for t in range(C):
-            if base + t < N:
-                for j in T.vectorized(ncols):
-                    dst[t, j] = src[b, base + t, j]
-            else:
-                for j in T.vectorized(ncols):
-                    dst[t, j] = zero
-
-    @T.macro
-    def load_t(dst, src, b, base, N, ncols, X, Y):
-        """dst[j, t] = src[b, base + t, j] (rows past N zeroed). Full chunks of lane-multiple
-        width go through an in-register butterfly transpose (scalar/scatter copies cost as much
-        as a GEMM here); everything else takes the plain guarded loop."""
-        if ncols % L == 0 and C % L == 0 and base + C <= N:
-            for t0 in range(C // L):
-                for j0 in range(ncols // L):
-                    for t in T.unroll(L):
-                        X[t, T.Ramp(0, 1, L)] = src[b, base + t0 * L + t, T.Ramp(j0 * L, 1, L)]
-                    if L == 16:
-                        stage(X, Y, stages[0][0], stages[0][1], stages[0][2])
-                        stage(Y, X, stages[1][0], stages[1][1], stages[1][2])
-                        stage(X, Y, stages[2][0], stages[2][1], stages[2][2])
-                        stage(Y, X, stages[3][0], stages[3][1], stages[3][2])
-                    else:
-                        stage(X, Y, stages[0][0], stages[0][1], stages[0][2])
-                        stage(Y, X, stages[1][0], stages[1][1], stages[1][2])
-                        stage(X, Y, stages[2][0], stages[2][1], stages[2][2])
-                        for t in T.unroll(L):
-                            X[t, T.Ramp(0, 1, L)] = Y[t, T.Ramp(0, 1, L)]
-                    for j in T.unroll(L):
-                        dst[j0 * L + j, T.Ramp(t0 * L, 1, L)] = X[j, T.Ramp(0, 1, L)]
-        else:
-            for t in range(C):
-                if base + t < N:
-                    for j in range(ncols):
-                        dst[j, t] = src[b, base + t, j]
-                else:
-                    for j in range(ncols):
-                        dst[j, t] = zero
-
-    @T.macro
-    def phi_rows(dst, base, N, ncols):
-        """dst[t, :ncols] = φ(dst[t, :ncols]) for the chunk's rows before N (padding stays 0)."""
-        for t in range(C):
-            if base + t < N:
-                for j in T.vectorized(ncols):
-                    dst[t, j] = phi(dst[t, j])
-
-    @T.macro
-    def phi_cols(dst, base, N, nrows):
-        """The same on a transposed chunk dst[j, t]."""
-        for j in range(nrows):
-            for t in T.vectorized(C):
-                dst[j, t] = T.Select(base + t < N, phi(dst[j, t]), zero)
-
-    @T.macro
-    def load_f(dst, src, b, base, N, ncols):
-        """load, then φ when one is fused."""
-        load(dst, src, b, base, N, ncols)
-        if phi is not None:
-            phi_rows(dst, base, N, ncols)
-
-    @T.macro
-    def load_ft(dst, src, b, base, N, ncols, X, Y):
-        """load_t, then φ when one is fused."""
-        load_t(dst, src, b, base, N, ncols, X, Y)
-        if phi is not None:
-            phi_cols(dst, base, N, ncols)
-
-    return L, zero, load, load_t, load_f, load_ft
+from ..tir.tiles import chunk_loaders, fill, mm, pad, reg_rows, vector_lanes
 
 
 # rows of a direction's decay table G (see _decay_tables)
@@ -221,10 +85,10 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
     two_way = decayed and not causal
     tables = _decay_tables(dtype, C, slope, False) if decayed else None
     tables_later = _decay_tables(dtype, C, slope, True) if two_way else None
-    L, zero, load, load_t, load_f, load_ft = _helpers(dtype, C, phi)
-    R = _rows(D, L, C, regs)      # rows of an output/state tile (D columns)
-    R1 = _rows(C, L, C, regs)     # rows of a score tile (C columns)
-    Mp = _pad(M, R)               # state rows padded to whole tiles; padded rows stay zero
+    L, zero, load, load_t, load_f, load_ft = chunk_loaders(dtype, C, phi)
+    R = reg_rows(D, L, C, regs)      # rows of an output/state tile (D columns)
+    R1 = reg_rows(C, L, C, regs)     # rows of a score tile (C columns)
+    Mp = pad(M, R)               # state rows padded to whole tiles; padded rows stay zero
 
     # Macros over one head's buffers: non-hygienic, so the names resolve inside the kernel, which
     # does not see this function's locals: helpers the kernel itself never names come in as
@@ -409,15 +273,15 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
     two_way = decayed and not causal
     tables = _decay_tables(dtype, C, slope, False) if decayed else None
     tables_later = _decay_tables(dtype, C, slope, True) if two_way else None
-    L, zero, load, load_t, load_f, load_ft = _helpers(dtype, C, phi)
+    L, zero, load, load_t, load_f, load_ft = chunk_loaders(dtype, C, phi)
 
     def dq_scale(x):  # passed to the macros: a non-hygienic macro sees only the kernel's names
         return dphi(x) if fused else T.cast(1, dtype)
-    RM = _rows(M, L, C, regs)     # row tile of an M-column output
-    RD = _rows(D, L, C, regs)     # row tile of a D-column output
-    R1 = _rows(C, L, C, regs)     # row tile of a score tile
-    Mp = _pad(M, RD)              # rows of R (M×D) padded to whole tiles
-    Dp = _pad(D, RM)              # rows of Sᵀ, Rᵀ (D×M) padded to whole tiles
+    RM = reg_rows(M, L, C, regs)     # row tile of an M-column output
+    RD = reg_rows(D, L, C, regs)     # row tile of a D-column output
+    R1 = reg_rows(C, L, C, regs)     # row tile of a score tile
+    Mp = pad(M, RD)              # rows of R (M×D) padded to whole tiles
+    Dp = pad(D, RM)              # rows of Sᵀ, Rᵀ (D×M) padded to whole tiles
 
     # Macros over one head's buffers: non-hygienic, so the names resolve inside the kernel (helpers
     # it never names come in as default arguments).

@@ -1,6 +1,6 @@
 """The Toeplitz-FFT forms as portable kernels: one thread block per FFT sequence.
 
-toeplitz.py's kernels are written for one CPU vector unit (fft_convolve.py's depth-first blocks
+toeplitz.py's kernels are written for one CPU vector unit (fft/convolve.py's depth-first blocks
 in the vector lanes). These are the same maths for thread parallelism, in the style of
 softmax_rows.py: every stage is a loop nest `for task in blocks(...): for lane in threads(R)`,
 bound to blockIdx.x / threadIdx.x for CUDA (a hand schedule, which dlight leaves alone), or a
@@ -28,7 +28,7 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .toeplitz import bias_builder, rel, slot
+from ..tir.position import bias_builder, rel, slot
 
 THREADS = 256        # threads per block (per FFT work row)
 

@@ -7,7 +7,7 @@ on their scratch buffers (zero copy); `register()` must run before such a kernel
 
 ATTNDSL_FFT picks what serves them, read at every call (so switching it needs no rebuild of any
 kernel; `IMPL`, when set, overrides it, as benchmarks/bench_fft.py does):
-  "tir"      fft_tir.py's TVMScript FFT (channels across vector lanes, Stockham radix-8), compiled
+  "tir"      real.py's TVMScript FFT (channels across vector lanes, Stockham radix-8), compiled
              once per dtype into its own library, kept in the compile cache like the kernels
              (a cache hit needs only the TVM runtime; a miss builds it, ~10-20 s).
   "library"  torch.fft (pocketfft) on the same buffers; needs only torch and tvm_ffi.
@@ -58,23 +58,24 @@ def _source_hash() -> str:
     """The FFT library's code (and what it builds on) is part of its cache key."""
     from pathlib import Path
     h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in ("fft_tir.py", "vmath.py", "linear.py", "build.py"):
-        h.update((here / name).read_bytes())
+    root = Path(__file__).parent.parent
+    for name in ("fft/real.py", "tir/vmath.py", "tir/tiles.py", "build.py"):
+        h.update(name.encode())
+        h.update((root / name).read_bytes())
     return h.hexdigest()[:16]
 
 
 def tir_library(dtype: str):
-    """fft_tir's compiled {"rfft", "irfft"} functions for dtype: from the compile cache, else built
+    """real.py's compiled {"rfft", "irfft"} functions for dtype: from the compile cache, else built
     (~10-20 s, once per machine and lowering source)."""
     if dtype not in _TIR:
         from attndsl import cache
 
-        from .runtime import host_cpu
+        from attndsl.runtime.load import host_cpu
 
         def build():
-            from . import fft_tir
-            return fft_tir.library(dtype)
+            from . import real
+            return real.library(dtype)
         key = cache.make_key(fft="fft_tir", dtype=dtype, host=host_cpu(), source=_source_hash())
         lib, _ = cache.load_or_build(key, build, label=f"fft_tir/{dtype}")
         _TIR[dtype] = {"rfft": lib["rfft"], "irfft": lib["irfft"], "module": lib}

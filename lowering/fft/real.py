@@ -1,8 +1,8 @@
-"""Batched real FFT and its inverse in TVMScript: the same contract as fftlib's packed functions.
+"""Batched real FFT and its inverse in TVMScript: the same contract as packed.py's packed functions.
 
     rfft:  X (G, L) real, Y (G, L/2+1, 2) out, n     Y[g] = rfft(X[g, :n] zero-padded to L)
     irfft: Y (G, L/2+1, 2), X (G, L) out             X[g] = irfft(Y[g], L)  (torch's 1/L)
-L a power of two ≥ 16 (symbolic: one build serves every G and L; fftlib's lengths start at 16);
+L a power of two ≥ 16 (symbolic: one build serves every G and L; packed.py's lengths start at 16);
 Y complex interleaved (re, im).
 
 Every channel goes through the same transform, so the vector lanes run across channels: a block
@@ -27,7 +27,7 @@ and the rate halves. (An in-place DIF variant that ran the late stages group by 
 read the digit-reversed result through an index table was no faster here: not kept.)
 
 The transforms are macros (rfft_macro, irfft_macro) so a kernel may inline them; `rfft`/`irfft`
-wrap them as kernels and `library` compiles the pair that fftlib serves the Toeplitz kernels with.
+wrap them as kernels and `library` compiles the pair that packed.py serves the Toeplitz kernels with.
 """
 from __future__ import annotations
 
@@ -36,14 +36,14 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
-from . import vmath
-from .linear import _shuffle_idx
+from ..tir import vmath
+from ..tir.tiles import shuffle_idx
 
 
 def lanes(dtype: str) -> int:
     """Channels per block: one 256-bit register. (16-lane f32 blocks ran no faster on a znver3
     (AVX2) VM and, in one fwd+bwd run of a Toeplitz form at N = 4096 on znver4 (AVX-512), 6%
-    slower overall; fft_convolve, with no transposes, takes the host's full width instead.
+    slower overall; convolve.py, with no transposes, takes the host's full width instead.
     _macros handles VL = 4, 8, 16.)"""
     return 8 if dtype == "float32" else 4
 
@@ -64,7 +64,7 @@ def _macros(dtype: str, VL: int, inverse: bool):
         return inv if inverse else fwd
 
     c8 = T.cast(math.sqrt(0.5), dtype)
-    stages = [(b, _shuffle_idx(VL, b, False), _shuffle_idx(VL, b, True)) for b in (8, 4, 2, 1) if b < VL]
+    stages = [(b, shuffle_idx(VL, b, False), shuffle_idx(VL, b, True)) for b in (8, 4, 2, 1) if b < VL]
 
     @T.macro
     def shuffle(A, B, bit, lo, hi):
@@ -471,7 +471,7 @@ def irfft_macro(dtype: str, VL: int | None = None):
 
 
 def library_rfft_macro(dtype: str):
-    """The same transform through fftlib's packed function (torch.fft / pocketfft)."""
+    """The same transform through packed.py's packed function (torch.fft / pocketfft)."""
     @T.macro
     def transform(X, Y, n):
         T.evaluate(T.call_packed("attndsl.fft.rfft", X, Y, n))
@@ -525,6 +525,6 @@ def irfft(name: str, dtype: str, impl: str = "tir"):
 
 
 def library(dtype: str):
-    """The compiled pair {"rfft", "irfft"} for one dtype (what fftlib serves the kernels with)."""
-    from .build import build, resolve_target
+    """The compiled pair {"rfft", "irfft"} for one dtype (what packed.py serves the kernels with)."""
+    from ..build import build, resolve_target
     return build({"rfft": rfft("rfft", dtype), "irfft": irfft("irfft", dtype)}, resolve_target("llvm"))

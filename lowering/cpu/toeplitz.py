@@ -1,12 +1,12 @@
 """Toeplitz-FFT kernels: relative positions in linear attention in O(N log N) (Luo et al. 2021,
 FastRPB), forward and exact backward, in TVMScript. The scores kernels inline their FFTs
-(fft_convolve.py); the values kernels call one through packed functions (fftlib.py: fft_tir.py's
+(fft/convolve.py); the values kernels call one through packed functions (fft/packed.py: fft/real.py's
 TVMScript FFT by default, or torch.fft).
 
 Shapes: Qf, Kf (BH, N, M); V, O, dO (BH, N, D); DEN (BH, N); TAB (H, P) the position parameters
 (a learned table, P = 2W+1; alibi slopes, P = 1; unused for a user function); head h = bh mod H.
 M, D, dtype and the position *kind* are baked in; BH, N, H, W are symbolic. `n_fft` (scalar) is
-the FFT length L ≥ 2N − 1 (fftlib.fft_length), so circular products are linear ones.
+the FFT length L ≥ 2N − 1 (costs.fft_length), so circular products are linear ones.
 
 The Toeplitz weights c(r), r = i − j, live in a length-L circular buffer: c_cyc[r mod L]
 (zero where r is masked: |r| ≥ N, and r < 0 when causal). Then for every channel sequence u,
@@ -31,36 +31,12 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
-from . import fft_convolve
-from .expr_tir import to_tir
 from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve as knobs_of
 
-
-def rel(p, N, Lf):
-    """r of slot p of the circular weight buffer: p (r ≥ 0) or p − L (r < 0)."""
-    return tirx.Select(p < N, p, p - Lf)
-
-
-def slot(r, W):
-    """The table column of r: clip(r, −W, W) + W (the lookup and its gradient's scatter)."""
-    return tirx.max(tirx.min(r, W), -W) + W
-
-
-def bias_builder(position, dtype: str):
-    """(TAB, h, r) -> b_h(r) as a PrimExpr, for r an int64 PrimExpr."""
-    if position.name == "toeplitz":
-        def bias(TAB, h, r, W):
-            return TAB[h, slot(r, W)]
-    elif position.name == "alibi":
-        def bias(TAB, h, r, W):
-            return -TAB[h, 0] * tirx.Cast(dtype, tirx.abs(r))
-    elif position.name == "user":
-        def bias(TAB, h, r, W):
-            return to_tir(position.expr, tirx.Cast(dtype, r), dtype)
-    else:
-        raise NotImplementedError(position.name)
-    return bias
+from ..fft import convolve as fft_convolve
+from ..tir.expr import to_tir
+from ..tir.position import bias_builder, rel, slot
 
 
 def _valid(causal: bool):
@@ -164,7 +140,7 @@ def _position_macros(dtype: str, causal: bool, bias, exp_c: bool):
 
 
 def _block_bytes(knobs) -> int:
-    """fft_convolve's block size from the block_kb knob (schedules/knobs.py)."""
+    """The FFT convolver's block size from the block_kb knob (schedules/knobs.py)."""
     return knobs_of("toeplitz", knobs)["block_kb"] * 1024
 
 
@@ -186,10 +162,10 @@ def scores_forward(name: str, M: int, D: int, dtype: str, causal: bool, position
     One work unit per value channel d ≤ D (in parallel), 2·VL features m at a time: the vector
     lanes hold VL of them and the real and imaginary parts two feature blocks,
     z_t = (Kf[t, m0+l] + i·Kf[t, m0+VL+l])·v_aug[t, d], written straight into the FFT's work
-    buffer, convolved with c_h in place (fft_convolve.convolver: ĉ·FFT(z), inverse, depth-first
+    buffer, convolved with c_h in place (fft/convolve.py convolver: ĉ·FFT(z), inverse, depth-first
     in one buffer of 2L·VL floats), and Qf[t, m0+l]·Re z_t + Qf[t, m0+VL+l]·Im z_t summed into the
     unit's accumulator. No (G, L) sequence or spectrum buffer exists and no transpose runs;
-    NUM (D+1, N) is the only state a head keeps. `knobs`: block_kb, fft_convolve's block size."""
+    NUM (D+1, N) is the only state a head keeps. `knobs`: block_kb, the FFT convolver's block size."""
     D1 = D + 1
     VL = cpu.lanes(dtype)          # one vector register of features (16 f32 with AVX-512)
     MP = (M + 2 * VL - 1) // (2 * VL)
@@ -279,7 +255,7 @@ def scores_backward(name: str, M: int, D: int, dtype: str, causal: bool, positio
     Fused like the forward: a work unit per (feature pair block mp, chunk of value channels),
     MP·D_CHUNKS in parallel; for each channel d of its chunk, two work buffers,
     z1 = (Kf[:, m0+l] + i·Kf[:, m0+VL+l])·v_aug[:, d] and z2 = (Qf[:, m0+l] + i·Qf[:, m0+VL+l])·g[:, d],
-    go through fft_convolve's paired run (z1 convolved, z2 correlated, their cross-spectrum summed
+    go through the convolver's paired run (z1 convolved, z2 correlated, their cross-spectrum summed
     per lane in the transform's order), then g_d·z1 and v_d·z2 are summed into the unit's dQf and
     dKf (partials per chunk, added after) and Kf·z2 into dV (partials per mp). dTAB is written
     only when `learn`: the summed cross-spectra of each head go back through the inverse

@@ -30,7 +30,7 @@ def _softplus(u):  # log(1 + e^u) = max(u, 0) + log(1 + e^−|u|), no overflow
     return tirx.max(u, _const(0, u)) + tirx.log(_const(1, u) + vmath.exp(-tirx.abs(u)))
 
 
-# the vectorized forms (lowering/vmath.py): fast, but they read their argument many times
+# the vectorized forms (lowering/tir/vmath.py): fast, but they read their argument many times
 FUNCTIONS: dict[str, Callable[..., tirx.PrimExpr]] = {
     "exp": vmath.exp, "log": tirx.log, "abs": tirx.abs, "sqrt": tirx.sqrt,
     "relu": lambda u: tirx.Select(u <= _const(0, u), _const(0, u), u),     # NaN stays NaN

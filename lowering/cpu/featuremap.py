@@ -21,8 +21,8 @@ from tvm.script import tirx as T
 
 from attndsl.expr import diff
 
-from . import vmath
-from .expr_tir import to_tir
+from ..tir import vmath
+from ..tir.expr import to_tir
 
 
 @dataclass(frozen=True)

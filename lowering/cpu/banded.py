@@ -28,8 +28,8 @@ from tvm.script import tirx as T
 from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve
 
-from .linear import _helpers, _pad, fill, mm
-from .toeplitz import slot
+from ..tir.position import slot
+from ..tir.tiles import chunk_loaders, fill, mm, pad
 
 
 # Symbolic sizes from the table width P = 2W + 1, length N and chunk C (inlined: TVM 0.27 refuses
@@ -81,11 +81,11 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: d
     """(Qf, Kf, V, TAB, O out, DEN out). DEN_i = Σ_j c(i−j) κ_ij (+ eps·exp(−max b) with
     `eps`), O_i = Σ_j c(i−j) κ_ij V_j / DEN_i. `knobs`: the chunk C (schedules/knobs.py "banded")."""
     C = resolve("banded", knobs)["chunk"]
-    L, zero, load, load_t, _, _ = _helpers(dtype, C)
+    L, zero, load, load_t, _, _ = chunk_loaders(dtype, C)
     HL = cpu.lanes(dtype)         # register tiles follow the host's vector unit (schedules/cpu.py)
     R = cpu.tile_rows(D, HL, C)   # rows of a (·, D) tile
     R1 = cpu.tile_rows(C, HL, C)  # rows of a score tile
-    Mp = _pad(M, R)
+    Mp = pad(M, R)
     weights = _weights(dtype, causal, eps)
     floored = bool(eps)
 
@@ -219,12 +219,12 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: 
     recomputed once from the query side (dQf, the weights' gradient) and once from the key side
     (dKf, dV), so no two threads write the same row. `knobs`: as banded_forward's."""
     C = resolve("banded", knobs)["chunk"]
-    L, zero, load, load_t, _, _ = _helpers(dtype, C)
+    L, zero, load, load_t, _, _ = chunk_loaders(dtype, C)
     HL = cpu.lanes(dtype)
     RM = cpu.tile_rows(M, HL, C)  # rows of a (·, M) tile
     RD = cpu.tile_rows(D, HL, C)  # rows of a (·, D) tile
     R1 = cpu.tile_rows(C, HL, C)  # rows of a score tile
-    Mp = _pad(M, RD)              # state rows (over M) padded to whole tiles; padding stays 0
+    Mp = pad(M, RD)              # state rows (over M) padded to whole tiles; padding stays 0
     weights = _weights(dtype, causal)
 
     @T.prim_func
