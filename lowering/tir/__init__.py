@@ -1,0 +1,1 @@
+"""TIR shared by the kernels: vectorizable math, user expressions, register tiles, positions."""
