@@ -11,6 +11,7 @@ from __future__ import annotations
 from attndsl.ir import Node, postorder
 
 from .form import Form
+from .tir import script
 from .registry import (FORMS, NODE_KERNELS, form_of, forms_for, kernel_names, knob_family, lowered_forms,
                        lowering_of, tunable)
 
@@ -41,6 +42,7 @@ def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = 
     kernels (GPU targets) instead of the CPU ones, with their loops bound to GPU threads when
     `gpu` (else CPU loops: how they are tested without a GPU)."""
     check(root, portable)
+    script.install()                         # cheaper T.macro expansion (tir/script.py)
     funcs = {}
     for i, node in enumerate(postorder(root)):
         names = kernel_names(i, node)

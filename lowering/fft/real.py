@@ -527,4 +527,6 @@ def irfft(name: str, dtype: str, impl: str = "tir"):
 def library(dtype: str):
     """The compiled pair {"rfft", "irfft"} for one dtype (what packed.py serves the kernels with)."""
     from ..build import build, resolve_target
+    from ..tir import script
+    script.install()
     return build({"rfft": rfft("rfft", dtype), "irfft": irfft("irfft", dtype)}, resolve_target("llvm"))
