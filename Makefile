@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# test workers: one per CPU, at most 4 (each builds kernels and runs them on every core)
+JOBS   ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: test demo bench tuned-db clean distclean
 
@@ -21,7 +23,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=30 tests
+	$(PY) -m pytest -q -n $(JOBS) --durations=30 tests
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py

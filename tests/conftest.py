@@ -1,7 +1,10 @@
-"""Shared fixtures: a private compile cache per session, seeded randomness, tolerances."""
+"""Shared fixtures: a private compile cache per run, shared compiled modules, seeded randomness,
+tolerances."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -10,11 +13,20 @@ import torch
 RTOL = {torch.float32: 2e-5, torch.float64: 1e-11, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_cache(tmp_path_factory):
-    if "ATTNDSL_CACHE_DIR" not in os.environ:
-        os.environ["ATTNDSL_CACHE_DIR"] = str(tmp_path_factory.mktemp("attndsl-cache"))
-    yield
+def pytest_configure(config):
+    """A private compile cache for the run, unless ATTNDSL_CACHE_DIR names one: made before the
+    test workers (pytest -n) start, so they all share it (a library one worker built is a load
+    for the others)."""
+    if "ATTNDSL_CACHE_DIR" not in os.environ and not hasattr(config, "workerinput"):
+        config._attndsl_cache = tempfile.mkdtemp(prefix="attndsl-test-cache-")
+        os.environ["ATTNDSL_CACHE_DIR"] = config._attndsl_cache
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_attndsl_cache", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        del os.environ["ATTNDSL_CACHE_DIR"]
 
 
 _SHARED: dict = {}
