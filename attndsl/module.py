@@ -362,7 +362,6 @@ class Attention(nn.Module):
             lines.append(f"target {MLIR_TARGET} (torch-mlir: attn dialect -> linalg -> LLVM, forward only):")
             site = lambda i, node: f"  {node.op}{i}   {describe(node)}"                 # noqa: E731
         else:
-            from . import lowering
             what = "TVM"
             if self.target.portable:
                 what = "TVM, the portable kernels" + (", bound to GPU threads" if self.target.gpu else "")

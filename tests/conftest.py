@@ -32,15 +32,19 @@ def pytest_unconfigure(config):
 _SHARED: dict = {}
 
 
-def shared(text: str, name: str | None = None, **kw):
-    """attndsl.compile(text, name, **kw), once per session for every test module that asks for the
-    same spec and arguments. Nothing is built up front (dtype=None): each dtype's kernels build at
-    its first call, so a float64-only use never builds float32. Callers must not mutate the module
-    (tables, seeds): build their own for that."""
+def shared(text: str, name: str | None = None, init=None, **kw):
+    """attndsl.compile(text, name, **kw), once per test process for every test that asks for the
+    same spec, arguments and `init`. Nothing is built up front (dtype=None): each dtype's kernels
+    build at their first call, so a float64-only use never builds float32. `init(module)`, a
+    module-level function, prepares it once (e.g. a position table far from its zero init); no
+    caller may mutate it otherwise (build your own module for that)."""
     import attndsl
-    key = (text, name, tuple(sorted(kw.items())))
+    key = (text, name, init and f"{init.__module__}.{init.__qualname__}", tuple(sorted(kw.items(), key=str)))
     if key not in _SHARED:
-        _SHARED[key] = attndsl.compile(text, name, dtype=None, **kw)
+        attn = attndsl.compile(text, name, dtype=None, **kw)
+        if init is not None:
+            init(attn)
+        _SHARED[key] = attn
     return _SHARED[key]
 
 

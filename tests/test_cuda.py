@@ -10,6 +10,7 @@ a form without portable kernels (one taken out of the registry: every form has t
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import shutil
 from pathlib import Path
@@ -20,12 +21,12 @@ import torch
 import attndsl
 from attndsl import cli, lowering, pipeline
 from attndsl.diagnostics import SpecError
-from attndsl.ir import PositionalAttention, postorder
+from attndsl.ir import postorder
 from attndsl.passes import plan
 from attndsl.lowering import build
 from attndsl.lowering.portable import te_forms
 
-from conftest import RTOL, assert_close
+from conftest import RTOL, assert_close, shared
 from test_linear import KERNELS, MASKS, inputs, spec
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -67,15 +68,8 @@ HAS_GPU = torch.cuda.is_available()
 PORTABLE_CPU = attndsl.Target("llvm", kernels="portable")
 
 
-_CACHE: dict = {}
-
-
 def compiled(kernel: str, mask: str, target=PORTABLE_CPU, heads=2, head_dim=8, value_dim=6):
-    key = (kernel, mask, target, heads, head_dim, value_dim)
-    if key not in _CACHE:
-        _CACHE[key] = attndsl.compile(spec(kernel, mask), heads=heads, head_dim=head_dim, dtype=None,
-                                      value_dim=value_dim, target=target)
-    return _CACHE[key]
+    return shared(spec(kernel, mask), heads=heads, head_dim=head_dim, value_dim=value_dim, target=target)
 
 
 def check_against_reference(attn, q, k, v, rtol):
@@ -110,12 +104,10 @@ def test_portable_gradcheck_float64(kernel, mask):
 
 
 def decayed(case: str, target=PORTABLE_CPU, head_dim=8, value_dim=6) -> attndsl.Attention:
-    key = ("decayed", case, target, head_dim, value_dim)
-    if key not in _CACHE:
-        _CACHE[key] = attndsl.compile(f"attention t {{ {DECAYED[case]} }}", heads=2, head_dim=head_dim, dtype=None,
-                                      value_dim=value_dim, target=target)
-        assert "form decayed" in _CACHE[key].explain()
-    return _CACHE[key]
+    attn = shared(f"attention t {{ {DECAYED[case]} }}", heads=2, head_dim=head_dim, value_dim=value_dim,
+                  target=target)
+    assert "form decayed" in attn.explain()
+    return attn
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -136,16 +128,16 @@ def with_table(body: str, form: str, target=PORTABLE_CPU, head_dim=8, value_dim=
     """`attention t { body }` planned as `form` (forced, as a table longer than the sequence is
     either banded or FFT; but not values_fft, whose spec has a linear site too, which plan= would
     force as well), its table (if any) far from the zero init."""
-    key = (body, form, target, head_dim, value_dim)
-    if key not in _CACHE:
-        attn = attndsl.compile(f"attention t {{ {body} }}", heads=2, head_dim=head_dim, dtype=None,
-                               value_dim=value_dim, target=target, plan="auto" if form == "values_fft" else form)
-        assert f"form {form}" in attn.explain()
-        if attn.position_table is not None:
-            with torch.no_grad():
-                attn.position_table.copy_(0.5 * torch.randn_like(attn.position_table))
-        _CACHE[key] = attn
-    return _CACHE[key]
+    attn = shared(f"attention t {{ {body} }}", init=_spread_table, heads=2, head_dim=head_dim,
+                  value_dim=value_dim, target=target, plan="auto" if form == "values_fft" else form)
+    assert f"form {form}" in attn.explain()
+    return attn
+
+
+def _spread_table(attn):
+    if attn.position_table is not None:
+        with torch.no_grad():
+            attn.position_table.copy_(0.5 * torch.randn_like(attn.position_table))
 
 
 def softmax(case: str, **kw) -> attndsl.Attention:
@@ -318,6 +310,8 @@ def test_portable_one_build_serves_every_length(mask, n):
 # --- CUDA code generation, no GPU needed --------------------------------------------------------------
 
 def _portable_examples():
+    """Every example block with portable kernels; the tests of one block run on one test worker
+    (pytest -n --dist loadgroup), which builds its CUDA C once (cuda_build)."""
     for path in sorted(EXAMPLES.glob("*.attn")):
         for s in attndsl.parse(path.read_text(), filename=str(path)).blocks:
             root = pipeline.run(s, 16, 16).root
@@ -325,7 +319,8 @@ def _portable_examples():
                 lowering.check(root, portable=True)
             except lowering.NotLowered:
                 continue
-            yield pytest.param(path, s.name, id=f"{path.stem}-{s.name}")
+            yield pytest.param(path, s.name, id=f"{path.stem}-{s.name}",
+                               marks=pytest.mark.xdist_group(f"cuda-{path.stem}-{s.name}"))
 
 
 PORTABLE_EXAMPLES = list(_portable_examples())
@@ -339,14 +334,20 @@ def test_every_feature_map_family_has_a_portable_example():
             "fastrpb"} <= names
 
 
-@pytest.mark.parametrize("target", CUDA_TARGETS)
-@pytest.mark.parametrize("path,name", PORTABLE_EXAMPLES)
-def test_examples_build_for_cuda(path, name, target):
+@functools.cache
+def cuda_build(path: Path, name: str, target: str) -> tuple[tuple[str, ...], str]:
+    """(kernel names, CUDA C) of an example block built for a CUDA target, once per test process."""
     s = attndsl.parse(path.read_text(), filename=str(path)).block(name)
     funcs = lowering.lower(pipeline.run(s, 64, 64).root, "float32", portable=True)
     tgt = build.resolve_target(target)
-    src = build.cuda_source(build.build(funcs, tgt))
     assert tgt.kind.name == "cuda"
+    return tuple(funcs), build.cuda_source(build.build(funcs, tgt))
+
+
+@pytest.mark.parametrize("target", CUDA_TARGETS)
+@pytest.mark.parametrize("path,name", PORTABLE_EXAMPLES)
+def test_examples_build_for_cuda(path, name, target):
+    funcs, src = cuda_build(path, name, target)
     for kernel in funcs:                 # each PrimFunc is a host function launching its kernels
         assert f"{kernel}_kernel" in src, kernel
     assert src.count("__global__") >= len(funcs)
@@ -382,17 +383,15 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/c
 
 
 @pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
-@pytest.mark.parametrize("path,name,target", [pytest.param(*p.values, "nvidia/nvidia-h100", id=p.id)
+@pytest.mark.parametrize("path,name,target", [pytest.param(*p.values, "nvidia/nvidia-h100", id=p.id, marks=p.marks)
                                               for p in PORTABLE_EXAMPLES]
                          + [pytest.param(EXAMPLES / "softmax.attn", "softmax_rpe", "sm_80", id="sm_80")])
 def test_generated_cuda_compiles_with_nvcc(path, name, target, monkeypatch):
     """What the GPU would JIT at load time, compiled ahead by nvcc to a cubin for the arch."""
     from tvm.support import nvcc
     monkeypatch.setenv("PATH", str(Path(NVCC).parent) + ":" + __import__("os").environ["PATH"])
-    s = attndsl.parse(path.read_text(), filename=str(path)).block(name)
-    funcs = lowering.lower(pipeline.run(s, 64, 64).root, "float32", portable=True)
+    _, src = cuda_build(path, name, target)
     tgt = build.resolve_target(target)
-    src = build.cuda_source(build.build(funcs, tgt))
     with tgt:
         cubin = nvcc.compile_cuda(src, target_format="cubin", arch=build.cuda.arch(tgt), compiler="nvcc")
     assert len(cubin) > 1000

@@ -16,7 +16,7 @@ import attndsl
 from attndsl.ast import DEFAULT_EPS
 from attndsl.ir import format_ir
 from attndsl.reference import reference
-from conftest import RTOL, assert_matches_reference
+from conftest import RTOL, assert_matches_reference, shared
 
 # spec body -> the form it must plan as (plan= forces the banded/FFT choice for a table)
 FORMS = {
@@ -27,7 +27,6 @@ FORMS = {
     "toeplitz_fft": ("kernel = relu; eps = 4; position = toeplitz(max_distance=40)", "toeplitz_fft"),
     "values_fft": ("kernel = relu; eps = 4; position = toeplitz(max_distance=40); apply = values", "auto"),
 }
-_BUILT: dict = {}
 
 
 def built(form: str, target="llvm", head_dim: int = 4, value_dim: int = 3, eps: str | None = None):
@@ -35,17 +34,18 @@ def built(form: str, target="llvm", head_dim: int = 4, value_dim: int = 3, eps: 
     body, plan = FORMS[form]
     if eps is not None:
         body = body.replace("eps = 4", f"eps = {eps}") if eps else body.replace("eps = 4; ", "")
-    key = (form, str(target), head_dim, value_dim, body)
-    if key not in _BUILT:
-        attn = attndsl.compile(f"attention t {{ {body} }}", heads=2, head_dim=head_dim, value_dim=value_dim,
-                               target=target, plan=plan, dtype=None)
-        if form != "values_fft":
-            assert f"form {form}" in attn.explain()
-        if attn.position_table is not None:          # far from 0: the kernels divide by exp(max b)
-            with torch.no_grad():
-                attn.position_table.copy_(-3 + 0.5 * torch.randn_like(attn.position_table))
-        _BUILT[key] = attn
-    return _BUILT[key]
+    attn = shared(f"attention t {{ {body} }}", init=_low_table, heads=2, head_dim=head_dim,
+                  value_dim=value_dim, target=target, plan=plan)
+    if form != "values_fft":
+        assert f"form {form}" in attn.explain()
+    return attn
+
+
+def _low_table(attn):
+    """A table far from 0: the kernels divide by exp(max b)."""
+    if attn.position_table is not None:
+        with torch.no_grad():
+            attn.position_table.copy_(-3 + 0.5 * torch.randn_like(attn.position_table))
 
 
 def inputs(n: int, dk: int, dv: int, dtype=torch.float64):

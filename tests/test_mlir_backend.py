@@ -40,7 +40,7 @@ def modules(name: str):
     """The same spec on both backends, with the same (random, non-zero) position table."""
     src, block = SOURCES[name]
     mlir = attndsl.compile(src, block, heads=HEADS, head_dim=HEAD_DIM, value_dim=VALUE_DIM, target="mlir-cpu")
-    tvm = attndsl.compile(src, block, heads=HEADS, head_dim=HEAD_DIM, value_dim=VALUE_DIM)
+    tvm = attndsl.compile(src, block, heads=HEADS, head_dim=HEAD_DIM, value_dim=VALUE_DIM, dtype=None)
     if mlir.position_table is not None:
         with torch.no_grad():
             mlir.position_table.normal_(0, 0.5)

@@ -15,7 +15,7 @@ import attndsl
 from attndsl.ast import Call, Var
 from attndsl.expr import diff, plan
 
-from conftest import assert_matches_reference
+from conftest import assert_matches_reference, shared
 
 
 def nest(func: str, depth: int, var: str = "x") -> str:
@@ -58,14 +58,8 @@ CASES = {
     "position-quadratic": "position(r) = sigmoid(sigmoid(sin(r / 8))) - exp(-exp(cos(r / 5)))\n"
                           "    mask = causal",
 }
-_COMPILED: dict = {}
-
-
 def compiled(case: str) -> attndsl.Attention:
-    if case not in _COMPILED:
-        _COMPILED[case] = attndsl.compile(f"attention t {{\n    {CASES[case]}\n}}\n", heads=2,
-                                          head_dim=8, value_dim=6)
-    return _COMPILED[case]
+    return shared(f"attention t {{\n    {CASES[case]}\n}}\n", heads=2, head_dim=8, value_dim=6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -278,7 +278,7 @@ def test_fused_fft_kernels_with_ragged_feature_lanes(head_dim, mask, dtype):
     leave the FFT buffer mostly zero padding; forward and backward (d table included) vs the
     reference."""
     text = spec("table_full", "scores", mask).replace("favor(features=16, seed=2)", "elu1")
-    attn = attndsl.compile(text, heads=2, head_dim=head_dim, value_dim=5, plan="toeplitz_fft")
+    attn = attndsl.compile(text, heads=2, head_dim=head_dim, value_dim=5, plan="toeplitz_fft", dtype=dtype)
     assert attn.planned.decisions[0].form == "toeplitz_fft"
     for n in (1, 9, 33):
         q, k, v = (t.requires_grad_() for t in inputs(1, n, head_dim, 5, dtype))

@@ -29,7 +29,7 @@ from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve
 
 from ..tir.position import slot
-from ..tir.tiles import chunk_loaders, fill, mm, pad
+from ..tir.tiles import chunk_loaders, fill, mm, mm_into, pad
 
 
 # Symbolic sizes from the table width P = 2W + 1, length N and chunk C (inlined: TVM 0.27 refuses
@@ -190,13 +190,7 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: d
                                 AT[s0 * R1 + r, t] = acc1[r, t] * CE[base - s0 * R1 - r + t]
                                 den[t] = den[t] + AT[s0 * R1 + r, t]
                     for t0 in range(C // R):
-                        for r in T.unroll(R):
-                            for d in T.vectorized(D):
-                                acc[r, d] = NUM[t0 * R + r, d]
-                        mm(acc, AT, True, Vc, t0 * R, R, 0, C, D)
-                        for r in T.unroll(R):
-                            for d in T.vectorized(D):
-                                NUM[t0 * R + r, d] = acc[r, d]
+                        mm_into(NUM, acc, AT, True, Vc, t0 * R, R, 0, C, D)
                 for t in range(C):
                     if ci * C + t < N:
                         if floored:
@@ -390,13 +384,7 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: 
                                 DCE[ci, base - s0 * R1 - r + t] = (DCE[ci, base - s0 * R1 - r + t]
                                                                    + AT[s0 * R1 + r, t] * bw)
                     for t0 in range(C // RM):
-                        for r in T.unroll(RM):
-                            for m in T.vectorized(M):
-                                accM[r, m] = DQ[t0 * RM + r, m]
-                        mm(accM, BT, True, Kc, t0 * RM, RM, 0, C, M)
-                        for r in T.unroll(RM):
-                            for m in T.vectorized(M):
-                                DQ[t0 * RM + r, m] = accM[r, m]
+                        mm_into(DQ, accM, BT, True, Kc, t0 * RM, RM, 0, C, M)
                 for t in range(C):
                     if ci * C + t < N:
                         for m in T.vectorized(M):
@@ -463,21 +451,9 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: 
                             for t in T.vectorized(C):
                                 BT[s0 * R1 + r, t] = (acc1[r, t] + cc[t]) * CE[base - s0 * R1 - r + t]
                     for s0 in range(C // RM):
-                        for r in T.unroll(RM):
-                            for m in T.vectorized(M):
-                                accM[r, m] = DK[s0 * RM + r, m]
-                        mm(accM, BT, False, Qc, s0 * RM, RM, 0, C, M)
-                        for r in T.unroll(RM):
-                            for m in T.vectorized(M):
-                                DK[s0 * RM + r, m] = accM[r, m]
+                        mm_into(DK, accM, BT, False, Qc, s0 * RM, RM, 0, C, M)
                     for s0 in range(C // RD):
-                        for r in T.unroll(RD):
-                            for d in T.vectorized(D):
-                                accD[r, d] = DVc[s0 * RD + r, d]
-                        mm(accD, AT, False, Gc, s0 * RD, RD, 0, C, D)
-                        for r in T.unroll(RD):
-                            for d in T.vectorized(D):
-                                DVc[s0 * RD + r, d] = accD[r, d]
+                        mm_into(DVc, accD, AT, False, Gc, s0 * RD, RD, 0, C, D)
                 for t in range(C):
                     if cj * C + t < N:
                         for m in T.vectorized(M):

@@ -19,7 +19,7 @@ from tvm.script import tirx as T
 
 from attndsl.schedules.knobs import resolve as knobs_of
 
-from ..tir.tiles import chunk_loaders, fill, mm, pad, reg_rows, vector_lanes
+from ..tir.tiles import chunk_loaders, fill, mm, mm_into, pad, reg_rows
 
 
 # rows of a direction's decay table G (see _decay_tables)
@@ -121,13 +121,7 @@ def linear_forward(name: str, M: int, D: int, dtype: str, causal: bool, phi=None
             for m in T.vectorized(Mp):
                 z[m] = z[m] + Kc[t, m]
         for m0 in range(Mp // R):
-            for r in T.unroll(R):
-                for d in T.vectorized(D):
-                    acc[r, d] = S[m0 * R + r, d]
-            mm(acc, Kc, True, Vc, m0 * R, R, 0, C, D)
-            for r in T.unroll(R):
-                for d in T.vectorized(D):
-                    S[m0 * R + r, d] = acc[r, d]
+            mm_into(S, acc, Kc, True, Vc, m0 * R, R, 0, C, D)
 
     @T.macro(hygienic=False)
     def query_rows(base, G, Dec, later, first, last, load_ft=load_ft, floored=floored, eps=eps):
@@ -371,13 +365,7 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
             for m in T.vectorized(Mp):
                 z[m] = z[m] + Kc[t, m]
         for d0 in range(Dp // RM):
-            for r in T.unroll(RM):
-                for m in T.vectorized(M):
-                    accM[r, m] = ST[d0 * RM + r, m]
-            mm(accM, Vc, True, Kc, d0 * RM, RM, 0, C, M)
-            for r in T.unroll(RM):
-                for m in T.vectorized(M):
-                    ST[d0 * RM + r, m] = accM[r, m]
+            mm_into(ST, accM, Vc, True, Kc, d0 * RM, RM, 0, C, M)
 
     @T.macro(hygienic=False)
     def fold_qg(G):
@@ -398,21 +386,9 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
             for m in T.vectorized(Mp):
                 rv[m] = rv[m] + Qc[t, m] * cc[t]
         for m0 in range(Mp // RD):
-            for r in T.unroll(RD):
-                for d in T.vectorized(D):
-                    accD[r, d] = Rm[m0 * RD + r, d]
-            mm(accD, Qc, True, Gc, m0 * RD, RD, 0, C, D)
-            for r in T.unroll(RD):
-                for d in T.vectorized(D):
-                    Rm[m0 * RD + r, d] = accD[r, d]
+            mm_into(Rm, accD, Qc, True, Gc, m0 * RD, RD, 0, C, D)
         for d0 in range(Dp // RM):
-            for r in T.unroll(RM):
-                for m in T.vectorized(M):
-                    accM[r, m] = RT[d0 * RM + r, m]
-            mm(accM, Gc, True, Qc, d0 * RM, RM, 0, C, M)
-            for r in T.unroll(RM):
-                for m in T.vectorized(M):
-                    RT[d0 * RM + r, m] = accM[r, m]
+            mm_into(RT, accM, Gc, True, Qc, d0 * RM, RM, 0, C, M)
 
     @T.macro(hygienic=False)
     def emit_dq(base, dq_scale, G, later, first):

@@ -35,7 +35,6 @@ from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve as knobs_of
 
 from ..fft import convolve as fft_convolve
-from ..tir.expr import to_tir
 from ..tir.position import bias_builder, rel, slot
 
 

@@ -28,7 +28,7 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ..tir.position import bias_builder, rel, slot
+from ..tir.position import bias_builder, rel
 
 THREADS = 256        # threads per block (per FFT work row)
 

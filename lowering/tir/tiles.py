@@ -49,6 +49,19 @@ def mm(acc, A, a_t, B, row0, R, k0, k1, ncols):
 
 
 @T.macro
+def mm_into(X, acc, A, a_t, B, row0, R, k0, k1, ncols):
+    """X[row0 + r, :] += Σ_{k0 ≤ k < k1} A(row0 + r, k) B[k, :] for r < R, through the register
+    tile acc: `mm` on rows of a 2-D buffer that keeps its sum."""
+    for r in T.unroll(R):
+        for j in T.vectorized(ncols):
+            acc[r, j] = X[row0 + r, j]
+    mm(acc, A, a_t, B, row0, R, k0, k1, ncols)
+    for r in T.unroll(R):
+        for j in T.vectorized(ncols):
+            X[row0 + r, j] = acc[r, j]
+
+
+@T.macro
 def fill(acc, R, ncols):
     """Zero an R × ncols register tile."""
     for r in T.unroll(R):
