@@ -2,7 +2,8 @@
 
 For every tunable kernel of the planned IR (lowering.tunable) and every candidate knob choice
 (schedules/knobs.py: the default first, then the rest of the grid, at most `trials`):
-lower the variant, build it with meta_schedule's LocalBuilder (worker processes), time it with
+lower the variant, build it with meta_schedule's LocalBuilder (worker processes; all of a kernel's
+variants in one call), time it with
 meta_schedule's runner at each requested length, the local one or an RPCRunner through a TVM RPC
 tracker, and commit a TuningRecord per (choice, length) to a meta_schedule JSONDatabase
 (schedules/database.py). compile() then builds the choice the database picks.
@@ -12,7 +13,7 @@ The kernels are hand-written TVMScript, not block-style TIR, so meta_schedule's 
 sample_categorical decision in the record's trace, and the grid is small enough to measure whole.
 GPU targets tune the portable kernels' knobs (te_forms.py's chunk, softmax_rows.py's rows per
 block, fft_blocks.py's threads per block) the same way, each choice built as compile() builds it
-(dlight's schedules); meta_schedule's own search over the TE kernels' blocks is not used (yet).
+(dlight's schedules); meta_schedule's own search over the TE kernels' blocks is not used.
 Timing inputs are random (meta_schedule's allocator), of concrete shapes: BH = batch·heads, the
 length N, the position parameters (H, P), the samples S; scalar parameters (the FFT length, the
 sampled kernels' block) are specialized. Integer buffers (the sampled kernels' row orders, sample
@@ -168,32 +169,34 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
     for pair in pairs:
         family = names[pair[0]]
         results = {(k, n): Measured(k, family, n) for k in pair for n in lengths}
+        # every candidate's variants built in one call: the builder starts a pool of worker
+        # processes per call (each importing TVM), so one pool serves them all
+        t0 = time.perf_counter()
+        variants, inputs = [], []
+        for choice in candidates(family, trials):
+            funcs = lower(root, dtype, {k: choice for k in pair}, only=set(pair), portable=portable)
+            for k in pair:
+                for n in lengths:
+                    variants.append((choice, k, n, funcs[k]))
+                    inputs.append(ms.builder.BuilderInput(tvm.IRModule(
+                        {"main": concrete(funcs[k], n, ops[k], sizes).with_attr("global_symbol", "main")}), target))
+        built = builder.build(inputs)
+        progress(f"built {len(inputs)} variants of {'/'.join(pair)} ({time.perf_counter() - t0:.1f} s)")
         for choice in candidates(family, trials):
             done += 1
             label = knob_spaces.label(choice)
             t0 = time.perf_counter()
-            funcs = lower(root, dtype, {k: choice for k in pair}, only=set(pair), portable=portable)
-            inputs, keys = [], []
-            for k in pair:
-                for n in lengths:
-                    inputs.append(ms.builder.BuilderInput(
-                        tvm.IRModule({"main": concrete(funcs[k], n, ops[k], sizes).with_attr("global_symbol",
-                                                                                              "main")}),
-                        target))
-                    keys.append((k, n))
-            built = builder.build(inputs)
             runs = []
-            for (k, n), b in zip(keys, built):
+            for i, (c, k, n, func) in enumerate(variants):
+                if c != choice:
+                    continue
+                b = built[i]
                 if b.error_msg:
                     results[k, n].errors[label] = b.error_msg.strip().splitlines()[-1]
-                    runs.append(None)
                     continue
-                info = arg_shapes(funcs[k], {**sizes, "N": n})
-                runs.append((info, runner.run([ms.runner.RunnerInput(b.artifact_path, device, info)])[0]))
-            for (k, n), run in zip(keys, runs):
-                if run is None:
-                    continue
-                info, future = run
+                info = arg_shapes(func, {**sizes, "N": n})
+                runs.append((k, n, info, runner.run([ms.runner.RunnerInput(b.artifact_path, device, info)])[0]))
+            for k, n, info, future in runs:
                 res = future.result()
                 if res.error_msg:
                     results[k, n].errors[label] = res.error_msg.strip().splitlines()[-1]
