@@ -1,6 +1,6 @@
 """The main job on the embedded examples: compile every block of examples/*.attn, check it against
-the O(N²) reference of DESIGN §2 (forward and backward), and time it next to exact
-scaled_dot_product_attention.
+the O(N²) reference (the spec's meaning, docs/language.md; forward and backward), and time it
+next to exact scaled_dot_product_attention.
 
     python examples/demo.py [--seq 2048] [--heads 4] [--head-dim 64] [--explain performer_causal]
 

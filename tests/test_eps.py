@@ -1,4 +1,4 @@
-"""eps, the normalizer's floor: out_i = Σ_j A_ij v_j / (Σ_j A_ij + eps) (DESIGN §7).
+"""eps, the normalizer's floor: out_i = Σ_j A_ij v_j / (Σ_j A_ij + eps) (docs/numerics.md).
 
 The spec field (defaults, refusals), then every form that has a normalizer (linear, prefix_sum,
 decayed, banded, toeplitz_fft, values_fft; the TVM kernels, the portable kernels and the MLIR

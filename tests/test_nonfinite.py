@@ -1,4 +1,4 @@
-"""DESIGN §7: NaN in gives NaN out, in exactly the rows whose mask lets them see it, in every form."""
+"""docs/numerics.md: NaN in gives NaN out, in exactly the rows whose mask lets them see it, in every form."""
 from __future__ import annotations
 
 import pytest

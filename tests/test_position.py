@@ -1,4 +1,4 @@
-"""Relative positions (DESIGN §1 `position`, `apply`) compiled vs the O(N²) reference: every
+"""Relative positions (docs/language.md: `position`, `apply`) compiled vs the O(N²) reference: every
 position kind × apply × mask × dtype, forward and backward (d position_table included), float64
 gradcheck, every form the planner can be forced to, and the kernels at lengths one build serves."""
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""The Toeplitz-FFT form is right or refuses (DESIGN §7): its worst row stays within the dtype's
-tolerance of the reference, computed in float64 where float32 cannot, else a PrecisionError."""
+"""The Toeplitz-FFT form is right or refuses (docs/numerics.md): its worst row stays within the
+dtype's tolerance of the reference, computed in float64 where float32 cannot, else a PrecisionError.
+The module's tests run on one test worker (pytest -n --dist loadgroup), which builds the
+module-scoped fixtures once."""
 from __future__ import annotations
 
 import warnings
@@ -12,6 +14,7 @@ from attndsl.precision import TOL, PrecisionError, condition
 from attndsl.reference import reference
 
 N_MAX = 600
+pytestmark = pytest.mark.xdist_group("precision")
 
 
 @pytest.fixture(scope="module")
