@@ -31,41 +31,45 @@ def _schema(names: list[str], attrs: tuple[str, ...], returns: int) -> str:
     return f"({', '.join(args)}) -> {out}"
 
 
+def _one_or_tuple(xs: list):
+    return xs[0] if len(xs) == 1 else tuple(xs)
+
+
 def _define(op: Op):
     """attndsl::<op> and attndsl::<op>_backward from the ABI record, joined by autograd."""
     n_in, saved = len(op.inputs), [name for name, _ in op.outputs] if op.saves else []
     grads = [name for name, _ in op.grads if name in op.inputs]
     reads = op.reads or op.inputs
+    fwd_args = (*op.inputs, "lib", "node", *op.attrs)
+    bwd_names = [*op.inputs, *saved, "dout"]
+    bwd_args = (*bwd_names, "lib", "node", *op.attrs)
+
+    def outputs(t: dict) -> list:
+        return [alloc(t) for _, alloc in op.outputs]
 
     def forward_impl(*args):
-        t = dict(zip(op.inputs + ("lib", "node") + op.attrs, args))
-        outs = [alloc(t) for _, alloc in op.outputs]
+        t = dict(zip(fwd_args, args))
+        outs = outputs(t)
         n = t[op.inputs[0]].shape[1]
         _kernel(t["lib"], t["node"] + "_fwd")(*(t[x] for x in reads), *outs, *scalar_values(op, n, t))
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return _one_or_tuple(outs)
 
     def forward_fake(*args):
-        t = dict(zip(op.inputs + ("lib", "node") + op.attrs, args))
-        outs = [alloc(t) for _, alloc in op.outputs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-    bwd_names = list(op.inputs) + saved + ["dout"]
+        return _one_or_tuple(outputs(dict(zip(fwd_args, args))))
 
     def backward_impl(*args):
-        t = dict(zip(bwd_names + ["lib", "node", *op.attrs], args))
+        t = dict(zip(bwd_args, args))
         bufs = {("d" + name if name in op.inputs else name): alloc(t) for name, alloc in op.grads}
         n = t[op.inputs[0]].shape[1]
         _kernel(t["lib"], t["node"] + "_bwd")(*(t[x] for x in bwd_names[:-1]), t["dout"].contiguous(),
                                               *bufs.values(), *scalar_values(op, n, t))
         if op.fold is not None:
             op.fold({**t, **bufs})
-        out = [bufs["d" + name] for name in grads]
-        return out[0] if len(out) == 1 else tuple(out)
+        return _one_or_tuple([bufs["d" + name] for name in grads])
 
     def backward_fake(*args):
-        t = dict(zip(bwd_names + ["lib", "node", *op.attrs], args))
-        out = [alloc(t) for name, alloc in op.grads if name in op.inputs]
-        return out[0] if len(out) == 1 else tuple(out)
+        t = dict(zip(bwd_args, args))
+        return _one_or_tuple([alloc(t) for name, alloc in op.grads if name in op.inputs])
 
     fwd = torch.library.custom_op(f"attndsl::{op.name}", forward_impl, mutates_args=(),
                                   schema=_schema(list(op.inputs), op.attrs, len(op.outputs)))
@@ -84,8 +88,7 @@ def _define(op: Op):
         saved_t = ctx.saved_tensors
         dout = douts[0]
         if dout is None:
-            dout = op.outputs[0][1](dict(zip(op.inputs + ("lib", "node") + op.attrs,
-                                             saved_t[:n_in] + ctx.rest))).zero_()
+            dout = op.outputs[0][1](dict(zip(fwd_args, saved_t[:n_in] + ctx.rest))).zero_()
         g = bwd(*saved_t, dout, *ctx.rest)
         g = dict(zip(grads, g if isinstance(g, tuple) else (g,)))
         return (*(g.get(name) for name in op.inputs), *(None for _ in ctx.rest))

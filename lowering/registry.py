@@ -58,7 +58,7 @@ def lowered_forms(portable: bool = False) -> list[str]:
 def knob_family(node: Node, portable: bool = False) -> str | None:
     """The schedules/knobs.py family of a node's kernels (both of them), None when not tunable;
     `portable`: of the portable kernels."""
-    f = FORMS.get(getattr(node, "form", None))
+    f = form_of(node)
     if f is None:
         return None
     return f.portable_knobs if portable else f.cpu_knobs

@@ -172,8 +172,9 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
         # every candidate's variants built in one call: the builder starts a pool of worker
         # processes per call (each importing TVM), so one pool serves them all
         t0 = time.perf_counter()
+        choices = candidates(family, trials)
         variants, inputs = [], []
-        for choice in candidates(family, trials):
+        for choice in choices:
             funcs = lower(root, dtype, {k: choice for k in pair}, only=set(pair), portable=portable)
             for k in pair:
                 for n in lengths:
@@ -182,7 +183,7 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
                         {"main": concrete(funcs[k], n, ops[k], sizes).with_attr("global_symbol", "main")}), target))
         built = builder.build(inputs)
         progress(f"built {len(inputs)} variants of {'/'.join(pair)} ({time.perf_counter() - t0:.1f} s)")
-        for choice in candidates(family, trials):
+        for choice in choices:
             done += 1
             label = knob_spaces.label(choice)
             t0 = time.perf_counter()
