@@ -5,6 +5,7 @@
     attndsl run model.attn --heads 8 --head-dim 64 --seq 1024 [--target cuda]   compile, check, time
     attndsl tune model.attn --lengths 1024,4096 --trials 9 [--db DIR] [--rpc-tracker HOST:PORT --rpc-key KEY]
                                                   measure the kernels' knob choices into a database
+    attndsl calibrate [--db DIR]                  time every form on this CPU: the planner's crossovers
 """
 from __future__ import annotations
 
@@ -234,6 +235,7 @@ def cmd_tune(args) -> int:
     from . import lowering, pipeline
     from .lowering import tune
     from .lowering.target import resolve
+    from .passes.plan import LADDER
     from .schedules import lookup
     db = Path(args.db) if args.db else lookup.user_db()
     rpc = None
@@ -247,18 +249,38 @@ def cmd_tune(args) -> int:
     lengths = args.lengths
     forms = lowering.forms_for(resolve(args.target))
     for spec in _blocks(args):
-        planned = pipeline.run(spec, args.head_dim, args.value_dim or args.head_dim, forms=forms)
-        print(f"tuning {spec.name} ({args.dtype}, B·H={args.batch * args.heads}, "
-              f"N={','.join(map(str, lengths))}) into {db}")
-        try:
-            rows = tune.tune(planned.root, args.dtype, lengths=lengths, trials=args.trials, db_folder=db,
-                             sizes=_tuning_sizes(spec, args),
-                             target=args.target, rpc=rpc)
-        except RuntimeError as e:
-            print(f"attndsl tune: {e}", file=sys.stderr)
-            return 2
-        if rows:
-            print(tune.summary(rows))
+        # every plan a module of the spec keeps (one per range of lengths: module.py)
+        plans = pipeline.run_lengths(spec, args.head_dim, args.value_dim or args.head_dim, LADDER, forms=forms)
+        for planned in {id(p): p for p in plans}.values():
+            print(f"tuning {spec.name} [{', '.join(planned.forms)}] ({args.dtype}, B·H={args.batch * args.heads}, "
+                  f"N={','.join(map(str, lengths))}) into {db}")
+            try:
+                rows = tune.tune(planned.root, args.dtype, lengths=lengths, trials=args.trials, db_folder=db,
+                                 sizes=_tuning_sizes(spec, args),
+                                 target=args.target, rpc=rpc)
+            except RuntimeError as e:
+                print(f"attndsl tune: {e}", file=sys.stderr)
+                return 2
+            if rows:
+                print(tune.summary(rows))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from . import calibration
+    from .schedules import lookup
+    db = Path(args.db) if args.db else lookup.user_db()
+    print(f"calibrating the cost model on {calibration.cpu_model()} (B·H={calibration.BH}, "
+          f"D={calibration.DIM}, float32, N={','.join(map(str, args.lengths))}): forward time per form")
+    result = calibration.measure(lengths=args.lengths)
+    path = calibration.save(result, db)
+    rates = result["rates"]
+    fastest = min(rates.values())
+    print("\n".join(f"  {form:13s} {rate / fastest:5.2f}x the fastest form's time per flop"
+                    for form, rate in sorted(rates.items(), key=lambda x: x[1])))
+    print(f"wrote {path}; compile() plans with it on this CPU (ATTNDSL_UNCALIBRATED=1: flops alone)")
     return 0
 
 
@@ -309,9 +331,14 @@ def main(argv=None) -> int:
     t.add_argument("--db", help="the database folder (default: $ATTNDSL_TUNING_DB, else <cache dir>/tuning)")
     t.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker to time on")
     t.add_argument("--rpc-key", help="the device key the tracker's servers registered with")
+    cal = sub.add_parser("calibrate", help="time every form on this CPU, so the planner's crossover lengths "
+                         "are where the kernels cross")
+    cal.add_argument("--lengths", type=_lengths, default=[512, 2048], help="sequence lengths to time")
+    cal.add_argument("--db", help="the folder to write calibration.json to (default: the tuning database's)")
     args = p.parse_args(argv)
     try:
-        return {"check": cmd_check, "emit": cmd_emit, "run": cmd_run, "tune": cmd_tune}[args.cmd](args)
+        return {"check": cmd_check, "emit": cmd_emit, "run": cmd_run, "tune": cmd_tune,
+                "calibrate": cmd_calibrate}[args.cmd](args)
     except UsageError as e:
         print(f"attndsl {args.cmd}: {e}", file=sys.stderr)
         return 2

@@ -35,6 +35,12 @@ def use_tuned() -> bool:
     return not _flag("ATTNDSL_UNTUNED")
 
 
+def use_calibration() -> bool:
+    """False when ATTNDSL_UNCALIBRATED is truthy: the planner compares flop counts, ignoring the
+    measured rates of `attndsl calibrate` (attndsl/calibration.py)."""
+    return not _flag("ATTNDSL_UNCALIBRATED")
+
+
 def dump_ir() -> bool:
     """ATTNDSL_DUMP_IR truthy: print the IR after every pass to stderr."""
     return _flag("ATTNDSL_DUMP_IR")
@@ -109,6 +115,7 @@ def _flags() -> dict[str, tuple[object, str]]:
         "ATTNDSL_CACHE_DIR": (cache_dir(), "where compiled kernels are cached"),
         "ATTNDSL_TUNING_DB": (tuning_db(), "where attndsl tune writes and compile() reads first (default <cache>/tuning)"),
         "ATTNDSL_UNTUNED": (not use_tuned(), "build the default knobs; ignore tuning databases"),
+        "ATTNDSL_UNCALIBRATED": (not use_calibration(), "plan by flop counts; ignore attndsl calibrate's rates"),
         "ATTNDSL_DUMP_IR": (dump_ir(), "dump the IR after every pass to stderr"),
         "ATTNDSL_VERBOSE": (verbose(), "0/1/2: progress messages while compiling"),
         "ATTNDSL_NO_CACHE": (not use_cache(), "always rebuild kernels; never read or write the cache"),

@@ -1,7 +1,9 @@
 """`attndsl.Attention`: a compiled spec as a torch.nn.Module.
 
-forward runs the planned IR node by node on TVM kernels (`attndsl.ops`); `reference` runs the
-spec's O(N²) meaning.
+A module keeps one plan per range of sequence lengths (the cost model's choice at each length of
+passes/plan.LADDER, e.g. the exact pairwise form at short N and the Toeplitz-FFT form at long N)
+and the kernels of each; forward runs, per call, the plan cheapest at its N, node by node on TVM
+kernels (`attndsl.ops`). `reference` runs the spec's O(N²) meaning.
 q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv).
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .lowering.forms import feature_map
 from .lowering.registry import form_of
 from .lowering.target import MLIR as MLIR_TARGET
 from .lowering.target import Target, resolve
+from .passes.plan import LADDER, PLAN_LENGTH
 from .reference import alibi_slopes, effective_scale, reference
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -45,12 +48,20 @@ class Attention(nn.Module):
         self.target = resolve(target)
         self.check_finite = check_finite
         self.tuned = tuned                       # False: the default knobs, whatever the databases say
-        self.planned = pipeline.run(spec, head_dim, self.value_dim, plan_name=plan, forms=self._forms())
+        # the distinct plans over the lengths of LADDER (one on mlir-cpu, whose program is one
+        # graph): each call runs the one the cost model rates cheapest at its N (_plan_index)
+        ladder = (PLAN_LENGTH,) if self.target.kind == "mlir" else LADDER
+        planned = pipeline.run_lengths(spec, head_dim, self.value_dim, ladder, plan_name=plan, forms=self._forms())
+        self.plans: tuple[pipeline.Planned, ...] = tuple({id(p): p for p in planned}.values())
+        self.planned = planned[ladder.index(PLAN_LENGTH)]    # the plan at N = 4096 (explain's default)
+        self._planned_index = next(i for i, p in enumerate(self.plans) if p is self.planned)
+        self._chosen: dict = {}                  # (N, dtype) -> index into plans
         self._kappa: dict = {}                   # (N, causal) -> κ of a fixed position term (precision.py)
         self._warned_float64: set[int] = set()   # lengths told they compute in float64
-        self._libs: dict[str, str] = {}          # kernel dtype -> library key in ops
+        self._warned_exact: set[int] = set()     # lengths told they run the exact pairwise plan
+        self._libs: dict[tuple, str] = {}        # (plan index, kernel dtype) -> library key in ops
         self._build_log: list[str] = []
-        self._tuning: dict[str, tuple] = {}       # kernel dtype -> (databases read, {kernel: choice})
+        self._tuning: dict[tuple, tuple] = {}    # (plan index, kernel dtype) -> (databases read, {kernel: choice})
 
         projection = None
         if spec.kernel.name != "softmax":
@@ -74,13 +85,16 @@ class Attention(nn.Module):
         # the samples of every call are drawn from this seed: same inputs, same output; set it to
         # draw others (e.g. per training step)
         self.sampling_seed = spec.sampling["seed"] if spec.sampling.name != "none" else None
+        self._fft_limits = [self._fft_lengths(i) for i in range(len(self.plans))]
+        self._spans = self._crossovers()       # [(from N, to N, plan index)], float32 calls
         self._check_fft_range()
         self._mlir = None
         eager = _kernel_dtype(dtype)
         if self.target.kind == "mlir":
             self._mlir = self._mlir_program()
         elif eager is not None:
-            self._library(eager)                 # build now: fails early, and the first call is fast
+            for i in dict.fromkeys(i for *_, i in self._spans):   # build now: fails early, and
+                self._library(eager, i)                            # the first call is fast
 
     # --- compilation ---------------------------------------------------------------------------
 
@@ -91,15 +105,43 @@ class Attention(nn.Module):
         from . import lowering
         return lowering.forms_for(self.target)
 
-    def _library(self, dtype: str) -> str:
-        """The key (in ops) of this module's kernels in `dtype`, built or loaded once (driver.py)."""
-        if dtype not in self._libs:
-            lib = driver.library(self.spec, self.planned.root, self.target, (self.head_dim, self.value_dim),
+    def _library(self, dtype: str, i: int | None = None) -> str:
+        """The key (in ops) of the kernels of plan i (default: `planned`'s) in `dtype`, built or
+        loaded once (driver.py)."""
+        i = self._planned_index if i is None else i
+        if (i, dtype) not in self._libs and torch.compiler.is_compiling():
+            raise RuntimeError(f"attndsl: {self.spec.name}'s {dtype} kernels ({self._label(i)}) are not built, and "
+                               f"torch.compile cannot build them while it traces: compile with dtype=torch.{dtype} "
+                               f"(attndsl.compile builds float32 by default) or call the module once first")
+        if (i, dtype) not in self._libs:
+            lib = driver.library(self.spec, self.plans[i].root, self.target, (self.head_dim, self.value_dim),
                                  dtype, self.tuned)
-            self._build_log.append(lib.describe(dtype))
-            self._tuning[dtype] = (list(lib.dirs), lib.tuned)
-            self._libs[dtype] = lib.key
-        return self._libs[dtype]
+            self._build_log.append(f"{lib.describe(dtype)}  [{self._label(i)}]")
+            self._tuning[i, dtype] = (list(lib.dirs), lib.tuned)
+            self._libs[i, dtype] = lib.key
+        return self._libs[i, dtype]
+
+    def _label(self, i: int) -> str:
+        return ", ".join(self.plans[i].forms)
+
+    def _plan_index(self, n: int, dtype: torch.dtype = torch.float32) -> int:
+        """The plan a call of length n in `dtype` runs (_cheapest), memoized per (n, dtype). Under
+        torch.compile, from the precomputed crossovers: comparisons dynamo turns into guards on N."""
+        if len(self._spans) == 1:
+            return self._spans[0][2]
+        if torch.compiler.is_compiling():
+            return next((i for _, last, i in self._spans if n <= last), self._spans[-1][2])
+        key = (n, dtype)
+        if key not in self._chosen:
+            self._chosen[key] = self._cheapest(n, dtype)
+        return self._chosen[key]
+
+    def _cheapest(self, n: int, dtype: torch.dtype = torch.float32) -> int:
+        """The cheapest plan at n by the cost model among those that can compute a call in
+        `dtype`: a Toeplitz-FFT plan only up to the length it resolves a fixed position term to
+        that dtype's tolerance (precision.py)."""
+        usable = [i for i, limits in enumerate(self._fft_limits) if limits is None or n <= limits[dtype]]
+        return min(usable or range(len(self.plans)), key=lambda i: self.plans[i].cost(n))
 
     # --- pickling: the libraries are per process, reattached (cache or build) at the first call ---
 
@@ -111,10 +153,10 @@ class Attention(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         # library keys name what ops holds in *this* process: keep those (a deepcopy), drop others
-        for dtype, key in list(self._libs.items()):
+        for which, key in list(self._libs.items()):
             if key not in ops._LIBRARIES:
-                del self._libs[dtype]
-                self._tuning.pop(dtype, None)
+                del self._libs[which]
+                self._tuning.pop(which, None)
 
     def _mlir_program(self):
         from .mlir import backend, linalg
@@ -142,11 +184,12 @@ class Attention(nn.Module):
             if self._mlir is None:
                 self._mlir = self._mlir_program()
             return self._forward_mlir(env, dtype, q, k, v).reshape(B, H, N, self.value_dim).to(out_dtype)
-        fft_dtype = self._fft_dtype(dtype, N)
+        i = self._plan_index(N, dtype)
+        fft_dtype, i = self._fft_dtype(dtype, N, i)
         if fft_dtype != dtype:                   # precision.py: float64 resolves what float32 cannot
             dtype = fft_dtype
             env = {name: t.to(dtype) for name, t in env.items()}
-        out, den = self._run(env, dtype)
+        out, den = self._run(env, dtype, i)
         # a stabilized map's normalizer near underflow (precision.py): float64, else refused
         if den is not None and den < precision.UNDERFLOW[dtype] and dtype != torch.float64:
             if N not in self._warned_float64:
@@ -157,16 +200,16 @@ class Attention(nn.Module):
                               f"scores lie far above the ones a row sees); the output keeps its dtype",
                               stacklevel=2)
             dtype = torch.float64
-            out, den = self._run({name: t.double() for name, t in env.items()}, dtype)
+            out, den = self._run({name: t.double() for name, t in env.items()}, dtype, i)
         if den is not None and den < precision.UNDERFLOW[dtype]:
             raise precision.stabilizer_refusal(self.spec.name, N)
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
 
-    def _run(self, env: dict, dtype: torch.dtype) -> tuple[torch.Tensor, float | None]:
-        """The planned IR on the kernels of `dtype` with the NaN rule of docs/numerics.md:
+    def _run(self, env: dict, dtype: torch.dtype, i: int) -> tuple[torch.Tensor, float | None]:
+        """Plan i on the kernels of `dtype` with the NaN rule of docs/numerics.md:
         (out (BH, N, Dv), the smallest normalizer of a stabilized map's form, None for other maps
         and under torch.compile)."""
-        lib = self._library(KERNEL_DTYPES[dtype])
+        lib = self._library(KERNEL_DTYPES[dtype], i)
         device = env["q"].device
         env = {**env, "position": self._position_params(dtype).to(device)}
         w, wt = (t.to(device) for t in self._projection(dtype))
@@ -174,7 +217,7 @@ class Attention(nn.Module):
         watch = self.spec.stabilized and not torch.compiler.is_compiling()
         params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed,
                   "dens": dens if watch else None}
-        root = self.planned.root
+        root = self.plans[i].root
         out = nonfinite.guarded(lambda q, k, v: _execute(root, {**env, "q": q, "k": k, "v": v}, lib, params),
                                 env["q"], env["k"], env["v"], self.spec.causal,
                                 reads_every_key=self.spec.sampling.name == "none")
@@ -191,40 +234,51 @@ class Attention(nn.Module):
             zero = zero + (self.position_table.sum() * 0).to(v.dtype)
         return v + zero
 
-    def _fft_site(self) -> PositionalAttention | None:
-        """The Toeplitz-FFT scores site TVM computes, if any (target mlir-cpu evaluates it densely)."""
+    def _fft_site(self, i: int) -> PositionalAttention | None:
+        """Plan i's Toeplitz-FFT scores site, if any (target mlir-cpu evaluates it densely)."""
         if self.target.kind == "mlir":
             return None
-        return next((x for x in postorder(self.planned.root)
+        return next((x for x in postorder(self.plans[i].root)
                      if isinstance(x, PositionalAttention) and getattr(form_of(x), "fft_scores", False)),
                     None)
 
-    def _fft_lengths(self) -> dict[torch.dtype, int] | None:
-        """Per input dtype, the longest N at which the Toeplitz-FFT form resolves this module's
-        fixed position term (precision.py); None without one (no FFT site, or a learned table)."""
-        site = self._fft_site()
+    def _fft_lengths(self, i: int) -> dict[torch.dtype, int] | None:
+        """Per input dtype, the longest N at which plan i's Toeplitz-FFT form resolves this
+        module's fixed position term (precision.py); None without one (no FFT site, or a learned
+        table)."""
+        site = self._fft_site(i)
         if site is None or site.bias.position.name == "toeplitz":
             return None
         return {d: precision.longest(site.bias.position, site.causal, self.heads, self.position_slopes, d)
                 for d in (torch.float32, torch.float64)}
 
+    def _exact_index(self, n: int) -> int | None:
+        """The cheapest plan at n without a Toeplitz-FFT site (None if every plan has one)."""
+        exact = [i for i in range(len(self.plans)) if self._fft_site(i) is None]
+        return min(exact, key=lambda i: self.plans[i].cost(n)) if exact else None
+
     def _check_fft_range(self) -> None:
-        """A fixed position term the FFT form resolves only on short sequences is refused here."""
-        lengths = self._fft_lengths()
+        """A fixed position term the FFT form resolves only on short sequences, with no other plan
+        to run instead (plan= forces the FFT form), is refused here."""
+        if self._exact_index(PLAN_LENGTH) is not None:
+            return
+        lengths = self._fft_limits[0]
         if lengths is not None and max(lengths.values()) < precision.MIN_LENGTH:
             raise SpecError(f"the Toeplitz-FFT form cannot compute this position term past "
                             f"N={max(lengths.values())}: exp(b) spans so much that rows whose weights are "
                             f"small beside the largest ones lose their digits, even in float64",
                             self.spec.span_of("position"),
-                            help="a bias that decays (or stays flat) with distance, e.g. "
-                                 "position(r) = -0.1 * abs(r); see docs/numerics.md")
+                            help="plan='auto' (or 'pairwise'), which computes it exactly pair by pair, or a "
+                                 "bias that decays (or stays flat) with distance, e.g. position(r) = "
+                                 "-0.1 * abs(r); see docs/numerics.md")
 
-    def _fft_dtype(self, dtype: torch.dtype, n: int) -> torch.dtype:
-        """The dtype a call of length n computes in: its own while the Toeplitz-FFT form resolves
-        the position term there, float64 where only that does (warned once), else PrecisionError."""
-        site = self._fft_site()
+    def _fft_dtype(self, dtype: torch.dtype, n: int, i: int) -> tuple[torch.dtype, int]:
+        """The dtype and plan a call of length n runs in: its own while plan i's Toeplitz-FFT form
+        resolves the position term there; float64 where only that does; the exact pairwise plan
+        where neither does (both warned once); else PrecisionError."""
+        site = self._fft_site(i)
         if site is None or torch.compiler.is_compiling():    # the check runs in eager mode
-            return dtype
+            return dtype, i
         position, key = site.bias.position, (n, site.causal)
         kappa = None if position.name == "toeplitz" else self._kappa.get(key)   # a table changes
         if kappa is None:
@@ -235,14 +289,22 @@ class Attention(nn.Module):
         chosen = precision.dtype_for(kappa, dtype)
         what = "the learned position table" if position.name == "toeplitz" else "this position term"
         if chosen is None:
-            raise precision.refusal(kappa, n, dtype, what)
+            exact = self._exact_index(n)
+            if exact is None:
+                raise precision.refusal(kappa, n, dtype, what)
+            if n not in self._warned_exact:
+                self._warned_exact.add(n)
+                warnings.warn(f"attndsl: {self.spec.name} at N={n} runs the exact pairwise form, O(N²): the "
+                              f"Toeplitz-FFT form cannot resolve {what} (condition κ = {kappa:.3g}, beyond "
+                              f"float64's {precision.limit(torch.float64):.3g})", stacklevel=3)
+            return dtype, exact
         if chosen != dtype and n not in self._warned_float64:
             self._warned_float64.add(n)
             warnings.warn(f"attndsl: {self.spec.name} at N={n} computes in float64 (the Toeplitz-FFT "
                           f"form cannot resolve {what} in {str(dtype).removeprefix('torch.')}: condition "
                           f"κ = {kappa:.3g} > {precision.limit(dtype):.3g}); the output keeps its dtype",
                           stacklevel=3)
-        return chosen
+        return chosen, i
 
     def _forward_mlir(self, env, dtype, q, k, v) -> torch.Tensor:
         table = self.position_table
@@ -335,26 +397,30 @@ class Attention(nn.Module):
     def explain(self, n: int | None = None) -> str:
         """The plan: chosen form and estimated cost per site, kernels, and the IR after each pass."""
         from .lowering.costs import quadratic_cost
-        from .passes.plan import PLAN_LENGTH
+        from .passes.plan import cost_of
         spec = self.spec
         lines = [f"attention {spec.name}  ({spec.span})",
                  f"  heads={self.heads} head_dim={self.head_dim} value_dim={self.value_dim} "
                  f"scale={self.scale:.6g} target={self.target}", ""]
         n = n or PLAN_LENGTH
-        planned = self.planned if n == PLAN_LENGTH else pipeline.run(spec, self.head_dim, self.value_dim,
-                                                                     n=n, forms=self._forms())
-        lines.append(f"plan (cost model at N={n}, flops per batch·head):")
+        chosen = self._plan_index(n)
+        planned = self.plans[chosen]
+        lines.append(f"plan at N={n} (cost model: flops per batch·head, weighted by each form's measured rate "
+                     f"where `attndsl calibrate` has run on this CPU):")
         for d in planned.decisions:
-            costs = "  ".join(f"{f}={c / 1e6:.1f}M" for f, c in d.costs)
+            costs = {f: cost_of(f, d.site, n) for f, _ in d.costs}
             quad = quadratic_cost(d.site, n)
-            lines.append(f"  {d.site.op}: {d.form}   [{costs}; quadratic O(N²)={quad / 1e6:.1f}M, "
-                         f"{quad / dict(d.costs)[d.form]:.0f}x more]")
-        lengths = self._fft_lengths()
+            listed = "  ".join(f"{f}={c / 1e6:.1f}M" for f, c in costs.items())
+            lines.append(f"  {d.site.op}: {d.form}   [{listed}; quadratic O(N²)={quad / 1e6:.1f}M, "
+                         f"{quad / costs[d.form]:.0f}x more]")
+        if len(self._spans) > 1:
+            lines.append(f"  per call, by N (float32): {self._ranges()}")
+        lengths = self._fft_limits[chosen]
         if lengths is not None:
             lines.append(f"  precision (docs/numerics.md): the Toeplitz-FFT form resolves this position term "
                          f"for float32 inputs up to N={lengths[torch.float32]}, float64 up to "
                          f"N={lengths[torch.float64]} (of {precision.LENGTHS[-1]} tried)")
-        elif self._fft_site() is not None:
+        elif self._fft_site(chosen) is not None:
             lines.append("  precision (docs/numerics.md): the learned table is checked at every call")
         lines.append("")
         if self.target.kind == "mlir":
@@ -365,7 +431,7 @@ class Attention(nn.Module):
             what = "TVM"
             if self.target.portable:
                 what = "TVM, the portable kernels" + (", bound to GPU threads" if self.target.gpu else "")
-            lines.append(f"kernels ({what}; one build serves every batch and length):")
+            lines.append(f"kernels at N={n} ({what}; one build per plan serves every batch and length):")
             site = lambda i, node: f"  {node.op}{i}_fwd / {node.op}{i}_bwd   {_describe(node)}"  # noqa: E731
         for i, node in enumerate(postorder(planned.root)):
             if not isinstance(node, (Input, Position, Add)):       # these run no kernel of their own
@@ -377,9 +443,34 @@ class Attention(nn.Module):
             lines += ["", f"-- IR after {name} --", format_ir(node)]
         return "\n".join(lines)
 
+    def _crossovers(self) -> list[tuple[int, int, int]]:
+        """Which plan runs at which lengths, 1 … 65536, to the token: [(first N, last N, plan)]."""
+        at = self._cheapest
+        lo, hi = 1, LADDER[-1]
+        spans, start, cur = [], lo, at(lo)
+        while start <= hi:
+            end = start                          # the last N of this plan: doubling, then bisection
+            while end < hi and at(min(2 * end, hi)) == cur:
+                end = min(2 * end, hi)
+            if end < hi:
+                a, b = end, min(2 * end, hi)     # plan cur at a, another at b
+                while b - a > 1:
+                    mid = (a + b) // 2
+                    a, b = (mid, b) if at(mid) == cur else (a, mid)
+                end = a
+            spans.append((start, end, cur))
+            start = end + 1
+            cur = at(start) if start <= hi else cur
+        return spans
+
+    def _ranges(self) -> str:
+        hi = LADDER[-1]
+        return " · ".join(f"N {a}–{b}: {self._label(i)}" if b < hi else f"N ≥ {a}: {self._label(i)}"
+                          for a, b, i in self._spans)
+
     def _tuning_lines(self) -> list[str]:
         lines = []
-        for dtype, (dirs, tuned) in self._tuning.items():
+        for (i, dtype), (dirs, tuned) in self._tuning.items():
             if not dirs:
                 why = "tuned=False" if not self.tuned else "no tuning database; `attndsl tune` makes one"
                 lines.append(f"  tuning {dtype}: default knobs ({why})")

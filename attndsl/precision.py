@@ -80,9 +80,9 @@ def refusal(kappa: float, n: int, dtype: torch.dtype, what: str) -> PrecisionErr
         f"the Toeplitz-FFT form cannot compute {what} at N={n} within tolerance: exp(b) spans so much "
         f"that rows whose weights are small beside the largest ones lose their digits (condition "
         f"κ = {kappa:.3g}; float32 resolves κ ≤ {limit(torch.float32):.3g}, float64 κ ≤ "
-        f"{limit(torch.float64):.3g}). Use a shorter sequence, a bias that "
-        f"decays (or stays flat) with distance, or, for a learned table, plan='banded' (exact for any "
-        f"table, O(N·W))")
+        f"{limit(torch.float64):.3g}). Use plan='auto' or plan='pairwise' (exact pair by pair, O(N²)), "
+        f"for a learned table plan='banded' (exact for any table, O(N·W)), or a bias that decays (or "
+        f"stays flat) with distance")
 
 
 LENGTHS = tuple(2 ** p for p in range(4, 17))     # 16 … 65536

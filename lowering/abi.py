@@ -97,6 +97,9 @@ OPS: dict[str, Op] = {op.name: op for op in [
        scalars=(FFT_LENGTH,), **_POSITIONAL),
     Op("banded_attention", "toeplitz_attention's (out, den) for a table clipped at ±W: the band exactly, "
        "the far keys by chunk prefix sums.", **_POSITIONAL),
+    Op("pairwise_attention", "toeplitz_attention's (out, den) pair by pair, exactly, in O(N²) tiles; "
+       "den in each row's units (shifted by the row's largest b); tab a (1, 1) dummy without a position term.",
+       **_POSITIONAL),
     Op("toeplitz_values", "Σ_j b(i−j) v_j (BH, N, Dv) (FastRPB), b from tab (H, P), by FFT.",
        inputs=("v", "tab"), outputs=(("y", like("v")),), grads=(("v", like("v")), ("tab", like("tab", zeros=True))),
        scalars=(FFT_LENGTH,), saves=False),

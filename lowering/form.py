@@ -15,7 +15,8 @@ from attndsl.ir import Node
 
 @dataclass(frozen=True)
 class Form:
-    """name: what plan= and explain() call it; node: the IR site type; valid(node); cost(node, N):
+    """name: what plan= and explain() call it; node: the IR site type (or a tuple of them);
+    valid(node); cost(node, N):
     flops per batch·head at length N; summary: what it computes;
     cpu(node, (fwd name, bwd name), dtype, knobs {kernel: {knob: value}}) -> {name: PrimFunc},
     portable(the same, gpu) -> the portable kernels (None: none);
@@ -24,7 +25,7 @@ class Form:
     cpu_knobs, portable_knobs: the kernels' knob families (None: not tunable);
     fft_scores: whether precision.py's FFT condition check guards it."""
     name: str
-    node: type
+    node: type | tuple[type, ...]
     valid: Callable[[Node], bool]
     cost: Callable[[Node, int], float]
     summary: str
@@ -35,6 +36,10 @@ class Form:
     cpu_knobs: str | None = None
     portable_knobs: str | None = None
     fft_scores: bool = False
+
+    def sites(self) -> tuple[type, ...]:
+        """The IR node types this form computes."""
+        return self.node if isinstance(self.node, tuple) else (self.node,)
 
 
 def learns(position) -> bool:

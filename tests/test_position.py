@@ -31,7 +31,15 @@ def spec(position: str, apply: str, mask: str) -> str:
             f"    apply = {apply}\n    mask = {'causal' if mask == 'causal' else 'none'}\n}}\n")
 
 
-def compiled(position, apply, mask, head_dim=8, value_dim=6, plan="auto") -> attndsl.Attention:
+# the position terms whose scores site takes the Toeplitz-FFT form at long N: at these tests'
+# lengths plan='auto' would run the exact pairwise form there (tests/test_pairwise.py)
+FFT_SCORES = ("table_full", "user")
+
+
+def compiled(position, apply, mask, head_dim=8, value_dim=6, plan=None) -> attndsl.Attention:
+    """The shared module of a case; plan None: the FFT form for FFT_SCORES' scores, else auto."""
+    if plan is None:
+        plan = "toeplitz_fft" if apply == "scores" and position in FFT_SCORES else "auto"
     return shared(spec(position, apply, mask), heads=2, head_dim=head_dim, value_dim=value_dim, plan=plan)
 
 

@@ -70,20 +70,37 @@ def test_a_table_grown_past_float32_computes_in_float64_with_a_warning(table_att
     assert ((g.double() - want).norm() / want.norm()).item() <= TOL[torch.float32]
 
 
+GROWING = "attention g { kernel = relu; position(r) = 0.05 * abs(r); mask = causal }"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_position_function_the_fft_resolves_only_at_short_lengths_is_refused_at_call(dtype):
-    attn = attndsl.compile("attention g { kernel = relu; position(r) = 0.05 * abs(r); mask = causal }",
-                           heads=1, head_dim=8)
+def test_a_position_function_the_forced_fft_resolves_only_at_short_lengths_is_refused_at_call(dtype):
+    attn = attndsl.compile(GROWING, heads=1, head_dim=8, plan="toeplitz_fft")
     assert "float32 inputs up to N=256, float64 up to N=128" in attn.explain()
     q, k, v = (torch.randn(1, 1, 512, 8, dtype=dtype) for _ in range(3))
     with pytest.raises(PrecisionError, match="Toeplitz-FFT form cannot compute this position term at N=512"):
         attn(q, k, v)
 
 
+def test_past_the_fft_s_reach_auto_runs_the_exact_pairwise_form():
+    attn = attndsl.compile(GROWING, heads=1, head_dim=8, dtype=None)
+    assert [p.forms for p in attn.plans] == [("pairwise",), ("toeplitz_fft",)]
+    assert attn.plans[attn._plan_index(512)].forms == ("pairwise",)
+    q, k, v = (torch.randn(1, 1, 512, 8, dtype=torch.float64) for _ in range(3))
+    out = attn(q, k, v)
+    assert worst_row(out, attn.reference(q, k, v)) <= TOL[torch.float64]
+
+
 def test_a_position_function_the_fft_cannot_resolve_at_any_useful_length_is_refused_at_compile():
+    """... when the FFT form is forced; auto plans the exact pairwise form at every length."""
+    text = "attention g {\n kernel = elu1\n position(r) = -r\n}"
     with pytest.raises(attndsl.SpecError, match="cannot compute this position term past N=16") as e:
-        attndsl.compile("attention g {\n kernel = elu1\n position(r) = -r\n}", heads=1, head_dim=8)
-    assert "<spec>:3:" in str(e.value) and "decays" in str(e.value)
+        attndsl.compile(text, heads=1, head_dim=8, plan="toeplitz_fft")
+    assert "<spec>:3:" in str(e.value) and "decays" in str(e.value) and "pairwise" in str(e.value)
+    attn = attndsl.compile(text, heads=1, head_dim=8, dtype=None)
+    assert [attn.plans[i].forms for *_, i in attn._spans] == [("pairwise",)]
+    q, k, v = (torch.randn(1, 1, 200, 8, dtype=torch.float64) for _ in range(3))    # b spans ±199
+    assert worst_row(attn(q, k, v), attn.reference(q, k, v)) <= TOL[torch.float64]
 
 
 def test_the_condition_of_flat_and_decaying_biases_is_small():

@@ -112,7 +112,7 @@ def test_a_library_of_another_spec_under_this_key_is_rebuilt(home):
     mine, theirs = (attndsl.compile(f"attention p {{ kernel = {k} }}", heads=1, head_dim=4)
                     for k in ("elu1", "relu"))
     paths = {e["key"]: Path(e["path"]) for e in cache.entries()}
-    so, planted = paths[mine._libs["float32"]], paths[theirs._libs["float32"]]
+    so, planted = paths[mine._library("float32")], paths[theirs._library("float32")]
     so.write_bytes(planted.read_bytes())                 # with metadata that vouches for it
     meta = json.loads(so.with_suffix(".json").read_text())
     meta.update({k: json.loads(planted.with_suffix(".json").read_text())[k] for k in ("size", "sha256")})

@@ -45,7 +45,7 @@ def one_of(cls: type[Node], name: str) -> tuple[str, ...] | None:
     """The values a string field may take: a fixed set, or the planner's forms for the node type."""
     if name == "form":
         from ..lowering.registry import FORMS
-        return tuple(f.name for f in FORMS.values() if f.node is cls)
+        return tuple(f.name for f in FORMS.values() if cls in f.sites())
     return ONE_OF.get((cls, name))
 
 

@@ -449,6 +449,8 @@ def describe(node: Node) -> str:
         return f"φ = {node.kernel.name} ({node.role}): linalg.generic"
     if form in ("toeplitz_fft", "banded", "values_fft"):
         return f"form {form}: dense Toeplitz product, O(N²) (no FFT in MLIR)"
+    if form == "pairwise":
+        return "form pairwise: dense weights (BH, N, N), O(N²)"
     if form in ("prefix_sum", "decayed"):
         return f"form {form}: recurrence, scf.for over tokens" + (" (both directions)" if not node.causal else "")
     if isinstance(node, LinearAttention):

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .. import calibration
 from ..diagnostics import SpecError
 from ..ir import Node, postorder
 from ..lowering.form import Form
 from ..lowering.registry import FORMS
 from ..rewrite import rewrite
 
-PLAN_LENGTH = 4096                               # the sequence length the plan is costed at
+PLAN_LENGTH = 4096                               # the length `Attention.planned` is costed at
+# the lengths a module plans at: it keeps the kernels of every distinct plan and runs, per call,
+# the one the cost model rates cheapest at the call's N (module.py)
+LADDER = tuple(2 ** p for p in range(5, 17))      # 32 … 65536
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,13 @@ class Decision:
     site: Node
     form: str
     costs: tuple[tuple[str, float], ...]      # every valid form with its estimated cost
+
+
+def cost_of(form: str, site: Node, n: int, calibrated: bool = True) -> float:
+    """The estimated cost of `form` on `site` (an unplanned site) at sequence length n: its flops,
+    weighted by the form's measured rate on this CPU (calibration.py) unless `calibrated` is False."""
+    flops = FORMS[form].cost(site, n)
+    return flops * calibration.weight(form) if calibrated else flops
 
 
 def candidates(n: Node) -> list[Form]:
@@ -49,8 +60,8 @@ def choose(root: Node, plan: str = "auto", n: int = PLAN_LENGTH,
                 raise SpecError(f"plan {plan!r} does not apply to this spec", node.span,
                                 help=f"forms valid here: {', '.join(f.name for f in valid) or 'none'}")
             usable = forced
-        best = min(usable, key=lambda f: f.cost(node, n))
-        choices.append(Decision(node, best.name, tuple((f.name, f.cost(node, n)) for f in usable)))
+        best = min(usable, key=lambda f: cost_of(f.name, node, n))
+        choices.append(Decision(node, best.name, tuple((f.name, cost_of(f.name, node, n)) for f in usable)))
         return replace(node, form=best.name)
 
     out = rewrite(root, [("choose_form", rule)])

@@ -37,40 +37,13 @@ from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve as knobs_of
 
 from ..tir.position import bias_builder, slot
-from ..tir.tiles import fill, mm, mmc, out_cols, tile
+from ..tir.tiles import fill, mm, mm3, mm_cols, mmc, out_cols, tile
 from ..tir.vmath import softmax_exp
-
-
 
 
 def _adder(bias):
     """x + b(i − j) read from the tile's diagonal vector, or x itself without a position term."""
     return (lambda x, b: x + b) if bias is not None else (lambda x, b: x)
-
-
-
-
-@T.macro
-def mm3(acc, A, a_t, B3, b, base, row0, R, k0, k1, col0, ncols):
-    """acc[r, :] += Σ_{k0 ≤ k < k1} A(row0 + r, k) B3[b, base + k, col0 + :] (A read as A[k, row]
-    when a_t): `mmc` with the streamed operand rows taken from a (BH, rows, cols) buffer."""
-    for k in range(k0, k1):
-        for r in T.unroll(R):
-            for j in T.vectorized(ncols):
-                if a_t:
-                    acc[r, j] = acc[r, j] + A[k, row0 + r] * B3[b, base + k, col0 + j]
-                else:
-                    acc[r, j] = acc[r, j] + A[row0 + r, k] * B3[b, base + k, col0 + j]
-
-
-@T.macro
-def mm_cols(acc, A, B3, b, col0, row0, R, k0, k1, ncols):
-    """acc[r, :] += Σ_k A[row0 + r, k] B3[b, k, col0 + :] (a column window of a transposed
-    (BH, cols, N) operand)."""
-    for k in range(k0, k1):
-        for r in T.unroll(R):
-            for j in T.vectorized(ncols):
-                acc[r, j] = acc[r, j] + A[row0 + r, k] * B3[b, k, col0 + j]
 
 
 def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,

@@ -178,6 +178,29 @@ def mmc(acc, A, a_t, B, row0, R, k0, k1, col0, ncols):
                     acc[r, j] = acc[r, j] + A[row0 + r, k] * B[k, col0 + j]
 
 
+@T.macro
+def mm3(acc, A, a_t, B3, b, base, row0, R, k0, k1, col0, ncols):
+    """acc[r, :] += Σ_{k0 ≤ k < k1} A(row0 + r, k) B3[b, base + k, col0 + :] (A read as A[k, row]
+    when a_t): `mmc` with the streamed operand rows taken from a (BH, rows, cols) buffer."""
+    for k in range(k0, k1):
+        for r in T.unroll(R):
+            for j in T.vectorized(ncols):
+                if a_t:
+                    acc[r, j] = acc[r, j] + A[k, row0 + r] * B3[b, base + k, col0 + j]
+                else:
+                    acc[r, j] = acc[r, j] + A[row0 + r, k] * B3[b, base + k, col0 + j]
+
+
+@T.macro
+def mm_cols(acc, A, B3, b, col0, row0, R, k0, k1, ncols):
+    """acc[r, :] += Σ_k A[row0 + r, k] B3[b, k, col0 + :] (a column window of a transposed
+    (BH, cols, N) operand)."""
+    for k in range(k0, k1):
+        for r in T.unroll(R):
+            for j in T.vectorized(ncols):
+                acc[r, j] = acc[r, j] + A[row0 + r, k] * B3[b, k, col0 + j]
+
+
 def out_cols(width: int, lanes: int) -> int:
     """Columns of an output register tile: the largest divisor of `width` ≤ four vectors."""
     return max(c for c in range(1, min(width, 4 * lanes) + 1) if width % c == 0)

@@ -1,0 +1,187 @@
+"""Every sequence length: attndsl's per-call choice of form against what a user would otherwise run.
+
+B·H = 8 (1 × 8 heads), Dk = Dv = 64, float32, 2 threads. For each spec and N:
+  attndsl         the module as compiled (plan='auto': the form is chosen per call by N)
+  <form>          the same spec forced onto each form its plans use (plan=<form>): the choice
+                  should be within 15% of the fastest of them
+  sdpa+bias       exact F.scaled_dot_product_attention (softmax) with b(i − j) as a float mask:
+                  the exact attention a user would reach for
+  torch           the spec's own maths, dense O(N²) in eager PyTorch: (φq φkᵀ ∘ exp(b) ∘ mask) v,
+                  normalized, exp(b − row max) precomputed like SDPA's mask
+  torch.compile   the same function under torch.compile
+Times are medians of interleaved rounds (each round runs every method once, in turn), forward
+under no_grad, and forward + backward (out.sum().backward(), q, k, v requiring grad).
+Ratios: sdpa+bias time / attndsl time (> 1: attndsl is faster).
+
+    python benchmarks/bench_lengths.py [--lengths 256,512,...] [--specs table,smooth] [--rounds 5] [--quick]
+Writes benchmarks/results/bench_lengths.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tvm.target.codegen import llvm_get_system_cpu
+
+import attndsl
+from attndsl.precision import position_values
+from bench_linear import torch_feature_map
+
+RESULTS = Path(__file__).resolve().parent / "results"
+H, DIM = 8, 64
+MEM_LIMIT = 6e9             # skip the dense baselines whose (H, N, N) tensors would need more
+
+SPECS = {   # name -> spec text ({n}: the sequence length, for a table over the whole range)
+    "table": "kernel = elu1; position = toeplitz(max_distance={n}, init=normal)",
+    "smooth": "kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)",
+    "clipped": "kernel = elu1; position = toeplitz(max_distance=128, init=normal)",
+    "favor_clipped_causal": "kernel = favor(features=64); position = toeplitz(max_distance=128, init=normal); "
+                            "mask = causal",
+    "alibi_causal": "kernel = elu1; position = alibi; mask = causal",
+}
+
+
+def compile_spec(name: str, n: int, plan: str = "auto") -> attndsl.Attention:
+    text = "attention bench { " + SPECS[name].format(n=n) + " }"
+    return attndsl.compile(text, heads=H, head_dim=DIM, plan=plan)
+
+
+def bias(attn: attndsl.Attention, n: int) -> torch.Tensor:
+    """b_h(i − j) as (1, H, N, N) float32, masked entries −inf."""
+    vals = position_values(attn.spec.position, n, H, attn.position_table, attn.position_slopes).float()
+    r = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    b = vals[:, r + n - 1]
+    if attn.spec.causal:
+        b = b.masked_fill(r < 0, float("-inf"))
+    return b[None]
+
+
+def dense(phi):
+    """The spec's maths in torch: weights (φq φkᵀ)·c with c = exp(b − row max) (masked 0)."""
+    def run(q, k, v, c):
+        a = (phi(q) @ phi(k).transpose(-1, -2)) * c
+        return (a @ v) / a.sum(-1, keepdim=True)
+    return run
+
+
+def methods(name: str, n: int) -> tuple[attndsl.Attention, dict]:
+    attn = compile_spec(name, n)
+    out = {"attndsl": attn}
+    for form in dict.fromkeys(f for p in attn.plans for f in p.forms):
+        forced = compile_spec(name, n, plan=form)
+        forced.load_state_dict(attn.state_dict())
+        out[form] = forced
+    if 4.0 * H * n * n * 3 <= MEM_LIMIT:
+        b = bias(attn, n)
+        c = (b - b.amax(-1, keepdim=True)).exp()
+        out["sdpa+bias"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=b)
+        eager = dense(torch_feature_map(attn))
+        out["torch"] = lambda q, k, v: eager(q, k, v, c)
+        compiled = torch.compile(eager)
+        out["torch.compile"] = lambda q, k, v: compiled(q, k, v, c)
+    return attn, out
+
+
+def once(fn, q, k, v, backward: bool) -> float:
+    t0 = time.perf_counter()
+    if backward:
+        fn(q, k, v).sum().backward()
+    else:
+        with torch.no_grad():
+            fn(q, k, v)
+    return time.perf_counter() - t0
+
+
+def measure(name: str, n: int, rounds: int) -> list[dict]:
+    attn, ms = methods(name, n)
+    chosen = ", ".join(attn.plans[attn._plan_index(n)].forms)
+    rows = []
+    for backward in (False, True):
+        q, k, v = (torch.randn(1, H, n, DIM, requires_grad=backward) for _ in range(3))
+        times: dict[str, list[float]] = {m: [] for m in ms}
+        for fn in ms.values():
+            once(fn, q, k, v, backward)                          # warm-up (and torch.compile)
+        for _ in range(rounds):
+            for m, fn in ms.items():
+                times[m].append(once(fn, q, k, v, backward))
+        med = {m: statistics.median(t) for m, t in times.items()}
+        rows.append({"spec": name, "n": n, "pass": "fwd+bwd" if backward else "fwd", "chosen": chosen,
+                     "ms": {m: 1e3 * t for m, t in med.items()}})
+        print(f"  {name:22s} N={n:6d} {rows[-1]['pass']:8s} chosen {chosen:13s} "
+              + "  ".join(f"{m}={1e3 * t:.2f}" for m, t in med.items()), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    forms = sorted({m for r in rows for m in r["ms"]} - {"attndsl", "sdpa+bias", "torch", "torch.compile"})
+    head = ["spec", "N", "pass", "chosen", "attndsl ms", *[f"{f} ms" for f in forms], "sdpa+bias ms",
+            "torch ms", "torch.compile ms", "vs sdpa+bias", "vs torch.compile", "chosen / fastest form"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ms = r["ms"]
+        fmt = lambda m: f"{ms[m]:.2f}" if m in ms else "–"                  # noqa: E731
+        ratio = lambda m: f"{ms[m] / ms['attndsl']:.2f}x" if m in ms else "–"  # noqa: E731
+        fastest = min(ms[f] for f in forms if f in ms)
+        lines.append("| " + " | ".join([r["spec"], str(r["n"]), r["pass"], r["chosen"], fmt("attndsl"),
+                                         *[fmt(f) for f in forms], fmt("sdpa+bias"), fmt("torch"),
+                                         fmt("torch.compile"), ratio("sdpa+bias"), ratio("torch.compile"),
+                                         f"{ms['attndsl'] / fastest:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(dict.fromkeys(r["spec"] for r in rows))
+    fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 7), squeeze=False)
+    for col, name in enumerate(names):
+        for row, which in enumerate(("fwd", "fwd+bwd")):
+            ax = axes[row][col]
+            sel = [r for r in rows if r["spec"] == name and r["pass"] == which]
+            for m in dict.fromkeys(m for r in sel for m in r["ms"]):
+                pts = [(r["n"], r["ms"][m]) for r in sel if m in r["ms"]]
+                style = "-o" if m == "attndsl" else "--."
+                ax.loglog(*zip(*pts), style, label=m, linewidth=2.5 if m == "attndsl" else 1)
+            ax.set_title(f"{name} ({which})", fontsize=9)
+            ax.set_xlabel("N")
+            ax.set_ylabel("ms")
+            ax.legend(fontsize=6)
+    fig.suptitle(f"attndsl per-call form choice vs SDPA+bias and torch, B·H={H}, D={DIM}, float32, "
+                 f"{torch.get_num_threads()} threads ({llvm_get_system_cpu()})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
+    ap.add_argument("--specs", default=",".join(SPECS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="N = 512, 2048; 3 rounds")
+    ap.add_argument("--out", default=str(RESULTS / "bench_lengths"))
+    args = ap.parse_args(argv)
+    lengths = [512, 2048] if args.quick else [int(x) for x in args.lengths.split(",")]
+    rounds = 3 if args.quick else args.rounds
+    rows = []
+    for name in args.specs.split(","):
+        for n in lengths:
+            rows += measure(name, n, rounds)
+    text = table(rows)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(f"# bench_lengths ({llvm_get_system_cpu()}, {torch.get_num_threads()} "
+                                      f"threads)\n\n`python benchmarks/bench_lengths.py "
+                                      f"{' '.join(argv or [])}`\n\n{text}\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

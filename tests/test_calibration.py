@@ -1,0 +1,62 @@
+"""The calibrated cost model: measured rates move the planner's crossovers; a file for another CPU
+or a damaged one is ignored (the damaged one with a warning), never a failed compile."""
+import json
+
+import pytest
+
+from attndsl import calibration, pipeline
+from attndsl.parse import parse
+
+SMOOTH = parse("attention t { kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16) }").block(None)
+
+
+def crossover(lo=16, hi=65536) -> int:
+    """The first N at which the plan leaves the pairwise form."""
+    def form(n):
+        return pipeline.run(SMOOTH, 64, 64, n=n).forms[0]
+    assert form(lo) == "pairwise"
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if form(mid) == "pairwise" else (lo, mid)
+    return hi
+
+
+@pytest.fixture
+def db(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNDSL_TUNING_DB", str(tmp_path))
+    monkeypatch.setattr(calibration, "_RATES", {})
+    monkeypatch.setattr("attndsl.schedules.lookup.SHIPPED", tmp_path / "none")
+    return tmp_path
+
+
+def write(folder, rates, cpu=None):
+    (folder / calibration.FILE).write_text(json.dumps({"cpu": cpu or calibration.cpu_model(), "rates": rates}))
+
+
+def test_measured_rates_move_the_crossover(db):
+    by_flops = crossover()
+    write(db, {"pairwise": 1e-11, "toeplitz_fft": 4e-11})      # the FFT's flops run 4x slower
+    calibration._RATES.clear()
+    assert crossover() > 2 * by_flops
+    write(db, {"pairwise": 4e-11, "toeplitz_fft": 1e-11})
+    calibration._RATES.clear()
+    assert crossover() < by_flops / 2
+
+
+def test_another_cpu_s_or_no_calibration_plans_by_flops(db, monkeypatch):
+    by_flops = crossover()
+    write(db, {"pairwise": 1e-11, "toeplitz_fft": 4e-11}, cpu="some other CPU")
+    calibration._RATES.clear()
+    assert crossover() == by_flops
+    write(db, {"pairwise": 1e-11, "toeplitz_fft": 4e-11})
+    monkeypatch.setenv("ATTNDSL_UNCALIBRATED", "1")
+    assert crossover() == by_flops
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"cpu": 3}', '{"rates": {"pairwise": "fast"}, "cpu": "x"}'])
+def test_a_damaged_calibration_file_is_warned_about_and_ignored(db, text):
+    by_flops = crossover()
+    (db / calibration.FILE).write_text(text)
+    calibration._RATES.clear()
+    with pytest.warns(UserWarning, match="damaged calibration file"):
+        assert crossover() == by_flops
