@@ -36,7 +36,7 @@ from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve as knobs_of
 
 from ..tir.position import bias_builder, slot
-from ..tir.tiles import fill, mm, mm3, mm_cols, mmc, out_cols, tile
+from ..tir.tiles import chunk_loaders, fill, mm, mm3, mm_cols, mmc, out_cols, tile
 from ..tir.vmath import exp
 
 
@@ -74,10 +74,10 @@ def pairwise_forward(name: str, M: int, D: int, dtype: str, causal: bool, positi
     R1 = cpu.tile_rows(Tt, L, Tt)             # rows of a κ tile in registers (Tt columns)
     CV = out_cols(D, L)                       # output columns per register tile
     R = cpu.tile_rows(CV, L, Tt)              # rows of an output register tile
+    _, zero, load, *_ = chunk_loaders(dtype, Tt)
     bias = bias_builder(position, dtype) if position is not None else None
     row_shift = _row_shift(dtype, causal, bias) if bias is not None else None
     weight = _weight(bias)
-    zero = T.cast(0, dtype)
     one = T.cast(1, dtype)
     floored = bool(eps)
     log_eps = T.cast(math.log(eps), dtype) if floored else None
@@ -138,17 +138,8 @@ def pairwise_forward(name: str, M: int, D: int, dtype: str, causal: bool, positi
                 Bv[t] = zero
             for kt in range(qb + 1 if causal else nb):
                 kbase = kt * Tt
-                for j in range(Tt):
-                    if kbase + j < N:
-                        for c in T.vectorized(M):
-                            Kc[j, c] = Kf[b, kbase + j, c]
-                        for d in T.vectorized(D):
-                            Vc[j, d] = V[b, kbase + j, d]
-                    else:
-                        for c in T.vectorized(M):
-                            Kc[j, c] = zero
-                        for d in T.vectorized(D):
-                            Vc[j, d] = zero
+                load(Kc, Kf, b, kbase, N, M)
+                load(Vc, V, b, kbase, N, D)
                 if bias is not None:
                     for t in range(2 * Tt - 1):
                         Bv[t] = bias(TAB, b % H, qbase - kbase + t - (Tt - 1), W)
@@ -191,10 +182,10 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
     R1 = cpu.tile_rows(Tt, L, Tt)
     CK, CV = out_cols(M, L), out_cols(D, L)
     RK, RV = cpu.tile_rows(CK, L, Tt), cpu.tile_rows(CV, L, Tt)
+    _, zero, load, *_ = chunk_loaders(dtype, Tt)
     bias = bias_builder(position, dtype) if position is not None else None
     row_shift = _row_shift(dtype, causal, bias) if bias is not None else None
     weight = _weight(bias)
-    zero = T.cast(0, dtype)
     one = T.cast(1, dtype)
 
     def valid(j, i, kbase, qbase, N):
@@ -296,17 +287,9 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
                     dTpart[b, p] = zero
             for kt in range(nb):
                 kbase = kt * Tt
+                load(Kc, Kf, b, kbase, N, M)
+                load(Vc, V, b, kbase, N, D)
                 for j in range(Tt):
-                    if kbase + j < N:
-                        for c in T.vectorized(M):
-                            Kc[j, c] = Kf[b, kbase + j, c]
-                        for d in T.vectorized(D):
-                            Vc[j, d] = V[b, kbase + j, d]
-                    else:
-                        for c in T.vectorized(M):
-                            Kc[j, c] = zero
-                        for d in T.vectorized(D):
-                            Vc[j, d] = zero
                     for c in T.vectorized(M):
                         dKacc[j, c] = zero
                     for d in T.vectorized(D):
