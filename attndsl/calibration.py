@@ -22,26 +22,32 @@ from . import config
 FILE = "calibration.json"
 LENGTHS = (512, 2048)
 BH, DIM = 8, 64
-SITES = {   # form -> a spec whose one site it computes (plan= forces it)
+SITES = {   # form -> a spec whose one site it computes (plan= forces it); values_fft has no rival
+            # on its site, and kde/uniform are estimates, chosen by the spec, not by cost
     "linear": "kernel = elu1",
     "prefix_sum": "kernel = elu1; mask = causal",
     "decayed": "kernel = elu1; position = alibi; mask = causal",
     "banded": "kernel = elu1; position = toeplitz(max_distance=128, init=normal); mask = causal",
     "toeplitz_fft": "kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)",
     "pairwise": "kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)",
-    "values_fft": "kernel = elu1; position = toeplitz(max_distance=128, init=normal); apply = values",
     "quadratic": "position = alibi",
 }
 
 
 def cpu_model() -> str:
-    """The CPU model name (/proc/cpuinfo), what a calibration is valid for."""
+    """The CPU a calibration is valid for: its model name, family and model (/proc/cpuinfo), e.g.
+    "AMD EPYC (family 25, model 17)"; elsewhere what the platform module says."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break                                # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    if "model name" in fields:
+        return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
     import platform
     return platform.processor() or platform.machine()
 

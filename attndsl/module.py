@@ -9,6 +9,7 @@ q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -56,6 +57,7 @@ class Attention(nn.Module):
         self.planned = planned[ladder.index(PLAN_LENGTH)]    # the plan at N = 4096 (explain's default)
         self._planned_index = next(i for i, p in enumerate(self.plans) if p is self.planned)
         self._chosen: dict = {}                  # (N, dtype) -> index into plans
+        self._programs: dict[int, tuple] = {}    # plan index -> its steps (program())
         self._kappa: dict = {}                   # (N, causal) -> κ of a fixed position term (precision.py)
         self._warned_float64: set[int] = set()   # lengths told they compute in float64
         self._warned_exact: set[int] = set()     # lengths told they run the exact pairwise plan
@@ -217,8 +219,8 @@ class Attention(nn.Module):
         watch = self.spec.stabilized and not torch.compiler.is_compiling()
         params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed,
                   "dens": dens if watch else None}
-        root = self.plans[i].root
-        out = nonfinite.guarded(lambda q, k, v: _execute(root, {**env, "q": q, "k": k, "v": v}, lib, params),
+        steps = self._program(i)
+        out = nonfinite.guarded(lambda q, k, v: _execute(steps, {**env, "q": q, "k": k, "v": v}, lib, params),
                                 env["q"], env["k"], env["v"], self.spec.causal,
                                 reads_every_key=self.spec.sampling.name == "none")
         if not dens:
@@ -234,13 +236,18 @@ class Attention(nn.Module):
             zero = zero + (self.position_table.sum() * 0).to(v.dtype)
         return v + zero
 
+    def _program(self, i: int) -> tuple:
+        """Plan i's steps (program()), made once."""
+        if i not in self._programs:
+            self._programs[i] = program(self.plans[i].root)
+        return self._programs[i]
+
     def _fft_site(self, i: int) -> PositionalAttention | None:
         """Plan i's Toeplitz-FFT scores site, if any (target mlir-cpu evaluates it densely)."""
         if self.target.kind == "mlir":
             return None
-        return next((x for x in postorder(self.plans[i].root)
-                     if isinstance(x, PositionalAttention) and getattr(form_of(x), "fft_scores", False)),
-                    None)
+        return next((st.node for st in self._program(i) if isinstance(st.node, PositionalAttention)
+                     and getattr(form_of(st.node), "fft_scores", False)), None)
 
     def _fft_lengths(self, i: int) -> dict[torch.dtype, int] | None:
         """Per input dtype, the longest N at which plan i's Toeplitz-FFT form resolves this
@@ -530,15 +537,35 @@ def _describe(node: Node) -> str:
 RUNNERS = {FeatureMap: feature_map.run, Add: lambda node, args, *_: args[0] + args[1]}
 
 
-def _execute(root: Node, env: dict, lib: str, params: dict) -> torch.Tensor:
-    values: dict[Node, torch.Tensor] = {}
-    for i, node in enumerate(postorder(root)):
-        if isinstance(node, Input):
-            values[node] = env[node.name]
-        elif isinstance(node, Position):
-            values[node] = env["position"]
+@dataclass(frozen=True)
+class Step:
+    """One node of a plan, in post-order: `source` names the env entry an input or the position
+    parameters read, else `run` computes it from the values of the steps `args`."""
+    node: Node
+    source: str | None
+    run: object
+    args: tuple[int, ...]
+    kernel: str
+
+
+def program(root: Node) -> tuple[Step, ...]:
+    """The plan as a list of steps, built once per plan (walking and hashing the frozen IR on every
+    call costs more than a small call's kernels)."""
+    order = postorder(root)
+    index = {id(n): i for i, n in enumerate(order)}
+    steps = []
+    for i, node in enumerate(order):
+        source = node.name if isinstance(node, Input) else "position" if isinstance(node, Position) else None
+        run = None if source else RUNNERS.get(type(node)) or form_of(node).run
+        steps.append(Step(node, source, run, tuple(index[id(c)] for c in node.children()), f"{node.op}{i}"))
+    return tuple(steps)
+
+
+def _execute(steps: tuple[Step, ...], env: dict, lib: str, params: dict) -> torch.Tensor:
+    values: list = []
+    for st in steps:
+        if st.source is not None:
+            values.append(env[st.source])
         else:
-            args = [values[c] for c in node.children()]
-            run = RUNNERS.get(type(node)) or form_of(node).run
-            values[node] = run(node, args, lib, f"{node.op}{i}", params)
-    return values[root]
+            values.append(st.run(st.node, [values[a] for a in st.args], lib, st.kernel, params))
+    return values[-1]

@@ -19,10 +19,18 @@ def register_library(key: str, lib) -> None:
     from .lowering.fft import packed
     packed.register()            # the Toeplitz kernels call back into the library FFT
     _LIBRARIES[key] = lib
+    for k in [k for k in _KERNELS if k[0] == key]:        # a rebuilt library: look its kernels up again
+        del _KERNELS[k]
+
+
+_KERNELS: dict[tuple[str, str], object] = {}      # (library key, kernel name) -> its function
 
 
 def _kernel(lib: str, name: str):
-    return _LIBRARIES[lib][name]
+    fn = _KERNELS.get((lib, name))
+    if fn is None:
+        fn = _KERNELS[lib, name] = _LIBRARIES[lib][name]
+    return fn
 
 
 def _schema(names: list[str], attrs: tuple[str, ...], returns: int) -> str:

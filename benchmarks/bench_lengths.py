@@ -9,7 +9,8 @@ B·H = 8 (1 × 8 heads), Dk = Dv = 64, float32, 2 threads. For each spec and N:
   torch           the spec's own maths, dense O(N²) in eager PyTorch: (φq φkᵀ ∘ exp(b) ∘ mask) v,
                   normalized, exp(b − row max) precomputed like SDPA's mask
   torch.compile   the same function under torch.compile
-Times are medians of interleaved rounds (each round runs every method once, in turn), forward
+Times are medians of interleaved rounds (each round runs every method once, each round starting
+at another method), forward
 under no_grad, and forward + backward (out.sum().backward(), q, k, v requiring grad).
 Ratios: sdpa+bias time / attndsl time (> 1: attndsl is faster).
 
@@ -106,9 +107,10 @@ def measure(name: str, n: int, rounds: int) -> list[dict]:
         times: dict[str, list[float]] = {m: [] for m in ms}
         for fn in ms.values():
             once(fn, q, k, v, backward)                          # warm-up (and torch.compile)
-        for _ in range(rounds):
-            for m, fn in ms.items():
-                times[m].append(once(fn, q, k, v, backward))
+        names = list(ms)
+        for r in range(rounds):                                  # each round in another order
+            for m in names[r % len(names):] + names[:r % len(names)]:
+                times[m].append(once(ms[m], q, k, v, backward))
         med = {m: statistics.median(t) for m, t in times.items()}
         rows.append({"spec": name, "n": n, "pass": "fwd+bwd" if backward else "fwd", "chosen": chosen,
                      "ms": {m: 1e3 * t for m, t in med.items()}})

@@ -23,6 +23,7 @@ def crossover(lo=16, hi=65536) -> int:
 
 @pytest.fixture
 def db(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATTNDSL_UNCALIBRATED", raising=False)      # conftest turns it off
     monkeypatch.setenv("ATTNDSL_TUNING_DB", str(tmp_path))
     monkeypatch.setattr(calibration, "_RATES", {})
     monkeypatch.setattr("attndsl.schedules.lookup.SHIPPED", tmp_path / "none")
