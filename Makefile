@@ -35,6 +35,8 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_linear.py
 	$(PY) benchmarks/bench_rpe.py
 	$(PY) benchmarks/bench_softmax.py
+	$(PY) benchmarks/bench_lengths.py
+	$(PY) benchmarks/bench_busy.py
 	$(PY) benchmarks/bench_kde_accuracy.py
 	$(PY) benchmarks/bench_fft.py
 	$(PY) benchmarks/bench_tuning.py

@@ -4,15 +4,18 @@ busy by another process (as a DataLoader worker or a second job does), beside SD
 One spinning process per --busy core (a plain Python loop, started for the busy rounds and
 stopped after); B·H = 8, D = 64, float32, N = 2048. Quiet and busy rounds are interleaved and
 medians quoted. A form degrades like SDPA when its slowdown (busy / quiet) is within 1.5x of
-SDPA's.
+SDPA's. Each OpenMP wait policy runs in its own process (libgomp reads OMP_WAIT_POLICY when torch
+loads it): unset, libgomp's default (idle threads spin for a while, then sleep), and PASSIVE (idle
+threads sleep at once).
 
-    python benchmarks/bench_busy.py [--n 2048] [--rounds 7] [--busy 1]
+    python benchmarks/bench_busy.py [--n 2048] [--rounds 7] [--busy 1] [--policies ACTIVE,PASSIVE]
 Writes benchmarks/results/bench_busy.{md,json}.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +39,7 @@ FORMS = {   # form -> the spec it runs (plan= forces it)
     "toeplitz_fft": "kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)",
     "pairwise": "kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)",
     "quadratic": "position = alibi; mask = causal",
-    "kde": "sampling = kde(buckets=16, block=128, samples=128); mask = causal",
+    "kde": "sampling = kde(buckets=16, block=128, samples=128)",
 }
 
 
@@ -56,22 +59,22 @@ def spinners(count: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=2048)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--busy", type=int, default=1, help="cores kept busy in the busy rounds")
-    ap.add_argument("--out", default=str(RESULTS / "bench_busy"))
-    args = ap.parse_args(argv)
-    ms = methods(args.n)
-    q, k, v = (torch.randn(1, H, args.n, DIM) for _ in range(3))
+def _policy_env(policy: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    return env if policy == "default" else {**env, "OMP_WAIT_POLICY": policy}
+
+
+def measure(n: int, rounds: int, busy: int) -> dict:
+    """{method: (quiet ms, busy ms)}, medians of interleaved quiet and busy rounds."""
+    ms = methods(n)
+    q, k, v = (torch.randn(1, H, n, DIM) for _ in range(3))
     times = {(m, s): [] for m in ms for s in ("quiet", "busy")}
     with torch.no_grad():
         for fn in ms.values():
             fn(q, k, v)
-        for r in range(args.rounds):
+        for r in range(rounds):
             for state in ("quiet", "busy"):
-                procs = spinners(args.busy) if state == "busy" else []
+                procs = spinners(busy) if state == "busy" else []
                 time.sleep(0.3 if procs else 0.0)
                 try:
                     for m, fn in ms.items():
@@ -82,24 +85,51 @@ def main(argv=None):
                     for p in procs:
                         p.kill()
                         p.wait()
-            print(f"  round {r + 1}/{args.rounds}", flush=True)
-    med = {key: 1e3 * statistics.median(t) for key, t in times.items()}
-    sdpa = med["sdpa+bias", "busy"] / med["sdpa+bias", "quiet"]
+            print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    return {m: (1e3 * statistics.median(times[m, "quiet"]), 1e3 * statistics.median(times[m, "busy"]))
+            for m in ms}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--busy", type=int, default=1, help="cores kept busy in the busy rounds")
+    ap.add_argument("--policies", default="default,PASSIVE",
+                    help="OMP_WAIT_POLICY values to run under (default: unset), each in a fresh process "
+                         "(libgomp reads it at start)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(RESULTS / "bench_busy"))
+    args = ap.parse_args(argv)
+    if args.child:                               # one policy, in this process: JSON on stdout
+        print(json.dumps(measure(args.n, args.rounds, args.busy)))
+        return
+    results = {}
+    for policy in args.policies.split(","):
+        print(f"OMP_WAIT_POLICY={policy}", flush=True)
+        out = subprocess.run([sys.executable, __file__, "--child", "--n", str(args.n), "--rounds", str(args.rounds),
+                              "--busy", str(args.busy)], env=_policy_env(policy),
+                             stdout=subprocess.PIPE, text=True, check=True)
+        results[policy] = json.loads(out.stdout)
     lines = [f"# bench_busy ({llvm_get_system_cpu()}, {torch.get_num_threads()} threads, N={args.n}, "
              f"B·H={H}, D={DIM}, {args.busy} core(s) busy)", "",
              f"`python benchmarks/bench_busy.py {' '.join(argv or sys.argv[1:])}`", "",
-             "| method | quiet ms | busy ms | slowdown | vs SDPA+bias's slowdown |", "|---|---|---|---|---|"]
-    rows = []
-    for m in ms:
-        quiet, busy = med[m, "quiet"], med[m, "busy"]
-        rows.append({"method": m, "quiet_ms": quiet, "busy_ms": busy, "slowdown": busy / quiet})
-        lines.append(f"| {m} | {quiet:.2f} | {busy:.2f} | {busy / quiet:.2f}x | {busy / quiet / sdpa:.2f} |")
+             "slowdown = busy / quiet; vs SDPA = slowdown / SDPA+bias's slowdown (the target: ≤ 1.5)", "",
+             "| method | " + " | ".join(f"{p}: quiet ms | busy ms | slowdown | vs SDPA" for p in results) + " |",
+             "|---|" + "---|---|---|---|" * len(results)]
+    for m in next(iter(results.values())):
+        cells = []
+        for res in results.values():
+            quiet, busy = res[m]
+            sdpa = res["sdpa+bias"][1] / res["sdpa+bias"][0]
+            cells += [f"{quiet:.2f}", f"{busy:.2f}", f"{busy / quiet:.2f}x", f"{busy / quiet / sdpa:.2f}"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

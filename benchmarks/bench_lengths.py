@@ -2,8 +2,9 @@
 
 B·H = 8 (1 × 8 heads), Dk = Dv = 64, float32, 2 threads. For each spec and N:
   attndsl         the module as compiled (plan='auto': the form is chosen per call by N)
-  <form>          the same spec forced onto each form its plans use (plan=<form>): the choice
-                  should be within 15% of the fastest of them
+  <form>          the same spec forced onto each form its plans use (plan=<form>): the chosen
+                  form's time should be within 15% of the fastest of them ("chosen form / fastest
+                  form"; "attndsl / fastest form" also carries the noise between two modules)
   sdpa+bias       exact F.scaled_dot_product_attention (softmax) with b(i − j) as a float mask:
                   the exact attention a user would reach for
   torch           the spec's own maths, dense O(N²) in eager PyTorch: (φq φkᵀ ∘ exp(b) ∘ mask) v,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -122,7 +124,8 @@ def measure(name: str, n: int, rounds: int) -> list[dict]:
 def table(rows: list[dict]) -> str:
     forms = sorted({m for r in rows for m in r["ms"]} - {"attndsl", "sdpa+bias", "torch", "torch.compile"})
     head = ["spec", "N", "pass", "chosen", "attndsl ms", *[f"{f} ms" for f in forms], "sdpa+bias ms",
-            "torch ms", "torch.compile ms", "vs sdpa+bias", "vs torch.compile", "chosen / fastest form"]
+            "torch ms", "torch.compile ms", "vs sdpa+bias", "vs torch.compile", "chosen form / fastest form",
+            "attndsl / fastest form"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ms = r["ms"]
@@ -132,12 +135,14 @@ def table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([r["spec"], str(r["n"]), r["pass"], r["chosen"], fmt("attndsl"),
                                          *[fmt(f) for f in forms], fmt("sdpa+bias"), fmt("torch"),
                                          fmt("torch.compile"), ratio("sdpa+bias"), ratio("torch.compile"),
+                                         f"{ms[r['chosen']] / fastest:.2f}" if r["chosen"] in ms else "–",
                                          f"{ms['attndsl'] / fastest:.2f}"]) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(dict.fromkeys(r["spec"] for r in rows))
@@ -150,6 +155,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 pts = [(r["n"], r["ms"][m]) for r in sel if m in r["ms"]]
                 style = "-o" if m == "attndsl" else "--."
                 ax.loglog(*zip(*pts), style, label=m, linewidth=2.5 if m == "attndsl" else 1)
+            ns = sorted({r["n"] for r in sel})
+            ax.set_xticks(ns, [str(n) for n in ns], fontsize=7)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"{name} ({which})", fontsize=9)
             ax.set_xlabel("N")
             ax.set_ylabel("ms")
@@ -180,7 +188,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(f"# bench_lengths ({llvm_get_system_cpu()}, {torch.get_num_threads()} "
                                       f"threads)\n\n`python benchmarks/bench_lengths.py "
-                                      f"{' '.join(argv or [])}`\n\n{text}\n")
+                                      f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{text}\n")
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     plot(rows, out.with_suffix(".png"))
 

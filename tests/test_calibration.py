@@ -61,3 +61,17 @@ def test_a_damaged_calibration_file_is_warned_about_and_ignored(db, text):
     calibration._RATES.clear()
     with pytest.warns(UserWarning, match="damaged calibration file"):
         assert crossover() == by_flops
+
+
+def test_cli_calibrate_times_the_forms_and_writes_the_file(db, monkeypatch, capsys):
+    from attndsl.cli import main
+    monkeypatch.setattr(calibration, "SITES", {f: calibration.SITES[f] for f in ("prefix_sum", "pairwise")})
+    monkeypatch.setattr(calibration, "DIM", 8)
+    assert main(["calibrate", "--lengths", "64,128", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "prefix_sum" in out and "pairwise" in out and "x the fastest form's time per flop" in out
+    data = json.loads((db / calibration.FILE).read_text())
+    assert data["cpu"] == calibration.cpu_model() and set(data["rates"]) == {"prefix_sum", "pairwise"}
+    assert all(len(per) == 2 for per in data["measured"].values())
+    calibration._RATES.clear()
+    assert calibration.rates() == data["rates"]
