@@ -35,8 +35,8 @@ from tvm.script import tirx as T
 from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve as knobs_of
 
-from ..tir.position import bias_builder, slot
-from ..tir.tiles import chunk_loaders, fill, mm, mm3, mm_cols, mmc, out_cols, tile
+from ..tir.position import bias_builder, table_grads
+from ..tir.tiles import chunk_loaders, fill, flash_backward, mm, mm_cols, mmc, out_cols, tile
 from ..tir.vmath import exp
 
 
@@ -187,13 +187,12 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
     row_shift = _row_shift(dtype, causal, bias) if bias is not None else None
     weight = _weight(bias)
     one = T.cast(1, dtype)
+    key_rows, query_rows = flash_backward(Tt, causal)
+    diagonals, per_head = table_grads(Tt, dtype)
 
     def valid(j, i, kbase, qbase, N):
         ok = tirx.all(kbase + j < N, qbase + i < N)
         return tirx.all(ok, kbase + j <= qbase + i) if causal else ok
-
-    def last(i0, R, kt, qt):            # causal diagonal: rows i0*R.. see keys j < (i0+1)*R
-        return T.Select(qt == kt, i0 * R + R, Tt) if causal else Tt
 
     @T.prim_func
     def kernel(qf: T.handle, kf: T.handle, v: T.handle, tab: T.handle, o: T.handle, den: T.handle,
@@ -318,46 +317,12 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
                                 GT[j0 * R1 + r, i] = GT[j0 * R1 + r, i] * (acc1[r, i] - Dd[b, qbase + i])
                                 if learn:
                                     KT[j0 * R1 + r, i] = KT[j0 * R1 + r, i] * GT[j0 * R1 + r, i]
-                    # dV_j += Σ_i P_ji dO_i,  dKf_j += Σ_i G_ji φq_i
-                    for j0, c0 in T.grid(Tt // RV, D // CV):
-                        for r in T.unroll(RV):
-                            for d in T.vectorized(CV):
-                                accV[r, d] = dVacc[j0 * RV + r, c0 * CV + d]
-                        if causal and qt == kt:     # diagonal: rows j see queries i ≥ j only
-                            mm3(accV, PT, False, dOp, b, qbase, j0 * RV, RV, j0 * RV, Tt, c0 * CV, CV)
-                        else:
-                            mm3(accV, PT, False, dOp, b, qbase, j0 * RV, RV, 0, Tt, c0 * CV, CV)
-                        for r in T.unroll(RV):
-                            for d in T.vectorized(CV):
-                                dVacc[j0 * RV + r, c0 * CV + d] = accV[r, d]
-                    for j0, c0 in T.grid(Tt // RK, M // CK):
-                        for r in T.unroll(RK):
-                            for c in T.vectorized(CK):
-                                accK[r, c] = dKacc[j0 * RK + r, c0 * CK + c]
-                        if causal and qt == kt:
-                            mm3(accK, GT, False, Qp, b, qbase, j0 * RK, RK, j0 * RK, Tt, c0 * CK, CK)
-                        else:
-                            mm3(accK, GT, False, Qp, b, qbase, j0 * RK, RK, 0, Tt, c0 * CK, CK)
-                        for r in T.unroll(RK):
-                            for c in T.vectorized(CK):
-                                dKacc[j0 * RK + r, c0 * CK + c] = accK[r, c]
-                    # dQf_i += Σ_j G_ji φk_j
-                    for i0, c0 in T.grid(Tt // RK, M // CK):
-                        for r in T.unroll(RK):
-                            for c in T.vectorized(CK):
-                                accK[r, c] = dQacc[b, qbase + i0 * RK + r, c0 * CK + c]
-                        mmc(accK, GT, True, Kc, i0 * RK, RK, 0, last(i0, RK, kt, qt), c0 * CK, CK)
-                        for r in T.unroll(RK):
-                            for c in T.vectorized(CK):
-                                dQacc[b, qbase + i0 * RK + r, c0 * CK + c] = accK[r, c]
-                    if learn:
-                        # d b(r) = Σ_{i−j=r} κ_ji G_ji: sums along the tile's diagonals, then into slots
-                        for j in range(Tt):
-                            for i in T.vectorized(Tt):
-                                dBv[i + (Tt - 1) - j] = dBv[i + (Tt - 1) - j] + KT[j, i]
-                        for t in range(2 * Tt - 1):
-                            dTpart[b, slot(qbase - kbase + t - (Tt - 1), W)] += dBv[t]
-                            dBv[t] = zero
+                    # dV_j += Σ_i P_ji dO_i,  dKf_j += Σ_i G_ji φq_i,  dQf_i += Σ_j G_ji φk_j
+                    key_rows(accV, dVacc, PT, dOp, b, qbase, RV, CV, D, qt, kt)
+                    key_rows(accK, dKacc, GT, Qp, b, qbase, RK, CK, M, qt, kt)
+                    query_rows(accK, dQacc, GT, Kc, b, qbase, RK, CK, M, qt, kt)
+                    if learn:          # d b(r) = Σ_{i−j=r} κ_ji G_ji
+                        diagonals(dTpart, dBv, KT, b, qbase, kbase, W)
                 for j in range(Tt):
                     if kbase + j < N:
                         for c in T.vectorized(M):
@@ -372,11 +337,6 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
                     for c in T.vectorized(M):
                         dQf[b, i, c] = dQacc[b, i, c]
         if learn:
-            for h in T.parallel(H):
-                for p in range(P):
-                    dTAB[h, p] = zero
-                for g in range(BH // H):
-                    for p in range(P):
-                        dTAB[h, p] += dTpart[g * H + h, p]
+            per_head(dTAB, dTpart, H, P, BH)
 
     return kernel

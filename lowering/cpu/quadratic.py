@@ -28,16 +28,14 @@ tiles), with P recomputed from the saved LSE and D_i = dO_i·O_i:
 """
 from __future__ import annotations
 
-import math
-
 from tvm import tirx
 from tvm.script import tirx as T
 
 from attndsl.schedules import cpu
 from attndsl.schedules.knobs import resolve as knobs_of
 
-from ..tir.position import bias_builder, slot
-from ..tir.tiles import fill, mm, mm3, mm_cols, mmc, out_cols, tile
+from ..tir.position import bias_builder, table_grads
+from ..tir.tiles import fill, flash_backward, mm, mm_cols, mmc, out_cols, tile
 from ..tir.vmath import softmax_exp
 
 
@@ -177,14 +175,12 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     with_bias = _adder(bias)
     zero = T.cast(0, dtype)
     sc = tirx.const(scale, dtype)
+    key_rows, query_rows = flash_backward(Tt, causal)
+    diagonals, per_head = table_grads(Tt, dtype)
 
     def valid(j, i, kbase, qbase, N):
         ok = tirx.all(kbase + j < N, qbase + i < N)
         return tirx.all(ok, kbase + j <= qbase + i) if causal else ok
-
-
-    def last(i0, R, kt, qt):            # causal diagonal: rows i0*R.. see keys j < (i0+1)*R
-        return T.Select(qt == kt, i0 * R + R, Tt) if causal else Tt
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, lse: T.handle,
@@ -304,46 +300,13 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         for r in T.unroll(R1):
                             for i in T.vectorized(Tt):
                                 dST[j0 * R1 + r, i] = PT[j0 * R1 + r, i] * (acc1[r, i] - Dd[b, qbase + i])
-                    # dV_j += Σ_i P_ji dO_i,  dK_j += Σ_i dS_ji q_i  (s applied at the store)
-                    for j0, c0 in T.grid(Tt // RV, Dv // CV):
-                        for r in T.unroll(RV):
-                            for d in T.vectorized(CV):
-                                accV[r, d] = dVacc[j0 * RV + r, c0 * CV + d]
-                        if causal and qt == kt:     # diagonal: rows j see queries i ≥ j only
-                            mm3(accV, PT, False, dOp, b, qbase, j0 * RV, RV, j0 * RV, Tt, c0 * CV, CV)
-                        else:
-                            mm3(accV, PT, False, dOp, b, qbase, j0 * RV, RV, 0, Tt, c0 * CV, CV)
-                        for r in T.unroll(RV):
-                            for d in T.vectorized(CV):
-                                dVacc[j0 * RV + r, c0 * CV + d] = accV[r, d]
-                    for j0, c0 in T.grid(Tt // RK, Dk // CK):
-                        for r in T.unroll(RK):
-                            for c in T.vectorized(CK):
-                                accK[r, c] = dKacc[j0 * RK + r, c0 * CK + c]
-                        if causal and qt == kt:
-                            mm3(accK, dST, False, Qp, b, qbase, j0 * RK, RK, j0 * RK, Tt, c0 * CK, CK)
-                        else:
-                            mm3(accK, dST, False, Qp, b, qbase, j0 * RK, RK, 0, Tt, c0 * CK, CK)
-                        for r in T.unroll(RK):
-                            for c in T.vectorized(CK):
-                                dKacc[j0 * RK + r, c0 * CK + c] = accK[r, c]
+                    # dV_j += Σ_i P_ji dO_i,  dK_j += Σ_i dS_ji q_i  (s applied at the store),
                     # dQ_i += Σ_j dS_ji k_j
-                    for i0, c0 in T.grid(Tt // RK, Dk // CK):
-                        for r in T.unroll(RK):
-                            for c in T.vectorized(CK):
-                                accK[r, c] = dQacc[b, qbase + i0 * RK + r, c0 * CK + c]
-                        mmc(accK, dST, True, Kc, i0 * RK, RK, 0, last(i0, RK, kt, qt), c0 * CK, CK)
-                        for r in T.unroll(RK):
-                            for c in T.vectorized(CK):
-                                dQacc[b, qbase + i0 * RK + r, c0 * CK + c] = accK[r, c]
-                    if learn:
-                        # d b(r) = Σ_{i−j=r} dS_ji: sums along the tile's diagonals, then into slots
-                        for j in range(Tt):
-                            for i in T.vectorized(Tt):
-                                dBv[i + (Tt - 1) - j] = dBv[i + (Tt - 1) - j] + dST[j, i]
-                        for t in range(2 * Tt - 1):
-                            dTpart[b, slot(qbase - kbase + t - (Tt - 1), W)] += dBv[t]
-                            dBv[t] = zero
+                    key_rows(accV, dVacc, PT, dOp, b, qbase, RV, CV, Dv, qt, kt)
+                    key_rows(accK, dKacc, dST, Qp, b, qbase, RK, CK, Dk, qt, kt)
+                    query_rows(accK, dQacc, dST, Kc, b, qbase, RK, CK, Dk, qt, kt)
+                    if learn:          # d b(r) = Σ_{i−j=r} dS_ji
+                        diagonals(dTpart, dBv, dST, b, qbase, kbase, W)
                 for j in range(Tt):
                     if kbase + j < N:
                         for c in T.vectorized(Dk):
@@ -358,11 +321,6 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                     for c in T.vectorized(Dk):
                         dQ[b, i, c] = dQacc[b, i, c] * sc
         if learn:
-            for h in T.parallel(H):
-                for p in range(P):
-                    dTAB[h, p] = zero
-                for g in range(BH // H):
-                    for p in range(P):
-                        dTAB[h, p] += dTpart[g * H + h, p]
+            per_head(dTAB, dTpart, H, P, BH)
 
     return kernel

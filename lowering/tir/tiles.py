@@ -204,3 +204,46 @@ def mm_cols(acc, A, B3, b, col0, row0, R, k0, k1, ncols):
 def out_cols(width: int, lanes: int) -> int:
     """Columns of an output register tile: the largest divisor of `width` ≤ four vectors."""
     return max(c for c in range(1, min(width, 4 * lanes) + 1) if width % c == 0)
+
+
+def flash_backward(Tt: int, causal: bool):
+    """The accumulation steps of a flash-style backward (quadratic.py, pairwise.py) for one (key
+    tile kt, query tile qt) of Tt rows each, with the weights of the tile transposed (P[j, i]):
+
+        key_rows(acc, Acc, P, X, b, qbase, R, C, width, qt, kt)
+            Acc[j, :] += Σ_i P[j, i] X[b, qbase + i, :]      (a key tile's rows; only i ≥ j on a
+                                                             causal diagonal tile)
+        query_rows(acc, Acc, P, Kc, b, qbase, R, C, width, qt, kt)
+            Acc[b, qbase + i, :] += Σ_j P[j, i] Kc[j, :]      (the query rows; only j ≤ i on it)
+
+    through R × C register tiles acc, C columns of `width` at a time."""
+
+    def last(i0, R, kt, qt):            # causal diagonal: rows i0*R.. see keys j < (i0+1)*R
+        return T.Select(qt == kt, i0 * R + R, Tt) if causal else Tt
+
+    @T.macro
+    def key_rows(acc, Acc, P, X, b, qbase, R, C, width, qt, kt):
+        for j0, c0 in T.grid(Tt // R, width // C):
+            for r in T.unroll(R):
+                for d in T.vectorized(C):
+                    acc[r, d] = Acc[j0 * R + r, c0 * C + d]
+            if causal and qt == kt:
+                mm3(acc, P, False, X, b, qbase, j0 * R, R, j0 * R, Tt, c0 * C, C)
+            else:
+                mm3(acc, P, False, X, b, qbase, j0 * R, R, 0, Tt, c0 * C, C)
+            for r in T.unroll(R):
+                for d in T.vectorized(C):
+                    Acc[j0 * R + r, c0 * C + d] = acc[r, d]
+
+    @T.macro
+    def query_rows(acc, Acc, P, Kc, b, qbase, R, C, width, qt, kt):
+        for i0, c0 in T.grid(Tt // R, width // C):
+            for r in T.unroll(R):
+                for c in T.vectorized(C):
+                    acc[r, c] = Acc[b, qbase + i0 * R + r, c0 * C + c]
+            mmc(acc, P, True, Kc, i0 * R, R, 0, last(i0, R, kt, qt), c0 * C, C)
+            for r in T.unroll(R):
+                for c in T.vectorized(C):
+                    Acc[b, qbase + i0 * R + r, c0 * C + c] = acc[r, c]
+
+    return key_rows, query_rows
