@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import tvm
 from tvm import tirx
+from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from attndsl import config
@@ -123,12 +124,30 @@ class Measured:
         return min(self.times.items(), key=lambda kv: kv[1])
 
 
+@derived_object          # meta_schedule's objects are subclassed through `_cls`, then re-wrapped
+class _Builder(ms.builder.LocalBuilder._cls):
+    """LocalBuilder without its start-up check, which boots a worker process (importing TVM, ~3 s)
+    only to look the build functions up: a build function that fails still fails per candidate."""
+
+    def _sanity_check(self) -> None:
+        pass
+
+
+@derived_object
+class _Runner(ms.runner.LocalRunner._cls):
+    """LocalRunner whose worker process boots while the candidates build (its start-up check
+    otherwise waits for it): the check is sent to the worker, not waited on."""
+
+    def _sanity_check(self) -> None:
+        self.pool.submit(int)
+
+
 def make_runner(rpc: tuple[str, int, str] | None, repeat: int, timeout_s: float):
     evaluator = ms.runner.EvaluatorConfig(number=1, repeat=repeat, min_repeat_ms=40,
                                           enable_cpu_cache_flush=False)
     if rpc is None:
-        return ms.runner.LocalRunner(timeout_sec=timeout_s, evaluator_config=evaluator,
-                                     initializer=_runner_init, f_alloc_argument=_alloc_local)
+        return _Runner(timeout_sec=timeout_s, evaluator_config=evaluator,
+                       initializer=_runner_init, f_alloc_argument=_alloc_local)
     host, port, key = rpc
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                                  session_timeout_sec=int(timeout_s))
@@ -156,8 +175,7 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
     db = database.open_db(db_folder)
     workloads = {k: db.commit_workload(database.workload(f))       # once per kernel
                  for k, f in lower(root, dtype, only=set(names), portable=portable).items() if k in names}
-    builder = ms.builder.LocalBuilder(max_workers=min(2, config.num_threads()), timeout_sec=timeout_s,
-                                      f_build=_compile)
+    builder = _Builder(max_workers=min(2, config.num_threads()), timeout_sec=timeout_s, f_build=_compile)
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
     runner = make_runner(rpc, repeat, timeout_s)
     out = []
