@@ -22,16 +22,14 @@ from . import config
 FILE = "calibration.json"
 LENGTHS = (512, 2048)
 BH, DIM = 8, 64
-SITES = {   # form -> a spec whose one site it computes (plan= forces it); values_fft has no rival
-            # on its site, and kde/uniform are estimates, chosen by the spec, not by cost
-    "linear": "kernel = elu1",
-    "prefix_sum": "kernel = elu1; mask = causal",
-    "decayed": "kernel = elu1; position = alibi; mask = causal",
-    "banded": "kernel = elu1; position = toeplitz(max_distance=128, init=normal); mask = causal",
-    "toeplitz_fft": "kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)",
-    "pairwise": "kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)",
-    "quadratic": "position = alibi",
-}
+
+
+def sites() -> dict[str, str]:
+    """{form: the spec body its record's `probe` names}: what `measure` times (plan= forces it).
+    Forms without one are not calibrated: they have no rival on their site, or are estimates
+    the spec asks for."""
+    from .lowering.registry import FORMS
+    return {name: f.probe for name, f in FORMS.items() if f.probe}
 
 
 def cpu_model() -> str:
@@ -91,14 +89,14 @@ def weight(form: str) -> float:
 
 
 def measure(progress=print, lengths=LENGTHS, rounds: int = 5) -> dict:
-    """Time each form of SITES (forward, median of `rounds`) at `lengths`: {"cpu", "threads",
+    """Time each form of sites() (forward, median of `rounds`) at `lengths`: {"cpu", "threads",
     "rates": {form: s/flop}, "measured": {form: {N: (seconds, flops)}}}."""
     import torch
 
     import attndsl
     from .passes.plan import cost_of
     out: dict = {"cpu": cpu_model(), "threads": config.num_threads(), "rates": {}, "measured": {}}
-    for form, body in SITES.items():
+    for form, body in sites().items():
         attn = attndsl.compile(f"attention calibrate {{ {body} }}", heads=BH, head_dim=DIM, plan=form)
         decision = attn.planned.decisions[0]
         per = {}

@@ -23,7 +23,9 @@ class Form:
     run(node, children's values, library key, kernel name, module params) -> the site's value;
     op: the kernel ABI op (abi.py) its kernels implement and `run` calls;
     cpu_knobs, portable_knobs: the kernels' knob families (None: not tunable);
-    fft_scores: whether precision.py's FFT condition check guards it."""
+    fft_scores: whether precision.py's FFT condition check guards it;
+    probe: a spec body whose one site this form computes, which `attndsl calibrate` times
+    (attndsl/calibration.py; None: not calibrated, e.g. a form with no rival on its site)."""
     name: str
     node: type | tuple[type, ...]
     valid: Callable[[Node], bool]
@@ -36,6 +38,7 @@ class Form:
     cpu_knobs: str | None = None
     portable_knobs: str | None = None
     fft_scores: bool = False
+    probe: str | None = None
 
     def sites(self) -> tuple[type, ...]:
         """The IR node types this form computes."""

@@ -65,7 +65,8 @@ def test_a_damaged_calibration_file_is_warned_about_and_ignored(db, text):
 
 def test_cli_calibrate_times_the_forms_and_writes_the_file(db, monkeypatch, capsys):
     from attndsl.cli import main
-    monkeypatch.setattr(calibration, "SITES", {f: calibration.SITES[f] for f in ("prefix_sum", "pairwise")})
+    every = calibration.sites()
+    monkeypatch.setattr(calibration, "sites", lambda: {f: every[f] for f in ("prefix_sum", "pairwise")})
     monkeypatch.setattr(calibration, "DIM", 8)
     assert main(["calibrate", "--lengths", "64,128", "--db", str(db)]) == 0
     out = capsys.readouterr().out

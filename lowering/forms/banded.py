@@ -48,5 +48,6 @@ FORMS = [
     Form("banded", PositionalAttention, lambda n: n.bias.position.name == "toeplitz", _cost,
          "c(r) constant beyond the clip ±W: chunk prefix sums for the far keys, exact C×C tiles "
          "for the ±W band",
-         lower_cpu, lower_portable, run, "banded_attention", "banded", "portable_linear"),
+         lower_cpu, lower_portable, run, "banded_attention", "banded", "portable_linear",
+         probe="kernel = elu1; position = toeplitz(max_distance=128, init=normal); mask = causal"),
 ]

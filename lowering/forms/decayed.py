@@ -64,5 +64,6 @@ FORMS = [
     Form("decayed", PositionalAttention, lambda n: decay_rates(n.bias.position, n.causal) is not None, _cost,
          "exp(b(r)) = γ^|r|: a running state that decays by γ per token, S_i = γ S_{i−1} + φk_i⊗[v_i, 1] "
          "(and, without a causal mask, a second one backward in time over the later keys)",
-         lower_cpu, lower_portable, run, "linear_attention", "linear", "portable_linear"),
+         lower_cpu, lower_portable, run, "linear_attention", "linear", "portable_linear",
+         probe="kernel = elu1; position = alibi; mask = causal"),
 ]

@@ -52,8 +52,9 @@ def run(node, args, lib, name, params):
 FORMS = [
     Form("linear", LinearAttention, lambda n: not n.causal, linear_cost,
          "S = Σ_j φk_j⊗[v_j, 1] once, then out_i = φq_i·S (two GEMMs)",
-         lower_cpu, lower_portable, run, "linear_attention", "linear", "portable_linear"),
+         lower_cpu, lower_portable, run, "linear_attention", "linear", "portable_linear", probe="kernel = elu1"),
     Form("prefix_sum", LinearAttention, lambda n: n.causal, linear_cost,
          "running state S_i = S_{i−1} + φk_i⊗[v_i, 1], out_i = φq_i·S_i (one pass)",
-         lower_cpu, lower_portable, run, "linear_attention", "linear", "portable_linear"),
+         lower_cpu, lower_portable, run, "linear_attention", "linear", "portable_linear",
+         probe="kernel = elu1; mask = causal"),
 ]

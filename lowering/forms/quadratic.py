@@ -47,5 +47,6 @@ def run(node, args, lib, name, params):
 FORMS = [
     Form("quadratic", SoftmaxAttention, lambda n: True, softmax_cost,
          "flash-style tiles: scores in L1, running max and normalizer, b(i−j) on the fly",
-         lower_cpu, lower_portable, run, "softmax_attention", "quadratic", "portable_rows"),
+         lower_cpu, lower_portable, run, "softmax_attention", "quadratic", "portable_rows",
+         probe="position = alibi"),
 ]
