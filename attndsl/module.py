@@ -552,12 +552,13 @@ def program(root: Node) -> tuple[Step, ...]:
     """The plan as a list of steps, built once per plan (walking and hashing the frozen IR on every
     call costs more than a small call's kernels)."""
     order = postorder(root)
-    index = {id(n): i for i, n in enumerate(order)}
+    # keyed by value, as postorder dedups: an equal subtree built twice is one step
+    index = {n: i for i, n in enumerate(order)}
     steps = []
     for i, node in enumerate(order):
         source = node.name if isinstance(node, Input) else "position" if isinstance(node, Position) else None
         run = None if source else RUNNERS.get(type(node)) or form_of(node).run
-        steps.append(Step(node, source, run, tuple(index[id(c)] for c in node.children()), f"{node.op}{i}"))
+        steps.append(Step(node, source, run, tuple(index[c] for c in node.children()), f"{node.op}{i}"))
     return tuple(steps)
 
 

@@ -102,3 +102,14 @@ def test_dump_ir_flag_prints_every_pass(monkeypatch, capsys):
     err = capsys.readouterr().err
     for stage in ("ir", "fold_scale", "linearize", "fuse_softmax", "fuse_maps", "plan"):
         assert f"IR after {stage}" in err
+
+
+def test_the_executor_program_reads_an_equal_subtree_built_twice_as_one_step():
+    """postorder dedups by value: a parent whose children are equal but distinct objects reads the
+    one step both stand for."""
+    from attndsl.ir import Add, Input
+    from attndsl.module import program
+    a, b = Input("v", 8), Input("v", 8)
+    assert a == b and a is not b
+    steps = program(Add(a, b))
+    assert len(steps) == 2 and steps[-1].args == (0, 0)
