@@ -348,8 +348,13 @@ def cuda_build(path: Path, name: str, target: str) -> tuple[tuple[str, ...], str
     return tuple(funcs), build.cuda_source(build.build(funcs, tgt))
 
 
-@pytest.mark.parametrize("target", CUDA_TARGETS)
-@pytest.mark.parametrize("path,name", PORTABLE_EXAMPLES)
+# every example for the H100; the sm_80 build of one (its nvcc test shares it)
+SM80 = pytest.param(EXAMPLES / "softmax.attn", "softmax_rpe", "sm_80", id="sm_80",
+                    marks=pytest.mark.xdist_group("cuda-sm_80"))
+
+
+@pytest.mark.parametrize("path,name,target", [pytest.param(*p.values, CUDA_TARGETS[0], id=p.id, marks=p.marks)
+                                              for p in PORTABLE_EXAMPLES] + [SM80])
 def test_examples_build_for_cuda(path, name, target):
     funcs, src = cuda_build(path, name, target)
     for kernel in funcs:                 # each PrimFunc is a host function launching its kernels
@@ -387,9 +392,9 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/c
 
 
 @pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
-@pytest.mark.parametrize("path,name,target", [pytest.param(*p.values, "nvidia/nvidia-h100", id=p.id, marks=p.marks)
+@pytest.mark.parametrize("path,name,target", [pytest.param(*p.values, CUDA_TARGETS[0], id=p.id, marks=p.marks)
                                               for p in PORTABLE_EXAMPLES]
-                         + [pytest.param(EXAMPLES / "softmax.attn", "softmax_rpe", "sm_80", id="sm_80")])
+                         + [SM80])
 def test_generated_cuda_compiles_with_nvcc(path, name, target, monkeypatch):
     """What the GPU would JIT at load time, compiled ahead by nvcc to a cubin for the arch."""
     from tvm.support import nvcc

@@ -275,15 +275,18 @@ def test_geometric_recogniser_alibi(causal, rates):
     assert decay_rates(s.position, causal) == rates
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("head_dim", [3, 6, 13, 32])
+# (features, dtype): one partly filled block, one full and one partial, only full blocks
+RAGGED = [(3, torch.float32), (13, torch.float64), (32, torch.float32), (6, torch.float64)]
+
+
+@pytest.mark.parametrize("head_dim,dtype", RAGGED, ids=[f"{m}-{str(d)[-2:]}" for m, d in RAGGED])
 @pytest.mark.parametrize("mask", ["full", "causal"])
 def test_fused_fft_kernels_with_ragged_feature_lanes(head_dim, mask, dtype):
     """The fused Toeplitz-FFT kernels put 2·VL features in a work buffer (VL = a register's worth:
     8 / 4 in float32 / float64 with AVX2, 16 / 8 with AVX-512, times the real and imaginary
-    parts): feature counts that leave the last block partly empty (3, 6, 13) or fill it (32),
-    value_dim = 5 (six channels in the backward's four chunks: one is empty), and lengths that
-    leave the FFT buffer mostly zero padding; forward and backward (d table included) vs the
+    parts): feature counts that leave the last block partly empty or fill it (RAGGED, in either
+    dtype), value_dim = 5 (six channels in the backward's four chunks: one is empty), and lengths
+    that leave the FFT buffer mostly zero padding; forward and backward (d table included) vs the
     reference."""
     text = spec("table_full", "scores", mask).replace("favor(features=16, seed=2)", "elu1")
     attn = attndsl.compile(text, heads=2, head_dim=head_dim, value_dim=5, plan="toeplitz_fft", dtype=dtype)

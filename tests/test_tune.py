@@ -26,8 +26,8 @@ def test_trace_decisions_round_trip():
     assert database.choice_of(database.trace_of(mod, "linear", choice), "linear") == choice
 
 
+# (the linear family: test_cli_tune_writes_a_database_and_chooses_from_it)
 @pytest.mark.parametrize("text, plan, family", [
-    ("attention t { kernel = elu1; mask = causal }", "auto", "linear"),
     # its FFT length, a scalar parameter, is specialized per length
     ("attention t { kernel = elu1; position = toeplitz(max_distance=64) }", "toeplitz_fft", "toeplitz"),
     ("attention t { kernel = elu1; position = toeplitz(max_distance=8) }", "banded", "banded"),
@@ -54,16 +54,30 @@ def test_tune_records_and_choose_reads_them(tmp_path, text, plan, family):
     assert "| speed-up |" in tune.summary(rows)
 
 
-def test_cli_tune_writes_a_database_and_prints_the_summary(tmp_path, capsys):
+def test_cli_tune_writes_a_database_and_chooses_from_it(tmp_path, capsys):
+    """`attndsl tune` times two candidates of the linear kernels and prints the summary; choose()
+    reads the best back."""
+    import tvm
     from attndsl.cli import main
+    from attndsl.lowering import lower
+    from attndsl.lowering.build import resolve_target
+    from attndsl.schedules import database
+    text = "attention t {\n  kernel = relu\n  mask = causal\n}\n"
     spec = tmp_path / "t.attn"
-    spec.write_text("attention t {\n  kernel = relu\n  mask = causal\n}\n")
+    spec.write_text(text)
     db = tmp_path / "db"
     assert main(["tune", str(spec), "--heads", "2", "--head-dim", "16", "--lengths", "64",
-                 "--trials", "1", "--db", str(db)]) == 0
+                 "--trials", "2", "--db", str(db)]) == 0
     out = capsys.readouterr().out
     assert "tuning t" in out and "| speed-up |" in out and "1.00x" in out
     assert (db / "database_tuning_record.json").stat().st_size > 0
+    funcs = lower(pipeline.run(parse(text).block(None), 16, 16).root, "float32")
+    target = tvm.target.Target(resolve_target("llvm"))
+    linear = [f for name, f in funcs.items() if name.startswith("linear_attention")]
+    assert len(linear) == 2
+    for func in linear:
+        choice = database.choose(database.open_dbs([db]), func, "linear", target)
+        assert choice is not None and choice.knobs in knobs.grid("linear") and choice.speedup >= 1.0
 
 
 def test_cli_tune_rejects_a_bad_tracker_address(tmp_path, capsys):
