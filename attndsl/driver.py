@@ -56,16 +56,19 @@ def lower(spec: AttentionSpec, root: Node, target: Target, dtype: str) -> dict:
 
 
 def library(spec: AttentionSpec, root: Node, target: Target, dims: tuple[int, int], dtype: str,
-            tuned: bool = True) -> Library:
+            tuned: bool = True, decode: bool = False) -> Library:
     """All the steps: the kernels of the planned IR `root` (head and value dims `dims`) in `dtype`
     for `target`, with the tuning databases' knobs unless `tuned` is False, from the cache or
-    built and stored; registered with ops under the returned key."""
+    built and stored; registered with ops under the returned key. `decode`: instead, the kernel of
+    one decoding step (lowering.lower_decode; CPU only, never tuned)."""
     from . import lowering
     try:
+        if decode and (target.kind != "llvm" or not lowering.decodable(root)):
+            raise lowering.NotLowered([root])
         lowering.check(root, target.portable)
     except lowering.NotLowered as e:
         raise not_lowered(spec, e, target) from None
-    dirs = tuning.tuning_dirs() if tuned else []
+    dirs = tuning.tuning_dirs() if tuned and not decode else []
     loadable = True
     if target.kind == "cuda":
         from .runtime.load import prepare_cuda
@@ -73,8 +76,9 @@ def library(spec: AttentionSpec, root: Node, target: Target, dims: tuple[int, in
     # what decides the code, not where the spec was written: the planned IR (spans left out)
     key = cache.make_key(ir=canonical(root), dims=list(dims), dtype=dtype,
                          target=[str(target.spec()), target.kernels], host=_host_cpu(),
-                         lowering=kernel_source_hash(), tuning=tuning.fingerprint(dirs))
-    expect = kernels_of(root)
+                         lowering=kernel_source_hash(), tuning=tuning.fingerprint(dirs),
+                         **({"decode": True} if decode else {}))
+    expect = (lowering.DECODE_KERNEL,) if decode else kernels_of(root)
     if target.kind == "llvm":                # a library built for another key is caught at load
         expect += (f"attndsl_key_{key[:16]}",)
     notes: dict = {}
@@ -82,7 +86,10 @@ def library(spec: AttentionSpec, root: Node, target: Target, dims: tuple[int, in
     def build():
         from .lowering.build import build, resolve_target
         tvm_target = resolve_target(target)
-        funcs, chosen = lowering.lower_tuned(root, dtype, dirs, tvm_target, target.portable, gpu=target.gpu)
+        if decode:
+            funcs, chosen = lowering.lower_decode(root, dtype), {}
+        else:
+            funcs, chosen = lowering.lower_tuned(root, dtype, dirs, tvm_target, target.portable, gpu=target.gpu)
         notes["tuned"] = {k: {"knobs": c.knobs, "speedup": round(c.speedup, 4),
                               "lengths": list(c.lengths), "db": c.folder} for k, c in chosen.items()}
         if target.kind == "llvm":

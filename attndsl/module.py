@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import driver, nonfinite, ops, pipeline, precision, sampling
+from . import decoding, driver, nonfinite, ops, pipeline, precision, sampling
 from .ast import AttentionSpec
 from .diagnostics import SpecError
 from .featuremaps import lookup
@@ -91,6 +91,7 @@ class Attention(nn.Module):
         self._spans = self._crossovers()       # [(from N, to N, plan index)], float32 calls
         self._check_fft_range()
         self._mlir = None
+        self._decoder: Node | None = None        # the planned IR step() runs (decoding.decode_root)
         eager = _kernel_dtype(dtype)
         if self.target.kind == "mlir":
             self._mlir = self._mlir_program()
@@ -122,6 +123,32 @@ class Attention(nn.Module):
             self._tuning[i, dtype] = (list(lib.dirs), lib.tuned)
             self._libs[i, dtype] = lib.key
         return self._libs[i, dtype]
+
+    # --- decoding (decoding.py) ----------------------------------------------------------------------
+
+    def initial_state(self, batch: int, dtype: torch.dtype = torch.float32, device="cpu"):
+        """The decoding state before the first token of `batch` sequences (a causal spec whose form
+        carries a running state: linear attention, decayed position terms)."""
+        return decoding.initial_state(self, batch, dtype, device)
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state):
+        """(out (B, H, 1, Dv), next state): one more token, q, k (B, H, 1, Dk), v (B, H, 1, Dv), in
+        O(1); equal to the full causal forward's row at that position."""
+        return decoding.step(self, q, k, v, state)
+
+    def _decode_root(self) -> Node:
+        if self._decoder is None:
+            self._decoder = decoding.decode_root(self)
+        return self._decoder
+
+    def _decode_library(self, dtype: str) -> str:
+        """The key (in ops) of the decoding step's kernel in `dtype`, built or loaded once."""
+        if ("decode", dtype) not in self._libs:
+            lib = driver.library(self.spec, self._decode_root(), self.target, (self.head_dim, self.value_dim),
+                                 dtype, decode=True)
+            self._build_log.append(f"{lib.describe(dtype)}  [decoding step]")
+            self._libs["decode", dtype] = lib.key
+        return self._libs["decode", dtype]
 
     def _label(self, i: int) -> str:
         return ", ".join(self.plans[i].forms)

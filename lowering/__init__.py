@@ -15,8 +15,11 @@ from .tir import script
 from .registry import (FORMS, NODE_KERNELS, form_of, forms_for, kernel_names, knob_family, lowered_forms,
                        lowering_of, tunable)
 
-__all__ = ["FORMS", "NODE_KERNELS", "Form", "NotLowered", "check", "form_of", "forms_for", "kernel_names",
-           "knob_family", "lower", "lower_tuned", "lowered_forms", "lowering_of", "tunable"]
+__all__ = ["DECODE_KERNEL", "FORMS", "NODE_KERNELS", "Form", "NotLowered", "check", "decodable", "form_of",
+           "forms_for", "kernel_names", "knob_family", "lower", "lower_decode", "lower_tuned", "lowered_forms",
+           "lowering_of", "tunable"]
+
+DECODE_KERNEL = "decode_step"
 
 
 class NotLowered(Exception):
@@ -73,3 +76,20 @@ def lower_tuned(root: Node, dtype: str, dirs: list, target, portable: bool = Fal
         funcs.update(lower(root, dtype, {k: c.knobs for k, c in chosen.items()}, only=set(chosen),
                            portable=portable, gpu=gpu))
     return funcs, chosen
+
+
+def decodable(root: Node) -> bool:
+    """Whether a planned IR decodes token by token: its root a causal site of a form with a running
+    state (Form.decode) whose φ is one map of the raw q, k."""
+    from .forms.feature_map import site_map
+    form = form_of(root)
+    return (form is not None and form.decode is not None and getattr(root, "causal", False)
+            and site_map(root) is not None)
+
+
+def lower_decode(root: Node, dtype: str) -> dict:
+    """{DECODE_KERNEL: PrimFunc}: one decoding step of the planned IR `root` (decodable) in `dtype`."""
+    if not decodable(root):
+        raise NotLowered([root])
+    script.install()
+    return {DECODE_KERNEL: form_of(root).decode(root, DECODE_KERNEL, dtype)}

@@ -25,7 +25,9 @@ class Form:
     cpu_knobs, portable_knobs: the kernels' knob families (None: not tunable);
     fft_scores: whether precision.py's FFT condition check guards it;
     probe: a spec body whose one site this form computes, which `attndsl calibrate` times
-    (attndsl/calibration.py; None: not calibrated, e.g. a form with no rival on its site)."""
+    (attndsl/calibration.py; None: not calibrated, e.g. a form with no rival on its site);
+    decode(node, name, dtype) -> the PrimFunc of one decoding step (cpu/decode.py), for the causal
+    forms that carry a running state (None: not decodable token by token)."""
     name: str
     node: type | tuple[type, ...]
     valid: Callable[[Node], bool]
@@ -39,6 +41,7 @@ class Form:
     portable_knobs: str | None = None
     fft_scores: bool = False
     probe: str | None = None
+    decode: Callable | None = None
 
     def sites(self) -> tuple[type, ...]:
         """The IR node types this form computes."""

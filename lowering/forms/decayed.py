@@ -14,6 +14,7 @@ from attndsl.passes.geometric import decay_rates, decayed_floor
 
 from ..costs import linear_cost
 from ..form import Form, knob, watched
+from .feature_map import site_map
 
 
 def _slope(TAB, h, later):
@@ -38,6 +39,12 @@ def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
     return {names[0]: te_forms.linear_forward(names[0], m, d, dtype, node.causal, decayed=True, chunk=cf,
                                               eps=decayed_floor(node.eps, node.bias.position)),
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, node.causal, decayed=True, chunk=cb)}
+
+
+def decode_cpu(node: PositionalAttention, name, dtype):
+    from ..cpu import decode
+    return decode.step_kernel(name, site_map(node), node.v.shape[-1], dtype, True,
+                              decayed_floor(node.eps, node.bias.position))
 
 
 def rates(node: PositionalAttention, tab: torch.Tensor) -> torch.Tensor:
@@ -65,5 +72,5 @@ FORMS = [
          "exp(b(r)) = γ^|r|: a running state that decays by γ per token, S_i = γ S_{i−1} + φk_i⊗[v_i, 1] "
          "(and, without a causal mask, a second one backward in time over the later keys)",
          lower_cpu, lower_portable, run, "linear_attention", "linear", "portable_linear",
-         probe="kernel = elu1; position = alibi; mask = causal"),
+         probe="kernel = elu1; position = alibi; mask = causal", decode=decode_cpu),
 ]

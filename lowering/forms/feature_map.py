@@ -4,7 +4,7 @@ CPU kernels: featuremap.py (one family per kind of map); portable: te_forms.py.
 """
 from __future__ import annotations
 
-from attndsl.ir import FeatureMap
+from attndsl.ir import FeatureMap, Input
 
 
 def map_kernel_of(kernel, dk: int, width: int, prescale: float):
@@ -15,6 +15,19 @@ def map_kernel_of(kernel, dk: int, width: int, prescale: float):
 
 def map_kernel(node: FeatureMap):
     return map_kernel_of(node.kernel, node.x.shape[-1], node.width, node.prescale)
+
+
+def site_map(node):
+    """The map a linear site (LinearAttention, PositionalAttention) applies to q and k: its fused
+    φ, or the one both its FeatureMap inputs apply to the raw q, k; None for other inputs."""
+    if getattr(node, "phi", None) is not None:
+        m = node.qf.shape[-1]
+        return map_kernel_of(node.phi, m, m, node.prescale)
+    qf, kf = node.qf, node.kf
+    if (isinstance(qf, FeatureMap) and isinstance(kf, FeatureMap) and isinstance(qf.x, Input)
+            and isinstance(kf.x, Input) and (qf.kernel, qf.width, qf.prescale) == (kf.kernel, kf.width, kf.prescale)):
+        return map_kernel(kf)
+    return None
 
 
 def lower_cpu(node: FeatureMap, names, dtype, knobs):

@@ -12,7 +12,7 @@ from attndsl.ir import LinearAttention
 
 from ..costs import linear_cost
 from ..form import Form, knob, watched
-from .feature_map import map_kernel_of
+from .feature_map import map_kernel_of, site_map
 
 
 def _phi(node, dtype):
@@ -43,6 +43,11 @@ def lower_portable(node: LinearAttention, names, dtype, knobs, gpu):
             names[1]: te_forms.linear_backward(names[1], m, d, dtype, node.causal, phi, dphi, chunk=cb)}
 
 
+def decode_cpu(node: LinearAttention, name, dtype):
+    from ..cpu import decode
+    return decode.step_kernel(name, site_map(node), node.v.shape[-1], dtype, False, node.eps)
+
+
 def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v = args
@@ -56,5 +61,5 @@ FORMS = [
     Form("prefix_sum", LinearAttention, lambda n: n.causal, linear_cost,
          "running state S_i = S_{i−1} + φk_i⊗[v_i, 1], out_i = φq_i·S_i (one pass)",
          lower_cpu, lower_portable, run, "linear_attention", "linear", "portable_linear",
-         probe="kernel = elu1; mask = causal"),
+         probe="kernel = elu1; mask = causal", decode=decode_cpu),
 ]
