@@ -1,6 +1,6 @@
 """Train a small byte-level language model with a spec as its attention, and compare specs.
 
-    python examples/train_lm.py [--steps 150] [--seq 256] [--specs softmax performer_causal performer_rpe]
+    python examples/train_lm.py [--steps 300] [--seq 256] [--specs softmax performer_causal performer_rpe]
 
 The text is this Python's own standard library sources (read locally, nothing is downloaded). Each
 spec becomes `attndsl.nn.MultiheadAttention`, the `self_attn` of every `nn.TransformerEncoderLayer`
@@ -115,7 +115,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--specs", nargs="+", default=list(SPECS), choices=list(SPECS))
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
