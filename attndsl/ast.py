@@ -93,6 +93,40 @@ FUNCTIONS: dict[str, int] = {
 Value = Union[int, float, bool, str]
 
 
+# the position kinds that are learned tables clipped at ±max_distance: toeplitz (one entry per
+# distance) and t5 (entries tied in T5's log buckets, expanded to that table by t5_slots)
+TABLES = ("toeplitz", "t5")
+
+
+def learned_table(position) -> bool:
+    """Whether a position term is a learned table (TABLES): the kernels read it as (H, 2W + 1)."""
+    return position.name in TABLES
+
+
+def t5_slots(buckets: int, max_distance: int, bidirectional: bool) -> list[int]:
+    """The T5 bucket of each r = i − j in −W … W (W = max_distance), computed as T5's
+    `_relative_position_bucket` does (float32 logarithms, its relative position being j − i), so
+    imported tables keep their buckets: bidirectionally, half the buckets for keys after the query;
+    in each half, one bucket per distance below half / 2, then logarithmically wider ones up to
+    max_distance; from there on, the last."""
+    import math
+
+    import torch
+    rel = -torch.arange(-max_distance, max_distance + 1)             # j − i
+    out = torch.zeros_like(rel)
+    if bidirectional:
+        buckets //= 2
+        out += (rel > 0).long() * buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.min(rel, torch.zeros_like(rel))
+    exact = buckets // 2
+    large = exact + (torch.log(rel.float() / exact) / math.log(max_distance / exact)
+                     * (buckets - exact)).to(torch.long)
+    large = torch.min(large, torch.full_like(large, buckets - 1))
+    return (out + torch.where(rel < exact, rel, large)).tolist()
+
+
 @dataclass(frozen=True)
 class Choice:
     """A field value such as `favor(features=256, seed=0)`, `causal` or `kernel(x) = EXPR`.

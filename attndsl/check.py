@@ -96,6 +96,8 @@ FIELDS: dict[str, FieldSpec] = {f.name: f for f in [
         Option("toeplitz", (Param("max_distance", int, lo=0, hi=1048576),
                             Param("init", str, "zeros", names=("zeros", "normal")))),
         Option("alibi", (Param("slope", float, None, gt=0, absent="the standard per-head slopes 2^(-8h/H)"),)),
+        Option("t5", (Param("buckets", int, 32, lo=2, hi=4096), Param("max_distance", int, 128, lo=1, hi=1048576),
+                      Param("init", str, "zeros", names=("zeros", "normal")))),
     ), default="none", user_var="r"),
     FieldSpec("apply", "apply modes", _options(Option("scores"), Option("values")), default="scores"),
     FieldSpec("sampling", "sampling methods", _options(
@@ -426,6 +428,16 @@ def _bad_variable(n: Var, fs: FieldSpec) -> SpecError:
 
 def check_combination(spec: AttentionSpec) -> None:
     sampling, kernel = spec.sampling.name, spec.kernel.name
+    if spec.position.name == "t5":
+        buckets, reach = int(spec.position["buckets"]), int(spec.position["max_distance"])
+        side = buckets if spec.causal else buckets // 2      # without a mask, half for the later keys
+        if side < 2:
+            raise SpecError(f"t5 without a causal mask needs buckets >= 4 (half for the keys after the query), "
+                            f"got {buckets}", spec.span_of("position"), help="T5 uses t5(buckets=32, max_distance=128)")
+        if reach <= side // 2:
+            raise SpecError(f"t5(buckets={buckets}, max_distance={reach}): max_distance must exceed {side // 2}, "
+                            f"the distances with a bucket each", spec.span_of("position"),
+                            help="T5 uses t5(buckets=32, max_distance=128)")
     if sampling != "none" and kernel != "softmax":
         shown = "a user map" if kernel == "user" else kernel
         raise SpecError(f"sampling = {sampling} needs kernel = softmax, but the kernel is {shown}",

@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 
+from .ast import learned_table
 from .schedules.cuda import TARGETS
 
 
@@ -213,7 +214,7 @@ def cmd_run(args) -> int:
 
 def _table_width(spec) -> int:
     """P of the kernels' position parameters (H, P): 2W+1 for a learned table, else 1."""
-    if spec.position.name == "toeplitz":
+    if learned_table(spec.position):
         return 2 * int(spec.position["max_distance"]) + 1
     return 1
 

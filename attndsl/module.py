@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import decoding, driver, nonfinite, ops, pipeline, precision, sampling
-from .ast import AttentionSpec
+from .ast import AttentionSpec, learned_table, t5_slots
 from .diagnostics import SpecError
 from .featuremaps import lookup
 from .ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
@@ -69,11 +69,18 @@ class Attention(nn.Module):
         if spec.kernel.name != "softmax":
             projection = lookup(spec.kernel).projection(spec.kernel, head_dim)
         self.register_buffer("projection", None if projection is None else projection.float())
+        # a learned table: (H, 2W + 1), or t5's (H, buckets) with each r's bucket in t5_slots (2W + 1,)
         self.position_table = None
-        if spec.position.name == "toeplitz":
+        slots = None
+        if learned_table(spec.position):
             w = int(spec.position["max_distance"])
             init = torch.zeros if spec.position["init"] == "zeros" else (lambda *s: 0.02 * torch.randn(*s))
-            self.position_table = nn.Parameter(init(heads, 2 * w + 1))
+            width = 2 * w + 1
+            if spec.position.name == "t5":
+                width = int(spec.position["buckets"])
+                slots = torch.tensor(t5_slots(width, w, bidirectional=not spec.causal))
+            self.position_table = nn.Parameter(init(heads, width))
+        self.register_buffer("position_slots", slots, persistent=False)
         slopes = None
         if spec.position.name == "alibi":
             slope = spec.position["slope"]
@@ -281,7 +288,7 @@ class Attention(nn.Module):
         module's fixed position term (precision.py); None without one (no FFT site, or a learned
         table)."""
         site = self._fft_site(i)
-        if site is None or site.bias.position.name == "toeplitz":
+        if site is None or learned_table(site.bias.position):
             return None
         return {d: precision.longest(site.bias.position, site.causal, self.heads, self.position_slopes, d)
                 for d in (torch.float32, torch.float64)}
@@ -314,14 +321,15 @@ class Attention(nn.Module):
         if site is None or torch.compiler.is_compiling():    # the check runs in eager mode
             return dtype, i
         position, key = site.bias.position, (n, site.causal)
-        kappa = None if position.name == "toeplitz" else self._kappa.get(key)   # a table changes
+        learned = learned_table(position)
+        kappa = None if learned else self._kappa.get(key)    # a table changes
         if kappa is None:
-            b = precision.position_values(position, n, self.heads, self.position_table, self.position_slopes)
+            b = precision.position_values(position, n, self.heads, self._table(), self.position_slopes)
             kappa = precision.condition(b, site.causal)
-            if position.name != "toeplitz":
+            if not learned:
                 self._kappa[key] = kappa
         chosen = precision.dtype_for(kappa, dtype)
-        what = "the learned position table" if position.name == "toeplitz" else "this position term"
+        what = "the learned position table" if learned else "this position term"
         if chosen is None:
             exact = self._exact_index(n)
             if exact is None:
@@ -367,10 +375,17 @@ class Attention(nn.Module):
             w = self.projection.to(dtype).contiguous()
         return w, w.T.contiguous()
 
+    def _table(self) -> torch.Tensor | None:
+        """The learned table as the kernels and the reference read it, (H, 2W + 1): t5's buckets
+        gathered per distance (differentiable: the buckets get the slots' gradients summed)."""
+        if self.position_table is None or self.position_slots is None:
+            return self.position_table
+        return self.position_table[:, self.position_slots]
+
     def _position_params(self, dtype) -> torch.Tensor:
         """What the position kernels read as TAB (H, P): the table, the alibi slopes, or a dummy."""
         if self.position_table is not None:
-            return self.position_table.to(dtype).contiguous()
+            return self._table().to(dtype).contiguous()
         if self.position_slopes is not None:
             return self.position_slopes.to(dtype).contiguous()
         return torch.zeros(self.heads, 1, dtype=dtype)
@@ -378,8 +393,7 @@ class Attention(nn.Module):
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The spec's meaning literally, O(N²), with this module's random features and tables."""
         self._validate(q, k, v)
-        return reference(self.spec, q, k, v, projection=self.projection,
-                         position_table=self.position_table)
+        return reference(self.spec, q, k, v, projection=self.projection, position_table=self._table())
 
     def _validate(self, q, k, v) -> None:
         kind = self.target.kind

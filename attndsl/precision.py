@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .ast import Choice
+from .ast import Choice, learned_table
 from .expr import evaluate
 
 # the worst row's relative error a call may have, per dtype of the computation
@@ -36,7 +36,7 @@ def position_values(position: Choice, n: int, heads: int, table: torch.Tensor | 
                     slopes: torch.Tensor | None) -> torch.Tensor:
     """b_h(r) at r = −(n−1) … n−1, (H, 2n−1) float64."""
     r = torch.arange(-(n - 1), n, dtype=torch.float64)
-    if position.name == "toeplitz":
+    if learned_table(position):
         w = int(position["max_distance"])
         return table.detach().double()[:, r.long().clamp(-w, w) + w]
     if position.name == "alibi":

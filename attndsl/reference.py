@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .ast import AttentionSpec, Choice
+from .ast import AttentionSpec, Choice, learned_table
 from .expr import evaluate
 from .featuremaps import lookup
 
@@ -31,7 +31,7 @@ def position_bias(position: Choice, n: int, heads: int, dtype, table: torch.Tens
     if position.name == "none":
         return None
     r = relative_positions(n, dtype, device)
-    if position.name == "toeplitz":                     # table[h, clip(r, −W, W) + W]
+    if learned_table(position):                         # table[h, clip(r, −W, W) + W]
         w = int(position["max_distance"])
         idx = (r.long().clamp(-w, w) + w)
         return table.to(dtype)[:, idx]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from attndsl.ast import learned_table
 from attndsl.ir import Node
 
 
@@ -50,7 +51,7 @@ class Form:
 
 def learns(position) -> bool:
     """Whether the position term has trainable parameters (a toeplitz table)."""
-    return position.name == "toeplitz"
+    return learned_table(position)
 
 
 def knob(knobs: dict, names, family: str, name: str) -> list[int]:

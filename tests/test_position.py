@@ -170,7 +170,6 @@ def test_explain_names_the_position_form():
 FORCED = {
     "alibi-causal": ("alibi", "position = alibi", "causal", ("decayed", "toeplitz_fft")),
     "affine-causal": ("elu1", "position(r) = 2 - r / 5", "causal", ("decayed", "toeplitz_fft")),
-    "affine-abs": ("elu1", "position(r) = -0.3 * abs(r)", "causal", ("decayed", "toeplitz_fft")),
     "alibi-full": ("alibi", "position = alibi", "none", ("decayed", "toeplitz_fft")),
     "alibi-slope-full": ("elu1", "position = alibi(slope=0.3)", "none", ("decayed", "toeplitz_fft")),
     "affine-full": ("elu1", "position(r) = -0.3 * abs(r) + 0.1 * r", "none", ("decayed", "toeplitz_fft")),

@@ -1,4 +1,6 @@
 """Knob spaces, the meta_schedule database round trip, and a tiny tune through meta_schedule."""
+import re
+
 import pytest
 
 from attndsl import pipeline
@@ -69,7 +71,7 @@ def test_cli_tune_writes_a_database_and_chooses_from_it(tmp_path, capsys):
     assert main(["tune", str(spec), "--heads", "2", "--head-dim", "16", "--lengths", "64",
                  "--trials", "2", "--db", str(db)]) == 0
     out = capsys.readouterr().out
-    assert "tuning t" in out and "| speed-up |" in out and "1.00x" in out
+    assert "tuning t" in out and "| speed-up |" in out and re.search(r"\| \d+\.\d\dx \|", out)
     assert (db / "database_tuning_record.json").stat().st_size > 0
     funcs = lower(pipeline.run(parse(text).block(None), 16, 16).root, "float32")
     target = tvm.target.Target(resolve_target("llvm"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ast import AttentionSpec
+from ..ast import AttentionSpec, learned_table
 from ..featuremaps import FEATURE_MAPS
 from ..ir import Node
 from . import engine, linalg
@@ -22,7 +22,7 @@ def params(spec: AttentionSpec, heads: int, head_dim: int) -> linalg.Params:
     fmap = FEATURE_MAPS.get(spec.kernel.name)
     projected = fmap is not None and fmap.projection(spec.kernel, head_dim) is not None
     proj = (fmap.width(spec.kernel, head_dim), head_dim) if projected else (head_dim, head_dim)
-    tab = (heads, 2 * int(spec.position["max_distance"]) + 1) if spec.position.name == "toeplitz" else (heads, 1)
+    tab = (heads, 2 * int(spec.position["max_distance"]) + 1) if learned_table(spec.position) else (heads, 1)
     return linalg.Params(heads, proj, tab)
 
 

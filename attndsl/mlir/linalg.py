@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from torch_mlir import ir, passmanager, rewrite
 
-from ..ast import Var
+from ..ast import Var, learned_table
 from ..expr import BUILTIN_MAPS
 from ..passes.geometric import decayed_floor
 from ..ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
@@ -177,7 +177,7 @@ def bias_value(g: Body, pos, tab: str, p: Params, masked: bool, fill: float) -> 
     tab_ty = tensor(p.tab, g.T)
     if pos is None:
         val = g.const(0.0)
-    elif pos.name == "toeplitz":                     # table[h, clip(r, −W, W) + W]
+    elif learned_table(pos):                         # table[h, clip(r, −W, W) + W]
         w = int(pos["max_distance"])
         col = g(f"arith.minsi {g(f'arith.maxsi {r}, {g.index(-w)} : index')}, {g.index(w)} : index")
         val = g.extract(tab, tab_ty, h, g(f"arith.addi {col}, {g.index(w)} : index"))

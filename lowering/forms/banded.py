@@ -5,6 +5,7 @@ CPU kernels: banded.py; portable: te_forms.py.
 """
 from __future__ import annotations
 
+from attndsl.ast import learned_table
 from attndsl.ir import PositionalAttention
 from attndsl.schedules.knobs import defaults
 
@@ -45,7 +46,7 @@ def _cost(n: PositionalAttention, N: int) -> float:
 
 
 FORMS = [
-    Form("banded", PositionalAttention, lambda n: n.bias.position.name == "toeplitz", _cost,
+    Form("banded", PositionalAttention, lambda n: learned_table(n.bias.position), _cost,
          "c(r) constant beyond the clip ±W: chunk prefix sums for the far keys, exact C×C tiles "
          "for the ±W band",
          lower_cpu, lower_portable, run, "banded_attention", "banded", "portable_linear",

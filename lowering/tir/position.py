@@ -5,6 +5,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from attndsl.ast import learned_table
+
 from .expr import to_tir
 
 
@@ -20,7 +22,7 @@ def slot(r, W):
 
 def bias_builder(position, dtype: str):
     """(TAB, h, r) -> b_h(r) as a PrimExpr, for r an int64 PrimExpr."""
-    if position.name == "toeplitz":
+    if learned_table(position):
         def bias(TAB, h, r, W):
             return TAB[h, slot(r, W)]
     elif position.name == "alibi":
