@@ -37,6 +37,7 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_softmax.py
 	$(PY) benchmarks/bench_lengths.py
 	$(PY) benchmarks/bench_busy.py
+	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_kde_accuracy.py
 	$(PY) benchmarks/bench_fft.py
 	$(PY) benchmarks/bench_tuning.py

@@ -102,7 +102,7 @@ def step(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     root = attn._decode_root()
     kernel = ops._kernel(attn._decode_library(KERNEL_DTYPES[dtype]), DECODE_KERNEL)
     rows = [t.to(dtype).reshape(B * H, 1, -1).contiguous() for t in (q, k, v)]
-    _, wt = (t.to(rows[0].device) for t in attn._projection(dtype))
+    _, wt = attn._projection(dtype, rows[0].device)
     tab = (decayed.rates(root, attn._position_params(dtype)) if root.form == "decayed"
            else rows[0].new_zeros(1, 2))
     out = rows[2].new_empty(rows[2].shape)

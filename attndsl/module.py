@@ -99,6 +99,8 @@ class Attention(nn.Module):
         self._check_fft_range()
         self._mlir = None
         self._decoder: Node | None = None        # the planned IR step() runs (decoding.decode_root)
+        self._valid: set = set()                 # input signatures _validate has passed
+        self._constants: dict = {}               # (what, dtype, device, source version) -> tensors per call
         eager = _kernel_dtype(dtype)
         if self.target.kind == "mlir":
             self._mlir = self._mlir_program()
@@ -184,6 +186,7 @@ class Attention(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_mlir"] = None                    # a compiled program: rebuilt on first use
+        state["_constants"], state["_valid"] = {}, set()    # per-process tensors, remade on use
         return state
 
     def __setstate__(self, state):
@@ -248,7 +251,7 @@ class Attention(nn.Module):
         lib = self._library(KERNEL_DTYPES[dtype], i)
         device = env["q"].device
         env = {**env, "position": self._position_params(dtype).to(device)}
-        w, wt = (t.to(device) for t in self._projection(dtype))
+        w, wt = self._projection(dtype, device)
         dens: list = []                          # each normalizer's minimum, as the runners see it
         watch = self.spec.stabilized and not torch.compiler.is_compiling()
         params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed,
@@ -367,13 +370,26 @@ class Attention(nn.Module):
         return self._mlir(KERNEL_DTYPES[dtype], env["q"], env["k"], env["v"], self._projection(dtype)[0],
                           tab.detach(), rates.detach(), *samples)
 
-    def _projection(self, dtype):
-        if self.projection is None:
-            width = self.head_dim                # elementwise maps: W' unused but shaped (M, Dk)
-            w = torch.zeros(width, self.head_dim, dtype=dtype)
-        else:
-            w = self.projection.to(dtype).contiguous()
-        return w, w.T.contiguous()
+    def _projection(self, dtype, device="cpu"):
+        """(W', W'ᵀ) of a projected map in `dtype` on `device` (zeros (Dk, Dk) for the others, which
+        the kernels take but never read), made once per version of the projection buffer."""
+        p = self.projection
+
+        def make():
+            w = (torch.zeros(self.head_dim, self.head_dim, dtype=dtype) if p is None
+                 else p.to(dtype).contiguous()).to(device)
+            return w, w.T.contiguous()
+        if torch.compiler.is_compiling():       # a version number is not a graph's business
+            return make()
+        key = ("projection", dtype, str(device), None if p is None else (p.data_ptr(), p._version))
+        if key not in self._constants:
+            self._remember(key, make())
+        return self._constants[key]
+
+    def _remember(self, key, value) -> None:
+        if len(self._constants) > 64:            # old versions of the buffers
+            self._constants.clear()
+        self._constants[key] = value
 
     def _table(self) -> torch.Tensor | None:
         """The learned table as the kernels and the reference read it, (H, 2W + 1): t5's buckets
@@ -388,7 +404,12 @@ class Attention(nn.Module):
             return self._table().to(dtype).contiguous()
         if self.position_slopes is not None:
             return self.position_slopes.to(dtype).contiguous()
-        return torch.zeros(self.heads, 1, dtype=dtype)
+        key = ("no position", dtype)
+        if torch.compiler.is_compiling():
+            return torch.zeros(self.heads, 1, dtype=dtype)
+        if key not in self._constants:
+            self._remember(key, torch.zeros(self.heads, 1, dtype=dtype))
+        return self._constants[key]
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The spec's meaning literally, O(N²), with this module's random features and tables."""
@@ -396,6 +417,21 @@ class Attention(nn.Module):
         return reference(self.spec, q, k, v, projection=self.projection, position_table=self._table())
 
     def _validate(self, q, k, v) -> None:
+        """The checks of q, k, v's types, shapes, dtypes and devices, once per signature (and, with
+        check_finite, their values at every call)."""
+        sig = None
+        if not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in (q, k, v)):
+            sig = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
+        if sig is None or sig not in self._valid:
+            self._check_inputs(q, k, v)
+            if sig is not None:
+                if len(self._valid) > 256:
+                    self._valid.clear()
+                self._valid.add(sig)
+        if self.check_finite:
+            self._check_finite(q, k, v)
+
+    def _check_inputs(self, q, k, v) -> None:
         kind = self.target.kind
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
@@ -430,15 +466,16 @@ class Attention(nn.Module):
                                  f"value_dim={self.value_dim}; batch and seq taken from q)")
         if N == 0:
             raise ValueError("sequence length is 0: attention needs at least one key")
-        if self.check_finite:
-            for name, t in (("q", q), ("k", k), ("v", v)):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
-            for name in ("position_table", "position_slopes", "projection"):
-                t = getattr(self, name)
-                if t is not None and not torch.isfinite(t.detach()).all():
-                    raise ValueError(f"the module's {name} contains NaN or Inf (check_finite=True); "
-                                     f"it is used by every call: restore it (e.g. load_state_dict)")
+
+    def _check_finite(self, q, k, v) -> None:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
+        for name in ("position_table", "position_slopes", "projection"):
+            t = getattr(self, name)
+            if t is not None and not torch.isfinite(t.detach()).all():
+                raise ValueError(f"the module's {name} contains NaN or Inf (check_finite=True); "
+                                 f"it is used by every call: restore it (e.g. load_state_dict)")
 
     # --- explain -----------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ q, k (BH, N, Dk), v (BH, N, Dv), out (BH, N, Dv).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -23,7 +24,7 @@ import torch
 def _finite(*tensors: torch.Tensor) -> bool:
     """Whether every element is finite: a sum is not finite if any element is not (or if the sum
     overflows, which only sends the caller down the exact slow path)."""
-    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+    return all(math.isfinite(t.sum().item()) for t in tensors)
 
 
 class _Poisoned(torch.autograd.Function):

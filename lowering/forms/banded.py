@@ -33,7 +33,7 @@ def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
 def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v, tab = args
-    return watched(ops.banded_attention(qf, kf, v, tab, lib, name), params)
+    return watched(ops.fast.banded_attention(qf, kf, v, tab, lib, name), params)
 
 
 def _cost(n: PositionalAttention, N: int) -> float:

@@ -58,7 +58,7 @@ def rates(node: PositionalAttention, tab: torch.Tensor) -> torch.Tensor:
 def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v, tab = args
-    return watched(ops.linear_attention(qf, kf, v, rates(node, tab), lib, name), params)
+    return watched(ops.fast.linear_attention(qf, kf, v, rates(node, tab), lib, name), params)
 
 
 def _cost(n: PositionalAttention, N: int) -> float:

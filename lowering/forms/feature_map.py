@@ -46,4 +46,4 @@ def lower_portable(node: FeatureMap, names, dtype, knobs, gpu):
 
 def run(node, args, lib, name, params):
     from attndsl import ops
-    return ops.feature_map(args[0], params["w"], params["wt"], lib, name, node.width)
+    return ops.fast.feature_map(args[0], params["w"], params["wt"], lib, name, node.width)

@@ -34,7 +34,7 @@ def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v = args[:3]
     tab = args[3] if len(args) > 3 else v.new_zeros(1, 1)
-    return watched(ops.pairwise_attention(qf, kf, v, tab, lib, name), params)
+    return watched(ops.fast.pairwise_attention(qf, kf, v, tab, lib, name), params)
 
 
 def _valid(node) -> bool:

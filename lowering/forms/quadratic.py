@@ -41,7 +41,7 @@ def run(node, args, lib, name, params):
     from attndsl import ops
     q, k, v = args[:3]
     tab = args[3] if node.bias is not None else q.new_zeros(1, 1)
-    return ops.softmax_attention(q, k, v, tab, lib, name)[0]
+    return ops.fast.softmax_attention(q, k, v, tab, lib, name)[0]
 
 
 FORMS = [

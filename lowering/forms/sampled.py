@@ -37,7 +37,7 @@ def lower_portable(node: SampledAttention, names, dtype, knobs, gpu):
 def run(node, args, lib, name, params):
     from attndsl import ops, sampling
     s = sampling.draw(*args, node.sampling, params["lsh_planes"], params["seed"], node.scale)
-    return ops.sampled_attention(*args, *s.args(), lib, name, s.block)[0]
+    return ops.fast.sampled_attention(*args, *s.args(), lib, name, s.block)[0]
 
 
 def _cost(n: SampledAttention, N: int) -> float:

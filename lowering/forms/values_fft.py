@@ -28,7 +28,7 @@ def lower_portable(node: ToeplitzValues, names, dtype, knobs, gpu):
 def run(node, args, lib, name, params):
     from attndsl import ops
     tab, v = args
-    return ops.toeplitz_values(v, tab, lib, name)
+    return ops.fast.toeplitz_values(v, tab, lib, name)
 
 
 FORMS = [
