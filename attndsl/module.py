@@ -381,10 +381,14 @@ class Attention(nn.Module):
             return w, w.T.contiguous()
         if torch.compiler.is_compiling():       # a version number is not a graph's business
             return make()
-        key = ("projection", dtype, str(device), None if p is None else (p.data_ptr(), p._version))
-        if key not in self._constants:
-            self._remember(key, make())
-        return self._constants[key]
+        # kept with the buffer it was made from (so its memory is never reused by another) and
+        # that buffer's version: remade when the buffer is replaced or written in place
+        key, version = ("projection", dtype, str(device)), None if p is None else p._version
+        entry = self._constants.get(key)
+        if entry is None or entry[0] is not p or entry[1] != version:
+            entry = (p, version, make())
+            self._remember(key, entry)
+        return entry[2]
 
     def _remember(self, key, value) -> None:
         if len(self._constants) > 64:            # old versions of the buffers

@@ -159,3 +159,16 @@ def test_compile_builds_the_dtype_it_is_given_and_the_others_at_their_first_call
     assert sorted(d for _, d in lazy._libs) == ["float64"]
     with pytest.raises(ValueError, match=r"dtype must be torch.float32, .* or None .*got torch.int32"):
         attndsl.compile(text, heads=2, head_dim=8, dtype=torch.int32)
+
+
+def test_a_replaced_or_rewritten_projection_is_what_the_kernels_use():
+    """The module keeps its projection per dtype between calls: a buffer replaced (possibly at the
+    old one's address) or written in place is picked up by the next call."""
+    attn = attndsl.compile("attention t { kernel = favor(features=8); mask = causal }", heads=1, head_dim=4)
+    q, k, v = inputs(1, 1, 6, 4, 4, torch.float32, "favor")
+    with torch.no_grad():
+        for _ in range(5):
+            attn.projection = torch.randn(8, 4)
+            assert_close("replaced", attn.reference(q.double(), k.double(), v.double()), attn(q, k, v), 1e-5)
+            attn.projection.mul_(0.5)
+            assert_close("in place", attn.reference(q.double(), k.double(), v.double()), attn(q, k, v), 1e-5)
