@@ -124,7 +124,16 @@ def _emit_kernels(spec, planned, args) -> None:
             print(build.module_text(funcs))
         return
     print(f"// {spec.name}: CUDA C for {tgt.attrs.get('arch')} ({len(funcs)} kernels, TVM {build.tvm.__version__})")
-    print(build.cuda_source(build.build(funcs, tgt)))
+    source = build.cuda_source(build.build(funcs, tgt))
+    print(source)
+    from .schedules import cuda
+    try:
+        table = cuda.census_table(cuda.census(source, tgt))
+    except RuntimeError as e:
+        print(f"// census: not taken ({e})")
+        return
+    print(f"// census: each kernel as nvcc's ptxas -v compiles it for {cuda.arch(tgt)}, and its CUDA C\n"
+          + "\n".join(f"// {line}" for line in table.splitlines()))
 
 
 def _emit_mlir(args) -> int:

@@ -8,6 +8,8 @@ and keeps its reduction serial in each thread. Each block then runs as one kerne
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # what users may write as `target=` for CUDA -> the TVM target (a tag, or a dict)
 TARGETS: dict[str, str | dict] = {
     "cuda": "nvidia/nvidia-h100",                 # this machine's GPU if it has one, else the H100
@@ -56,3 +58,100 @@ def schedule(mod, target):
     with target:
         return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+
+
+# --- the census: what the generated kernels use, from the CUDA C and from ptxas -------------------
+
+@dataclass(frozen=True)
+class KernelUsage:
+    """One __global__ kernel: registers, spills, static shared memory and stack (ptxas -v), and in
+    its CUDA C the tensor-core instructions (mma, ldmatrix), shared buffers and barriers."""
+    name: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared: int
+    stack: int
+    mma: int
+    shared_buffers: int
+    barriers: int
+
+
+def nvcc_path() -> str | None:
+    """nvcc on PATH, else under CUDA_PATH or /usr/local/cuda."""
+    import os
+    import shutil
+    from pathlib import Path
+    found = shutil.which("nvcc")
+    for root in (os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if found is None and root and (Path(root) / "bin" / "nvcc").exists():
+            found = str(Path(root) / "bin" / "nvcc")
+    return found
+
+
+def census(source: str, target) -> list[KernelUsage]:
+    """Every kernel of `source` (CUDA C that TVM generated for `target`) compiled by nvcc for its
+    arch with `ptxas -v`; RuntimeError when there is no nvcc or it fails."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise RuntimeError("no nvcc (on PATH, under CUDA_PATH or /usr/local/cuda)")
+    sm = arch(target).removeprefix("sm_")
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = Path(tmp) / "kernels.cu"
+        cu.write_text(source)
+        run = subprocess.run([nvcc, "--cubin", "-O3", "-gencode", f"arch=compute_{sm},code=sm_{sm}",
+                              "-Xptxas", "-v", "-o", str(Path(tmp) / "kernels.cubin"), str(cu)],
+                             capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"nvcc failed: {run.stderr.strip().splitlines()[-1] if run.stderr else run.returncode}")
+    usage: dict[str, dict] = {}
+    name = None
+    for line in run.stderr.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?([\w$]+)'?", line)
+        if m:
+            name = m.group(1)
+            usage.setdefault(name, {})
+            continue
+        if name is None:
+            continue
+        for key, pattern in (("stack", r"(\d+) bytes stack frame"), ("spill_stores", r"(\d+) bytes spill stores"),
+                             ("spill_loads", r"(\d+) bytes spill loads"), ("registers", r"Used (\d+) registers"),
+                             ("shared", r"(\d+) bytes smem")):
+            m = re.search(pattern, line)
+            if m:
+                usage[name][key] = int(m.group(1))
+    bodies = dict(_kernel_bodies(source))
+    return [KernelUsage(n, u.get("registers", 0), u.get("spill_stores", 0), u.get("spill_loads", 0),
+                        u.get("shared", 0), u.get("stack", 0), *_source_counts(bodies.get(n, "")))
+            for n, u in sorted(usage.items())]
+
+
+def _kernel_bodies(source: str):
+    """(name, body text) of each __global__ definition (not its declaration) in `source`."""
+    import re
+    for m in re.finditer(r'__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;{]*\)\s*\{', source):
+        depth, i = 1, m.end()
+        while depth and i < len(source):
+            depth += {"{": 1, "}": -1}.get(source[i], 0)
+            i += 1
+        yield m.group(1), source[m.end():i]
+
+
+def _source_counts(body: str) -> tuple[int, int, int]:
+    """(tensor-core instructions, __shared__ buffers, __syncthreads) in a kernel's CUDA C."""
+    import re
+    return (len(re.findall(r"\bmma\.sync|\bwmma::mma_sync|\bldmatrix", body)), body.count("__shared__"),
+            body.count("__syncthreads"))
+
+
+def census_table(rows: list[KernelUsage]) -> str:
+    """The census as a markdown table."""
+    lines = ["| kernel | registers | spill stores / loads (B) | shared (B) | stack (B) | mma, ldmatrix | "
+             "shared buffers | barriers |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.registers} | {r.spill_stores} / {r.spill_loads} | {r.shared} | {r.stack} | "
+              f"{r.mma} | {r.shared_buffers} | {r.barriers} |" for r in rows]
+    return "\n".join(lines)

@@ -406,6 +406,20 @@ def test_generated_cuda_compiles_with_nvcc(path, name, target, monkeypatch):
     assert len(cubin) > 1000
 
 
+@pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
+@pytest.mark.xdist_group("cuda-sm_80")
+def test_the_census_reports_every_kernel_s_registers_and_spills(monkeypatch):
+    """ptxas -v over the generated CUDA: a row per __global__ kernel of every PrimFunc."""
+    from attndsl.schedules import cuda
+    monkeypatch.setenv("PATH", str(Path(NVCC).parent) + ":" + __import__("os").environ["PATH"])
+    funcs, src = cuda_build(EXAMPLES / "softmax.attn", "softmax_rpe", "sm_80")
+    rows = cuda.census(src, build.resolve_target("sm_80"))
+    names = [r.name for r in rows]
+    assert all(any(n.startswith(f"{f}_kernel") for n in names) for f in funcs)
+    assert all(r.registers > 0 and r.spill_stores >= 0 for r in rows)
+    assert "| registers |" in cuda.census_table(rows)
+
+
 def test_emit_stage_cuda_prints_the_cuda_source(capsys):
     path = str(EXAMPLES / "linear_elu.attn")
     assert cli.main(["emit", path, "--name", "linear_elu_causal", "--stage", "cuda"]) == 0
