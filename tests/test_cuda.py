@@ -282,6 +282,65 @@ def test_portable_sampled_matches_the_cpu_kernels(case, dtype):
         assert_close(name, a, b, 10 * RTOL[dtype])
 
 
+# --- the scheduled CUDA kernels' maths, on the CPU -----------------------------------------------------
+
+def serialized_library(attn, n: int, dtype: str) -> str:
+    """The kernels of `attn`'s plan at length n as the CUDA target schedules them (dlight), with
+    every GPU thread binding turned into a serial loop and built for the CPU, registered with ops;
+    its key. Exact for kernels without shared memory or barriers: every thread's work in turn."""
+    import re
+
+    import tvm
+    from tvm.script import from_source
+    from attndsl import ops
+    from attndsl.schedules import cuda
+    root = attn.plans[attn._plan_index(n, getattr(torch, dtype))].root
+    funcs = lowering.lower(root, dtype, portable=True, gpu=True)
+    text = cuda.schedule(tvm.IRModule(funcs), build.resolve_target("nvidia/nvidia-h100")).script()
+    assert "T.thread_binding" in text and '"shared' not in text and "storage_sync" not in text
+    text = re.sub(r'T\.thread_binding\((.*), thread="[^"]+"\):', r"T.serial(\1):", text)
+    # TVM 0.27's parser reads float64's lowest value, as its printer writes it, as a float32
+    lowest = 'T.min_value("float64")'
+    text = re.sub(r"T\.float64\((-\d{300,}\.0)\)", lambda m: lowest if float(m[1]) == torch.finfo(torch.float64).min
+                  else m[0], text)
+    serial = from_source(text)
+    key = f"serialized-{id(attn)}-{n}-{dtype}"
+    ops.register_library(key, build.build({gv.name_hint: f for gv, f in serial.functions.items()},
+                                          build.resolve_target("llvm")))
+    return key
+
+
+# the portable kernel families without shared memory or barriers (the FFT blocks have both); the
+# decayed kernels are prefix_sum's scan with powers of γ
+SCHEDULED = {
+    "prefix_sum": lambda: compiled("elu1", "causal"),
+    "linear-favor": lambda: compiled("favor", "full"),
+    "banded": lambda: banded("clipped-causal"),
+    "quadratic-table": lambda: softmax("table-causal"),
+    "kde": lambda: sampled("kde"),
+}
+
+
+@pytest.mark.parametrize("case", SCHEDULED)
+def test_scheduled_cuda_kernels_compute_what_the_unscheduled_ones_do(case):
+    """dlight's index splitting, fusion and bound guards, run on the CPU: the scheduled kernels
+    with their threads serialized give the unscheduled portable build's output and gradients."""
+    attn, n = SCHEDULED[case](), 150
+    q, k, v = inputs(2, 2, n, 8, 6, torch.float64)
+    want = out_and_grads(attn, q, k, v)
+    i = attn._plan_index(n, torch.float64)
+    plain = attn._library("float64", i)
+    from attndsl import ops
+    try:
+        key = attn._libs[i, "float64"] = serialized_library(attn, n, "float64")
+        got = out_and_grads(attn, q, k, v)
+        assert any(lib == key for lib, _ in ops._KERNELS)          # the serialized kernels ran
+    finally:
+        attn._libs[i, "float64"] = plain
+    for name, a, b in zip(("out", "dq", "dk", "dv"), want, got):
+        assert_close(name, a, b, 1e-12)
+
+
 def test_portable_kde_is_exact_when_one_block_holds_every_key():
     attn = attndsl.compile("attention t { sampling = kde(buckets=4, block=64, samples=6) }", heads=2,
                            head_dim=8, value_dim=6, target=PORTABLE_CPU)
