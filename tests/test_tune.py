@@ -37,15 +37,17 @@ def test_trace_decisions_round_trip():
     ("attention t { sampling = kde(buckets=4, block=16, samples=8, seed=0) }", "auto", "quadratic"),
 ])
 def test_tune_records_and_choose_reads_them(tmp_path, text, plan, family):
-    """Two candidates of a kernel at N = 64, timed by meta_schedule's LocalRunner, committed to a
-    JSONDatabase that choose() then reads back."""
+    """Two candidates of the family's forward kernel at N = 64 (the CLI test tunes a backward one
+    too), timed by meta_schedule's LocalRunner, committed to a JSONDatabase that choose() then
+    reads back."""
     import tvm
     from attndsl.lowering import lower, tune
     from attndsl.lowering.build import resolve_target
     from attndsl.schedules import database
     root = pipeline.run(parse(text).block(None), 16, 16, plan_name=plan).root
+    forward = [k for k in tune.tunable(root, False) if k.endswith("_fwd")]
     rows = tune.tune(root, "float32", sizes={"BH": 2, "H": 2, "P": 129, "S": 8, "block": 16}, lengths=[64], trials=2,
-                     db_folder=tmp_path, repeat=2, progress=lambda s: None)
+                     db_folder=tmp_path, repeat=2, progress=lambda s: None, kernels=forward)
     assert rows and all(len(r.times) == 2 and not r.errors for r in rows)
     target = tvm.target.Target(resolve_target("llvm"))
     funcs = lower(root, "float32")
@@ -277,7 +279,7 @@ def test_tune_through_a_loopback_rpc_tracker_and_server(tmp_path):
         root = pipeline.run(parse("attention t { kernel = relu }").block(None), 16, 16).root
         rows = tune.tune(root, "float32", sizes={"BH": 2, "H": 2, "P": 1}, lengths=[64], trials=2,
                          db_folder=tmp_path, repeat=2, rpc=("127.0.0.1", trk.port, "attndsl-test"),
-                         progress=lambda s: None)
+                         progress=lambda s: None, kernels=["linear_attention3_fwd"])
         assert rows and all(len(r.times) == 2 and not r.errors for r in rows), [r.errors for r in rows]
         assert (tmp_path / "database_tuning_record.json").stat().st_size > 0
     finally:
