@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from attndsl.ir import postorder
 from attndsl.passes import plan
 from attndsl.lowering import build
 from attndsl.lowering.portable import te_forms
+from attndsl.schedules import cuda as cuda_schedules
 
 from conftest import RTOL, assert_close, shared
 from test_linear import KERNELS, MASKS, inputs, spec
@@ -447,7 +447,7 @@ def test_unknown_target_lists_the_cuda_names():
         attndsl.compile("attention a { kernel = elu1 }", heads=1, head_dim=8, target="sm_99")
 
 
-NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+NVCC = cuda_schedules.nvcc_path()
 
 
 # one example of each kernel family (map kinds, scan, decay, band, FFT scores and values, sampled,
