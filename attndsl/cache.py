@@ -53,9 +53,17 @@ class AttndslCacheWarning(UserWarning):
 
 
 def _versions() -> dict[str, str]:
+    """The TVM versions, part of every key: the installed packages', else a runtime-only TVM's
+    versions.json (attndsl/bundle.py), else (TVM built from source) what it says."""
+    if config.tvm_runtime_dir() is not None:
+        try:
+            info = json.loads((config.tvm_runtime_dir() / "versions.json").read_text())
+            return {"tvm": str(info["tvm"]), "tvm_ffi": str(info["tvm_ffi"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     try:
         return {"tvm": metadata.version("apache-tvm"), "tvm_ffi": metadata.version("apache-tvm-ffi")}
-    except metadata.PackageNotFoundError:    # TVM built from source: ask it
+    except metadata.PackageNotFoundError:
         import tvm
         return {"tvm": tvm.__version__, "tvm_ffi": "?"}
 
@@ -276,21 +284,31 @@ def _acquire(guard: filelock.FileLock, owner: Path, so: Path, label: str) -> boo
 
 
 def load_or_build(key: str, build: Callable[[], Any], *, label: str, notes: dict | None = None,
-                  cacheable: bool = True, expect: tuple[str, ...] = ()) -> tuple[Any, bool]:
+                  loadable: bool = True, expect: tuple[str, ...] = ()) -> tuple[Any, bool]:
     """(library, hit): the cached library for `key`, or build() stored under `key`.
 
     A hit returns a `tvm.runtime.Module` loaded from disk; a miss returns what build() made.
     `notes`: a dict build() may fill (JSON values); stored with the entry, and refilled from it on
-    a hit, so what a build decided is known without building. `cacheable=False`: only build (a
-    library this machine could not load back, e.g. CUDA kernels where there is no CUDA runtime).
+    a hit, so what a build decided is known without building. `loadable=False`: a library this
+    machine cannot load (CUDA kernels where there is no CUDA runtime): built and stored, for a
+    machine that can (`stored` tells whether it is there already).
     `expect`: function names a loaded entry must have (else it is rebuilt, with a warning).
     """
     if notes is None:
         notes = {}
-    if not config.use_cache() or not cacheable:
+    if not config.use_cache():
         return _build(build, label), False
     so, meta, lock = _paths(key)
     owner = lock.with_suffix(".owner")
+    if not loadable:
+        lib = _build(build, label)
+        try:
+            so.parent.mkdir(parents=True, exist_ok=True)
+            with filelock.FileLock(str(lock), timeout=LOCK_TIMEOUT_S):
+                _store(key, lib, label, so, meta, notes)
+        except Exception as e:                              # kept for later only: never fatal
+            _warn(f"attndsl: could not store {so} for {label} ({e})", once=True)
+        return lib, False
     t0 = time.perf_counter()
     if _problem(key, so, meta) is None:                     # fast path: a whole entry, no lock
         try:
@@ -334,6 +352,17 @@ def load_or_build(key: str, build: Callable[[], Any], *, label: str, notes: dict
     finally:
         owner.unlink(missing_ok=True)
         guard.release()
+
+
+def stored(key: str) -> dict | None:
+    """The notes of a whole entry for `key`, without loading it; None where there is none."""
+    so, meta, _ = _paths(key)
+    if not config.use_cache() or _problem(key, so, meta) is not None:
+        return None
+    try:
+        return json.loads(meta.read_text()).get("notes") or {}
+    except (OSError, ValueError):
+        return None
 
 
 def _files() -> list[Path]:

@@ -90,6 +90,21 @@ def fft_impl() -> str:
     return raw
 
 
+def tvm_runtime_dir() -> Path | None:
+    """ATTNDSL_TVM_RUNTIME: a folder holding libtvm_runtime.so (and libtvm_runtime_cuda.so, and
+    versions.json), for a runtime-only install without the apache-tvm package (attndsl/bundle.py);
+    None: the apache-tvm package's own lib folder."""
+    raw = os.environ.get("ATTNDSL_TVM_RUNTIME", "").strip()
+    return Path(raw).expanduser() if raw else None
+
+
+def cuda_arch() -> str | None:
+    """ATTNDSL_CUDA_ARCH (e.g. "sm_90"): the GPU that CUDA kernels are compiled for ahead of
+    loading, on a machine without one (attndsl/runtime/cuda.py); None: this machine's GPU."""
+    raw = os.environ.get("ATTNDSL_CUDA_ARCH", "").strip().lower()
+    return raw or None
+
+
 def export_tvm_threads() -> None:
     """Hand num_threads() to TVM, which reads TVM_NUM_THREADS when its thread pool starts."""
     os.environ["TVM_NUM_THREADS"] = str(num_threads())
@@ -122,7 +137,9 @@ def _flags() -> dict[str, tuple[object, str]]:
         "ATTNDSL_NUM_THREADS": (num_threads(), "threads of the TVM kernels (read when TVM starts)"),
         "ATTNDSL_OPENMP": (use_openmp(), "run the CPU kernels' parallel loops on torch's OpenMP threads"),
         "ATTNDSL_FFT": (fft_impl(), "FFT of the Toeplitz kernels: tir (TVMScript) or library (torch.fft)"),
-        "TVM_CUDA_COMPILE_MODE": (cuda_compile_mode(), "how CUDA kernels compile when loaded: nvrtc or nvcc"),
+        "TVM_CUDA_COMPILE_MODE": (cuda_compile_mode(), "how CUDA kernels compile when loaded without nvcc: nvrtc or nvcc"),
+        "ATTNDSL_TVM_RUNTIME": (tvm_runtime_dir(), "a runtime-only TVM (libtvm_runtime*.so) to load kernels with"),
+        "ATTNDSL_CUDA_ARCH": (cuda_arch(), "the GPU (sm_XY) CUDA kernels are compiled for where there is none"),
     }
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import platform
 import time
 from pathlib import Path
 
-from . import cache, ops
+from . import cache, config, ops
 from .ast import AttentionSpec
 from .diagnostics import SpecError
 from .ir import Add, Input, Node, Position, postorder
@@ -31,17 +32,18 @@ STEPS = ("lower", "tune", "build", "cache", "load")
 class Library:
     """A loaded kernel library: `key` names it in ops; `hit` whether the cache held it; `seconds`
     to get it; `dirs` the tuning databases read; `tuned` {kernel: what a record chose};
-    `cached` False where it could not be stored (CUDA without a GPU runtime)."""
+    `unloadable`: why a library stored for another machine cannot be loaded here (CUDA kernels
+    without a CUDA runtime), else None."""
     key: str
     hit: bool
     seconds: float
     dirs: tuple
     tuned: dict
-    cached: bool = True
+    unloadable: str | None = None
 
     def describe(self, dtype: str) -> str:
-        how = "loaded from cache" if self.hit else "compiled"
-        why = "" if self.cached else "; not cached: no CUDA runtime on this machine"
+        how = "compiled" if not self.hit else "found in the cache" if self.unloadable else "loaded from cache"
+        why = f"; stored for a machine with a CUDA runtime ({self.unloadable})" if self.unloadable else ""
         return f"{dtype}: {how} in {self.seconds:.2f} s (key {self.key[:12]}{why})"
 
 
@@ -59,7 +61,8 @@ def library(spec: AttentionSpec, root: Node, target: Target, dims: tuple[int, in
             tuned: bool = True, decode: bool = False) -> Library:
     """All the steps: the kernels of the planned IR `root` (head and value dims `dims`) in `dtype`
     for `target`, with the tuning databases' knobs unless `tuned` is False, from the cache or
-    built and stored; registered with ops under the returned key. `decode`: instead, the kernel of
+    built and stored; registered with ops under the returned key (unless this machine cannot load
+    it: CUDA kernels without a CUDA runtime, stored for one that can). `decode`: instead, the kernel of
     one decoding step (lowering.lower_decode; CPU only, never tuned)."""
     from . import lowering
     try:
@@ -69,22 +72,35 @@ def library(spec: AttentionSpec, root: Node, target: Target, dims: tuple[int, in
     except lowering.NotLowered as e:
         raise not_lowered(spec, e, target) from None
     dirs = tuning.tuning_dirs() if tuned and not decode else []
-    loadable = True
+    unloadable = None
     if target.kind == "cuda":
-        from .runtime.load import prepare_cuda
-        loadable = prepare_cuda()
-    # what decides the code, not where the spec was written: the planned IR (spans left out)
+        from .runtime import cuda
+        unloadable = cuda.load_runtime()
+    # what decides the code, not where the spec was written: the planned IR (spans left out); the
+    # CPU's model only for CPU kernels (a CUDA library's host code is generic x86-64/aarch64)
+    host = _host_cpu() if target.kind == "llvm" else platform.machine()
     key = cache.make_key(ir=canonical(root), dims=list(dims), dtype=dtype,
-                         target=[str(target.spec()), target.kernels], host=_host_cpu(),
+                         target=[str(target.spec()), target.kernels], host=host,
                          lowering=kernel_source_hash(), tuning=tuning.fingerprint(dirs),
                          **({"decode": True} if decode else {}))
+    t0 = time.perf_counter()
+    if unloadable is not None:               # stored for another machine: build it only once
+        notes = cache.stored(key)
+        if notes is not None and config.cuda_arch() in (None, *notes.get("cuda_arch", ())):
+            return Library(key, True, time.perf_counter() - t0, tuple(dirs), notes.get("tuned", {}), unloadable)
     expect = (lowering.DECODE_KERNEL,) if decode else kernels_of(root)
     if target.kind == "llvm":                # a library built for another key is caught at load
         expect += (f"attndsl_key_{key[:16]}",)
     notes: dict = {}
 
     def build():
-        from .lowering.build import build, resolve_target
+        try:
+            from .lowering.build import build, resolve_target
+        except ImportError as e:
+            raise RuntimeError(f"the kernels of spec '{spec.name}' ({dtype}, {target}, dims {dims}) are "
+                               f"not in the cache at {config.cache_dir()}, and TVM's compiler "
+                               f"cannot be imported here ({e}); build them where apache-tvm is "
+                               f"installed (attndsl.bundle) or pip install apache-tvm==0.27.0.post1") from None
         tvm_target = resolve_target(target)
         if decode:
             funcs, chosen = lowering.lower_decode(root, dtype), {}
@@ -94,13 +110,18 @@ def library(spec: AttentionSpec, root: Node, target: Target, dims: tuple[int, in
                               "lengths": list(c.lengths), "db": c.folder} for k, c in chosen.items()}
         if target.kind == "llvm":
             funcs.update(_stamp(expect[-1]))
-        return build(funcs, tvm_target)
+        lib = build(funcs, tvm_target)
+        if target.kind == "cuda":
+            from .runtime import cuda
+            if cuda.compile_ahead(lib):
+                notes["cuda_arch"] = [config.cuda_arch()]
+        return lib
 
-    t0 = time.perf_counter()
     lib, hit = cache.load_or_build(key, build, label=f"{spec.name}/{dtype}", notes=notes,
-                                   cacheable=loadable, expect=expect)
-    ops.register_library(key, lib)
-    return Library(key, hit, time.perf_counter() - t0, tuple(dirs), notes.get("tuned", {}), loadable)
+                                   loadable=unloadable is None, expect=expect)
+    if unloadable is None:
+        ops.register_library(key, lib)
+    return Library(key, hit, time.perf_counter() - t0, tuple(dirs), notes.get("tuned", {}), unloadable)
 
 
 # --- the cache key --------------------------------------------------------------------------------

@@ -15,31 +15,34 @@ from attndsl import config
 _RUNTIME: ctypes.CDLL | None = None
 
 
+def runtime_dir() -> Path | None:
+    """The folder of libtvm_runtime.so: ATTNDSL_TVM_RUNTIME (a runtime-only install,
+    attndsl/bundle.py), else the apache-tvm package's lib/; None when neither is there."""
+    if config.tvm_runtime_dir() is not None:
+        return config.tvm_runtime_dir()
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "lib"
+
+
 def _load_runtime() -> None:
     global _RUNTIME
     config.export_tvm_threads()                           # before the thread pool starts
-    if _RUNTIME is not None or "tvm" in sys.modules:      # `import tvm` has loaded it already
+    if _RUNTIME is not None or sys.modules.get("tvm") is not None:   # `import tvm` loaded it
         return
-    spec = importlib.util.find_spec("tvm")
-    if spec is None or spec.origin is None:
-        raise ImportError("apache-tvm is not installed (pip install apache-tvm==0.27.0.post1)")
+    folder = runtime_dir()
+    if folder is None:
+        raise ImportError("apache-tvm is not installed (pip install apache-tvm==0.27.0.post1), "
+                          "and ATTNDSL_TVM_RUNTIME names no runtime-only TVM")
     import tvm_ffi  # noqa: F401  (loads libtvm_ffi.so, which libtvm_runtime.so links against)
-    lib = Path(spec.origin).parent / "lib" / "libtvm_runtime.so"
-    if not lib.is_file():                                 # an unusual layout: take the full import
-        import tvm  # noqa: F401
+    lib = folder / "libtvm_runtime.so"
+    if not lib.is_file():
+        if config.tvm_runtime_dir() is not None:
+            raise ImportError(f"ATTNDSL_TVM_RUNTIME={folder} holds no libtvm_runtime.so")
+        import tvm  # noqa: F401                          # an unusual layout: take the full import
         return
     _RUNTIME = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-
-
-def prepare_cuda() -> bool:
-    """Before a CUDA library loads: TVM keeps CUDA kernels as source and compiles them when the
-    library is loaded, through `tvm_callback_cuda_compile` (registered by tvm.support.nvcc), with
-    NVRTC (the cuda-bindings package) or nvcc (config.cuda_compile_mode). Returns whether this
-    machine has TVM's CUDA runtime (a driver), i.e. whether a CUDA library can be loaded here."""
-    config.export_cuda_compile_mode()
-    import tvm
-    import tvm.support.nvcc  # noqa: F401  (registers the callback)
-    return bool(tvm.runtime.enabled("cuda"))
 
 
 def host_cpu() -> str:
