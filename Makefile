@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # test workers: one per CPU, at most 4 (each builds kernels and runs them on every core)
 JOBS   ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
-.PHONY: test demo bench tuned-db clean distclean
+.PHONY: test demo bench tuned-db gpu-bundle clean distclean
 
 # torch first, pinned: left to the resolver, a newer torch would pull in the CUDA packages
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +30,11 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 	$(PY) examples/from_torch_demo.py
+
+# everything a GPU machine needs beyond torch, built here without a GPU: build/gpu-bundle/, at most
+# 16 MiB, which tools/gpu_check.sh runs from there (tools/GPU.md)
+gpu-bundle: $(VENV)/.installed
+	$(PY) tools/gpu_bundle.py
 
 bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_linear.py

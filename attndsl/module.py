@@ -104,9 +104,8 @@ class Attention(nn.Module):
         eager = _kernel_dtype(dtype)
         if self.target.kind == "mlir":
             self._mlir = self._mlir_program()
-        elif eager is not None:
-            for i in dict.fromkeys(i for *_, i in self._spans):   # build now: fails early, and
-                self._library(eager, i)                            # the first call is fast
+        elif eager is not None:            # build now: fails early, and the first call is fast
+            self.build(eager)
 
     # --- compilation ---------------------------------------------------------------------------
 
@@ -116,6 +115,15 @@ class Attention(nn.Module):
             return None
         from . import lowering
         return lowering.forms_for(self.target)
+
+    def build(self, dtype="float32") -> "Attention":
+        """Build (or load from the cache) now the kernels of every plan this module may call in
+        `dtype` (a torch dtype or its name), instead of at the first call of that dtype."""
+        name = _kernel_dtype(dtype)
+        if self.target.kind != "mlir" and name is not None:
+            for i in dict.fromkeys(i for *_, i in self._spans):
+                self._library(name, i)
+        return self
 
     def _library(self, dtype: str, i: int | None = None) -> str:
         """The key (in ops) of the kernels of plan i (default: `planned`'s) in `dtype`, built or

@@ -97,7 +97,7 @@ def clipped_methods(attn, causal):
 
 def banded_twin(attn, text):
     """`text` compiled for CUDA on the banded form, with attn's table (the FFT form's rival)."""
-    twin = attndsl.compile(text, heads=attn.heads, head_dim=attn.head_dim, target="cuda", plan="banded").cuda()
+    twin = attndsl.compile(text, heads=attn.heads, head_dim=attn.head_dim, target="cuda", plan="banded")
     with torch.no_grad():
         twin.position_table.copy_(attn.position_table)
     return twin
@@ -115,13 +115,24 @@ def methods(attn, causal):
     return ms
 
 
+MASKS = ("causal", "none")
+
+
+def compiled(kernel: str, mask: str, heads=8, dim=64):
+    """(the spec compiled for CUDA, {name: its rival forms}): what run() times; what
+    tools/gpu_bundle.py compiles ahead."""
+    text = GPU_SPECS[kernel].format(mask=mask)
+    attn = attndsl.compile(text, heads=heads, head_dim=dim, target="cuda")
+    return attn, ({"attndsl banded": banded_twin(attn, text)} if kernel == "rpe" else {})
+
+
 def run(kernel: str, lengths: list[int], bh=(2, 8), dim=64, with_backward=True):
     rows = []
-    for mask in ("causal", "none"):
+    for mask in MASKS:
         causal = mask == "causal"
-        attn = attndsl.compile(GPU_SPECS[kernel].format(mask=mask), heads=bh[1], head_dim=dim, target="cuda")
+        attn, extra = compiled(kernel, mask, bh[1], dim)
         attn.cuda()                         # its buffers (the projection W) on the GPU, as a user would
-        extra = {"attndsl banded": banded_twin(attn, GPU_SPECS[kernel].format(mask=mask))} if kernel == "rpe" else {}
+        extra = {name: twin.cuda() for name, twin in extra.items()}
         print("\n".join(l for l in attn.explain().splitlines() if l.lstrip().startswith(("build", "tuning"))),
               flush=True)
         for n in lengths:

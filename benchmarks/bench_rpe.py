@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tvm.target.codegen import llvm_get_system_cpu
 
 import attndsl
 from bench_linear import timeit
@@ -45,6 +44,11 @@ H, DIM = 8, 64
 MEM_LIMIT = 16e9            # skip a baseline whose big tensors alone would need more than this
 AS_LIMIT = 20 * 2**30       # address space of a --memory child: a failed allocation, not an OOM kill
 FORCED_FFT_MAX_N = 8192     # the clipped table through the FFT form, for comparison, up to this N
+
+
+def _cpu() -> str:
+    from tvm.target.codegen import llvm_get_system_cpu
+    return llvm_get_system_cpu()
 
 
 def spec(scenario: str, n: int) -> str:
@@ -153,7 +157,7 @@ def run(lengths, scenarios, backward=False):
 def table(rows) -> str:
     by = {(r["scenario"], r["n"], r["method"]): r for r in rows}
     out = [f"### relative positions, elu1, B·H={H}, M=D={DIM}, forward, {torch.get_num_threads()} threads, "
-           f"{llvm_get_system_cpu()}", "",
+           f"{_cpu()}", "",
            "| scenario | N | attndsl form | attndsl ms | sdpa+bias ms | naive fft ms | attndsl fft ms | "
            "linear ms | vs sdpa+bias | vs naive fft | vs attndsl fft | attndsl / linear |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -22,8 +22,11 @@ from attndsl import cli, lowering, pipeline
 from attndsl.diagnostics import SpecError
 from attndsl.ir import postorder
 from attndsl.passes import plan
-from attndsl.lowering import build
-from attndsl.lowering.portable import te_forms
+try:                        # TVM's compiler: absent where tools/gpu_check.sh runs the GPU tests from
+    from attndsl.lowering import build                           # the runtime-only bundle
+    from attndsl.lowering.portable import te_forms
+except ImportError:
+    build = te_forms = None
 from attndsl.schedules import cuda as cuda_schedules
 
 from conftest import RTOL, assert_close, shared
@@ -310,10 +313,10 @@ def serialized_library(attn, n: int, dtype: str) -> str:
     return key
 
 
-# the portable kernel families without shared memory or barriers (the FFT blocks have both); the
-# decayed kernels are prefix_sum's scan with powers of γ
+# the portable kernel families without shared memory or barriers (the FFT blocks have both)
 SCHEDULED = {
     "prefix_sum": lambda: compiled("elu1", "causal"),
+    "decayed": lambda: decayed("alibi-causal"),
     "linear-favor": lambda: compiled("favor", "full"),
     "banded": lambda: banded("clipped-causal"),
     "quadratic-table": lambda: softmax("table-causal"),
@@ -428,7 +431,7 @@ def test_compile_for_cuda_builds_without_a_gpu():
     text = attn.explain()
     assert "target=sm_80" in text and "the portable kernels, bound to GPU threads" in text
     if not HAS_GPU:
-        assert "not cached: no CUDA runtime" in text
+        assert "stored for a machine with a CUDA runtime" in text
         with pytest.raises(ValueError, match="compiled for CUDA"):
             attn(*inputs(1, 2, 8, 16, 16, torch.float32, "favor"))
 
@@ -563,6 +566,31 @@ def test_gpu_library_is_cached():
     assert "compiled" in a.explain() and "loaded from cache" in b.explain()
     q, k, v = (t.cuda() for t in inputs(1, 2, 100, 8, 8, torch.float32, "elu1"))
     torch.testing.assert_close(a(q, k, v), b(q, k, v))
+
+
+def gpu_builds() -> list[tuple[str, object]]:
+    """(label, build) for every library the GPU tests above load, in both dtypes where they run
+    both: what `make gpu-bundle` compiles ahead (tools/gpu_bundle.py), so a GPU machine compiles
+    nothing. A test added above that compiles another spec for CUDA belongs here too."""
+    both = ("float32", "float64")
+    out = [(f"{k}-{m}", lambda k=k, m=m: compiled(k, m, target="cuda"), both) for k, m in CASES]
+    out += [(f"decayed {c}", lambda c=c: decayed(c, target="cuda"), both) for c in sorted(DECAYED)]
+    out += [(f"{f} {c}", lambda f=f, c=c: WITH_TABLE[f](c, target="cuda"), both) for f, c in TABLE_CASES]
+    out += [(f"sampled {c}", lambda c=c: sampled(c, target="cuda"), ("float64",)) for c in sorted(SAMPLED)]
+    out += [(f"gradcheck elu1-{m}", lambda m=m: compiled("elu1", m, target="cuda", heads=1, head_dim=3,
+                                                         value_dim=2), ("float64",)) for m in ("full", "causal")]
+    out += [("cached elu1-causal", lambda: attndsl.compile(spec("elu1", "causal"), heads=2, head_dim=8,
+                                                             target="cuda"), ("float32",))]
+    path = EXAMPLES / "performer_causal.attn"
+    out += [(f"run {b.name}", lambda b=b: attndsl.compile(str(path), b.name, heads=2, head_dim=32, target="cuda"),
+             ("float32",))
+            for b in attndsl.parse(path.read_text()).blocks]
+    return [(label, lambda make=make, dtypes=dtypes: _build_all(make(), dtypes)) for label, make, dtypes in out]
+
+
+def _build_all(attn, dtypes) -> None:
+    for dtype in dtypes:
+        attn.build(dtype)
 
 
 # --- the portable kernels' knobs (schedules/knobs.py portable_*) through a tuning database ------------

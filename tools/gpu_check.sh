@@ -1,38 +1,38 @@
 #!/usr/bin/env bash
-# The GPU checks, for a lent GPU machine (the `device` tool) or any CUDA machine with PyTorch:
-# the GPU tests of tests/test_cuda.py, then benchmarks/bench_gpu.py (elu1, softmax, clipped and rpe; GPU_KERNELS). Results
-# go to ${OUT:-benchmarks/results}. Python packages the machine lacks (apache-tvm, apache-tvm-ffi,
-# lark) are installed from wheels in .whl*/ folders (see tools/GPU.md) into /tmp/site.
+# The GPU checks in one call, on a machine with a CUDA GPU and PyTorch, from the runtime-only
+# bundle that `make gpu-bundle` builds on any machine (${BUNDLE:-build/gpu-bundle}, ≤ 16 MiB):
+#   1. the preflight (tools/gpu_preflight.py): stops here, saying why, without a usable GPU
+#   2. the GPU tests of tests/test_cuda.py, ${GPU_TEST_JOBS:-4} pytest workers
+#   3. benchmarks/bench_gpu.py at N = ${GPU_LENGTHS:-4096} for ${GPU_KERNELS:-softmax elu1 clipped}
+# Nothing is compiled by TVM there: every library loads from the bundle. Logs and tables go to
+# ${OUT:-benchmarks/results}. Exit status: 0 all passed, 1 a test or benchmark failed, 2 stopped.
+# ${PYTHON:-python3}: the Python that has torch.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-out="${OUT:-$PWD/benchmarks/results}"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+out="${OUT:-$repo/benchmarks/results}"
+bundle="${BUNDLE:-$repo/build/gpu-bundle}"
 mkdir -p "$out"
-if ls .whl*/*.part* >/dev/null 2>&1; then          # a wheel carried in parts (over a call's limit)
-    for base in $(ls .whl*/*.part* | sed 's/\.part.*//' | sort -u); do
-        cat "$base".part* > "/tmp/$(basename "$base")"
-    done
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+if [ ! -f "$bundle/env.sh" ]; then
+    echo "gpu_check: no bundle at $bundle: run 'make gpu-bundle' first (and carry build/gpu-bundle)"
+    exit 2
 fi
-wheels=$(ls .whl*/*.whl /tmp/*.whl 2>/dev/null)
-# attndsl itself, built from this tree (pyproject.toml maps lowering/, schedules/, grammar/ into it)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site $wheels . || exit 1
-export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-repo="$PWD"
-cd /tmp                                            # import the installed attndsl, not ./attndsl
-python3 - <<'PY' || exit 1
-import sys, torch, tvm, attndsl
-if not torch.cuda.is_available():
-    sys.exit("gpu_check: torch sees no CUDA GPU here")
-print("torch", torch.__version__, torch.cuda.get_device_name(), "| tvm", tvm.__version__,
-      "| TVM's CUDA runtime:", tvm.runtime.enabled("cuda"), "| attndsl from", attndsl.__file__)
-PY
+t0=$(date +%s)
+# shellcheck source=/dev/null
+source "$bundle/env.sh" || exit 2
+cd /tmp                                            # attndsl from the bundle, not ./attndsl
+"$py" "$repo/tools/gpu_preflight.py" 2>&1 | tee "$out/gpu_preflight.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
 status=0
-python3 -m pytest -q -p no:cacheprovider --rootdir "$repo" "$repo/tests/test_cuda.py" -k "gpu or run_for_cuda" \
-    2>&1 | tee "$out/gpu_tests.log" || status=1
-for kernel in ${GPU_KERNELS:-elu1 softmax clipped rpe}; do
-    python3 "$repo/benchmarks/bench_gpu.py" --kernel "$kernel" --lengths "${GPU_LENGTHS:-1024,4096,16384}" \
-        2>&1 | tee "$out/bench_gpu_$kernel.log" || status=1
+"$py" -m pytest -q -p no:cacheprovider -n "${GPU_TEST_JOBS:-4}" --rootdir "$repo" "$repo/tests/test_cuda.py" \
+    -k "test_gpu_ or test_run_for_cuda_checks" 2>&1 | tee "$out/gpu_tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+for kernel in ${GPU_KERNELS:-softmax elu1 clipped}; do
+    "$py" "$repo/benchmarks/bench_gpu.py" --kernel "$kernel" --lengths "${GPU_LENGTHS:-4096}" \
+        2>&1 | tee "$out/bench_gpu_$kernel.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     cp "$repo"/benchmarks/results/bench_gpu_"$kernel".* "$out"/ 2>/dev/null
 done
+echo "gpu_check: done in $(( $(date +%s) - t0 )) s, status $status"
 exit $status
