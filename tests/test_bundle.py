@@ -115,3 +115,22 @@ def test_cuda_libraries_are_stored_with_their_kernels_compiled_for_another_machi
     assert len(sources) == len(stored) == 1 and "__global__" in sources[0]
     monkeypatch.setattr(cuda, "_compile", lambda *a: pytest.fail("compiled again"))
     assert compile_source(sources[0]) == stored[0].read_bytes()      # what a GPU machine's load gets
+
+
+def test_the_cuda_compile_callback_survives_importing_tvm_and_reads_the_store(tmp_path):
+    """TVM's `import tvm` registers tvm_callback_cuda_compile itself and fails if the name is taken:
+    attndsl's takes it over after that import, and answers from the compiled store."""
+    script = textwrap.dedent("""
+        import tvm_ffi
+        from attndsl.runtime import cuda
+        cuda._register()
+        import tvm, tvm.support.nvcc                      # TVM's own registration ran first
+        path = cuda.store_path("// kernels", "sm_90")
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"compiled ahead")
+        print(bytes(tvm_ffi.get_global_func("tvm_callback_cuda_compile")("// kernels")).decode())
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ATTNDSL_CACHE_DIR": str(tmp_path), "ATTNDSL_CUDA_ARCH": "sm_90"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "compiled ahead"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import subprocess
 import tempfile
 from pathlib import Path
@@ -50,10 +51,25 @@ def load_runtime() -> str | None:
     except OSError as e:           # libcuda.so.1 (the driver) or libcudart.so.13 not found
         _problem = f"{path.name} does not load: {e}"
         return _problem
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_source, override=True)
+    _register()
     if tvm_ffi.get_global_func("device_api.cuda", allow_missing=True) is None:
         _problem = f"{path.name} registered no CUDA device API"
     return _problem
+
+
+def _register() -> None:
+    """`compile_source` as tvm_callback_cuda_compile. Where TVM's compiler is installed, `import
+    tvm` registers its own (tvm.support.nvcc, which fails if the name is taken), so it is imported
+    first and overridden."""
+    import tvm_ffi
+    if config.tvm_runtime_dir() is None:
+        try:
+            found = importlib.util.find_spec("tvm") is not None
+        except ImportError:
+            found = False
+        if found:
+            import tvm  # noqa: F401
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_source, override=True)
 
 
 def arch() -> str:
