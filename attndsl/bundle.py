@@ -17,7 +17,7 @@ library loads from the bundle's cache, and nothing is compiled by TVM. What ship
                           cache/   the kernel cache: a library per spec, dims, dtype and target,
                                    for CUDA with its kernels compiled for `arch`
                                    (attndsl/runtime/cuda.py), and the tuning records they used
-    manifest.json       versions, Python versions, libraries (label, key, size), bytes shipped
+    manifest.json       versions, Python versions, libraries (label, key, size)
 
 `dist/gpu.work/` beside it is what the bundle is packed from (its cache stays for the next
 build). Cache keys depend on the IR, dims, dtype, target, kernel source and TVM versions, and for
@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -61,10 +62,9 @@ export TVM_FFI_DISABLE_TORCH_C_DLPACK=1
 
 @contextlib.contextmanager
 def kernels(out: str | os.PathLike, arch: str | None = None):
-    """Inside, every compile() builds into the bundle's cache (and reads it first; `out`.work/
-    cache); CUDA libraries get
-    their kernels compiled for `arch` (e.g. "sm_90") where nvcc is installed. The tuning records
-    compile() reads here are copied in, so the other machine sees the same records."""
+    """Inside, every compile() builds into the bundle's cache, `out`.work/cache (and reads it
+    first); CUDA libraries get their kernels compiled for `arch` (e.g. "sm_90") where nvcc is
+    installed. The user's tuning records are copied in, so the other machine reads the same."""
     cache_dir = work(out) / "cache"
     user_db = _user_tuning_db()
     if user_db is not None:
@@ -112,9 +112,13 @@ def runtime(out: str | os.PathLike, pythons: list[str] | None = None, wheels: st
     libraries = _pack(staged, out / "bundle.tar.xz")
     manifest = {**versions, "pythons": pythons, "libraries": libraries,
                 "fatbins": sum(1 for _ in (staged / "cache" / "cuda").rglob("*.fatbin"))}
-    manifest["bytes"] = sum(p.stat().st_size for p in out.iterdir()) + len(json.dumps(manifest, indent=1)) + 40
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def size(out: str | os.PathLike) -> int:
+    """Bytes a bundle ships: env.sh, bundle.tar.xz and manifest.json."""
+    return sum((Path(out) / name).stat().st_size for name in ("env.sh", "bundle.tar.xz", "manifest.json"))
 
 
 def work(out: str | os.PathLike) -> Path:
@@ -177,7 +181,6 @@ def _copy_tvm_ffi(site: Path, pythons: list[str], wheels: Path) -> None:
         if any(h.startswith("cpython-" + py.replace(".", "") + "-") for h in have):
             continue
         wheel = _wheel("apache-tvm-ffi", version, py, wheels)
-        import zipfile
         with zipfile.ZipFile(wheel) as z:
             for name in z.namelist():
                 if name.startswith("tvm_ffi/core.cpython-") and name.endswith(".so"):
