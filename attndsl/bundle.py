@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -41,6 +42,7 @@ from . import cache
 from .runtime import load
 
 RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_runtime_cuda.so")
+SOURCES = ("pyproject.toml", "README.md", "attndsl", "lowering", "schedules", "grammar")   # what pip installs
 # tvm_ffi's parts a loader never touches: C++ headers and sources (for building extensions), stub tools
 TVM_FFI_LEFT_OUT = ("include", "3rdparty", "src", "share", "stub", "CMakeLists.txt")
 
@@ -152,11 +154,17 @@ def _install_attndsl(site: Path) -> None:
     pkg = Path(__file__).parent
     root = pkg.parent
     if (root / "pyproject.toml").is_file() and (root / "lowering").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--no-compile", "--no-cache-dir", "--target", str(site), str(root)], check=True)
+        with tempfile.TemporaryDirectory(prefix="attndsl-src-") as tmp:   # setuptools builds in the tree
+            for name in SOURCES:
+                src = root / name
+                if src.is_dir():
+                    shutil.copytree(src, Path(tmp) / name, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy2(src, Path(tmp) / name)
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                            "--no-compile", "--no-cache-dir", "--target", str(site), tmp], check=True)
         for junk in site.glob("*.dist-info"):
             shutil.rmtree(junk)
-        shutil.rmtree(root / "build" / "lib", ignore_errors=True)     # setuptools' staging folder
     else:
         shutil.copytree(pkg, site / "attndsl", ignore=shutil.ignore_patterns("__pycache__"))
 

@@ -33,7 +33,7 @@ NO_COMPILER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")          # a worker may leave the module and come back
 def cpu_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "cpu"
     with bundle.kernels(out):
