@@ -6,6 +6,8 @@
     attndsl tune model.attn --lengths 1024,4096 --trials 9 [--db DIR] [--rpc-tracker HOST:PORT --rpc-key KEY]
                                                   measure the kernels' knob choices into a database
     attndsl calibrate [--db DIR]                  time every form on this CPU: the planner's crossovers
+    attndsl bundle model.attn --heads 8 --head-dim 64 --target cuda --arch sm_90 --python 3.12 --out DIR
+                                                  the kernels and a runtime for a machine without TVM's compiler
 """
 from __future__ import annotations
 
@@ -294,6 +296,24 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_bundle(args) -> int:
+    from . import bundle, compile
+    blocks = _blocks(args)
+    if args.arch and args.target == "llvm":
+        raise UsageError("--arch compiles CUDA kernels ahead: it needs a CUDA --target")
+    with bundle.kernels(args.out, arch=args.arch):
+        for spec in blocks:
+            attn = compile(args.file, spec.name, heads=args.heads, head_dim=args.head_dim,
+                           value_dim=args.value_dim, target=args.target, dtype=None)
+            for dtype in args.dtype:
+                attn.build(dtype)
+            print(f"  {spec.name}: {', '.join(args.dtype)} for {args.target}", flush=True)
+    manifest = bundle.runtime(args.out, pythons=args.python)
+    print(f"wrote {args.out}: {len(manifest['libraries'])} libraries, Python {', '.join(manifest['pythons'])}, "
+          f"{bundle.size(args.out) / (1 << 20):.1f} MiB; on the other machine: source {args.out}/env.sh")
+    return 0
+
+
 def main(argv=None) -> int:
     from . import MAX_HEAD_DIM
     from .diagnostics import SpecError
@@ -345,10 +365,27 @@ def main(argv=None) -> int:
                          "are where the kernels cross")
     cal.add_argument("--lengths", type=_lengths, default=[512, 2048], help="sequence lengths to time")
     cal.add_argument("--db", help="the folder to write calibration.json to (default: the tuning database's)")
+    bun = sub.add_parser("bundle", help="compile a spec's kernels, with a runtime that loads them, for a "
+                         "machine without TVM's compiler (docs/backends.md)")
+    bun.add_argument("file")
+    bun.add_argument("--name", help="the attention block (default: all)")
+    bun.add_argument("--heads", type=_count(), default=8)
+    bun.add_argument("--head-dim", type=dim, default=64)
+    bun.add_argument("--value-dim", type=dim, default=None)
+    bun.add_argument("--target", choices=("llvm", *TARGETS), default="llvm",
+                     help="llvm: CPUs of this machine's model; a CUDA target: any x86-64 host with that GPU")
+    bun.add_argument("--arch", help="CUDA: compile the kernels ahead for this GPU (e.g. sm_90; needs nvcc here)")
+    bun.add_argument("--dtype", choices=("float32", "float64"), action="append",
+                     help="kernel dtypes to include (repeatable; default float32)")
+    bun.add_argument("--python", action="append", help="the other machine's Python version, e.g. 3.12 "
+                     "(repeatable; default this one's)")
+    bun.add_argument("--out", required=True, help="the bundle's folder (its cache stays in OUT.work)")
     args = p.parse_args(argv)
+    if args.cmd == "bundle":
+        args.dtype = args.dtype or ["float32"]
     try:
         return {"check": cmd_check, "emit": cmd_emit, "run": cmd_run, "tune": cmd_tune,
-                "calibrate": cmd_calibrate}[args.cmd](args)
+                "calibrate": cmd_calibrate, "bundle": cmd_bundle}[args.cmd](args)
     except UsageError as e:
         print(f"attndsl {args.cmd}: {e}", file=sys.stderr)
         return 2
