@@ -221,10 +221,5 @@ def _pack(staged: Path, archive: Path) -> list[dict]:
         for p in sorted(cache_dir.rglob("*")):
             if p.is_file() and p.suffix in (".so", ".json", ".fatbin") and not p.name.startswith("."):
                 tar.add(p, arcname=str(Path("cache") / p.relative_to(cache_dir)))
-    saved = os.environ.get("ATTNDSL_CACHE_DIR")
-    os.environ["ATTNDSL_CACHE_DIR"] = str(cache_dir)
-    try:
-        return [{"label": e.get("label"), "key": e.get("key"), "bytes": e.get("size"), "ok": e["ok"]}
-                for e in cache.entries()]
-    finally:
-        _setenv("ATTNDSL_CACHE_DIR", saved)
+    return [{"label": e.get("label"), "key": e.get("key"), "bytes": e.get("size"), "ok": e["ok"]}
+            for e in cache.entries(cache_dir)]

@@ -365,8 +365,8 @@ def stored(key: str) -> dict | None:
         return None
 
 
-def _files() -> list[Path]:
-    root = config.cache_dir()
+def _files(root: Path | None = None) -> list[Path]:
+    root = config.cache_dir() if root is None else root
     out = []
     try:
         for d in root.glob("??"):
@@ -394,11 +394,12 @@ def clear() -> int:
     return removed
 
 
-def entries() -> list[dict]:
-    """The metadata of every entry, oldest first, with `path` and `ok` (passes its checks); a
-    file that is not an entry's metadata shows as `ok` False."""
+def entries(root: Path | None = None) -> list[dict]:
+    """The metadata of every entry of the cache at `root` (default: this process's), oldest first,
+    with `path` and `ok` (passes its checks); a file that is not an entry's metadata shows as `ok`
+    False."""
     out = []
-    for meta in (p for p in _files() if p.suffix == ".json" and not p.name.startswith(".")):
+    for meta in (p for p in _files(root) if p.suffix == ".json" and not p.name.startswith(".")):
         try:
             info = json.loads(meta.read_text())
         except (OSError, ValueError):

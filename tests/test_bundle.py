@@ -22,15 +22,8 @@ TEXT = "attention b { kernel = elu1; mask = causal }"
 HAS_GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.xdist_group("bundle")      # one worker builds the bundle the tests share
 
-# run in a fresh process with the bundle's environment: TVM's compiler cannot be imported
-NO_COMPILER = textwrap.dedent("""
-    import importlib.abc, sys
-    class NoTVM(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "tvm" or name.startswith("tvm."):
-                raise ImportError("the TVM compiler is not installed here")
-    sys.meta_path.insert(0, NoTVM())
-""")
+# the first lines of a script run in the bundle's environment: TVM's compiler cannot be imported
+NO_COMPILER = f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nimport no_compiler\n"
 
 
 @pytest.fixture(scope="session")          # a worker may leave the module and come back
