@@ -42,7 +42,7 @@ def load_runtime() -> str | None:
     from . import load
     load._load_runtime()
     import tvm_ffi
-    path = (load.runtime_dir() or Path(".")) / "libtvm_runtime_cuda.so"
+    path = load.runtime_dir() / "libtvm_runtime_cuda.so"     # _load_runtime raised if there is none
     if not path.is_file():
         _problem = f"{path} is missing (this TVM has no CUDA runtime)"
         return _problem
