@@ -55,9 +55,10 @@ class AttndslCacheWarning(UserWarning):
 def _versions() -> dict[str, str]:
     """The TVM versions, part of every key: the installed packages', else a runtime-only TVM's
     versions.json (attndsl/bundle.py), else (TVM built from source) what it says."""
-    if config.tvm_runtime_dir() is not None:
+    runtime = config.tvm_runtime_dir()
+    if runtime is not None:
         try:
-            info = json.loads((config.tvm_runtime_dir() / "versions.json").read_text())
+            info = json.loads((runtime / "versions.json").read_text())
             return {"tvm": str(info["tvm"]), "tvm_ffi": str(info["tvm_ffi"])}
         except (OSError, ValueError, KeyError, TypeError):
             pass

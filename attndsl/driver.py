@@ -85,9 +85,9 @@ def library(spec: AttentionSpec, root: Node, target: Target, dims: tuple[int, in
                          **({"decode": True} if decode else {}))
     t0 = time.perf_counter()
     if unloadable is not None:               # stored for another machine: build it only once
-        notes = cache.stored(key)
-        if notes is not None and config.cuda_arch() in (None, *notes.get("cuda_arch", ())):
-            return Library(key, True, time.perf_counter() - t0, tuple(dirs), notes.get("tuned", {}), unloadable)
+        kept = cache.stored(key)
+        if kept is not None and config.cuda_arch() in (None, *kept.get("cuda_arch", ())):
+            return Library(key, True, time.perf_counter() - t0, tuple(dirs), kept.get("tuned", {}), unloadable)
     expect = (lowering.DECODE_KERNEL,) if decode else kernels_of(root)
     if target.kind == "llvm":                # a library built for another key is caught at load
         expect += (f"attndsl_key_{key[:16]}",)
