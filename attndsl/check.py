@@ -105,7 +105,9 @@ FIELDS: dict[str, FieldSpec] = {f.name: f for f in [
         Option("kde", (Param("buckets", int, 16, lo=2, hi=65536),
                        Param("block", int, 128, lo=1, hi=MAX_ROWS),
                        Param("samples", int, 128, lo=0, hi=MAX_ROWS), _seed(),
-                       Param("residual", str, "values", names=("values", "columns")))),
+                       Param("heavy", int, None, lo=0, hi=MAX_ROWS, absent="samples / 2"),
+                       Param("tail", str, "mean", names=("mean", "sampled")),
+                       Param("residual", str, "columns", names=("values", "columns")))),
         Option("uniform", (Param("samples", int, 256, lo=1, hi=MAX_ROWS), _seed())),
     ), default="none"),
     FieldSpec("mask", "masks", _options(Option("none"), Option("causal")), default="none"),
@@ -459,6 +461,11 @@ def check_combination(spec: AttentionSpec) -> None:
             raise SpecError(f"kde buckets must be a power of two, got {buckets}", spec.span_of("sampling"),
                             help=f"the buckets are the sign patterns of log2(buckets) hyperplanes; "
                                  f"try {1 << (buckets.bit_length() - 1)} or {1 << buckets.bit_length()}")
+        heavy, samples = spec.sampling["heavy"], spec.sampling["samples"]
+        if heavy is not None and heavy > samples:
+            raise SpecError(f"kde heavy={heavy} is more than its samples={samples}", spec.span_of("sampling"),
+                            help="the heavy keys are the part of the samples taken exactly; "
+                                 f"use heavy ≤ {samples} (default samples / 2), or more samples")
     check_eps(spec)
     if spec.apply.name == "values" and spec.position.name == "none":
         raise SpecError("apply = values needs a position term: there is nothing to apply",

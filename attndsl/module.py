@@ -374,7 +374,8 @@ class Attention(nn.Module):
             if isinstance(node, SampledAttention):       # sorted and sampled in torch, as for TVM
                 s = sampling.draw(env["q"], env["k"], env["v"], node.sampling, self.lsh_planes,
                                   self.sampling_seed, node.scale)
-                samples = [torch.argsort(s.pq, dim=-1).int(), torch.argsort(s.pk, dim=-1).int(), s.si, s.lw, s.sb]
+                samples = [torch.argsort(s.pq, dim=-1).int(), torch.argsort(s.pk, dim=-1).int(), s.si, s.lw, s.sb,
+                           s.vs]
         return self._mlir(KERNEL_DTYPES[dtype], env["q"], env["k"], env["v"], self._projection(dtype)[0],
                           tab.detach(), rates.detach(), *samples)
 

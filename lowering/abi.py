@@ -64,12 +64,11 @@ FFT_LENGTH = Scalar("Lf", lambda n, attrs: fft_length(n))
 
 
 def _fold_samples(t: dict) -> None:
-    """Sampled rows repeat: add each sample's dk, dv (dks, dvs (BH, S, D)) into its key's row."""
+    """Sampled rows repeat: add each sample's dk (dks (BH, S, Dk)) into its key's row."""
     import torch
-    si, k, v = t["si"], t["k"], t["v"]
+    si, k = t["si"], t["k"]
     rows_ = (si.long() + k.shape[1] * torch.arange(si.shape[0], device=si.device)[:, None]).reshape(-1)
     t["dk"].view(-1, k.shape[2]).index_add_(0, rows_, t["dks"].view(-1, k.shape[2]))
-    t["dv"].view(-1, v.shape[2]).index_add_(0, rows_, t["dvs"].view(-1, v.shape[2]))
 
 
 def _per_sample(x: str) -> Alloc:
@@ -112,12 +111,13 @@ OPS: dict[str, Op] = {op.name: op for op in [
     Op("sampled_attention",
        "(out, lse) of the sampled estimate of softmax attention: rows visited in the order pq "
        "(queries), pk (keys) (BH, N) int32 and cut into blocks of `block`; each query sees its "
-       "block's keys exactly and the sampled rows si (BH, S) int32 of k, v with log-weights lw "
-       "(BH, S), unless its block holds them (sb (BH, S) int32, the sample's block).",
-       inputs=("q", "k", "v", "pq", "pk", "si", "lw", "sb"), attrs=("block",),
+       "block's keys exactly and the samples: key rows si (BH, S) int32 of k with values vs "
+       "(BH, S, Dv) and log-weights lw (BH, S), unless its block holds them (sb (BH, S) int32, "
+       "the sample's block).",
+       inputs=("q", "k", "v", "pq", "pk", "si", "lw", "sb", "vs"), attrs=("block",),
        outputs=(("out", like("v")), ("lse", rows("v"))),
        grads=(("q", like("q")), ("k", like("k")), ("v", like("v")), ("dks", _per_sample("k")),
-              ("dvs", _per_sample("v")), ("lw", like("lw"))), fold=_fold_samples,
+              ("vs", like("vs")), ("lw", like("lw"))), fold=_fold_samples,
        scalars=(Scalar("blk", lambda n, attrs: attrs.get("block", 1)),)),
 ]}
 

@@ -61,7 +61,8 @@ SOFTMAX = {"plain-full": "", "plain-causal": "mask = causal",
            "user-full": "position(r) = -0.05 * abs(r) + 0.01 * r"}
 # the sampled forms (softmax_rows.py): an estimator for given samples, so compared with the CPU kernels
 SAMPLED = {"kde": "sampling = kde(buckets=4, block=8, samples=6, seed=1)",
-           "kde-columns": "sampling = kde(buckets=4, block=8, samples=6, seed=1, residual=columns)",
+           "kde-sampled": "sampling = kde(buckets=4, block=8, samples=6, seed=1, heavy=0, tail=sampled, "
+                          "residual=values)",
            "uniform-causal": "sampling = uniform(samples=5, seed=2); mask = causal",
            "uniform-full": "sampling = uniform(samples=5, seed=2)"}
 HAS_GPU = torch.cuda.is_available()
@@ -396,7 +397,7 @@ def test_every_feature_map_family_has_a_portable_example():
     names = {p.values[1] for p in PORTABLE_EXAMPLES}
     assert {"linear_elu", "linear_elu_causal", "performer_causal", "squared_softplus",
             "gaussian_rff", "hyperbolic_causal", "alibi_linear", "softmax_causal", "softmax_rpe",
-            "softmax_alibi", "kdeformer", "kdeformer_columns", "uniform_sampled", "clipped_table", "smooth_bias",
+            "softmax_alibi", "kdeformer", "kdeformer_sampled", "uniform_sampled", "clipped_table", "smooth_bias",
             "fastrpb"} <= names
 
 

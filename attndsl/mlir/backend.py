@@ -37,7 +37,7 @@ class Program:
         return linalg.lower({self.name: self.root}, self.params, dtype)
 
     def __call__(self, dtype: str, q, k, v, w, tab, rates, *samples) -> torch.Tensor:
-        """samples: for sampled attention, invq, invk, si, lw, sb (linalg.argument_types)."""
+        """samples: for sampled attention, invq, invk, si, lw, sb, vs (linalg.argument_types)."""
         if dtype not in self._compiled:
             self._compiled[dtype] = engine.Compiled(self.module(dtype))
         out = v.new_empty(v.shape[0], v.shape[1], self.root.shape[-1])

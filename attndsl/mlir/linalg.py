@@ -46,7 +46,7 @@ from .text import Body, tensor
 
 ELEMENT = {"float32": "f32", "float64": "f64"}
 ARGS = ("q", "k", "v", "w", "tab", "rates")       # the executable function's inputs, in order,
-SAMPLES = ("invq", "invk", "si", "lw", "sb")      # and after them, for sampled attention, the samples
+SAMPLES = ("invq", "invk", "si", "lw", "sb", "vs")    # and after them, for sampled attention, the samples
 NEG_INF = -math.inf
 
 
@@ -343,7 +343,7 @@ def _sampled(node: SampledAttention, b: Body, a: dict, p: Params) -> str:
     """The estimator of lowering/cpu/sampled.py, densely in the callers' row order: query i (sorted
     position invq_i, block g_i = invq_i // block) sees the keys of its block exactly (g_j = g_i, and
     invk_j ≤ invq_i when causal) and the samples s not in its block (sb_s ≠ g_i; causal: sb_s < g_i)
-    with log-weights lw_s; out_i = softmax over both of (s q_i·k + lw) applied to [v; v_si]."""
+    with log-weights lw_s; out_i = softmax over both of (s q_i·k + lw) applied to [v; vs]."""
     dk, d = node.q.shape[-1], node.v.shape[-1]
     dims = bh, n = _rows(b, a["v"], d)
     blk = int(node.sampling["block"]) if node.sampling.name == "kde" else 1
@@ -359,7 +359,7 @@ def _sampled(node: SampledAttention, b: Body, a: dict, p: Params) -> str:
             bi, si, di = (g(f"linalg.index {i} : index") for i in range(3))
             return g.extract(x, tensor(("?", "?", width), g.T), bi, at(g, a["si"], bi, si), di)
         return ew(b, (bh, ns, width), "b,s,d", [], fn)
-    ks, vs = gathered(a["k"], dk), gathered(a["v"], d)
+    ks, vs = gathered(a["k"], dk), a["vs"]
 
     def block_logit(g, dot):
         bi, i, j = (g(f"linalg.index {x} : index") for x in range(3))
@@ -418,11 +418,12 @@ def operand_type(node: Node, T: str, p: Params) -> str:
 def argument_types(p: Params, T: str, dk: int, dv: int) -> dict[str, str]:
     """The types of the executable function's arguments (ARGS + SAMPLES). For sampled attention:
     invq, invk (BH, N) each row's position in bucket order; si, sb (BH, S) the sampled keys and the
-    sorted block holding each; lw (BH, S) log 1/(p·S)."""
+    sorted block holding each; lw (BH, S) their log-weights; vs (BH, S, Dv) their values."""
     i32 = tensor(("?", "?"), "i32")
     return {"q": tensor(("?", "?", dk), T), "k": tensor(("?", "?", dk), T), "v": tensor(("?", "?", dv), T),
             "w": tensor(p.proj, T), "tab": tensor(p.tab, T), "rates": tensor((p.heads, 2), T),
-            "invq": i32, "invk": i32, "si": i32, "lw": tensor(("?", "?"), T), "sb": i32}
+            "invq": i32, "invk": i32, "si": i32, "lw": tensor(("?", "?"), T), "sb": i32,
+            "vs": tensor(("?", "?", dv), T)}
 
 
 def body_function(name: str, node: Node, T: str, p: Params) -> str:
@@ -431,7 +432,7 @@ def body_function(name: str, node: Node, T: str, p: Params) -> str:
         raise NotLowered(node)
     operands = [(f.name, getattr(node, f.name)) for f in dialect.fields(type(node))
                 if f.where == "operand" and getattr(node, f.name) is not None]
-    types = argument_types(p, T, 1, 1)
+    types = argument_types(p, T, 1, node.shape[-1])
     params = [(f"%{k}", operand_type(c, T, p)) for k, c in operands]
     params += [(f"%{k}", types[k]) for k in EXTRA.get(type(node), ())]
     b = Body(T)

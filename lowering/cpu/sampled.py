@@ -5,17 +5,19 @@ Rows are visited in *sorted* order — sorted row i is row PQ[i] of Q (PK[i] of 
 sampling.py sorts by LSH bucket, identity order for uniform — and cut into blocks of B sorted rows
 (the runtime scalar `blk`): sorted row i is in block g(i) = i // B. Query i sees
   * its block's keys exactly: keys j with g(j) = g(i) (and j ≤ i when causal), weight 1;
-  * S sampled keys, rows SI_t of K and V, shared by every query, key t with weight
-    w_t = exp(LW_t) = 1/(p_t·S), unless the query's block already holds it: visible iff SB_t ≠ g(i)
+  * S samples, shared by every query: key row SI_t of K with value VS_t and weight
+    w_t = exp(LW_t), unless the query's block already holds it: visible iff SB_t ≠ g(i)
     (SB_t < g(i) when causal),
-so that, with lw = 0 for block keys and E over the samples,
-    out_i = Σ_{j visible} e^{s·q_i·k_j + lw_j} v_j / Σ_{j visible} e^{s·q_i·k_j + lw_j},
-    E[numerator_i] = Σ_j e^{s·q_i·k_j} v_j and E[denominator_i] = Σ_j e^{s·q_i·k_j}   (unbiased).
+so that, with lw = 0 for block keys,
+    out_i = Σ_{j visible} e^{s·q_i·k_j + lw_j} v_j / Σ_{j visible} e^{s·q_i·k_j + lw_j}.
+attndsl/sampling.py chooses the samples: heavy keys (LW = 0, VS = their values) and keys drawn
+with probability p_t (LW = log 1/(p_t·S'), VS = their values or the tail's mean value).
 LSE_i = log denominator_i (after the running max), kept for the backward.
 
 Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); PQ, PK (BH, N) int32; SI, SB (BH, S) int32;
-LW (BH, S); LSE (BH, N). Q, K, V, O, LSE, dO and the gradients stay in the caller's row order: the
-permutations are read inside the kernels, so nothing is copied into sorted order. Dk, Dv, dtype,
+LW (BH, S); VS (BH, S, Dv); LSE (BH, N). Q, K, V, O, LSE, dO and the gradients stay in the
+caller's row order: the permutations are read inside the kernels, so nothing is copied into
+sorted order. Dk, Dv, dtype,
 s and causal are baked in; BH, N, S, B symbolic.
 
 Each key row of a tile carries its visibility as a block interval with one exception: visible to
@@ -29,7 +31,8 @@ Backward, P recomputed from LSE and D_i = dO_i·O_i, dS = P (dP − D):
   * query-major (per query tile): dQ_i = s Σ_j dS_ij k_j over block keys and samples;
   * key-major (per key tile, block keys and samples alike): dV_j = Σ_i P_ij dO_i,
     dK_j = s Σ_i dS_ij q_i, dLW_t = Σ_i dS_it — over the query blocks that see the tile; the
-    samples' dK, dV go to (BH, S, ·) buffers, added into rows SI by the caller (samples repeat).
+    samples' dK go to a (BH, S, Dk) buffer, added into rows SI by the caller (samples repeat),
+    their dV is VS's gradient.
 No two tasks write the same row, so there are no atomics.
 """
 from __future__ import annotations
@@ -65,10 +68,10 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float, Tt: int):
             qpos[i] = T.Cast("int32", qbase + i)
 
     @T.macro
-    def load_keys(K, V, PK, SI, LW, SB, b, kt, nkt, kstart, kend, S, blk,
+    def load_keys(K, V, PK, SI, LW, SB, VS, b, kt, nkt, kstart, kend, S, blk,
                   Kc, Vc, kb, lo, hi, ex, kpos):
         """Key tile kt of a query tile's list: block keys [kstart, kend) in tiles first (kt < nkt),
-        then the samples; rows past either end are padding (visible to nobody)."""
+        then the samples (keys K[SI], values VS); rows past either end are padding (visible to nobody)."""
         if kt < nkt:
             for j in range(Tt):
                 kj = kstart + kt * Tt + j
@@ -96,7 +99,7 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float, Tt: int):
                     for c in T.vectorized(Dk):
                         Kc[j, c] = K[b, SI[b, t], c]
                     for d in T.vectorized(Dv):
-                        Vc[j, d] = V[b, SI[b, t], d]
+                        Vc[j, d] = VS[b, t, d]
                     if causal:
                         lo[j] = SB[b, t] + 1
                         ex[j] = T.int32(-1)
@@ -124,7 +127,7 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float, Tt: int):
 
 
 def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, knobs=None):
-    """(Q, K, V, PQ, PK, SI, LW, SB, O out, LSE out, blk). `knobs` (schedules/knobs.py, family
+    """(Q, K, V, PQ, PK, SI, LW, SB, VS, O out, LSE out, blk). `knobs` (schedules/knobs.py, family
     "quadratic", as the exact softmax kernels): tile."""
     L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
     R1 = cpu.tile_rows(Tt, L, Tt)
@@ -137,7 +140,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
-               lw: T.handle, sb: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
+               lw: T.handle, sb: T.handle, vs: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
@@ -150,6 +153,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
         SI = T.match_buffer(si, (BH, S), "int32")
         LW = T.match_buffer(lw, (BH, S), dtype)
         SB = T.match_buffer(sb, (BH, S), "int32")
+        VS = T.match_buffer(vs, (BH, S, Dv), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         nq = (N + Tt - 1) // Tt
@@ -184,7 +188,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
             kstart, kend = block_keys(qbase, N, blk)
             nkt = (kend - kstart + Tt - 1) // Tt
             for kt in range(nkt + (S + Tt - 1) // Tt):
-                load_keys(K, V, PK, SI, LW, SB, b, kt, nkt, kstart, kend, S, blk,
+                load_keys(K, V, PK, SI, LW, SB, VS, b, kt, nkt, kstart, kend, S, blk,
                           Kc, Vc, kb, lo, hi, ex, kpos)
                 for i in T.vectorized(Tt):
                     mn[i] = mx[i]
@@ -224,10 +228,10 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
 
 def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, knobs=None):
-    """(Q, K, V, PQ, PK, SI, LW, SB, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk): the exact
+    """(Q, K, V, PQ, PK, SI, LW, SB, VS, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk): the exact
     gradient of sampled_forward's O for the given samples; dK, dV hold the block keys' share only
-    (the caller adds dKS, dVS into rows SI); LW's gradient lets p depend on the inputs. `knobs` as
-    sampled_forward's."""
+    (the caller adds dKS into rows SI; dVS is VS's gradient); LW's gradient lets p depend on the
+    inputs. `knobs` as sampled_forward's."""
     L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
     R1 = cpu.tile_rows(Tt, L, Tt)
     CK, CV = out_cols(Dk, L), out_cols(Dv, L)
@@ -293,8 +297,8 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
-               lw: T.handle, sb: T.handle, o: T.handle, lse: T.handle, do: T.handle, dq: T.handle,
-               dk: T.handle, dv: T.handle, dks: T.handle, dvs: T.handle, dlw: T.handle, blk: T.int64):
+               lw: T.handle, sb: T.handle, vs: T.handle, o: T.handle, lse: T.handle, do: T.handle,
+               dq: T.handle, dk: T.handle, dv: T.handle, dks: T.handle, dvs: T.handle, dlw: T.handle, blk: T.int64):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
@@ -307,6 +311,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         SI = T.match_buffer(si, (BH, S), "int32")
         LW = T.match_buffer(lw, (BH, S), dtype)
         SB = T.match_buffer(sb, (BH, S), "int32")
+        VS = T.match_buffer(vs, (BH, S, Dv), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         dO = T.match_buffer(do, (BH, N, Dv), dtype)
@@ -361,7 +366,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                 kstart, kend = block_keys(qbase, N, blk)
                 nkt = (kend - kstart + Tt - 1) // Tt
                 for kt in range(nkt + ns):
-                    load_keys(K, V, PK, SI, LW, SB, b, kt, nkt, kstart, kend, S, blk,
+                    load_keys(K, V, PK, SI, LW, SB, VS, b, kt, nkt, kstart, kend, S, blk,
                               Kc, Vc, kb, lo, hi, ex, kpos)
                     probabilities(Kc, Vc, QT, dOT, kb, Lq, Dd, lo, hi, ex, kpos, qblk, qpos, PT, dST, acc1)
                     accumulate(dXacc, accK, dST, True, Kc, RK, CK, Dk)
@@ -374,7 +379,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                 kbase = u * Tt
                 qstart = T.Select(u < nq, kbase // blk * blk, T.int64(0))
                 qend = T.Select(u < nq, T.min(N, (T.min(kbase + Tt, N) - 1) // blk * blk + blk), N)
-                load_keys(K, V, PK, SI, LW, SB, b, T.Select(u < nq, T.int64(0), T.int64(1) + u - nq),
+                load_keys(K, V, PK, SI, LW, SB, VS, b, T.Select(u < nq, T.int64(0), T.int64(1) + u - nq),
                           T.int64(1), kbase, N, S, blk, Kc, Vc, kb, lo, hi, ex, kpos)
                 for qt in range((qend - qstart + Tt - 1) // Tt):
                     qbase = qstart + qt * Tt

@@ -78,8 +78,8 @@ def _online(Dk: int, Dv: int, dtype: str):
         st[1] = T.cast(0, dtype)
 
     @T.macro
-    def fold(qi, acc, st, K, V, b, row, add):
-        """Key row `row` with score qi·k + add."""
+    def fold(qi, acc, st, K, V, b, row, add, vrow):
+        """Key row `row` of K with score qi·k + add, value row `vrow` of V."""
         st[2] = T.cast(0, dtype)
         for c in range(Dk):
             st[2] = st[2] + qi[c] * K[b, row, c]
@@ -89,7 +89,7 @@ def _online(Dk: int, Dv: int, dtype: str):
         p = T.exp(st[2] - m_new)
         st[1] = st[1] * st[3] + p
         for e in range(Dv):
-            acc[e] = acc[e] * st[3] + p * V[b, row, e]
+            acc[e] = acc[e] * st[3] + p * V[b, vrow, e]
         st[0] = m_new
 
     @T.macro
@@ -156,7 +156,7 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                         qi[c] = Q[b, i, c] * T.cast(scale, dtype)
                     start(acc, st)
                     for j in range(keys(i, N)):
-                        fold(qi, acc, st, K, V, b, j, bias(TAB, b % H, i - j, _half(P)))
+                        fold(qi, acc, st, K, V, b, j, bias(TAB, b % H, i - j, _half(P)), j)
                     finish(acc, st, O, LSE, b, i)
     return kernel
 
@@ -296,7 +296,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
 #
 # Rows in sorted order: sorted query i is row PQ[i] of Q, sorted key j row PK[j] of K, V; blocks of
 # `blk` sorted rows, g(i) = i // blk. Query i sees its block's keys (j ≤ i when causal), weight 1,
-# and sample t (row SI_t of K, V, log-weight LW_t) iff SB_t ≠ g(i) (causal: SB_t < g(i)).
+# and sample t (row SI_t of K, value VS_t, log-weight LW_t) iff SB_t ≠ g(i) (causal: SB_t < g(i)).
 
 def _sampled_helpers(causal: bool):
     """(keys of query i's block: first, count; queries of key j's block: first, count; sample
@@ -317,7 +317,7 @@ def _sampled_helpers(causal: bool):
 
 def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, gpu: bool,
                     rows: int = THREADS):
-    """(Q, K, V, PQ, PK, SI, LW, SB, O out, LSE out, blk): sampled.py's forward."""
+    """(Q, K, V, PQ, PK, SI, LW, SB, VS, O out, LSE out, blk): sampled.py's forward."""
     blocks, threads = _loops(gpu)
     own_keys, _, sees = _sampled_helpers(causal)
     start, fold, finish = _online(Dk, Dv, dtype)
@@ -325,7 +325,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
-               lw: T.handle, sb: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
+               lw: T.handle, sb: T.handle, vs: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
         T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": gpu})
         BH, N, S = T.int64(), T.int64(), T.int64()
         Q = T.match_buffer(q, (BH, N, Dk), dtype)
@@ -336,6 +336,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
         SI = T.match_buffer(si, (BH, S), "int32")
         LW = T.match_buffer(lw, (BH, S), dtype)
         SB = T.match_buffer(sb, (BH, S), "int32")
+        VS = T.match_buffer(vs, (BH, S, Dv), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         for task in blocks(BH * _ceil(N, R)):
@@ -350,19 +351,20 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                         qi[c] = Q[b, PQ[b, i], c] * T.cast(scale, dtype)
                     start(acc, st)
                     for jj in range(own_keys(i, N, blk)[1]):
-                        fold(qi, acc, st, K, V, b, PK[b, own_keys(i, N, blk)[0] + jj], T.cast(0, dtype))
+                        fold(qi, acc, st, K, V, b, PK[b, own_keys(i, N, blk)[0] + jj], T.cast(0, dtype),
+                             PK[b, own_keys(i, N, blk)[0] + jj])
                     for t in range(S):
                         if sees(SB[b, t], i, blk):
-                            fold(qi, acc, st, K, V, b, SI[b, t], LW[b, t])
+                            fold(qi, acc, st, K, VS, b, SI[b, t], LW[b, t], t)
                     finish(acc, st, O, LSE, b, PQ[b, i])
     return kernel
 
 
 def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, gpu: bool,
                      rows: int = THREADS):
-    """(Q, K, V, PQ, PK, SI, LW, SB, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk), sampled.py's
+    """(Q, K, V, PQ, PK, SI, LW, SB, VS, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk), sampled.py's
     backward: dK, dV the block keys' share (a thread per sorted key), dKS, dVS, dLW a thread per
-    sample over every query that sees it (the caller adds dKS, dVS into rows SI)."""
+    sample over every query that sees it (the caller adds dKS into rows SI; dVS is VS's gradient)."""
     blocks, threads = _loops(gpu)
     own_keys, own_queries, sees = _sampled_helpers(causal)
     R = rows
@@ -370,15 +372,15 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     row_dots = _row_dots(blocks, threads, R, Dv, dtype)
 
     @T.macro
-    def pair(st, Q, K, V, dO, LSE, Dd, b, qrow, krow, lw):
-        """st[0] = p, st[1] = dS of query row qrow and key row krow."""
+    def pair(st, Q, K, V, dO, LSE, Dd, b, qrow, krow, lw, vrow):
+        """st[0] = p, st[1] = dS of query row qrow, key row krow of K and value row vrow of V."""
         st[0] = lw
         for c in range(Dk):
             st[0] = st[0] + Q[b, qrow, c] * K[b, krow, c] * T.cast(sc, dtype)
         st[0] = T.exp(st[0] - LSE[b, qrow])
         st[1] = T.cast(0, dtype)
         for e in range(Dv):
-            st[1] = st[1] + dO[b, qrow, e] * V[b, krow, e]
+            st[1] = st[1] + dO[b, qrow, e] * V[b, vrow, e]
         st[1] = st[0] * (st[1] - Dd[b, qrow])
 
     @T.macro
@@ -390,8 +392,8 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
-               lw: T.handle, sb: T.handle, o: T.handle, lse: T.handle, do: T.handle, dq: T.handle,
-               dk: T.handle, dv: T.handle, dks: T.handle, dvs: T.handle, dlw: T.handle, blk: T.int64):
+               lw: T.handle, sb: T.handle, vs: T.handle, o: T.handle, lse: T.handle, do: T.handle,
+               dq: T.handle, dk: T.handle, dv: T.handle, dks: T.handle, dvs: T.handle, dlw: T.handle, blk: T.int64):
         T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": gpu})
         BH, N, S = T.int64(), T.int64(), T.int64()
         Q = T.match_buffer(q, (BH, N, Dk), dtype)
@@ -402,6 +404,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         SI = T.match_buffer(si, (BH, S), "int32")
         LW = T.match_buffer(lw, (BH, S), dtype)
         SB = T.match_buffer(sb, (BH, S), "int32")
+        VS = T.match_buffer(vs, (BH, S, Dv), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         dO = T.match_buffer(do, (BH, N, Dv), dtype)
@@ -424,12 +427,12 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         acc[c] = T.cast(0, dtype)
                     for jj in range(own_keys(i, N, blk)[1]):
                         pair(st, Q, K, V, dO, LSE, Dd, b, PQ[b, i], PK[b, own_keys(i, N, blk)[0] + jj],
-                             T.cast(0, dtype))
+                             T.cast(0, dtype), PK[b, own_keys(i, N, blk)[0] + jj])
                         for c in range(Dk):
                             acc[c] = acc[c] + st[1] * K[b, PK[b, own_keys(i, N, blk)[0] + jj], c]
                     for t in range(S):
                         if sees(SB[b, t], i, blk):
-                            pair(st, Q, K, V, dO, LSE, Dd, b, PQ[b, i], SI[b, t], LW[b, t])
+                            pair(st, Q, K, VS, dO, LSE, Dd, b, PQ[b, i], SI[b, t], LW[b, t], t)
                             for c in range(Dk):
                                 acc[c] = acc[c] + st[1] * K[b, SI[b, t], c]
                     for c in range(Dk):
@@ -448,7 +451,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         av[e] = T.cast(0, dtype)
                     for ii in range(own_queries(j, N, blk)[1]):
                         pair(st, Q, K, V, dO, LSE, Dd, b, PQ[b, own_queries(j, N, blk)[0] + ii], PK[b, j],
-                             T.cast(0, dtype))
+                             T.cast(0, dtype), PK[b, j])
                         key_side(ak, av, st, Q, dO, b, PQ[b, own_queries(j, N, blk)[0] + ii])
                     for c in range(Dk):
                         dK[b, PK[b, j], c] = ak[c] * T.cast(sc, dtype)
@@ -470,7 +473,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                     st[2] = T.cast(0, dtype)
                     for i in range(N):
                         if sees(SB[b, t], i, blk):
-                            pair(st, Q, K, V, dO, LSE, Dd, b, PQ[b, i], SI[b, t], LW[b, t])
+                            pair(st, Q, K, VS, dO, LSE, Dd, b, PQ[b, i], SI[b, t], LW[b, t], t)
                             key_side(ak, av, st, Q, dO, b, PQ[b, i])
                             st[2] = st[2] + st[1]
                     for c in range(Dk):
