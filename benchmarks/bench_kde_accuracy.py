@@ -4,6 +4,8 @@ Budget m = keys (or features) each query pays for:
   kde        sampling = kde(buckets, block = m/2, samples = m/2): the default estimator — the LSH
              blocks and m/4 heavy keys exact, the tail's mass from m/4 samples, its values by their
              mean (tail=mean, residual=columns)
+  kde-values the same with residual=values: heavy keys and samples by |v|² instead of by the
+             estimated column sums of D⁻¹A
   kde-is     the same blocks, samples drawn ∝ |v|² + uniform with their own values, no heavy keys
              (heavy=0, tail=sampled, residual=values: KDEformer's importance sampling, Zandieh et al.
              2023)
@@ -52,7 +54,7 @@ from attention_data import clustered  # noqa: E402
 import pretrained_qkv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("kde", "kde-is", "uniform", "favor")
+METHODS = ("kde", "kde-values", "kde-is", "uniform", "favor")
 METRICS = ("frobenius", "paper")
 
 
@@ -60,6 +62,7 @@ def spec(method: str, m: int, seed: int, buckets: int) -> str:
     kde = f"sampling = kde(buckets={buckets}, block={max(1, m // 2)}, samples={m - m // 2}, seed={seed}"
     field = {
         "kde": kde + ")",
+        "kde-values": kde + ", residual=values)",
         "kde-is": kde + ", heavy=0, tail=sampled, residual=values)",
         "uniform": f"sampling = uniform(samples={m}, seed={seed})",
         "favor": f"kernel = favor(features={m}, orthogonal=true, stabilize=true, seed={seed})",

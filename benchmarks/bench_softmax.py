@@ -16,7 +16,9 @@ fwd+bwd is forward plus backward of out·g into q, k, v (and the table for attnd
 
 Sampled part (--part sampled): the estimators of exact softmax, on clustered data
 (benchmarks/attention_data.py), N in --sampled-lengths (4096, 16384, 65536):
-  kde            sampling = kde(buckets=32, block=128, samples=128)   (256 keys a query)
+  kde            sampling = kde(buckets=32, block=128, samples=128)   (256 keys a query: the
+                 default estimator, 64 heavy keys exact and the tail by its mean value)
+  kde-is         the same with heavy=0, tail=sampled, residual=values (importance sampling)
   uniform        sampling = uniform(samples=256)
   attndsl exact  the quadratic form above
   sdpa           exact F.scaled_dot_product_attention (flash kernel, no N×N in memory)
@@ -168,6 +170,7 @@ def plot(rows, path):
 
 
 SAMPLED = {"kde": "sampling = kde(buckets=32, block=128, samples=128)",
+           "kde-is": "sampling = kde(buckets=32, block=128, samples=128, heavy=0, tail=sampled, residual=values)",
            "uniform": "sampling = uniform(samples=256)", "attndsl exact": "kernel = softmax"}
 
 
@@ -200,17 +203,19 @@ def run_sampled(lengths, reps):
 
 def table_sampled(rows) -> str:
     by = {(r["n"], r["method"], r["backward"]): r for r in rows}
-    names = ("kde", "uniform", "attndsl exact", "sdpa")
+    names = ("kde", "kde-is", "uniform", "attndsl exact", "sdpa")
+    est = ("kde", "kde-is", "uniform")
     out = [f"### sampled softmax (estimates of exact attention), B·H={H}, Dk=Dv={DIM}, float32, "
            f"clustered data, {torch.get_num_threads()} threads", "",
-           "| N | pass | " + " | ".join(f"{m} ms" for m in names) + " | sdpa / kde | sdpa / uniform | "
-           "kde error | uniform error |", "|---|---|" + "---|" * (len(names) + 4)]
+           "| N | pass | " + " | ".join(f"{m} ms" for m in names) + " | "
+           + " | ".join(f"sdpa / {m}" for m in est) + " | " + " | ".join(f"{m} error" for m in est) + " |",
+           "|---|---|" + "---|" * (len(names) + 2 * len(est))]
     for n, backward in sorted({(r["n"], r["backward"]) for r in rows}):
         t = {m: by[(n, m, backward)]["t"] for m in names}
         out.append(f"| {n} | {'fwd+bwd' if backward else 'fwd'} | "
-                   + " | ".join(f"{t[m] * 1e3:.1f}" for m in names)
-                   + f" | {t['sdpa'] / t['kde']:.1f}x | {t['sdpa'] / t['uniform']:.1f}x | "
-                   f"{by[(n, 'kde', backward)]['error']:.3f} | {by[(n, 'uniform', backward)]['error']:.3f} |")
+                   + " | ".join(f"{t[m] * 1e3:.1f}" for m in names) + " | "
+                   + " | ".join(f"{t['sdpa'] / t[m]:.1f}x" for m in est) + " | "
+                   + " | ".join(f"{by[(n, m, backward)]['error']:.3f}" for m in est) + " |")
     return "\n".join(out)
 
 
@@ -220,7 +225,7 @@ def plot_sampled(rows, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, backward in zip(axes, (False, True)):
-        for method in ("kde", "uniform", "attndsl exact", "sdpa"):
+        for method in ("kde", "kde-is", "uniform", "attndsl exact", "sdpa"):
             pts = sorted((r["n"], r["t"] * 1e3) for r in rows if r["method"] == method and r["backward"] == backward)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method, linewidth=2.5 if method == "kde" else 1.2)
