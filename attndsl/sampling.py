@@ -15,12 +15,13 @@ seed)`, with query i's exact keys E_i (its block and the heavy keys) and its tai
      without bias. The tail's values:
        tail=mean (default): v̄ = the mean of the non-heavy values, for every sample:
            out_i = (Σ_{j∈E_i} e^{s·q_i·k_j} v_j + D̂_i v̄) / (Σ_{j∈E_i} e^{s·q_i·k_j} + D̂_i),
-         a convex combination of the exact keys' values and v̄: biased (by D_i/(…)·(v̄ − the
-         tail's attention-weighted mean)), never further from the truth than those values are;
+         a convex combination of the exact keys' values and v̄, so no further from the exact
+         output than the farthest of them; biased, by about D_i/(Σ_{j∈E_i} e^{s·q_i·k_j} + D_i)
+         ·(v̄ − the tail's attention-weighted mean value);
        tail=sampled: each sample's own value v_t (importance sampling: numerator and normalizer
          unbiased, the ratio consistent, but one heavy key outside the block swings it far).
-     w_j = the column sums of D⁻¹A estimated on R = samples/4 random queries (residual=columns, the default),
-     w_j = (1/R) Σ_{i∈R} softmax_j(s·q_i·k_j): KDEformer's density estimate of where the
+     w_j = the column sums of D⁻¹A estimated on R = samples/4 random queries (residual=columns,
+     the default), w_j = (1/R) Σ_{i∈R} softmax_j(s·q_i·k_j): KDEformer's density estimate of where the
      attention mass goes (a model's [CLS]/[SEP] sinks become heavy keys); or (residual=values)
      w_j = |v_j|²/Σ_l |v_l|².
 `uniform(samples, seed)`: no sort, blocks of one row (a query's own key is exact), p_j = 1/N,
