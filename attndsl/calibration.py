@@ -1,13 +1,18 @@
-"""The cost model, calibrated on this machine: each form's measured seconds per estimated flop.
+"""The cost model, calibrated on this machine: each form's time as a fixed cost plus seconds per flop.
 
 The planner's costs are flop counts (lowering/costs.py, each form's record). Forms reach very
-different flop rates (register-tiled GEMMs, FFT butterflies, scans), so the lengths where flop
-counts cross are not where the kernels do. `attndsl calibrate` times each form's forward kernels
-on a representative site (B·H = 8, Dk = Dv = 64, float32) at LENGTHS and stores, per form, the
-median seconds per flop in <tuning database>/calibration.json, with the CPU model it ran on. The
-planner multiplies each form's flops by that rate when a file matches this CPU: the user's (where
-`attndsl tune` writes), else the one shipped in schedules/tuned/. ATTNDSL_UNCALIBRATED=1 plans by
-flops alone.
+different flop rates (register-tiled GEMMs, FFT butterflies, scans), and their fixed costs per
+call (parallel regions, passes over the rows) differ too, so the lengths where flop counts cross
+are not where the kernels do. `attndsl calibrate` times each form's forward kernels on a
+representative site (B·H = 8, Dk = Dv = 64, float32) at LENGTHS (256, 512, 2048) and stores, per form, the median
+seconds per flop and the measurements in <tuning database>/calibration.json, with the CPU model
+it ran on. From the measurements at two lengths or more, each form's time is fitted as
+t = a + r·flops (least squares of the relative error, a ≥ 0); the planner's cost of a form is then
+(a/BH + r·flops)/r₀ per batch·head, r₀ the median form's r: flops at the median rate, plus the
+fixed cost spread over the calibration's B·H rows. A file with rates only (or a fit with r ≤ 0)
+gives a = 0, r = the rate. Files are read where they match this CPU: the user's (where `attndsl
+tune` writes), else the one shipped in schedules/tuned/. ATTNDSL_UNCALIBRATED=1 plans by flops
+alone.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from pathlib import Path
 from . import config
 
 FILE = "calibration.json"
-LENGTHS = (512, 2048)
+LENGTHS = (256, 512, 2048)
 BH, DIM = 8, 64
 
 
@@ -50,12 +55,41 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-_RATES: dict[tuple, dict[str, float] | None] = {}
+_RATES: dict[tuple, tuple[dict[str, float], dict[str, tuple[float, float]]] | None] = {}
 
 
-def rates() -> dict[str, float] | None:
-    """{form: seconds per flop} of the first calibration file that matches this CPU, or None (then
-    the planner compares flops). A damaged file is warned about and skipped."""
+def fit(measured: dict) -> tuple[float, float] | None:
+    """(a seconds, r seconds per flop) of t = a + r·f over {N: (t, f)}, a ≥ 0, by least squares of
+    the relative error (weights 1/t², so that the short lengths count as much as the long ones);
+    None with fewer than two distinct flop counts or r ≤ 0."""
+    pts = [(float(f), float(t)) for t, f in measured.values()]
+    if len({f for f, _ in pts}) < 2 or min(t for _, t in pts) <= 0:
+        return None
+    w = [1 / t ** 2 for _, t in pts]
+    sw, sf, sff = sum(w), sum(x * f for x, (f, _) in zip(w, pts)), sum(x * f * f for x, (f, _) in zip(w, pts))
+    st, sft = sum(x * t for x, (_, t) in zip(w, pts)), sum(x * f * t for x, (f, t) in zip(w, pts))
+    det = sw * sff - sf * sf
+    a, r = (sff * st - sf * sft) / det, (sw * sft - sf * st) / det
+    if a < 0:                                   # through the origin
+        a, r = 0.0, sft / sff
+    return (a, r) if r > 0 else None
+
+
+def _load(path: Path) -> tuple[str, dict[str, float], dict[str, tuple[float, float]]]:
+    """(cpu, rates, {form: (a, r)}) of a calibration file; raises on a damaged one."""
+    data = json.loads(path.read_text())
+    found = {str(f): float(r) for f, r in data["rates"].items() if float(r) > 0}
+    affine = {}
+    for form, rate in found.items():
+        per = data.get("measured", {}).get(form)
+        line = fit(per) if isinstance(per, dict) else None
+        affine[form] = line if line is not None else (0.0, rate)
+    return data["cpu"], found, affine
+
+
+def _calibration() -> tuple[dict[str, float], dict[str, tuple[float, float]]] | None:
+    """(rates, affine fits) of the first calibration file that matches this CPU, or None (then the
+    planner compares flops). A damaged file is warned about and skipped."""
     if not config.use_calibration():
         return None
     from .schedules.lookup import SHIPPED, user_db
@@ -66,50 +100,62 @@ def rates() -> dict[str, float] | None:
             if not path.is_file():
                 continue
             try:
-                data = json.loads(path.read_text())
-                found = {str(f): float(r) for f, r in data["rates"].items() if float(r) > 0}
-                cpu = data["cpu"]
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                cpu, found, affine = _load(path)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
                 warnings.warn(f"attndsl: ignoring the damaged calibration file {path} ({e}); "
-                              f"`attndsl calibrate` writes a new one", stacklevel=2)
+                              f"`attndsl calibrate` writes a new one", stacklevel=3)
                 continue
             if cpu == cpu_model():
-                _RATES[key] = found
+                _RATES[key] = (found, affine)
                 break
     return _RATES[key]
 
 
-def weight(form: str) -> float:
-    """What the planner multiplies `form`'s flops by: its seconds per flop relative to the median
-    form's, 1 without a calibration (or for a form it did not measure)."""
-    r = rates()
-    if not r or form not in r:
-        return 1.0
-    return r[form] / statistics.median(r.values())
+def rates() -> dict[str, float] | None:
+    """{form: median seconds per flop} of the calibration that matches this CPU, or None."""
+    c = _calibration()
+    return c[0] if c else None
 
 
-def measure(progress=print, lengths=LENGTHS, rounds: int = 5) -> dict:
-    """Time each form of sites() (forward, median of `rounds`) at `lengths`: {"cpu", "threads",
-    "rates": {form: s/flop}, "measured": {form: {N: (seconds, flops)}}}."""
+def cost(form: str, flops: float) -> float:
+    """The planner's cost of `form` doing `flops` per batch·head: (a/BH + r·flops)/r₀ with the
+    form's fit and the median form's r₀; `flops` without a calibration (or for a form it did not
+    measure)."""
+    c = _calibration()
+    if not c or form not in c[1]:
+        return flops
+    a, r = c[1][form]
+    return (a / BH + r * flops) / statistics.median(rr for _, rr in c[1].values())
+
+
+def measure(progress=print, lengths=LENGTHS, rounds: int = 7) -> dict:
+    """Time each form of sites() (forward) at `lengths`, the forms and lengths interleaved in each
+    of `rounds` rounds (a busy moment of a shared machine hits one sample of each, not one form),
+    medians: {"cpu", "threads", "rates": {form: s/flop}, "measured": {form: {N: (seconds, flops)}}}."""
     import torch
 
     import attndsl
     from .passes.plan import cost_of
     out: dict = {"cpu": cpu_model(), "threads": config.num_threads(), "rates": {}, "measured": {}}
+    runs, flops = {}, {}
     for form, body in sites().items():
         attn = attndsl.compile(f"attention calibrate {{ {body} }}", heads=BH, head_dim=DIM, plan=form)
-        decision = attn.planned.decisions[0]
-        per = {}
+        site = attn.planned.decisions[0].site
         for n in lengths:
             q, k, v = (torch.randn(1, BH, n, DIM) for _ in range(3))
-            with torch.no_grad():
+            runs[form, n] = (attn, q, k, v)
+            flops[form, n] = BH * cost_of(form, site, n, calibrated=False)
+    times: dict = {key: [] for key in runs}
+    with torch.no_grad():
+        for attn, q, k, v in runs.values():
+            attn(q, k, v)                                          # warm: build, first-call checks
+        for _ in range(rounds):
+            for key, (attn, q, k, v) in runs.items():
+                t0 = time.perf_counter()
                 attn(q, k, v)
-                times = []
-                for _ in range(rounds):
-                    t0 = time.perf_counter()
-                    attn(q, k, v)
-                    times.append(time.perf_counter() - t0)
-            per[n] = (statistics.median(times), BH * cost_of(form, decision.site, n, calibrated=False))
+                times[key].append(time.perf_counter() - t0)
+    for form in sites():
+        per = {n: (statistics.median(times[form, n]), flops[form, n]) for n in lengths}
         out["measured"][form] = per
         out["rates"][form] = statistics.median(t / f for t, f in per.values())
         progress(f"  {form:13s} " + "  ".join(f"N={n}: {1e3 * t:.2f} ms ({f / t / 1e9:.1f} GFLOP/s)"

@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 
+from . import calibration
 from .ast import learned_table
 from .schedules.cuda import TARGETS
 
@@ -281,7 +282,6 @@ def cmd_tune(args) -> int:
 def cmd_calibrate(args) -> int:
     from pathlib import Path
 
-    from . import calibration
     from .schedules import lookup
     db = Path(args.db) if args.db else lookup.user_db()
     print(f"calibrating the cost model on {calibration.cpu_model()} (B·H={calibration.BH}, "
@@ -363,7 +363,7 @@ def main(argv=None) -> int:
     t.add_argument("--rpc-key", help="the device key the tracker's servers registered with")
     cal = sub.add_parser("calibrate", help="time every form on this CPU, so the planner's crossover lengths "
                          "are where the kernels cross")
-    cal.add_argument("--lengths", type=_lengths, default=[512, 2048], help="sequence lengths to time")
+    cal.add_argument("--lengths", type=_lengths, default=list(calibration.LENGTHS), help="sequence lengths to time")
     cal.add_argument("--db", help="the folder to write calibration.json to (default: the tuning database's)")
     bun = sub.add_parser("bundle", help="compile a spec's kernels, with a runtime that loads them, for a "
                          "machine without TVM's compiler (docs/backends.md)")

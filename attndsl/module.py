@@ -503,8 +503,8 @@ class Attention(nn.Module):
         n = n or PLAN_LENGTH
         chosen = self._plan_index(n)
         planned = self.plans[chosen]
-        lines.append(f"plan at N={n} (cost model: flops per batch·head, weighted by each form's measured rate "
-                     f"where `attndsl calibrate` has run on this CPU):")
+        lines.append(f"plan at N={n} (cost model: flops per batch·head; where `attndsl calibrate` has run on "
+                     f"this CPU, each form's measured fixed cost and time per flop, in flops at the median rate):")
         for d in planned.decisions:
             costs = {f: cost_of(f, d.site, n) for f, _ in d.costs}
             quad = quadratic_cost(d.site, n)

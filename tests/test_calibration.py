@@ -1,5 +1,6 @@
-"""The calibrated cost model: measured rates move the planner's crossovers; a file for another CPU
-or a damaged one is ignored (the damaged one with a warning), never a failed compile."""
+"""The calibrated cost model: measured rates and fixed costs move the planner's crossovers; a file
+for another CPU or a damaged one is ignored (the damaged one with a warning), never a failed
+compile."""
 import json
 
 import pytest
@@ -30,8 +31,32 @@ def db(tmp_path, monkeypatch):
     return tmp_path
 
 
-def write(folder, rates, cpu=None):
-    (folder / calibration.FILE).write_text(json.dumps({"cpu": cpu or calibration.cpu_model(), "rates": rates}))
+def write(folder, rates, cpu=None, measured=None):
+    data = {"cpu": cpu or calibration.cpu_model(), "rates": rates}
+    if measured:
+        data["measured"] = measured
+    (folder / calibration.FILE).write_text(json.dumps(data))
+
+
+def test_the_fit_is_a_fixed_cost_plus_a_rate():
+    assert calibration.fit({"512": [2e-3, 1e8], "2048": [5e-3, 4e8]}) == pytest.approx((1e-3, 1e-11))
+    a, r = calibration.fit({"512": [1e-3, 1e8], "2048": [5e-3, 4e8]})      # a < 0: through the origin
+    w = (1 / 1e-3 ** 2, 1 / 5e-3 ** 2)                                       # relative errors
+    assert a == 0 and r == pytest.approx((w[0] * 1e8 * 1e-3 + w[1] * 4e8 * 5e-3) / (w[0] * 1e16 + w[1] * 16e16))
+    assert calibration.fit({"512": [1e-3, 1e8]}) is None
+
+
+def test_a_fixed_cost_keeps_the_cheaper_form_longer(db):
+    """The same rate for both forms; a fixed cost of the FFT form's (its passes and parallel
+    regions) moves the crossover up; the file's rates alone (no measurements) do not."""
+    write(db, {"pairwise": 1e-11, "toeplitz_fft": 1e-11})
+    calibration._RATES.clear()
+    without = crossover()
+    line = lambda a: {"512": [a + 1e-11 * 1e8, 1e8], "2048": [a + 1e-11 * 4e8, 4e8]}
+    write(db, {"pairwise": 1e-11, "toeplitz_fft": 1e-11},
+          measured={"pairwise": line(0.0), "toeplitz_fft": line(0.5)})
+    calibration._RATES.clear()
+    assert crossover() > 1.3 * without
 
 
 def test_measured_rates_move_the_crossover(db):

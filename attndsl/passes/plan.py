@@ -29,9 +29,10 @@ class Decision:
 
 def cost_of(form: str, site: Node, n: int, calibrated: bool = True) -> float:
     """The estimated cost of `form` on `site` (an unplanned site) at sequence length n: its flops,
-    weighted by the form's measured rate on this CPU (calibration.py) unless `calibrated` is False."""
+    or, calibrated on this CPU (calibration.py) unless `calibrated` is False, the flops it takes
+    the median form to spend the form's measured time."""
     flops = FORMS[form].cost(site, n)
-    return flops * calibration.weight(form) if calibrated else flops
+    return calibration.cost(form, flops) if calibrated else flops
 
 
 def candidates(n: Node) -> list[Form]:
