@@ -170,8 +170,9 @@ def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed:
         pos = torch.cat([where.gather(1, heavy), pos], 1)
         lw = torch.cat([p.new_zeros(BH, H), -torch.log(p.gather(1, tail) * St)], 1)
         if sampling.get("tail", "mean") == "mean" and St:
-            vh = rows_of(v, heavy)
-            vbar = (v.sum(1, keepdim=True) - vh.sum(1, keepdim=True)) / (N - H)      # N > H here
+            vh = rows_of(v, heavy)                 # sums in float64: N values near float32's max
+            vbar = ((v.sum(1, keepdim=True, dtype=torch.float64) - vh.sum(1, keepdim=True, dtype=torch.float64))
+                    / (N - H)).to(v.dtype)                                           # N > H here
             vs = torch.cat([vh, vbar.expand(BH, St, v.shape[-1])], 1)
         else:
             vs = rows_of(v, si)
