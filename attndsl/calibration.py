@@ -4,9 +4,9 @@ The planner's costs are flop counts (lowering/costs.py, each form's record). For
 different flop rates (register-tiled GEMMs, FFT butterflies, scans), and their fixed costs per
 call (parallel regions, passes over the rows) differ too, so the lengths where flop counts cross
 are not where the kernels do. `attndsl calibrate` times each form's forward kernels on a
-representative site (B·H = 8, Dk = Dv = 64, float32) at LENGTHS (256, 512, 2048) and stores, per form, the median
-seconds per flop and the measurements in <tuning database>/calibration.json, with the CPU model
-it ran on. From the measurements at two lengths or more, each form's time is fitted as
+representative site (B·H = 8, Dk = Dv = 64, float32) at LENGTHS (256, 512, 2048) and stores, per
+form, the median seconds per flop and the measurements in <tuning database>/calibration.json,
+with the CPU model it ran on. From the measurements at two lengths or more, each form's time is fitted as
 t = a + r·flops (least squares of the relative error, a ≥ 0); the planner's cost of a form is then
 (a/BH + r·flops)/r₀ per batch·head, r₀ the median form's r: flops at the median rate, plus the
 fixed cost spread over the calibration's B·H rows. A file with rates only (or a fit with r ≤ 0)

@@ -2,9 +2,11 @@
 
 Each op of the kernel ABI (lowering/abi.py) becomes two custom ops, generated here: attndsl::<op>
 (its outputs) and attndsl::<op>_backward (the gradients of its inputs), with fake tensors and the
-autograd formula that joins them. An op names its compiled library by key (`register_library`)
-and its kernels by the IR node they lower (`<op><index>`, + `_fwd`/`_bwd`). Tensors are
-(BH, N, width), contiguous; the value is the first output, the others (den, lse) are internal.
+autograd formula that joins them; eager calls reach the same implementations without torch's
+dispatcher (`fast`: directly without gradients, through an autograd.Function with them). An op
+names its compiled library by key (`register_library`) and its kernels by the IR node they lower
+(`<op><index>`, + `_fwd`/`_bwd`). Tensors are (BH, N, width), contiguous; the value is the first
+output, the others (den, lse) are internal.
 """
 from __future__ import annotations
 
@@ -120,12 +122,8 @@ def _define(op: Op):
 
         @staticmethod
         @torch.autograd.function.once_differentiable
-        def backward(ctx, *douts):
-            saved_t = ctx.saved_tensors
-            dout = douts[0]
-            if dout is None:
-                dout = op.outputs[0][1](dict(zip(fwd_args, saved_t[:n_in] + ctx.rest))).zero_()
-            g = backward_impl(*saved_t, dout, *ctx.rest)
+        def backward(ctx, *douts):                 # douts materialized: zeros for unused outputs
+            g = backward_impl(*ctx.saved_tensors, douts[0], *ctx.rest)
             g = dict(zip(grads, g if isinstance(g, tuple) else (g,)))
             return (*(g.get(name) for name in op.inputs), *(None for _ in ctx.rest))
 
