@@ -97,10 +97,9 @@ def column_rows(sampling, N: int) -> int:
 def residual_weights(q: Tensor, k: Tensor, v: Tensor, sampling, gen: torch.Generator, scale: float) -> Tensor:
     """w (BH, N), rows summing to 1 (or 0 where all of v is 0): what the residual samples follow."""
     if sampling["residual"] == "columns":          # (1/R) Σ_{i∈R} softmax_j(s q_i·k_j)
-        BH, N, D = q.shape
+        BH, N, _ = q.shape
         rows = torch.randint(N, (BH, column_rows(sampling, N)), generator=gen).to(q.device)
-        qr = q.gather(1, rows[..., None].expand(-1, -1, D))
-        return torch.softmax(scale * qr @ k.transpose(1, 2), dim=-1).mean(1)
+        return torch.softmax(scale * rows_of(q, rows) @ k.transpose(1, 2), dim=-1).mean(1)
     norms = torch.linalg.vector_norm(v, dim=-1).square()
     return norms / norms.sum(-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
 

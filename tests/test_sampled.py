@@ -35,25 +35,21 @@ SPECS = {
 }
 
 
-def rows(x, idx):
-    return x.gather(1, idx.long()[..., None].expand(-1, -1, x.shape[-1]))
-
-
 def estimate(q, k, v, s: sampling.Samples, scale: float, causal: bool) -> torch.Tensor:
     """The estimator of lowering/cpu/sampled.py in plain torch: in bucket order, softmax over the visible
     block keys and the visible samples (scores + log-weights); returned in the caller's order."""
     N = q.shape[1]
-    qs, ks, vs = rows(q, s.pq), rows(k, s.pk), rows(v, s.pk)
+    qs, ks, vs = sampling.rows_of(q, s.pq), sampling.rows_of(k, s.pk), sampling.rows_of(v, s.pk)
     g = torch.arange(N) // s.block
     block = scale * qs @ ks.transpose(1, 2)
     seen = g[:, None] == g[None, :]
     if causal:
         seen &= torch.arange(N)[None, :] <= torch.arange(N)[:, None]
-    samp = scale * qs @ rows(k, s.si).transpose(1, 2) + s.lw[:, None, :]
+    samp = scale * qs @ sampling.rows_of(k, s.si).transpose(1, 2) + s.lw[:, None, :]
     sseen = (s.sb[:, None, :] < g[None, :, None]) if causal else (s.sb[:, None, :] != g[None, :, None])
     scores = torch.cat([block.masked_fill(~seen, -math.inf), samp.masked_fill(~sseen, -math.inf)], -1)
     out = torch.softmax(scores, -1) @ torch.cat([vs, s.vs], 1)
-    return rows(out, torch.argsort(s.pq.long(), dim=-1))
+    return sampling.rows_of(out, torch.argsort(s.pq.long(), dim=-1))
 
 
 def qkv(N, dtype=torch.float64, dk=16, dv=8, grad=False, seed=0):
