@@ -94,6 +94,9 @@ def __getattr__(name):
     if name == "Attention":
         from .module import Attention
         return Attention
+    if name == "nn":                 # attndsl.nn.MultiheadAttention after a plain `import attndsl`
+        import importlib
+        return importlib.import_module(".nn", __name__)
     raise AttributeError(name)
 
 

@@ -4,7 +4,7 @@ A module keeps one plan per range of sequence lengths (the cost model's choice a
 passes/plan.LADDER, e.g. the exact pairwise form at short N and the Toeplitz-FFT form at long N)
 and the kernels of each; forward runs, per call, the plan cheapest at its N, node by node on TVM
 kernels (`attndsl.ops`). `reference` runs the spec's O(N²) meaning.
-q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv).
+q, k (B, H, N, Dk), v (B, H, N, Dv), key_padding_mask (B, N) bool (True = padding) -> (B, H, N, Dv).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import decoding, driver, nonfinite, ops, pipeline, precision, sampling
+from . import decoding, driver, nonfinite, ops, padding, pipeline, precision, sampling
 from .ast import AttentionSpec, learned_table, t5_slots
 from .diagnostics import SpecError
 from .featuremaps import lookup
@@ -217,16 +217,24 @@ class Attention(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """out (B, H, N, Dv); key_padding_mask (B, N) bool, True = a key left out of every row's sums
+        (nn.MultiheadAttention's convention; docs/language.md#key-padding-masks)."""
         self._validate(q, k, v)
         out_dtype = q.dtype
         dtype = UPCAST.get(q.dtype, q.dtype)
         B, H, N, _ = q.shape
+        pad = None
+        if key_padding_mask is not None:
+            pad = self._padding(key_padding_mask, q)
         if B == 0:
             return self._empty(q, k, v)
         env = {"q": q.to(dtype).reshape(B * H, N, -1).contiguous(),
                "k": k.to(dtype).reshape(B * H, N, -1).contiguous(),
                "v": v.to(dtype).reshape(B * H, N, -1).contiguous()}
+        if pad is not None:                      # a padded key's NaN stays out (padding.py)
+            env["k"], env["v"] = pad.drop(env["k"]), pad.drop(env["v"])
         if self.target.kind == "mlir":
             if self._mlir is None:
                 self._mlir = self._mlir_program()
@@ -236,7 +244,7 @@ class Attention(nn.Module):
         if fft_dtype != dtype:                   # precision.py: float64 resolves what float32 cannot
             dtype = fft_dtype
             env = {name: t.to(dtype) for name, t in env.items()}
-        out, den = self._run(env, dtype, i)
+        out, den = self._run(env, dtype, i, pad)
         # a stabilized map's normalizer near underflow (precision.py): float64, else refused
         if den is not None and den < precision.UNDERFLOW[dtype] and dtype != torch.float64:
             if N not in self._warned_float64:
@@ -247,13 +255,15 @@ class Attention(nn.Module):
                               f"scores lie far above the ones a row sees); the output keeps its dtype",
                               stacklevel=2)
             dtype = torch.float64
-            out, den = self._run({name: t.double() for name, t in env.items()}, dtype, i)
+            out, den = self._run({name: t.double() for name, t in env.items()}, dtype, i, pad)
         if den is not None and den < precision.UNDERFLOW[dtype]:
             raise precision.stabilizer_refusal(self.spec.name, N)
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
 
-    def _run(self, env: dict, dtype: torch.dtype, i: int) -> tuple[torch.Tensor, float | None]:
-        """Plan i on the kernels of `dtype` with the NaN rule of docs/numerics.md:
+    def _run(self, env: dict, dtype: torch.dtype, i: int,
+             pad: padding.Padding | None = None) -> tuple[torch.Tensor, float | None]:
+        """Plan i on the kernels of `dtype` with the NaN rule of docs/numerics.md and the key
+        padding mask `pad`:
         (out (BH, N, Dv), the smallest normalizer of a stabilized map's form, None for other maps
         and under torch.compile)."""
         lib = self._library(KERNEL_DTYPES[dtype], i)
@@ -263,11 +273,12 @@ class Attention(nn.Module):
         dens: list = []                          # each normalizer's minimum, as the runners see it
         watch = self.spec.stabilized and not torch.compiler.is_compiling()
         params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed,
-                  "dens": dens if watch else None}
+                  "dens": dens if watch else None, "pad": pad}
         steps = self._program(i)
         out = nonfinite.guarded(lambda q, k, v: _execute(steps, {**env, "q": q, "k": k, "v": v}, lib, params),
                                 env["q"], env["k"], env["v"], self.spec.causal,
-                                reads_every_key=self.spec.sampling.name == "none")
+                                reads_every_key=self.spec.sampling.name == "none",
+                                empty=None if pad is None else pad.empty)
         if not dens:
             return out, None
         den = float(dens[-1].detach().nan_to_num(0.0))     # the last run's (the exact path's, if taken)
@@ -424,10 +435,22 @@ class Attention(nn.Module):
             self._remember(key, torch.zeros(self.heads, 1, dtype=dtype))
         return self._constants[key]
 
-    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The spec's meaning literally, O(N²), with this module's random features and tables."""
         self._validate(q, k, v)
-        return reference(self.spec, q, k, v, projection=self.projection, position_table=self._table())
+        if key_padding_mask is not None:
+            key_padding_mask = padding.check_mask(key_padding_mask, q.shape[0], q.shape[2], q.device)
+        return reference(self.spec, q, k, v, projection=self.projection, position_table=self._table(),
+                         key_padding_mask=key_padding_mask)
+
+    def _padding(self, mask, q) -> padding.Padding:
+        """The call's key_padding_mask, checked, per batch·head row."""
+        mask = padding.check_mask(mask, q.shape[0], q.shape[2], q.device)
+        if self.target.kind == "mlir":
+            raise ValueError(f"key_padding_mask: target '{MLIR_TARGET}' computes the spec's mask only; "
+                             f"compile with target='llvm' (TVM) for key padding masks")
+        return padding.Padding.of(mask, self.heads, self.spec.causal)
 
     def _validate(self, q, k, v) -> None:
         """The checks of q, k, v's types, shapes, dtypes and devices, once per signature (and, with

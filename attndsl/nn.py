@@ -100,7 +100,7 @@ class MultiheadAttention(nn.Module):
         if key.shape[0] != L or value.shape[0] != L:
             raise ValueError(f"cross-attention (query length {L}, key length {key.shape[0]}) is not supported: "
                              f"query, key and value must have the same length")
-        self._check_masks(L, B, key_padding_mask, attn_mask, is_causal)
+        self._check_masks(L, attn_mask, is_causal)
         if self._qkv_same_embed_dim:
             wq, wk, wv = self.in_proj_weight.chunk(3)
         else:
@@ -109,23 +109,17 @@ class MultiheadAttention(nn.Module):
 
         def heads(x, w, b):                      # (L, B, ·) -> (B, H, L, head_dim)
             return F.linear(x, w, b).view(L, B, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
-        out = self.attention(heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv))
+        out = self.attention(heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv),
+                             key_padding_mask=key_padding_mask)
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, self.embed_dim))
         if self.batch_first:
             out = out.transpose(0, 1)
         return (out if batched else out.squeeze(bdim)), None
 
-    def _check_masks(self, L: int, B: int, key_padding_mask, attn_mask, is_causal: bool) -> None:
-        """The masks must say what the spec computes: the causal mask exactly when it is causal."""
+    def _check_masks(self, L: int, attn_mask, is_causal: bool) -> None:
+        """attn_mask and is_causal must say what the spec computes: the causal mask exactly when it
+        is causal (key_padding_mask is the Attention's to check)."""
         causal = self.spec.causal
-        if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) != (B, L):
-                raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected (batch, "
-                                 f"key length) = {(B, L)}")
-            padded = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
-            if padded.any():
-                raise NotImplementedError("key_padding_mask marks padded keys, which attndsl's forms do not "
-                                          "exclude yet: pass unpadded batches (or key_padding_mask=None)")
         if attn_mask is not None:
             if not _is_causal_mask(attn_mask, L):
                 raise ValueError("attn_mask: attndsl computes the mask its spec declares (`mask = causal` or "

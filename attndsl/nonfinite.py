@@ -7,8 +7,10 @@ forms, which may never read a given key) and otherwise runs them on the inputs w
 0, then writes NaN where the reference has a non-finite value (always so under torch.compile, whose graph
 has no data-dependent branch):
 
-    out[i, d] is NaN  ⇔  q_i is not finite, or row i sees (mask) a key j with k_j not finite
-                          or v_jd not finite.
+    out[i, d] is NaN  ⇔  row i sees a key (mask, key padding), and q_i is not finite or row i
+                          sees a key j with k_j not finite or v_jd not finite.
+
+(The caller has zeroed the padded keys' rows of k and v: attndsl/padding.py.)
 
 Gradients follow the reference too: NaN from the outputs that are NaN, to the inputs they depend on.
 q, k (BH, N, Dk), v (BH, N, Dv), out (BH, N, Dv).
@@ -48,9 +50,10 @@ class _Poisoned(torch.autograd.Function):
         return (g.masked_fill(hit, 0), None, *nan, None)
 
 
-def reached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def reached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+            empty: torch.Tensor | None = None) -> torch.Tensor:
     """(BH, N, Dv) bool: the outputs a non-finite q, k or v reaches (row i sees j ≤ i if causal,
-    every j otherwise)."""
+    every j otherwise; none when `empty` (BH, N) says it sees no key)."""
     bad_q = ~torch.isfinite(q).all(-1, keepdim=True)                 # (BH, N, 1)
     bad_k = ~torch.isfinite(k).all(-1, keepdim=True)                 # (BH, N, 1)
     bad_v = ~torch.isfinite(v)                                       # (BH, N, Dv)
@@ -59,26 +62,28 @@ def reached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> 
         seen = seen.cumsum(1) > 0                                    # keys j ≤ i
     else:
         seen = seen.any(1, keepdim=True).expand_as(bad_v)
-    return seen | bad_q
+    seen = seen | bad_q
+    return seen if empty is None else seen & ~empty[..., None]
 
 
 def guarded(run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-            reads_every_key: bool = True) -> torch.Tensor:
+            reads_every_key: bool = True, empty: torch.Tensor | None = None) -> torch.Tensor:
     """run(q, k, v) with the NaN rule. `reads_every_key`: False for the sampled forms, whose
-    output may not see a non-finite key at all, so their inputs are checked instead."""
+    output may not see a non-finite key at all, so their inputs are checked instead; `empty`
+    (BH, N): the rows a key padding mask leaves with no key."""
     if torch.compiler.is_compiling():             # no data-dependent branch in a graph: always exact
-        return _exact(run, q, k, v, causal)
+        return _exact(run, q, k, v, causal, empty)
     if not reads_every_key and not _finite(q, k, v):
         out = None
     else:
         out = run(q, k, v)
         if _finite(out) or _finite(q, k, v):      # nothing reached, or the kernels' own overflow
             return out
-    return _exact(run, q, k, v, causal)
+    return _exact(run, q, k, v, causal, empty)
 
 
-def _exact(run, q, k, v, causal):
+def _exact(run, q, k, v, causal, empty=None):
     """run on the inputs with their non-finite entries zeroed, NaN where the reference has it."""
     clean = [t.masked_fill(~torch.isfinite(t), 0) for t in (q, k, v)]
-    return _Poisoned.apply(run(*clean), reached(q, k, v, causal), q, k, v, causal)
+    return _Poisoned.apply(run(*clean), reached(q, k, v, causal, empty), q, k, v, causal)

@@ -55,6 +55,7 @@ def _define(op: Op):
     fwd_args = (*op.inputs, "lib", "node", *op.attrs)
     bwd_names = [*op.inputs, *saved, "dout"]
     bwd_args = (*bwd_names, "lib", "node", *op.attrs)
+    bwd_reads = [*op.kernel_inputs, *saved]
 
     def outputs(t: dict) -> list:
         return [alloc(t) for _, alloc in op.outputs]
@@ -64,6 +65,9 @@ def _define(op: Op):
         outs = outputs(t)
         n = t[op.inputs[0]].shape[1]
         _kernel(t["lib"], t["node"] + "_fwd")(*(t[x] for x in reads), *outs, *scalar_values(op, n, t))
+        if op.empty and t["empty"].numel():      # rows with no key (padding.py): 0, and a finite backward
+            outs[0].masked_fill_(t["empty"][..., None], 0)
+            outs[1].masked_fill_(t["empty"], 1)
         return _one_or_tuple(outs)
 
     def forward_fake(*args):
@@ -73,7 +77,10 @@ def _define(op: Op):
         t = dict(zip(bwd_args, args))
         bufs = {("d" + name if name in op.inputs else name): alloc(t) for name, alloc in op.grads}
         n = t[op.inputs[0]].shape[1]
-        _kernel(t["lib"], t["node"] + "_bwd")(*(t[x] for x in bwd_names[:-1]), t["dout"].contiguous(),
+        dout = t["dout"]
+        if op.empty and t["empty"].numel():      # an empty row's out is 0 whatever its inputs
+            dout = dout.masked_fill(t["empty"][..., None], 0)
+        _kernel(t["lib"], t["node"] + "_bwd")(*(t[x] for x in bwd_reads), dout.contiguous(),
                                               *bufs.values(), *scalar_values(op, n, t))
         if op.fold is not None:
             op.fold({**t, **bufs})

@@ -1,7 +1,8 @@
 """The meaning of a spec (docs/language.md) computed literally, O(N²), per batch and head.
 
 This is the oracle every compiled form is tested against. It needs no TVM.
-q, k (B, H, N, Dk), v (B, H, N, Dv) -> (B, H, N, Dv), in q's dtype (bf16/fp16 computed in fp32).
+q, k (B, H, N, Dk), v (B, H, N, Dv), key_padding_mask (B, N) bool (True = padding) -> (B, H, N, Dv),
+in q's dtype (bf16/fp16 computed in fp32).
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def kernel_logits_or_values(spec: AttentionSpec, q, k, scale, projection):
 
 
 def masked_matmul(w: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Σ_j [M_ij] w_ij v_j, (…, N, N) @ (…, N, D), where a masked pair is left out, not multiplied
-    by 0: a non-finite v_jd reaches only the rows whose mask sees j (docs/numerics.md). w must be 0 (or
+    """Σ_j [M_ij] w_ij v_j, (…, N, N) @ (…, N, D), M (N, N) or broadcastable (…, N, N), where a
+    masked pair is left out, not multiplied by 0: a non-finite v_jd reaches only the rows whose mask sees j (docs/numerics.md). w must be 0 (or
     anything finite) where masked."""
     bad = ~torch.isfinite(v)
     out = w @ v.masked_fill(bad, 0)
@@ -68,7 +69,7 @@ def masked_matmul(w: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch
         j = cols[lo:lo + step]
         vj = v[..., j, :].masked_fill(~bad[..., j, :], 0)                     # (…, J, D)
         term = w[..., :, j, None] * vj[..., None, :, :]                         # (…, N, J, D)
-        out = out + term.masked_fill(~mask[:, j, None], 0).sum(-2)
+        out = out + term.masked_fill(~mask[..., j, None], 0).sum(-2)
     return out
 
 
@@ -79,9 +80,10 @@ def effective_scale(spec: AttentionSpec, head_dim: int) -> float:
 
 def reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
               projection: torch.Tensor | None = None,
-              position_table: torch.Tensor | None = None) -> torch.Tensor:
+              position_table: torch.Tensor | None = None,
+              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """out as the spec means it (docs/language.md). `sampling` specs return the exact softmax
-    result they estimate."""
+    result they estimate. Padded keys are left out of every sum; a row with no key left is 0."""
     in_dtype = q.dtype
     if in_dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
@@ -91,16 +93,20 @@ def reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     mask = torch.ones(n, n, dtype=torch.bool, device=q.device)
     if spec.causal:
         mask = torch.tril(mask)
+    if key_padding_mask is not None:                    # (B, 1, N, N): padded keys out of every row
+        mask = mask & ~key_padding_mask.to(q.device)[:, None, None, :]
+    empty = ~mask.any(-1, keepdim=True)                 # rows with no key: 0, gradients 0
 
     kv = kernel_logits_or_values(spec, q, k, scale, projection)
     scores_bias = bias if spec.apply.name == "scores" else None
     if spec.kernel.name == "softmax":                   # A = exp(s q·k + b) M, normalised
         logits = kv if scores_bias is None else kv + scores_bias
-        a = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        a = torch.softmax(logits.masked_fill(~mask, float("-inf")).masked_fill(empty, 0), dim=-1)
     else:                                               # A = κ exp(b) M, normalised, floored
         a = kv if scores_bias is None else kv * torch.exp(scores_bias)
         a = a.masked_fill(~mask, 0)                     # select: a masked NaN stays out
-        a = a / (a.sum(-1, keepdim=True) + spec.floor)
+        a = a / (a.sum(-1, keepdim=True) + spec.floor).masked_fill(empty, 1)
+    a = a.masked_fill(empty, 0)
     out = masked_matmul(a, mask, v)
     if bias is not None and spec.apply.name == "values":  # + Σ_j M_ij b(i − j) v_j (FastRPB)
         out = out + masked_matmul(bias.masked_fill(~mask, 0), mask, v)

@@ -27,6 +27,11 @@ seed)`, with query i's exact keys E_i (its block and the heavy keys) and its tai
 `uniform(samples, seed)`: no sort, blocks of one row (a query's own key is exact), p_j = 1/N,
 each sample with its own value (importance sampling).
 
+With a key padding mask (attndsl/padding.py) no padded key is drawn or counted: the column
+weights, the tail and v̄ cover the kept keys only, a padded heavy key (fewer kept keys than `heavy`)
+and the tail samples of a row with no kept tail key get the log-weight KEY_OUT (weight 0), and the
+kernels add KEY_OUT to a padded key's score in the blocks.
+
 Seeded and reproducible: the hyperplanes come from `seed` (a module buffer), the samples from a
 generator seeded with `seed` on every call, so the same inputs give the same output.
 """
@@ -37,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .padding import KEY_OUT
 
 
 # hyperplanes that order the rows within a bucket
@@ -94,12 +101,17 @@ def column_rows(sampling, N: int) -> int:
     return min(N, max(8, int(sampling["samples"]) // 4))
 
 
-def residual_weights(q: Tensor, k: Tensor, v: Tensor, sampling, gen: torch.Generator, scale: float) -> Tensor:
-    """w (BH, N), rows summing to 1 (or 0 where all of v is 0): what the residual samples follow."""
+def residual_weights(q: Tensor, k: Tensor, v: Tensor, sampling, gen: torch.Generator, scale: float,
+                     kept: Tensor | None = None) -> Tensor:
+    """w (BH, N), rows summing to 1 (or 0 where all of v is 0): what the residual samples follow;
+    0 at the keys not `kept` (BH, N) bool (a padded key's v is 0 already)."""
     if sampling["residual"] == "columns":          # (1/R) Σ_{i∈R} softmax_j(s q_i·k_j)
         BH, N, _ = q.shape
         rows = torch.randint(N, (BH, column_rows(sampling, N)), generator=gen).to(q.device)
-        return torch.softmax(scale * rows_of(q, rows) @ k.transpose(1, 2), dim=-1).mean(1)
+        logits = scale * rows_of(q, rows) @ k.transpose(1, 2)
+        if kept is None:
+            return torch.softmax(logits, dim=-1).mean(1)
+        return torch.softmax(logits.masked_fill(~kept[:, None, :], KEY_OUT), dim=-1).mean(1) * kept
     norms = torch.linalg.vector_norm(v, dim=-1).square()
     return norms / norms.sum(-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
 
@@ -136,8 +148,9 @@ def heavy_count(sampling, N: int) -> int:
 
 
 def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed: int,
-         scale: float | None = None) -> Samples:
-    """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv); scale s (default 1/√Dk).
+         scale: float | None = None, padded: Tensor | None = None) -> Samples:
+    """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv) (a padded key's row of v
+    zeroed); scale s (default 1/√Dk); padded (BH, N) bool: the keys a key padding mask leaves out.
     The random numbers come from a CPU generator whatever the tensors' device, so a seed draws the
     same samples on a GPU as on the CPU."""
     BH, N, _ = k.shape
@@ -150,16 +163,20 @@ def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed:
         bits = int(math.log2(sampling["buckets"]))
         pq, pk = bucket_order(q, planes, bits), bucket_order(k, planes, bits)
         where = torch.empty_like(pk).scatter_(1, pk, torch.arange(N, device=dev).expand(BH, N))  # pk⁻¹
-        w = residual_weights(q, k, v, sampling, gen, scale if scale is not None else q.shape[-1] ** -0.5)
+        kept = None if padded is None else ~padded
+        w = residual_weights(q, k, v, sampling, gen, scale if scale is not None else q.shape[-1] ** -0.5, kept)
         H = heavy_count(sampling, N)
         rest = torch.ones(BH, N, dtype=torch.bool, device=dev)
         heavy = w.detach().topk(H, dim=-1).indices
         rest.scatter_(1, heavy, False)
+        if kept is not None:
+            rest &= kept
         St = S - H if N > H else 0                                 # the tail's samples
         u = torch.rand(BH, St, generator=gen, dtype=torch.float64).to(dev)
         wr = w * rest
         total = wr.sum(-1, keepdim=True)
-        flat = 0.5 / max(1, N - H)
+        count = rest.sum(-1, keepdim=True)                         # the tail's keys, per row
+        flat = 0.5 / count.clamp_min(1).to(w.dtype)
         share = 0.5 * wr / total.clamp_min(torch.finfo(w.dtype).tiny)
         p = (torch.where(total > 0, share, flat) + flat) * rest
         cdf = p.detach().double().gather(1, pk).cumsum(-1)          # over keys in sorted order
@@ -167,19 +184,33 @@ def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed:
         tail = pk.gather(1, pos)
         si = torch.cat([heavy, tail], 1)
         pos = torch.cat([where.gather(1, heavy), pos], 1)
-        lw = torch.cat([p.new_zeros(BH, H), -torch.log(p.gather(1, tail) * St)], 1)
+        lw_heavy, pt = p.new_zeros(BH, H), p.gather(1, tail)
+        if kept is not None:               # a padded heavy key, a row with no tail: weight 0
+            lw_heavy = lw_heavy.masked_fill(padded.gather(1, heavy), KEY_OUT)
+            lw_tail = (-torch.log(pt.masked_fill(count == 0, 1) * St)).masked_fill(count == 0, KEY_OUT)
+        else:
+            lw_tail = -torch.log(pt * St)
+        lw = torch.cat([lw_heavy, lw_tail], 1)
         if sampling.get("tail", "mean") == "mean" and St:
             vh = rows_of(v, heavy)                 # sums in float64: N values near float32's max
             vbar = ((v.sum(1, keepdim=True, dtype=torch.float64) - vh.sum(1, keepdim=True, dtype=torch.float64))
-                    / (N - H)).to(v.dtype)                                           # N > H here
+                    / count[..., None].clamp_min(1)).to(v.dtype)             # padded rows of v are 0
             vs = torch.cat([vh, vbar.expand(BH, St, v.shape[-1])], 1)
         else:
             vs = rows_of(v, si)
     else:                          # uniform: identity order, a query's own key is its block
         u = torch.rand(BH, S, generator=gen, dtype=torch.float64).to(dev)
         pq = pk = torch.arange(N, device=dev).expand(BH, N)
-        pos = si = (u * N).long().clamp_max(N - 1)
-        lw = torch.full((BH, S), -math.log(S / N), dtype=v.dtype, device=dev)
+        if padded is None:
+            pos = si = (u * N).long().clamp_max(N - 1)
+            lw = torch.full((BH, S), -math.log(S / N), dtype=v.dtype, device=dev)
+        else:                      # uniform over the kept keys: the t-th kept key, t ~ U{0 … count − 1}
+            count = (~padded).sum(-1, keepdim=True)
+            order = torch.sort(padded.to(torch.int8), dim=-1, stable=True).indices   # kept keys first
+            t = (u * count).long().clamp_max((count - 1).clamp_min(0))
+            pos = si = order.gather(1, t)
+            lw = (torch.log(count.to(torch.float64) / S)).expand(BH, S).masked_fill(count == 0, KEY_OUT)
+            lw = lw.to(v.dtype)
         vs = rows_of(v, si)
     if si.shape[1] == 0:   # TVM refuses torch's strides of an empty tensor: one sample of weight e^−1e30 = 0
         pos = si = pos.new_zeros(BH, 1)

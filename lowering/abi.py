@@ -7,7 +7,9 @@ contiguous; the position parameters TAB (H, P)):
     backward  bwd(*inputs, *saved outputs, d(value), *gradients, *scalars)
 
 The value is the first output; the others (a normalizer DEN, a log-sum-exp LSE) are internal:
-saved for the backward kernel, never differentiated. attndsl/ops.py generates the torch custom
+saved for the backward kernel, never differentiated. An op with a normalizer DEN also takes
+`empty` (BH, N) bool, which no kernel reads: the rows a key padding mask leaves with no key
+(attndsl/padding.py), whose out and DEN ops.py sets to 0 and 1 (a (0, 0) tensor: none). attndsl/ops.py generates the torch custom
 ops (forward, fake, backward, autograd) from these records; the tuner specializes the scalars
 from them (tune.concrete). Each form's record (form.Form.op) names the op it runs through.
 """
@@ -59,6 +61,15 @@ class Op:
     saves: bool = True
     fold: Callable[[dict], None] | None = None
 
+    @property
+    def empty(self) -> bool:
+        return self.inputs[-1] == "empty"
+
+    @property
+    def kernel_inputs(self) -> tuple[str, ...]:
+        """The inputs the backward kernel takes (all but `empty`)."""
+        return self.inputs[:-1] if self.empty else self.inputs
+
 
 FFT_LENGTH = Scalar("Lf", lambda n, attrs: fft_length(n))
 
@@ -76,7 +87,8 @@ def _per_sample(x: str) -> Alloc:
     return lambda t: t[x].new_empty(t["si"].shape[0], t["si"].shape[1], t[x].shape[2])
 
 
-_POSITIONAL = dict(inputs=("qf", "kf", "v", "tab"), outputs=(("out", like("v")), ("den", rows("v"))),
+_POSITIONAL = dict(inputs=("qf", "kf", "v", "tab", "empty"), reads=("qf", "kf", "v", "tab"),
+                   outputs=(("out", like("v")), ("den", rows("v"))),
                    grads=(("qf", like("qf")), ("kf", like("kf")), ("v", like("v")),
                           ("tab", like("tab", zeros=True))))
 
@@ -89,7 +101,8 @@ OPS: dict[str, Op] = {op.name: op for op in [
        "(out (BH, N, Dv), den (BH, N)) = φq_i·Σ_{j∈M(i)} φk_j v_jᵀ / φq_i·Σ_{j∈M(i)} φk_j (+ eps) from "
        "φq, φk (BH, N, M), v; tab (H, 2): the decayed form's per-head rates (a_earlier, a_later), "
        "weighting a pair by e^(−a·|i−j|) (a (1, 1) dummy otherwise; never differentiated).",
-       inputs=("qf", "kf", "v", "tab"), outputs=_POSITIONAL["outputs"], grads=_POSITIONAL["grads"][:3]),
+       inputs=_POSITIONAL["inputs"], reads=_POSITIONAL["reads"], outputs=_POSITIONAL["outputs"],
+       grads=_POSITIONAL["grads"][:3]),
     Op("toeplitz_attention",
        "(out, den) of Σ_j c(i−j)(φq_i·φk_j) v_j / Σ_j c(i−j)(φq_i·φk_j), c = exp(b), b from the "
        "position parameters tab (H, P), by FFT of length Lf ≥ 2N − 1.",
@@ -103,18 +116,18 @@ OPS: dict[str, Op] = {op.name: op for op in [
        inputs=("v", "tab"), outputs=(("y", like("v")),), grads=(("v", like("v")), ("tab", like("tab", zeros=True))),
        scalars=(FFT_LENGTH,), saves=False),
     Op("softmax_attention",
-       "(out (BH, N, Dv), lse (BH, N)): softmax(s·q·kᵀ + b) v, flash-style, b(i − j) from tab (H, P) "
-       "(a (1, 1) dummy without a position term); lse is the row log-sum-exp the backward "
-       "recomputes the weights from.",
-       inputs=("q", "k", "v", "tab"), outputs=(("out", like("v")), ("lse", rows("v"))),
+       "(out (BH, N, Dv), lse (BH, N)): softmax(s·q·kᵀ + b + kb) v, flash-style, b(i − j) from tab (H, P) "
+       "(a (1, 1) dummy without a position term), kb (BH, N) a bias per key (padding.KEY_OUT at a "
+       "padded key, else 0); lse is the row log-sum-exp the backward recomputes the weights from.",
+       inputs=("q", "k", "v", "tab", "kb"), outputs=(("out", like("v")), ("lse", rows("v"))),
        grads=(("q", like("q")), ("k", like("k")), ("v", like("v")), ("tab", like("tab", zeros=True)))),
     Op("sampled_attention",
        "(out, lse) of the sampled estimate of softmax attention: rows visited in the order pq "
        "(queries), pk (keys) (BH, N) int32 and cut into blocks of `block`; each query sees its "
        "block's keys exactly and the samples: key rows si (BH, S) int32 of k with values vs "
        "(BH, S, Dv) and log-weights lw (BH, S), unless its block holds them (sb (BH, S) int32, "
-       "the sample's block).",
-       inputs=("q", "k", "v", "pq", "pk", "si", "lw", "sb", "vs"), attrs=("block",),
+       "the sample's block); kb (BH, N) as softmax_attention's, added to the block's keys' scores.",
+       inputs=("q", "k", "v", "pq", "pk", "si", "lw", "sb", "vs", "kb"), attrs=("block",),
        outputs=(("out", like("v")), ("lse", rows("v"))),
        grads=(("q", like("q")), ("k", like("k")), ("v", like("v")), ("dks", _per_sample("k")),
               ("vs", like("vs")), ("lw", like("lw"))), fold=_fold_samples,

@@ -21,7 +21,8 @@ class Form:
     flops per batch·head at length N; summary: what it computes;
     cpu(node, (fwd name, bwd name), dtype, knobs {kernel: {knob: value}}) -> {name: PrimFunc},
     portable(the same, gpu) -> the portable kernels (None: none);
-    run(node, children's values, library key, kernel name, module params) -> the site's value;
+    run(node, children's values, library key, kernel name, module params) -> the site's value
+    (params["pad"]: the call's key padding mask, attndsl/padding.py, or None);
     op: the kernel ABI op (abi.py) its kernels implement and `run` calls;
     cpu_knobs, portable_knobs: the kernels' knob families (None: not tunable);
     fft_scores: whether precision.py's FFT condition check guards it;
@@ -58,6 +59,21 @@ def knob(knobs: dict, names, family: str, name: str) -> list[int]:
     """The value of knob `name` (schedules/knobs.py `family`) for each kernel of `names`."""
     from attndsl.schedules.knobs import resolve
     return [resolve(family, knobs.get(n))[name] for n in names]
+
+
+def keys_out(kf, params: dict, fill: float = 0.0):
+    """(kf with the call's padded keys set to `fill`, the op's `empty` rows) under a key padding
+    mask (attndsl/padding.py; params["pad"]), else (kf, a (0, 0) tensor)."""
+    pad = params["pad"]
+    if pad is None:
+        return kf, kf.new_zeros(0, 0, dtype=bool)
+    return pad.drop(kf, fill), pad.empty
+
+
+def key_bias(like, params: dict):
+    """The softmax kernels' kb (BH, N): padding.KEY_OUT at the call's padded keys, else 0."""
+    from attndsl.padding import key_bias as bias
+    return bias(params["pad"], like)
 
 
 def watched(out_den, params: dict):

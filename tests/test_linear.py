@@ -128,7 +128,8 @@ def test_opcheck(mask):
     v = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
     name = next(f"{n.op}{i}" for i, n in enumerate(postorder(attn.planned.root))
                 if n.op == "linear_attention")
-    torch.library.opcheck(ops.linear_attention, (qf, kf, v, v.new_zeros(1, 1), lib, name))
+    torch.library.opcheck(ops.linear_attention, (qf, kf, v, v.new_zeros(1, 1), v.new_zeros(0, 0, dtype=torch.bool),
+                                                 lib, name))
 
 
 def test_non_contiguous_inputs_are_accepted():

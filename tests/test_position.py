@@ -156,7 +156,8 @@ def test_opcheck():
     tab = torch.randn(2, 13, dtype=torch.float64, requires_grad=True)
     site = next(n for n in postorder(attn.planned.root) if n.op == "positional_attention")
     op = getattr(ops, lowering.form_of(site).op)             # the op of the planned form (banded here)
-    torch.library.opcheck(op, (qf, kf, v, tab, lib, names["positional_attention"]))
+    empty = torch.tensor([[False] * 8 + [True]] * 2)               # rows with no key: out 0, den 1
+    torch.library.opcheck(op, (qf, kf, v, tab, empty, lib, names["positional_attention"]))
     values = compiled("table", "values", "causal")
     vlib = values._library("float64")
     vname = next(f"{n.op}{i}" for i, n in enumerate(postorder(values.planned.root)) if n.op == "toeplitz_values")

@@ -144,7 +144,7 @@ def test_opcheck(position):
     v = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
     tab = (torch.randn(2, 13, dtype=torch.float64, requires_grad=True) if position == "table"
            else torch.zeros(1, 1, dtype=torch.float64))
-    torch.library.opcheck(ops.softmax_attention, (q, k, v, tab, lib, name))
+    torch.library.opcheck(ops.softmax_attention, (q, k, v, tab, q.new_zeros(q.shape[:2]), lib, name))
 
 
 def test_torch_compile_fullgraph():

@@ -105,8 +105,8 @@ def sums(attn, q, k, v, choice, seed, blind=False):
     `blind`: forget which block holds each sample (double-counted keys, to show the test's power)."""
     s = sampling.draw(q, k, v, choice, attn.lsh_planes, seed)
     sb = torch.full_like(s.sb, -5) if blind else s.sb
-    out, lse = ops.sampled_attention(q, k, v, s.pq, s.pk, s.si, s.lw, sb, s.vs, attn._library("float64"),
-                                     "sampled_attention3", s.block)
+    out, lse = ops.sampled_attention(q, k, v, s.pq, s.pk, s.si, s.lw, sb, s.vs, q.new_zeros(q.shape[:2]),
+                                     attn._library("float64"), "sampled_attention3", s.block)
     return out * lse.exp()[..., None], lse.exp()
 
 
@@ -238,7 +238,8 @@ def test_opcheck_and_bfloat16():
     q, k, v = (x.reshape(2, 40, -1).float() for x in qkv(40))
     s = sampling.draw(q, k, v, attn.planned.root.sampling, attn.lsh_planes, 1)
     torch.library.opcheck(ops.sampled_attention,
-                          (q, k, v, *s.args(), attn._library("float32"), "sampled_attention3", s.block))
+                          (q, k, v, *s.args(), q.new_zeros(q.shape[:2]), attn._library("float32"),
+                           "sampled_attention3", s.block))
     out = attn(*(x.bfloat16() for x in qkv(40)))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 

@@ -309,8 +309,9 @@ def test_every_quadratic_tile_computes_the_same_attention(tile, causal):
     a learned table), forward with its log-sum-exp and backward with the table's gradient."""
     import torch
 
-    from attndsl.lowering.cpu import quadratic
     from attndsl.lowering.build import build, resolve_target
+    from attndsl.lowering.cpu import quadratic
+    from attndsl.padding import KEY_OUT
     D, W, N, H, s = 16, 8, 77, 2, 0.25
     pos = parse("attention t {\n position = toeplitz(max_distance=8)\n}").block(None).position
     knob = {"tile": tile}
@@ -320,12 +321,15 @@ def test_every_quadratic_tile_computes_the_same_attention(tile, causal):
     g = torch.Generator().manual_seed(2)
     q, k, v, dout = (torch.randn(H, N, D, generator=g, dtype=torch.float64) for _ in range(4))
     tab = 0.3 * torch.randn(H, 2 * W + 1, generator=g, dtype=torch.float64)
+    kb = torch.zeros(H, N, dtype=torch.float64)
+    kb[0, [3, 40, 76]] = KEY_OUT                  # padded keys (attndsl/padding.py)
+    kb[1, 5] = -0.7
     out, lse = torch.empty_like(v), torch.empty(H, N, dtype=torch.float64)
-    lib["f"](q, k, v, tab, out, lse)
+    lib["f"](q, k, v, tab, kb, out, lse)
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v, tab)]
     r = torch.arange(N)[:, None] - torch.arange(N)[None, :]
-    scores = s * leaves[0] @ leaves[1].transpose(1, 2) + leaves[3][:, r.clamp(-W, W) + W]
+    scores = s * leaves[0] @ leaves[1].transpose(1, 2) + leaves[3][:, r.clamp(-W, W) + W] + kb[:, None, :]
     if causal:
         scores = scores.masked_fill(r < 0, float("-inf"))
     ref = torch.softmax(scores, -1) @ leaves[2]
@@ -333,7 +337,7 @@ def test_every_quadratic_tile_computes_the_same_attention(tile, causal):
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1).detach(), rtol=1e-10, atol=1e-12)
     grads = torch.autograd.grad(ref, leaves, dout)
     mine = [torch.empty_like(t) for t in (q, k, v)] + [torch.zeros_like(tab)]
-    lib["b"](q, k, v, tab, out, lse, dout, *mine)
+    lib["b"](q, k, v, tab, kb, out, lse, dout, *mine)
     for got, want in zip(mine, grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 

@@ -1,8 +1,8 @@
 """The quadratic form for the softmax kernel: flash-style CPU kernels in TVMScript, forward and
 exact backward, with the position term computed on the fly. No N×N tensor is ever formed.
 
-Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); LSE (BH, N); TAB (H, P) the position
-parameters (learned table P = 2W+1, alibi slopes P = 1, a dummy otherwise), head h = bh mod H.
+Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); LSE (BH, N); KB (BH, N) a bias per key (the
+key padding mask's, attndsl/padding.py); TAB (H, P) the position parameters (learned table P = 2W+1, alibi slopes P = 1, a dummy otherwise), head h = bh mod H.
 Dk, Dv, dtype, scale s, causal and the position *kind* are baked in; BH, N, H, W are symbolic.
 
 Tiles: T = four vector registers of query lanes (32 float32 rows with AVX2, 64 with AVX-512;
@@ -10,7 +10,7 @@ schedules/cpu.py); register tiles use about half the vector registers, and outpu
 four vectors are computed in column windows, so nothing spills.
 
 Forward (per (bh, block of T query rows), in parallel), for each key tile of T keys:
-    S_ji = s·k_j·q_i + b(i − j)            a T×T tile in L1, scores transposed so that rows of
+    S_ji = s·k_j·q_i + b(i − j) + kb_j     a T×T tile in L1, scores transposed so that rows of
                                            queries are vector lanes (row max, exp, sums vectorize)
     m'_i = max(m_i, max_j S_ji),  α_i = exp(m_i − m'_i),  P_ji = exp(S_ji − m'_i)
     l_i ← α_i l_i + Σ_j P_ji,     O_i ← α_i O_i + Σ_j P_ji v_j
@@ -46,8 +46,8 @@ def _adder(bias):
 
 def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
                     knobs=None):
-    """(Q, K, V, TAB, O out, LSE out). O_i = Σ_j softmax_j(s·q_i·k_j + b(i−j)) v_j over j ≤ i
-    when causal; LSE_i = log Σ_j exp(s·q_i·k_j + b(i−j)). `position` None: no b.
+    """(Q, K, V, TAB, KB, O out, LSE out). O_i = Σ_j softmax_j(s·q_i·k_j + b(i−j) + kb_j) v_j over
+    j ≤ i when causal; LSE_i = log Σ_j exp(s·q_i·k_j + b(i−j) + kb_j). `position` None: no b.
     `knobs` (schedules/knobs.py, family "quadratic"): tile."""
     L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
     R1 = cpu.tile_rows(Tt, L, Tt)             # rows of a score tile in registers (Tt columns)
@@ -64,7 +64,7 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
         return T.Select(kt == qb, i0 * R + R, Tt) if causal else Tt
 
     @T.prim_func
-    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, lse: T.handle):
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, kb: T.handle, o: T.handle, lse: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
@@ -74,6 +74,7 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
         K = T.match_buffer(k, (BH, N, Dk), dtype)
         V = T.match_buffer(v, (BH, N, Dv), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
+        KB = T.match_buffer(kb, (BH, N), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         W = (P - 1) // 2
@@ -82,6 +83,7 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
             QT = T.alloc_buffer((Dk, Tt), dtype)      # s·q of the block, transposed
             Kc = T.alloc_buffer((Tt, Dk), dtype)
             Vc = T.alloc_buffer((Tt, Dv), dtype)
+            KBc = T.alloc_buffer((Tt,), dtype)
             ST = T.alloc_buffer((Tt, Tt), dtype)      # ST[j, i]: scores, then weights P
             Oacc = T.alloc_buffer((Tt, Dv), dtype)
             Bv = T.alloc_buffer((2 * Tt,), dtype)     # b(i − j) of the tile along t = i − j + Tt − 1
@@ -112,11 +114,13 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                             Kc[j, c] = K[b, kbase + j, c]
                         for d in T.vectorized(Dv):
                             Vc[j, d] = V[b, kbase + j, d]
+                        KBc[j] = KB[b, kbase + j]
                     else:
                         for c in T.vectorized(Dk):
                             Kc[j, c] = zero
                         for d in T.vectorized(Dv):
                             Vc[j, d] = zero
+                        KBc[j] = zero
                 if bias is not None:
                     for t in range(2 * Tt - 1):
                         Bv[t] = bias(TAB, b % H, qbase - kbase + t - (Tt - 1), W)
@@ -131,10 +135,11 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                             if causal:
                                 ST[j0 * R1 + r, i] = T.Select(
                                     tirx.all(kbase + j0 * R1 + r < N, kbase + j0 * R1 + r <= qbase + i),
-                                    with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]), lowest)
+                                    with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]) + KBc[j0 * R1 + r], lowest)
                             else:
-                                ST[j0 * R1 + r, i] = T.Select(kbase + j0 * R1 + r < N,
-                                                              with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]), lowest)
+                                ST[j0 * R1 + r, i] = T.Select(
+                                    kbase + j0 * R1 + r < N,
+                                    with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]) + KBc[j0 * R1 + r], lowest)
                             mn[i] = T.max(mn[i], ST[j0 * R1 + r, i])
                 for i in T.vectorized(Tt):
                     alpha[i] = softmax_exp(mx[i] - mn[i])
@@ -164,7 +169,7 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
 def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
                      learn: bool, knobs=None):
-    """(Q, K, V, TAB, O, LSE, dO, dQ out, dK out, dV out, dTAB out (H, P)): the exact gradient of
+    """(Q, K, V, TAB, KB, O, LSE, dO, dQ out, dK out, dV out, dTAB out (H, P)): the exact gradient of
     softmax_forward's O. dTAB is written only when `learn` (a learned table), else left alone.
     `knobs` as softmax_forward's."""
     L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
@@ -183,7 +188,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         return tirx.all(ok, kbase + j <= qbase + i) if causal else ok
 
     @T.prim_func
-    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, lse: T.handle,
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, kb: T.handle, o: T.handle, lse: T.handle,
                do: T.handle, dq: T.handle, dk: T.handle, dv: T.handle, dtab: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
@@ -194,6 +199,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         K = T.match_buffer(k, (BH, N, Dk), dtype)
         V = T.match_buffer(v, (BH, N, Dv), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
+        KB = T.match_buffer(kb, (BH, N), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         dO = T.match_buffer(do, (BH, N, Dv), dtype)
@@ -248,6 +254,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         for b in T.parallel(BH):
             Kc = T.alloc_buffer((Tt, Dk), dtype)
             Vc = T.alloc_buffer((Tt, Dv), dtype)
+            KBc = T.alloc_buffer((Tt,), dtype)
             PT = T.alloc_buffer((Tt, Tt), dtype)      # P[j, i]
             dST = T.alloc_buffer((Tt, Tt), dtype)     # dS[j, i]
             dKacc = T.alloc_buffer((Tt, Dk), dtype)
@@ -271,11 +278,13 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                             Kc[j, c] = K[b, kbase + j, c]
                         for d in T.vectorized(Dv):
                             Vc[j, d] = V[b, kbase + j, d]
+                        KBc[j] = KB[b, kbase + j]
                     else:
                         for c in T.vectorized(Dk):
                             Kc[j, c] = zero
                         for d in T.vectorized(Dv):
                             Vc[j, d] = zero
+                        KBc[j] = zero
                     for c in T.vectorized(Dk):
                         dKacc[j, c] = zero
                     for d in T.vectorized(Dv):
@@ -293,7 +302,8 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                             for i in T.vectorized(Tt):
                                 PT[j0 * R1 + r, i] = T.Select(
                                     valid(j0 * R1 + r, i, kbase, qbase, N),
-                                    softmax_exp(with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]) - Lp[b, qbase + i]),
+                                    softmax_exp(with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1])
+                                                + KBc[j0 * R1 + r] - Lp[b, qbase + i]),
                                     zero)
                         fill(acc1, R1, Tt)
                         mm_cols(acc1, Vc, dOT, b, qbase, j0 * R1, R1, 0, Dv, Tt)

@@ -8,14 +8,14 @@ sampling.py sorts by LSH bucket, identity order for uniform — and cut into blo
   * S samples, shared by every query: key row SI_t of K with value VS_t and weight
     w_t = exp(LW_t), unless the query's block already holds it: visible iff SB_t ≠ g(i)
     (SB_t < g(i) when causal),
-so that, with lw = 0 for block keys,
+so that, with lw = KB_j for block keys (the key padding mask's bias, 0 for a key kept),
     out_i = Σ_{j visible} e^{s·q_i·k_j + lw_j} v_j / Σ_{j visible} e^{s·q_i·k_j + lw_j}.
 attndsl/sampling.py chooses the samples: heavy keys (LW = 0, VS = their values) and keys drawn
 with probability p_t (LW = log 1/(p_t·S'), VS = their values or the tail's mean value).
 LSE_i = log denominator_i (after the running max), kept for the backward.
 
 Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); PQ, PK (BH, N) int32; SI, SB (BH, S) int32;
-LW (BH, S); VS (BH, S, Dv); LSE (BH, N). Q, K, V, O, LSE, dO and the gradients stay in the
+LW (BH, S); VS (BH, S, Dv); KB (BH, N); LSE (BH, N). Q, K, V, O, LSE, dO and the gradients stay in the
 caller's row order: the permutations are read inside the kernels, so nothing is copied into
 sorted order. Dk, Dv, dtype,
 s and causal are baked in; BH, N, S, B symbolic.
@@ -68,7 +68,7 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float, Tt: int):
             qpos[i] = T.Cast("int32", qbase + i)
 
     @T.macro
-    def load_keys(K, V, PK, SI, LW, SB, VS, b, kt, nkt, kstart, kend, S, blk,
+    def load_keys(K, V, PK, SI, LW, SB, VS, KB, b, kt, nkt, kstart, kend, S, blk,
                   Kc, Vc, kb, lo, hi, ex, kpos):
         """Key tile kt of a query tile's list: block keys [kstart, kend) in tiles first (kt < nkt),
         then the samples (keys K[SI], values VS); rows past either end are padding (visible to nobody)."""
@@ -82,6 +82,7 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float, Tt: int):
                         Vc[j, d] = V[b, PK[b, kj], d]
                     lo[j] = T.Cast("int32", kj // blk)
                     hi[j] = T.Cast("int32", kj // blk)
+                    kb[j] = KB[b, PK[b, kj]]
                 else:
                     for c in T.vectorized(Dk):
                         Kc[j, c] = zero
@@ -89,8 +90,8 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float, Tt: int):
                         Vc[j, d] = zero
                     lo[j] = T.int32(1)
                     hi[j] = T.int32(0)
+                    kb[j] = zero
                 ex[j] = T.int32(-1)
-                kb[j] = zero
                 kpos[j] = T.Cast("int32", kj)
         else:
             for j in range(Tt):
@@ -127,7 +128,7 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float, Tt: int):
 
 
 def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, knobs=None):
-    """(Q, K, V, PQ, PK, SI, LW, SB, VS, O out, LSE out, blk). `knobs` (schedules/knobs.py, family
+    """(Q, K, V, PQ, PK, SI, LW, SB, VS, KB, O out, LSE out, blk). `knobs` (schedules/knobs.py, family
     "quadratic", as the exact softmax kernels): tile."""
     L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
     R1 = cpu.tile_rows(Tt, L, Tt)
@@ -140,7 +141,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
-               lw: T.handle, sb: T.handle, vs: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
+               lw: T.handle, sb: T.handle, vs: T.handle, keyb: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
@@ -154,6 +155,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
         LW = T.match_buffer(lw, (BH, S), dtype)
         SB = T.match_buffer(sb, (BH, S), "int32")
         VS = T.match_buffer(vs, (BH, S, Dv), dtype)
+        KB = T.match_buffer(keyb, (BH, N), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         nq = (N + Tt - 1) // Tt
@@ -188,7 +190,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
             kstart, kend = block_keys(qbase, N, blk)
             nkt = (kend - kstart + Tt - 1) // Tt
             for kt in range(nkt + (S + Tt - 1) // Tt):
-                load_keys(K, V, PK, SI, LW, SB, VS, b, kt, nkt, kstart, kend, S, blk,
+                load_keys(K, V, PK, SI, LW, SB, VS, KB, b, kt, nkt, kstart, kend, S, blk,
                           Kc, Vc, kb, lo, hi, ex, kpos)
                 for i in T.vectorized(Tt):
                     mn[i] = mx[i]
@@ -228,7 +230,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
 
 def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, knobs=None):
-    """(Q, K, V, PQ, PK, SI, LW, SB, VS, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk): the exact
+    """(Q, K, V, PQ, PK, SI, LW, SB, VS, KB, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk): the exact
     gradient of sampled_forward's O for the given samples; dK, dV hold the block keys' share only
     (the caller adds dKS into rows SI; dVS is VS's gradient); LW's gradient lets p depend on the
     inputs. `knobs` as sampled_forward's."""
@@ -297,7 +299,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
-               lw: T.handle, sb: T.handle, vs: T.handle, o: T.handle, lse: T.handle, do: T.handle,
+               lw: T.handle, sb: T.handle, vs: T.handle, keyb: T.handle, o: T.handle, lse: T.handle, do: T.handle,
                dq: T.handle, dk: T.handle, dv: T.handle, dks: T.handle, dvs: T.handle, dlw: T.handle, blk: T.int64):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
@@ -312,6 +314,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         LW = T.match_buffer(lw, (BH, S), dtype)
         SB = T.match_buffer(sb, (BH, S), "int32")
         VS = T.match_buffer(vs, (BH, S, Dv), dtype)
+        KB = T.match_buffer(keyb, (BH, N), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         dO = T.match_buffer(do, (BH, N, Dv), dtype)
@@ -366,7 +369,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                 kstart, kend = block_keys(qbase, N, blk)
                 nkt = (kend - kstart + Tt - 1) // Tt
                 for kt in range(nkt + ns):
-                    load_keys(K, V, PK, SI, LW, SB, VS, b, kt, nkt, kstart, kend, S, blk,
+                    load_keys(K, V, PK, SI, LW, SB, VS, KB, b, kt, nkt, kstart, kend, S, blk,
                               Kc, Vc, kb, lo, hi, ex, kpos)
                     probabilities(Kc, Vc, QT, dOT, kb, Lq, Dd, lo, hi, ex, kpos, qblk, qpos, PT, dST, acc1)
                     accumulate(dXacc, accK, dST, True, Kc, RK, CK, Dk)
@@ -379,7 +382,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                 kbase = u * Tt
                 qstart = T.Select(u < nq, kbase // blk * blk, T.int64(0))
                 qend = T.Select(u < nq, T.min(N, (T.min(kbase + Tt, N) - 1) // blk * blk + blk), N)
-                load_keys(K, V, PK, SI, LW, SB, VS, b, T.Select(u < nq, T.int64(0), T.int64(1) + u - nq),
+                load_keys(K, V, PK, SI, LW, SB, VS, KB, b, T.Select(u < nq, T.int64(0), T.int64(1) + u - nq),
                           T.int64(1), kbase, N, S, blk, Kc, Vc, kb, lo, hi, ex, kpos)
                 for qt in range((qend - qstart + Tt - 1) // Tt):
                     qbase = qstart + qt * Tt

@@ -9,7 +9,7 @@ from attndsl.ast import learned_table
 from attndsl.ir import PositionalAttention
 from attndsl.schedules.knobs import defaults
 
-from ..form import Form, knob, watched
+from ..form import Form, keys_out, knob, watched
 
 CHUNK = defaults("banded")["chunk"]       # the CPU kernels' default chunk (their window tiles)
 
@@ -33,7 +33,8 @@ def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
 def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v, tab = args
-    return watched(ops.fast.banded_attention(qf, kf, v, tab, lib, name), params)
+    kf, empty = keys_out(kf, params)
+    return watched(ops.fast.banded_attention(qf, kf, v, tab, empty, lib, name), params)
 
 
 def _cost(n: PositionalAttention, N: int) -> float:

@@ -13,7 +13,7 @@ from attndsl.ir import PositionalAttention
 from attndsl.passes.geometric import decay_rates, decayed_floor
 
 from ..costs import linear_cost
-from ..form import Form, knob, watched
+from ..form import Form, keys_out, knob, watched
 from .feature_map import site_map
 
 
@@ -58,7 +58,8 @@ def rates(node: PositionalAttention, tab: torch.Tensor) -> torch.Tensor:
 def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v, tab = args
-    return watched(ops.fast.linear_attention(qf, kf, v, rates(node, tab), lib, name), params)
+    kf, empty = keys_out(kf, params)
+    return watched(ops.fast.linear_attention(qf, kf, v, rates(node, tab), empty, lib, name), params)
 
 
 def _cost(n: PositionalAttention, N: int) -> float:

@@ -4,14 +4,17 @@
     prefix_sum  the same with S_i = S_{i−1} + φk_i⊗[v_i, 1], one pass in time (causal)
 
 CPU kernels: linear.py; portable: te_forms.py. An elementwise φ fused in (passes/fuse_maps.py) is
-applied at the kernels' loads.
+applied at the kernels' loads; a padded key (attndsl/padding.py) is read there as a point where φ
+vanishes, so that it adds nothing.
 """
 from __future__ import annotations
+
+import functools
 
 from attndsl.ir import LinearAttention
 
 from ..costs import linear_cost
-from ..form import Form, knob, watched
+from ..form import Form, keys_out, knob, watched
 from .feature_map import map_kernel_of, site_map
 
 
@@ -48,10 +51,43 @@ def decode_cpu(node: LinearAttention, name, dtype):
     return decode.step_kernel(name, site_map(node), node.v.shape[-1], dtype, False, node.eps)
 
 
+@functools.cache
+def vanishing(phi, prescale: float) -> float | None:
+    """Where the fused map φ(prescale·x) is 0 with a finite slope (padding.vanishing_point)."""
+    import torch
+
+    from attndsl.featuremaps import lookup
+    from attndsl.padding import vanishing_point
+
+    def values(x):
+        t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        f = lookup(phi).apply(phi, prescale * t, None, "k")
+        if not f.requires_grad:                  # a constant map
+            return float(f), 0.0
+        (df,) = torch.autograd.grad(f, t)
+        return float(f.detach()), float(df)
+    return vanishing_point(values)
+
+
+def _padded_keys(node, k, params):
+    """k and the `empty` rows under the call's key padding mask: features zeroed; raw keys of a
+    fused φ set where φ vanishes (or a ValueError when it never does)."""
+    if node.phi is None or params["pad"] is None:
+        return keys_out(k, params)
+    x = vanishing(node.phi, node.prescale)
+    if x is None:
+        raise ValueError(f"key_padding_mask: the feature map φ = {node.phi.name} is fused into the linear "
+                         f"kernels, which leave a padded key out by reading it where φ is 0, and this φ is 0 at "
+                         f"none of -inf, 0, inf, -1, 1; use a map that vanishes somewhere (e.g. relu(x) or "
+                         f"exp(x) in it), or pad no key")
+    return keys_out(k, params, x)
+
+
 def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v = args
-    return watched(ops.fast.linear_attention(qf, kf, v, v.new_zeros(1, 1), lib, name), params)   # no rates
+    kf, empty = _padded_keys(node, kf, params)
+    return watched(ops.fast.linear_attention(qf, kf, v, v.new_zeros(1, 1), empty, lib, name), params)   # no rates
 
 
 FORMS = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 from attndsl.ir import LinearAttention, PositionalAttention
 
 from ..costs import EXP_FLOPS
-from ..form import Form, learns, watched
+from ..form import Form, keys_out, learns, watched
 
 
 def _position(node):
@@ -34,7 +34,8 @@ def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v = args[:3]
     tab = args[3] if len(args) > 3 else v.new_zeros(1, 1)
-    return watched(ops.fast.pairwise_attention(qf, kf, v, tab, lib, name), params)
+    kf, empty = keys_out(kf, params)
+    return watched(ops.fast.pairwise_attention(qf, kf, v, tab, empty, lib, name), params)
 
 
 def _valid(node) -> bool:

@@ -14,7 +14,7 @@ import math
 from attndsl.ir import SampledAttention
 
 from ..costs import EXP_FLOPS
-from ..form import Form, knob
+from ..form import Form, key_bias, knob
 
 
 def lower_cpu(node: SampledAttention, names, dtype, knobs):
@@ -36,8 +36,10 @@ def lower_portable(node: SampledAttention, names, dtype, knobs, gpu):
 
 def run(node, args, lib, name, params):
     from attndsl import ops, sampling
-    s = sampling.draw(*args, node.sampling, params["lsh_planes"], params["seed"], node.scale)
-    return ops.fast.sampled_attention(*args, *s.args(), lib, name, s.block)[0]
+    pad = params["pad"]
+    s = sampling.draw(*args, node.sampling, params["lsh_planes"], params["seed"], node.scale,
+                      None if pad is None else pad.keys)
+    return ops.fast.sampled_attention(*args, *s.args(), key_bias(args[0], params), lib, name, s.block)[0]
 
 
 def _cost(n: SampledAttention, N: int) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from attndsl.ir import PositionalAttention
 
 from ..costs import fft_cost
-from ..form import Form, knob, learns, watched
+from ..form import Form, keys_out, knob, learns, watched
 
 
 def lower_cpu(node: PositionalAttention, names, dtype, knobs):
@@ -33,7 +33,8 @@ def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
 def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v, tab = args
-    return watched(ops.fast.toeplitz_attention(qf, kf, v, tab, lib, name), params)
+    kf, empty = keys_out(kf, params)
+    return watched(ops.fast.toeplitz_attention(qf, kf, v, tab, empty, lib, name), params)
 
 
 def _cost(n: PositionalAttention, N: int) -> float:

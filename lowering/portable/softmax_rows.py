@@ -8,9 +8,9 @@ machine without a GPU). Each thread keeps its row's accumulators in registers ("
 streams the other rows from memory; the position term b(i − j) is evaluated per pair from the
 table / slopes / expression. No N×N tensor.
 
-Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); LSE (BH, N); TAB (H, P) the position parameters
-(P = 2W + 1 for a learned table), head h = bh mod H. Scores s_ij = s·q_i·k_j + b(i − j), j ≤ i when
-causal.
+Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); LSE (BH, N); KB (BH, N) a bias per key (the key
+padding mask's); TAB (H, P) the position parameters (P = 2W + 1 for a learned table), head
+h = bh mod H. Scores s_ij = s·q_i·k_j + b(i − j) + kb_j, j ≤ i when causal.
 
 Forward (thread per query row), online over keys:
     m' = max(m, s_ij),  l ← e^(m − m') l + e^(s_ij − m'),  o ← e^(m − m') o + e^(s_ij − m') v_j
@@ -127,7 +127,7 @@ def _ranges(causal: bool):
 
 def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
                     gpu: bool, rows: int = THREADS):
-    """(Q, K, V, TAB, O out, LSE out)."""
+    """(Q, K, V, TAB, KB, O out, LSE out)."""
     blocks, threads = _loops(gpu)
     bias = _bias(position, dtype)
     start, fold, finish = _online(Dk, Dv, dtype)
@@ -135,13 +135,14 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
     R = rows
 
     @T.prim_func
-    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, lse: T.handle):
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, kb: T.handle, o: T.handle, lse: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": gpu})
         BH, N, H, P = T.int64(), T.int64(), T.int64(), T.int64()
         Q = T.match_buffer(q, (BH, N, Dk), dtype)
         K = T.match_buffer(k, (BH, N, Dk), dtype)
         V = T.match_buffer(v, (BH, N, Dv), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
+        KB = T.match_buffer(kb, (BH, N), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         for task in blocks(BH * _ceil(N, R)):
@@ -156,14 +157,14 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                         qi[c] = Q[b, i, c] * T.cast(scale, dtype)
                     start(acc, st)
                     for j in range(keys(i, N)):
-                        fold(qi, acc, st, K, V, b, j, bias(TAB, b % H, i - j, _half(P)), j)
+                        fold(qi, acc, st, K, V, b, j, bias(TAB, b % H, i - j, _half(P)) + KB[b, j], j)
                     finish(acc, st, O, LSE, b, i)
     return kernel
 
 
 def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
                      learn: bool, gpu: bool, rows: int = THREADS):
-    """(Q, K, V, TAB, O, LSE, dO, dQ out, dK out, dV out, dTAB out (zeroed by the caller))."""
+    """(Q, K, V, TAB, KB, O, LSE, dO, dQ out, dK out, dV out, dTAB out (zeroed by the caller))."""
     blocks, threads = _loops(gpu)
     score = _score(position, dtype)
     keys, first = _ranges(causal)
@@ -173,7 +174,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     row_dots = _row_dots(blocks, threads, R, Dv, dtype)
 
     @T.prim_func
-    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, lse: T.handle,
+    def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, kb: T.handle, o: T.handle, lse: T.handle,
                do: T.handle, dq: T.handle, dk: T.handle, dv: T.handle, dtab: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": gpu})
         BH, N, H, P = T.int64(), T.int64(), T.int64(), T.int64()
@@ -181,6 +182,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         K = T.match_buffer(k, (BH, N, Dk), dtype)
         V = T.match_buffer(v, (BH, N, Dv), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
+        KB = T.match_buffer(kb, (BH, N), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         dO = T.match_buffer(do, (BH, N, Dv), dtype)
@@ -211,7 +213,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         st[1] = T.cast(0, dtype)
                         for e in range(Dv):
                             st[1] = st[1] + gi[e] * V[b, j, e]
-                        ds = T.exp(score(TAB, b % H, i - j, _half(P), st[0]) - LSE[b, i]) * (st[1] - Dd[b, i])
+                        ds = T.exp(score(TAB, b % H, i - j, _half(P), st[0]) + KB[b, j] - LSE[b, i]) * (st[1] - Dd[b, i])
                         for c in range(Dk):
                             acc[c] = acc[c] + ds * K[b, j, c]
                     for c in range(Dk):
@@ -237,7 +239,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         st[0] = T.cast(0, dtype)
                         for c in range(Dk):
                             st[0] = st[0] + Q[b, i, c] * kj[c]
-                        st[1] = T.exp(score(TAB, b % H, i - j, _half(P), st[0]) - LSE[b, i])
+                        st[1] = T.exp(score(TAB, b % H, i - j, _half(P), st[0]) + KB[b, j] - LSE[b, i])
                         st[2] = T.cast(0, dtype)
                         for e in range(Dv):
                             st[2] = st[2] + dO[b, i, e] * vj[e]
@@ -270,7 +272,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                                 for e in range(Dv):
                                     st[1] = st[1] + dO[b, i, e] * V[b, j, e]
                                 st[2] = st[2] + T.exp(score(TAB, b % H, r, _half(P), st[0] * T.cast(sc, dtype))
-                                                      - LSE[b, i]) * (st[1] - Dd[b, i])
+                                                      + KB[b, j] - LSE[b, i]) * (st[1] - Dd[b, i])
                         G[b, d] = st[2]
             for task in blocks(_ceil(H * P, R)):                           # table slots
                 for lane in threads(R):
@@ -297,6 +299,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
 # Rows in sorted order: sorted query i is row PQ[i] of Q, sorted key j row PK[j] of K, V; blocks of
 # `blk` sorted rows, g(i) = i // blk. Query i sees its block's keys (j ≤ i when causal), weight 1,
 # and sample t (row SI_t of K, value VS_t, log-weight LW_t) iff SB_t ≠ g(i) (causal: SB_t < g(i)).
+# A block key's score adds KB (BH, N), the key padding mask's bias; the samples are never padded.
 
 def _sampled_helpers(causal: bool):
     """(keys of query i's block: first, count; queries of key j's block: first, count; sample
@@ -317,7 +320,7 @@ def _sampled_helpers(causal: bool):
 
 def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, gpu: bool,
                     rows: int = THREADS):
-    """(Q, K, V, PQ, PK, SI, LW, SB, VS, O out, LSE out, blk): sampled.py's forward."""
+    """(Q, K, V, PQ, PK, SI, LW, SB, VS, KB, O out, LSE out, blk): sampled.py's forward."""
     blocks, threads = _loops(gpu)
     own_keys, _, sees = _sampled_helpers(causal)
     start, fold, finish = _online(Dk, Dv, dtype)
@@ -325,7 +328,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
-               lw: T.handle, sb: T.handle, vs: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
+               lw: T.handle, sb: T.handle, vs: T.handle, kb: T.handle, o: T.handle, lse: T.handle, blk: T.int64):
         T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": gpu})
         BH, N, S = T.int64(), T.int64(), T.int64()
         Q = T.match_buffer(q, (BH, N, Dk), dtype)
@@ -337,6 +340,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
         LW = T.match_buffer(lw, (BH, S), dtype)
         SB = T.match_buffer(sb, (BH, S), "int32")
         VS = T.match_buffer(vs, (BH, S, Dv), dtype)
+        KB = T.match_buffer(kb, (BH, N), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         for task in blocks(BH * _ceil(N, R)):
@@ -351,8 +355,8 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                         qi[c] = Q[b, PQ[b, i], c] * T.cast(scale, dtype)
                     start(acc, st)
                     for jj in range(own_keys(i, N, blk)[1]):
-                        fold(qi, acc, st, K, V, b, PK[b, own_keys(i, N, blk)[0] + jj], T.cast(0, dtype),
-                             PK[b, own_keys(i, N, blk)[0] + jj])
+                        fold(qi, acc, st, K, V, b, PK[b, own_keys(i, N, blk)[0] + jj],
+                             KB[b, PK[b, own_keys(i, N, blk)[0] + jj]], PK[b, own_keys(i, N, blk)[0] + jj])
                     for t in range(S):
                         if sees(SB[b, t], i, blk):
                             fold(qi, acc, st, K, VS, b, SI[b, t], LW[b, t], t)
@@ -362,7 +366,7 @@ def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
 def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, gpu: bool,
                      rows: int = THREADS):
-    """(Q, K, V, PQ, PK, SI, LW, SB, VS, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk), sampled.py's
+    """(Q, K, V, PQ, PK, SI, LW, SB, VS, KB, O, LSE, dO, dQ, dK, dV, dKS, dVS, dLW out, blk), sampled.py's
     backward: dK, dV the block keys' share (a thread per sorted key), dKS, dVS, dLW a thread per
     sample over every query that sees it (the caller adds dKS into rows SI; dVS is VS's gradient)."""
     blocks, threads = _loops(gpu)
@@ -392,7 +396,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, pq: T.handle, pk: T.handle, si: T.handle,
-               lw: T.handle, sb: T.handle, vs: T.handle, o: T.handle, lse: T.handle, do: T.handle,
+               lw: T.handle, sb: T.handle, vs: T.handle, kb: T.handle, o: T.handle, lse: T.handle, do: T.handle,
                dq: T.handle, dk: T.handle, dv: T.handle, dks: T.handle, dvs: T.handle, dlw: T.handle, blk: T.int64):
         T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": gpu})
         BH, N, S = T.int64(), T.int64(), T.int64()
@@ -405,6 +409,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         LW = T.match_buffer(lw, (BH, S), dtype)
         SB = T.match_buffer(sb, (BH, S), "int32")
         VS = T.match_buffer(vs, (BH, S, Dv), dtype)
+        KB = T.match_buffer(kb, (BH, N), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         dO = T.match_buffer(do, (BH, N, Dv), dtype)
@@ -427,7 +432,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         acc[c] = T.cast(0, dtype)
                     for jj in range(own_keys(i, N, blk)[1]):
                         pair(st, Q, K, V, dO, LSE, Dd, b, PQ[b, i], PK[b, own_keys(i, N, blk)[0] + jj],
-                             T.cast(0, dtype), PK[b, own_keys(i, N, blk)[0] + jj])
+                             KB[b, PK[b, own_keys(i, N, blk)[0] + jj]], PK[b, own_keys(i, N, blk)[0] + jj])
                         for c in range(Dk):
                             acc[c] = acc[c] + st[1] * K[b, PK[b, own_keys(i, N, blk)[0] + jj], c]
                     for t in range(S):
@@ -451,7 +456,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         av[e] = T.cast(0, dtype)
                     for ii in range(own_queries(j, N, blk)[1]):
                         pair(st, Q, K, V, dO, LSE, Dd, b, PQ[b, own_queries(j, N, blk)[0] + ii], PK[b, j],
-                             T.cast(0, dtype), PK[b, j])
+                             KB[b, PK[b, j]], PK[b, j])
                         key_side(ak, av, st, Q, dO, b, PQ[b, own_queries(j, N, blk)[0] + ii])
                     for c in range(Dk):
                         dK[b, PK[b, j], c] = ak[c] * T.cast(sc, dtype)

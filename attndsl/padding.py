@@ -1,0 +1,97 @@
+"""Key padding masks: the keys a call leaves out of every sum (docs/language.md#key-padding-masks).
+
+`attn(q, k, v, key_padding_mask=pad)` takes pad (B, N) bool, True = padding (the convention of
+torch.nn.MultiheadAttention). A padded key j takes part in no numerator and no normalizer:
+
+    out_i = Σ_{j ∈ M(i), j not padded} A_ij v_j / (Σ_{j ∈ M(i), j not padded} A_ij + eps)
+
+and a row left with no key (every key padded, or, causal, every j ≤ i) outputs 0 with zero
+gradients, in every form and whatever `eps` (as eps makes an empty row of a map that can vanish).
+
+How the forms leave a key out, with no extra pass over the pairs:
+  feature maps    φk_j and v_j are set to 0 (masked_fill: a NaN there stays out); the fused
+                  elementwise maps read k_j set to a point where φ vanishes (`vanishing_point`)
+  softmax         the key's score gets KEY_OUT added (the kernels' `kb` input): e^(s − m) is 0 in
+                  every row that sees a key, and a row that sees none averages the zeroed values
+  empty rows      the normalizing kernels' out and den are set to 0 and 1 there (ops.py), so the
+                  backward pass reads finite values
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# added to a padded key's score: far below any score (e^(s − 1e30) underflows to 0 in float32 and
+# float64), and finite, so that a row with no key left computes a mean of zeros instead of 0/0
+KEY_OUT = -1e30
+
+
+@dataclass(frozen=True)
+class Padding:
+    """One call's mask, per batch·head row (BH, N): `keys` True where key j is padding; `empty`
+    True where row i sees no key that is not."""
+    keys: torch.Tensor
+    empty: torch.Tensor
+
+    @staticmethod
+    def of(mask: torch.Tensor, heads: int, causal: bool) -> "Padding":
+        """From the user's (B, N) bool mask."""
+        B, N = mask.shape
+        keys = mask[:, None, :].expand(B, heads, N).reshape(B * heads, N)
+        empty = keys.all(1, keepdim=True).expand(-1, N) if not causal else (~keys).cumsum(1) == 0
+        return Padding(keys.contiguous(), empty.contiguous())
+
+    def drop(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """x (BH, N, width) with the padded rows set to `fill`."""
+        return x.masked_fill(self.keys[..., None], fill)
+
+    def key_bias(self, dtype) -> torch.Tensor:
+        """(BH, N): KEY_OUT at padded keys, 0 elsewhere."""
+        return torch.zeros(self.keys.shape, dtype=dtype, device=self.keys.device).masked_fill_(self.keys, KEY_OUT)
+
+
+def key_bias(pad: Padding | None, like: torch.Tensor) -> torch.Tensor:
+    """The softmax kernels' kb (BH, N) for a call of q-like `like` (BH, N, ·): zeros without a mask."""
+    if pad is None:
+        return like.new_zeros(like.shape[:2])
+    return pad.key_bias(like.dtype)
+
+
+def empty_rows(pad: Padding | None, like: torch.Tensor) -> torch.Tensor:
+    """The normalizing ops' `empty` input: pad.empty, or a (0, 0) tensor without a mask."""
+    return like.new_zeros(0, 0, dtype=torch.bool) if pad is None else pad.empty
+
+
+def vanishing_point(values) -> float | None:
+    """A finite or infinite x where a fused elementwise map is exactly 0 with a finite derivative,
+    from `values(x)` -> (φ(x), φ′(x)) as floats; None when none of −inf, 0, +inf, −1, 1 is one."""
+    for x in (-math.inf, 0.0, math.inf, -1.0, 1.0):
+        f, df = values(x)
+        if f == 0.0 and math.isfinite(df):
+            return x
+    return None
+
+
+def check_mask(mask, B: int, N: int, device) -> torch.Tensor:
+    """The user's key_padding_mask as (B, N) bool on `device`, or a ValueError/TypeError that says
+    what is expected. Float masks are additive (nn.MultiheadAttention's): 0 keeps a key, −inf pads it."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor (batch, keys) of bool, True = padding; got "
+                        f"{type(mask).__name__}")
+    if tuple(mask.shape) != (B, N):
+        raise ValueError(f"key_padding_mask has shape {tuple(mask.shape)}, expected (batch, keys) = {(B, N)} "
+                         f"(True = padding, as nn.MultiheadAttention's)")
+    if mask.dtype != torch.bool:
+        if not mask.is_floating_point():
+            raise TypeError(f"key_padding_mask has dtype {mask.dtype}: use bool (True = padding), or a float "
+                            f"mask of 0 and -inf")
+        keep, out = mask == 0, torch.isneginf(mask)
+        if not bool((keep | out).all()):
+            raise ValueError("key_padding_mask: a float mask may hold only 0 (keep) and -inf (padding); "
+                             "attndsl's forms take no other per-key bias")
+        mask = out
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask is on {mask.device}, the inputs on {device}")
+    return mask

@@ -1,0 +1,148 @@
+"""What a key padding mask costs: each form with and without one, beside SDPA with and without.
+
+B = 2, H = 4 (B·H = 8), Dk = Dv = 64, float32, 2 threads. The mask pads the last quarter of the
+second sequence's keys (right padding, as a batch of unequal lengths has). For each spec and N:
+  attndsl        the compiled module, no mask
+  attndsl+pad    the same call with key_padding_mask
+  sdpa, sdpa+pad F.scaled_dot_product_attention (softmax, the spec's causal flag), the padding
+                 as a bool attn_mask (B, 1, 1, N)
+Times are medians of interleaved rounds (each round runs every method once, starting at another
+one each round); forward under no_grad, and forward + backward. "pad / none" is attndsl+pad's time
+over attndsl's (1.00: the mask costs nothing).
+
+    python benchmarks/bench_padding.py [--lengths 1024,4096] [--specs ...] [--rounds 7]
+Writes benchmarks/results/bench_padding.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tvm.target.codegen import llvm_get_system_cpu
+
+import attndsl
+
+RESULTS = Path(__file__).resolve().parent / "results"
+B, H, DIM = 2, 4, 64
+
+SPECS = {       # name -> (spec body, the form it runs at these lengths)
+    "softmax_alibi_causal": ("position = alibi; mask = causal", "quadratic"),
+    "elu1_causal": ("kernel = elu1; mask = causal", "prefix_sum, fused map"),
+    "favor_causal": ("kernel = favor(features=64); mask = causal", "prefix_sum"),
+    "alibi_causal": ("kernel = elu1; position = alibi; mask = causal", "decayed"),
+    "clipped": ("kernel = elu1; position = toeplitz(max_distance=128, init=normal)", "banded"),
+    "smooth": ("kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)", "toeplitz_fft or pairwise"),
+    "kde": ("sampling = kde(buckets=32, block=128, samples=128, seed=0)", "kde"),
+}
+
+
+def once(fn, q, k, v, backward: bool) -> float:
+    t0 = time.perf_counter()
+    if backward:
+        fn(q, k, v).sum().backward()
+    else:
+        with torch.no_grad():
+            fn(q, k, v)
+    return time.perf_counter() - t0
+
+
+def methods(name: str, n: int) -> dict:
+    attn = attndsl.compile("attention bench { " + SPECS[name][0] + " }", heads=H, head_dim=DIM)
+    pad = torch.zeros(B, n, dtype=torch.bool)
+    pad[1, n - n // 4:] = True
+    keep = ~pad[:, None, None, :]
+    causal = attn.spec.causal
+    return {"attndsl": attn,
+            "attndsl+pad": lambda q, k, v: attn(q, k, v, key_padding_mask=pad),
+            "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+            "sdpa+pad": lambda q, k, v: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep & torch.ones(n, n, dtype=torch.bool).tril() if causal else keep)}
+
+
+def measure(name: str, n: int, rounds: int) -> list[dict]:
+    ms = methods(name, n)
+    rows = []
+    for backward in (False, True):
+        q, k, v = (torch.randn(B, H, n, DIM, requires_grad=backward) for _ in range(3))
+        times: dict[str, list[float]] = {m: [] for m in ms}
+        for fn in ms.values():
+            once(fn, q, k, v, backward)                          # warm-up
+        names = list(ms)
+        for r in range(rounds):
+            for m in names[r % len(names):] + names[:r % len(names)]:
+                times[m].append(once(ms[m], q, k, v, backward))
+        med = {m: 1e3 * statistics.median(t) for m, t in times.items()}
+        rows.append({"spec": name, "form": SPECS[name][1], "n": n, "pass": "fwd+bwd" if backward else "fwd",
+                     "ms": med})
+        print(f"  {name:22s} N={n:6d} {rows[-1]['pass']:8s} " + "  ".join(f"{m}={t:.2f}" for m, t in med.items())
+              + f"  pad/none={med['attndsl+pad'] / med['attndsl']:.2f}", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| spec | form | N | pass | attndsl ms | attndsl+pad ms | **pad / none** | sdpa ms | sdpa+pad ms "
+             "| sdpa pad / none |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["ms"]
+        lines.append(f"| {r['spec']} | {r['form']} | {r['n']} | {r['pass']} | {t['attndsl']:.2f} | "
+                     f"{t['attndsl+pad']:.2f} | **{t['attndsl+pad'] / t['attndsl']:.2f}** | {t['sdpa']:.2f} | "
+                     f"{t['sdpa+pad']:.2f} | {t['sdpa+pad'] / t['sdpa']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, which in zip(axes, ("fwd", "fwd+bwd")):
+        sel = [r for r in rows if r["pass"] == which]
+        labels = [f"{r['spec']}\nN={r['n']}" for r in sel]
+        x = range(len(sel))
+        ax.bar([i - 0.2 for i in x], [r["ms"]["attndsl+pad"] / r["ms"]["attndsl"] for r in sel], 0.4,
+               label="attndsl: pad / none")
+        ax.bar([i + 0.2 for i in x], [r["ms"]["sdpa+pad"] / r["ms"]["sdpa"] for r in sel], 0.4,
+               label="SDPA: pad / none")
+        ax.axhline(1.0, color="k", linewidth=0.8)
+        ax.axhline(1.1, color="r", linewidth=0.8, linestyle="--", label="+10%")
+        ax.set_xticks(list(x), labels, fontsize=6, rotation=60)
+        ax.set_title(which)
+        ax.set_ylabel("time with the mask / without")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"key padding mask cost, B={B} H={H} D={DIM}, float32, {torch.get_num_threads()} threads "
+                 f"({llvm_get_system_cpu()})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="1024,4096")
+    ap.add_argument("--specs", default=",".join(SPECS))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default=str(RESULTS / "bench_padding"))
+    args = ap.parse_args(argv)
+    rows = []
+    for name in args.specs.split(","):
+        for n in (int(x) for x in args.lengths.split(",")):
+            rows += measure(name, n, args.rounds)
+    text = table(rows)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(f"# bench_padding ({llvm_get_system_cpu()}, {torch.get_num_threads()} "
+                                      f"threads)\n\n`python benchmarks/bench_padding.py "
+                                      f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{text}\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Key padding masks (attndsl/padding.py): every form against the reference, forward and backward,
+padded keys that carry NaN, rows with no key left, gradchecks, the sampled forms' draws, and
+nn.MultiheadAttention against torch's module."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import RTOL, assert_close, shared
+
+import attndsl
+from attndsl import sampling
+from attndsl.padding import KEY_OUT
+
+pytestmark = pytest.mark.xdist_group("padding")
+
+# name -> (spec, plan, the forms it runs)
+SPECS = {
+    "linear": ("attention a { kernel = elu1 }", "auto", ["linear"]),
+    "prefix_sum": ("attention a { kernel = relu; mask = causal }", "auto", ["prefix_sum"]),
+    "linear_favor": ("attention a { kernel = favor(features=8) }", "auto", ["linear"]),
+    "prefix_favor": ("attention a { kernel = favor(features=8); mask = causal }", "auto", ["prefix_sum"]),
+    "decayed": ("attention a { kernel = elu1; position = alibi; mask = causal }", "decayed", ["decayed"]),
+    "decayed_two_way": ("attention a { kernel = elu1; position = alibi }", "decayed", ["decayed"]),
+    "toeplitz_fft": ("attention a { kernel = elu1; position(r) = -0.1 * log(1 + abs(r)) }", "toeplitz_fft",
+                     ["toeplitz_fft"]),
+    "banded": ("attention a { kernel = elu1; position = toeplitz(max_distance=4, init=normal); mask = causal }",
+               "banded", ["banded"]),
+    "pairwise": ("attention a { kernel = favor(features=8); position(r) = -0.1 * abs(r) }", "pairwise",
+                 ["pairwise"]),
+    "values_fft": ("attention a { kernel = relu; position = toeplitz(max_distance=64, init=normal); "
+                   "apply = values; mask = causal }", "auto", ["prefix_sum", "values_fft"]),
+    "quadratic": ("attention a { position = alibi; mask = causal }", "auto", ["quadratic"]),
+    "quadratic_table": ("attention a { position = toeplitz(max_distance=8, init=normal) }", "auto", ["quadratic"]),
+}
+B, H, N, D = 4, 2, 37, 8
+
+
+def padding_mask(n: int = N) -> torch.Tensor:
+    """(B, n): none; the last 10 and two inner keys; the first 12 (causal rows with no key); all."""
+    m = torch.zeros(B, n, dtype=torch.bool)
+    m[1, -10:] = True
+    m[1, [3, 17]] = True
+    m[2, :12] = True
+    m[3] = True
+    return m
+
+
+def qkv(n=N, dtype=torch.float64, batch=B):
+    return [torch.randn(batch, H, n, D, dtype=dtype) for _ in range(3)]
+
+
+def module(name):
+    text, plan, forms = SPECS[name]
+    attn = shared(text, heads=H, head_dim=D, plan=plan)
+    assert [d.form for d in attn.planned.decisions] == forms
+    return attn
+
+
+def test_the_reference_is_sdpa_and_the_plain_sums_with_the_mask():
+    from attndsl.reference import alibi_slopes, reference
+    q, k, v = qkv()
+    mask = padding_mask()
+    keep = ~mask[:, None, None, :] & torch.ones(N, N, dtype=torch.bool).tril()
+    r = torch.arange(N)
+    bias = -alibi_slopes(H)[:, None, None] * (r[:, None] - r[None, :]).abs()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~keep, float("-inf")))
+    got = reference(attndsl.parse(SPECS["quadratic"][0]).block(), q, k, v, key_padding_mask=mask)
+    rows = keep.any(-1).expand(B, H, N)
+    torch.testing.assert_close(got[rows], want[rows])
+    assert (got[~rows] == 0).all()
+    a = (torch.nn.functional.elu(q / D ** 0.25) + 1) @ (torch.nn.functional.elu(k / D ** 0.25) + 1).transpose(-1, -2)
+    a = a * ~mask[:, None, None, :]                           # every key of b0..b2 finite: no NaN here
+    want = (a @ v) / a.sum(-1, keepdim=True)
+    got = reference(attndsl.parse(SPECS["linear"][0]).block(), q, k, v, key_padding_mask=mask)
+    torch.testing.assert_close(got[:3], want[:3])
+    assert (got[3] == 0).all()
+
+
+def check_against_reference(attn, q, k, v, mask, dtype):
+    """Forward and dq, dk, dv (one random output gradient) in `dtype` against the float64
+    reference, and the position table's gradient where the module learns one."""
+    q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
+    ref = attn.reference(q64, k64, v64, key_padding_mask=mask)
+    qc, kc, vc = (t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v))
+    out = attn(qc, kc, vc, key_padding_mask=mask)
+    assert_close("out", ref, out, RTOL[dtype])
+    g = torch.randn_like(ref)
+    table = attn.position_table
+    wrt = [q64, k64, v64] + ([table] if table is not None else [])
+    want = torch.autograd.grad(ref, wrt, g)
+    got = torch.autograd.grad(out, [qc, kc, vc] + wrt[3:], g.to(dtype))
+    for what, a, b in zip(("dq", "dk", "dv", "dtable"), want, got):
+        assert torch.isfinite(b).all(), what
+        assert_close(what, a, b, 20 * RTOL[dtype])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_every_form_leaves_padded_keys_out(name, dtype):
+    attn = module(name)
+    mask = padding_mask()
+    out = check_against_reference(attn, *qkv(), mask, dtype)
+    if not attn.spec.causal or name == "values_fft":
+        return
+    # causal, left padding: the rows before the first kept key see none: 0
+    assert (out[2, :, :12] == 0).all() and (out[3] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["linear", "prefix_favor", "toeplitz_fft", "banded", "quadratic_table"])
+def test_padded_keys_do_not_matter_even_when_not_finite(name):
+    attn = module(name)
+    mask = padding_mask()
+    q, k, v = qkv(dtype=torch.float32)
+    out = attn(q, k, v, key_padding_mask=mask)
+    k2, v2 = k.clone(), v.clone()
+    k2[mask[:, None, :, None].expand_as(k)] = float("nan")
+    v2[1, 0, -1] = float("inf")
+    k2[1, 1, 3] = 1e30
+    out2 = attn(q, k2, v2, key_padding_mask=mask)
+    assert torch.equal(out, out2)
+    # a NaN in a kept key still reaches every row that sees it, and no other
+    k2[0, 0, 5, 0] = float("nan")
+    out3 = attn(q, k2, v2, key_padding_mask=mask)
+    hit = out3.isnan().any(-1)
+    assert hit[0, 0, 5:].all() and not hit[1:].any() and not hit[0, 1].any()
+    assert attn.spec.causal == (not hit[0, 0, :5].any())
+
+
+@pytest.mark.parametrize("name", ["prefix_sum", "decayed_two_way", "toeplitz_fft", "banded", "pairwise",
+                                  "quadratic_table"])
+def test_gradcheck_with_a_padding_mask(name):
+    attn = module(name)
+    q, k, v = (t[:, :, :9].clone().requires_grad_() for t in qkv(9, batch=2))
+    mask = torch.tensor([[False] * 9, [True, True, False, False, True, False, False, False, True]])
+    assert torch.autograd.gradcheck(lambda q, k, v: attn(q, k, v, key_padding_mask=mask), (q, k, v),
+                                    eps=1e-6, atol=1e-6)
+
+
+def test_rows_with_no_key_have_zero_output_and_gradient_in_every_form():
+    mask = torch.ones(1, N, dtype=torch.bool)
+    for name in SPECS:
+        attn = module(name)
+        q, k, v = (t[:1].clone().requires_grad_() for t in qkv(dtype=torch.float32))
+        out = attn(q, k, v, key_padding_mask=mask)
+        assert (out == 0).all(), name
+        out.backward(torch.randn_like(out))
+        for t in (q, k, v):
+            assert (t.grad == 0).all(), name
+
+
+def test_a_float_mask_of_zeros_and_minus_infinity_and_the_errors():
+    attn = module("quadratic")
+    q, k, v = qkv(dtype=torch.float32)
+    mask = padding_mask()
+    additive = torch.zeros(B, N).masked_fill(mask, float("-inf"))
+    assert torch.equal(attn(q, k, v, key_padding_mask=mask), attn(q, k, v, key_padding_mask=additive))
+    with pytest.raises(ValueError, match=r"key_padding_mask has shape \(4, 36\), expected \(batch, keys\) = \(4, 37\)"):
+        attn(q, k, v, key_padding_mask=mask[:, 1:])
+    with pytest.raises(TypeError, match="dtype torch.int64: use bool"):
+        attn(q, k, v, key_padding_mask=mask.long())
+    with pytest.raises(ValueError, match="only 0 \\(keep\\) and -inf"):
+        attn(q, k, v, key_padding_mask=additive.nan_to_num(neginf=-5.0))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        attn(q, k, v, key_padding_mask=[[True]])
+
+
+def test_a_fused_map_is_read_where_it_vanishes_and_one_that_never_does_is_refused():
+    from attndsl.lowering.forms.linear import vanishing
+    fused = shared("attention a { kernel(x) = x * exp(x); mask = causal }", heads=H, head_dim=D)
+    node = fused.planned.root
+    assert vanishing(node.phi, node.prescale) == 0.0          # -inf: 0·(−inf)
+    check_against_reference(fused, *qkv(), padding_mask(), torch.float64)
+    never = shared("attention a { kernel(x) = 1 + x * x }", heads=H, head_dim=D)
+    q, k, v = qkv(dtype=torch.float32)
+    with pytest.raises(ValueError, match="this φ is 0 at none of -inf, 0, inf, -1, 1"):
+        never(q, k, v, key_padding_mask=padding_mask())
+
+
+def test_the_sampled_forms_draw_no_padded_key():
+    mask = padding_mask(64)
+    kde = shared("attention a { sampling = kde(buckets=4, block=8, samples=16, heavy=8, seed=0) }",
+                 heads=H, head_dim=D)
+    uniform = shared("attention a { sampling = uniform(samples=16, seed=0); mask = causal }", heads=H, head_dim=D)
+    q, k, v = qkv(64, dtype=torch.float32)
+    rows = [t.reshape(B * H, 64, D) for t in (q, k, v)]
+    keys = mask[:, None, :].expand(B, H, 64).reshape(B * H, 64)
+    for attn in (kde, uniform):
+        s = sampling.draw(*rows, attn.planned.root.sampling, attn.lsh_planes, 0, attn.scale, keys)
+        drawn = keys.gather(1, s.si.long())
+        assert (s.lw[drawn] == KEY_OUT).all()               # a padded key drawn weighs 0
+        assert not drawn[:4].any()                          # the rows with enough kept keys draw none
+        out = attn(q, k, v, key_padding_mask=mask)
+        k2, v2 = k.masked_fill(mask[:, None, :, None], float("nan")), v.masked_fill(mask[:, None, :, None], 7.0)
+        assert torch.equal(out, attn(q, k2, v2, key_padding_mask=mask))
+        assert (out[3] == 0).all() and torch.isfinite(out).all()
+
+
+def test_kde_with_the_block_covering_the_sequence_is_the_padded_reference():
+    attn = shared("attention a { sampling = kde(buckets=2, block=64, samples=8, seed=0) }",
+                  heads=H, head_dim=D)
+    check_against_reference(attn, *qkv(40), padding_mask(40), torch.float64)
+
+
+# --- nn.MultiheadAttention --------------------------------------------------------------------------
+
+def torch_pair(text, **kw):
+    torch.manual_seed(1)
+    ours = attndsl.nn.MultiheadAttention(text, 16, 2, **kw)
+    theirs = torch.nn.MultiheadAttention(16, 2, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_multihead_attention_matches_torch_with_a_key_padding_mask(causal):
+    ours, theirs = torch_pair("attention a { kernel = softmax" + ("; mask = causal }" if causal else " }"),
+                              batch_first=True)
+    x = torch.randn(3, 21, 16)
+    pad = torch.zeros(3, 21, dtype=torch.bool)
+    pad[1, -6:] = True
+    pad[2, [0, 5, 9]] = True
+    causal_mask = torch.ones(21, 21, dtype=torch.bool).triu(1) if causal else None
+    want = theirs(x, x, x, key_padding_mask=pad, need_weights=False, attn_mask=causal_mask,
+                  is_causal=causal)[0]
+    got = ours(x, x, x, key_padding_mask=pad, attn_mask=causal_mask, is_causal=causal)[0]
+    rows = ~torch.isnan(want).any(-1)         # torch gives NaN where a row sees no key (b2, row 0 causal)
+    torch.testing.assert_close(got[rows], want[rows], rtol=2e-5, atol=2e-5)
+    assert (rows.sum() >= 3 * 21 - 1) and torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_encoder_layer_with_src_key_padding_mask(train):
+    torch.manual_seed(2)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    mine = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    mine.self_attn = attndsl.nn.MultiheadAttention("attention a { kernel = softmax }", 16, 2, batch_first=True)
+    mine.load_state_dict(layer.state_dict())
+    layer.train(train)
+    mine.train(train)
+    x = torch.randn(2, 13, 16)
+    pad = torch.zeros(2, 13, dtype=torch.bool)
+    pad[1, 9:] = True
+    with torch.set_grad_enabled(train):
+        want, got = layer(x, src_key_padding_mask=pad), mine(x, src_key_padding_mask=pad)
+    keep = ~pad                              # torch's eval fast path leaves padded rows as it likes
+    torch.testing.assert_close(got[keep], want[keep], rtol=2e-5, atol=2e-5)
