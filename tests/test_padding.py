@@ -49,9 +49,12 @@ def qkv(n=N, dtype=torch.float64, batch=B):
     return [torch.randn(batch, H, n, D, dtype=dtype) for _ in range(3)]
 
 
-def module(name):
+PORTABLE = attndsl.Target("llvm", kernels="portable")
+
+
+def module(name, target="llvm"):
     text, plan, forms = SPECS[name]
-    attn = shared(text, heads=H, head_dim=D, plan=plan)
+    attn = shared(text, heads=H, head_dim=D, plan=plan, target=target)
     assert [d.form for d in attn.planned.decisions] == forms
     return attn
 
@@ -105,6 +108,12 @@ def test_every_form_leaves_padded_keys_out(name, dtype):
         return
     # causal, left padding: the rows before the first kept key see none: 0
     assert (out[2, :, :12] == 0).all() and (out[3] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["prefix_sum", "linear_favor", "decayed", "toeplitz_fft", "banded", "values_fft",
+                                  "quadratic", "quadratic_table"])         # pairwise: CPU kernels only
+def test_the_portable_kernels_leave_padded_keys_out(name):
+    check_against_reference(module(name, PORTABLE), *qkv(), padding_mask(), torch.float64)
 
 
 @pytest.mark.parametrize("name", ["linear", "prefix_favor", "toeplitz_fft", "banded", "quadratic_table"])
@@ -177,11 +186,13 @@ def test_a_fused_map_is_read_where_it_vanishes_and_one_that_never_does_is_refuse
         never(q, k, v, key_padding_mask=padding_mask())
 
 
-def test_the_sampled_forms_draw_no_padded_key():
+@pytest.mark.parametrize("target", ["llvm", PORTABLE], ids=["cpu", "portable"])
+def test_the_sampled_forms_draw_no_padded_key(target):
     mask = padding_mask(64)
     kde = shared("attention a { sampling = kde(buckets=4, block=8, samples=16, heavy=8, seed=0) }",
-                 heads=H, head_dim=D)
-    uniform = shared("attention a { sampling = uniform(samples=16, seed=0); mask = causal }", heads=H, head_dim=D)
+                 heads=H, head_dim=D, target=target)
+    uniform = shared("attention a { sampling = uniform(samples=16, seed=0); mask = causal }", heads=H, head_dim=D,
+                     target=target)
     q, k, v = qkv(64, dtype=torch.float32)
     rows = [t.reshape(B * H, 64, D) for t in (q, k, v)]
     keys = mask[:, None, :].expand(B, H, 64).reshape(B * H, 64)
@@ -196,9 +207,10 @@ def test_the_sampled_forms_draw_no_padded_key():
         assert (out[3] == 0).all() and torch.isfinite(out).all()
 
 
-def test_kde_with_the_block_covering_the_sequence_is_the_padded_reference():
+@pytest.mark.parametrize("target", ["llvm", PORTABLE], ids=["cpu", "portable"])
+def test_kde_with_the_block_covering_the_sequence_is_the_padded_reference(target):
     attn = shared("attention a { sampling = kde(buckets=2, block=64, samples=8, seed=0) }",
-                  heads=H, head_dim=D)
+                  heads=H, head_dim=D, target=target)
     check_against_reference(attn, *qkv(40), padding_mask(40), torch.float64)
 
 
