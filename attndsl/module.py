@@ -101,6 +101,7 @@ class Attention(nn.Module):
         self._decoder: Node | None = None        # the planned IR step() runs (decoding.decode_root)
         self._valid: set = set()                 # input signatures _validate has passed
         self._constants: dict = {}               # (what, dtype, device, source version) -> tensors per call
+        self._scratch: dict = {}                 # buffers a call without autograd reuses (padding.py)
         eager = _kernel_dtype(dtype)
         if self.target.kind == "mlir":
             self._mlir = self._mlir_program()
@@ -194,7 +195,7 @@ class Attention(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_mlir"] = None                    # a compiled program: rebuilt on first use
-        state["_constants"], state["_valid"] = {}, set()    # per-process tensors, remade on use
+        state["_constants"], state["_valid"], state["_scratch"] = {}, set(), {}   # per-process, remade on use
         return state
 
     def __setstate__(self, state):
@@ -233,31 +234,34 @@ class Attention(nn.Module):
         env = {"q": q.to(dtype).reshape(B * H, N, -1).contiguous(),
                "k": k.to(dtype).reshape(B * H, N, -1).contiguous(),
                "v": v.to(dtype).reshape(B * H, N, -1).contiguous()}
-        if pad is not None:                      # a padded key's NaN stays out (padding.py)
-            env["k"], env["v"] = pad.drop(env["k"]), pad.drop(env["v"])
+        if pad is not None and (self.spec.kernel.name == "softmax" or self.spec.stabilized):
+            env["k"] = pad.drop(env["k"], tag="k")   # 0: no score or stabilizer sees what they held
         if self.target.kind == "mlir":
             if self._mlir is None:
                 self._mlir = self._mlir_program()
             return self._forward_mlir(env, dtype, q, k, v).reshape(B, H, N, self.value_dim).to(out_dtype)
         i = self._plan_index(N, dtype)
-        fft_dtype, i = self._fft_dtype(dtype, N, i)
+        fft_dtype, i = self._fft_dtype(dtype, N, i, pad)
         if fft_dtype != dtype:                   # precision.py: float64 resolves what float32 cannot
             dtype = fft_dtype
             env = {name: t.to(dtype) for name, t in env.items()}
         out, den = self._run(env, dtype, i, pad)
-        # a stabilized map's normalizer near underflow (precision.py): float64, else refused
+        # a normalizer near underflow (precision.py): float64, else refused
         if den is not None and den < precision.UNDERFLOW[dtype] and dtype != torch.float64:
             if N not in self._warned_float64:
                 self._warned_float64.add(N)
-                warnings.warn(f"attndsl: {self.spec.name} at N={N} computes in float64: the "
-                              f"{self.spec.kernel.name} stabilizer left a row's normalizer at {den:.3g}, "
-                              f"near {str(dtype).removeprefix('torch.')}'s underflow (keys whose feature "
-                              f"scores lie far above the ones a row sees); the output keeps its dtype",
+                why = (f"the {self.spec.kernel.name} stabilizer left a row's normalizer at {den:.3g}" if
+                       self.spec.stabilized else f"a row far from every key the key padding mask keeps has "
+                       f"a normalizer of {den:.3g}")
+                warnings.warn(f"attndsl: {self.spec.name} at N={N} computes in float64: {why}, near "
+                              f"{str(dtype).removeprefix('torch.')}'s underflow; the output keeps its dtype",
                               stacklevel=2)
             dtype = torch.float64
             out, den = self._run({name: t.double() for name, t in env.items()}, dtype, i, pad)
         if den is not None and den < precision.UNDERFLOW[dtype]:
-            raise precision.stabilizer_refusal(self.spec.name, N)
+            if self.spec.stabilized:
+                raise precision.stabilizer_refusal(self.spec.name, N)
+            raise precision.padding_refusal(self.spec.name, N)
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
 
     def _run(self, env: dict, dtype: torch.dtype, i: int,
@@ -271,14 +275,16 @@ class Attention(nn.Module):
         env = {**env, "position": self._position_params(dtype).to(device)}
         w, wt = self._projection(dtype, device)
         dens: list = []                          # each normalizer's minimum, as the runners see it
-        watch = self.spec.stabilized and not torch.compiler.is_compiling()
+        # a stabilized map's, or with a key padding mask a position term's: a row far from every
+        # kept key of a decaying b has a normalizer that can underflow
+        watch = ((self.spec.stabilized or (pad is not None and self.spec.position.name != "none"))
+                 and not torch.compiler.is_compiling())
         params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed,
                   "dens": dens if watch else None, "pad": pad}
         steps = self._program(i)
         out = nonfinite.guarded(lambda q, k, v: _execute(steps, {**env, "q": q, "k": k, "v": v}, lib, params),
                                 env["q"], env["k"], env["v"], self.spec.causal,
-                                reads_every_key=self.spec.sampling.name == "none",
-                                empty=None if pad is None else pad.empty)
+                                reads_every_key=self.spec.sampling.name == "none", pad=pad)
         if not dens:
             return out, None
         den = float(dens[-1].detach().nan_to_num(0.0))     # the last run's (the exact path's, if taken)
@@ -335,23 +341,31 @@ class Attention(nn.Module):
                                  "bias that decays (or stays flat) with distance, e.g. position(r) = "
                                  "-0.1 * abs(r); see docs/numerics.md")
 
-    def _fft_dtype(self, dtype: torch.dtype, n: int, i: int) -> tuple[torch.dtype, int]:
+    def _fft_dtype(self, dtype: torch.dtype, n: int, i: int,
+                   pad: padding.Padding | None = None) -> tuple[torch.dtype, int]:
         """The dtype and plan a call of length n runs in: its own while plan i's Toeplitz-FFT form
-        resolves the position term there; float64 where only that does; the exact pairwise plan
-        where neither does (both warned once); else PrecisionError."""
+        resolves the position term there (with the call's key padding mask `pad`, over the rows'
+        kept keys); float64 where only that does; the exact pairwise plan where neither does (both
+        warned once); else PrecisionError."""
         site = self._fft_site(i)
         if site is None or torch.compiler.is_compiling():    # the check runs in eager mode
             return dtype, i
         position, key = site.bias.position, (n, site.causal)
         learned = learned_table(position)
-        kappa = None if learned else self._kappa.get(key)    # a table changes
+        kappa = None if learned or pad is not None else self._kappa.get(key)    # a table changes
         if kappa is None:
             b = precision.position_values(position, n, self.heads, self._table(), self.position_slopes)
-            kappa = precision.condition(b, site.causal)
-            if not learned:
+            if pad is not None:
+                kept = ~pad.keys.view(-1, self.heads, n)[:, 0].cpu()
+                kappa = precision.padded_condition(b, site.causal, kept, pad.empty.cpu())
+            else:
+                kappa = precision.condition(b, site.causal)
+            if not learned and pad is None:
                 self._kappa[key] = kappa
         chosen = precision.dtype_for(kappa, dtype)
         what = "the learned position table" if learned else "this position term"
+        if pad is not None:
+            what += " over the keys this key padding mask keeps"
         if chosen is None:
             exact = self._exact_index(n)
             if exact is None:
@@ -450,7 +464,8 @@ class Attention(nn.Module):
         if self.target.kind == "mlir":
             raise ValueError(f"key_padding_mask: target '{MLIR_TARGET}' computes the spec's mask only; "
                              f"compile with target='llvm' (TVM) for key padding masks")
-        return padding.Padding.of(mask, self.heads, self.spec.causal)
+        scratch = None if torch.is_grad_enabled() else self._scratch
+        return padding.Padding.of(mask, self.heads, self.spec.causal, scratch)
 
     def _validate(self, q, k, v) -> None:
         """The checks of q, k, v's types, shapes, dtypes and devices, once per signature (and, with

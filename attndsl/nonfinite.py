@@ -7,10 +7,10 @@ forms, which may never read a given key) and otherwise runs them on the inputs w
 0, then writes NaN where the reference has a non-finite value (always so under torch.compile, whose graph
 has no data-dependent branch):
 
-    out[i, d] is NaN  ⇔  row i sees a key (mask, key padding), and q_i is not finite or row i
-                          sees a key j with k_j not finite or v_jd not finite.
+    out[i, d] is NaN  ⇔  row i sees a key, and q_i is not finite or row i sees a key j with k_j
+                          not finite or v_jd not finite
 
-(The caller has zeroed the padded keys' rows of k and v: attndsl/padding.py.)
+(the keys a row sees: its mask's, less those a key padding mask pads, attndsl/padding.py).
 
 Gradients follow the reference too: NaN from the outputs that are NaN, to the inputs they depend on.
 q, k (BH, N, Dk), v (BH, N, Dv), out (BH, N, Dv).
@@ -35,55 +35,60 @@ class _Poisoned(torch.autograd.Function):
     sees, as the reference's own backward does."""
 
     @staticmethod
-    def forward(ctx, out, hit, q, k, v, causal):
-        ctx.save_for_backward(hit)
+    def forward(ctx, out, hit, q, k, v, causal, padded):
+        ctx.save_for_backward(hit, padded)
         ctx.causal, ctx.shapes = causal, (q.shape, k.shape, v.shape)
         return out.masked_fill(hit, float("nan"))
 
     @staticmethod
     def backward(ctx, g):
-        (hit,) = ctx.saved_tensors
+        hit, padded = ctx.saved_tensors
         rows = (hit & (g != 0)).any(-1)                                  # (BH, N), NaN != 0
         keys = rows.flip(1).cumsum(1).flip(1) > 0 if ctx.causal else rows.any(1, keepdim=True).expand_as(rows)
+        keys = keys & ~padded
         nan = [g.new_zeros(shape).masked_fill(m[..., None], float("nan"))
                for shape, m in zip(ctx.shapes, (rows, keys, keys))]
-        return (g.masked_fill(hit, 0), None, *nan, None)
+        return (g.masked_fill(hit, 0), None, *nan, None, None)
 
 
 def reached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-            empty: torch.Tensor | None = None) -> torch.Tensor:
+            pad=None) -> torch.Tensor:
     """(BH, N, Dv) bool: the outputs a non-finite q, k or v reaches (row i sees j ≤ i if causal,
-    every j otherwise; none when `empty` (BH, N) says it sees no key)."""
+    every j otherwise; with a key padding mask `pad` (padding.Padding) not the padded keys, and
+    nothing from a row that sees no key)."""
     bad_q = ~torch.isfinite(q).all(-1, keepdim=True)                 # (BH, N, 1)
     bad_k = ~torch.isfinite(k).all(-1, keepdim=True)                 # (BH, N, 1)
     bad_v = ~torch.isfinite(v)                                       # (BH, N, Dv)
     seen = bad_k | bad_v
+    if pad is not None:
+        seen = seen & ~pad.keys[..., None]
     if causal:
         seen = seen.cumsum(1) > 0                                    # keys j ≤ i
     else:
         seen = seen.any(1, keepdim=True).expand_as(bad_v)
     seen = seen | bad_q
-    return seen if empty is None else seen & ~empty[..., None]
+    return seen if pad is None or not pad.empty.numel() else seen & ~pad.empty[..., None]
 
 
 def guarded(run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-            reads_every_key: bool = True, empty: torch.Tensor | None = None) -> torch.Tensor:
+            reads_every_key: bool = True, pad=None) -> torch.Tensor:
     """run(q, k, v) with the NaN rule. `reads_every_key`: False for the sampled forms, whose
-    output may not see a non-finite key at all, so their inputs are checked instead; `empty`
-    (BH, N): the rows a key padding mask leaves with no key."""
+    output may not see a non-finite key at all, so their inputs are checked instead; `pad`: the
+    call's key padding mask (padding.Padding), whose padded keys no row sees."""
     if torch.compiler.is_compiling():             # no data-dependent branch in a graph: always exact
-        return _exact(run, q, k, v, causal, empty)
+        return _exact(run, q, k, v, causal, pad)
     if not reads_every_key and not _finite(q, k, v):
         out = None
     else:
         out = run(q, k, v)
         if _finite(out) or _finite(q, k, v):      # nothing reached, or the kernels' own overflow
             return out
-    return _exact(run, q, k, v, causal, empty)
+    return _exact(run, q, k, v, causal, pad)
 
 
-def _exact(run, q, k, v, causal, empty=None):
+def _exact(run, q, k, v, causal, pad=None):
     """run on the inputs with their non-finite entries zeroed, NaN where the reference has it."""
     clean = [t.masked_fill(~torch.isfinite(t), 0) for t in (q, k, v)]
-    return _Poisoned.apply(run(*clean), reached(q, k, v, causal, empty), q, k, v, causal)
+    padded = torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device) if pad is None else pad.keys
+    return _Poisoned.apply(run(*clean), reached(q, k, v, causal, pad), q, k, v, causal, padded)

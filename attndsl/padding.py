@@ -8,13 +8,18 @@ torch.nn.MultiheadAttention). A padded key j takes part in no numerator and no n
 and a row left with no key (every key padded, or, causal, every j ≤ i) outputs 0 with zero
 gradients, in every form and whatever `eps` (as eps makes an empty row of a map that can vanish).
 
-How the forms leave a key out, with no extra pass over the pairs:
-  feature maps    φk_j and v_j are set to 0 (masked_fill: a NaN there stays out); the fused
-                  elementwise maps read k_j set to a point where φ vanishes (`vanishing_point`)
-  softmax         the key's score gets KEY_OUT added (the kernels' `kb` input): e^(s − m) is 0 in
-                  every row that sees a key, and a row that sees none averages the zeroed values
+How the forms leave a key out, with a copy of one (BH, N, ·) tensor and no pass over the pairs:
+  feature maps    φk_j is set to 0 (the fused elementwise maps read k_j set to a point where φ
+                  vanishes, `vanishing_point`); v_j then adds 0 (values_fft: v_j is set to 0);
+                  a stabilized map's k_j is set to 0 first, so that its stabilizer ignores it
+  softmax         k_j is set to 0 and the key's score gets KEY_OUT added (the kernels' `kb`
+                  input): e^(s − m) is 0 in every row that sees a kept key
   empty rows      the normalizing kernels' out and den are set to 0 and 1 there (ops.py), so the
-                  backward pass reads finite values
+                  backward pass reads finite values; the softmax forms' out is set to 0
+A padded key's k or v that is not finite reaches no output: nonfinite.py's rule leaves it out. A
+row far from every kept key of a decaying position term has a tiny normalizer: precision.py
+judges the Toeplitz-FFT form over the kept keys, and the module's normalizer watch takes an
+underflowing call to float64 (module.py).
 """
 from __future__ import annotations
 
@@ -30,26 +35,69 @@ KEY_OUT = -1e30
 
 @dataclass(frozen=True)
 class Padding:
-    """One call's mask, per batch·head row (BH, N): `keys` True where key j is padding; `empty`
-    True where row i sees no key that is not."""
+    """One call's mask, per batch·head row: `keys` (BH, N) True where key j is padding; `rows`
+    their flat indices into BH·N (None under torch.compile, whose graphs take no data-dependent
+    shapes); `empty` (BH, N) True where row i sees no kept key, or a (0, 0) tensor when no row
+    is empty; `scratch`: buffers `drop` may reuse from call to call (a call without autograd),
+    by (tag, shape, dtype, device), else None."""
     keys: torch.Tensor
+    rows: torch.Tensor | None
     empty: torch.Tensor
+    scratch: dict | None = None
 
     @staticmethod
-    def of(mask: torch.Tensor, heads: int, causal: bool) -> "Padding":
+    def of(mask: torch.Tensor, heads: int, causal: bool, scratch: dict | None = None) -> "Padding":
         """From the user's (B, N) bool mask."""
         B, N = mask.shape
-        keys = mask[:, None, :].expand(B, heads, N).reshape(B * heads, N)
+        keys = mask[:, None, :].expand(B, heads, N).reshape(B * heads, N).contiguous()
         empty = keys.all(1, keepdim=True).expand(-1, N) if not causal else (~keys).cumsum(1) == 0
-        return Padding(keys.contiguous(), empty.contiguous())
+        if torch.compiler.is_compiling():
+            return Padding(keys, None, empty.contiguous())
+        if not bool(empty.any()):
+            empty = no_rows(keys.device)
+        return Padding(keys, keys.reshape(-1).nonzero().flatten(), empty.contiguous(), scratch)
 
-    def drop(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """x (BH, N, width) with the padded rows set to `fill`."""
-        return x.masked_fill(self.keys[..., None], fill)
+    def drop(self, x: torch.Tensor, fill: float = 0.0, tag: str = "") -> torch.Tensor:
+        """x (BH, N, width) with the padded rows set to `fill`: a copy (differentiable: those rows
+        get no gradient) and a fill of the padded rows only; without autograd, into this call's
+        scratch buffer `tag` (a fresh tensor of tens of MB costs more in page faults than the
+        copy: docs/performance.md)."""
+        if self.rows is None:
+            return x.masked_fill(self.keys[..., None], fill)
+        if self.rows.numel() == 0:
+            return x
+        if self.scratch is None:
+            y = x.clone(memory_format=torch.contiguous_format)
+        else:
+            key = (tag, tuple(x.shape), x.dtype, x.device)
+            y = self.scratch.get(key)
+            if y is None:
+                if len(self.scratch) > 8:
+                    self.scratch.clear()
+                y = self.scratch[key] = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            y.copy_(x)
+        return y.view(-1, x.shape[-1]).index_fill_(0, self.rows, fill).view(x.shape)
+
+    def zero_empty(self, out: torch.Tensor) -> torch.Tensor:
+        """out (BH, N, width) with the rows that see no kept key set to 0."""
+        return out.masked_fill(self.empty[..., None], 0) if self.empty.numel() else out
 
     def key_bias(self, dtype) -> torch.Tensor:
         """(BH, N): KEY_OUT at padded keys, 0 elsewhere."""
         return torch.zeros(self.keys.shape, dtype=dtype, device=self.keys.device).masked_fill_(self.keys, KEY_OUT)
+
+
+_NO_ROWS: dict = {}
+
+
+def no_rows(device) -> torch.Tensor:
+    """The (0, 0) bool tensor that says "no empty rows" to the normalizing ops (made once per device)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(0, 0, dtype=torch.bool, device=device)
+    t = _NO_ROWS.get(device)
+    if t is None:
+        t = _NO_ROWS[device] = torch.zeros(0, 0, dtype=torch.bool, device=device)
+    return t
 
 
 def key_bias(pad: Padding | None, like: torch.Tensor) -> torch.Tensor:
@@ -57,11 +105,6 @@ def key_bias(pad: Padding | None, like: torch.Tensor) -> torch.Tensor:
     if pad is None:
         return like.new_zeros(like.shape[:2])
     return pad.key_bias(like.dtype)
-
-
-def empty_rows(pad: Padding | None, like: torch.Tensor) -> torch.Tensor:
-    """The normalizing ops' `empty` input: pad.empty, or a (0, 0) tensor without a mask."""
-    return like.new_zeros(0, 0, dtype=torch.bool) if pad is None else pad.empty
 
 
 def vanishing_point(values) -> float | None:

@@ -61,6 +61,26 @@ def condition(b: torch.Tensor, causal: bool) -> float:
     return float(kappa.max())
 
 
+def padded_condition(b: torch.Tensor, causal: bool, kept: torch.Tensor, empty: torch.Tensor) -> float:
+    """κ of b (H, 2n−1) when a key padding mask keeps only `kept` (B, n) bool keys: the row sums
+    Σ_{j∈M(i), j kept} c(i−j) by one FFT per batch and head in float64 (a row far from every kept
+    key of a decaying b has a small one); `empty` (B·H, n) or (0, 0): rows seeing no key, left out."""
+    n = kept.shape[1]
+    if causal:
+        b = b.clone()
+        b[:, :n - 1] = -math.inf                                    # r < 0: not seen
+    if not torch.isfinite(b[:, n - 1:] if causal else b).all():
+        return math.inf
+    c = torch.exp(b - b.amax(-1, keepdim=True))                     # (H, 2n − 1), c[r + n − 1]
+    L = 4 * n
+    rows = torch.fft.irfft(torch.fft.rfft(c, L)[None] * torch.fft.rfft(kept.double(), L)[:, None], L)
+    rows = rows[..., n - 1:2 * n - 1].reshape(-1, n)                 # (B·H, n): Σ_j c(i−j) kept_j
+    if empty.numel():
+        rows = rows.masked_fill(empty.to(rows.device), math.inf)
+    kappa = c.norm(dim=-1).amax() * math.sqrt(n) / rows.amin().clamp_min(0)
+    return float(kappa)
+
+
 def limit(dtype: torch.dtype, within: torch.dtype | None = None) -> float:
     """The largest κ a computation in `dtype` resolves to the tolerance of `within` (its own)."""
     return TOL[within or dtype] / (SAFETY * EPS[dtype])
@@ -111,6 +131,14 @@ def longest(position: Choice, causal: bool, heads: int, slopes: torch.Tensor | N
 # of them, so a normalizer (in the kernels' units) above UNDERFLOW[dtype] has lost less than 1e-8 of
 # itself for any N·M ≤ 2^40 (2^40·1.2e-38 = 1.3e-26 against 1e-18 in float32).
 UNDERFLOW = {torch.float32: 1e-18, torch.float64: 1e-290}
+
+
+def padding_refusal(spec_name: str, n: int) -> PrecisionError:
+    return PrecisionError(
+        f"{spec_name} at N={n}: with this key padding mask some row's kept keys all lie where exp(b) "
+        f"is below ~1e-290 of the row's largest weight (a row far from every kept key of a decaying "
+        f"position term), so its normalizer underflows even in float64. Drop those rows (e.g. pad "
+        f"queries and keys alike and shorten the batch), or use a position term that decays less")
 
 
 def stabilizer_refusal(spec_name: str, n: int) -> PrecisionError:

@@ -104,7 +104,7 @@ def column_rows(sampling, N: int) -> int:
 def residual_weights(q: Tensor, k: Tensor, v: Tensor, sampling, gen: torch.Generator, scale: float,
                      kept: Tensor | None = None) -> Tensor:
     """w (BH, N), rows summing to 1 (or 0 where all of v is 0): what the residual samples follow;
-    0 at the keys not `kept` (BH, N) bool (a padded key's v is 0 already)."""
+    0 at the keys not `kept` (BH, N) bool."""
     if sampling["residual"] == "columns":          # (1/R) Σ_{i∈R} softmax_j(s q_i·k_j)
         BH, N, _ = q.shape
         rows = torch.randint(N, (BH, column_rows(sampling, N)), generator=gen).to(q.device)
@@ -113,6 +113,8 @@ def residual_weights(q: Tensor, k: Tensor, v: Tensor, sampling, gen: torch.Gener
             return torch.softmax(logits, dim=-1).mean(1)
         return torch.softmax(logits.masked_fill(~kept[:, None, :], KEY_OUT), dim=-1).mean(1) * kept
     norms = torch.linalg.vector_norm(v, dim=-1).square()
+    if kept is not None:
+        norms = norms * kept
     return norms / norms.sum(-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
 
 
@@ -149,8 +151,8 @@ def heavy_count(sampling, N: int) -> int:
 
 def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed: int,
          scale: float | None = None, padded: Tensor | None = None) -> Samples:
-    """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv) (a padded key's row of v
-    zeroed); scale s (default 1/√Dk); padded (BH, N) bool: the keys a key padding mask leaves out.
+    """Sort and sample for one call; q, k (BH, N, Dk), v (BH, N, Dv); scale s (default 1/√Dk);
+    padded (BH, N) bool: the keys a key padding mask leaves out.
     The random numbers come from a CPU generator whatever the tensors' device, so a seed draws the
     same samples on a GPU as on the CPU."""
     BH, N, _ = k.shape
@@ -193,9 +195,12 @@ def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed:
         lw = torch.cat([lw_heavy, lw_tail], 1)
         if sampling.get("tail", "mean") == "mean" and St:
             vh = rows_of(v, heavy)                 # sums in float64: N values near float32's max
-            vbar = ((v.sum(1, keepdim=True, dtype=torch.float64) - vh.sum(1, keepdim=True, dtype=torch.float64))
-                    / count[..., None].clamp_min(1)).to(v.dtype)             # padded rows of v are 0
-            vs = torch.cat([vh, vbar.expand(BH, St, v.shape[-1])], 1)
+            if kept is None:
+                vbar = (v.sum(1, keepdim=True, dtype=torch.float64) - vh.sum(1, keepdim=True, dtype=torch.float64)) / (N - H)
+            else:                              # over the kept tail keys (a padded value may be NaN)
+                vbar = (torch.where(rest[..., None], v, 0).sum(1, keepdim=True, dtype=torch.float64)
+                        / count[..., None].clamp_min(1))
+            vs = torch.cat([vh, vbar.to(v.dtype).expand(BH, St, v.shape[-1])], 1)
         else:
             vs = rows_of(v, si)
     else:                          # uniform: identity order, a query's own key is its block

@@ -61,19 +61,26 @@ def knob(knobs: dict, names, family: str, name: str) -> list[int]:
     return [resolve(family, knobs.get(n))[name] for n in names]
 
 
-def keys_out(kf, params: dict, fill: float = 0.0):
+def keys_out(kf, params: dict, fill: float = 0.0, tag: str = "kf"):
     """(kf with the call's padded keys set to `fill`, the op's `empty` rows) under a key padding
-    mask (attndsl/padding.py; params["pad"]), else (kf, a (0, 0) tensor)."""
+    mask (attndsl/padding.py; params["pad"]), else (kf, a (0, 0) tensor). `tag` names the
+    scratch buffer a call without autograd fills."""
+    from attndsl.padding import no_rows
     pad = params["pad"]
     if pad is None:
-        return kf, kf.new_zeros(0, 0, dtype=bool)
-    return pad.drop(kf, fill), pad.empty
+        return kf, no_rows(kf.device)
+    return pad.drop(kf, fill, tag), pad.empty
 
 
 def key_bias(like, params: dict):
     """The softmax kernels' kb (BH, N): padding.KEY_OUT at the call's padded keys, else 0."""
     from attndsl.padding import key_bias as bias
     return bias(params["pad"], like)
+
+
+def rows_seen(out, params: dict):
+    """A softmax form's out with the rows that see no kept key (a key padding mask's) set to 0."""
+    return out if params["pad"] is None else params["pad"].zero_empty(out)
 
 
 def watched(out_den, params: dict):

@@ -136,6 +136,33 @@ def test_padded_keys_do_not_matter_even_when_not_finite(name):
     assert attn.spec.causal == (not hit[0, 0, :5].any())
 
 
+def test_rows_far_from_every_kept_key_are_right_or_refused():
+    """A decaying position term gives a row far past the last kept key a tiny normalizer: the
+    Toeplitz-FFT form's condition and the decayed form's underflow take the call to float64 (warned),
+    and where float64 underflows too, it is refused."""
+    from attndsl.precision import PrecisionError
+    pad = torch.zeros(1, 256, dtype=torch.bool)
+    pad[0, 100:] = True
+    q, k, v = (torch.randn(1, H, 256, D) for _ in range(3))
+    for text, plan, warned in [("attention a { kernel = elu1; position(r) = -0.08 * abs(r) }", "toeplitz_fft",
+                                "cannot resolve this position term over the keys this key padding mask keeps"),
+                               ("attention a { kernel = elu1; position = alibi(slope=0.5); mask = causal }",
+                                "decayed", "a row far from every key the key padding mask keeps")]:
+        attn = attndsl.compile(text, heads=H, head_dim=D, plan=plan)
+        with pytest.warns(UserWarning, match=warned):
+            out = attn(q, k, v, key_padding_mask=pad)
+        assert_close("out", attn.reference(q.double(), k.double(), v.double(), key_padding_mask=pad), out,
+                     RTOL[torch.float32])
+    far = attndsl.compile("attention a { kernel = elu1; position = alibi(slope=8); mask = causal }",
+                          heads=H, head_dim=D, plan="decayed")
+    with pytest.warns(UserWarning), pytest.raises(PrecisionError, match="underflows even in float64"):
+        far(q, k, v, key_padding_mask=pad)
+    fft = attndsl.compile("attention a { kernel = elu1; position(r) = -0.2 * abs(r) }", heads=H, head_dim=D,
+                          plan="toeplitz_fft")
+    with pytest.raises(PrecisionError, match="over the keys this key padding mask keeps at N=256"):
+        fft(q, k, v, key_padding_mask=pad)
+
+
 @pytest.mark.parametrize("name", ["prefix_sum", "decayed_two_way", "toeplitz_fft", "banded", "pairwise",
                                   "quadratic_table"])
 def test_gradcheck_with_a_padding_mask(name):

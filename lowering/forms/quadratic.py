@@ -8,7 +8,7 @@ from __future__ import annotations
 from attndsl.ir import SoftmaxAttention
 
 from ..costs import softmax_cost
-from ..form import Form, key_bias, knob, learns
+from ..form import Form, key_bias, knob, learns, rows_seen
 
 
 def _position(node):
@@ -41,7 +41,7 @@ def run(node, args, lib, name, params):
     from attndsl import ops
     q, k, v = args[:3]
     tab = args[3] if node.bias is not None else q.new_zeros(1, 1)
-    return ops.fast.softmax_attention(q, k, v, tab, key_bias(q, params), lib, name)[0]
+    return rows_seen(ops.fast.softmax_attention(q, k, v, tab, key_bias(q, params), lib, name)[0], params)
 
 
 FORMS = [

@@ -14,7 +14,7 @@ import math
 from attndsl.ir import SampledAttention
 
 from ..costs import EXP_FLOPS
-from ..form import Form, key_bias, knob
+from ..form import Form, key_bias, knob, rows_seen
 
 
 def lower_cpu(node: SampledAttention, names, dtype, knobs):
@@ -39,7 +39,8 @@ def run(node, args, lib, name, params):
     pad = params["pad"]
     s = sampling.draw(*args, node.sampling, params["lsh_planes"], params["seed"], node.scale,
                       None if pad is None else pad.keys)
-    return ops.fast.sampled_attention(*args, *s.args(), key_bias(args[0], params), lib, name, s.block)[0]
+    return rows_seen(ops.fast.sampled_attention(*args, *s.args(), key_bias(args[0], params), lib, name,
+                                                s.block)[0], params)
 
 
 def _cost(n: SampledAttention, N: int) -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from attndsl.ir import ToeplitzValues
 
 from ..costs import fft_cost
-from ..form import Form, knob, learns
+from ..form import Form, keys_out, knob, learns
 
 
 def lower_cpu(node: ToeplitzValues, names, dtype, knobs):
@@ -28,7 +28,7 @@ def lower_portable(node: ToeplitzValues, names, dtype, knobs, gpu):
 def run(node, args, lib, name, params):
     from attndsl import ops
     tab, v = args
-    return ops.fast.toeplitz_values(v, tab, lib, name)
+    return ops.fast.toeplitz_values(keys_out(v, params, tag="v")[0], tab, lib, name)
 
 
 FORMS = [
