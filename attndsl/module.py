@@ -267,9 +267,9 @@ class Attention(nn.Module):
     def _run(self, env: dict, dtype: torch.dtype, i: int,
              pad: padding.Padding | None = None) -> tuple[torch.Tensor, float | None]:
         """Plan i on the kernels of `dtype` with the NaN rule of docs/numerics.md and the key
-        padding mask `pad`:
-        (out (BH, N, Dv), the smallest normalizer of a stabilized map's form, None for other maps
-        and under torch.compile)."""
+        padding mask `pad`: (out (BH, N, Dv), the smallest normalizer of a stabilized map's form
+        or, with a key padding mask, of a position term's form; None otherwise and under
+        torch.compile)."""
         lib = self._library(KERNEL_DTYPES[dtype], i)
         device = env["q"].device
         env = {**env, "position": self._position_params(dtype).to(device)}

@@ -69,7 +69,8 @@ class Padding:
         if self.scratch is None:
             y = x.clone(memory_format=torch.contiguous_format)
         else:
-            key = (tag, tuple(x.shape), x.dtype, x.device)
+            # an inference-mode tensor cannot be written outside inference mode: one of each
+            key = (tag, tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled())
             y = self.scratch.get(key)
             if y is None:
                 if len(self.scratch) > 8:

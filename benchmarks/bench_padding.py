@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from tvm.target.codegen import llvm_get_system_cpu
 
 import attndsl
+from bench_lengths import once
 
 RESULTS = Path(__file__).resolve().parent / "results"
 B, H, DIM = 2, 4, 64
@@ -40,16 +40,6 @@ SPECS = {       # name -> (spec body, the form it runs at these lengths)
     "smooth": ("kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)", "toeplitz_fft or pairwise"),
     "kde": ("sampling = kde(buckets=32, block=128, samples=128, seed=0)", "kde"),
 }
-
-
-def once(fn, q, k, v, backward: bool) -> float:
-    t0 = time.perf_counter()
-    if backward:
-        fn(q, k, v).sum().backward()
-    else:
-        with torch.no_grad():
-            fn(q, k, v)
-    return time.perf_counter() - t0
 
 
 def methods(name: str, n: int) -> dict:

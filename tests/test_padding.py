@@ -185,6 +185,20 @@ def test_rows_with_no_key_have_zero_output_and_gradient_in_every_form():
             assert (t.grad == 0).all(), name
 
 
+def test_calls_without_autograd_reuse_a_scratch_buffer_safely():
+    attn = module("prefix_sum")
+    mask = padding_mask()
+    q, k, v = qkv(dtype=torch.float32)
+    want = attn(q, k, v, key_padding_mask=mask)
+    with torch.inference_mode():
+        a = attn(q, k, v, key_padding_mask=mask)
+    with torch.no_grad():
+        b = attn(q, k, v, key_padding_mask=mask)
+        c = attn(q, 2 * k, v, key_padding_mask=mask)          # the buffer is refilled, not stale
+    assert torch.equal(a, want) and torch.equal(b, want) and not torch.equal(c, want)
+    assert torch.equal(c, attn(q, 2 * k, v, key_padding_mask=mask))
+
+
 def test_a_float_mask_of_zeros_and_minus_infinity_and_the_errors():
     attn = module("quadratic")
     q, k, v = qkv(dtype=torch.float32)
