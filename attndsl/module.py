@@ -247,28 +247,55 @@ class Attention(nn.Module):
             env = {name: t.to(dtype) for name, t in env.items()}
         out, den = self._run(env, dtype, i, pad)
         # a normalizer near underflow (precision.py): float64, else refused
-        if den is not None and den < precision.UNDERFLOW[dtype] and dtype != torch.float64:
+        low = None if den is None else den < precision.UNDERFLOW[dtype]
+        if low is not None and bool(low.any()) and dtype != torch.float64:
             if N not in self._warned_float64:
                 self._warned_float64.add(N)
-                why = (f"the {self.spec.kernel.name} stabilizer left a row's normalizer at {den:.3g}" if
+                least = float(den.min())
+                why = (f"the {self.spec.kernel.name} stabilizer left a row's normalizer at {least:.3g}" if
                        self.spec.stabilized else f"a row far from every key the key padding mask keeps has "
-                       f"a normalizer of {den:.3g}")
+                       f"a normalizer of {least:.3g}")
                 warnings.warn(f"attndsl: {self.spec.name} at N={N} computes in float64: {why}, near "
                               f"{str(dtype).removeprefix('torch.')}'s underflow; the output keeps its dtype",
                               stacklevel=2)
-            dtype = torch.float64
-            out, den = self._run({name: t.double() for name, t in env.items()}, dtype, i, pad)
-        if den is not None and den < precision.UNDERFLOW[dtype]:
+            batch = low.view(B, H).any(1)
+            if pad is not None and not self.spec.stabilized and not bool(batch.all()):
+                out, den = self._split(env, dtype, i, pad, batch, out), None
+            else:
+                dtype = torch.float64
+                out, den = self._run({name: t.double() for name, t in env.items()}, dtype, i, pad)
+        if den is not None and bool((den < precision.UNDERFLOW[dtype]).any()):
             if self.spec.stabilized:
                 raise precision.stabilizer_refusal(self.spec.name, N)
             raise precision.padding_refusal(self.spec.name, N)
         return out.reshape(B, H, N, self.value_dim).to(out_dtype)
 
+    def _split(self, env: dict, dtype: torch.dtype, i: int, pad: padding.Padding, batch: torch.Tensor,
+               out: torch.Tensor) -> torch.Tensor:
+        """The call with the batch elements `batch` (B,) bool, whose rows' normalizers underflow in
+        `dtype` under a key padding mask, rerun in float64 (else refused), and the others in `dtype`
+        (without autograd: `out`'s rows, the first run's): out (BH, N, Dv) in `dtype`."""
+        B, heads = batch.shape[0], self.heads
+        rows = batch.repeat_interleave(heads)                          # (BH,)
+        mask = pad.keys.view(B, heads, -1)[:, 0]
+        parts = []
+        for which, d in ((~rows, dtype), (rows, torch.float64)):
+            if d == dtype and not torch.is_grad_enabled():
+                parts.append(out[which])
+                continue
+            sub = padding.Padding.of(mask[which.view(B, heads)[:, 0]], heads, self.spec.causal, pad.scratch)
+            part, den = self._run({name: t[which].to(d) for name, t in env.items()}, d, i, sub)
+            if d == torch.float64 and den is not None and bool((den < precision.UNDERFLOW[d]).any()):
+                raise precision.padding_refusal(self.spec.name, mask.shape[1])
+            parts.append(part.to(dtype))
+        order = torch.cat([(~rows).nonzero(), rows.nonzero()]).flatten()
+        return torch.cat(parts)[torch.argsort(order)]
+
     def _run(self, env: dict, dtype: torch.dtype, i: int,
              pad: padding.Padding | None = None) -> tuple[torch.Tensor, float | None]:
         """Plan i on the kernels of `dtype` with the NaN rule of docs/numerics.md and the key
-        padding mask `pad`: (out (BH, N, Dv), the smallest normalizer of a stabilized map's form
-        or, with a key padding mask, of a position term's form; None otherwise and under
+        padding mask `pad`: (out (BH, N, Dv), each row's (BH,) smallest normalizer of a stabilized
+        map's form or, with a key padding mask, of a position term's form; None otherwise and under
         torch.compile)."""
         lib = self._library(KERNEL_DTYPES[dtype], i)
         device = env["q"].device
@@ -287,8 +314,7 @@ class Attention(nn.Module):
                                 reads_every_key=self.spec.sampling.name == "none", pad=pad)
         if not dens:
             return out, None
-        den = float(dens[-1].detach().nan_to_num(0.0))     # the last run's (the exact path's, if taken)
-        return out, den
+        return out, dens[-1].detach().nan_to_num(0.0)     # the last run's (the exact path's, if taken)
 
     def _empty(self, q, k, v) -> torch.Tensor:
         """The (0, H, N, Dv) output of an empty batch, as SDPA gives, still connected to q, k, v

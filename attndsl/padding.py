@@ -8,7 +8,8 @@ torch.nn.MultiheadAttention). A padded key j takes part in no numerator and no n
 and a row left with no key (every key padded, or, causal, every j ≤ i) outputs 0 with zero
 gradients, in every form and whatever `eps` (as eps makes an empty row of a map that can vanish).
 
-How the forms leave a key out, with a copy of one (BH, N, ·) tensor and no pass over the pairs:
+How the forms leave a key out, with a copy of k or of its features (of both for a stabilized map)
+and no pass over the pairs:
   feature maps    φk_j is set to 0 (the fused elementwise maps read k_j set to a point where φ
                   vanishes, `vanishing_point`); v_j then adds 0 (values_fft: v_j is set to 0);
                   a stabilized map's k_j is set to 0 first, so that its stabilizer ignores it

@@ -84,9 +84,9 @@ def rows_seen(out, params: dict):
 
 
 def watched(out_den, params: dict):
-    """out of a kernel's (out, DEN, ...): DEN's minimum noted in params["dens"] when the module
-    watches a stabilized map's normalizer (precision.py)."""
+    """out of a kernel's (out, DEN, ...): DEN's minimum per row (BH,) noted in params["dens"] when
+    the module watches the normalizers (precision.py)."""
     out, den = out_den[:2]
     if params["dens"] is not None:
-        params["dens"].append(den.amin() if den.numel() else den.new_ones(()))
+        params["dens"].append(den.amin(-1) if den.numel() else den.new_ones(den.shape[0]))
     return out

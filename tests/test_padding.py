@@ -110,8 +110,8 @@ def test_every_form_leaves_padded_keys_out(name, dtype):
     assert (out[2, :, :12] == 0).all() and (out[3] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["prefix_sum", "linear_favor", "decayed", "toeplitz_fft", "banded", "values_fft",
-                                  "quadratic", "quadratic_table"])         # pairwise: CPU kernels only
+@pytest.mark.xdist_group("padding-portable")
+@pytest.mark.parametrize("name", ["prefix_sum", "quadratic", "quadratic_table"])   # the kernels padding changed
 def test_the_portable_kernels_leave_padded_keys_out(name):
     check_against_reference(module(name, PORTABLE), *qkv(), padding_mask(), torch.float64)
 
@@ -136,6 +136,16 @@ def test_padded_keys_do_not_matter_even_when_not_finite(name):
     assert attn.spec.causal == (not hit[0, 0, :5].any())
 
 
+# decaying position terms: far from every kept key, a row's normalizer is tiny
+FAR = {"fft_decaying": ("attention a { kernel = elu1; position(r) = -0.08 * abs(r) }", "toeplitz_fft"),
+       "alibi_steep": ("attention a { kernel = elu1; position = alibi(slope=0.5); mask = causal }", "decayed")}
+
+
+def far(name):
+    text, plan = FAR[name]
+    return shared(text, heads=H, head_dim=D, plan=plan)
+
+
 def test_rows_far_from_every_kept_key_are_right_or_refused():
     """A decaying position term gives a row far past the last kept key a tiny normalizer: the
     Toeplitz-FFT form's condition and the decayed form's underflow take the call to float64 (warned),
@@ -144,23 +154,48 @@ def test_rows_far_from_every_kept_key_are_right_or_refused():
     pad = torch.zeros(1, 256, dtype=torch.bool)
     pad[0, 100:] = True
     q, k, v = (torch.randn(1, H, 256, D) for _ in range(3))
-    for text, plan, warned in [("attention a { kernel = elu1; position(r) = -0.08 * abs(r) }", "toeplitz_fft",
-                                "cannot resolve this position term over the keys this key padding mask keeps"),
-                               ("attention a { kernel = elu1; position = alibi(slope=0.5); mask = causal }",
-                                "decayed", "a row far from every key the key padding mask keeps")]:
-        attn = attndsl.compile(text, heads=H, head_dim=D, plan=plan)
+    for name, warned in [("fft_decaying", "cannot resolve this position term over the keys this key padding "
+                                          "mask keeps"),
+                         ("alibi_steep", "a row far from every key the key padding mask keeps")]:
+        attn = far(name)
         with pytest.warns(UserWarning, match=warned):
             out = attn(q, k, v, key_padding_mask=pad)
         assert_close("out", attn.reference(q.double(), k.double(), v.double(), key_padding_mask=pad), out,
                      RTOL[torch.float32])
-    far = attndsl.compile("attention a { kernel = elu1; position = alibi(slope=8); mask = causal }",
-                          heads=H, head_dim=D, plan="decayed")
+    pad = torch.zeros(1, 1600, dtype=torch.bool)
+    pad[0, 100:] = True                      # rows up to 1500 keys past the last kept one
+    q, k, v = (torch.randn(1, H, 1600, D) for _ in range(3))
     with pytest.warns(UserWarning), pytest.raises(PrecisionError, match="underflows even in float64"):
-        far(q, k, v, key_padding_mask=pad)
-    fft = attndsl.compile("attention a { kernel = elu1; position(r) = -0.2 * abs(r) }", heads=H, head_dim=D,
-                          plan="toeplitz_fft")
-    with pytest.raises(PrecisionError, match="over the keys this key padding mask keeps at N=256"):
-        fft(q, k, v, key_padding_mask=pad)
+        far("alibi_steep")(q, k, v, key_padding_mask=pad)                                  # e^−750
+    with pytest.raises(PrecisionError, match="over the keys this key padding mask keeps at N=1600"):
+        far("fft_decaying")(q, k, v, key_padding_mask=pad)
+
+
+def test_only_the_batch_elements_whose_rows_underflow_rerun_in_float64():
+    attn = attndsl.compile(FAR["alibi_steep"][0], heads=H, head_dim=D, plan="decayed")    # its _run is spied on
+    pad = torch.zeros(2, 256, dtype=torch.bool)
+    pad[1, 100:] = True                       # b1's rows past 100 underflow in float32, b0's do not
+    q, k, v = (torch.randn(2, H, 256, D, requires_grad=True) for _ in range(3))
+    calls, run = [], attn._run
+
+    def spy(env, dtype, i, pad=None):
+        calls.append((env["q"].shape[0], dtype))
+        return run(env, dtype, i, pad)
+    attn._run = spy
+    with pytest.warns(UserWarning, match="a row far from every key the key padding mask keeps"):
+        out = attn(q, k, v, key_padding_mask=pad)
+    assert calls == [(2 * H, torch.float32), (H, torch.float32), (H, torch.float64)]
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attn.reference(*leaves, key_padding_mask=pad)
+    assert_close("out", ref, out, RTOL[torch.float32])
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, leaves, g), torch.autograd.grad(out, (q, k, v), g.float())):
+        assert torch.isfinite(b).all()
+        assert_close("grad", a, b, 20 * RTOL[torch.float32])
+    calls.clear()
+    with torch.no_grad():                     # no autograd: the first run's float32 rows are kept
+        assert torch.equal(attn(q, k, v, key_padding_mask=pad), out.detach())
+    assert calls == [(2 * H, torch.float32), (H, torch.float64)]
 
 
 @pytest.mark.parametrize("name", ["prefix_sum", "decayed_two_way", "toeplitz_fft", "banded", "pairwise",
@@ -227,6 +262,7 @@ def test_a_fused_map_is_read_where_it_vanishes_and_one_that_never_does_is_refuse
         never(q, k, v, key_padding_mask=padding_mask())
 
 
+@pytest.mark.xdist_group("padding-portable")
 @pytest.mark.parametrize("target", ["llvm", PORTABLE], ids=["cpu", "portable"])
 def test_the_sampled_forms_draw_no_padded_key(target):
     mask = padding_mask(64)
@@ -248,6 +284,7 @@ def test_the_sampled_forms_draw_no_padded_key(target):
         assert (out[3] == 0).all() and torch.isfinite(out).all()
 
 
+@pytest.mark.xdist_group("padding-portable")
 @pytest.mark.parametrize("target", ["llvm", PORTABLE], ids=["cpu", "portable"])
 def test_kde_with_the_block_covering_the_sequence_is_the_padded_reference(target):
     attn = shared("attention a { sampling = kde(buckets=2, block=64, samples=8, seed=0) }",
