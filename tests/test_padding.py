@@ -262,6 +262,18 @@ def test_a_fused_map_is_read_where_it_vanishes_and_one_that_never_does_is_refuse
         never(q, k, v, key_padding_mask=padding_mask())
 
 
+def test_the_compiled_map_is_probed_where_torch_says_it_vanishes(monkeypatch):
+    """The kernels' arithmetic is not torch's: the point is checked on the compiled kernel once; a
+    point where the compiled φ is not 0 is refused."""
+    from attndsl.lowering.forms import linear
+    attn = attndsl.compile("attention a { kernel(x) = exp(x) - 1 + 1e-3; mask = causal }", heads=H, head_dim=D)
+    q, k, v = qkv(dtype=torch.float32)
+    monkeypatch.setattr(linear, "vanishing", lambda phi, prescale: 0.0)      # φ(0) = 1e-3, not 0
+    with pytest.raises(ValueError, match="as the kernels compute it"):
+        attn(q, k, v, key_padding_mask=padding_mask())
+    assert False in linear._VANISHES.values()
+
+
 @pytest.mark.xdist_group("padding-portable")
 @pytest.mark.parametrize("target", ["llvm", PORTABLE], ids=["cpu", "portable"])
 def test_the_sampled_forms_draw_no_padded_key(target):

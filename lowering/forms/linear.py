@@ -69,24 +69,42 @@ def vanishing(phi, prescale: float) -> float | None:
     return vanishing_point(values)
 
 
-def _padded_keys(node, k, params):
+_VANISHES: dict[tuple[str, str], bool] = {}     # (library, kernel) -> whether its φ is 0 at `vanishing`
+
+
+def _vanishes_in(node, x: float, k, lib: str, name: str) -> bool:
+    """Whether the compiled kernel's φ is exactly 0 at x too (its arithmetic is not torch's): one
+    row whose key is x must leave the normalizer at eps. Probed once per library and kernel."""
+    import torch
+
+    from attndsl import ops
+    if (lib, name) not in _VANISHES:
+        m, d = k.shape[-1], node.v.shape[-1]
+        with torch.no_grad():
+            _, den = ops.fast.linear_attention(k.new_ones(1, 1, m), k.new_full((1, 1, m), x), k.new_ones(1, 1, d),
+                                               k.new_zeros(1, 1), k.new_zeros(0, 0, dtype=torch.bool), lib, name)
+        _VANISHES[lib, name] = bool(den.item() == torch.tensor(node.eps or 0.0, dtype=k.dtype).item())
+    return _VANISHES[lib, name]
+
+
+def _padded_keys(node, k, params, lib, name):
     """k and the `empty` rows under the call's key padding mask: features zeroed; raw keys of a
     fused φ set where φ vanishes (or a ValueError when it never does)."""
     if node.phi is None or params["pad"] is None:
         return keys_out(k, params)
     x = vanishing(node.phi, node.prescale)
-    if x is None:
+    if x is None or not _vanishes_in(node, x, k, lib, name):
         raise ValueError(f"key_padding_mask: the feature map φ = {node.phi.name} is fused into the linear "
                          f"kernels, which leave a padded key out by reading it where φ is 0, and this φ is 0 at "
-                         f"none of -inf, 0, inf, -1, 1; use a map that vanishes somewhere (e.g. relu(x) or "
-                         f"exp(x) in it), or pad no key")
+                         f"none of -inf, 0, inf, -1, 1 (as the kernels compute it); use a map that vanishes "
+                         f"somewhere (e.g. relu(x) or exp(x) in it), or pad no key")
     return keys_out(k, params, x)
 
 
 def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v = args
-    kf, empty = _padded_keys(node, kf, params)
+    kf, empty = _padded_keys(node, kf, params, lib, name)
     return watched(ops.fast.linear_attention(qf, kf, v, v.new_zeros(1, 1), empty, lib, name), params)   # no rates
 
 
