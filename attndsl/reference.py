@@ -57,8 +57,8 @@ def kernel_logits_or_values(spec: AttentionSpec, q, k, scale, projection):
 
 def masked_matmul(w: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Σ_j [M_ij] w_ij v_j, (…, N, N) @ (…, N, D), M (N, N) or broadcastable (…, N, N), where a
-    masked pair is left out, not multiplied by 0: a non-finite v_jd reaches only the rows whose mask sees j (docs/numerics.md). w must be 0 (or
-    anything finite) where masked."""
+    masked pair is left out, not multiplied by 0: a non-finite v_jd reaches only the rows whose
+    mask sees j (docs/numerics.md). w must be 0 (or anything finite) where masked."""
     bad = ~torch.isfinite(v)
     out = w @ v.masked_fill(bad, 0)
     cols = bad.any(-1).reshape(-1, bad.shape[-2]).any(0).nonzero().flatten()   # keys with any

@@ -113,8 +113,8 @@ def residual_weights(q: Tensor, k: Tensor, v: Tensor, sampling, gen: torch.Gener
             return torch.softmax(logits, dim=-1).mean(1)
         return torch.softmax(logits.masked_fill(~kept[:, None, :], KEY_OUT), dim=-1).mean(1) * kept
     norms = torch.linalg.vector_norm(v, dim=-1).square()
-    if kept is not None:
-        norms = norms * kept
+    if kept is not None:                       # a padded value, however large, weighs 0
+        norms = torch.where(kept, norms, 0)
     return norms / norms.sum(-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
 
 
@@ -196,7 +196,8 @@ def draw(q: Tensor, k: Tensor, v: Tensor, sampling, planes: Tensor | None, seed:
         if sampling.get("tail", "mean") == "mean" and St:
             vh = rows_of(v, heavy)                 # sums in float64: N values near float32's max
             if kept is None:
-                vbar = (v.sum(1, keepdim=True, dtype=torch.float64) - vh.sum(1, keepdim=True, dtype=torch.float64)) / (N - H)
+                vbar = (v.sum(1, keepdim=True, dtype=torch.float64)
+                        - vh.sum(1, keepdim=True, dtype=torch.float64)) / (N - H)
             else:                              # over the kept tail keys (a padded value may be NaN)
                 vbar = (torch.where(rest[..., None], v, 0).sum(1, keepdim=True, dtype=torch.float64)
                         / count[..., None].clamp_min(1))

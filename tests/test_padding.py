@@ -282,10 +282,12 @@ def test_the_sampled_forms_draw_no_padded_key(target):
                  heads=H, head_dim=D, target=target)
     uniform = shared("attention a { sampling = uniform(samples=16, seed=0); mask = causal }", heads=H, head_dim=D,
                      target=target)
+    by_values = shared("attention a { sampling = kde(buckets=4, block=8, samples=16, residual=values, seed=0) }",
+                       heads=H, head_dim=D, target=target)
     q, k, v = qkv(64, dtype=torch.float32)
     rows = [t.reshape(B * H, 64, D) for t in (q, k, v)]
     keys = mask[:, None, :].expand(B, H, 64).reshape(B * H, 64)
-    for attn in (kde, uniform):
+    for attn in (kde, uniform, by_values):
         s = sampling.draw(*rows, attn.planned.root.sampling, attn.lsh_planes, 0, attn.scale, keys)
         drawn = keys.gather(1, s.si.long())
         assert (s.lw[drawn] == KEY_OUT).all()               # a padded key drawn weighs 0
@@ -293,6 +295,8 @@ def test_the_sampled_forms_draw_no_padded_key(target):
         out = attn(q, k, v, key_padding_mask=mask)
         k2, v2 = k.masked_fill(mask[:, None, :, None], float("nan")), v.masked_fill(mask[:, None, :, None], 7.0)
         assert torch.equal(out, attn(q, k2, v2, key_padding_mask=mask))
+        huge = v.masked_fill(mask[:, None, :, None], 1e30)       # |v|² overflows: still weight 0
+        assert torch.equal(out, attn(q, k, huge, key_padding_mask=mask))
         assert (out[3] == 0).all() and torch.isfinite(out).all()
 
 
