@@ -102,13 +102,6 @@ def no_rows(device) -> torch.Tensor:
     return t
 
 
-def key_bias(pad: Padding | None, like: torch.Tensor) -> torch.Tensor:
-    """The softmax kernels' kb (BH, N) for a call of q-like `like` (BH, N, ·): zeros without a mask."""
-    if pad is None:
-        return like.new_zeros(like.shape[:2])
-    return pad.key_bias(like.dtype)
-
-
 def vanishing_point(values) -> float | None:
     """A finite or infinite x where a fused elementwise map is exactly 0 with a finite derivative,
     from `values(x)` -> (φ(x), φ′(x)) as floats; None when none of −inf, 0, +inf, −1, 1 is one."""

@@ -73,9 +73,10 @@ def keys_out(kf, params: dict, fill: float = 0.0, tag: str = "kf"):
 
 
 def key_bias(like, params: dict):
-    """The softmax kernels' kb (BH, N): padding.KEY_OUT at the call's padded keys, else 0."""
-    from attndsl.padding import key_bias as bias
-    return bias(params["pad"], like)
+    """The softmax kernels' kb (BH, N) for q-like `like` (BH, N, ·): padding.KEY_OUT at the call's
+    padded keys, else 0."""
+    pad = params["pad"]
+    return like.new_zeros(like.shape[:2]) if pad is None else pad.key_bias(like.dtype)
 
 
 def rows_seen(out, params: dict):
