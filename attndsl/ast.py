@@ -93,14 +93,23 @@ FUNCTIONS: dict[str, int] = {
 Value = Union[int, float, bool, str]
 
 
-# the position kinds that are learned tables clipped at ±max_distance: toeplitz (one entry per
-# distance) and t5 (entries tied in T5's log buckets, expanded to that table by t5_slots)
-TABLES = ("toeplitz", "t5")
+# the position kinds the kernels read as a table clipped at ±max_distance: toeplitz (one learned
+# entry per distance), t5 (learned entries tied in T5's log buckets, expanded to that table by
+# t5_slots) and window (a sliding window's weights, built per call by the module: `windowed`)
+TABLES = ("toeplitz", "t5", "window")
 
 
 def learned_table(position) -> bool:
-    """Whether a position term is a learned table (TABLES): the kernels read it as (H, 2W + 1)."""
+    """Whether the kernels read a position term as a table (TABLES), (H, 2W + 1)."""
     return position.name in TABLES
+
+
+def windowed(position: "Choice", size: int) -> "Choice":
+    """The IR's position term of a sliding window of ±size over `position` (none included): the
+    table b(r) for |r| ≤ size, with the entries at ±(size + 1), which every farther r reads, set to
+    a score no key survives (padding.KEY_OUT). The forms that read a table need nothing else."""
+    return Choice("window", (("max_distance", size + 1), ("size", size), ("within", position.name)),
+                  span=position.span)
 
 
 def t5_slots(buckets: int, max_distance: int, bidirectional: bool) -> list[int]:
@@ -167,7 +176,7 @@ class AttentionSpec:
     position: none | toeplitz | alibi | user
     apply:    scores | values
     sampling: none | kde | uniform
-    mask:     none | causal
+    mask:     none | causal | window(size) | causal_window(size)
     scale:    None means 1/sqrt(head_dim)
     eps:      the normalizer's floor (out_i = num_i / (den_i + eps)); None means the kernel's
               default, `floor` below
@@ -193,7 +202,12 @@ class AttentionSpec:
 
     @property
     def causal(self) -> bool:
-        return self.mask.name == "causal"
+        return self.mask.name in ("causal", "causal_window")
+
+    @property
+    def window(self) -> int | None:
+        """W of a sliding window (row i sees |i − j| ≤ W; causal: 0 ≤ i − j ≤ W), else None."""
+        return int(self.mask["size"]) if self.mask.name in ("window", "causal_window") else None
 
     @property
     def stabilized(self) -> bool:

@@ -110,7 +110,11 @@ FIELDS: dict[str, FieldSpec] = {f.name: f for f in [
                        Param("residual", str, "columns", names=("values", "columns")))),
         Option("uniform", (Param("samples", int, 256, lo=1, hi=MAX_ROWS), _seed())),
     ), default="none"),
-    FieldSpec("mask", "masks", _options(Option("none"), Option("causal")), default="none"),
+    FieldSpec("mask", "masks", _options(
+        Option("none"), Option("causal"),
+        Option("window", (Param("size", int, lo=0, hi=1048576),)),
+        Option("causal_window", (Param("size", int, lo=0, hi=1048576),)),
+    ), default="none"),
 ]}
 SCALE = Param("scale", float, None, gt=0, absent="1/sqrt(head_dim)")
 EPS = Param("eps", float, None, lo=0,
@@ -466,12 +470,29 @@ def check_combination(spec: AttentionSpec) -> None:
             raise SpecError(f"kde heavy={heavy} is more than its samples={samples}", spec.span_of("sampling"),
                             help="the heavy keys are the part of the samples taken exactly; "
                                  f"use heavy ≤ {samples} (default samples / 2), or more samples")
+    if spec.window is not None:
+        check_window(spec)
     check_eps(spec)
     if spec.apply.name == "values" and spec.position.name == "none":
         raise SpecError("apply = values needs a position term: there is nothing to apply",
                         spec.span_of("apply"),
                         help="set position = toeplitz(max_distance=...), alibi or position(r) = EXPR, "
                              "or remove `apply`")
+
+
+def check_window(spec: AttentionSpec) -> None:
+    """A sliding window is a relative-position weight that is 0 beyond ±size: the forms that weigh
+    keys by distance take it, the sampled ones and a position term on the values do not."""
+    mask = spec.mask.name
+    if spec.sampling.name != "none":
+        raise SpecError(f"sampling = {spec.sampling.name} cannot be combined with mask = {mask}",
+                        spec.span_of("mask"),
+                        help="the sampled estimators sample keys from the whole sequence; an exact "
+                             "softmax with the window computes only the keys inside it: remove `sampling`")
+    if spec.apply.name == "values":
+        raise SpecError(f"apply = values cannot be combined with mask = {mask}", spec.span_of("apply"),
+                        help="the FFT form of a position term on the values spans every distance; keep "
+                             "the window with apply = scores, or use mask = causal / none")
 
 
 def check_eps(spec: AttentionSpec) -> None:

@@ -26,7 +26,7 @@ from .lowering.registry import form_of
 from .lowering.target import MLIR as MLIR_TARGET
 from .lowering.target import Target, resolve
 from .passes.plan import LADDER, PLAN_LENGTH
-from .reference import alibi_slopes, effective_scale, reference
+from .reference import alibi_slopes, bias_at, effective_scale, reference
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -283,7 +283,8 @@ class Attention(nn.Module):
             if d == dtype and not torch.is_grad_enabled():
                 parts.append(out[which])
                 continue
-            sub = padding.Padding.of(mask[which.view(B, heads)[:, 0]], heads, self.spec.causal, pad.scratch)
+            sub = padding.Padding.of(mask[which.view(B, heads)[:, 0]], heads, self.spec.causal, pad.scratch,
+                                     self.spec.window)
             part, den = self._run({name: t[which].to(d) for name, t in env.items()}, d, i, sub)
             if d == torch.float64 and den is not None and bool((den < precision.UNDERFLOW[d]).any()):
                 raise precision.padding_refusal(self.spec.name, mask.shape[1])
@@ -311,7 +312,8 @@ class Attention(nn.Module):
         steps = self._program(i)
         out = nonfinite.guarded(lambda q, k, v: _execute(steps, {**env, "q": q, "k": k, "v": v}, lib, params),
                                 env["q"], env["k"], env["v"], self.spec.causal,
-                                reads_every_key=self.spec.sampling.name == "none", pad=pad)
+                                reads_every_key=self.spec.sampling.name == "none", pad=pad,
+                                window=self.spec.window)
         if not dens:
             return out, None
         return out, dens[-1].detach().nan_to_num(0.0)     # the last run's (the exact path's, if taken)
@@ -463,7 +465,10 @@ class Attention(nn.Module):
         return self.position_table[:, self.position_slots]
 
     def _position_params(self, dtype) -> torch.Tensor:
-        """What the position kernels read as TAB (H, P): the table, the alibi slopes, or a dummy."""
+        """What the position kernels read as TAB (H, P): the table, the alibi slopes, or a dummy;
+        with a sliding window, its table (H, 2W + 3) (ast.windowed)."""
+        if self.spec.window is not None:
+            return self._window_table(dtype)
         if self.position_table is not None:
             return self._table().to(dtype).contiguous()
         if self.position_slopes is not None:
@@ -474,6 +479,26 @@ class Attention(nn.Module):
         if key not in self._constants:
             self._remember(key, torch.zeros(self.heads, 1, dtype=dtype))
         return self._constants[key]
+
+    def _window_table(self, dtype) -> torch.Tensor:
+        """b_h(r) at r = −(W + 1) … W + 1 (H, 2W + 3): the spec's position term (0 without one)
+        inside the window, KEY_OUT at ±(W + 1), which the kernels read at every farther r.
+        Differentiable in a learned table; one tensor per dtype and table version otherwise."""
+        w, learned = self.spec.window, self.position_table
+        if learned is not None and learned.requires_grad and torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._windowed(w, dtype)
+        key = ("window", dtype, None if learned is None else (learned.data_ptr(), learned._version))
+        if key not in self._constants:
+            self._remember(key, self._windowed(w, dtype))
+        return self._constants[key]
+
+    def _windowed(self, w: int, dtype) -> torch.Tensor:
+        r = torch.arange(-(w + 1), w + 2)
+        b = (torch.zeros(self.heads, r.numel(), dtype=dtype) if self.spec.position.name == "none" else
+             bias_at(self.spec.position, r, self.heads, dtype, self._table(), self.position_slopes))
+        edge = torch.zeros_like(b, dtype=torch.bool)
+        edge[:, [0, -1]] = True
+        return b.masked_fill(edge, padding.KEY_OUT).contiguous()
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -491,7 +516,7 @@ class Attention(nn.Module):
             raise ValueError(f"key_padding_mask: target '{MLIR_TARGET}' computes the spec's mask only; "
                              f"compile with target='llvm' (TVM) for key padding masks")
         scratch = None if torch.is_grad_enabled() else self._scratch
-        return padding.Padding.of(mask, self.heads, self.spec.causal, scratch)
+        return padding.Padding.of(mask, self.heads, self.spec.causal, scratch, self.spec.window)
 
     def _validate(self, q, k, v) -> None:
         """The checks of q, k, v's types, shapes, dtypes and devices, once per signature (and, with
@@ -665,6 +690,9 @@ def _kernel_dtype(dtype) -> str | None:
 
 def _position_text(pos) -> str:
     from .expr import to_text
+    if pos.name == "window":
+        inner = "0" if pos["within"] == "none" else pos["within"]
+        return f"{inner} for |r| ≤ {pos['size']}, -inf beyond (sliding window)"
     return to_text(pos.expr) if pos.expr is not None else pos.name
 
 

@@ -117,30 +117,47 @@ class MultiheadAttention(nn.Module):
         return (out if batched else out.squeeze(bdim)), None
 
     def _check_masks(self, L: int, attn_mask, is_causal: bool) -> None:
-        """attn_mask and is_causal must say what the spec computes: the causal mask exactly when it
-        is causal (key_padding_mask is the Attention's to check)."""
-        causal = self.spec.causal
+        """attn_mask and is_causal must say what the spec computes: its mask (causal, a sliding
+        window) exactly, or, for `mask = causal`, is_causal=True (key_padding_mask is the
+        Attention's to check)."""
+        spec, want = self.spec, _spec_mask(self.spec, L, None if attn_mask is None else attn_mask.device)
+        named = f"`mask = {spec.mask.name}{'' if spec.window is None else f'({spec.window})'}`"
         if attn_mask is not None:
-            if not _is_causal_mask(attn_mask, L):
-                raise ValueError("attn_mask: attndsl computes the mask its spec declares (`mask = causal` or "
-                                 "none); the only attn_mask it takes is the causal one, with a causal spec")
-            if not causal:
-                raise ValueError(f"attn_mask is the causal mask, but spec '{self.spec.name}' has no `mask = causal`: "
-                                 f"add it to the spec, or drop the mask")
+            if want is None:
+                raise ValueError(f"attn_mask is given, but spec '{spec.name}' declares no mask: attndsl computes "
+                                 f"the mask its spec declares; add it to the spec (`mask = causal`, "
+                                 f"`window(W)`, `causal_window(W)`), or drop attn_mask")
+            if not _same_mask(attn_mask, want):
+                raise ValueError(f"attn_mask: attndsl computes the mask its spec declares ({named}), and this "
+                                 f"attn_mask is another one; pass exactly that mask ((L, L), True or -inf where "
+                                 f"a key is left out), or change the spec")
             return
-        if is_causal and not causal:
-            raise ValueError(f"is_causal=True, but spec '{self.spec.name}' has no `mask = causal`: add it to the spec")
-        if causal and not is_causal:
-            raise ValueError(f"spec '{self.spec.name}' is causal (`mask = causal`), but this call passes neither "
+        if is_causal and not spec.causal:
+            raise ValueError(f"is_causal=True, but spec '{spec.name}' has no causal mask: add `mask = causal` to it")
+        if spec.window is not None:
+            raise ValueError(f"spec '{spec.name}' has a sliding window ({named}), but this call passes no "
+                             f"attn_mask: torch's module would attend to every key here; pass the window's mask "
+                             f"as attn_mask to say the call is windowed")
+        if spec.causal and not is_causal:
+            raise ValueError(f"spec '{spec.name}' is causal (`mask = causal`), but this call passes neither "
                              f"is_causal=True nor a causal attn_mask: torch's module would attend to later keys "
                              f"here; pass is_causal=True (or the causal mask) to say the call is causal")
 
 
-def _is_causal_mask(mask: torch.Tensor, L: int) -> bool:
-    """Whether `mask` (L, L), bool (True = masked) or float (−inf = masked), masks exactly j > i."""
-    if mask.dim() != 2 or tuple(mask.shape) != (L, L):
+def _spec_mask(spec, L: int, device) -> torch.Tensor | None:
+    """The (L, L) bool mask (True = left out) that `spec` computes, or None when it has none."""
+    if not spec.causal and spec.window is None:
+        return None
+    i = torch.arange(L, device=device)
+    r = i[:, None] - i[None, :]
+    out = r < 0 if spec.causal else torch.zeros(L, L, dtype=torch.bool, device=device)
+    return out | (r.abs() > spec.window) if spec.window is not None else out
+
+
+def _same_mask(mask: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether `mask`, bool (True = masked) or float (−inf = masked, 0 kept), is `want`."""
+    if tuple(mask.shape) != tuple(want.shape):
         return False
-    later = torch.ones(L, L, dtype=torch.bool, device=mask.device).triu(1)
     if mask.dtype == torch.bool:
-        return bool(torch.equal(mask, later))
-    return bool(torch.isneginf(mask[later]).all() and (mask[~later] == 0).all())
+        return bool(torch.equal(mask, want))
+    return bool(torch.isneginf(mask[want]).all() and (mask[~want] == 0).all())

@@ -10,7 +10,8 @@ has no data-dependent branch):
     out[i, d] is NaN  ⇔  row i sees a key, and q_i is not finite or row i sees a key j with k_j
                           not finite or v_jd not finite
 
-(the keys a row sees: its mask's, less those a key padding mask pads, attndsl/padding.py).
+(the keys a row sees: its mask's, a sliding window's included, less those a key padding mask
+pads, attndsl/padding.py).
 
 Gradients follow the reference too: NaN from the outputs that are NaN, to the inputs they depend on.
 q, k (BH, N, Dk), v (BH, N, Dv), out (BH, N, Dv).
@@ -35,34 +36,49 @@ class _Poisoned(torch.autograd.Function):
     sees, as the reference's own backward does."""
 
     @staticmethod
-    def forward(ctx, out, hit, q, k, v, causal, padded):
+    def forward(ctx, out, hit, q, k, v, causal, window, padded):
         ctx.save_for_backward(hit, padded)
-        ctx.causal, ctx.shapes = causal, (q.shape, k.shape, v.shape)
+        ctx.causal, ctx.window, ctx.shapes = causal, window, (q.shape, k.shape, v.shape)
         return out.masked_fill(hit, float("nan"))
 
     @staticmethod
     def backward(ctx, g):
         hit, padded = ctx.saved_tensors
         rows = (hit & (g != 0)).any(-1)                                  # (BH, N), NaN != 0
-        keys = rows.flip(1).cumsum(1).flip(1) > 0 if ctx.causal else rows.any(1, keepdim=True).expand_as(rows)
+        if ctx.window is not None:                                       # rows i − j ∈ [0 or −W, W]
+            keys = within(rows[..., None], -ctx.window * (not ctx.causal), ctx.window)[..., 0]
+        elif ctx.causal:
+            keys = rows.flip(1).cumsum(1).flip(1) > 0
+        else:
+            keys = rows.any(1, keepdim=True).expand_as(rows)
         keys = keys & ~padded
         nan = [g.new_zeros(shape).masked_fill(m[..., None], float("nan"))
                for shape, m in zip(ctx.shapes, (rows, keys, keys))]
-        return (g.masked_fill(hit, 0), None, *nan, None, None)
+        return (g.masked_fill(hit, 0), None, *nan, None, None, None)
+
+
+def within(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """y[:, i] = x[:, i + lo … i + hi].any(1), the range clipped to the sequence; x (BH, N, C) bool."""
+    n = x.shape[1]
+    c = torch.cat([x.new_zeros((x.shape[0], 1, x.shape[2]), dtype=torch.long), x.long().cumsum(1)], 1)
+    i = torch.arange(n, device=x.device)
+    return (c[:, (i + hi + 1).clamp(0, n)] - c[:, (i + lo).clamp(0, n)]) > 0
 
 
 def reached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-            pad=None) -> torch.Tensor:
+            pad=None, window: int | None = None) -> torch.Tensor:
     """(BH, N, Dv) bool: the outputs a non-finite q, k or v reaches (row i sees j ≤ i if causal,
-    every j otherwise; with a key padding mask `pad` (padding.Padding) not the padded keys, and
-    nothing from a row that sees no key)."""
+    every j otherwise, only |i − j| ≤ window with a sliding window; with a key padding mask `pad`
+    (padding.Padding) not the padded keys, and nothing from a row that sees no key)."""
     bad_q = ~torch.isfinite(q).all(-1, keepdim=True)                 # (BH, N, 1)
     bad_k = ~torch.isfinite(k).all(-1, keepdim=True)                 # (BH, N, 1)
     bad_v = ~torch.isfinite(v)                                       # (BH, N, Dv)
     seen = bad_k | bad_v
     if pad is not None:
         seen = seen & ~pad.keys[..., None]
-    if causal:
+    if window is not None:                                           # keys i − j ∈ [0 or −W, W]
+        seen = within(seen, -window, 0 if causal else window)
+    elif causal:
         seen = seen.cumsum(1) > 0                                    # keys j ≤ i
     else:
         seen = seen.any(1, keepdim=True).expand_as(bad_v)
@@ -72,23 +88,24 @@ def reached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
 
 def guarded(run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-            reads_every_key: bool = True, pad=None) -> torch.Tensor:
+            reads_every_key: bool = True, pad=None, window: int | None = None) -> torch.Tensor:
     """run(q, k, v) with the NaN rule. `reads_every_key`: False for the sampled forms, whose
     output may not see a non-finite key at all, so their inputs are checked instead; `pad`: the
-    call's key padding mask (padding.Padding), whose padded keys no row sees."""
+    call's key padding mask (padding.Padding), whose padded keys no row sees; `window`: the
+    spec's sliding window W, beyond which no row sees a key."""
     if torch.compiler.is_compiling():             # no data-dependent branch in a graph: always exact
-        return _exact(run, q, k, v, causal, pad)
+        return _exact(run, q, k, v, causal, pad, window)
     if not reads_every_key and not _finite(q, k, v):
         out = None
     else:
         out = run(q, k, v)
         if _finite(out) or _finite(q, k, v):      # nothing reached, or the kernels' own overflow
             return out
-    return _exact(run, q, k, v, causal, pad)
+    return _exact(run, q, k, v, causal, pad, window)
 
 
-def _exact(run, q, k, v, causal, pad=None):
+def _exact(run, q, k, v, causal, pad=None, window=None):
     """run on the inputs with their non-finite entries zeroed, NaN where the reference has it."""
     clean = [t.masked_fill(~torch.isfinite(t), 0) for t in (q, k, v)]
     padded = torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device) if pad is None else pad.keys
-    return _Poisoned.apply(run(*clean), reached(q, k, v, causal, pad), q, k, v, causal, padded)
+    return _Poisoned.apply(run(*clean), reached(q, k, v, causal, pad, window), q, k, v, causal, window, padded)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .nonfinite import within
+
 # added to a padded key's score: far below any score (e^(s − 1e30) underflows to 0 in float32 and
 # float64), and finite, so that a row with no key left computes a mean of zeros instead of 0/0
 KEY_OUT = -1e30
@@ -47,11 +49,18 @@ class Padding:
     scratch: dict | None = None
 
     @staticmethod
-    def of(mask: torch.Tensor, heads: int, causal: bool, scratch: dict | None = None) -> "Padding":
-        """From the user's (B, N) bool mask."""
+    def of(mask: torch.Tensor, heads: int, causal: bool, scratch: dict | None = None,
+           window: int | None = None) -> "Padding":
+        """From the user's (B, N) bool mask; `window`: the spec's sliding window W (a row sees
+        the keys within ±W, or W before it when causal)."""
         B, N = mask.shape
         keys = mask[:, None, :].expand(B, heads, N).reshape(B * heads, N).contiguous()
-        empty = keys.all(1, keepdim=True).expand(-1, N) if not causal else (~keys).cumsum(1) == 0
+        if window is not None:
+            empty = ~within(~keys[..., None], -window, 0 if causal else window)[..., 0]
+        elif causal:
+            empty = (~keys).cumsum(1) == 0
+        else:
+            empty = keys.all(1, keepdim=True).expand(-1, N)
         if torch.compiler.is_compiling():
             return Padding(keys, None, empty.contiguous())
         if not bool(empty.any()):

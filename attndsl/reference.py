@@ -31,17 +31,25 @@ def position_bias(position: Choice, n: int, heads: int, dtype, table: torch.Tens
     """b_h(i − j) as (H, N, N), or None for `position = none`."""
     if position.name == "none":
         return None
-    r = relative_positions(n, dtype, device)
+    return bias_at(position, relative_positions(n, dtype, device), heads, dtype, table)
+
+
+def bias_at(position: Choice, r: torch.Tensor, heads: int, dtype, table: torch.Tensor | None = None,
+            slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """b_h(r) (H, *r.shape) at the integer distances r (any shape); `slopes` (H, 1): alibi's, else
+    the spec's. Differentiable in `table`."""
+    r = r.to(dtype)
     if learned_table(position):                         # table[h, clip(r, −W, W) + W]
         w = int(position["max_distance"])
-        idx = (r.long().clamp(-w, w) + w)
-        return table.to(dtype)[:, idx]
+        return table.to(dtype)[:, r.long().clamp(-w, w) + w]
     if position.name == "alibi":                        # −slope·|r|
-        slope = position["slope"]
-        slopes = alibi_slopes(heads) if slope is None else torch.full((heads,), float(slope))
-        return -slopes.to(dtype=dtype, device=device)[:, None, None] * r.abs()
+        if slopes is None:
+            slope = position["slope"]
+            slopes = alibi_slopes(heads) if slope is None else torch.full((heads,), float(slope))
+        s = slopes.to(dtype=dtype, device=r.device).reshape(heads, *([1] * r.dim()))
+        return -s * r.abs()
     if position.name == "user":                         # EXPR(r)
-        return evaluate(position.expr, r).expand(heads, n, n)
+        return evaluate(position.expr, r).expand(heads, *r.shape)
     raise NotImplementedError(position.name)
 
 
@@ -93,6 +101,8 @@ def reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     mask = torch.ones(n, n, dtype=torch.bool, device=q.device)
     if spec.causal:
         mask = torch.tril(mask)
+    if spec.window is not None:                         # a sliding window: |i − j| ≤ W
+        mask = mask & (relative_positions(n, torch.long, q.device).abs() <= spec.window)
     if key_padding_mask is not None:                    # (B, 1, N, N): padded keys out of every row
         mask = mask & ~key_padding_mask.to(q.device)[:, None, None, :]
     empty = ~mask.any(-1, keepdim=True)                 # rows with no key: 0, gradients 0

@@ -18,11 +18,17 @@ from . import engine, linalg
 
 def params(spec: AttentionSpec, heads: int, head_dim: int) -> linalg.Params:
     """The shapes of what Attention passes besides q, k, v: W' (M, Dk) ((Dk, Dk), unused, for maps
-    without a projection) and the position parameters (H, 2W+1) for a table, else (H, 1)."""
+    without a projection) and the position parameters (H, 2W+1) for a table (a sliding window's
+    included), else (H, 1)."""
     fmap = FEATURE_MAPS.get(spec.kernel.name)
     projected = fmap is not None and fmap.projection(spec.kernel, head_dim) is not None
     proj = (fmap.width(spec.kernel, head_dim), head_dim) if projected else (head_dim, head_dim)
-    tab = (heads, 2 * int(spec.position["max_distance"]) + 1) if learned_table(spec.position) else (heads, 1)
+    if spec.window is not None:                       # ast.windowed: ±(W + 1)
+        tab = (heads, 2 * spec.window + 3)
+    elif learned_table(spec.position):
+        tab = (heads, 2 * int(spec.position["max_distance"]) + 1)
+    else:
+        tab = (heads, 1)
     return linalg.Params(heads, proj, tab)
 
 

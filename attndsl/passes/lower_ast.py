@@ -1,6 +1,9 @@
 """AST -> IR: the spec's meaning (docs/language.md) written down literally as quadratic nodes.
 
     out = Normalize(Masked?(Biased?(κ, b)), v) [+ ToeplitzValues(b, v)]  [Sample(...)]
+
+A sliding window is the relative-position weight exp(b(r)) set to 0 beyond ±W: b is the spec's
+position term (or 0) inside the window.
     κ   = ExpDot(q, k, s)                      softmax
         | Dot(φ(√s·q), φ(√s·k))                a feature map
 """
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ..ast import AttentionSpec
+from ..ast import AttentionSpec, windowed
 from ..featuremaps import lookup
 from ..ir import (Add, Biased, Dot, ExpDot, FeatureMap, Input, Masked, Node, Normalize, Position,
                   Sample, Scale, ToeplitzValues)
@@ -28,7 +31,10 @@ def lower(spec: AttentionSpec, head_dim: int, value_dim: int) -> Node:
                      FeatureMap(Scale(k, c), spec.kernel, "k", width, span=kspan), span=kspan)
 
     bias = None
-    if spec.position.name != "none":
+    if spec.window is not None:             # a sliding window: weights 0 beyond ±W (ast.windowed)
+        bias = Position(windowed(spec.position, spec.window), span=spec.span_of("mask"))
+        scores = Biased(scores, bias, span=spec.span_of("mask"))
+    elif spec.position.name != "none":
         bias = Position(spec.position, span=spec.span_of("position"))
         if spec.apply.name == "scores":
             scores = Biased(scores, bias, span=spec.span_of("position"))

@@ -15,7 +15,8 @@ Forward (per (bh, block of T query rows), in parallel), for each key tile of T k
     m'_i = max(m_i, max_j S_ji),  α_i = exp(m_i − m'_i),  P_ji = exp(S_ji − m'_i)
     l_i ← α_i l_i + Σ_j P_ji,     O_i ← α_i O_i + Σ_j P_ji v_j
 and at the end O_i /= l_i, LSE_i = m_i + log l_i (kept for the backward). Causal: key tiles
-above the diagonal are never visited; the diagonal tile is masked.
+above the diagonal are never visited; the diagonal tile is masked. A sliding window (the table
+clipped at W + 1 whose edge is KEY_OUT, ast.windowed) visits only the tiles within ±W.
 The position term of a tile depends on i − j only: the 2T − 1 values b(qbase − kbase + t − T + 1)
 are evaluated once per tile (Bv) and read at offset i − j, so b costs O(T) per tile, not O(T²).
 
@@ -44,6 +45,22 @@ def _adder(bias):
     return (lambda x, b: x + b) if bias is not None else (lambda x, b: x)
 
 
+def _band(position, Tt: int, causal: bool):
+    """first(t, W), last(t, nb, W): the range [first, last) of the tiles of Tt keys that tile t of
+    queries reaches, every tile (up to the diagonal when causal) or, with a sliding window
+    (ast.windowed: the table clipped at W, the window W − 1), those within it; symmetric, so the
+    same range holds for the query tiles a key tile reaches."""
+    if position is None or position.name != "window":
+        return (lambda t, W: 0), (lambda t, nb, W: t + 1 if causal else nb)
+
+    def first(t, W):
+        return T.max(t * Tt - (W - 1), 0) // Tt
+
+    def last(t, nb, W):
+        return T.min(t + 1 if causal else nb, (t * Tt + Tt + W - 2) // Tt + 1)
+    return first, last
+
+
 def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
                     knobs=None):
     """(Q, K, V, TAB, KB, O out, LSE out). O_i = Σ_j softmax_j(s·q_i·k_j + b(i−j) + kb_j) v_j over
@@ -62,6 +79,8 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
     def diag_end(i0, kt, qb):          # keys a causal diagonal tile's rows i0*R.. can see
         return T.Select(kt == qb, i0 * R + R, Tt) if causal else Tt
+
+    first, last = _band(position, Tt, causal)
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, kb: T.handle, o: T.handle, lse: T.handle):
@@ -106,7 +125,7 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                 lsum[i] = zero
             for t in T.vectorized(2 * Tt):
                 Bv[t] = zero
-            for kt in range(qb + 1 if causal else nb):
+            for kt in range(first(qb, W), last(qb, nb, W)):
                 kbase = kt * Tt
                 for j in range(Tt):
                     if kbase + j < N:
@@ -182,6 +201,11 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     sc = tirx.const(scale, dtype)
     key_rows, query_rows = flash_backward(Tt, causal)
     diagonals, per_head = table_grads(Tt, dtype)
+    first, last = _band(position, Tt, False)      # the query tiles a key tile reaches (r = −W … W)
+
+    def from_query(kt, W):             # the first of them, from the diagonal on when causal
+        lo = first(kt, W)
+        return (T.max(kt, lo) if not isinstance(lo, int) else kt) if causal else lo
 
     def valid(j, i, kbase, qbase, N):
         ok = tirx.all(kbase + j < N, qbase + i < N)
@@ -289,7 +313,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         dKacc[j, c] = zero
                     for d in T.vectorized(Dv):
                         dVacc[j, d] = zero
-                for qt in range(kt if causal else 0, nb):
+                for qt in range(from_query(kt, W), last(kt, nb, W)):
                     qbase = qt * Tt
                     if bias is not None:
                         for t in range(2 * Tt - 1):

@@ -1,5 +1,6 @@
 """banded: a learned table clipped at ±W (constant beyond): the ±W band with exact weights in
-C×C tiles, the far keys through chunk prefix sums. Exact for any table.
+C×C tiles, the far keys through chunk prefix sums. Exact for any table; a sliding window is the
+table whose far weight is 0.
 
 CPU kernels: banded.py; portable: te_forms.py.
 """

@@ -43,7 +43,8 @@ def _cost(n: PositionalAttention, N: int) -> float:
 
 
 FORMS = [
-    Form("toeplitz_fft", PositionalAttention, lambda n: True, _cost,
+    # a sliding window's weights are exactly 0 beyond it: an FFT would spread its rounding there
+    Form("toeplitz_fft", PositionalAttention, lambda n: n.bias.position.name != "window", _cost,
          "per channel (m, d): Σ_j c(i−j) φk_jm [v_j, 1]_d by FFT (Luo et al.), contracted with φq_i",
          lower_cpu, lower_portable, run, "toeplitz_attention", "toeplitz", "portable_fft", fft_scores=True,
          probe="kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)"),
