@@ -95,13 +95,25 @@ Value = Union[int, float, bool, str]
 
 # the position kinds the kernels read as a table clipped at ±max_distance: toeplitz (one learned
 # entry per distance), t5 (learned entries tied in T5's log buckets, expanded to that table by
-# t5_slots) and window (a sliding window's weights, built per call by the module: `windowed`)
-TABLES = ("toeplitz", "t5", "window")
+# t5_slots), window (a sliding window's weights, built per call by the module: `windowed`) and
+# tabulated (position(r) = EXPR with `param`s, evaluated per call over every r: `tabulated`)
+TABLES = ("toeplitz", "t5", "window", "tabulated")
 
 
 def learned_table(position) -> bool:
     """Whether the kernels read a position term as a table (TABLES), (H, 2W + 1)."""
     return position.name in TABLES
+
+
+# a tabulated term's clip: more than any r (the module passes b(r) for r = −(N − 1) … N − 1)
+EVERY_DISTANCE = 1 << 20
+
+
+def tabulated(position: "Choice") -> "Choice":
+    """The IR's position term of position(r) = EXPR that reads `param`s: b(r) evaluated by the
+    module per call over every r of the sequence, read by the kernels as a learned table (whose
+    gradient reaches the params through the expression)."""
+    return Choice("tabulated", (("max_distance", EVERY_DISTANCE),), expr=position.expr, span=position.span)
 
 
 def windowed(position: "Choice", size: int) -> "Choice":
@@ -169,6 +181,27 @@ DEFAULT_EPS = 1e-6
 
 
 @dataclass(frozen=True)
+class Learnable:
+    """`param NAME = INIT` (one scalar) or `param NAME[heads] = INIT` (one per head): a trainable
+    parameter that position(r) = EXPR reads by name."""
+    name: str
+    per_head: bool
+    init: float
+    span: Span = field(default=NOWHERE, compare=False)
+
+
+def uses(e: Expr | None, names) -> set[str]:
+    """The names among `names` that EXPR reads."""
+    out, todo = set(), [] if e is None else [e]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, Var) and n.name in names:
+            out.add(n.name)
+        todo.extend(children(n))
+    return out
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     """One `attention NAME { ... }` block, every field present (defaults filled in).
 
@@ -180,6 +213,7 @@ class AttentionSpec:
     scale:    None means 1/sqrt(head_dim)
     eps:      the normalizer's floor (out_i = num_i / (den_i + eps)); None means the kernel's
               default, `floor` below
+    params:   the block's `param` declarations, which position(r) = EXPR reads
     """
 
     name: str
@@ -190,6 +224,7 @@ class AttentionSpec:
     mask: Choice
     scale: float | None
     eps: float | None = None
+    params: tuple[Learnable, ...] = ()
     span: Span = field(default=NOWHERE, compare=False)
     # span of each field as written (absent when the field took its default)
     field_spans: tuple[tuple[str, Span], ...] = field(default=(), compare=False)
@@ -203,6 +238,11 @@ class AttentionSpec:
     @property
     def causal(self) -> bool:
         return self.mask.name in ("causal", "causal_window")
+
+    @property
+    def learned_position(self) -> bool:
+        """Whether position(r) = EXPR reads a `param`: the module then tabulates b(r) per call."""
+        return bool(self.params) and bool(uses(self.position.expr, {p.name for p in self.params}))
 
     @property
     def window(self) -> int | None:
@@ -277,7 +317,7 @@ class WrittenArg:
 
 @dataclass(frozen=True)
 class WrittenField:
-    """`name = value`, or a user map `name(param) = expr`."""
+    """`name = value`, a user map `name(param) = expr`, or a learnable `param name[shape] = value`."""
 
     name: str
     span: Span
@@ -286,6 +326,9 @@ class WrittenField:
     param: str | None = None
     param_span: Span | None = None
     expr: Expr | None = None
+    declared: bool = False            # `param NAME[shape] = value`: name is the parameter's
+    shape: str | None = None
+    shape_span: Span | None = None
 
 
 @dataclass(frozen=True)

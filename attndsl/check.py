@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .ast import (FUNCTIONS, AttentionSpec, Call, Choice, Expr, Num, SpecFile, Span,
-                  Value, Var, WrittenArg, WrittenBlock, WrittenField, WrittenValue, children)
+from .ast import (FUNCTIONS, AttentionSpec, Call, Choice, Expr, Learnable, Num, SpecFile, Span,
+                  Value, Var, WrittenArg, WrittenBlock, WrittenField, WrittenValue, children, uses)
 from .diagnostics import SpecError, did_you_mean
 
 REQUIRED = object()   # a parameter with no default
@@ -117,6 +117,7 @@ FIELDS: dict[str, FieldSpec] = {f.name: f for f in [
     ), default="none"),
 ]}
 SCALE = Param("scale", float, None, gt=0, absent="1/sqrt(head_dim)")
+PARAM = Param("init", float)                     # `param NAME = INIT`: any float32 number
 EPS = Param("eps", float, None, lo=0,
             absent="1e-6 with relu, trig or a user map, 0 with the strictly positive maps")
 NUMBERS = {"scale": SCALE, "eps": EPS}          # the fields that take a plain number
@@ -145,7 +146,10 @@ def check(blocks: tuple[WrittenBlock, ...], filename: str, source: str) -> SpecF
 def check_block(b: WrittenBlock) -> AttentionSpec:
     written: dict[str, WrittenField] = {}
     values: dict[str, Choice | float | None] = {}
+    params = check_params([f for f in b.fields if f.declared])
     for f in b.fields:
+        if f.declared:
+            continue
         if f.name not in FIELD_NAMES:
             raise SpecError(f"unknown field '{f.name}'", f.name_span,
                             help=did_you_mean(f.name, FIELD_NAMES, "fields"))
@@ -153,13 +157,13 @@ def check_block(b: WrittenBlock) -> AttentionSpec:
             raise SpecError(f"duplicate field '{f.name}' (first set at line {written[f.name].span.line})",
                             f.name_span, help=f"set each field once; remove one of the two '{f.name}' lines")
         written[f.name] = f
-        values[f.name] = check_number(f) if f.name in NUMBERS else check_field(FIELDS[f.name], f)
+        values[f.name] = check_number(f) if f.name in NUMBERS else check_field(FIELDS[f.name], f, params)
     for name, fs in FIELDS.items():
         if name not in values:
             values[name] = Choice(fs.default, default_params(fs.options[fs.default]), span=b.span)
     spec = AttentionSpec(b.name, values["kernel"], values["position"], values["apply"],
                          values["sampling"], values["mask"], values.get("scale"), values.get("eps"),
-                         span=b.span,
+                         tuple(params.values()), span=b.span,
                          field_spans=tuple((k, f.span) for k, f in written.items()))
     check_combination(spec)
     return spec
@@ -168,9 +172,29 @@ def check_block(b: WrittenBlock) -> AttentionSpec:
 # --- one field ---------------------------------------------------------------------------------
 
 
-def check_field(fs: FieldSpec, f: WrittenField) -> Choice:
+def check_params(fields: list[WrittenField]) -> dict[str, Learnable]:
+    """`param NAME = INIT` and `param NAME[heads] = INIT`: names unique and free, INIT a number."""
+    out: dict[str, Learnable] = {}
+    taken = {s.user_var: f"the variable of {s.name} maps" for s in FIELDS.values() if s.user_var}
+    for f in fields:
+        if f.name in out:
+            raise SpecError(f"duplicate param '{f.name}' (first declared at line {out[f.name].span.line})",
+                            f.name_span, help="declare each param once")
+        if f.name in FUNCTIONS or f.name in taken:
+            what = "a function" if f.name in FUNCTIONS else taken[f.name]
+            raise SpecError(f"a param cannot be named '{f.name}': that is {what}", f.name_span,
+                            help="choose another name, e.g. param a = 1.0")
+        if f.shape not in (None, "heads"):
+            raise SpecError(f"unknown param shape '[{f.shape}]'", f.shape_span,
+                            help="a param is one number (param a = 1.0) or one per head (param c[heads] = 0.5)")
+        init = float(convert(PARAM, f.value, f"param '{f.name}'"))
+        out[f.name] = Learnable(f.name, f.shape == "heads", init, f.span)
+    return out
+
+
+def check_field(fs: FieldSpec, f: WrittenField, params: dict | None = None) -> Choice:
     if f.expr is not None:
-        return check_user_map(fs, f)
+        return check_user_map(fs, f, params or {})
     v = f.value
     if v.kind not in ("name", "call"):
         raise SpecError(f"{fs.name} must be a {fs.plural[:-1]} name, got {_short(v.text)}", v.span, help=f"valid {fs.plural}: {', '.join(fs.options)}{_user_map_hint(fs)}")
@@ -315,23 +339,24 @@ def _short(text: str, limit: int = 40) -> str:
 # --- user maps: kernel(x) = EXPR, position(r) = EXPR --------------------------------------------
 
 
-def check_user_map(fs: FieldSpec, f: WrittenField) -> Choice:
+def check_user_map(fs: FieldSpec, f: WrittenField, params: dict) -> Choice:
     if fs.user_var is None:
         maps = " and ".join(f"{s.name}({s.user_var}) = EXPR" for s in FIELDS.values() if s.user_var)
         raise SpecError(f"{fs.name} cannot be written as a map", f.name_span, help=f"only {maps} are maps")
     if f.param != fs.user_var:
         raise SpecError(f"the parameter of a {fs.name} map must be named '{fs.user_var}', not '{f.param}'",
                         f.param_span, help=f"write {fs.name}({fs.user_var}) = EXPR")
-    check_expr(f.expr, fs)
+    check_expr(f.expr, fs, params)
     check_size(f.expr, fs)
     if fs.user_var == "r":
-        check_finite_position(f.expr)
+        check_finite_position(f.expr, {n: p.init for n, p in params.items()})
     return Choice("user", expr=f.expr, span=f.span)
 
 
-def check_expr(e: Expr, fs: FieldSpec) -> None:
-    """Every number finite, every variable `fs.user_var`, every call a known function of right arity."""
-    var = fs.user_var
+def check_expr(e: Expr, fs: FieldSpec, params: dict | None = None) -> None:
+    """Every number finite, every variable `fs.user_var` (or, in a position map, a declared param),
+    every call a known function of right arity."""
+    var, params = fs.user_var, params or {}
     todo = [e]
     while todo:                     # pre-order, left to right: errors come in source order
         n = todo.pop()
@@ -340,7 +365,14 @@ def check_expr(e: Expr, fs: FieldSpec) -> None:
             raise SpecError(f"number too {'large' if big else 'small'}", n.span,
                             help=F32_RANGE)
         if isinstance(n, Var) and n.name != var:
-            raise _bad_variable(n, fs)
+            if n.name in params and var == "r":
+                pass
+            elif n.name in params:
+                raise SpecError(f"a {fs.name} map cannot read param '{n.name}'", n.span,
+                                help=f"its expression is compiled into the feature-map kernels; params are read "
+                                     f"by position(r) = EXPR (e.g. position(r) = -{n.name} * abs(r))")
+            else:
+                raise _bad_variable(n, fs, params)
         if isinstance(n, Call):
             if n.func not in FUNCTIONS:
                 raise SpecError(f"unknown function '{n.func}'", n.span,
@@ -378,17 +410,19 @@ def check_size(e: Expr, fs: FieldSpec) -> None:
                              f"use fewer terms")
 
 
-def check_finite_position(e: Expr) -> None:
-    """position(r) = EXPR is finite at every integer |r| <= POSITION_REACH, in float64 and float32."""
+def check_finite_position(e: Expr, params: dict[str, float] | None = None) -> None:
+    """position(r) = EXPR is finite at every integer |r| <= POSITION_REACH, in float64 and float32
+    (with the params at their initial values)."""
     import torch
 
     from .expr import evaluate
     r = torch.arange(-POSITION_REACH, POSITION_REACH + 1, dtype=torch.float64)
     for dtype in (torch.float64, torch.float32):
-        bad = ~torch.isfinite(evaluate(e, r.to(dtype)))
+        env = {n: torch.tensor(v, dtype=dtype) for n, v in (params or {}).items()}
+        bad = ~torch.isfinite(evaluate(e, r.to(dtype), env))
         if bad.any():
             at = sorted(r[bad].tolist(), key=lambda x: (abs(x), x < 0))[0]     # the one nearest 0
-            culprit, value = _first_non_finite(e, torch.tensor([at], dtype=dtype))
+            culprit, value = _first_non_finite(e, torch.tensor([at], dtype=dtype), env)
             where = "" if dtype == torch.float64 else " in float32"
             raise SpecError(f"position(r) is not finite at r = {int(at)}: the underlined part is "
                             f"{value}{where}",
@@ -399,24 +433,24 @@ def check_finite_position(e: Expr) -> None:
                                  f"and divisors away from 0, e.g. log(1 + abs(r)), 1 / (1 + abs(r))")
 
 
-def _first_non_finite(e: Expr, r0) -> tuple[Expr, str]:
+def _first_non_finite(e: Expr, r0, env: dict | None = None) -> tuple[Expr, str]:
     """The innermost subexpression that is not finite at r0 (a 1-element tensor) although its
-    operands are, and its value."""
+    operands are, and its value (`env`: the params' values)."""
     from .expr import evaluate
     n = e
     while True:
         for c in children(n):
-            if not bool(evaluate(c, r0).isfinite().all()):
+            if not bool(evaluate(c, r0, env).isfinite().all()):
                 n = c
                 break
         else:
-            v = float(evaluate(n, r0)[0])
+            v = float(evaluate(n, r0, env).reshape(-1)[0])
             return n, "NaN" if math.isnan(v) else f"{v}"
 
 
 
 
-def _bad_variable(n: Var, fs: FieldSpec) -> SpecError:
+def _bad_variable(n: Var, fs: FieldSpec, params: dict | None = None) -> SpecError:
     var, what = fs.user_var, f"a {fs.name} map"
     if n.name in FUNCTIONS:
         return SpecError(f"'{n.name}' is a function, not a variable", n.span, help=f"call it: {n.name}({var})")
@@ -425,6 +459,11 @@ def _bad_variable(n: Var, fs: FieldSpec) -> SpecError:
         return SpecError(f"'{n.name}' is not defined in {what}; its variable is '{var}'", n.span,
                          help=f"'{n.name}' is the variable of {others[n.name]} maps; in {fs.name}({var}) = EXPR "
                               f"use '{var}'")
+    if var == "r":
+        declared = f"; declared params: {', '.join(params)}" if params else ""
+        return SpecError(f"unknown variable '{n.name}' in {what}", n.span,
+                         help=f"{fs.name}({var}) = EXPR reads '{var}' and the block's params{declared} "
+                              f"(declare one with `param {n.name} = 1.0`, or `param {n.name}[heads] = 1.0` per head)")
     return SpecError(f"unknown variable '{n.name}' in {what}", n.span,
                      help=f"the only variable in {fs.name}({var}) = EXPR is '{var}'")
 
@@ -472,6 +511,11 @@ def check_combination(spec: AttentionSpec) -> None:
                                  f"use heavy ≤ {samples} (default samples / 2), or more samples")
     if spec.window is not None:
         check_window(spec)
+    for p in spec.params:
+        if not uses(spec.position.expr, {p.name}):
+            raise SpecError(f"param '{p.name}' is declared but not used", p.span,
+                            help=f"params are read by position(r) = EXPR, e.g. position(r) = -{p.name} * abs(r); "
+                                 f"use it there or remove it")
     check_eps(spec)
     if spec.apply.name == "values" and spec.position.name == "none":
         raise SpecError("apply = values needs a position term: there is nothing to apply",

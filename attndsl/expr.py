@@ -27,10 +27,13 @@ TORCH_BINARY = {
 }
 
 
-def evaluate(e: Expr, x: torch.Tensor) -> torch.Tensor:
-    """EXPR at every element of x (the variable's value), as a tensor of x's shape and dtype.
-    A subexpression shared by several parents (derivatives share them) is evaluated once."""
+def evaluate(e: Expr, x: torch.Tensor, env: dict | None = None) -> torch.Tensor:
+    """EXPR at every element of x (the variable's value), as a tensor of x's shape and dtype
+    (broadcast with the params' values `env`, {name: tensor}: a per-head param shaped (H, 1, …)
+    gives (H, *x.shape)). A subexpression shared by several parents (derivatives share them) is
+    evaluated once."""
     memo: dict[int, torch.Tensor] = {}
+    env = env or {}
 
     def ev(n: Expr) -> torch.Tensor:
         if id(n) in memo:
@@ -38,7 +41,7 @@ def evaluate(e: Expr, x: torch.Tensor) -> torch.Tensor:
         if isinstance(n, Num):
             out = torch.full_like(x, n.value)
         elif isinstance(n, Var):
-            out = x
+            out = env[n.name] if n.name in env else x
         elif isinstance(n, Unary):
             out = -ev(n.operand)
         elif isinstance(n, Binary):

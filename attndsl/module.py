@@ -87,6 +87,9 @@ class Attention(nn.Module):
             slopes = alibi_slopes(heads) if slope is None else torch.full((heads,), float(slope))
             slopes = slopes.float()[:, None]
         self.register_buffer("position_slopes", slopes)      # (H, 1), alibi only
+        # `param NAME = INIT` (a scalar) and `param NAME[heads] = INIT` (H,): position(r) = EXPR's
+        self.spec_params = nn.ParameterDict({p.name: nn.Parameter(torch.full((heads,) if p.per_head else (), p.init))
+                                             for p in spec.params})
         planes = None
         if spec.sampling.name == "kde":
             planes = sampling.hyperplanes(spec.sampling["buckets"], head_dim, spec.sampling["seed"])
@@ -208,6 +211,9 @@ class Attention(nn.Module):
 
     def _mlir_program(self):
         from .mlir import backend, linalg
+        if self.spec.learned_position:
+            raise SpecError(f"target '{MLIR_TARGET}' takes no param: its program reads a fixed position term",
+                            self.spec.params[0].span, help="use target='llvm' (TVM), which learns params")
         try:
             return backend.Program(self.planned.root, self.spec.name,
                                    backend.params(self.spec, self.heads, self.head_dim))
@@ -300,7 +306,7 @@ class Attention(nn.Module):
         torch.compile)."""
         lib = self._library(KERNEL_DTYPES[dtype], i)
         device = env["q"].device
-        env = {**env, "position": self._position_params(dtype).to(device)}
+        env = {**env, "position": self._position_params(dtype, env["q"].shape[1]).to(device)}
         w, wt = self._projection(dtype, device)
         dens: list = []                          # each normalizer's minimum, as the runners see it
         # a stabilized map's, or with a key padding mask a position term's: a row far from every
@@ -322,8 +328,9 @@ class Attention(nn.Module):
         """The (0, H, N, Dv) output of an empty batch, as SDPA gives, still connected to q, k, v
         and the position table so that backward gives them (empty or zero) gradients."""
         zero = (q.sum() + k.sum()).to(v.dtype) * 0
-        if self.position_table is not None:
-            zero = zero + (self.position_table.sum() * 0).to(v.dtype)
+        for t in (self.position_table, *self.spec_params.values()):
+            if t is not None:
+                zero = zero + (t.sum() * 0).to(v.dtype)
         return v + zero
 
     def _program(self, i: int) -> tuple:
@@ -382,7 +389,8 @@ class Attention(nn.Module):
         learned = learned_table(position)
         kappa = None if learned or pad is not None else self._kappa.get(key)    # a table changes
         if kappa is None:
-            b = precision.position_values(position, n, self.heads, self._table(), self.position_slopes)
+            table = self._tabulated(n, torch.float64) if position.name == "tabulated" else self._table()
+            b = precision.position_values(position, n, self.heads, table, self.position_slopes)
             if pad is not None:
                 kept = ~pad.keys.view(-1, self.heads, n)[:, 0].cpu()
                 kappa = precision.padded_condition(b, site.causal, kept, pad.empty.cpu())
@@ -391,7 +399,8 @@ class Attention(nn.Module):
             if not learned and pad is None:
                 self._kappa[key] = kappa
         chosen = precision.dtype_for(kappa, dtype)
-        what = "the learned position table" if learned else "this position term"
+        what = ("this position term at its params' values" if position.name == "tabulated" else
+                "the learned position table" if learned else "this position term")
         if pad is not None:
             what += " over the keys this key padding mask keeps"
         if chosen is None:
@@ -418,7 +427,7 @@ class Attention(nn.Module):
             raise RuntimeError(f"target '{MLIR_TARGET}' runs the forward pass only, and these inputs (or "
                                f"the position table) require grad: call it under torch.no_grad(), or "
                                f"compile with target='llvm' for gradients")
-        tab = self._position_params(dtype)
+        tab = self._position_params(dtype, q.shape[2])
         rates, samples = torch.zeros(self.heads, 2, dtype=dtype), []
         for node in postorder(self.planned.root):
             if isinstance(node, PositionalAttention) and node.form == "decayed":
@@ -464,11 +473,14 @@ class Attention(nn.Module):
             return self.position_table
         return self.position_table[:, self.position_slots]
 
-    def _position_params(self, dtype) -> torch.Tensor:
-        """What the position kernels read as TAB (H, P): the table, the alibi slopes, or a dummy;
-        with a sliding window, its table (H, 2W + 3) (ast.windowed)."""
+    def _position_params(self, dtype, n: int) -> torch.Tensor:
+        """What the position kernels read as TAB (H, P) at length n: the table, the alibi slopes,
+        or a dummy; with a sliding window, its table (H, 2W + 3) (ast.windowed); for position(r) =
+        EXPR with params, b(r) over r = −(n − 1) … n − 1 (ast.tabulated)."""
         if self.spec.window is not None:
             return self._window_table(dtype)
+        if self.spec.learned_position:
+            return self._tabulated(n, dtype)
         if self.position_table is not None:
             return self._table().to(dtype).contiguous()
         if self.position_slopes is not None:
@@ -484,10 +496,11 @@ class Attention(nn.Module):
         """b_h(r) at r = −(W + 1) … W + 1 (H, 2W + 3): the spec's position term (0 without one)
         inside the window, KEY_OUT at ±(W + 1), which the kernels read at every farther r.
         Differentiable in a learned table; one tensor per dtype and table version otherwise."""
-        w, learned = self.spec.window, self.position_table
-        if learned is not None and learned.requires_grad and torch.is_grad_enabled() or torch.compiler.is_compiling():
+        w, learned = self.spec.window, [self.position_table, *self.spec_params.values()]
+        learned = [t for t in learned if t is not None]
+        if (any(t.requires_grad for t in learned) and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return self._windowed(w, dtype)
-        key = ("window", dtype, None if learned is None else (learned.data_ptr(), learned._version))
+        key = ("window", dtype, *((t.data_ptr(), t._version) for t in learned))
         if key not in self._constants:
             self._remember(key, self._windowed(w, dtype))
         return self._constants[key]
@@ -495,10 +508,21 @@ class Attention(nn.Module):
     def _windowed(self, w: int, dtype) -> torch.Tensor:
         r = torch.arange(-(w + 1), w + 2)
         b = (torch.zeros(self.heads, r.numel(), dtype=dtype) if self.spec.position.name == "none" else
-             bias_at(self.spec.position, r, self.heads, dtype, self._table(), self.position_slopes))
+             bias_at(self.spec.position, r, self.heads, dtype, self._table(), self.position_slopes,
+                     self._params(dtype)))
         edge = torch.zeros_like(b, dtype=torch.bool)
         edge[:, [0, -1]] = True
         return b.masked_fill(edge, padding.KEY_OUT).contiguous()
+
+    def _tabulated(self, n: int, dtype) -> torch.Tensor:
+        """b_h(r) of position(r) = EXPR with the params' current values at r = −(n − 1) … n − 1,
+        (H, 2n − 1) (ast.tabulated): differentiable in the params."""
+        r = torch.arange(-(n - 1), n)
+        return bias_at(self.spec.position, r, self.heads, dtype, params=self._params(dtype)).contiguous()
+
+    def _params(self, dtype) -> dict[str, torch.Tensor]:
+        """The params' values in `dtype` as EXPR reads them: a scalar, or (H, 1) per head."""
+        return {name: p.to(dtype).reshape(-1, 1) if p.dim() else p.to(dtype) for name, p in self.spec_params.items()}
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -507,6 +531,7 @@ class Attention(nn.Module):
         if key_padding_mask is not None:
             key_padding_mask = padding.check_mask(key_padding_mask, q.shape[0], q.shape[2], q.device)
         return reference(self.spec, q, k, v, projection=self.projection, position_table=self._table(),
+                         params=self._params(torch.float64),
                          key_padding_mask=key_padding_mask)
 
     def _padding(self, mask, q) -> padding.Padding:
@@ -573,8 +598,8 @@ class Attention(nn.Module):
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not torch.isfinite(t).all():
                 raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
-        for name in ("position_table", "position_slopes", "projection"):
-            t = getattr(self, name)
+        named = [(n, getattr(self, n)) for n in ("position_table", "position_slopes", "projection")]
+        for name, t in named + [(f"param {n}", p) for n, p in self.spec_params.items()]:
             if t is not None and not torch.isfinite(t.detach()).all():
                 raise ValueError(f"the module's {name} contains NaN or Inf (check_finite=True); "
                                  f"it is used by every call: restore it (e.g. load_state_dict)")
@@ -693,6 +718,8 @@ def _position_text(pos) -> str:
     if pos.name == "window":
         inner = "0" if pos["within"] == "none" else pos["within"]
         return f"{inner} for |r| ≤ {pos['size']}, -inf beyond (sliding window)"
+    if pos.name == "tabulated":
+        return f"{to_text(pos.expr)} (with params: tabulated per call over every r)"
     return to_text(pos.expr) if pos.expr is not None else pos.name
 
 

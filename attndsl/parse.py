@@ -135,7 +135,7 @@ def _bad_character(e: UnexpectedCharacters, filename: str, source: str) -> SpecE
         return SpecError(f"unexpected quote {e.char!r}", span,
                          help="the language has no strings; write names bare, e.g. init=normal")
     return SpecError(f"unexpected character {e.char!r}", span,
-                     help="a spec holds names, numbers, = ( ) { } , ; + - * / ** and # comments")
+                     help="a spec holds names, numbers, = ( ) { } [ ] , ; + - * / ** and # comments")
 
 
 # What the parser was waiting for, told from the terminals it would have accepted: the first
@@ -154,7 +154,8 @@ def _row(needs: str, expected: str, help: str = "", **kw) -> _Situation:
     return _Situation(frozenset(needs.split()), expected, help, **kw)
 
 
-FIELDS_HELP = f"a block holds fields ({', '.join(FIELD_NAMES)}), one per line or separated by ';'"
+FIELDS_HELP = (f"a block holds fields ({', '.join(FIELD_NAMES)}) and `param NAME = VALUE` lines, one per "
+               f"line or separated by ';'")
 VALUE_HELP = "a value is a name (causal), a call (favor(features=256)), a number or true/false"
 EXPR_HELP = ("an expression uses numbers, the map's variable, + - * / **, parentheses and the "
              "functions exp, log, abs, sqrt, relu, elu, sigmoid, tanh, softplus, sin, cos, min, max")
@@ -293,6 +294,11 @@ class _Builder:
 
     def field(self, t: Tree) -> WrittenField:
         name = t.children[0]
+        if t.data == "declare":                  # param NAME [shape] = value
+            shape = t.children[1]
+            return WrittenField(str(name), self.span(t), self.span(name), value=self.value(t.children[2]),
+                                declared=True, shape=None if shape is None else str(shape.children[0]),
+                                shape_span=None if shape is None else self.span(shape))
         if t.data == "setting":
             return WrittenField(str(name), self.span(t), self.span(name), value=self.value(t.children[1]))
         param, expr = t.children[1], t.children[2]

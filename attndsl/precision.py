@@ -36,8 +36,8 @@ def position_values(position: Choice, n: int, heads: int, table: torch.Tensor | 
                     slopes: torch.Tensor | None) -> torch.Tensor:
     """b_h(r) at r = −(n−1) … n−1, (H, 2n−1) float64."""
     r = torch.arange(-(n - 1), n, dtype=torch.float64)
-    if learned_table(position):
-        w = int(position["max_distance"])
+    if learned_table(position):                  # (H, 2W + 1), clipped at W (tabulated: W = n − 1)
+        w = (table.shape[-1] - 1) // 2
         return table.detach().double()[:, r.long().clamp(-w, w) + w]
     if position.name == "alibi":
         return -slopes.detach().double().reshape(-1, 1) * r.abs()

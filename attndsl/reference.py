@@ -27,17 +27,18 @@ def relative_positions(n: int, dtype, device=None) -> torch.Tensor:
 
 
 def position_bias(position: Choice, n: int, heads: int, dtype, table: torch.Tensor | None = None,
-                  device=None) -> torch.Tensor | None:
+                  device=None, params: dict | None = None) -> torch.Tensor | None:
     """b_h(i − j) as (H, N, N), or None for `position = none`."""
     if position.name == "none":
         return None
-    return bias_at(position, relative_positions(n, dtype, device), heads, dtype, table)
+    return bias_at(position, relative_positions(n, dtype, device), heads, dtype, table, params=params)
 
 
 def bias_at(position: Choice, r: torch.Tensor, heads: int, dtype, table: torch.Tensor | None = None,
-            slopes: torch.Tensor | None = None) -> torch.Tensor:
+            slopes: torch.Tensor | None = None, params: dict | None = None) -> torch.Tensor:
     """b_h(r) (H, *r.shape) at the integer distances r (any shape); `slopes` (H, 1): alibi's, else
-    the spec's. Differentiable in `table`."""
+    the spec's; `params`: position(r) = EXPR's, {name: a scalar or (H, 1)}. Differentiable in
+    `table` and `params`."""
     r = r.to(dtype)
     if learned_table(position):                         # table[h, clip(r, −W, W) + W]
         w = int(position["max_distance"])
@@ -48,8 +49,10 @@ def bias_at(position: Choice, r: torch.Tensor, heads: int, dtype, table: torch.T
             slopes = alibi_slopes(heads) if slope is None else torch.full((heads,), float(slope))
         s = slopes.to(dtype=dtype, device=r.device).reshape(heads, *([1] * r.dim()))
         return -s * r.abs()
-    if position.name == "user":                         # EXPR(r)
-        return evaluate(position.expr, r).expand(heads, *r.shape)
+    if position.name == "user":                         # EXPR(r), params per head along dim 0
+        env = {k: p.to(dtype=dtype, device=r.device).reshape(p.shape + (1,) * (r.dim() - 1))
+               for k, p in (params or {}).items()}
+        return evaluate(position.expr, r, env).expand(heads, *r.shape)
     raise NotImplementedError(position.name)
 
 
@@ -89,15 +92,17 @@ def effective_scale(spec: AttentionSpec, head_dim: int) -> float:
 def reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
               projection: torch.Tensor | None = None,
               position_table: torch.Tensor | None = None,
-              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+              key_padding_mask: torch.Tensor | None = None,
+              params: dict | None = None) -> torch.Tensor:
     """out as the spec means it (docs/language.md). `sampling` specs return the exact softmax
-    result they estimate. Padded keys are left out of every sum; a row with no key left is 0."""
+    result they estimate. Padded keys are left out of every sum; a row with no key left is 0.
+    `params`: the values of the spec's `param`s (a scalar, or (H, 1) per head)."""
     in_dtype = q.dtype
     if in_dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
     heads, n = q.shape[1], q.shape[2]
     scale = effective_scale(spec, q.shape[-1])
-    bias = position_bias(spec.position, n, heads, q.dtype, position_table, q.device)
+    bias = position_bias(spec.position, n, heads, q.dtype, position_table, q.device, params)
     mask = torch.ones(n, n, dtype=torch.bool, device=q.device)
     if spec.causal:
         mask = torch.tril(mask)

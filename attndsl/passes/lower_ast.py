@@ -3,7 +3,8 @@
     out = Normalize(Masked?(Biased?(κ, b)), v) [+ ToeplitzValues(b, v)]  [Sample(...)]
 
 A sliding window is the relative-position weight exp(b(r)) set to 0 beyond ±W: b is the spec's
-position term (or 0) inside the window.
+position term (or 0) inside the window. A position(r) = EXPR that reads `param`s is tabulated:
+the module evaluates it per call, and the forms read it as a learned table.
     κ   = ExpDot(q, k, s)                      softmax
         | Dot(φ(√s·q), φ(√s·k))                a feature map
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from ..ast import AttentionSpec, windowed
+from ..ast import AttentionSpec, tabulated, windowed
 from ..featuremaps import lookup
 from ..ir import (Add, Biased, Dot, ExpDot, FeatureMap, Input, Masked, Node, Normalize, Position,
                   Sample, Scale, ToeplitzValues)
@@ -35,7 +36,8 @@ def lower(spec: AttentionSpec, head_dim: int, value_dim: int) -> Node:
         bias = Position(windowed(spec.position, spec.window), span=spec.span_of("mask"))
         scores = Biased(scores, bias, span=spec.span_of("mask"))
     elif spec.position.name != "none":
-        bias = Position(spec.position, span=spec.span_of("position"))
+        position = tabulated(spec.position) if spec.learned_position else spec.position
+        bias = Position(position, span=spec.span_of("position"))
         if spec.apply.name == "scores":
             scores = Biased(scores, bias, span=spec.span_of("position"))
     if spec.causal:

@@ -1,0 +1,129 @@
+"""Learnable scalars (`param a = 1.0`, `param c[heads] = 0.5`) in position(r) = EXPR: every form that
+reads the tabulated term against the reference, forward and backward (the params' gradients
+included), gradchecks, training and state_dict, and the spec errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import RTOL, assert_close, shared
+
+import attndsl
+from attndsl.reference import alibi_slopes
+
+pytestmark = pytest.mark.xdist_group("params")
+
+KERPLE = "param a = 1.0; param c[heads] = 0.5; kernel = elu1; position(r) = -c * log(1 + a * abs(r))"
+ALIBI = "param s[heads] = 0.1; position(r) = -s * abs(r); mask = causal"
+# name -> (spec body, plan, the forms it runs)
+SPECS = {
+    "pairwise": (KERPLE, "pairwise", ["pairwise"]),
+    "toeplitz_fft": (KERPLE, "toeplitz_fft", ["toeplitz_fft"]),
+    "quadratic": (ALIBI, "auto", ["quadratic"]),
+    "quadratic_window": ("param s[heads] = 0.1; param t = 0.3; position(r) = -s * abs(r) + t * cos(r); "
+                         "mask = window(9)", "auto", ["quadratic"]),
+    "banded_window": ("param s[heads] = 0.1; kernel = elu1; position(r) = -s * abs(r); mask = causal_window(9)",
+                      "auto", ["banded"]),
+}
+B, H, N, D = 2, 2, 70, 8
+
+
+def moved(attn):
+    """The params away from their initial values (distinct per head)."""
+    with torch.no_grad():
+        for p in attn.spec_params.values():
+            p.mul_(1.3).add_(0.05 * torch.arange(p.numel()).reshape(p.shape))
+
+
+def module(name):
+    body, plan, forms = SPECS[name]
+    attn = shared("attention a { " + body + " }", heads=H, head_dim=D, plan=plan, init=moved)
+    assert [d.form for d in attn.planned.decisions] == forms
+    return attn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_every_form_learns_the_params(name, dtype):
+    attn = module(name)
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = attn.reference(q64, k64, v64)
+    qc, kc, vc = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out = attn(qc, kc, vc)
+    assert_close("out", ref, out, RTOL[dtype])
+    g = torch.randn_like(ref)
+    params = list(attn.spec_params.values())
+    want = torch.autograd.grad(ref, [q64, k64, v64, *params], g)
+    got = torch.autograd.grad(out, [qc, kc, vc, *params], g.to(dtype))
+    for what, a, b in zip(["dq", "dk", "dv", *attn.spec_params], want, got):
+        assert torch.isfinite(b).all() and b.abs().sum() > 0, what
+        assert_close(what, a, b, 20 * RTOL[dtype])
+
+
+@pytest.mark.parametrize("name", ["pairwise", "quadratic", "banded_window"])
+def test_gradcheck(name):
+    attn = module(name)
+    q, k, v = (torch.randn(1, H, 11, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    names = list(attn.spec_params)
+    values = [attn.spec_params[n].detach().double().clone().requires_grad_() for n in names]
+
+    def f(q, k, v, *ps):
+        return torch.func.functional_call(attn, {f"spec_params.{n}": p for n, p in zip(names, ps)}, (q, k, v))
+    assert torch.autograd.gradcheck(f, (q, k, v, *values), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_a_training_step_moves_the_params_and_the_state_dict_keeps_them():
+    attn = attndsl.compile("attention a { " + ALIBI + " }", heads=H, head_dim=D)
+    assert set(dict(attn.named_parameters())) == {"spec_params.s"} and attn.spec_params["s"].shape == (H,)
+    with torch.no_grad():                                   # ALiBi's slopes as the starting point
+        attn.spec_params["s"].copy_(alibi_slopes(H))
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    before = attn(q, k, v).detach()
+    opt = torch.optim.SGD(attn.parameters(), lr=0.5)
+    attn(q, k, v).square().mean().backward()
+    opt.step()
+    assert not torch.equal(attn.spec_params["s"].detach(), alibi_slopes(H).float())
+    after = attn(q, k, v).detach()
+    assert not torch.allclose(before, after)
+    fresh = attndsl.compile("attention a { " + ALIBI + " }", heads=H, head_dim=D)
+    fresh.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(fresh(q, k, v), after)
+
+
+def test_explain_and_the_mlir_target():
+    attn = module("toeplitz_fft")
+    assert "tabulated" in attn.explain()
+    with pytest.raises(attndsl.SpecError, match="takes no param"):
+        attndsl.compile("attention a { " + ALIBI + " }", heads=H, head_dim=D, target="mlir-cpu")
+
+
+def test_check_finite_checks_the_params():
+    attn = attndsl.compile("attention a { " + ALIBI + " }", heads=H, head_dim=D, check_finite=True, dtype=None)
+    with torch.no_grad():
+        attn.spec_params["s"][1] = float("nan")
+    with pytest.raises(ValueError, match="param s contains NaN"):
+        attn(*(torch.randn(1, H, 5, D) for _ in range(3)))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("param a = 1; kernel(x) = a * x", "a kernel map cannot read param 'a'"),
+    ("param a = 1; position(r) = -b * abs(r)", "unknown variable 'b' in a position map"),
+    ("param a = 1", "param 'a' is declared but not used"),
+    ("param a = 1; position = alibi", "param 'a' is declared but not used"),
+    ("param a[tokens] = 1; position(r) = a * r", r"unknown param shape '\[tokens\]'"),
+    ("param exp = 1; position(r) = r", "a param cannot be named 'exp'"),
+    ("param r = 1; position(r) = r", "a param cannot be named 'r'"),
+    ("param a = 1; param a = 2; position(r) = a * r", "duplicate param 'a'"),
+    ("param a = x; position(r) = a * r", "param 'a' must be a number"),
+    ("param a = 0; position(r) = log(a * abs(r))", "position.r. is not finite at r = 0"),
+])
+def test_spec_errors(body, message):
+    with pytest.raises(attndsl.SpecError, match=message):
+        attndsl.parse("attention a { " + body + " }")
+
+
+def test_the_error_points_at_the_param():
+    with pytest.raises(attndsl.SpecError) as e:
+        attndsl.parse("attention a {\n    param width[tokens] = 1\n    position(r) = width * r\n}", "m.attn")
+    text = str(e.value)
+    assert "m.attn:2:16" in text and "^^^^^^^^" in text
