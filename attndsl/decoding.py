@@ -103,7 +103,8 @@ def step(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kernel = ops._kernel(attn._decode_library(KERNEL_DTYPES[dtype]), DECODE_KERNEL)
     rows = [t.to(dtype).reshape(B * H, 1, -1).contiguous() for t in (q, k, v)]
     _, wt = attn._projection(dtype, rows[0].device)
-    tab = (decayed.rates(root, attn._position_params(dtype)) if root.form == "decayed"
+    # a decayed term's slopes do not depend on the length (no window or params: not decayed)
+    tab = (decayed.rates(root, attn._position_params(dtype, 1)) if root.form == "decayed"
            else rows[0].new_zeros(1, 2))
     out = rows[2].new_empty(rows[2].shape)
     s, shift = torch.empty_like(state.s), torch.empty_like(state.shift)

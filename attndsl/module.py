@@ -226,9 +226,13 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """out (B, H, N, Dv); key_padding_mask (B, N) bool, True = a key left out of every row's sums
-        (nn.MultiheadAttention's convention; docs/language.md#key-padding-masks)."""
+        """out (B, H, Nq, Dv) for q (B, H, Nq, Dk), k (B, Hkv, Nk, Dk), v (B, Hkv, Nk, Dv): Nk ≠ Nq
+        is cross-attention and Hkv < H (dividing H) grouped-query attention (docs/language.md#cross-
+        attention-and-grouped-heads); key_padding_mask (B, Nk) bool, True = a key left out of every
+        row's sums (nn.MultiheadAttention's convention; docs/language.md#key-padding-masks)."""
         self._validate(q, k, v)
+        if k.shape[1:3] != q.shape[1:3]:
+            return self._cross(q, k, v, key_padding_mask)
         out_dtype = q.dtype
         dtype = UPCAST.get(q.dtype, q.dtype)
         B, H, N, _ = q.shape
@@ -323,6 +327,28 @@ class Attention(nn.Module):
         if not dens:
             return out, None
         return out, dens[-1].detach().nan_to_num(0.0)     # the last run's (the exact path's, if taken)
+
+    def _cross(self, q, k, v, key_padding_mask) -> torch.Tensor:
+        """Grouped heads and cross-attention on the self-attention kernels. Query head h reads key
+        and value head h // (H / Hkv), as SDPA's enable_gqa (k and v are expanded to H heads: one
+        copy). With Nk ≠ Nq, every index keeps its position (r = i − j) in a sequence of
+        N = max(Nq, Nk): the keys past Nk are padding (a key padding mask), the query rows past Nq
+        are computed and dropped, so the call costs what a self-attention call of N does."""
+        B, H, nq = q.shape[:3]
+        if k.shape[1] != H:
+            k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
+        nk = k.shape[2]
+        if nk == nq:
+            return self(q, k, v, key_padding_mask=key_padding_mask)
+        if self.target.kind == "mlir":
+            raise ValueError(f"cross-attention (query length {nq}, key length {nk}): target '{MLIR_TARGET}' "
+                             f"computes self-attention only; compile with target='llvm' (TVM)")
+        n = max(nq, nk)
+        mask = torch.zeros(B, nk, dtype=torch.bool, device=q.device) if key_padding_mask is None else \
+            padding.check_mask(key_padding_mask, B, nk, q.device)
+        mask = torch.nn.functional.pad(mask, (0, n - nk), value=True)
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, n - t.shape[2])) for t in (q, k, v))
+        return self(q, k, v, key_padding_mask=mask if nk < n or key_padding_mask is not None else None)[:, :, :nq]
 
     def _empty(self, q, k, v) -> torch.Tensor:
         """The (0, H, N, Dv) output of an empty batch, as SDPA gives, still connected to q, k, v
@@ -529,7 +555,7 @@ class Attention(nn.Module):
         """The spec's meaning literally, O(N²), with this module's random features and tables."""
         self._validate(q, k, v)
         if key_padding_mask is not None:
-            key_padding_mask = padding.check_mask(key_padding_mask, q.shape[0], q.shape[2], q.device)
+            key_padding_mask = padding.check_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
         return reference(self.spec, q, k, v, projection=self.projection, position_table=self._table(),
                          params=self._params(torch.float64),
                          key_padding_mask=key_padding_mask)
@@ -578,21 +604,26 @@ class Attention(nn.Module):
         if not (q.dtype == k.dtype == v.dtype):
             raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
         B, H, N, D = q.shape
-        want = {"q": (B, self.heads, N, self.head_dim), "k": (B, self.heads, N, self.head_dim),
-                "v": (B, self.heads, N, self.value_dim)}
+        hkv, nk = k.shape[1], k.shape[2]
+        want = {"q": (B, self.heads, N, self.head_dim), "k": (B, hkv, nk, self.head_dim),
+                "v": (B, hkv, nk, self.value_dim)}
         for name, t in (("q", q), ("k", k), ("v", v)):
-            if t.shape[1] != self.heads and t.shape[2] == self.heads:
+            if self.heads % t.shape[1] and t.shape[2] == self.heads:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}: dimension 1 must be heads "
                                  f"({self.heads}), as in scaled_dot_product_attention's (batch, heads, "
                                  f"seq, dim); this looks like (batch, seq, heads, dim): pass "
                                  f"{name}.transpose(1, 2)")
+        if hkv < 1 or self.heads % hkv:
+            raise ValueError(f"k has {hkv} heads, which does not divide the {self.heads} heads of q: grouped-query "
+                             f"attention needs heads % kv_heads == 0 (as SDPA's enable_gqa)")
         for name, t in (("q", q), ("k", k), ("v", v)):
             if tuple(t.shape) != want[name]:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want[name]} "
                                  f"(heads={self.heads}, head_dim={self.head_dim}, "
-                                 f"value_dim={self.value_dim}; batch and seq taken from q)")
-        if N == 0:
-            raise ValueError("sequence length is 0: attention needs at least one key")
+                                 f"value_dim={self.value_dim}; batch and query length taken from q, "
+                                 f"kv heads and key length from k)")
+        if N == 0 or nk == 0:
+            raise ValueError("sequence length is 0: attention needs at least one query and one key")
 
     def _check_finite(self, q, k, v) -> None:
         for name, t in (("q", q), ("k", k), ("v", v)):

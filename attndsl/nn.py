@@ -7,8 +7,9 @@ works, and the same forward, returning (out, None): assignable as `self_attn` of
 projections is the spec's, compiled (an `attndsl.Attention` with heads = num_heads and
 head_dim = embed_dim / num_heads); a softmax spec computes what torch's module does.
 
-    query (L, B, E) (or (B, L, E) with batch_first, or unbatched (L, E)), key, value likewise
-    with S = L  ->  (out of the query's shape, None)
+    query (L, B, E) (or (B, L, E) with batch_first, or unbatched (L, E)), key and value (S, B, ·)
+    likewise (S ≠ L: cross-attention, as in a decoder layer's multihead_attn)
+    ->  (out of the query's shape, None)
 """
 from __future__ import annotations
 
@@ -97,10 +98,10 @@ class MultiheadAttention(nn.Module):
         if self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         L, B, _ = query.shape
-        if key.shape[0] != L or value.shape[0] != L:
-            raise ValueError(f"cross-attention (query length {L}, key length {key.shape[0]}) is not supported: "
-                             f"query, key and value must have the same length")
-        self._check_masks(L, attn_mask, is_causal)
+        S = key.shape[0]
+        if value.shape[0] != S:
+            raise ValueError(f"key and value must have the same length, got {S} and {value.shape[0]}")
+        self._check_masks(L, S, attn_mask, is_causal)
         if self._qkv_same_embed_dim:
             wq, wk, wv = self.in_proj_weight.chunk(3)
         else:
@@ -108,7 +109,7 @@ class MultiheadAttention(nn.Module):
         bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
 
         def heads(x, w, b):                      # (L, B, ·) -> (B, H, L, head_dim)
-            return F.linear(x, w, b).view(L, B, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+            return F.linear(x, w, b).view(x.shape[0], B, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
         out = self.attention(heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv),
                              key_padding_mask=key_padding_mask)
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, self.embed_dim))
@@ -116,11 +117,11 @@ class MultiheadAttention(nn.Module):
             out = out.transpose(0, 1)
         return (out if batched else out.squeeze(bdim)), None
 
-    def _check_masks(self, L: int, attn_mask, is_causal: bool) -> None:
+    def _check_masks(self, L: int, S: int, attn_mask, is_causal: bool) -> None:
         """attn_mask and is_causal must say what the spec computes: its mask (causal, a sliding
         window) exactly, or, for `mask = causal`, is_causal=True (key_padding_mask is the
-        Attention's to check)."""
-        spec, want = self.spec, _spec_mask(self.spec, L, None if attn_mask is None else attn_mask.device)
+        Attention's to check). L queries, S keys."""
+        spec, want = self.spec, _spec_mask(self.spec, L, S, None if attn_mask is None else attn_mask.device)
         named = f"`mask = {spec.mask.name}{'' if spec.window is None else f'({spec.window})'}`"
         if attn_mask is not None:
             if want is None:
@@ -129,7 +130,7 @@ class MultiheadAttention(nn.Module):
                                  f"`window(W)`, `causal_window(W)`), or drop attn_mask")
             if not _same_mask(attn_mask, want):
                 raise ValueError(f"attn_mask: attndsl computes the mask its spec declares ({named}), and this "
-                                 f"attn_mask is another one; pass exactly that mask ((L, L), True or -inf where "
+                                 f"attn_mask is another one; pass exactly that mask ((L, S), True or -inf where "
                                  f"a key is left out), or change the spec")
             return
         if is_causal and not spec.causal:
@@ -144,13 +145,13 @@ class MultiheadAttention(nn.Module):
                              f"here; pass is_causal=True (or the causal mask) to say the call is causal")
 
 
-def _spec_mask(spec, L: int, device) -> torch.Tensor | None:
-    """The (L, L) bool mask (True = left out) that `spec` computes, or None when it has none."""
+def _spec_mask(spec, L: int, S: int, device) -> torch.Tensor | None:
+    """The (L, S) bool mask (True = left out) that `spec` computes, r = i − j (causal: j ≤ i), or
+    None when it has none."""
     if not spec.causal and spec.window is None:
         return None
-    i = torch.arange(L, device=device)
-    r = i[:, None] - i[None, :]
-    out = r < 0 if spec.causal else torch.zeros(L, L, dtype=torch.bool, device=device)
+    r = torch.arange(L, device=device)[:, None] - torch.arange(S, device=device)[None, :]
+    out = r < 0 if spec.causal else torch.zeros(L, S, dtype=torch.bool, device=device)
     return out | (r.abs() > spec.window) if spec.window is not None else out
 
 

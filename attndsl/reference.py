@@ -1,8 +1,9 @@
 """The meaning of a spec (docs/language.md) computed literally, O(N²), per batch and head.
 
 This is the oracle every compiled form is tested against. It needs no TVM.
-q, k (B, H, N, Dk), v (B, H, N, Dv), key_padding_mask (B, N) bool (True = padding) -> (B, H, N, Dv),
-in q's dtype (bf16/fp16 computed in fp32).
+q (B, H, N, Dk), k (B, Hkv, Nk, Dk), v (B, Hkv, Nk, Dv) (Hkv dividing H: query head h reads kv
+head h // (H / Hkv)), key_padding_mask (B, Nk) bool (True = padding) -> (B, H, N, Dv), in q's
+dtype (bf16/fp16 computed in fp32); r = i − j, causal: j ≤ i.
 """
 from __future__ import annotations
 
@@ -20,18 +21,19 @@ def alibi_slopes(heads: int) -> torch.Tensor:
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], dtype=torch.float64)
 
 
-def relative_positions(n: int, dtype, device=None) -> torch.Tensor:
-    """r[i, j] = i − j, (N, N)."""
+def relative_positions(n: int, dtype, device=None, nk: int | None = None) -> torch.Tensor:
+    """r[i, j] = i − j, (N, N), or (N, Nk) with Nk keys."""
     i = torch.arange(n, device=device)
-    return (i[:, None] - i[None, :]).to(dtype)
+    j = i if nk is None else torch.arange(nk, device=device)
+    return (i[:, None] - j[None, :]).to(dtype)
 
 
 def position_bias(position: Choice, n: int, heads: int, dtype, table: torch.Tensor | None = None,
-                  device=None, params: dict | None = None) -> torch.Tensor | None:
-    """b_h(i − j) as (H, N, N), or None for `position = none`."""
+                  device=None, params: dict | None = None, nk: int | None = None) -> torch.Tensor | None:
+    """b_h(i − j) as (H, N, N) ((H, N, Nk) with Nk keys), or None for `position = none`."""
     if position.name == "none":
         return None
-    return bias_at(position, relative_positions(n, dtype, device), heads, dtype, table, params=params)
+    return bias_at(position, relative_positions(n, dtype, device, nk), heads, dtype, table, params=params)
 
 
 def bias_at(position: Choice, r: torch.Tensor, heads: int, dtype, table: torch.Tensor | None = None,
@@ -100,14 +102,17 @@ def reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     in_dtype = q.dtype
     if in_dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
-    heads, n = q.shape[1], q.shape[2]
+    heads, n, nk = q.shape[1], q.shape[2], k.shape[2]
+    if k.shape[1] != heads:                             # grouped heads: query head h reads h // (H / Hkv)
+        k, v = (t.repeat_interleave(heads // k.shape[1], 1) for t in (k, v))
     scale = effective_scale(spec, q.shape[-1])
-    bias = position_bias(spec.position, n, heads, q.dtype, position_table, q.device, params)
-    mask = torch.ones(n, n, dtype=torch.bool, device=q.device)
+    bias = position_bias(spec.position, n, heads, q.dtype, position_table, q.device, params, nk)
+    r = relative_positions(n, torch.long, q.device, nk)  # i − j, (N, Nk)
+    mask = torch.ones(n, nk, dtype=torch.bool, device=q.device)
     if spec.causal:
-        mask = torch.tril(mask)
+        mask = r >= 0
     if spec.window is not None:                         # a sliding window: |i − j| ≤ W
-        mask = mask & (relative_positions(n, torch.long, q.device).abs() <= spec.window)
+        mask = mask & (r.abs() <= spec.window)
     if key_padding_mask is not None:                    # (B, 1, N, N): padded keys out of every row
         mask = mask & ~key_padding_mask.to(q.device)[:, None, None, :]
     empty = ~mask.any(-1, keepdim=True)                 # rows with no key: 0, gradients 0

@@ -1,4 +1,4 @@
-"""What a key padding mask costs: each form with and without one, beside SDPA with and without.
+"""What a key padding mask and grouped heads cost: each form with and without, beside SDPA.
 
 B = 2, H = 4 (B·H = 8), Dk = Dv = 64, float32, 2 threads. The mask pads the last quarter of the
 second sequence's keys (right padding, as a batch of unequal lengths has). For each spec and N:
@@ -6,9 +6,11 @@ second sequence's keys (right padding, as a batch of unequal lengths has). For e
   attndsl+pad    the same call with key_padding_mask
   sdpa, sdpa+pad F.scaled_dot_product_attention (softmax, the spec's causal flag), the padding
                  as a bool attn_mask (B, 1, 1, N)
+  attndsl+gqa    the call with k and v of one head shared by the 4 query heads (multi-query)
+  sdpa+gqa       SDPA with the same k and v, enable_gqa=True
 Times are medians of interleaved rounds (each round runs every method once, starting at another
 one each round); forward under no_grad, and forward + backward. "pad / none" is attndsl+pad's time
-over attndsl's (1.00: the mask costs nothing).
+over attndsl's (1.00: the mask costs nothing), "gqa / none" attndsl+gqa's.
 
     python benchmarks/bench_padding.py [--lengths 1024,4096] [--specs ...] [--rounds 7]
 Writes benchmarks/results/bench_padding.{md,json,png}.
@@ -50,9 +52,12 @@ def methods(name: str, n: int) -> dict:
     causal = attn.spec.causal
     return {"attndsl": attn,
             "attndsl+pad": lambda q, k, v: attn(q, k, v, key_padding_mask=pad),
+            "attndsl+gqa": lambda q, k, v: attn(q, k[:, :1], v[:, :1]),
             "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
             "sdpa+pad": lambda q, k, v: F.scaled_dot_product_attention(
-                q, k, v, attn_mask=keep & torch.ones(n, n, dtype=torch.bool).tril() if causal else keep)}
+                q, k, v, attn_mask=keep & torch.ones(n, n, dtype=torch.bool).tril() if causal else keep),
+            "sdpa+gqa": lambda q, k, v: F.scaled_dot_product_attention(q, k[:, :1], v[:, :1], is_causal=causal,
+                                                                       enable_gqa=True)}
 
 
 def measure(name: str, n: int, rounds: int) -> list[dict]:
@@ -71,19 +76,21 @@ def measure(name: str, n: int, rounds: int) -> list[dict]:
         rows.append({"spec": name, "form": SPECS[name][1], "n": n, "pass": "fwd+bwd" if backward else "fwd",
                      "ms": med})
         print(f"  {name:22s} N={n:6d} {rows[-1]['pass']:8s} " + "  ".join(f"{m}={t:.2f}" for m, t in med.items())
-              + f"  pad/none={med['attndsl+pad'] / med['attndsl']:.2f}", flush=True)
+              + f"  pad/none={med['attndsl+pad'] / med['attndsl']:.2f}"
+              + f"  gqa/none={med['attndsl+gqa'] / med['attndsl']:.2f}", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| spec | form | N | pass | attndsl ms | attndsl+pad ms | **pad / none** | sdpa ms | sdpa+pad ms "
-             "| sdpa pad / none |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| spec | form | N | pass | attndsl ms | attndsl+pad ms | **pad / none** | **gqa / none** "
+             "| sdpa ms | sdpa pad / none | sdpa gqa / none |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["ms"]
         lines.append(f"| {r['spec']} | {r['form']} | {r['n']} | {r['pass']} | {t['attndsl']:.2f} | "
-                     f"{t['attndsl+pad']:.2f} | **{t['attndsl+pad'] / t['attndsl']:.2f}** | {t['sdpa']:.2f} | "
-                     f"{t['sdpa+pad']:.2f} | {t['sdpa+pad'] / t['sdpa']:.2f} |")
+                     f"{t['attndsl+pad']:.2f} | **{t['attndsl+pad'] / t['attndsl']:.2f}** | "
+                     f"**{t['attndsl+gqa'] / t['attndsl']:.2f}** | {t['sdpa']:.2f} | "
+                     f"{t['sdpa+pad'] / t['sdpa']:.2f} | {t['sdpa+gqa'] / t['sdpa']:.2f} |")
     return "\n".join(lines)
 
 
@@ -96,17 +103,16 @@ def plot(rows: list[dict], path: Path) -> None:
         sel = [r for r in rows if r["pass"] == which]
         labels = [f"{r['spec']}\nN={r['n']}" for r in sel]
         x = range(len(sel))
-        ax.bar([i - 0.2 for i in x], [r["ms"]["attndsl+pad"] / r["ms"]["attndsl"] for r in sel], 0.4,
-               label="attndsl: pad / none")
-        ax.bar([i + 0.2 for i in x], [r["ms"]["sdpa+pad"] / r["ms"]["sdpa"] for r in sel], 0.4,
-               label="SDPA: pad / none")
+        for j, (who, what) in enumerate((("attndsl", "pad"), ("sdpa", "pad"), ("attndsl", "gqa"), ("sdpa", "gqa"))):
+            ax.bar([i - 0.3 + 0.2 * j for i in x], [r["ms"][f"{who}+{what}"] / r["ms"][who] for r in sel], 0.2,
+                   label=f"{'SDPA' if who == 'sdpa' else who}: {what} / none")
         ax.axhline(1.0, color="k", linewidth=0.8)
         ax.axhline(1.1, color="r", linewidth=0.8, linestyle="--", label="+10%")
         ax.set_xticks(list(x), labels, fontsize=6, rotation=60)
         ax.set_title(which)
-        ax.set_ylabel("time with the mask / without")
+        ax.set_ylabel("time with the mask (or shared kv heads) / without")
         ax.legend(fontsize=7)
-    fig.suptitle(f"key padding mask cost, B={B} H={H} D={DIM}, float32, {torch.get_num_threads()} threads "
+    fig.suptitle(f"key padding mask and grouped-head cost, B={B} H={H} D={DIM}, float32, {torch.get_num_threads()} threads "
                  f"({llvm_get_system_cpu()})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

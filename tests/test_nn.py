@@ -107,8 +107,8 @@ def test_what_the_spec_cannot_express_is_a_clear_error():
         ours(x, x, x, attn_mask=torch.zeros(5, 5))
     with pytest.raises(ValueError, match=r"key_padding_mask has shape \(2, 4\), expected \(batch, keys\) = \(2, 5\)"):
         ours(x, x, x, is_causal=True, key_padding_mask=torch.tensor([[False] * 3 + [True]] * 2))
-    with pytest.raises(ValueError, match="cross-attention"):
-        ours(x, torch.randn(6, 2, E), torch.randn(6, 2, E), is_causal=True)
+    with pytest.raises(ValueError, match="key and value must have the same length, got 6 and 7"):
+        ours(x, torch.randn(6, 2, E), torch.randn(7, 2, E), is_causal=True)
     _, full = pair(SOFTMAX)
     with pytest.raises(ValueError, match="has no causal mask"):
         full(x, x, x, is_causal=True)

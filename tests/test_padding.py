@@ -308,6 +308,55 @@ def test_kde_with_the_block_covering_the_sequence_is_the_padded_reference(target
     check_against_reference(attn, *qkv(40), padding_mask(40), torch.float64)
 
 
+# --- cross-attention and grouped heads (module._cross: on the padding machinery) ----------------------
+
+@pytest.mark.parametrize("shape", [(29, 37, 2), (45, 21, 1), (37, 37, 1)], ids=["nq<nk", "nq>nk,mqa", "gqa"])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_every_form_computes_cross_attention_and_grouped_heads(name, shape):
+    nq, nk, hkv = shape
+    attn = module(name)
+    q = torch.randn(B, H, nq, D, dtype=torch.float64)
+    k, v = (torch.randn(B, hkv, nk, D, dtype=torch.float64) for _ in range(2))
+    mask = padding_mask(nk)
+    mask[3] = False                          # one sequence whole
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = attn.reference(q64, k64, v64, key_padding_mask=mask)
+    qc, kc, vc = (t.clone().requires_grad_() for t in (q, k, v))
+    out = attn(qc, kc, vc, key_padding_mask=mask)
+    assert out.shape == (B, H, nq, D)
+    assert_close("out", ref, out, RTOL[torch.float64])
+    g = torch.randn_like(ref)
+    for what, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(ref, (q64, k64, v64), g),
+                          torch.autograd.grad(out, (qc, kc, vc), g)):
+        assert_close(what, a, b, 20 * RTOL[torch.float64])
+
+
+def test_cross_attention_and_grouped_heads_are_sdpa_s():
+    attn = module("quadratic")
+    q = torch.randn(2, H, 29, D, dtype=torch.float64)
+    k, v = (torch.randn(2, 1, 41, D, dtype=torch.float64) for _ in range(2))
+    from attndsl.reference import alibi_slopes
+    r = torch.arange(29)[:, None] - torch.arange(41)[None, :]
+    bias = (-alibi_slopes(H)[:, None, None] * r.abs()).masked_fill(r < 0, float("-inf"))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    torch.testing.assert_close(attn(q, k, v), want)
+    torch.testing.assert_close(attn.reference(q, k, v), want)
+
+
+def test_cross_attention_and_grouped_heads_errors():
+    attn = module("linear")
+    q = torch.randn(1, H, 9, D)
+    with pytest.raises(ValueError, match="k has 3 heads, which does not divide the 2 heads of q"):
+        attn(q, torch.randn(1, 3, 9, D), torch.randn(1, 3, 9, D))
+    with pytest.raises(ValueError, match=r"v has shape \(1, 2, 8, 8\), expected \(1, 1, 8, 8\)"):
+        attn(q, torch.randn(1, 1, 8, D), torch.randn(1, 2, 8, D))
+    with pytest.raises(ValueError, match=r"key_padding_mask has shape \(1, 9\), expected \(batch, keys\) = \(1, 8\)"):
+        attn(q, torch.randn(1, 1, 8, D), torch.randn(1, 1, 8, D), key_padding_mask=torch.zeros(1, 9, dtype=torch.bool))
+    mlir = attndsl.compile(SPECS["linear"][0], heads=H, head_dim=D, target="mlir-cpu")
+    with pytest.raises(ValueError, match="computes self-attention only"):
+        mlir(q, torch.randn(1, 1, 8, D), torch.randn(1, 1, 8, D))
+
+
 # --- nn.MultiheadAttention --------------------------------------------------------------------------
 
 def torch_pair(text, **kw):
@@ -333,6 +382,40 @@ def test_multihead_attention_matches_torch_with_a_key_padding_mask(causal):
     rows = ~torch.isnan(want).any(-1)         # torch gives NaN where a row sees no key (b2, row 0 causal)
     torch.testing.assert_close(got[rows], want[rows], rtol=2e-5, atol=2e-5)
     assert (rows.sum() >= 3 * 21 - 1) and torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_multihead_attention_matches_torch_in_cross_attention(causal):
+    ours, theirs = torch_pair("attention a { kernel = softmax" + ("; mask = causal }" if causal else " }"),
+                              kdim=12, vdim=10)
+    x, mem_k, mem_v = torch.randn(37, 3, 16), torch.randn(53, 3, 12), torch.randn(53, 3, 10)
+    pad = torch.zeros(3, 53, dtype=torch.bool)
+    pad[1, -9:] = True
+    kw = {"attn_mask": torch.ones(37, 53, dtype=torch.bool).triu(1), "is_causal": True} if causal else {}
+    want = theirs(x, mem_k, mem_v, key_padding_mask=pad, need_weights=False, **kw)[0]
+    got = ours(x, mem_k, mem_v, key_padding_mask=pad, **kw)[0]
+    assert_close("out", want, got, 2e-5)
+    g_want = torch.autograd.grad(want.square().sum(), theirs.q_proj_weight)
+    g_got = torch.autograd.grad(got.square().sum(), ours.q_proj_weight)
+    assert_close("d q_proj_weight", g_want[0], g_got[0], 1e-4)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_decoder_layer_with_cross_attention(train):
+    torch.manual_seed(3)
+    layer = torch.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    mine = torch.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    mine.self_attn = attndsl.nn.MultiheadAttention("attention a { mask = causal }", 16, 2, batch_first=True)
+    mine.multihead_attn = attndsl.nn.MultiheadAttention("attention a { }", 16, 2, batch_first=True)
+    mine.load_state_dict(layer.state_dict())
+    layer.train(train)
+    mine.train(train)
+    x, memory = torch.randn(2, 11, 16), torch.randn(2, 17, 16)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(11)
+    with torch.set_grad_enabled(train):
+        want = layer(x, memory, tgt_mask=causal, tgt_is_causal=True)
+        got = mine(x, memory, tgt_mask=causal, tgt_is_causal=True)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
