@@ -69,8 +69,9 @@ def _load(path: str):
 def cmd_check(args) -> int:
     specs = _load(args.file)
     for b in specs.blocks:
+        params = f", params {', '.join(p.name for p in b.params)}" if b.params else ""
         print(f"{b.span}: attention {b.name}: ok (kernel {b.kernel.name}, position {b.position.name}, "
-              f"mask {b.mask.name})")
+              f"mask {b.mask.name}{params})")
     return 0
 
 
@@ -179,6 +180,8 @@ def _format_ast(spec) -> str:
         expr = f" = {to_text(c.expr)}" if c.expr is not None else ""
         out.append(f"  {field:9s} {c.name}({params}){expr}  @ {spec.span_of(field)}")
     out.append(f"  scale     {spec.scale if spec.scale is not None else '1/sqrt(head_dim)'}")
+    for p in spec.params:
+        out.append(f"  param     {p.name}{'[heads]' if p.per_head else ''} = {p.init}  @ {p.span}")
     return "\n".join(out)
 
 

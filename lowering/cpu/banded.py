@@ -8,7 +8,8 @@ Beyond the clip the weights are constant, c(r) = c₊ = c(W) for r ≥ W and c�
                            keys left / right of the window            exact weights, C×C tiles
 
 with κ_ij = φq_i·φk_j and P[c] = Σ_{j < cC} φk_j⊗v̄_j the chunk prefix sums (N/C states, not N).
-Cost O(N·(2nb+1)·C·(M+D)) + O(N·M·D); causal windows stop at the diagonal chunk.
+Cost O(N·(2nb+1)·C·(M+D)) + O(N·M·D); causal windows stop at the diagonal chunk. A sliding window
+(far = False: c₊ = c₋ = 0) skips the prefix sums and the far term.
 
 Shapes as in toeplitz.py: Qf, Kf (BH, N, M); V, O, dO (BH, N, D); DEN (BH, N); TAB (H, 2W+1), a
 learned table; h = bh mod H. M, D and dtype are baked in; BH, N, H, W are symbolic. The kernels
@@ -77,9 +78,10 @@ def _weights(dtype: str, causal: bool, eps: float | None = None):
 
 
 def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: dict | None = None,
-                   eps: float | None = None):
+                   eps: float | None = None, far: bool = True):
     """(Qf, Kf, V, TAB, O out, DEN out). DEN_i = Σ_j c(i−j) κ_ij (+ eps·exp(−max b) with
-    `eps`), O_i = Σ_j c(i−j) κ_ij V_j / DEN_i. `knobs`: the chunk C (schedules/knobs.py "banded")."""
+    `eps`), O_i = Σ_j c(i−j) κ_ij V_j / DEN_i. `knobs`: the chunk C (schedules/knobs.py "banded").
+    `far` False: the far keys weigh 0 (a sliding window), so their prefix sums are not built."""
     C = resolve("banded", knobs)["chunk"]
     L, zero, load, load_t, _, _ = chunk_loaders(dtype, C)
     HL = cpu.lanes(dtype)         # register tiles follow the host's vector unit (schedules/cpu.py)
@@ -108,39 +110,39 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: d
         nc = _chunks(N, C)
         CE = T.alloc_buffer((2 * _r0(P, C) + 1,), dtype)
         CPM = T.alloc_buffer((3 if floored else 2,), dtype)
-        PS = T.alloc_buffer((_chunks(N, C) + 1, Mp, D), dtype)     # P[c]: Σ φk⊗v over chunks < c
-        PZ = T.alloc_buffer((_chunks(N, C) + 1, Mp), dtype)        # the same for the ones column
+        PS = T.alloc_buffer((_chunks(N, C) + 1 if far else 1, Mp, D), dtype)   # P[c]: Σ φk⊗v, chunks < c
+        PZ = T.alloc_buffer((_chunks(N, C) + 1 if far else 1, Mp), dtype)      # the same for the ones column
         for bh in range(BH):
             weights(TAB, bh % H, N, W, R0, CE, CPM)
-            # chunk sums into P[c + 1], then prefix sums
-            for c in T.parallel(nc):
-                Kc = T.alloc_buffer((C, Mp), dtype)
-                Vc = T.alloc_buffer((C, D), dtype)
-                acc = T.alloc_buffer((R, D), dtype, scope="local")
-                for t in range(C):
+            if far:     # chunk sums into P[c + 1], then prefix sums
+                for c in T.parallel(nc):
+                    Kc = T.alloc_buffer((C, Mp), dtype)
+                    Vc = T.alloc_buffer((C, D), dtype)
+                    acc = T.alloc_buffer((R, D), dtype, scope="local")
+                    for t in range(C):
+                        for m in T.vectorized(Mp):
+                            Kc[t, m] = zero
+                    load(Kc, K, bh, c * C, N, M)
+                    load(Vc, V, bh, c * C, N, D)
                     for m in T.vectorized(Mp):
-                        Kc[t, m] = zero
-                load(Kc, K, bh, c * C, N, M)
-                load(Vc, V, bh, c * C, N, D)
-                for m in T.vectorized(Mp):
-                    PZ[c + 1, m] = zero
-                for t in range(C):
-                    for m in T.vectorized(Mp):
-                        PZ[c + 1, m] = PZ[c + 1, m] + Kc[t, m]
-                for m0 in range(Mp // R):
-                    fill(acc, R, D)
-                    mm(acc, Kc, True, Vc, m0 * R, R, 0, C, D)
-                    for r in T.unroll(R):
-                        for d in T.vectorized(D):
-                            PS[c + 1, m0 * R + r, d] = acc[r, d]
-            for m in T.parallel(Mp):
-                PZ[0, m] = zero
-                for d in T.vectorized(D):
-                    PS[0, m, d] = zero
-                for c in range(nc):
-                    PZ[c + 1, m] = PZ[c + 1, m] + PZ[c, m]
+                        PZ[c + 1, m] = zero
+                    for t in range(C):
+                        for m in T.vectorized(Mp):
+                            PZ[c + 1, m] = PZ[c + 1, m] + Kc[t, m]
+                    for m0 in range(Mp // R):
+                        fill(acc, R, D)
+                        mm(acc, Kc, True, Vc, m0 * R, R, 0, C, D)
+                        for r in T.unroll(R):
+                            for d in T.vectorized(D):
+                                PS[c + 1, m0 * R + r, d] = acc[r, d]
+                for m in T.parallel(Mp):
+                    PZ[0, m] = zero
                     for d in T.vectorized(D):
-                        PS[c + 1, m, d] = PS[c + 1, m, d] + PS[c, m, d]
+                        PS[0, m, d] = zero
+                    for c in range(nc):
+                        PZ[c + 1, m] = PZ[c + 1, m] + PZ[c, m]
+                        for d in T.vectorized(D):
+                            PS[c + 1, m, d] = PS[c + 1, m, d] + PS[c, m, d]
             # every query chunk: the constant weights by P, then its window tile by tile
             for ci in T.parallel(nc):
                 QcT = T.alloc_buffer((Mp, C), dtype)
@@ -158,9 +160,10 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: d
                 lo = T.max(ci - nb, 0)
                 hi = ci if causal else T.min(ci + nb, nc - 1)
                 for m in range(Mp):
-                    gz[m] = CPM[0] * PZ[lo, m] + CPM[1] * (PZ[nc, m] - PZ[hi + 1, m])
-                    for d in T.vectorized(D):
-                        G[m, d] = CPM[0] * PS[lo, m, d] + CPM[1] * (PS[nc, m, d] - PS[hi + 1, m, d])
+                    if far:
+                        gz[m] = CPM[0] * PZ[lo, m] + CPM[1] * (PZ[nc, m] - PZ[hi + 1, m])
+                        for d in T.vectorized(D):
+                            G[m, d] = CPM[0] * PS[lo, m, d] + CPM[1] * (PS[nc, m, d] - PS[hi + 1, m, d])
                     for t in T.vectorized(C):
                         QcT[m, t] = zero
                 for t in range(C):
@@ -169,15 +172,20 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: d
                 load_t(QcT, Q, bh, ci * C, N, M, X, Y)
                 for t in T.vectorized(C):
                     den[t] = zero
-                for m in range(Mp):
-                    for t in T.vectorized(C):
-                        den[t] = den[t] + QcT[m, t] * gz[m]
-                for t0 in range(C // R):
-                    fill(acc, R, D)
-                    mm(acc, QcT, True, G, t0 * R, R, 0, Mp, D)
-                    for r in T.unroll(R):
+                if far:
+                    for m in range(Mp):
+                        for t in T.vectorized(C):
+                            den[t] = den[t] + QcT[m, t] * gz[m]
+                    for t0 in range(C // R):
+                        fill(acc, R, D)
+                        mm(acc, QcT, True, G, t0 * R, R, 0, Mp, D)
+                        for r in T.unroll(R):
+                            for d in T.vectorized(D):
+                                NUM[t0 * R + r, d] = acc[r, d]
+                else:
+                    for t in range(C):
                         for d in T.vectorized(D):
-                            NUM[t0 * R + r, d] = acc[r, d]
+                            NUM[t, d] = zero
                 for kc in range(lo, hi + 1):
                     load(Kc, K, bh, kc * C, N, M)
                     load(Vc, V, bh, kc * C, N, D)
@@ -202,7 +210,8 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: d
     return kernel
 
 
-def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: dict | None = None):
+def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: dict | None = None,
+                    far: bool = True):
     """Exact gradient of banded_forward: (Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out,
     dTAB out (H, 2W+1)). With g_i = dO_i/DEN_i, cc_i = −(dO_i·O_i)/DEN_i, a_ij = Qf_i·Kf_j,
     b_ij = g_i·V_j + cc_i and w_ij = c(i−j) (c₊ / c₋ outside the windows):
@@ -211,7 +220,7 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: 
     Far keys of a query chunk go through the key prefix sums P (as forward), far queries of a key
     chunk through the query prefix sums Pq[c] = Σ_{i < cC} Qf_i⊗[g_i, cc_i]; the window tiles are
     recomputed once from the query side (dQf, the weights' gradient) and once from the key side
-    (dKf, dV), so no two threads write the same row. `knobs`: as banded_forward's."""
+    (dKf, dV), so no two threads write the same row. `knobs`, `far`: as banded_forward's."""
     C = resolve("banded", knobs)["chunk"]
     L, zero, load, load_t, _, _ = chunk_loaders(dtype, C)
     HL = cpu.lanes(dtype)
@@ -246,12 +255,12 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: 
         nc = _chunks(N, C)
         CE = T.alloc_buffer((2 * _r0(P, C) + 1,), dtype)
         CPM = T.alloc_buffer((2,), dtype)
-        PS = T.alloc_buffer((_chunks(N, C) + 1, Mp, D), dtype)     # key prefix sums Σ Kf⊗V
-        PZ = T.alloc_buffer((_chunks(N, C) + 1, Mp), dtype)        #                 Σ Kf
-        QS = T.alloc_buffer((_chunks(N, C), Mp, D), dtype)         # query chunk sums Σ Qf⊗g
-        QZ = T.alloc_buffer((_chunks(N, C), Mp), dtype)            #                  Σ Qf cc
-        PQ = T.alloc_buffer((_chunks(N, C) + 1, Mp, D), dtype)     # their prefix sums
-        PQZ = T.alloc_buffer((_chunks(N, C) + 1, Mp), dtype)
+        PS = T.alloc_buffer((_chunks(N, C) + 1 if far else 1, Mp, D), dtype)   # key prefix sums Σ Kf⊗V
+        PZ = T.alloc_buffer((_chunks(N, C) + 1 if far else 1, Mp), dtype)      #                 Σ Kf
+        QS = T.alloc_buffer((_chunks(N, C) if far else 1, Mp, D), dtype)       # query chunk sums Σ Qf⊗g
+        QZ = T.alloc_buffer((_chunks(N, C) if far else 1, Mp), dtype)          #                  Σ Qf cc
+        PQ = T.alloc_buffer((_chunks(N, C) + 1 if far else 1, Mp, D), dtype)   # their prefix sums
+        PQZ = T.alloc_buffer((_chunks(N, C) + 1 if far else 1, Mp), dtype)
         GALL = T.alloc_buffer((1, _chunks(N, C) * C, D), dtype)   # g rows (zero past N)
         CCALL = T.alloc_buffer((_chunks(N, C) * C,), dtype)
         DCE = T.alloc_buffer((_chunks(N, C), 2 * _r0(P, C) + 1), dtype)   # per query chunk: c(r) Σ a b
@@ -284,44 +293,47 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: 
                         CCALL[c * C + t] = zero
                         for d in T.vectorized(D):
                             GALL[0, c * C + t, d] = zero
+                    if far:
+                        for m in T.vectorized(Mp):
+                            Kc[t, m] = zero
+                            Qc[t, m] = zero
+                if far:
+                    load(Kc, K, bh, c * C, N, M)
+                    load(Qc, Q, bh, c * C, N, M)
+                    load(Vc, V, bh, c * C, N, D)
+                    load(Gc, GALL, 0, c * C, N, D)
                     for m in T.vectorized(Mp):
-                        Kc[t, m] = zero
-                        Qc[t, m] = zero
-                load(Kc, K, bh, c * C, N, M)
-                load(Qc, Q, bh, c * C, N, M)
-                load(Vc, V, bh, c * C, N, D)
-                load(Gc, GALL, 0, c * C, N, D)
-                for m in T.vectorized(Mp):
-                    PZ[c + 1, m] = zero
-                    QZ[c, m] = zero
-                for t in range(C):
-                    for m in T.vectorized(Mp):
-                        PZ[c + 1, m] = PZ[c + 1, m] + Kc[t, m]
-                        QZ[c, m] = QZ[c, m] + Qc[t, m] * CCALL[c * C + t]
-                for m0 in range(Mp // RD):
-                    fill(accD, RD, D)
-                    mm(accD, Kc, True, Vc, m0 * RD, RD, 0, C, D)
-                    for r in T.unroll(RD):
-                        for d in T.vectorized(D):
-                            PS[c + 1, m0 * RD + r, d] = accD[r, d]
-                    fill(accD, RD, D)
-                    mm(accD, Qc, True, Gc, m0 * RD, RD, 0, C, D)
-                    for r in T.unroll(RD):
-                        for d in T.vectorized(D):
-                            QS[c, m0 * RD + r, d] = accD[r, d]
+                        PZ[c + 1, m] = zero
+                        QZ[c, m] = zero
+                    for t in range(C):
+                        for m in T.vectorized(Mp):
+                            PZ[c + 1, m] = PZ[c + 1, m] + Kc[t, m]
+                            QZ[c, m] = QZ[c, m] + Qc[t, m] * CCALL[c * C + t]
+                    for m0 in range(Mp // RD):
+                        fill(accD, RD, D)
+                        mm(accD, Kc, True, Vc, m0 * RD, RD, 0, C, D)
+                        for r in T.unroll(RD):
+                            for d in T.vectorized(D):
+                                PS[c + 1, m0 * RD + r, d] = accD[r, d]
+                        fill(accD, RD, D)
+                        mm(accD, Qc, True, Gc, m0 * RD, RD, 0, C, D)
+                        for r in T.unroll(RD):
+                            for d in T.vectorized(D):
+                                QS[c, m0 * RD + r, d] = accD[r, d]
             # 2. prefix sums over chunks
-            for m in T.parallel(Mp):
-                PZ[0, m] = zero
-                PQZ[0, m] = zero
-                for d in T.vectorized(D):
-                    PS[0, m, d] = zero
-                    PQ[0, m, d] = zero
-                for c in range(nc):
-                    PZ[c + 1, m] = PZ[c + 1, m] + PZ[c, m]
-                    PQZ[c + 1, m] = PQZ[c, m] + QZ[c, m]
+            if far:
+                for m in T.parallel(Mp):
+                    PZ[0, m] = zero
+                    PQZ[0, m] = zero
                     for d in T.vectorized(D):
-                        PS[c + 1, m, d] = PS[c + 1, m, d] + PS[c, m, d]
-                        PQ[c + 1, m, d] = PQ[c, m, d] + QS[c, m, d]
+                        PS[0, m, d] = zero
+                        PQ[0, m, d] = zero
+                    for c in range(nc):
+                        PZ[c + 1, m] = PZ[c + 1, m] + PZ[c, m]
+                        PQZ[c + 1, m] = PQZ[c, m] + QZ[c, m]
+                        for d in T.vectorized(D):
+                            PS[c + 1, m, d] = PS[c + 1, m, d] + PS[c, m, d]
+                            PQ[c + 1, m, d] = PQ[c, m, d] + QS[c, m, d]
             # 3. query chunks: dQf, and the gradient of the weights
             for ci in T.parallel(nc):
                 QcT = T.alloc_buffer((M, C), dtype)
@@ -343,14 +355,15 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: 
                 hi = ci if causal else T.min(ci + nb, nc - 1)
                 sp[0] = zero
                 sp[1] = zero
-                for m in range(M):
-                    gz[m] = CPM[0] * PZ[lo, m] + CPM[1] * (PZ[nc, m] - PZ[hi + 1, m])
-                    sp[0] = sp[0] + QZ[ci, m] * PZ[lo, m]
-                    sp[1] = sp[1] + QZ[ci, m] * (PZ[nc, m] - PZ[hi + 1, m])
-                    for d in range(D):
-                        GT[d, m] = CPM[0] * PS[lo, m, d] + CPM[1] * (PS[nc, m, d] - PS[hi + 1, m, d])
-                        sp[0] = sp[0] + QS[ci, m, d] * PS[lo, m, d]
-                        sp[1] = sp[1] + QS[ci, m, d] * (PS[nc, m, d] - PS[hi + 1, m, d])
+                if far:
+                    for m in range(M):
+                        gz[m] = CPM[0] * PZ[lo, m] + CPM[1] * (PZ[nc, m] - PZ[hi + 1, m])
+                        sp[0] = sp[0] + QZ[ci, m] * PZ[lo, m]
+                        sp[1] = sp[1] + QZ[ci, m] * (PZ[nc, m] - PZ[hi + 1, m])
+                        for d in range(D):
+                            GT[d, m] = CPM[0] * PS[lo, m, d] + CPM[1] * (PS[nc, m, d] - PS[hi + 1, m, d])
+                            sp[0] = sp[0] + QS[ci, m, d] * PS[lo, m, d]
+                            sp[1] = sp[1] + QS[ci, m, d] * (PS[nc, m, d] - PS[hi + 1, m, d])
                 DPM[ci, 0] = sp[0]
                 DPM[ci, 1] = sp[1]
                 for e in range(2 * R0 + 1):
@@ -359,12 +372,17 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: 
                 load_t(GcT, GALL, 0, ci * C, N, D, X, Y)
                 for t in T.vectorized(C):
                     cc[t] = CCALL[ci * C + t]
-                for t0 in range(C // RM):
-                    fill(accM, RM, M)
-                    mm(accM, GcT, True, GT, t0 * RM, RM, 0, D, M)
-                    for r in T.unroll(RM):
+                if far:
+                    for t0 in range(C // RM):
+                        fill(accM, RM, M)
+                        mm(accM, GcT, True, GT, t0 * RM, RM, 0, D, M)
+                        for r in T.unroll(RM):
+                            for m in T.vectorized(M):
+                                DQ[t0 * RM + r, m] = accM[r, m] + cc[t0 * RM + r] * gz[m]
+                else:
+                    for t in range(C):
                         for m in T.vectorized(M):
-                            DQ[t0 * RM + r, m] = accM[r, m] + cc[t0 * RM + r] * gz[m]
+                            DQ[t, m] = zero
                 for kc in range(lo, hi + 1):
                     load(Kc, K, bh, kc * C, N, M)
                     load(Vc, V, bh, kc * C, N, D)
@@ -412,25 +430,33 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: 
                 Y = T.alloc_buffer((L, L), dtype, scope="local")
                 qlo = cj if causal else T.max(cj - nb, 0)
                 qhi = T.min(cj + nb, nc - 1)
-                for m in range(M):
-                    rz[m] = CPM[0] * (PQZ[nc, m] - PQZ[qhi + 1, m]) + CPM[1] * PQZ[qlo, m]
-                    for d in range(D):
-                        Rm[m, d] = CPM[0] * (PQ[nc, m, d] - PQ[qhi + 1, m, d]) + CPM[1] * PQ[qlo, m, d]
-                        RT[d, m] = Rm[m, d]
+                if far:
+                    for m in range(M):
+                        rz[m] = CPM[0] * (PQZ[nc, m] - PQZ[qhi + 1, m]) + CPM[1] * PQZ[qlo, m]
+                        for d in range(D):
+                            Rm[m, d] = CPM[0] * (PQ[nc, m, d] - PQ[qhi + 1, m, d]) + CPM[1] * PQ[qlo, m, d]
+                            RT[d, m] = Rm[m, d]
                 load(Kc, K, bh, cj * C, N, M)
                 load(Vc, V, bh, cj * C, N, D)
-                for s0 in range(C // RM):
-                    fill(accM, RM, M)
-                    mm(accM, Vc, False, RT, s0 * RM, RM, 0, D, M)
-                    for r in T.unroll(RM):
+                if far:
+                    for s0 in range(C // RM):
+                        fill(accM, RM, M)
+                        mm(accM, Vc, False, RT, s0 * RM, RM, 0, D, M)
+                        for r in T.unroll(RM):
+                            for m in T.vectorized(M):
+                                DK[s0 * RM + r, m] = accM[r, m] + rz[m]
+                    for s0 in range(C // RD):
+                        fill(accD, RD, D)
+                        mm(accD, Kc, False, Rm, s0 * RD, RD, 0, M, D)
+                        for r in T.unroll(RD):
+                            for d in T.vectorized(D):
+                                DVc[s0 * RD + r, d] = accD[r, d]
+                else:
+                    for t in range(C):
                         for m in T.vectorized(M):
-                            DK[s0 * RM + r, m] = accM[r, m] + rz[m]
-                for s0 in range(C // RD):
-                    fill(accD, RD, D)
-                    mm(accD, Kc, False, Rm, s0 * RD, RD, 0, M, D)
-                    for r in T.unroll(RD):
+                            DK[t, m] = zero
                         for d in T.vectorized(D):
-                            DVc[s0 * RD + r, d] = accD[r, d]
+                            DVc[t, d] = zero
                 for ci in range(qlo, qhi + 1):
                     load(Qc, Q, bh, ci * C, N, M)
                     load_t(QcT, Q, bh, ci * C, N, M, X, Y)
@@ -467,8 +493,9 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, knobs: 
                     DSUM[e] = DSUM[e] + DCE[c, e]
             for e in range(2 * R0 + 1):
                 dTAB[bh % H, slot(e - R0, W)] = dTAB[bh % H, slot(e - R0, W)] + DSUM[e]
-            for c in range(nc):
-                dTAB[bh % H, 2 * W] = dTAB[bh % H, 2 * W] + DPM[c, 0] * CPM[0]
-                dTAB[bh % H, 0] = dTAB[bh % H, 0] + DPM[c, 1] * CPM[1]
+            if far:
+                for c in range(nc):
+                    dTAB[bh % H, 2 * W] = dTAB[bh % H, 2 * W] + DPM[c, 0] * CPM[0]
+                    dTAB[bh % H, 0] = dTAB[bh % H, 0] + DPM[c, 1] * CPM[1]
 
     return kernel

@@ -1,6 +1,6 @@
 """banded: a learned table clipped at ±W (constant beyond): the ±W band with exact weights in
 C×C tiles, the far keys through chunk prefix sums. Exact for any table; a sliding window is the
-table whose far weight is 0.
+table whose far weight is 0, and its kernels build no prefix sums.
 
 CPU kernels: banded.py; portable: te_forms.py.
 """
@@ -18,9 +18,10 @@ CHUNK = defaults("banded")["chunk"]       # the CPU kernels' default chunk (thei
 def lower_cpu(node: PositionalAttention, names, dtype, knobs):
     from ..cpu import banded
     m, d = node.qf.shape[-1], node.v.shape[-1]
+    far = node.bias.position.name != "window"        # a sliding window's far keys weigh 0
     return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal, knobs.get(names[0]),
-                                            eps=node.eps),
-            names[1]: banded.banded_backward(names[1], m, d, dtype, node.causal, knobs.get(names[1]))}
+                                            eps=node.eps, far=far),
+            names[1]: banded.banded_backward(names[1], m, d, dtype, node.causal, knobs.get(names[1]), far=far)}
 
 
 def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
@@ -40,11 +41,13 @@ def run(node, args, lib, name, params):
 
 def _cost(n: PositionalAttention, N: int) -> float:
     """Window tiles (keys within ±(W + C) of a query chunk) with exact weights, plus the constant
-    weights beyond the clip through chunk prefix sums (one M×(D+1) product a row)."""
+    weights beyond the clip through chunk prefix sums (one M×(D+1) product a row; none for a
+    sliding window)."""
     m, d = n.qf.shape[-1], n.v.shape[-1]
     w = int(n.bias.position["max_distance"])
     window = min(N, (1 if n.causal else 2) * w + CHUNK)
-    return 2.0 * N * window * (m + d + 1) + 4.0 * N * m * (d + 1)
+    far = 0.0 if n.bias.position.name == "window" else 4.0 * N * m * (d + 1)
+    return 2.0 * N * window * (m + d + 1) + far
 
 
 FORMS = [
