@@ -38,6 +38,15 @@ def parse(text: str | bytes, filename: str = "<spec>") -> SpecFile:
     return check(blocks, filename, source)
 
 
+def expression(text: str, field: str = "position", var: str = "r") -> Expr:
+    """EXPR of `field(var) = text`, parsed but not checked: every other name stays a variable
+    (the MLIR reader's tabulated terms, whose names are params; it checks what it needs)."""
+    source = f"attention m {{ {field}({var}) = {text} }}"
+    tree = _syntax_tree(source, "<expression>")
+    _check_depth(tree, "<expression>", source)
+    return _Builder("<expression>", source).blocks(tree)[0].fields[0].expr
+
+
 def too_large(size: int, filename: str) -> SpecError:
     """The error for a spec of `size` bytes (or characters) beyond MAX_BYTES."""
     shown = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"

@@ -44,7 +44,11 @@ def scalar(v: Value | None) -> ir.Attribute:
 
 
 def choice(c: Choice) -> ir.Attribute:
-    """#attn.choice<"favor", {features = 64 : i64, ...}> or #attn.user_map<"(-0.5 * abs(r))">."""
+    """#attn.choice<"favor", {features = 64 : i64, ...}> or #attn.user_map<"(-0.5 * abs(r))">; a
+    tabulated term #attn.choice<"tabulated", {max_distance = ..., expr = "(...)"}>."""
+    if c.expr is not None and c.name == "tabulated":        # ast.tabulated: its EXPR as a parameter
+        params = ir.DictAttr.get({**{k: scalar(v) for k, v in c.params}, "expr": scalar(to_text(c.expr))})
+        return ir.DynamicAttr.get("attn.choice", [ir.StringAttr.get(c.name), params])
     if c.expr is not None:
         if (c.name, c.params) != ("user", ()):
             raise ValueError(f"a user map is Choice('user', expr=...), not {c!r}")

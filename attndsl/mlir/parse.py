@@ -11,8 +11,8 @@ import re
 
 from torch_mlir import ir
 
-from ..ast import Choice, Span
-from ..check import FIELDS
+from ..ast import FUNCTIONS, Choice, Span, Var, children
+from ..check import FIELDS, Option, Param, check_expr
 from ..diagnostics import SpecError, did_you_mean, render
 from ..ir import Node
 from ..verify import CHECKS, IRVerificationError, verify
@@ -24,6 +24,13 @@ SPEC_FIELD = {"kernel": "kernel", "phi": "kernel", "position": "position", "samp
 ATTRIBUTE_TYPES = {str: ir.StringAttr, float: ir.FloatAttr, bool: ir.BoolAttr}
 PARAMETER_TYPES = (ir.BoolAttr, ir.IntegerAttr, ir.FloatAttr, ir.StringAttr, ir.UnitAttr)
 
+
+
+# the position kinds only the planner writes (ast.windowed, ast.tabulated), which no spec names
+PLANNED_POSITIONS = {
+    "window": Option("window", (Param("max_distance", int), Param("size", int), Param("within", str))),
+    "tabulated": Option("tabulated", (Param("max_distance", int), Param("expr", str))),
+}
 
 class MLIRFormatError(ValueError):
     """A module that is not attn IR. `str(err)` is located, rustc-style, when the text is known."""
@@ -165,7 +172,7 @@ class _Reader:
         if d.attr_name == "attn.user_map":
             return Choice("user", expr=self.user_map(op, field, ir.StringAttr(d.params[0]).value))
         name, params = ir.StringAttr(d.params[0]).value, ir.DictAttr(d.params[1])
-        option = field.options.get(name)
+        option = field.options.get(name) or (PLANNED_POSITIONS.get(name) if field.name == "position" else None)
         if option is None:
             raise self.error(op, f"unknown {field.name} '{name}'", did_you_mean(name, field.options, field.plural))
         declared = {p.name: p for p in option.params}      # the order of Choice.params
@@ -181,7 +188,27 @@ class _Reader:
             given[a.name] = None if isinstance(value, ir.UnitAttr) else value.value
             if type(given[a.name]) is not p.type and not (given[a.name] is None and p.default is None):
                 raise self.error(op, f"'{a.name}' of {name} must be {p.type.__name__}, not {value}")
+        if name == "tabulated":
+            return Choice(name, (("max_distance", given["max_distance"]),),
+                          expr=self.tabulated(op, field, given["expr"]))
         return Choice(name, tuple((k, given[k]) for k in declared if k in given))
+
+    def tabulated(self, op: ir.Operation, field, text: str):
+        """EXPR of a tabulated position term (ast.tabulated): r and the spec's params, whose names
+        the text alone gives (each free name is a param); functions and arities checked."""
+        from ..parse import expression
+        try:
+            e = expression(text, field.name, field.user_var)
+            names, todo = set(), [e]
+            while todo:
+                n = todo.pop()
+                if isinstance(n, Var) and n.name != field.user_var and n.name not in FUNCTIONS:
+                    names.add(n.name)
+                todo.extend(children(n))
+            check_expr(e, field, dict.fromkeys(names))
+        except SpecError as err:
+            raise self.error(op, f"not a tabulated {field.name} term: {text!r} ({err.message})", err.help) from None
+        return e
 
     def user_map(self, op: ir.Operation, field, text: str):
         from .. import parse
