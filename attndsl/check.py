@@ -364,15 +364,12 @@ def check_expr(e: Expr, fs: FieldSpec, params: dict | None = None) -> None:
             big = not math.isfinite(n.value) or abs(n.value) > F32_MAX
             raise SpecError(f"number too {'large' if big else 'small'}", n.span,
                             help=F32_RANGE)
-        if isinstance(n, Var) and n.name != var:
-            if n.name in params and var == "r":
-                pass
-            elif n.name in params:
+        if isinstance(n, Var) and n.name != var and not (var == "r" and n.name in params):
+            if n.name in params:
                 raise SpecError(f"a {fs.name} map cannot read param '{n.name}'", n.span,
                                 help=f"its expression is compiled into the feature-map kernels; params are read "
                                      f"by position(r) = EXPR (e.g. position(r) = -{n.name} * abs(r))")
-            else:
-                raise _bad_variable(n, fs, params)
+            raise _bad_variable(n, fs, params)
         if isinstance(n, Call):
             if n.func not in FUNCTIONS:
                 raise SpecError(f"unknown function '{n.func}'", n.span,

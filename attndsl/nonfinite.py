@@ -46,7 +46,7 @@ class _Poisoned(torch.autograd.Function):
         hit, padded = ctx.saved_tensors
         rows = (hit & (g != 0)).any(-1)                                  # (BH, N), NaN != 0
         if ctx.window is not None:                                       # rows i − j ∈ [0 or −W, W]
-            keys = within(rows[..., None], -ctx.window * (not ctx.causal), ctx.window)[..., 0]
+            keys = within(rows[..., None], 0 if ctx.causal else -ctx.window, ctx.window)[..., 0]
         elif ctx.causal:
             keys = rows.flip(1).cumsum(1).flip(1) > 0
         else:
