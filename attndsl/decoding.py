@@ -80,16 +80,19 @@ def initial_state(attn, batch: int, dtype: torch.dtype = torch.float32, device="
 
 def step(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
-    """(out (B, H, 1, Dv), the state after this token) for one token q, k (B, H, 1, Dk), v (B, H, 1, Dv)."""
+    """(out (B, H, 1, Dv), the state after this token) for one token q (B, H, 1, Dk), k (B, Hkv, 1, Dk),
+    v (B, Hkv, 1, Dv); Hkv < H: grouped heads, query head h reading kv head h // (H / Hkv)."""
     from .module import KERNEL_DTYPES, UPCAST
     if not isinstance(state, DecodeState):
         raise TypeError(f"state must be the DecodeState of initial_state() or a previous step(), got "
                         f"{type(state).__name__}")
     attn._validate(q, k, v)
     B, H, N, _ = q.shape
-    if N != 1:
-        raise ValueError(f"step() takes one token, (batch, heads, 1, dim); got {N} (q {tuple(q.shape)}): "
-                         f"call the module on the whole sequence, or step token by token")
+    if N != 1 or k.shape[2] != 1:
+        raise ValueError(f"step() takes one token, (batch, heads, 1, dim); got q {tuple(q.shape)}, k "
+                         f"{tuple(k.shape)}: call the module on the whole sequence, or step token by token")
+    if k.shape[1] != H:                          # grouped heads: the state is per query head
+        k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
     if B != state.batch:
         raise ValueError(f"the state holds {state.batch} sequences, these inputs {B}")
     dtype = UPCAST.get(q.dtype, q.dtype)

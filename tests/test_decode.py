@@ -59,6 +59,18 @@ def test_steps_equal_the_full_causal_forward(case, dtype):
     assert_close(f"{case} vs §2", attn.reference(q.double(), k.double(), v.double()), got, 5 * RTOL[dtype])
 
 
+@pytest.mark.parametrize("case", ["favor", "alibi"])
+def test_grouped_heads_step_as_the_full_forward(case):
+    attn = module(case)
+    q, k, v = tokens(2, 9, torch.float64)
+    k, v = k[:, :1], v[:, :1]                  # one kv head for the two query heads
+    with torch.no_grad():
+        full = attn(q, k, v)
+    got, _ = decode(attn, q, k, v)
+    assert_close(case, full, got, 5 * RTOL[torch.float64])
+    assert_close(f"{case} vs §2", attn.reference(q, k, v), got, 5 * RTOL[torch.float64])
+
+
 def test_a_state_is_never_written_so_it_can_be_stepped_twice():
     attn = module("favor")
     q, k, v = tokens(1, 6, torch.float64)
@@ -95,6 +107,8 @@ def test_bad_steps_say_what_is_wrong():
     state = attn.initial_state(2)
     with pytest.raises(ValueError, match="takes one token"):
         attn.step(q, k, v, state)
+    with pytest.raises(ValueError, match="takes one token"):
+        attn.step(q[:, :, :1], k, v, state)
     with pytest.raises(ValueError, match="holds 3 sequences"):
         attn.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], attn.initial_state(3))
     with pytest.raises(TypeError, match="initial_state\\(batch, dtype=torch.float64\\)"):
