@@ -82,3 +82,35 @@ def assert_matches_reference(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     for name, a, b in (("dq", q64, qc), ("dk", k64, kc), ("dv", v64, vc)):
         assert_close(name, a.grad, b.grad, 20 * RTOL[dtype])
     return out
+
+
+def assert_masked_matches_reference(attn, q, k, v, mask, dtype):
+    """attn on q, k, v with the key padding mask `mask` (or None) in `dtype` against its float64
+    reference: forward, and dq, dk, dv and the position table's gradient (where the module learns
+    one) for one random output gradient (RTOL, 20·RTOL), every gradient finite; returns the output."""
+    q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
+    ref = attn.reference(q64, k64, v64, key_padding_mask=mask)
+    qc, kc, vc = (t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v))
+    out = attn(qc, kc, vc, key_padding_mask=mask)
+    assert_close("out", ref, out, RTOL[dtype])
+    g = torch.randn_like(ref)
+    table = attn.position_table
+    wrt = [q64, k64, v64] + ([table] if table is not None else [])
+    want = torch.autograd.grad(ref, wrt, g)
+    got = torch.autograd.grad(out, [qc, kc, vc] + wrt[3:], g.to(dtype))
+    for what, a, b in zip(("dq", "dk", "dv", "dtable"), want, got):
+        assert torch.isfinite(b).all(), what
+        assert_close(what, a, b, 20 * RTOL[dtype])
+    return out
+
+
+def gradcheck_with_table(attn, q, k, v):
+    """float64 gradcheck in q, k, v and the position table (as an input, where the module has one)."""
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    params = {}
+    if attn.position_table is not None:
+        params["position_table"] = attn.position_table.detach().double().clone().requires_grad_()
+
+    def f(q, k, v, *tab):
+        return torch.func.functional_call(attn, dict(zip(params, tab)), (q, k, v))
+    assert torch.autograd.gradcheck(f, (q, k, v, *params.values()), eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -29,7 +29,7 @@ except ImportError:
     build = te_forms = None
 from attndsl.schedules import cuda as cuda_schedules
 
-from conftest import RTOL, assert_close, shared
+from conftest import RTOL, assert_close, gradcheck_with_table, shared
 from test_linear import KERNELS, MASKS, inputs, spec
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -172,18 +172,6 @@ def check_with_table(attn, q, k, v, rtol):
         attn.zero_grad()
         (attn(q, k, v) * g.to(q)).sum().backward()
         assert_close("dtable", ref, attn.position_table.grad.to(ref.device), 20 * rtol)
-
-
-def gradcheck_with_table(attn, q, k, v):
-    """float64 gradcheck in q, k, v and the table (as an input)."""
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    params = {}
-    if attn.position_table is not None:
-        params["position_table"] = attn.position_table.detach().double().clone().requires_grad_()
-
-    def f(q, k, v, *tab):
-        return torch.func.functional_call(attn, dict(zip(params, tab)), (q, k, v))
-    assert torch.autograd.gradcheck(f, (q, k, v, *params.values()), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

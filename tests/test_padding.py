@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RTOL, assert_close, shared
+from conftest import RTOL, assert_close, assert_masked_matches_reference, shared
 
 import attndsl
 from attndsl import sampling
@@ -79,31 +79,12 @@ def test_the_reference_is_sdpa_and_the_plain_sums_with_the_mask():
     assert (got[3] == 0).all()
 
 
-def check_against_reference(attn, q, k, v, mask, dtype):
-    """Forward and dq, dk, dv (one random output gradient) in `dtype` against the float64
-    reference, and the position table's gradient where the module learns one."""
-    q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
-    ref = attn.reference(q64, k64, v64, key_padding_mask=mask)
-    qc, kc, vc = (t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v))
-    out = attn(qc, kc, vc, key_padding_mask=mask)
-    assert_close("out", ref, out, RTOL[dtype])
-    g = torch.randn_like(ref)
-    table = attn.position_table
-    wrt = [q64, k64, v64] + ([table] if table is not None else [])
-    want = torch.autograd.grad(ref, wrt, g)
-    got = torch.autograd.grad(out, [qc, kc, vc] + wrt[3:], g.to(dtype))
-    for what, a, b in zip(("dq", "dk", "dv", "dtable"), want, got):
-        assert torch.isfinite(b).all(), what
-        assert_close(what, a, b, 20 * RTOL[dtype])
-    return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_every_form_leaves_padded_keys_out(name, dtype):
     attn = module(name)
     mask = padding_mask()
-    out = check_against_reference(attn, *qkv(), mask, dtype)
+    out = assert_masked_matches_reference(attn, *qkv(), mask, dtype)
     if not attn.spec.causal or name == "values_fft":
         return
     # causal, left padding: the rows before the first kept key see none: 0
@@ -113,7 +94,7 @@ def test_every_form_leaves_padded_keys_out(name, dtype):
 @pytest.mark.xdist_group("padding-portable")
 @pytest.mark.parametrize("name", ["prefix_sum", "quadratic", "quadratic_table"])   # the kernels padding changed
 def test_the_portable_kernels_leave_padded_keys_out(name):
-    check_against_reference(module(name, PORTABLE), *qkv(), padding_mask(), torch.float64)
+    assert_masked_matches_reference(module(name, PORTABLE), *qkv(), padding_mask(), torch.float64)
 
 
 @pytest.mark.parametrize("name", ["linear", "prefix_favor", "toeplitz_fft", "banded", "quadratic_table"])
@@ -255,7 +236,7 @@ def test_a_fused_map_is_read_where_it_vanishes_and_one_that_never_does_is_refuse
     fused = shared("attention a { kernel(x) = x * exp(x); mask = causal }", heads=H, head_dim=D)
     node = fused.planned.root
     assert vanishing(node.phi, node.prescale) == 0.0          # -inf: 0·(−inf)
-    check_against_reference(fused, *qkv(), padding_mask(), torch.float64)
+    assert_masked_matches_reference(fused, *qkv(), padding_mask(), torch.float64)
     never = shared("attention a { kernel(x) = 1 + x * x }", heads=H, head_dim=D)
     q, k, v = qkv(dtype=torch.float32)
     with pytest.raises(ValueError, match="this φ is 0 at none of -inf, 0, inf, -1, 1"):
@@ -305,7 +286,7 @@ def test_the_sampled_forms_draw_no_padded_key(target):
 def test_kde_with_the_block_covering_the_sequence_is_the_padded_reference(target):
     attn = shared("attention a { sampling = kde(buckets=2, block=64, samples=8, seed=0) }",
                   heads=H, head_dim=D, target=target)
-    check_against_reference(attn, *qkv(40), padding_mask(40), torch.float64)
+    assert_masked_matches_reference(attn, *qkv(40), padding_mask(40), torch.float64)
 
 
 # --- cross-attention and grouped heads (module._cross: on the padding machinery) ----------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RTOL, assert_close, shared
+from conftest import RTOL, assert_close, assert_masked_matches_reference, gradcheck_with_table, shared
 
 import attndsl
 from attndsl.nn import MultiheadAttention
@@ -58,24 +58,6 @@ def window_mask(spec, n=N) -> torch.Tensor:
     return keep & (r >= 0) if spec.causal else keep
 
 
-def check(attn, q, k, v, mask, dtype):
-    """Forward and dq, dk, dv and the position table's gradient in `dtype` against the float64 reference."""
-    q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
-    ref = attn.reference(q64, k64, v64, key_padding_mask=mask)
-    qc, kc, vc = (t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v))
-    out = attn(qc, kc, vc, key_padding_mask=mask)
-    assert_close("out", ref, out, RTOL[dtype])
-    g = torch.randn_like(ref)
-    table = attn.position_table
-    wrt = [q64, k64, v64] + ([table] if table is not None else [])
-    want = torch.autograd.grad(ref, wrt, g)
-    got = torch.autograd.grad(out, [qc, kc, vc] + wrt[3:], g.to(dtype))
-    for what, a, b in zip(("dq", "dk", "dv", "dtable"), want, got):
-        assert torch.isfinite(b).all(), what
-        assert_close(what, a, b, 20 * RTOL[dtype])
-    return out
-
-
 # float32 for the kernels a window changes (the quadratic tiles, banded without far sums); the
 # others' float32 kernels are those of any table (tests/test_pairwise.py, test_position.py)
 CASES = [(name, dtype) for name in SPECS for dtype in (torch.float32, torch.float64)
@@ -87,7 +69,7 @@ CASES = [(name, dtype) for name in SPECS for dtype in (torch.float32, torch.floa
 def test_every_form_computes_the_window(name, dtype, padded):
     attn = module(name)
     mask = padding_mask() if padded else None
-    out = check(attn, *qkv(), mask, dtype)
+    out = assert_masked_matches_reference(attn, *qkv(), mask, dtype)
     if padded:              # the rows whose window holds only padded keys: 0
         empty = ~(window_mask(attn.spec) & ~mask[2][None, :]).any(1)
         assert empty[:20].all() and (out[2][:, empty] == 0).all()
@@ -110,7 +92,7 @@ def test_the_reference_is_sdpa_with_the_window_mask():
 @pytest.mark.xdist_group("window-portable")
 @pytest.mark.parametrize("name", ["softmax_alibi", "softmax_table", "banded_table"])
 def test_the_portable_kernels_compute_the_window(name):
-    check(module(name, PORTABLE), *qkv(), padding_mask(), torch.float64)
+    assert_masked_matches_reference(module(name, PORTABLE), *qkv(), padding_mask(), torch.float64)
 
 
 @pytest.mark.parametrize("name", ["softmax_alibi", "banded"])
@@ -134,15 +116,7 @@ def test_a_nan_key_reaches_only_the_rows_whose_window_holds_it(name):
 
 @pytest.mark.parametrize("name", ["softmax_table", "banded_table", "pairwise_t5"])
 def test_gradcheck(name):
-    attn = module(name)
-    q, k, v = (torch.randn(1, H, 15, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    params = {}
-    if attn.position_table is not None:
-        params["position_table"] = attn.position_table.detach().double().clone().requires_grad_()
-
-    def f(q, k, v, *tab):
-        return torch.func.functional_call(attn, dict(zip(params, tab)), (q, k, v))
-    assert torch.autograd.gradcheck(f, (q, k, v, *params.values()), eps=1e-6, atol=1e-7, rtol=1e-5)
+    gradcheck_with_table(module(name), *(torch.randn(1, H, 15, D, dtype=torch.float64) for _ in range(3)))
 
 
 def test_the_plan_and_explain():
