@@ -182,12 +182,16 @@ def main(argv=None):
     for name in args.specs.split(","):
         for n in lengths:
             rows += measure(name, n, rounds)
-    text = table(rows)
+    save(Path(args.out), "bench_lengths", argv, table(rows), rows, plot)
+
+
+def save(out: Path, script: str, argv, text: str, rows: list[dict], plot) -> None:
+    """Print the table and write out.md (the table under the CPU, threads and the command that made
+    it), out.json (the rows) and out.png (plot(rows, path))."""
     print(text)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(f"# bench_lengths ({llvm_get_system_cpu()}, {torch.get_num_threads()} "
-                                      f"threads)\n\n`python benchmarks/bench_lengths.py "
+    out.with_suffix(".md").write_text(f"# {script} ({llvm_get_system_cpu()}, {torch.get_num_threads()} "
+                                      f"threads)\n\n`python benchmarks/{script}.py "
                                       f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{text}\n")
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     plot(rows, out.with_suffix(".png"))

@@ -18,9 +18,7 @@ Writes benchmarks/results/bench_padding.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 from tvm.target.codegen import llvm_get_system_cpu
 
 import attndsl
-from bench_lengths import once
+from bench_lengths import once, save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 B, H, DIM = 2, 4, 64
@@ -112,8 +110,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(which)
         ax.set_ylabel("time with the mask (or shared kv heads) / without")
         ax.legend(fontsize=7)
-    fig.suptitle(f"key padding mask and grouped-head cost, B={B} H={H} D={DIM}, float32, {torch.get_num_threads()} threads "
-                 f"({llvm_get_system_cpu()})", fontsize=10)
+    fig.suptitle(f"key padding mask and grouped-head cost, B={B} H={H} D={DIM}, float32, "
+                 f"{torch.get_num_threads()} threads ({llvm_get_system_cpu()})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -129,16 +127,7 @@ def main(argv=None):
     for name in args.specs.split(","):
         for n in (int(x) for x in args.lengths.split(",")):
             rows += measure(name, n, args.rounds)
-    text = table(rows)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(f"# bench_padding ({llvm_get_system_cpu()}, {torch.get_num_threads()} "
-                                      f"threads)\n\n`python benchmarks/bench_padding.py "
-                                      f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{text}\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    plot(rows, out.with_suffix(".png"))
-
+    save(Path(args.out), "bench_padding", argv, table(rows), rows, plot)
 
 if __name__ == "__main__":
     main()

@@ -17,9 +17,7 @@ Writes benchmarks/results/bench_window.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from tvm.target.codegen import llvm_get_system_cpu
 
 import attndsl
 from attndsl.reference import alibi_slopes
-from bench_lengths import once
+from bench_lengths import once, save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 B, H, DIM = 2, 4, 64
@@ -180,16 +178,7 @@ def main(argv=None):
     for name in args.specs.split(","):
         for n in (int(x) for x in args.lengths.split(",")):
             rows += measure(name, n, args.rounds, not args.no_flex)
-    text = table(rows)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(f"# bench_window ({llvm_get_system_cpu()}, {torch.get_num_threads()} "
-                                      f"threads)\n\n`python benchmarks/bench_window.py "
-                                      f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{text}\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    plot(rows, out.with_suffix(".png"))
-
+    save(Path(args.out), "bench_window", argv, table(rows), rows, plot)
 
 if __name__ == "__main__":
     main()

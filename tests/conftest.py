@@ -51,6 +51,15 @@ def shared(text: str, name: str | None = None, init=None, **kw):
     return _SHARED[key]
 
 
+def shared_form(entry: tuple, **kw):
+    """shared() of a test table's entry (spec text, plan, the forms the plan at N = 4096 runs),
+    checking that it plans those forms."""
+    text, plan, forms = entry
+    attn = shared(text, plan=plan, **kw)
+    assert [d.form for d in attn.planned.decisions] == forms
+    return attn
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RTOL, assert_close, shared
+from conftest import RTOL, assert_close, shared_form
 
 import attndsl
 from attndsl.reference import alibi_slopes
@@ -36,9 +36,7 @@ def moved(attn):
 
 def module(name):
     body, plan, forms = SPECS[name]
-    attn = shared("attention a { " + body + " }", heads=H, head_dim=D, plan=plan, init=moved)
-    assert [d.form for d in attn.planned.decisions] == forms
-    return attn
+    return shared_form(("attention a { " + body + " }", plan, forms), heads=H, head_dim=D, init=moved)
 
 
 # float32 beside float64 where the table is read by a kernel a window changes or by softmax's;

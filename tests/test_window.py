@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RTOL, assert_close, assert_masked_matches_reference, gradcheck_with_table, shared
+from conftest import RTOL, assert_close, assert_masked_matches_reference, gradcheck_with_table, shared_form
 
 import attndsl
 from attndsl.nn import MultiheadAttention
@@ -31,10 +31,7 @@ PORTABLE = attndsl.Target("llvm", kernels="portable")
 
 
 def module(name, target="llvm"):
-    text, plan, forms = SPECS[name]
-    attn = shared(text, heads=H, head_dim=D, plan=plan, target=target)
-    assert [d.form for d in attn.planned.decisions] == forms
-    return attn
+    return shared_form(SPECS[name], heads=H, head_dim=D, target=target)
 
 
 def qkv(n=N, dtype=torch.float64):
