@@ -521,7 +521,8 @@ class Attention(nn.Module):
     def _window_table(self, dtype) -> torch.Tensor:
         """b_h(r) at r = −(W + 1) … W + 1 (H, 2W + 3): the spec's position term (0 without one)
         inside the window, KEY_OUT at ±(W + 1), which the kernels read at every farther r.
-        Differentiable in a learned table; one tensor per dtype and table version otherwise."""
+        Differentiable in a learned table and the params; without autograd, one tensor per dtype
+        and version of those."""
         w, learned = self.spec.window, [self.position_table, *self.spec_params.values()]
         learned = [t for t in learned if t is not None]
         if (any(t.requires_grad for t in learned) and torch.is_grad_enabled()) or torch.compiler.is_compiling():
@@ -608,7 +609,9 @@ class Attention(nn.Module):
         want = {"q": (B, self.heads, N, self.head_dim), "k": (B, hkv, nk, self.head_dim),
                 "v": (B, hkv, nk, self.value_dim)}
         for name, t in (("q", q), ("k", k), ("v", v)):
-            if self.heads % t.shape[1] and t.shape[2] == self.heads:
+            # q has every head, k and v a divisor of them (grouped heads)
+            heads_ok = t.shape[1] == self.heads if name == "q" else 0 < t.shape[1] and self.heads % t.shape[1] == 0
+            if not heads_ok and t.shape[2] == self.heads:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}: dimension 1 must be heads "
                                  f"({self.heads}), as in scaled_dot_product_attention's (batch, heads, "
                                  f"seq, dim); this looks like (batch, seq, heads, dim): pass "

@@ -23,14 +23,12 @@ from .emit import tensor_type
 SPEC_FIELD = {"kernel": "kernel", "phi": "kernel", "position": "position", "sampling": "sampling"}
 ATTRIBUTE_TYPES = {str: ir.StringAttr, float: ir.FloatAttr, bool: ir.BoolAttr}
 PARAMETER_TYPES = (ir.BoolAttr, ir.IntegerAttr, ir.FloatAttr, ir.StringAttr, ir.UnitAttr)
-
-
-
 # the position kinds only the planner writes (ast.windowed, ast.tabulated), which no spec names
 PLANNED_POSITIONS = {
     "window": Option("window", (Param("max_distance", int), Param("size", int), Param("within", str))),
     "tabulated": Option("tabulated", (Param("max_distance", int), Param("expr", str))),
 }
+
 
 class MLIRFormatError(ValueError):
     """A module that is not attn IR. `str(err)` is located, rustc-style, when the text is known."""

@@ -1,12 +1,12 @@
 """AST -> IR: the spec's meaning (docs/language.md) written down literally as quadratic nodes.
 
     out = Normalize(Masked?(Biased?(κ, b)), v) [+ ToeplitzValues(b, v)]  [Sample(...)]
+    κ   = ExpDot(q, k, s)                      softmax
+        | Dot(φ(√s·q), φ(√s·k))                a feature map
 
 A sliding window is the relative-position weight exp(b(r)) set to 0 beyond ±W: b is the spec's
 position term (or 0) inside the window. A position(r) = EXPR that reads `param`s is tabulated:
 the module evaluates it per call, and the forms read it as a learned table.
-    κ   = ExpDot(q, k, s)                      softmax
-        | Dot(φ(√s·q), φ(√s·k))                a feature map
 """
 from __future__ import annotations
 
