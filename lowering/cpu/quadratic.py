@@ -201,11 +201,9 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     sc = tirx.const(scale, dtype)
     key_rows, query_rows = flash_backward(Tt, causal)
     diagonals, per_head = table_grads(Tt, dtype)
-    first, last = _band(position, Tt, False)      # the query tiles a key tile reaches (r = −W … W)
-
-    def from_query(kt, W):             # the first of them, from the diagonal on when causal
-        lo = first(kt, W)
-        return (T.max(kt, lo) if not isinstance(lo, int) else kt) if causal else lo
+    # the query tiles a key tile reaches (r = −W … W), from the diagonal on when causal (a
+    # window's first tile never lies past it)
+    first, last = _band(position, Tt, False)
 
     def valid(j, i, kbase, qbase, N):
         ok = tirx.all(kbase + j < N, qbase + i < N)
@@ -313,7 +311,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         dKacc[j, c] = zero
                     for d in T.vectorized(Dv):
                         dVacc[j, d] = zero
-                for qt in range(from_query(kt, W), last(kt, nb, W)):
+                for qt in range(kt if causal else first(kt, W), last(kt, nb, W)):
                     qbase = qt * Tt
                     if bias is not None:
                         for t in range(2 * Tt - 1):
