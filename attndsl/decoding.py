@@ -106,9 +106,13 @@ def step(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kernel = ops._kernel(attn._decode_library(KERNEL_DTYPES[dtype]), DECODE_KERNEL)
     rows = [t.to(dtype).reshape(B * H, 1, -1).contiguous() for t in (q, k, v)]
     _, wt = attn._projection(dtype, rows[0].device)
-    # a decayed term's slopes do not depend on the length (no window or params: not decayed)
-    tab = (decayed.rates(root, attn._position_params(dtype, 1)) if root.form == "decayed"
+    # a decayed term's rates do not depend on the length (params': b(0) − b(1), from n = 2)
+    tab = (decayed.rates(root, attn._position_params(dtype, 2)) if root.form == "decayed"
            else rows[0].new_zeros(1, 2))
+    if bool((tab < 0).any()):
+        raise ValueError(f"{attn.spec.name}: the params make b(r) grow with distance (rate "
+                         f"{float(tab.min()):.3g} < 0 in some head), which a decaying running state cannot "
+                         f"carry; call the module on the whole prefix instead")
     out = rows[2].new_empty(rows[2].shape)
     s, shift = torch.empty_like(state.s), torch.empty_like(state.shift)
     kernel(*rows, wt, tab.to(rows[0].device).contiguous(), state.s, state.shift, out, s, shift)

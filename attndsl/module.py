@@ -22,9 +22,10 @@ from .ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, Positi
                  SampledAttention, SoftmaxAttention, ToeplitzValues, format_attr, format_ir,
                  postorder)
 from .lowering.forms import feature_map
-from .lowering.registry import form_of
+from .lowering.registry import FORMS, form_of
 from .lowering.target import MLIR as MLIR_TARGET
 from .lowering.target import Target, resolve
+from .passes.geometric import learned_decay
 from .passes.plan import LADDER, PLAN_LENGTH
 from .reference import alibi_slopes, bias_at, effective_scale, reference
 
@@ -54,6 +55,15 @@ class Attention(nn.Module):
         ladder = (PLAN_LENGTH,) if self.target.kind == "mlir" else LADDER
         planned = pipeline.run_lengths(spec, head_dim, self.value_dim, ladder, plan_name=plan, forms=self._forms())
         self.plans: tuple[pipeline.Planned, ...] = tuple({id(p): p for p in planned}.values())
+        if plan == "auto" and any(self._learned_decay(p) for p in self.plans):
+            # learned rates may turn negative (weights growing with distance), where the decayed
+            # form does not run: keep a plan without it (_rates_decay)
+            other = pipeline.run_lengths(spec, head_dim, self.value_dim, (PLAN_LENGTH,),
+                                         forms=(self._forms() or frozenset(FORMS)) - {"decayed"})[0]
+            if all(p.forms != other.forms for p in self.plans):
+                self.plans += (other,)
+        self._decays = tuple(self._learned_decay(p) for p in self.plans)
+        self._warned_growing = False
         self.planned = planned[ladder.index(PLAN_LENGTH)]    # the plan at N = 4096 (explain's default)
         self._planned_index = next(i for i, p in enumerate(self.plans) if p is self.planned)
         self._chosen: dict = {}                  # (N, dtype) -> index into plans
@@ -250,7 +260,7 @@ class Attention(nn.Module):
             if self._mlir is None:
                 self._mlir = self._mlir_program()
             return self._forward_mlir(env, dtype, q, k, v).reshape(B, H, N, self.value_dim).to(out_dtype)
-        i = self._plan_index(N, dtype)
+        i = self._rates_decay(self._plan_index(N, dtype), N)
         fft_dtype, i = self._fft_dtype(dtype, N, i, pad)
         if fft_dtype != dtype:                   # precision.py: float64 resolves what float32 cannot
             dtype = fft_dtype
@@ -364,6 +374,35 @@ class Attention(nn.Module):
         if i not in self._programs:
             self._programs[i] = program(self.plans[i].root)
         return self._programs[i]
+
+    @staticmethod
+    def _learned_decay(planned: pipeline.Planned) -> bool:
+        """Whether the plan runs a decayed site whose rates come from params (geometric.py)."""
+        return any(isinstance(n, PositionalAttention) and n.form == "decayed"
+                   and learned_decay(n.bias.position, n.causal) for n in postorder(planned.root))
+
+    def _rates_decay(self, i: int, n: int) -> int:
+        """Plan i, unless its decayed site reads learned rates that are negative now (b(r) growing
+        with distance, which its running state cannot carry): then the cheapest plan at n without
+        it (warned once), or, with plan='decayed', a ValueError. Not checked under torch.compile."""
+        if not self._decays[i] or torch.compiler.is_compiling():
+            return i
+        with torch.no_grad():
+            b = self._tabulated(2, torch.float64)            # b(r) at r = −1, 0, 1
+        rate = b[:, 1] - b[:, 2]
+        if not bool((rate < 0).any()):
+            return i
+        others = [j for j, decays in enumerate(self._decays) if not decays]
+        what = (f"the params make b(r) grow with distance (rate b(0) − b(1) = {float(rate.min()):.3g} < 0 in "
+                f"some head), and the decayed form's running state carries decaying weights only")
+        if not others:
+            raise ValueError(f"{self.spec.name}: {what}; compile with plan='auto' (an exact form takes "
+                             f"such calls), or keep the rate positive, e.g. position(r) = -exp(s) * abs(r)")
+        j = min(others, key=lambda j: self.plans[j].cost(n))
+        if not self._warned_growing:
+            self._warned_growing = True
+            warnings.warn(f"attndsl: {self.spec.name}: {what}; such calls run {self._label(j)}", stacklevel=3)
+        return j
 
     def _fft_site(self, i: int) -> PositionalAttention | None:
         """Plan i's Toeplitz-FFT scores site, if any (target mlir-cpu evaluates it densely)."""

@@ -46,6 +46,7 @@ SPECS = {   # name -> spec text ({n}: the sequence length, for a table over the 
     "favor_clipped_causal": "kernel = favor(features=64); position = toeplitz(max_distance=128, init=normal); "
                             "mask = causal",
     "alibi_causal": "kernel = elu1; position = alibi; mask = causal",
+    "learned_slopes_causal": "param s[heads] = 0.1; kernel = elu1; position(r) = -s * abs(r); mask = causal",
 }
 
 
@@ -56,7 +57,10 @@ def compile_spec(name: str, n: int, plan: str = "auto") -> attndsl.Attention:
 
 def bias(attn: attndsl.Attention, n: int) -> torch.Tensor:
     """b_h(i − j) as (1, H, N, N) float32, masked entries −inf."""
-    vals = position_values(attn.spec.position, n, H, attn.position_table, attn.position_slopes).float()
+    if attn.spec.learned_position:                       # params: b(r) at their values
+        vals = attn._tabulated(n, torch.float32).detach()
+    else:
+        vals = position_values(attn.spec.position, n, H, attn.position_table, attn.position_slopes).float()
     r = torch.arange(n)[:, None] - torch.arange(n)[None, :]
     b = vals[:, r + n - 1]
     if attn.spec.causal:

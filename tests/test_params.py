@@ -1,11 +1,11 @@
 """Learnable scalars (`param a = 1.0`, `param c[heads] = 0.5`) in position(r) = EXPR: every form that
-reads the tabulated term against the reference, forward and backward (the params' gradients
-included), gradchecks, training and state_dict, and the spec errors."""
+reads the tabulated term, and the decayed form of learned rates, against the reference, forward and
+backward (the params' gradients included), gradchecks, training and state_dict, and the spec errors."""
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RTOL, assert_close, shared_form
+from conftest import RTOL, assert_close, assert_masked_matches_reference, shared_form
 
 import attndsl
 from attndsl.reference import alibi_slopes
@@ -14,6 +14,7 @@ pytestmark = pytest.mark.xdist_group("params")
 
 KERPLE = "param a = 1.0; param c[heads] = 0.5; kernel = elu1; position(r) = -c * log(1 + a * abs(r))"
 ALIBI = "param s[heads] = 0.1; position(r) = -s * abs(r); mask = causal"
+DECAY = "param s[heads] = 0.1; kernel = elu1; position(r) = -s * abs(r); mask = causal"
 # name -> (spec body, plan, the forms it runs)
 SPECS = {
     "pairwise": (KERPLE, "pairwise", ["pairwise"]),
@@ -23,6 +24,9 @@ SPECS = {
                          "mask = window(9)", "auto", ["quadratic"]),
     "banded_window": ("param s[heads] = 0.1; kernel = elu1; position(r) = -s * abs(r); mask = causal_window(9)",
                       "auto", ["banded"]),
+    "decayed": (DECAY, "decayed", ["decayed"]),
+    "decayed_favor": ("param s = 0.5; kernel = favor(features=8); position(r) = -exp(s) * abs(r) / 2 + 1; "
+                      "mask = causal", "decayed", ["decayed"]),
 }
 B, H, N, D = 2, 2, 70, 8
 
@@ -63,7 +67,7 @@ def test_every_form_learns_the_params(name, dtype):
         assert_close(what, a, b, 20 * RTOL[dtype])
 
 
-@pytest.mark.parametrize("name", ["pairwise", "quadratic", "banded_window"])
+@pytest.mark.parametrize("name", ["pairwise", "quadratic", "banded_window", "decayed"])
 def test_gradcheck(name):
     attn = module(name)
     q, k, v = (torch.randn(1, H, 11, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -73,6 +77,45 @@ def test_gradcheck(name):
     def f(q, k, v, *ps):
         return torch.func.functional_call(attn, {f"spec_params.{n}": p for n, p in zip(names, ps)}, (q, k, v))
     assert torch.autograd.gradcheck(f, (q, k, v, *values), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_learned_rates_run_the_decayed_form_with_a_padding_mask_and_decoding():
+    attn = module("decayed")
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[1, N - 20:] = True
+    mask[0, 5:9] = True
+    assert_masked_matches_reference(attn, q, k, v, mask, torch.float32)
+    with torch.no_grad():
+        full = attn(q, k, v)
+        state, steps = attn.initial_state(B, dtype=torch.float64), []
+        for t in range(N):
+            out, state = attn.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
+            steps.append(out)
+    assert_close("decoded", full, torch.cat(steps, 2), 1e-12)
+
+
+def test_learned_rates_turning_negative_leave_the_decayed_form():
+    auto = attndsl.compile("attention a { " + DECAY + " }", heads=H, head_dim=D)
+    assert "decayed" in auto.explain(n=4096)
+    assert not any("decayed" in p.forms for p in attndsl.compile(
+        "attention a { " + DECAY.replace("; mask = causal", "") + " }", heads=H, head_dim=D).plans)
+    q, k, v = (torch.randn(1, H, 300, D, dtype=torch.float64) for _ in range(3))
+    with torch.no_grad():
+        auto.spec_params["s"].copy_(torch.tensor([0.2, -0.01]))   # head 1's weights grow with distance
+        with pytest.warns(UserWarning, match="grow with distance"):
+            out = auto(q, k, v)
+        assert_close("out", auto.reference(q, k, v), out, 1e-12)
+        with pytest.raises(ValueError, match="grow with distance"):
+            auto.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], auto.initial_state(1, dtype=torch.float64))
+        forced = module("decayed")
+        saved = forced.spec_params["s"].clone()
+        forced.spec_params["s"].copy_(torch.tensor([0.2, -0.01]))
+        try:
+            with pytest.raises(ValueError, match="keep the rate positive"):
+                forced(q, k, v)
+        finally:
+            forced.spec_params["s"].copy_(saved)
 
 
 def test_a_training_step_moves_the_params_and_the_state_dict_keeps_them():

@@ -49,17 +49,38 @@ def decode_cpu(node: PositionalAttention, name, dtype):
 
 def rates(node: PositionalAttention, tab: torch.Tensor) -> torch.Tensor:
     """(H, 2) decay rates (earlier keys, later keys) of exp(b(r)) ∝ e^(−a·|r|): alibi's slopes
-    (tab, (H, 1)) or a user function's constants; later is 0 and unused when causal."""
+    (tab, (H, 1)), a user function's constants, or a learned term's b(0) − b(1) from its values
+    b(r) at r = −(n − 1) … n − 1 (tab, (H, 2n − 1)), differentiable in them; later is 0 and
+    unused when causal."""
     def column(rate):
-        return tab if rate == "table" else torch.full_like(tab[:, :1], rate or 0.0)
+        if rate == "table":
+            return tab
+        if rate == "learned":
+            n = (tab.shape[1] + 1) // 2
+            return tab[:, n - 1:n] - tab[:, n:n + 1] if n > 1 else torch.zeros_like(tab[:, :1])
+        return torch.full_like(tab[:, :1], rate or 0.0)
     return torch.cat([column(rate) for rate in decay_rates(node.bias.position, node.causal)], 1)
+
+
+def _rate_gradient(qf, kf, rate):
+    """qf·e^(−δ·i), kf·e^(δ·j) with δ = rate − rate.detach() (H,): factors of exactly 1, whose
+    gradient in δ is the rate's. A pair's weight e^(−a(i − j)) is the features' product times
+    e^(−δ(i − j)), so dL/da = −Σ_i i·(φq_i·dφq_i) + Σ_j j·(φk_j·dφk_j), which autograd forms from the
+    kernels' dφq, dφk (causal: one rate per head)."""
+    delta = rate - rate.detach()
+    i = torch.arange(qf.shape[1], dtype=qf.dtype, device=qf.device)
+    lag = delta.repeat(qf.shape[0] // delta.shape[0])[:, None] * i           # (BH, N)
+    return qf * torch.exp(-lag)[..., None], kf * torch.exp(lag)[..., None]
 
 
 def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v, tab = args
     kf, empty = keys_out(kf, params)
-    return watched(ops.fast.linear_attention(qf, kf, v, rates(node, tab), empty, lib, name), params)
+    a = rates(node, tab)
+    if a.requires_grad:                  # learned rates (decay_rates "learned"), under autograd
+        qf, kf = _rate_gradient(qf, kf, a[:, 0])
+    return watched(ops.fast.linear_attention(qf, kf, v, a.detach(), empty, lib, name), params)
 
 
 def _cost(n: PositionalAttention, N: int) -> float:
