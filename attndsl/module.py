@@ -64,6 +64,7 @@ class Attention(nn.Module):
                 self.plans += (other,)
         self._decays = tuple(self._learned_decay(p) for p in self.plans)
         self._warned_growing = False
+        self._rates_checked = None               # the params' (data_ptr, version)s whose rates are ≥ 0
         self.planned = planned[ladder.index(PLAN_LENGTH)]    # the plan at N = 4096 (explain's default)
         self._planned_index = next(i for i, p in enumerate(self.plans) if p is self.planned)
         self._chosen: dict = {}                  # (N, dtype) -> index into plans
@@ -387,10 +388,13 @@ class Attention(nn.Module):
         it (warned once), or, with plan='decayed', a ValueError. Not checked under torch.compile."""
         if not self._decays[i] or torch.compiler.is_compiling():
             return i
-        with torch.no_grad():
-            b = self._tabulated(2, torch.float64)            # b(r) at r = −1, 0, 1
-        rate = b[:, 1] - b[:, 2]
-        if not bool((rate < 0).any()):
+        version = tuple((p.data_ptr(), p._version) for p in self.spec_params.values())
+        if self._rates_checked != version:       # once per update of the params
+            with torch.no_grad():
+                b = self._tabulated(2, torch.float64)        # b(r) at r = −1, 0, 1
+            rate = b[:, 1] - b[:, 2]
+            self._rates_checked = version if not bool((rate < 0).any()) else None
+        if self._rates_checked is not None:
             return i
         others = [j for j, decays in enumerate(self._decays) if not decays]
         what = (f"the params make b(r) grow with distance (rate b(0) − b(1) = {float(rate.min()):.3g} < 0 in "
