@@ -280,8 +280,8 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
     # Macros over one head's buffers: non-hygienic, so the names resolve inside the kernel (helpers
     # it never names come in as default arguments).
     @T.macro(hygienic=False)
-    def load_g(base, load_t=load_t):
-        """Gc, GcT = dO/DEN and cc = −(dO·O)/DEN for the chunk; zero past N."""
+    def load_g(base, transposed, load_t=load_t):
+        """Gc, GcT (when `transposed`) = dO/DEN and cc = −(dO·O)/DEN for the chunk; zero past N."""
         for t in range(C):
             if base + t < N:
                 inv[t] = T.cast(1, dtype) / DEN[b, base + t]
@@ -296,20 +296,23 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
                 cc[t] = zero
                 for d in T.vectorized(D):
                     Gc[t, d] = zero
-        load_t(GcT, dO, b, base, N, D, X, Y)
-        for d in range(D):
-            for t in T.vectorized(C):
-                GcT[d, t] = GcT[d, t] * inv[t]
+        if transposed:
+            load_t(GcT, dO, b, base, N, D, X, Y)
+            for d in range(D):
+                for t in T.vectorized(C):
+                    GcT[d, t] = GcT[d, t] * inv[t]
 
     @T.macro(hygienic=False)
-    def load_chunk(base, queries, load_f=load_f, load_ft=load_ft, load=load, load_g=load_g):
-        """Kf, V and g rows of the chunk at `base` (and Qf, Qfᵀ when `queries`)."""
+    def load_chunk(base, queries, transposed, load_f=load_f, load_ft=load_ft, load=load, load_g=load_g):
+        """Kf, V and g rows of the chunk at `base` (and Qf when `queries`; the transposed Qfᵀ, gᵀ
+        when `transposed`)."""
         if queries:
             load_f(Qc, Q, b, base, N, M)
-            load_ft(QcT, Q, b, base, N, M, X, Y)
+            if transposed:
+                load_ft(QcT, Q, b, base, N, M, X, Y)
         load_f(Kc, K, b, base, N, M)
         load(Vc, V, b, base, N, D)
-        load_g(base)
+        load_g(base, transposed)
 
     @T.macro(hygienic=False)
     def clear_states():
@@ -368,9 +371,9 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
             mm_into(ST, accM, Vc, True, Kc, d0 * RM, RM, 0, C, M)
 
     @T.macro(hygienic=False)
-    def fold_qg(G):
-        """R += Qcᵀ Gc, Rᵀ += Gcᵀ Qc, r += Qcᵀ cc (decayed: the states ← γ^C · states + the
-        chunk's rows weighted G[FQ, t])."""
+    def fold_qg(G, transposed):
+        """R += Qcᵀ Gc, Rᵀ += Gcᵀ Qc (when `transposed`), r += Qcᵀ cc (decayed: the states ←
+        γ^C · states + the chunk's rows weighted G[FQ, t])."""
         if decayed:
             for m in range(Mp):
                 rv[m] = rv[m] * G[GC, 0]
@@ -387,8 +390,9 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
                 rv[m] = rv[m] + Qc[t, m] * cc[t]
         for m0 in range(Mp // RD):
             mm_into(Rm, accD, Qc, True, Gc, m0 * RD, RD, 0, C, D)
-        for d0 in range(Dp // RM):
-            mm_into(RT, accM, Gc, True, Qc, d0 * RM, RM, 0, C, M)
+        if transposed:
+            for d0 in range(Dp // RM):
+                mm_into(RT, accM, Gc, True, Qc, d0 * RM, RM, 0, C, M)
 
     @T.macro(hygienic=False)
     def emit_dq(base, dq_scale, G, later, first):
@@ -466,7 +470,7 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
     @T.macro(hygienic=False)
     def dq_pass(base, dq_scale, G, Dec, later, first, scores_b=scores_b):
         """One chunk of a dQf scan: emit against the state, then fold the chunk's keys in."""
-        load_chunk(base, False)
+        load_chunk(base, False, True)
         scores_b(Dec)
         emit_dq(base, dq_scale, G, later, first)
         fold_kv(G)
@@ -474,11 +478,11 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
     @T.macro(hygienic=False)
     def dkv_pass(base, dq_scale, G, Dec, later, first, scores_b=scores_b, scores_a=scores_a):
         """One chunk of a dKf, dV scan: emit against the state, then fold the chunk's queries in."""
-        load_chunk(base, True)
+        load_chunk(base, True, True)
         scores_b(Dec)
         scores_a(Dec)
         emit_dkv(base, dq_scale, G, later, first)
-        fold_qg(G)
+        fold_qg(G, True)
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, o: T.handle, dn: T.handle,
@@ -560,13 +564,17 @@ def linear_backward(name: str, M: int, D: int, dtype: str, causal: bool, phi=Non
                     for c in range(nc):
                         dkv_pass(c * C, dq_scale, Gl, Decl, True, False)
             else:
-                # totals first, then every chunk against them
+                # totals first (Sᵀ, z, R, r: two GEMMs a chunk, no transposed rows), Rᵀ from R once,
+                # then every chunk against them
                 for c in range(nc):
-                    load_chunk(c * C, True)
+                    load_chunk(c * C, True, False)
                     fold_kv(G)
-                    fold_qg(G)
+                    fold_qg(G, False)
+                for m in range(M):
+                    for d in range(D):
+                        RT[d, m] = Rm[m, d]
                 for c in range(nc):
-                    load_chunk(c * C, False)
+                    load_chunk(c * C, False, True)
                     emit_dq(c * C, dq_scale, G, False, True)
                     emit_dkv(c * C, dq_scale, G, False, True)
 
