@@ -3,6 +3,8 @@ padded keys that carry NaN, rows with no key left, gradchecks, the sampled forms
 nn.MultiheadAttention against torch's module."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import RTOL, assert_close, assert_masked_matches_reference, shared, shared_form
@@ -116,7 +118,8 @@ def test_padded_keys_do_not_matter_even_when_not_finite(name):
 
 # decaying position terms: far from every kept key, a row's normalizer is tiny
 FAR = {"fft_decaying": ("attention a { kernel = elu1; position(r) = -0.08 * abs(r) }", "toeplitz_fft"),
-       "alibi_steep": ("attention a { kernel = elu1; position = alibi(slope=0.5); mask = causal }", "decayed")}
+       "alibi_steep": ("attention a { kernel = elu1; position = alibi(slope=0.5); mask = causal }", "decayed"),
+       "alibi_steep_two_way": ("attention a { kernel = elu1; position = alibi(slope=0.5) }", "decayed")}
 
 
 def far(name):
@@ -125,34 +128,55 @@ def far(name):
 
 
 def test_rows_far_from_every_kept_key_are_right_or_refused():
-    """A decaying position term gives a row far past the last kept key a tiny normalizer: the
-    Toeplitz-FFT form's condition and the decayed form's underflow take the call to float64 (warned),
-    and where float64 underflows too, it is refused."""
+    """A decaying position term gives a row far from every kept key a tiny normalizer: the
+    Toeplitz-FFT form's condition takes the call to float64 (warned), as the decayed form's
+    underflow does for a row inside a long run of padded keys; where float64 underflows too, it is
+    refused. The decayed form computes the rows past the last kept key (and, without a causal
+    mask, before the first) from the state there, exactly, in the call's dtype."""
     from attndsl.precision import PrecisionError
-    pad = torch.zeros(1, 256, dtype=torch.bool)
-    pad[0, 100:] = True
     q, k, v = (torch.randn(1, H, 256, D) for _ in range(3))
-    for name, warned in [("fft_decaying", "cannot resolve this position term over the keys this key padding "
-                                          "mask keeps"),
-                         ("alibi_steep", "a row far from every key the key padding mask keeps")]:
+    tail, hole = torch.zeros(1, 256, dtype=torch.bool), torch.zeros(1, 256, dtype=torch.bool)
+    tail[0, 100:] = True
+    hole[0, 100:240] = True                  # rows 101–239 see key 99 at most, rows 240– their own
+    for name, pad, warned in [("fft_decaying", tail, "cannot resolve this position term over the keys this key "
+                                                     "padding mask keeps"),
+                              ("alibi_steep", hole, "a row far from every key the key padding mask keeps")]:
         attn = far(name)
         with pytest.warns(UserWarning, match=warned):
             out = attn(q, k, v, key_padding_mask=pad)
         assert_close("out", attn.reference(q.double(), k.double(), v.double(), key_padding_mask=pad), out,
                      RTOL[torch.float32])
+    q, k, v = (torch.randn(2, H, 1600, D) for _ in range(3))
+    for name in ("alibi_steep", "alibi_steep_two_way"):
+        attn = far(name)
+        pad = torch.zeros(2, 1600, dtype=torch.bool)
+        pad[:, 1500:] = True                 # rows up to 99 keys past the last kept one: e^−50 ...
+        pad[0, :300] = not attn.spec.causal  # (two-way: and up to 300 before the first)
+        pad[1, 100:] = True                  # ... and up to 1500: e^−750, beyond float64
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert_masked_matches_reference(attn, q[:1], k[:1], v[:1], pad[:1], torch.float32)
+            out = attn(q, k, v, key_padding_mask=pad)[1:]
+        # where the reference's weights underflow, a row past the last kept key (elu1: no floor)
+        # equals its query's output at that key
+        for i in (100, 700, 1599):
+            moved = q[1:].clone()
+            moved[:, :, 99] = q[1:, :, i]
+            want = attn.reference(moved.double(), k[1:].double(), v[1:].double(), key_padding_mask=pad[1:])
+            assert_close(f"row {i}", want[:, :, 99], out[:, :, i], RTOL[torch.float32])
     pad = torch.zeros(1, 1600, dtype=torch.bool)
-    pad[0, 100:] = True                      # rows up to 1500 keys past the last kept one
-    q, k, v = (torch.randn(1, H, 1600, D) for _ in range(3))
+    pad[0, 50:1580] = True                   # rows up to 1530 keys from a kept one, inside the run
     with pytest.warns(UserWarning), pytest.raises(PrecisionError, match="underflows even in float64"):
-        far("alibi_steep")(q, k, v, key_padding_mask=pad)                                  # e^−750
+        far("alibi_steep")(q[:1], k[:1], v[:1], key_padding_mask=pad)                      # e^−765
+    pad[0, 1580:] = True
     with pytest.raises(PrecisionError, match="over the keys this key padding mask keeps at N=1600"):
-        far("fft_decaying")(q, k, v, key_padding_mask=pad)
+        far("fft_decaying")(q[:1], k[:1], v[:1], key_padding_mask=pad)
 
 
 def test_only_the_batch_elements_whose_rows_underflow_rerun_in_float64():
     attn = attndsl.compile(FAR["alibi_steep"][0], heads=H, head_dim=D, plan="decayed")    # its _run is spied on
     pad = torch.zeros(2, 256, dtype=torch.bool)
-    pad[1, 100:] = True                       # b1's rows past 100 underflow in float32, b0's do not
+    pad[1, 100:230] = True                    # b1's rows inside the run underflow in float32, b0's do not
     q, k, v = (torch.randn(2, H, 256, D, requires_grad=True) for _ in range(3))
     calls, run = [], attn._run
 

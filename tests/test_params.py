@@ -59,13 +59,14 @@ def test_learned_rates_on_the_portable_kernels():
     assert_learns(module("decayed", attndsl.Target("llvm", kernels="portable")), torch.float64)
 
 
-def assert_learns(attn, dtype):
-    """attn against its reference in `dtype`: forward, dq, dk, dv and every param's gradient."""
+def assert_learns(attn, dtype, mask=None):
+    """attn against its reference in `dtype` (with the key padding mask `mask`): forward, dq, dk,
+    dv and every param's gradient."""
     q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
     q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
-    ref = attn.reference(q64, k64, v64)
+    ref = attn.reference(q64, k64, v64, key_padding_mask=mask)
     qc, kc, vc = (t.to(dtype).requires_grad_() for t in (q, k, v))
-    out = attn(qc, kc, vc)
+    out = attn(qc, kc, vc, key_padding_mask=mask)
     assert_close("out", ref, out, RTOL[dtype])
     g = torch.randn_like(ref)
     params = list(attn.spec_params.values())
@@ -102,6 +103,13 @@ def test_learned_rates_run_the_decayed_form_with_a_padding_mask_and_decoding():
             out, state = attn.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
             steps.append(out)
     assert_close("decoded", full, torch.cat(steps, 2), 1e-12)
+    # steep slopes: rows past b1's last kept key lie e^−40 from it, computed from the state there
+    steep = attndsl.compile("attention a { " + DECAY + " }", heads=H, head_dim=D, plan="decayed", dtype=None)
+    with torch.no_grad():
+        steep.spec_params["s"].copy_(torch.tensor([1.0, 0.8]))
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[1, 30:] = True
+    assert_learns(steep, torch.float32, mask)
 
 
 def test_learned_rates_turning_negative_leave_the_decayed_form():

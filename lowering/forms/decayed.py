@@ -73,14 +73,73 @@ def _rate_gradient(qf, kf, rate):
     return qf * torch.exp(-lag)[..., None], kf * torch.exp(lag)[..., None]
 
 
+# a row whose nearest kept key lies a·distance nats away has weights of e^(−a·distance) at most:
+# past this many nats the kernels' normalizer would near precision.UNDERFLOW, so _beyond computes it
+BEYOND = {torch.float32: 25.0, torch.float64: 600.0}
+
+
+def _beyond(node, pad, a):
+    """Under a key padding mask: the rows past the last kept key (and, without a causal mask,
+    before the first) of the batch·head rows where those lie more than BEYOND nats from it, as
+    (BH, N) bools (tail, head), with the last and first kept key (BH,); None when there are none
+    (or under torch.compile)."""
+    if pad is None or pad.rows is None:
+        return None
+    kept = ~pad.keys
+    n, any_kept = kept.shape[1], kept.any(1)
+    last = n - 1 - kept.flip(1).int().argmax(1)
+    first = kept.int().argmax(1)
+    i = torch.arange(n, device=kept.device)
+    per_row = a.detach().repeat(kept.shape[0] // a.shape[0], 1)                  # (BH, 2)
+    limit = BEYOND.get(a.dtype, BEYOND[torch.float32])
+    tail = (i > last[:, None]) & (any_kept & (per_row[:, 0] * (n - 1 - last) > limit))[:, None]
+    head = torch.zeros_like(tail)
+    if not node.causal:
+        head = (i < first[:, None]) & (any_kept & (per_row[:, 1] * first > limit))[:, None]
+    if not bool(tail.any() or head.any()):
+        return None
+    return tail, head, last, first
+
+
+def _far_rows(qf, kf, v, a, side: int, at, rows, floor):
+    """out (BH, N, Dv) at `rows` far on one side (0: past the last kept key `at`, 1: before the
+    first) of a decayed term: every kept key lies on that side of `at`, so a row's weights are
+    e^(−a·|i − at|) times those of a query at `at`, a factor that cancels but for the floor:
+    out_i = φq_i·S / (φq_i·z + floor·e^(a·|i − at|)), S, z the state at `at` (O(N·M·Dv), in torch;
+    the denominator in float64, where a row far enough out gives 0 as the reference does)."""
+    n = qf.shape[1]
+    i = torch.arange(n, device=qf.device, dtype=qf.dtype)
+    rate = a[:, side].repeat(qf.shape[0] // a.shape[0])[:, None]                 # (BH, 1)
+    lag = (at[:, None] - i) if side == 0 else (i - at[:, None])                  # the keys' distance from at
+    w = torch.where(lag >= 0, torch.exp(-rate * lag.clamp_min(0)), torch.zeros_like(lag))
+    kw = kf * w[..., None]
+    num = qf @ (kw.transpose(1, 2) @ v)                                          # (BH, N, Dv)
+    den = (qf * kw.sum(1)[:, None]).sum(-1).double()                             # (BH, N)
+    if floor:
+        far = (i - at[:, None]).abs().double() * rate.double()
+        den = den + floor * torch.exp(far.clamp(max=700.0))
+    return (num.double() / den[..., None]).to(qf.dtype)
+
+
 def run(node, args, lib, name, params):
     from attndsl import ops
     qf, kf, v, tab = args
     kf, empty = keys_out(kf, params)
     a = rates(node, tab)
-    if a.requires_grad:                  # learned rates (decay_rates "learned"), under autograd
-        qf, kf = _rate_gradient(qf, kf, a[:, 0])
-    return watched(ops.fast.linear_attention(qf, kf, v, a.detach(), empty, lib, name), params)
+    qk = _rate_gradient(qf, kf, a[:, 0]) if a.requires_grad else (qf, kf)   # learned rates, under autograd
+    far = _beyond(node, params["pad"], a)
+    if far is None:
+        return watched(ops.fast.linear_attention(*qk, v, a.detach(), empty, lib, name), params)
+    # rows far from every kept key: the kernels leave them out (as rows with no key: out 0,
+    # normalizer 1) and _far_rows computes them
+    tail, head, last, first = far
+    skip = tail | head if empty.numel() == 0 else empty | tail | head
+    out = watched(ops.fast.linear_attention(*qk, v, a.detach(), skip, lib, name), params)
+    floor = decayed_floor(node.eps, node.bias.position)
+    for side, rows, at in ((0, tail, last), (1, head, first)):
+        if bool(rows.any()):
+            out = torch.where(rows[..., None], _far_rows(qf, kf, v, a, side, at, rows, floor), out)
+    return out
 
 
 def _cost(n: PositionalAttention, N: int) -> float:
