@@ -19,8 +19,9 @@ and no pass over the pairs:
                   backward pass reads finite values; the softmax forms' out is set to 0
 A padded key's k or v that is not finite reaches no output: nonfinite.py's rule leaves it out. A
 row far from every kept key of a decaying position term has a tiny normalizer: precision.py
-judges the Toeplitz-FFT form over the kept keys, and the module's normalizer watch takes an
-underflowing call to float64 (module.py).
+judges the Toeplitz-FFT form over the kept keys, the decayed form computes the rows past the last
+kept key (before the first) from the state there (lowering/forms/decayed.py), and the module's
+normalizer watch takes any other underflowing call to float64 (module.py).
 """
 from __future__ import annotations
 

@@ -137,9 +137,10 @@ def padding_refusal(spec_name: str, n: int) -> PrecisionError:
     return PrecisionError(
         f"{spec_name} at N={n}: with this key padding mask some row's kept keys all lie where exp(b) "
         f"is below ~1e-290 of the row's largest weight (a row far from every kept key of a decaying "
-        f"position term, such as the padded query positions after a sequence's end), so its "
-        f"normalizer underflows even in float64. Trim the batch's padding to its longest sequence, "
-        f"or use a position term that decays less with distance")
+        f"position term, such as a row inside a long run of padded keys), so its normalizer "
+        f"underflows even in float64. Pad the sequences at their ends only (the decayed form "
+        f"computes the rows past a sequence's end exactly), or use a position term that decays less "
+        f"with distance")
 
 
 def stabilizer_refusal(spec_name: str, n: int) -> PrecisionError:

@@ -101,24 +101,24 @@ def _beyond(node, pad, a):
     return tail, head, last, first
 
 
-def _far_rows(qf, kf, v, a, side: int, at, rows, floor):
-    """out (BH, N, Dv) at `rows` far on one side (0: past the last kept key `at`, 1: before the
-    first) of a decayed term: every kept key lies on that side of `at`, so a row's weights are
-    e^(−a·|i − at|) times those of a query at `at`, a factor that cancels but for the floor:
-    out_i = φq_i·S / (φq_i·z + floor·e^(a·|i − at|)), S, z the state at `at` (O(N·M·Dv), in torch;
-    the denominator in float64, where a row far enough out gives 0 as the reference does)."""
+def _far_rows(qf, kf, v, rate, at, side: int, floor):
+    """out (S, N, Dv) of the S batch·head rows given (rate (S,), the key `at` (S,)) at the rows far
+    on one side of `at` (0: past the last kept key, 1: before the first) of a decayed term: every
+    kept key lies on that side, so such a row's weights are e^(−a·|i − at|) times those of a query
+    at `at`, a factor that cancels but against the floor:
+    out_i = φq_i·S / (φq_i·z + floor·e^(a·|i − at|)), S, z the state at `at` (O(N·M·Dv) in torch,
+    1 / denominator in float64: a row far enough out gives 0, as the reference does)."""
     n = qf.shape[1]
     i = torch.arange(n, device=qf.device, dtype=qf.dtype)
-    rate = a[:, side].repeat(qf.shape[0] // a.shape[0])[:, None]                 # (BH, 1)
     lag = (at[:, None] - i) if side == 0 else (i - at[:, None])                  # the keys' distance from at
-    w = torch.where(lag >= 0, torch.exp(-rate * lag.clamp_min(0)), torch.zeros_like(lag))
+    w = torch.exp(-rate[:, None] * lag.clamp_min(0)).masked_fill(lag < 0, 0)
     kw = kf * w[..., None]
-    num = qf @ (kw.transpose(1, 2) @ v)                                          # (BH, N, Dv)
-    den = (qf * kw.sum(1)[:, None]).sum(-1).double()                             # (BH, N)
+    num = qf @ (kw.transpose(1, 2) @ v)                                          # (S, N, Dv)
+    den = (qf @ kw.sum(1)[..., None])[..., 0].double()                           # (S, N)
     if floor:
-        far = (i - at[:, None]).abs().double() * rate.double()
+        far = (i - at[:, None]).abs().double() * rate[:, None].double()
         den = den + floor * torch.exp(far.clamp(max=700.0))
-    return (num.double() / den[..., None]).to(qf.dtype)
+    return num * (1 / den).to(qf.dtype)[..., None]
 
 
 def run(node, args, lib, name, params):
@@ -137,8 +137,11 @@ def run(node, args, lib, name, params):
     out = watched(ops.fast.linear_attention(*qk, v, a.detach(), skip, lib, name), params)
     floor = decayed_floor(node.eps, node.bias.position)
     for side, rows, at in ((0, tail, last), (1, head, first)):
-        if bool(rows.any()):
-            out = torch.where(rows[..., None], _far_rows(qf, kf, v, a, side, at, rows, floor), out)
+        sel = rows.any(1).nonzero().flatten()                                    # the rows that have some
+        if sel.numel():
+            rate = a[:, side].repeat(qf.shape[0] // a.shape[0])[sel]
+            far_out = _far_rows(qf[sel], kf[sel], v[sel], rate, at[sel], side, floor)
+            out = out.index_copy(0, sel, torch.where(rows[sel][..., None], far_out, out[sel]))
     return out
 
 
