@@ -101,24 +101,26 @@ def _beyond(node, pad, a):
     return tail, head, last, first
 
 
-def _far_rows(qf, kf, v, rate, at, side: int, floor):
-    """out (S, N, Dv) of the S batch·head rows given (rate (S,), the key `at` (S,)) at the rows far
-    on one side of `at` (0: past the last kept key, 1: before the first) of a decayed term: every
-    kept key lies on that side, so such a row's weights are e^(−a·|i − at|) times those of a query
-    at `at`, a factor that cancels but against the floor:
-    out_i = φq_i·S / (φq_i·z + floor·e^(a·|i − at|)), S, z the state at `at` (O(N·M·Dv) in torch,
-    1 / denominator in float64: a row far enough out gives 0, as the reference does)."""
-    n = qf.shape[1]
-    i = torch.arange(n, device=qf.device, dtype=qf.dtype)
-    lag = (at[:, None] - i) if side == 0 else (i - at[:, None])                  # the keys' distance from at
+def _far_rows(qf, kf, v, rate, at, side: int, floor, rows: slice, keys: slice):
+    """out (S, R, Dv) of S batch·head rows at the rows `rows` (R of them) far on one side of the
+    key `at` (S,) (side 0: past the last kept key, 1: before the first) of a decayed term with
+    rates `rate` (S,); qf (S, R, M) those rows' features, kf, v the keys `keys` (the padded ones
+    zeroed). Every kept key lies on that side, so such a row's weights are e^(−a·|i − at|) times
+    those of a query at `at`, a factor that cancels but against the floor:
+    out_i = φq_i·S / (φq_i·z + floor·e^(a·|i − at|)), S, z the state at `at` (O((R + keys)·M·Dv)
+    in torch; 1 / denominator in float64: a row far enough out gives 0, as the reference does)."""
+    dev, dt = qf.device, qf.dtype
+    i = torch.arange(rows.start, rows.stop, device=dev, dtype=dt)
+    j = torch.arange(keys.start, keys.stop, device=dev, dtype=dt)
+    lag = (at[:, None] - j) if side == 0 else (j - at[:, None])                  # the keys' distance from at
     w = torch.exp(-rate[:, None] * lag.clamp_min(0)).masked_fill(lag < 0, 0)
     kw = kf * w[..., None]
-    num = qf @ (kw.transpose(1, 2) @ v)                                          # (S, N, Dv)
-    den = (qf @ kw.sum(1)[..., None])[..., 0].double()                           # (S, N)
+    num = qf @ (kw.transpose(1, 2) @ v)                                          # (S, R, Dv)
+    den = (qf @ kw.sum(1)[..., None])[..., 0].double()                           # (S, R)
     if floor:
         far = (i - at[:, None]).abs().double() * rate[:, None].double()
         den = den + floor * torch.exp(far.clamp(max=700.0))
-    return num * (1 / den).to(qf.dtype)[..., None]
+    return num * (1 / den).to(dt)[..., None]
 
 
 def run(node, args, lib, name, params):
@@ -136,12 +138,20 @@ def run(node, args, lib, name, params):
     skip = tail | head if empty.numel() == 0 else empty | tail | head
     out = watched(ops.fast.linear_attention(*qk, v, a.detach(), skip, lib, name), params)
     floor = decayed_floor(node.eps, node.bias.position)
+    n, copied = qf.shape[1], False
     for side, rows, at in ((0, tail, last), (1, head, first)):
         sel = rows.any(1).nonzero().flatten()                                    # the rows that have some
-        if sel.numel():
-            rate = a[:, side].repeat(qf.shape[0] // a.shape[0])[sel]
-            far_out = _far_rows(qf[sel], kf[sel], v[sel], rate, at[sel], side, floor)
-            out = out.index_copy(0, sel, torch.where(rows[sel][..., None], far_out, out[sel]))
+        if not sel.numel():
+            continue
+        span = rows[sel].any(0).nonzero().flatten()
+        r = slice(int(span[0]), int(span[-1]) + 1)                               # those rows, and the keys
+        k = slice(0, int(at[sel].max()) + 1) if side == 0 else slice(int(at[sel].min()), n)   # they see
+        rate = a[:, side].repeat(qf.shape[0] // a.shape[0])[sel]
+        far_out = _far_rows(qf[sel, r], kf[sel, k], v[sel, k], rate, at[sel], side, floor, r, k)
+        if not copied and torch.is_grad_enabled() and (out.requires_grad or far_out.requires_grad):
+            out, copied = out.clone(), True                                      # written in place below
+        block = torch.where(rows[sel, r][..., None], far_out, out[sel, r])
+        out[sel[:, None], torch.arange(r.start, r.stop, device=out.device)] = block
     return out
 
 
