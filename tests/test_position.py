@@ -280,6 +280,17 @@ def test_geometric_recogniser_alibi(causal, rates):
     assert decay_rates(s.position, causal) == rates
 
 
+@pytest.mark.parametrize("expr,causal,learned", [
+    ("-s * abs(r)", True, True), ("-exp(s) * abs(r) + 2", True, True), ("-s * r / 2 - 0.5 * abs(r)", True, True),
+    ("-abs(s * r)", True, True), ("-s * abs(r)", False, False), ("-s * abs(r) + s", True, False),
+    ("-s * log(1 + abs(r))", True, False), ("-abs(r - s)", True, False), ("-s * r * r", True, False)])
+def test_geometric_recogniser_with_params(expr, causal, learned):
+    from attndsl.ast import tabulated
+    from attndsl.passes.geometric import decay_rates
+    s = attndsl.parse(f"attention t {{ param s[heads] = 0.3\n kernel = elu1\n position(r) = {expr} }}").blocks[0]
+    assert decay_rates(tabulated(s.position), causal) == (("learned", None) if learned else None)
+
+
 # (features, dtype): one partly filled block, one full and one partial, only full blocks
 RAGGED = [(3, torch.float32), (13, torch.float64), (32, torch.float32), (6, torch.float64)]
 

@@ -55,14 +55,11 @@ def affine(e) -> Affine | None:
 
 def _reads(e, names=None) -> bool:
     """Whether EXPR reads a variable (one of `names`; any when None)."""
-    todo = [e]
-    while todo:
-        n = todo.pop()
-        if isinstance(n, Var) and (names is None or n.name in names):
-            return True
-        todo.extend(getattr(n, "args", ()) or [c for c in (getattr(n, "operand", None), getattr(n, "left", None),
-                                                         getattr(n, "right", None)) if c is not None])
-    return False
+    if isinstance(e, Var):
+        return names is None or e.name in names
+    children = (e.operand,) if isinstance(e, Unary) else (e.left, e.right) if isinstance(e, Binary) else \
+        e.args if isinstance(e, Call) else ()
+    return any(_reads(c, names) for c in children)
 
 
 Symbolic = tuple  # (A, B, C): EXPRs free of r, None for 0
@@ -87,8 +84,14 @@ def symbolic_affine(e) -> Symbolic | None:
         a, b = symbolic_affine(e.left), symbolic_affine(e.right)
         if a is None or b is None:
             return None
-        return tuple(x if y is None else (Unary("-", y) if e.op == "-" else y) if x is None else Binary(e.op, x, y)
-                     for x, y in zip(a, b))
+
+        def combine(x, y):
+            if y is None:
+                return x
+            if x is None:
+                return Unary("-", y) if e.op == "-" else y
+            return Binary(e.op, x, y)
+        return tuple(combine(x, y) for x, y in zip(a, b))
     if isinstance(e, Binary) and e.op in "*/":
         if e.op == "*" and not _reads(e.left, ("r",)):
             scale, rest, flip = e.left, e.right, True
