@@ -125,6 +125,29 @@ def _ranges(causal: bool):
     return (lambda i, N: N), (lambda j: T.int64(0))
 
 
+def _window(causal: bool, windowed: bool):
+    """(query i's keys [key_lo(i, W), key_hi(i, N, W)), key j's queries [first(j, W), first + count(j, N, W)),
+    diagonal r's pairs count(r, N, W)) with a sliding window (ast.windowed: the table clipped at
+    W = _half(P), the window W − 1): the rows within it only; without one, as _ranges."""
+    keys, first = _ranges(causal)
+
+    def key_lo(i, W):
+        return T.max(i - (W - 1), T.int64(0))
+
+    def key_hi(i, N, W):
+        return T.min(i + 1 if causal else N, i + W)
+
+    def first_query(j, W):
+        return first(j) if not windowed else j if causal else T.max(j - (W - 1), T.int64(0))
+
+    def queries(j, N, W):
+        return N - first(j) if not windowed else T.min(N, j + W) - first_query(j, W)
+
+    def diagonal(r, N, W):
+        return N - T.abs(r) if not windowed else T.if_then_else(T.abs(r) < W, N - T.abs(r), T.int64(0))
+    return key_lo, key_hi, first_query, queries, diagonal
+
+
 def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
                     gpu: bool, rows: int = THREADS):
     """(Q, K, V, TAB, KB, O out, LSE out)."""
@@ -132,6 +155,8 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
     bias = _bias(position, dtype)
     start, fold, finish = _online(Dk, Dv, dtype)
     keys, _ = _ranges(causal)
+    windowed = position is not None and position.name == "window"
+    key_lo, key_hi, _, _, _ = _window(causal, windowed)
     R = rows
 
     @T.prim_func
@@ -156,8 +181,13 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                     for c in range(Dk):
                         qi[c] = Q[b, i, c] * T.cast(scale, dtype)
                     start(acc, st)
-                    for j in range(keys(i, N)):
-                        fold(qi, acc, st, K, V, b, j, bias(TAB, b % H, i - j, _half(P)) + KB[b, j], j)
+                    if windowed:                                      # only the keys within ±W
+                        for jj in range(key_hi(i, N, _half(P)) - key_lo(i, _half(P))):
+                            j = jj + key_lo(i, _half(P))
+                            fold(qi, acc, st, K, V, b, j, bias(TAB, b % H, i - j, _half(P)) + KB[b, j], j)
+                    else:
+                        for j in range(keys(i, N)):
+                            fold(qi, acc, st, K, V, b, j, bias(TAB, b % H, i - j, _half(P)) + KB[b, j], j)
                     finish(acc, st, O, LSE, b, i)
     return kernel
 
@@ -167,11 +197,26 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     """(Q, K, V, TAB, KB, O, LSE, dO, dQ out, dK out, dV out, dTAB out (zeroed by the caller))."""
     blocks, threads = _loops(gpu)
     score = _score(position, dtype)
-    keys, first = _ranges(causal)
+    keys, _ = _ranges(causal)
+    windowed = position is not None and position.name == "window"
+    key_lo, key_hi, first_query, queries, diagonal = _window(causal, windowed)
     r0 = -1 if not causal else 0          # the smallest diagonal r = i − j with pairs
     R = rows
     sc = float(scale)
     row_dots = _row_dots(blocks, threads, R, Dv, dtype)
+
+    @T.macro
+    def dq_pair(qi, gi, acc, st, K, V, TAB, KB, LSE, Dd, b, i, j, H, P):
+        """acc += ds_ij k_j (the pair's term of dq_i / s)."""
+        st[0] = T.cast(0, dtype)
+        for c in range(Dk):
+            st[0] = st[0] + qi[c] * K[b, j, c]
+        st[1] = T.cast(0, dtype)
+        for e in range(Dv):
+            st[1] = st[1] + gi[e] * V[b, j, e]
+        ds = T.exp(score(TAB, b % H, i - j, _half(P), st[0]) + KB[b, j] - LSE[b, i]) * (st[1] - Dd[b, i])
+        for c in range(Dk):
+            acc[c] = acc[c] + ds * K[b, j, c]
 
     @T.prim_func
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, kb: T.handle, o: T.handle, lse: T.handle,
@@ -206,16 +251,13 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         acc[c] = T.cast(0, dtype)
                     for e in range(Dv):
                         gi[e] = dO[b, i, e]
-                    for j in range(keys(i, N)):
-                        st[0] = T.cast(0, dtype)
-                        for c in range(Dk):
-                            st[0] = st[0] + qi[c] * K[b, j, c]
-                        st[1] = T.cast(0, dtype)
-                        for e in range(Dv):
-                            st[1] = st[1] + gi[e] * V[b, j, e]
-                        ds = T.exp(score(TAB, b % H, i - j, _half(P), st[0]) + KB[b, j] - LSE[b, i]) * (st[1] - Dd[b, i])
-                        for c in range(Dk):
-                            acc[c] = acc[c] + ds * K[b, j, c]
+                    if windowed:                                      # only the keys within ±W
+                        for jj in range(key_hi(i, N, _half(P)) - key_lo(i, _half(P))):
+                            j = jj + key_lo(i, _half(P))
+                            dq_pair(qi, gi, acc, st, K, V, TAB, KB, LSE, Dd, b, i, j, H, P)
+                    else:
+                        for j in range(keys(i, N)):
+                            dq_pair(qi, gi, acc, st, K, V, TAB, KB, LSE, Dd, b, i, j, H, P)
                     for c in range(Dk):
                         dQ[b, i, c] = acc[c] * T.cast(sc, dtype)
         for task in blocks(BH * _ceil(N, R)):                          # key rows: dk, dv
@@ -234,8 +276,8 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                     for e in range(Dv):
                         vj[e] = V[b, j, e]
                         av[e] = T.cast(0, dtype)
-                    for i0 in range(N - first(j)):
-                        i = i0 + first(j)
+                    for i0 in range(queries(j, N, _half(P))):
+                        i = i0 + first_query(j, _half(P))
                         st[0] = T.cast(0, dtype)
                         for c in range(Dk):
                             st[0] = st[0] + Q[b, i, c] * kj[c]
@@ -262,7 +304,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                     if d < 2 * N - 1:
                         st[2] = T.cast(0, dtype)
                         if r >= r0 * (N - 1):
-                            for t in range(N - T.abs(r)):
+                            for t in range(diagonal(r, N, _half(P))):
                                 i = t + T.max(r, T.int64(0))
                                 j = i - r
                                 st[0] = T.cast(0, dtype)
@@ -374,6 +416,19 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     R = rows
     sc = float(scale)
     row_dots = _row_dots(blocks, threads, R, Dv, dtype)
+
+    @T.macro
+    def dq_pair(qi, gi, acc, st, K, V, TAB, KB, LSE, Dd, b, i, j, H, P):
+        """acc += ds_ij k_j (the pair's term of dq_i / s)."""
+        st[0] = T.cast(0, dtype)
+        for c in range(Dk):
+            st[0] = st[0] + qi[c] * K[b, j, c]
+        st[1] = T.cast(0, dtype)
+        for e in range(Dv):
+            st[1] = st[1] + gi[e] * V[b, j, e]
+        ds = T.exp(score(TAB, b % H, i - j, _half(P), st[0]) + KB[b, j] - LSE[b, i]) * (st[1] - Dd[b, i])
+        for c in range(Dk):
+            acc[c] = acc[c] + ds * K[b, j, c]
 
     @T.macro
     def pair(st, Q, K, V, dO, LSE, Dd, b, qrow, krow, lw, vrow):
