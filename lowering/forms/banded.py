@@ -28,8 +28,9 @@ def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
     from ..portable import te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
     cf, cb = knob(knobs, names, "portable_linear", "chunk")
-    return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf, eps=node.eps),
-            names[1]: te_forms.banded_backward(names[1], m, d, dtype, node.causal, chunk=cb)}
+    far = node.bias.position.name != "window"
+    return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf, eps=node.eps, far=far),
+            names[1]: te_forms.banded_backward(names[1], m, d, dtype, node.causal, chunk=cb, far=far)}
 
 
 def run(node, args, lib, name, params):

@@ -565,17 +565,19 @@ def _weighted_sum(parts, shape, name):
 
 
 def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: int = CHUNK,
-                   eps: float | None = None):
+                   eps: float | None = None, far: bool = True):
     """(Qf, Kf, V, TAB, O out, DEN out): DEN_i = Σ_j c(i−j) κ_ij (+ eps·exp(−max TAB)),
-    O_i = Σ_j c(i−j) κ_ij V_j / DEN_i; TAB (H, 2W+1) the learned table, c = exp(TAB − max) clipped at ±W."""
+    O_i = Σ_j c(i−j) κ_ij V_j / DEN_i; TAB (H, 2W+1) the learned table, c = exp(TAB − max) clipped at ±W.
+    `far` False: the keys beyond ±W weigh 0 (a sliding window), no chunk prefix sums."""
     BH, N, q, k, v, tab = _banded_inputs(M, D, dtype)
     band = _Band(tab, BH, N, causal, dtype)
     Vb = _ones_col(v, dtype, "vb")
     kappa = band.pairs(q, k, 1, "kappa")
     A = te.compute(kappa.shape, lambda b, i, u: band.c(b, u) * kappa[b, i, u], "a")
-    parts = [(None, band.gather(A, Vb, 1, "near")),
-             (lambda b: band.far(b, False), _far(q, k, Vb, N, lambda i: i - band.W, False, chunk, "before"))]
-    if not causal:
+    parts = [(None, band.gather(A, Vb, 1, "near"))]
+    if far:
+        parts.append((lambda b: band.far(b, False), _far(q, k, Vb, N, lambda i: i - band.W, False, chunk, "before")))
+    if far and not causal:
         parts.append((lambda b: band.far(b, True), _far(q, k, Vb, N, lambda i: i + band.W, True, chunk, "after")))
     num = _weighted_sum(parts, (BH, N, _i64(D + 1)), "num")
     if eps:                                 # eps in the units of c: eps·exp(−max TAB)
@@ -587,12 +589,12 @@ def banded_forward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: i
     return _func(name, [q, k, v, tab, out, den])
 
 
-def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: int = CHUNK):
+def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: int = CHUNK, far: bool = True):
     """(Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out, dTAB out). With g_i = dO_i/DEN_i,
     r_i = (dO_i·O_i)/DEN_i, b_ij = g_i·V_j − r_i = ḡ_i·v̄_j (ḡ = [g, −r]) and w_ij = c(i − j):
         dQf_i = Σ_j w_ij b_ij Kf_j,  dKf_j = Σ_i w_ij b_ij Qf_i,  dV_j = Σ_i w_ij κ_ij g_i,
         dTAB[h, r + W] = c(r) Σ_{bh ≡ h} Σ_{i − j = r} κ_ij b_ij  (band offsets; the far slots 2W and 0
-    collect c₊ Σ_i Qf_i·F_<(i) and c₋ Σ_i Qf_i·F_>(i) of dQf's far parts)."""
+    collect c₊ Σ_i Qf_i·F_<(i) and c₋ Σ_i Qf_i·F_>(i) of dQf's far parts; none when not `far`)."""
     BH, N, q, k, v, tab = _banded_inputs(M, D, dtype)
     Mi, Di = _i64(M), _i64(D)
     O = te.placeholder((BH, N, Di), dtype, "o")
@@ -609,6 +611,7 @@ def banded_backward(name: str, M: int, D: int, dtype: str, causal: bool, chunk: 
     Bw = te.compute(kappa.shape, lambda b, i, u: band.c(b, u) * bq[b, i, u], "bw")
     Aw = te.compute(kappa.shape, lambda b, i, u: band.c(b, u) * kappa[b, i, u], "aw")
     sides = [(False, lambda b: band.far(b, False))] + ([] if causal else [(True, lambda b: band.far(b, True))])
+    sides = sides if far else []
     shift = {False: lambda i: i - band.W, True: lambda i: i + band.W}    # a query's far keys from p
     mirror = {False: lambda j: j + band.W, True: lambda j: j - band.W}   # a key's far queries from p
     q_parts, k_parts, v_parts, fars = [(None, band.gather(Bw, k, 1, "dq_band"))], \
