@@ -126,10 +126,12 @@ def _ranges(causal: bool):
 
 
 def _window(causal: bool, windowed: bool):
-    """(query i's keys [key_lo(i, W), key_hi(i, N, W)), key j's queries [first(j, W), first + count(j, N, W)),
-    diagonal r's pairs count(r, N, W)) with a sliding window (ast.windowed: the table clipped at
-    W = _half(P), the window W − 1): the rows within it only; without one, as _ranges."""
-    keys, first = _ranges(causal)
+    """The rows a row reaches, as loop bounds: query i's keys [key_lo(i, W), key_hi(i, N, W)),
+    key j's queries first_query(j, W) + [0, queries(j, N, W)), and the pairs of diagonal
+    r = i − j, diagonal(r, N, W). With a sliding window (ast.windowed: the table clipped at
+    W = _half(P), the window W − 1) only those within it; without one, as _ranges (key_lo and
+    key_hi are for windows only)."""
+    _, first = _ranges(causal)
 
     def key_lo(i, W):
         return T.max(i - (W - 1), T.int64(0))
@@ -138,13 +140,19 @@ def _window(causal: bool, windowed: bool):
         return T.min(i + 1 if causal else N, i + W)
 
     def first_query(j, W):
-        return first(j) if not windowed else j if causal else T.max(j - (W - 1), T.int64(0))
+        if not windowed:
+            return first(j)
+        return j if causal else T.max(j - (W - 1), T.int64(0))
 
     def queries(j, N, W):
-        return N - first(j) if not windowed else T.min(N, j + W) - first_query(j, W)
+        if not windowed:
+            return N - first(j)
+        return T.min(N, j + W) - first_query(j, W)
 
     def diagonal(r, N, W):
-        return N - T.abs(r) if not windowed else T.if_then_else(T.abs(r) < W, N - T.abs(r), T.int64(0))
+        if not windowed:
+            return N - T.abs(r)
+        return T.if_then_else(T.abs(r) < W, N - T.abs(r), T.int64(0))
     return key_lo, key_hi, first_query, queries, diagonal
 
 
@@ -416,19 +424,6 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     R = rows
     sc = float(scale)
     row_dots = _row_dots(blocks, threads, R, Dv, dtype)
-
-    @T.macro
-    def dq_pair(qi, gi, acc, st, K, V, TAB, KB, LSE, Dd, b, i, j, H, P):
-        """acc += ds_ij k_j (the pair's term of dq_i / s)."""
-        st[0] = T.cast(0, dtype)
-        for c in range(Dk):
-            st[0] = st[0] + qi[c] * K[b, j, c]
-        st[1] = T.cast(0, dtype)
-        for e in range(Dv):
-            st[1] = st[1] + gi[e] * V[b, j, e]
-        ds = T.exp(score(TAB, b % H, i - j, _half(P), st[0]) + KB[b, j] - LSE[b, i]) * (st[1] - Dd[b, i])
-        for c in range(Dk):
-            acc[c] = acc[c] + ds * K[b, j, c]
 
     @T.macro
     def pair(st, Q, K, V, dO, LSE, Dd, b, qrow, krow, lw, vrow):
