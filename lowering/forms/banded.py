@@ -15,10 +15,15 @@ from ..form import Form, keys_out, knob, watched
 CHUNK = defaults("banded")["chunk"]       # the CPU kernels' default chunk (their window tiles)
 
 
+def _far(node: PositionalAttention) -> bool:
+    """Whether the keys beyond the clip weigh anything (a sliding window's weigh 0)."""
+    return node.bias.position.name != "window"
+
+
 def lower_cpu(node: PositionalAttention, names, dtype, knobs):
     from ..cpu import banded
     m, d = node.qf.shape[-1], node.v.shape[-1]
-    far = node.bias.position.name != "window"        # a sliding window's far keys weigh 0
+    far = _far(node)
     return {names[0]: banded.banded_forward(names[0], m, d, dtype, node.causal, knobs.get(names[0]),
                                             eps=node.eps, far=far),
             names[1]: banded.banded_backward(names[1], m, d, dtype, node.causal, knobs.get(names[1]), far=far)}
@@ -28,7 +33,7 @@ def lower_portable(node: PositionalAttention, names, dtype, knobs, gpu):
     from ..portable import te_forms
     m, d = node.qf.shape[-1], node.v.shape[-1]
     cf, cb = knob(knobs, names, "portable_linear", "chunk")
-    far = node.bias.position.name != "window"
+    far = _far(node)
     return {names[0]: te_forms.banded_forward(names[0], m, d, dtype, node.causal, chunk=cf, eps=node.eps, far=far),
             names[1]: te_forms.banded_backward(names[1], m, d, dtype, node.causal, chunk=cb, far=far)}
 
@@ -47,7 +52,7 @@ def _cost(n: PositionalAttention, N: int) -> float:
     m, d = n.qf.shape[-1], n.v.shape[-1]
     w = int(n.bias.position["max_distance"])
     window = min(N, (1 if n.causal else 2) * w + CHUNK)
-    far = 0.0 if n.bias.position.name == "window" else 4.0 * N * m * (d + 1)
+    far = 4.0 * N * m * (d + 1) if _far(n) else 0.0
     return 2.0 * N * window * (m + d + 1) + far
 
 
