@@ -66,8 +66,9 @@ def _define(op: Op):
         n = t[op.inputs[0]].shape[1]
         _kernel(t["lib"], t["node"] + "_fwd")(*(t[x] for x in reads), *outs, *scalar_values(op, n, t))
         if op.empty and t["empty"].numel():      # rows with no key (padding.py): 0, and a finite backward
-            outs[0].masked_fill_(t["empty"][..., None], 0)
-            outs[1].masked_fill_(t["empty"], 1)
+            rows = t["empty"].view(-1).nonzero().flatten()       # written row by row, not a pass over out
+            outs[0].view(-1, outs[0].shape[-1]).index_fill_(0, rows, 0)
+            outs[1].view(-1).index_fill_(0, rows, 1)
         return _one_or_tuple(outs)
 
     def forward_fake(*args):
