@@ -404,16 +404,25 @@ def test_multihead_attention_matches_torch_in_cross_attention(causal):
     assert_close("d q_proj_weight", g_want[0], g_got[0], 1e-4)
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_decoder_layer_with_cross_attention(train):
-    torch.manual_seed(3)
-    layer = torch.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-    mine = torch.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-    mine.self_attn = attndsl.nn.MultiheadAttention("attention a { mask = causal }", 16, 2, batch_first=True)
-    mine.multihead_attn = attndsl.nn.MultiheadAttention("attention a { }", 16, 2, batch_first=True)
+def twin_layers(cls, train: bool, **attentions):
+    """torch's layer `cls` (E = 16, 2 heads, feed-forward 32) and one with its attention modules
+    named in `attentions` replaced by attndsl.nn.MultiheadAttention of the given spec texts, with
+    the same weights, both in train (or eval) mode."""
+    layer = cls(16, 2, 32, dropout=0.0, batch_first=True)
+    mine = cls(16, 2, 32, dropout=0.0, batch_first=True)
+    for name, text in attentions.items():
+        setattr(mine, name, attndsl.nn.MultiheadAttention(text, 16, 2, batch_first=True))
     mine.load_state_dict(layer.state_dict())
     layer.train(train)
     mine.train(train)
+    return layer, mine
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_decoder_layer_with_cross_attention(train):
+    torch.manual_seed(3)
+    layer, mine = twin_layers(torch.nn.TransformerDecoderLayer, train, self_attn="attention a { mask = causal }",
+                              multihead_attn="attention a { }")
     x, memory = torch.randn(2, 11, 16), torch.randn(2, 17, 16)
     causal = torch.nn.Transformer.generate_square_subsequent_mask(11)
     with torch.set_grad_enabled(train):
@@ -425,12 +434,7 @@ def test_decoder_layer_with_cross_attention(train):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_encoder_layer_with_src_key_padding_mask(train):
     torch.manual_seed(2)
-    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-    mine = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-    mine.self_attn = attndsl.nn.MultiheadAttention("attention a { kernel = softmax }", 16, 2, batch_first=True)
-    mine.load_state_dict(layer.state_dict())
-    layer.train(train)
-    mine.train(train)
+    layer, mine = twin_layers(torch.nn.TransformerEncoderLayer, train, self_attn="attention a { kernel = softmax }")
     x = torch.randn(2, 13, 16)
     pad = torch.zeros(2, 13, dtype=torch.bool)
     pad[1, 9:] = True
