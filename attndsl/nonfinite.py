@@ -26,7 +26,11 @@ import torch
 
 def _finite(*tensors: torch.Tensor) -> bool:
     """Whether every element is finite: a sum is not finite if any element is not (or if the sum
-    overflows, which only sends the caller down the exact slow path)."""
+    overflows, which only sends the caller down the exact slow path). On the CPU the sum is a
+    compiled kernel's (lowering/cpu/finite.py), which opens no OpenMP team of torch's."""
+    if tensors[0].device.type == "cpu":
+        from .lowering.cpu.finite import all_finite
+        return all(all_finite(t) for t in tensors)
     return all(math.isfinite(t.sum().item()) for t in tensors)
 
 

@@ -113,3 +113,19 @@ def test_the_rule_holds_under_torch_compile(compiled):
         assert_close("finite rows", ref[~ref.isnan()], out[~ref.isnan()], RTOL[torch.float32])
     q, k, v = inputs("q", 0.5)                     # finite inputs: the same numbers as eager
     assert_close("finite", attn(q, k, v), fn(q, k, v), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("numel", [100, 1 << 15, (1 << 16) + 5, 3 * 1000 * 37])
+def test_the_compiled_finite_check(dtype, numel):
+    """The check guarded() runs on outputs (a compiled sum from 32768 elements, with a tail that
+    is not a whole row of lanes): False for any NaN or ±Inf anywhere, and for a sum that overflows."""
+    from attndsl.lowering.cpu.finite import all_finite
+    x = torch.randn(numel, dtype=dtype)
+    assert all_finite(x) and all_finite(x[::2])                         # non-contiguous: torch's sum
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for at in (0, numel // 2, numel - 1):
+            y = x.clone()
+            y[at] = bad
+            assert not all_finite(y), (bad, at)
+    assert not all_finite(torch.full((numel,), torch.finfo(dtype).max, dtype=dtype))
