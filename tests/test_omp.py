@@ -62,3 +62,39 @@ def test_attndsl_openmp_0_keeps_tvm_s_pool():
                          env={**os.environ, "ATTNDSL_OPENMP": "0"})
     assert out.stdout.strip() == "None"
     assert "ATTNDSL_OPENMP" in config.describe()
+
+
+def _launch(num_task: int = 0, fail: int | None = None, alone: bool = False) -> tuple[int, list]:
+    """The launcher run on a loop whose tasks record (task, num_task): its rc and the records.
+    alone: told to run loops alone for the next 10 s (else as if no worker had come late before)."""
+    seen = []
+    omp.shim().attndsl_alone(10 ** 10 if alone else 0)
+
+    @omp._LAMBDA
+    def task(i, env, cdata):
+        seen.append((i, env.contents.num_task))
+        return 7 if i == fail else 0
+    return omp.shim().attndsl_parallel_launch(task, None, num_task), sorted(seen)
+
+
+@pytest.mark.skipif(config.num_threads() < 2, reason="one thread: every loop runs inline")
+@pytest.mark.parametrize("num_task", [0, 5])
+def test_the_launcher_runs_every_task_once(num_task):
+    rc, seen = _launch(num_task)
+    tasks = num_task or 2 * config.num_threads()         # SPLIT tasks a thread unless TVM asks
+    assert rc == 0 and seen == [(i, tasks) for i in range(tasks)]
+    assert _launch(num_task, fail=1)[0] == 7             # a task's error is the loop's
+
+
+def test_loops_run_alone_when_told_and_kernels_still_match():
+    """What a late worker leads to: the loops inline on the calling thread."""
+    attn = attndsl.compile("attention t { kernel = elu1; position = toeplitz(max_distance=9); mask = causal }",
+                           heads=2, head_dim=16)
+    q, k, v = (torch.randn(2, 2, 300, 16) for _ in range(3))
+    team = attn(q, k, v)
+    try:
+        assert _launch(alone=True)[1] == [(0, 1)]
+        alone = attn(q, k, v)
+    finally:
+        omp.shim().attndsl_alone(0)
+    assert_close("out", team, alone, 1e-6)

@@ -8,12 +8,23 @@ few cores a TVM kernel called between torch ops waits for them (measured here, 2
 N = 512 in bench_softmax.py's interleaved rounds: 17.5 ms against 8.1 ms with the OpenMP
 workers told to sleep, OMP_WAIT_POLICY=PASSIVE).
 
-`adopt(path)` points a loaded library's launcher at a small C function that runs the tasks as
-one OpenMP team in the libgomp torch has loaded (same soname, so the same runtime and the same
-threads): task i of n = omp_get_thread_num() of a team of n = num_threads() threads, which is
-what TVM's launcher hands a lambda. The shim is compiled once per machine with the C compiler
-TVM links kernels with, and cached. Libraries that use TVM's parallel barrier keep TVM's pool.
-ATTNDSL_OPENMP=0, or no C compiler with OpenMP, keeps TVM's pool everywhere.
+`adopt(path)` points a loaded library's launcher at a small C function that runs the loop's
+tasks as one OpenMP team in the libgomp torch has loaded (same soname, so the same runtime and
+the same threads). The loop is cut into SPLIT tasks a thread; each thread runs its own share
+first, in order (a static split's rows, so one loop's output is still in the cache of the thread
+that reads it in the next), then claims what is left of the others' shares from their ends. The
+shim is compiled once per machine with the C compiler TVM links kernels with, and cached.
+Libraries that use TVM's parallel barrier keep TVM's pool. ATTNDSL_OPENMP=0, or no C compiler
+with OpenMP, keeps TVM's pool everywhere.
+
+A busy core: under libgomp's default wait policy an idle worker spins rather than sleeps, and a
+spinning thread that shares its core with another process's waits its turn (milliseconds) to
+see the next team start, or to go on with its task; the team's end waits for it. When the calling
+thread, its own tasks and whatever it could take from the others done, waits at the team's end
+more than LATE_NS and longer than it worked (more than a last task's imbalance), or was itself off
+its core for more than LATE_NS and half the time it had work (one thread too many), the next loops
+run inline on the calling thread alone for MIN_ALONE_NS, doubled while this recurs (up to
+MAX_ALONE_NS), then a team is tried again (benchmarks/bench_busy.py).
 
 Fork: neither libgomp nor TVM's pool survives `fork()` (the child inherits a pool whose threads
 do not exist, and the first parallel loop waits for them forever). In a forked child (a
@@ -35,29 +46,75 @@ from attndsl import config
 
 SOURCE = r"""
 #include <omp.h>
+#include <time.h>
 typedef struct { void* sync_handle; int num_task; } TVMParallelGroupEnv;
 typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+#define SPLIT 2                    /* tasks per thread */
+#define MAX_TASKS 256
+#define LATE_NS 500000L            /* the calling thread waiting this long for a team's workers... */
+#define MIN_ALONE_NS 20000000L     /* ...and the loops run on the calling thread alone this long, */
+#define MAX_ALONE_NS 1000000000L   /* doubled (up to this) while it recurs */
+#define MEMORY_NS 10000000000L     /* within this of the last */
 static int team = 1;
-static long launches = 0;                     /* for the tests: how often a kernel came here */
+static long launches = 0, lates = 0, alone_until = 0, alone_for = 0, last_late = 0, last_worked = 0;
 void attndsl_set_threads(int n) { team = n > 0 ? n : 1; }
-long attndsl_launches(void) { return launches; }
+long attndsl_launches(void) { return launches; }       /* for the tests: how often a kernel came here */
+long attndsl_lates(void) { return lates; }             /* how often a worker came late */
+static long ns_of(clockid_t c) { struct timespec t; clock_gettime(c, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
+static long now_ns(void) { return ns_of(CLOCK_MONOTONIC); }
+void attndsl_alone(long ns) { __atomic_store_n(&alone_until, now_ns() + ns, __ATOMIC_RELAXED); }
+
+static void came_late(long end) {
+  long was = __atomic_load_n(&alone_for, __ATOMIC_RELAXED);
+  long ns = end - __atomic_load_n(&last_late, __ATOMIC_RELAXED) < MEMORY_NS ? 2 * was : MIN_ALONE_NS;
+  ns = ns < MIN_ALONE_NS ? MIN_ALONE_NS : ns > MAX_ALONE_NS ? MAX_ALONE_NS : ns;
+  __atomic_store_n(&alone_for, ns, __ATOMIC_RELAXED);
+  __atomic_store_n(&last_late, end, __ATOMIC_RELAXED);
+  __atomic_store_n(&alone_until, end + ns, __ATOMIC_RELAXED);
+  __atomic_fetch_add(&lates, 1, __ATOMIC_RELAXED);
+}
+
 int attndsl_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
-  int n = num_task > 0 ? num_task : team, err = 0;
-#pragma omp atomic
-  launches++;
-  if (n == 1 || omp_in_parallel()) {          /* one task, or already inside a team: run inline */
-    TVMParallelGroupEnv env = {0, 1};
+  int n = team, err = 0;
+  __atomic_fetch_add(&launches, 1, __ATOMIC_RELAXED);
+  long start = now_ns();
+  if (n == 1 || omp_in_parallel() || start < __atomic_load_n(&alone_until, __ATOMIC_RELAXED)) {
+    TVMParallelGroupEnv env = {0, 1};        /* one task, inside a team, or alone: run inline */
     return flambda(0, &env, cdata);
   }
+  int tasks = num_task > 0 ? num_task : n * SPLIT;
+  if (tasks > MAX_TASKS) tasks = MAX_TASKS;
+  unsigned char claimed[MAX_TASKS] = {0};
+  /* the thread's CPU clock is a system call: read only when loops run long */
+  int timed = __atomic_load_n(&last_worked, __ATOMIC_RELAXED) > LATE_NS / 4;
+  long master_done = start, cpu = timed ? ns_of(CLOCK_THREAD_CPUTIME_ID) : 0;
 #pragma omp parallel num_threads(n)
   {
-    TVMParallelGroupEnv env = {0, omp_get_num_threads()};
-    int rc = flambda(omp_get_thread_num(), &env, cdata);
-    if (rc != 0) {
+    TVMParallelGroupEnv env = {0, tasks};
+    int me = omp_get_thread_num(), size = omp_get_num_threads();
+    int lo = (int)((long)tasks * me / size), hi = (int)((long)tasks * (me + 1) / size), own = hi - lo;
+    /* its own share first, in order (a static split's rows: caches stay warm), then what is
+       left of the others' shares, from their ends */
+    for (int j = 0; j < tasks; j++) {
+      int k = j - own;
+      int i = k < 0 ? lo + j : k < tasks - hi ? tasks - 1 - k : lo - 1 - (k - (tasks - hi));
+      if (__atomic_exchange_n(&claimed[i], 1, __ATOMIC_ACQ_REL)) continue;
+      int rc = flambda(i, &env, cdata);
+      if (rc != 0) {
 #pragma omp atomic write
-      err = rc;
+        err = rc;
+      }
+    }
+    if (me == 0) {
+      master_done = now_ns();
+      if (timed) cpu = ns_of(CLOCK_THREAD_CPUTIME_ID) - cpu;
     }
   }
+  long end = now_ns();
+  long waited = end - master_done, worked = master_done - start, off = timed ? worked - cpu : 0;
+  __atomic_store_n(&last_worked, worked, __ATOMIC_RELAXED);
+  if ((waited > LATE_NS && waited > worked) || (off > LATE_NS && 2 * off > worked))
+    came_late(end);      /* waited for a worker off its core (not a last task), or was off ours */
   return err;
 }
 """
@@ -135,6 +192,8 @@ def shim() -> ctypes.CDLL | None:
                 if not path.is_file():
                     _build(path)
                 lib = ctypes.CDLL(str(path))
+                lib.attndsl_launches.restype = lib.attndsl_lates.restype = ctypes.c_long
+                lib.attndsl_alone.argtypes = [ctypes.c_long]
                 lib.attndsl_set_threads(config.num_threads())
                 _SHIM = lib
             except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
