@@ -3,8 +3,9 @@ busy by another process (as a DataLoader worker or a second job does), beside SD
 
 One spinning process per --busy core (a plain Python loop, started for the busy rounds and
 stopped after); B·H = 8, D = 64, float32, N = 2048. Quiet and busy rounds are interleaved and
-medians quoted. A form degrades like SDPA when its slowdown (busy / quiet) is within 1.5x of
-SDPA's. Each OpenMP wait policy runs in its own process (libgomp reads OMP_WAIT_POLICY when torch
+medians quoted; the methods' order rotates from round to round, as the first call after the load
+changes pays for the change (threads moving between cores). A form degrades like SDPA when its
+slowdown (busy / quiet) is within 1.5x of SDPA's. Each OpenMP wait policy runs in its own process (libgomp reads OMP_WAIT_POLICY when torch
 loads it): unset, libgomp's default (idle threads spin for a while, then sleep), and PASSIVE (idle
 threads sleep at once).
 
@@ -31,6 +32,7 @@ from bench_lengths import bias
 
 RESULTS = Path(__file__).resolve().parent / "results"
 H, DIM = 8, 64
+QUIET_AFTER_S = 1.2     # the kernels' launcher runs alone for up to 1 s after a late worker (runtime/omp.py)
 FORMS = {   # form -> the spec it runs (plan= forces it)
     "prefix_sum": "kernel = elu1; mask = causal",
     "linear": "kernel = elu1",
@@ -69,15 +71,17 @@ def measure(n: int, rounds: int, busy: int) -> dict:
     ms = methods(n)
     q, k, v = (torch.randn(1, H, n, DIM) for _ in range(3))
     times = {(m, s): [] for m in ms for s in ("quiet", "busy")}
+    order = list(ms)                             # rotated a step each round: none always comes first
     with torch.no_grad():
         for fn in ms.values():
             fn(q, k, v)
         for r in range(rounds):
             for state in ("quiet", "busy"):
                 procs = spinners(busy) if state == "busy" else []
-                time.sleep(0.3 if procs else 0.0)
+                time.sleep(0.3 if procs else QUIET_AFTER_S)
                 try:
-                    for m, fn in ms.items():
+                    for m in order[r % len(order):] + order[:r % len(order)]:
+                        fn = ms[m]
                         t0 = time.perf_counter()
                         fn(q, k, v)
                         times[m, state].append(time.perf_counter() - t0)
