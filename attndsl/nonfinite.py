@@ -18,7 +18,6 @@ q, k (BH, N, Dk), v (BH, N, Dv), out (BH, N, Dv).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -28,10 +27,13 @@ def _finite(*tensors: torch.Tensor) -> bool:
     """Whether every element is finite: a sum is not finite if any element is not (or if the sum
     overflows, which only sends the caller down the exact slow path). On the CPU the sum is a
     compiled kernel's (lowering/cpu/finite.py), which opens no OpenMP team of torch's."""
-    if tensors[0].device.type == "cpu":
-        from .lowering.cpu.finite import all_finite
-        return all(all_finite(t) for t in tensors)
-    return all(math.isfinite(t.sum().item()) for t in tensors)
+    global _all_finite
+    if _all_finite is None:                          # imported here: the lowering imports TVM
+        from .lowering.cpu.finite import all_finite as _all_finite
+    return all(_all_finite(t) for t in tensors)
+
+
+_all_finite = None
 
 
 class _Poisoned(torch.autograd.Function):

@@ -21,6 +21,7 @@ import torch
 BLOCKS = 64                           # partial sums: a few per task of the launcher
 LANES = {"float32": 16, "float64": 8}  # one row: 64 bytes
 MIN_NUMEL = 1 << 15                   # below this torch's sum is serial and cheaper to call
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _LIBS: dict[str, object] = {}
 
 
@@ -77,9 +78,10 @@ def _library(dtype: str):
 
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every element of t is finite (False also when their sum overflows)."""
-    dtype = str(t.dtype).removeprefix("torch.")
-    compiled = t.device.type == "cpu" and dtype in LANES and t.numel() >= MIN_NUMEL and t.is_contiguous()
-    fn = _library(dtype) if compiled else None
+    if t.numel() < MIN_NUMEL or t.device.type != "cpu" or t.dtype not in _DTYPES or not t.is_contiguous():
+        return math.isfinite(t.sum().item())
+    dtype = _DTYPES[t.dtype]
+    fn = _library(dtype)
     if fn is None:
         return math.isfinite(t.sum().item())
     lanes = LANES[dtype]
