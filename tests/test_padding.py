@@ -173,6 +173,35 @@ def test_rows_far_from_every_kept_key_are_right_or_refused():
         far("fft_decaying")(q[:1], k[:1], v[:1], key_padding_mask=pad)
 
 
+@pytest.mark.parametrize("text", [
+    "kernel = elu1; position = alibi(slope=0.5); mask = causal; eps = 0.01",
+    "kernel = elu1; position = alibi(slope=0.5)",
+    "param s[heads] = 0.5; kernel = elu1; position(r) = -s * abs(r) + 1; mask = causal; eps = 0.01"],
+    ids=["causal-floor", "two_way", "learned-floor"])
+def test_gradcheck_of_the_decayed_far_rows(text, monkeypatch):
+    """The far rows' formula and its hand-written backward (decayed.py), made to take rows a few
+    nats out: float64 gradcheck in q, k, v and the params (the rates, through the weights and the
+    floor)."""
+    from attndsl.lowering.forms import decayed
+    monkeypatch.setitem(decayed.BEYOND, torch.float64, 1.0)
+    attn = attndsl.compile(f"attention a {{ {text} }}", heads=2, head_dim=4, plan="decayed", dtype=torch.float64)
+    pad = torch.zeros(2, 13, dtype=torch.bool)
+    pad[0, 9:] = True                         # rows 11-12 lie 3-4 keys past the last kept one: > 1 nat
+    pad[1, :5] = not attn.spec.causal         # (two-way: rows 0-2 lie 3-5 keys before the first)
+    q, k, v = (torch.randn(2, 2, 13, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    names = list(attn.spec_params)
+    values = [attn.spec_params[n].detach().double().clone().requires_grad_() for n in names]
+
+    def f(q, k, v, *ps):
+        return torch.func.functional_call(attn, {f"spec_params.{n}": p for n, p in zip(names, ps)}, (q, k, v),
+                                          {"key_padding_mask": pad})
+    taken, apply = [], decayed._WithFarRows.apply
+    monkeypatch.setattr(decayed._WithFarRows, "apply", lambda *a: taken.append(a[7]) or apply(*a))
+    assert_close("out", attn.reference(q, k, v, key_padding_mask=pad), f(q, k, v, *values), RTOL[torch.float64])
+    assert {far.side for far in taken[0]} == ({0} if attn.spec.causal else {0, 1})    # the far path ran
+    assert torch.autograd.gradcheck(f, (q, k, v, *values), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def test_only_the_batch_elements_whose_rows_underflow_rerun_in_float64():
     attn = attndsl.compile(FAR["alibi_steep"][0], heads=H, head_dim=D, plan="decayed")    # its _run is spied on
     pad = torch.zeros(2, 256, dtype=torch.bool)

@@ -7,6 +7,8 @@ CPU kernels: linear.py (with a slope); portable: te_forms.py. The kernels read t
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from attndsl.ir import PositionalAttention
@@ -101,26 +103,121 @@ def _beyond(node, pad, a):
     return tail, head, last, first
 
 
-def _far_rows(qf, kf, v, rate, at, side: int, floor, rows: slice, keys: slice):
-    """out (S, R, Dv) of S batch·head rows at the rows `rows` (R of them) far on one side of the
-    key `at` (S,) (side 0: past the last kept key, 1: before the first) of a decayed term with
-    rates `rate` (S,); qf (S, R, M) those rows' features, kf, v the keys `keys` (the padded ones
-    zeroed). Every kept key lies on that side, so such a row's weights are e^(−a·|i − at|) times
-    those of a query at `at`, a factor that cancels but against the floor:
-    out_i = φq_i·S / (φq_i·z + floor·e^(a·|i − at|)), S, z the state at `at` (O((R + keys)·M·Dv)
-    in torch; 1 / denominator in float64: a row far enough out gives 0, as the reference does)."""
-    dev, dt = qf.device, qf.dtype
-    i = torch.arange(rows.start, rows.stop, device=dev, dtype=dt)
-    j = torch.arange(keys.start, keys.stop, device=dev, dtype=dt)
-    lag = (at[:, None] - j) if side == 0 else (j - at[:, None])                  # the keys' distance from at
-    w = torch.exp(-rate[:, None] * lag.clamp_min(0)).masked_fill(lag < 0, 0)
-    kw = kf * w[..., None]
-    num = qf @ (kw.transpose(1, 2) @ v)                                          # (S, R, Dv)
-    den = (qf @ kw.sum(1)[..., None])[..., 0].double()                           # (S, R)
-    if floor:
-        far = (i - at[:, None]).abs().double() * rate[:, None].double()
-        den = den + floor * torch.exp(far.clamp(max=700.0))
-    return num * (1 / den).to(dt)[..., None]
+class _Pieces(NamedTuple):
+    """The far-row formula at one side's rows: qs (S, R, M) their features, ks (S, K, M), vs the
+    keys', rate (S,), the keys' lag behind (or ahead of) `at` and weights w = e^(−rate·lag) (S, K),
+    kw = ks·w, Sv = kwᵀ vs (S, M, Dv), zs = Σ kw (S, M), u = 1 / denominator (S, R), fu the
+    floor's share of it (float64, ≤ 1; None without a floor), dist = |i − at|, o the rows' output."""
+    qs: torch.Tensor
+    ks: torch.Tensor
+    vs: torch.Tensor
+    rate: torch.Tensor
+    lag: torch.Tensor
+    w: torch.Tensor
+    kw: torch.Tensor
+    Sv: torch.Tensor
+    zs: torch.Tensor
+    u: torch.Tensor
+    fu: torch.Tensor | None
+    dist: torch.Tensor
+    o: torch.Tensor
+
+
+class _Far:
+    """One side's far rows (_beyond) in the S batch·head rows `sel` that have some: their query
+    rows `rows` (a slice), the keys `keys` they see (a slice), which of rows[sel, rows] are far
+    (`mask` (S, R)), the kept key `at` (S,) they are measured from, and the side (0: past the last
+    kept key, 1: before the first)."""
+
+    def __init__(self, side, rows_mask, at):
+        self.side = side
+        self.sel = rows_mask.any(1).nonzero().flatten()
+        span = rows_mask[self.sel].any(0).nonzero().flatten()
+        n = rows_mask.shape[1]
+        self.rows = slice(int(span[0]), int(span[-1]) + 1)
+        self.at = at[self.sel]
+        self.keys = slice(0, int(self.at.max()) + 1) if side == 0 else slice(int(self.at.min()), n)
+        self.mask = rows_mask[self.sel, self.rows]
+        self.index = (self.sel[:, None], torch.arange(self.rows.start, self.rows.stop, device=at.device))
+        self.key_index = (self.sel[:, None], torch.arange(self.keys.start, self.keys.stop, device=at.device))
+
+    def pieces(self, qf, kf, v, a, floor) -> _Pieces:
+        """Every kept key lies on one side, so a far row's weights are e^(−a·|i − at|) times those
+        of a query at `at`, a factor that cancels but against the floor:
+        out_i = φq_i·S / (φq_i·z + floor·e^(a·|i − at|)), S, z the state at `at`
+        (O((R + keys)·M·Dv) in torch; 1 / denominator in float64: a row far enough out gives 0,
+        as the reference does)."""
+        dev, dt = qf.device, qf.dtype
+        rate = a[:, self.side].repeat(qf.shape[0] // a.shape[0])[self.sel]
+        qs, ks, vs = qf[self.index], kf[self.key_index], v[self.key_index]
+        i = torch.arange(self.rows.start, self.rows.stop, device=dev, dtype=dt)
+        j = torch.arange(self.keys.start, self.keys.stop, device=dev, dtype=dt)
+        lag = (self.at[:, None] - j) if self.side == 0 else (j - self.at[:, None])
+        w = torch.exp(-rate[:, None] * lag.clamp_min(0)).masked_fill(lag < 0, 0)
+        kw = ks * w[..., None]
+        Sv, zs = kw.transpose(1, 2) @ vs, kw.sum(1)
+        den = (qs @ zs[..., None])[..., 0].double()
+        dist = (i - self.at[:, None]).abs().double()
+        fl = floor * torch.exp((dist * rate[:, None].double()).clamp(max=700.0)) if floor else None
+        if fl is not None:
+            den = den + fl
+        u = 1 / den
+        fu = None if fl is None else fl * u
+        u = u.to(dt)
+        return _Pieces(qs, ks, vs, rate, lag, w, kw, Sv, zs, u, fu, dist, (qs @ Sv) * u[..., None])
+
+
+class _WithFarRows(torch.autograd.Function):
+    """The decayed kernels with the far rows left out (as rows with no key) and _Far.pieces's
+    values written there, as one autograd node: the backward adds the far rows' gradients to the
+    kernels' on the rows and keys they touch, in place (no full-size scatter per input).
+    Inputs: the kernels' qk (φq, φk, scaled for learned rates' gradients), v, the rates a (H, 2),
+    the rows to skip, the library and kernel, the _Far sides, the floor, and φq, φk as the far
+    rows read them (the same tensors unless scaled)."""
+
+    @staticmethod
+    def forward(ctx, q_k, k_k, v, a, skip, lib, name, fars, floor, qf, kf):
+        from attndsl import ops
+        out, den = ops.linear_attention(q_k, k_k, v, a.detach(), skip, lib, name)
+        for far in fars:
+            out[far.index] = torch.where(far.mask[..., None], far.pieces(qf, kf, v, a, floor).o, out[far.index])
+        ctx.same = q_k is qf and k_k is kf                  # unscaled: the far rows' gradients go in place
+        ctx.save_for_backward(q_k, k_k, v, a, skip, out, den, *(() if ctx.same else (qf, kf)))
+        ctx.lib, ctx.name, ctx.fars, ctx.floor = lib, name, fars, floor
+        ctx.mark_non_differentiable(den)
+        return out, den
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dden):
+        from attndsl import ops
+        q_k, k_k, v, a, skip, out, den, *scaled = ctx.saved_tensors
+        qf, kf = scaled or (q_k, k_k)
+        dq, dk, dv = ops.linear_attention_backward(q_k, k_k, v, a.detach(), skip, out, den, dout.contiguous(),
+                                                   ctx.lib, ctx.name)
+        same = ctx.same
+        dqf, dkf = (dq, dk) if same else (torch.zeros_like(qf), torch.zeros_like(kf))
+        da = torch.zeros_like(a) if ctx.needs_input_grad[3] else None
+        for far in ctx.fars:
+            qs, ks, vs, rate, lag, w, kw, Sv, zs, u, fu, dist, o = far.pieces(qf, kf, v, a, ctx.floor)
+            g = dout[far.index] * far.mask[..., None]                               # the far rows' dout
+            c = (o * g).sum(-1) * u                                                 # −∂L/∂denominator
+            dSv = qs.transpose(1, 2) @ (g * u[..., None])                           # (S, M, Dv)
+            dz = -(qs * c[..., None]).sum(1)                                        # (S, M)
+            dkw = vs @ dSv.transpose(1, 2) + dz[:, None, :]                         # (S, K, M)
+            dqf.index_put_(far.index, (g * u[..., None]) @ Sv.transpose(1, 2) - c[..., None] * zs[:, None, :],
+                           accumulate=True)
+            dkf.index_put_(far.key_index, dkw * w[..., None], accumulate=True)
+            dv.index_put_(far.key_index, kw @ dSv, accumulate=True)
+            if da is not None:                                                      # through w and the floor
+                drate = -((ks * dkw).sum(-1) * w * lag.clamp_min(0)).sum(1)
+                if fu is not None:
+                    drate = drate - ((o * g).sum(-1).double() * fu * dist).sum(1).to(drate.dtype)
+                heads = far.sel % a.shape[0]
+                da[:, far.side].index_add_(0, heads, drate)
+        if same:
+            return dq, dk, dv, da, None, None, None, None, None, None, None
+        return dq, dk, dv, da, None, None, None, None, None, dqf, dkf
 
 
 def run(node, args, lib, name, params):
@@ -133,26 +230,12 @@ def run(node, args, lib, name, params):
     if far is None:
         return watched(ops.fast.linear_attention(*qk, v, a.detach(), empty, lib, name), params)
     # rows far from every kept key: the kernels leave them out (as rows with no key: out 0,
-    # normalizer 1) and _far_rows computes them
+    # normalizer 1) and _Far computes them
     tail, head, last, first = far
     skip = tail | head if empty.numel() == 0 else empty | tail | head
-    out = watched(ops.fast.linear_attention(*qk, v, a.detach(), skip, lib, name), params)
+    fars = [_Far(side, rows, at) for side, rows, at in ((0, tail, last), (1, head, first)) if bool(rows.any())]
     floor = decayed_floor(node.eps, node.bias.position)
-    n, copied = qf.shape[1], False
-    for side, rows, at in ((0, tail, last), (1, head, first)):
-        sel = rows.any(1).nonzero().flatten()                                    # the rows that have some
-        if not sel.numel():
-            continue
-        span = rows[sel].any(0).nonzero().flatten()
-        r = slice(int(span[0]), int(span[-1]) + 1)                               # those rows, and the keys
-        k = slice(0, int(at[sel].max()) + 1) if side == 0 else slice(int(at[sel].min()), n)   # they see
-        rate = a[:, side].repeat(qf.shape[0] // a.shape[0])[sel]
-        far_out = _far_rows(qf[sel, r], kf[sel, k], v[sel, k], rate, at[sel], side, floor, r, k)
-        if not copied and torch.is_grad_enabled() and (out.requires_grad or far_out.requires_grad):
-            out, copied = out.clone(), True                                      # written in place below
-        block = torch.where(rows[sel, r][..., None], far_out, out[sel, r])
-        out[sel[:, None], torch.arange(r.start, r.stop, device=out.device)] = block
-    return out
+    return watched(_WithFarRows.apply(*qk, v, a, skip, lib, name, fars, floor, qf, kf), params)
 
 
 def _cost(n: PositionalAttention, N: int) -> float:
