@@ -62,7 +62,7 @@ long attndsl_launches(void) { return launches; }       /* for the tests: how oft
 long attndsl_lates(void) { return lates; }             /* how often a worker came late */
 static long ns_of(clockid_t c) { struct timespec t; clock_gettime(c, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
 static long now_ns(void) { return ns_of(CLOCK_MONOTONIC); }
-void attndsl_alone(long ns) { __atomic_store_n(&alone_until, now_ns() + ns, __ATOMIC_RELAXED); }
+void attndsl_alone(long ns) { __atomic_store_n(&alone_until, now_ns() + ns, __ATOMIC_RELAXED); }  /* the tests */
 
 static void came_late(long end) {
   long was = __atomic_load_n(&alone_for, __ATOMIC_RELAXED);

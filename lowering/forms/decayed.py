@@ -179,11 +179,13 @@ class _WithFarRows(torch.autograd.Function):
     def forward(ctx, q_k, k_k, v, a, skip, lib, name, fars, floor, qf, kf):
         from attndsl import ops
         out, den = ops.linear_attention(q_k, k_k, v, a.detach(), skip, lib, name)
-        for far in fars:
-            out[far.index] = torch.where(far.mask[..., None], far.pieces(qf, kf, v, a, floor).o, out[far.index])
+        pieces = [far.pieces(qf, kf, v, a, floor) for far in fars]
+        for far, p in zip(fars, pieces):
+            out[far.index] = torch.where(far.mask[..., None], p.o, out[far.index])
+        ctx.pieces = pieces if any(ctx.needs_input_grad) else None     # the backward's, not recomputed
         ctx.same = q_k is qf and k_k is kf                  # unscaled: the far rows' gradients go in place
-        ctx.save_for_backward(q_k, k_k, v, a, skip, out, den, *(() if ctx.same else (qf, kf)))
-        ctx.lib, ctx.name, ctx.fars, ctx.floor = lib, name, fars, floor
+        ctx.save_for_backward(q_k, k_k, v, a, skip, out, den)
+        ctx.lib, ctx.name, ctx.fars = lib, name, fars
         ctx.mark_non_differentiable(den)
         return out, den
 
@@ -191,15 +193,12 @@ class _WithFarRows(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dden):
         from attndsl import ops
-        q_k, k_k, v, a, skip, out, den, *scaled = ctx.saved_tensors
-        qf, kf = scaled or (q_k, k_k)
+        q_k, k_k, v, a, skip, out, den = ctx.saved_tensors
         dq, dk, dv = ops.linear_attention_backward(q_k, k_k, v, a.detach(), skip, out, den, dout.contiguous(),
                                                    ctx.lib, ctx.name)
-        same = ctx.same
-        dqf, dkf = (dq, dk) if same else (torch.zeros_like(qf), torch.zeros_like(kf))
+        dqf, dkf = (dq, dk) if ctx.same else (torch.zeros_like(dq), torch.zeros_like(dk))
         da = torch.zeros_like(a) if ctx.needs_input_grad[3] else None
-        for far in ctx.fars:
-            qs, ks, vs, rate, lag, w, kw, Sv, zs, u, fu, dist, o = far.pieces(qf, kf, v, a, ctx.floor)
+        for far, (qs, ks, vs, rate, lag, w, kw, Sv, zs, u, fu, dist, o) in zip(ctx.fars, ctx.pieces):
             g = dout[far.index] * far.mask[..., None]                               # the far rows' dout
             c = (o * g).sum(-1) * u                                                 # −∂L/∂denominator
             dSv = qs.transpose(1, 2) @ (g * u[..., None])                           # (S, M, Dv)
@@ -215,7 +214,7 @@ class _WithFarRows(torch.autograd.Function):
                     drate = drate - ((o * g).sum(-1).double() * fu * dist).sum(1).to(drate.dtype)
                 heads = far.sel % a.shape[0]
                 da[:, far.side].index_add_(0, heads, drate)
-        if same:
+        if ctx.same:
             return dq, dk, dv, da, None, None, None, None, None, None, None
         return dq, dk, dv, da, None, None, None, None, None, dqf, dkf
 
