@@ -56,10 +56,9 @@ typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* 
 #define MAX_ALONE_NS 1000000000L   /* doubled (up to this) while it recurs */
 #define MEMORY_NS 10000000000L     /* within this of the last */
 static int team = 1;
-static long launches = 0, lates = 0, alone_until = 0, alone_for = 0, last_late = 0, last_worked = 0;
+static long launches = 0, alone_until = 0, alone_for = 0, last_late = 0, last_worked = 0;
 void attndsl_set_threads(int n) { team = n > 0 ? n : 1; }
 long attndsl_launches(void) { return launches; }       /* for the tests: how often a kernel came here */
-long attndsl_lates(void) { return lates; }             /* how often a worker came late */
 static long ns_of(clockid_t c) { struct timespec t; clock_gettime(c, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
 static long now_ns(void) { return ns_of(CLOCK_MONOTONIC); }
 void attndsl_alone(long ns) { __atomic_store_n(&alone_until, now_ns() + ns, __ATOMIC_RELAXED); }  /* the tests */
@@ -71,7 +70,6 @@ static void came_late(long end) {
   __atomic_store_n(&alone_for, ns, __ATOMIC_RELAXED);
   __atomic_store_n(&last_late, end, __ATOMIC_RELAXED);
   __atomic_store_n(&alone_until, end + ns, __ATOMIC_RELAXED);
-  __atomic_fetch_add(&lates, 1, __ATOMIC_RELAXED);
 }
 
 int attndsl_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
@@ -192,7 +190,7 @@ def shim() -> ctypes.CDLL | None:
                 if not path.is_file():
                     _build(path)
                 lib = ctypes.CDLL(str(path))
-                lib.attndsl_launches.restype = lib.attndsl_lates.restype = ctypes.c_long
+                lib.attndsl_launches.restype = ctypes.c_long
                 lib.attndsl_alone.argtypes = [ctypes.c_long]
                 lib.attndsl_set_threads(config.num_threads())
                 _SHIM = lib
