@@ -78,13 +78,12 @@ def _library(dtype: str):
 
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every element of t is finite (False also when their sum overflows)."""
-    if t.numel() < MIN_NUMEL or t.device.type != "cpu" or t.dtype not in _DTYPES or not t.is_contiguous():
+    fn = None
+    if t.numel() >= MIN_NUMEL and t.device.type == "cpu" and t.dtype in _DTYPES and t.is_contiguous():
+        fn = _library(_DTYPES[t.dtype])
+    if fn is None:                               # torch's sum: serial at this size, or no library
         return math.isfinite(t.sum().item())
-    dtype = _DTYPES[t.dtype]
-    fn = _library(dtype)
-    if fn is None:
-        return math.isfinite(t.sum().item())
-    lanes = LANES[dtype]
+    lanes = LANES[_DTYPES[t.dtype]]
     flat = t.detach().view(-1)
     rows, rest = divmod(flat.numel(), lanes)
     partial = flat.new_empty((BLOCKS, lanes))

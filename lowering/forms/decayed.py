@@ -105,13 +105,12 @@ def _beyond(node, pad, a):
 
 class _Pieces(NamedTuple):
     """The far-row formula at one side's rows: qs (S, R, M) their features, ks (S, K, M), vs the
-    keys', rate (S,), the keys' lag behind (or ahead of) `at` and weights w = e^(−rate·lag) (S, K),
+    keys', the keys' lag behind (or ahead of) `at` and weights w = e^(−rate·lag) (S, K),
     kw = ks·w, Sv = kwᵀ vs (S, M, Dv), zs = Σ kw (S, M), u = 1 / denominator (S, R), fu the
     floor's share of it (float64, ≤ 1; None without a floor), dist = |i − at|, o the rows' output."""
     qs: torch.Tensor
     ks: torch.Tensor
     vs: torch.Tensor
-    rate: torch.Tensor
     lag: torch.Tensor
     w: torch.Tensor
     kw: torch.Tensor
@@ -158,13 +157,11 @@ class _Far:
         Sv, zs = kw.transpose(1, 2) @ vs, kw.sum(1)
         den = (qs @ zs[..., None])[..., 0].double()
         dist = (i - self.at[:, None]).abs().double()
-        fl = floor * torch.exp((dist * rate[:, None].double()).clamp(max=700.0)) if floor else None
-        if fl is not None:
-            den = den + fl
-        u = 1 / den
-        fu = None if fl is None else fl * u
+        fl = floor * torch.exp((dist * rate[:, None].double()).clamp(max=700.0)) if floor else 0.0
+        u = 1 / (den + fl)
+        fu = fl * u if floor else None
         u = u.to(dt)
-        return _Pieces(qs, ks, vs, rate, lag, w, kw, Sv, zs, u, fu, dist, (qs @ Sv) * u[..., None])
+        return _Pieces(qs, ks, vs, lag, w, kw, Sv, zs, u, fu, dist, (qs @ Sv) * u[..., None])
 
 
 class _WithFarRows(torch.autograd.Function):
@@ -198,7 +195,7 @@ class _WithFarRows(torch.autograd.Function):
                                                    ctx.lib, ctx.name)
         dqf, dkf = (dq, dk) if ctx.same else (torch.zeros_like(dq), torch.zeros_like(dk))
         da = torch.zeros_like(a) if ctx.needs_input_grad[3] else None
-        for far, (qs, ks, vs, rate, lag, w, kw, Sv, zs, u, fu, dist, o) in zip(ctx.fars, ctx.pieces):
+        for far, (qs, ks, vs, lag, w, kw, Sv, zs, u, fu, dist, o) in zip(ctx.fars, ctx.pieces):
             g = dout[far.index] * far.mask[..., None]                               # the far rows' dout
             c = (o * g).sum(-1) * u                                                 # −∂L/∂denominator
             dSv = qs.transpose(1, 2) @ (g * u[..., None])                           # (S, M, Dv)
