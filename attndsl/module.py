@@ -244,23 +244,32 @@ class Attention(nn.Module):
         self._validate(q, k, v)
         if k.shape[1:3] != q.shape[1:3]:
             return self._cross(q, k, v, key_padding_mask)
+        return self._attend(q, k, v, key_padding_mask)
+
+    def _attend(self, q, k, v, key_padding_mask) -> torch.Tensor:
+        """forward() of validated q (B, H, N, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv): Nk = N, or
+        Nk ≠ N where the plan's kernels take both lengths (_native_cross)."""
         out_dtype = q.dtype
         dtype = UPCAST.get(q.dtype, q.dtype)
         B, H, N, _ = q.shape
+        nk = k.shape[2]
         pad = None
         if key_padding_mask is not None:
-            pad = self._padding(key_padding_mask, q)
+            pad = self._padding(key_padding_mask, q, nk)
         if B == 0:
             return self._empty(q, k, v)
         env = {"q": q.to(dtype).reshape(B * H, N, -1).contiguous(),
-               "k": k.to(dtype).reshape(B * H, N, -1).contiguous(),
-               "v": v.to(dtype).reshape(B * H, N, -1).contiguous()}
+               "k": k.to(dtype).reshape(B * H, nk, -1).contiguous(),
+               "v": v.to(dtype).reshape(B * H, nk, -1).contiguous()}
         if pad is not None and (self.spec.kernel.name == "softmax" or self.spec.stabilized):
             env["k"] = pad.drop(env["k"], tag="k")   # 0: no score or stabilizer sees what they held
         if self.target.kind == "mlir":
             if self._mlir is None:
                 self._mlir = self._mlir_program()
             return self._forward_mlir(env, dtype, q, k, v).reshape(B, H, N, self.value_dim).to(out_dtype)
+        if nk != N:                              # cross-attention on the kernels of length max(N, Nk)
+            return self._run(env, dtype, self._plan_index(max(N, nk), dtype), pad)[0] \
+                .reshape(B, H, N, self.value_dim).to(out_dtype)
         i = self._rates_decay(self._plan_index(N, dtype), N)
         fft_dtype, i = self._fft_dtype(dtype, N, i, pad)
         if fft_dtype != dtype:                   # precision.py: float64 resolves what float32 cannot
@@ -321,7 +330,8 @@ class Attention(nn.Module):
         torch.compile)."""
         lib = self._library(KERNEL_DTYPES[dtype], i)
         device = env["q"].device
-        env = {**env, "position": self._position_params(dtype, env["q"].shape[1]).to(device)}
+        n = max(env["q"].shape[1], env["k"].shape[1])      # b(r) over r = −(Nk − 1) … N − 1
+        env = {**env, "position": self._position_params(dtype, n).to(device)}
         w, wt = self._projection(dtype, device)
         dens: list = []                          # each normalizer's minimum, as the runners see it
         # a stabilized map's, or with a key padding mask a position term's: a row far from every
@@ -340,17 +350,18 @@ class Attention(nn.Module):
         return out, dens[-1].detach().nan_to_num(0.0)     # the last run's (the exact path's, if taken)
 
     def _cross(self, q, k, v, key_padding_mask) -> torch.Tensor:
-        """Grouped heads and cross-attention on the self-attention kernels. Query head h reads key
-        and value head h // (H / Hkv), as SDPA's enable_gqa (k and v are expanded to H heads: one
-        copy). With Nk ≠ Nq, every index keeps its position (r = i − j) in a sequence of
-        N = max(Nq, Nk): the keys past Nk are padding (a key padding mask), the query rows past Nq
-        are computed and dropped, so the call costs what a self-attention call of N does."""
+        """Grouped heads and cross-attention. Query head h reads key and value head h // (H / Hkv),
+        as SDPA's enable_gqa (k and v are expanded to H heads: one copy). With Nk ≠ Nq, every index
+        keeps its position (r = i − j); a plan whose kernels take both lengths (the quadratic
+        form's) runs as it is, at a cost of Nq·Nk; any other in a sequence of N = max(Nq, Nk): the
+        keys past Nk are padding (a key padding mask), the query rows past Nq are computed and
+        dropped, so the call costs what a self-attention call of N does."""
         B, H, nq = q.shape[:3]
         if k.shape[1] != H:
             k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
         nk = k.shape[2]
-        if nk == nq:
-            return self(q, k, v, key_padding_mask=key_padding_mask)
+        if nk == nq or self._native_cross(max(nq, nk), q.dtype):
+            return self._attend(q, k, v, key_padding_mask)
         if self.target.kind == "mlir":
             raise ValueError(f"cross-attention (query length {nq}, key length {nk}): target '{MLIR_TARGET}' "
                              f"computes self-attention only; compile with target='llvm' (TVM)")
@@ -361,14 +372,22 @@ class Attention(nn.Module):
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, n - t.shape[2])) for t in (q, k, v))
         return self(q, k, v, key_padding_mask=mask if nk < n or key_padding_mask is not None else None)[:, :, :nq]
 
+    def _native_cross(self, n: int, dtype: torch.dtype) -> bool:
+        """Whether the plan at length n takes keys of another length than the queries: TVM's CPU
+        kernels, every site's form one whose kernels read both lengths (Form.cross)."""
+        if self.target.kind == "mlir" or self.target.portable:
+            return False
+        steps = self._program(self._plan_index(n, UPCAST.get(dtype, dtype)))
+        return all(st.source is not None or getattr(form_of(st.node), "cross", False) for st in steps)
+
     def _empty(self, q, k, v) -> torch.Tensor:
         """The (0, H, N, Dv) output of an empty batch, as SDPA gives, still connected to q, k, v
         and the position table so that backward gives them (empty or zero) gradients."""
-        zero = (q.sum() + k.sum()).to(v.dtype) * 0
+        zero = (q.sum() + k.sum() + v.sum()).to(v.dtype) * 0
         for t in (self.position_table, *self.spec_params.values()):
             if t is not None:
                 zero = zero + (t.sum() * 0).to(v.dtype)
-        return v + zero
+        return v.new_zeros(*q.shape[:3], v.shape[-1]) + zero
 
     def _program(self, i: int) -> tuple:
         """Plan i's steps (program()), made once."""
@@ -604,14 +623,14 @@ class Attention(nn.Module):
                          params=self._params(torch.float64),
                          key_padding_mask=key_padding_mask)
 
-    def _padding(self, mask, q) -> padding.Padding:
-        """The call's key_padding_mask, checked, per batch·head row."""
-        mask = padding.check_mask(mask, q.shape[0], q.shape[2], q.device)
+    def _padding(self, mask, q, nk: int) -> padding.Padding:
+        """The call's key_padding_mask (B, Nk), checked, per batch·head row, for q (B, H, N, Dk)."""
+        mask = padding.check_mask(mask, q.shape[0], nk, q.device)
         if self.target.kind == "mlir":
             raise ValueError(f"key_padding_mask: target '{MLIR_TARGET}' computes the spec's mask only; "
                              f"compile with target='llvm' (TVM) for key padding masks")
         scratch = None if torch.is_grad_enabled() else self._scratch
-        return padding.Padding.of(mask, self.heads, self.spec.causal, scratch, self.spec.window)
+        return padding.Padding.of(mask, self.heads, self.spec.causal, scratch, self.spec.window, q.shape[2])
 
     def _validate(self, q, k, v) -> None:
         """The checks of q, k, v's types, shapes, dtypes and devices, once per signature (and, with

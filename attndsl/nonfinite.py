@@ -14,7 +14,7 @@ has no data-dependent branch):
 pads, attndsl/padding.py).
 
 Gradients follow the reference too: NaN from the outputs that are NaN, to the inputs they depend on.
-q, k (BH, N, Dk), v (BH, N, Dv), out (BH, N, Dv).
+q (BH, N, Dk), k (BH, Nk, Dk), v (BH, Nk, Dv), out (BH, N, Dv); Nk ≠ N in cross-attention.
 """
 from __future__ import annotations
 
@@ -51,44 +51,57 @@ class _Poisoned(torch.autograd.Function):
     def backward(ctx, g):
         hit, padded = ctx.saved_tensors
         rows = (hit & (g != 0)).any(-1)                                  # (BH, N), NaN != 0
-        if ctx.window is not None:                                       # rows i − j ∈ [0 or −W, W]
-            keys = within(rows[..., None], 0 if ctx.causal else -ctx.window, ctx.window)[..., 0]
-        elif ctx.causal:
-            keys = rows.flip(1).cumsum(1).flip(1) > 0
-        else:
-            keys = rows.any(1, keepdim=True).expand_as(rows)
-        keys = keys & ~padded
+        keys = rows_of_keys(rows[..., None], ctx.shapes[1][1], ctx.causal, ctx.window)[..., 0] & ~padded
         nan = [g.new_zeros(shape).masked_fill(m[..., None], float("nan"))
                for shape, m in zip(ctx.shapes, (rows, keys, keys))]
         return (g.masked_fill(hit, 0), None, *nan, None, None, None)
 
 
-def within(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """y[:, i] = x[:, i + lo … i + hi].any(1), the range clipped to the sequence; x (BH, N, C) bool."""
+def within(x: torch.Tensor, lo: int, hi: int, rows: int | None = None) -> torch.Tensor:
+    """y[:, i] = x[:, i + lo … i + hi].any(1) for i < `rows` (default N), the range clipped to the
+    sequence; x (BH, N, C) bool -> (BH, rows, C)."""
     n = x.shape[1]
     c = torch.cat([x.new_zeros((x.shape[0], 1, x.shape[2]), dtype=torch.long), x.long().cumsum(1)], 1)
-    i = torch.arange(n, device=x.device)
+    i = torch.arange(n if rows is None else rows, device=x.device)
     return (c[:, (i + hi + 1).clamp(0, n)] - c[:, (i + lo).clamp(0, n)]) > 0
+
+
+def seen_by_rows(x: torch.Tensor, rows: int, causal: bool, window: int | None) -> torch.Tensor:
+    """y[:, i] = x[:, j].any(1) over the keys j that row i sees, for i < `rows`: j ≤ i when causal,
+    |i − j| ≤ window (i − j ∈ [0, window] when causal) with a sliding window, every j otherwise;
+    x (BH, Nk, C) bool -> (BH, rows, C)."""
+    if window is not None:
+        return within(x, -window, 0 if causal else window, rows)
+    if causal:                                                       # any key j ≤ i; past the keys, all
+        c = x.cumsum(1) > 0
+        return c[:, :rows] if rows <= c.shape[1] else torch.cat([c, c[:, -1:].expand(-1, rows - c.shape[1], -1)], 1)
+    return x.any(1, keepdim=True).expand(-1, rows, -1)
+
+
+def rows_of_keys(x: torch.Tensor, keys: int, causal: bool, window: int | None) -> torch.Tensor:
+    """The transpose of seen_by_rows: y[:, j] = x[:, i].any(1) over the rows i that see key j, for
+    j < `keys`; x (BH, Nq, C) bool -> (BH, keys, C)."""
+    if window is not None:
+        return within(x, 0 if causal else -window, window, keys)
+    if causal:                                                       # any row i ≥ j; past the rows, none
+        c = x.flip(1).cumsum(1).flip(1) > 0
+        return c[:, :keys] if keys <= c.shape[1] else torch.cat([c, c.new_zeros(c.shape[0], keys - c.shape[1],
+                                                                                 c.shape[2])], 1)
+    return x.any(1, keepdim=True).expand(-1, keys, -1)
 
 
 def reached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
             pad=None, window: int | None = None) -> torch.Tensor:
-    """(BH, N, Dv) bool: the outputs a non-finite q, k or v reaches (row i sees j ≤ i if causal,
+    """(BH, N, Dv) bool: the outputs a non-finite q (BH, N, Dk), k or v (BH, Nk, ·) reaches (row i sees j ≤ i if causal,
     every j otherwise, only |i − j| ≤ window with a sliding window; with a key padding mask `pad`
     (padding.Padding) not the padded keys, and nothing from a row that sees no key)."""
     bad_q = ~torch.isfinite(q).all(-1, keepdim=True)                 # (BH, N, 1)
     bad_k = ~torch.isfinite(k).all(-1, keepdim=True)                 # (BH, N, 1)
-    bad_v = ~torch.isfinite(v)                                       # (BH, N, Dv)
+    bad_v = ~torch.isfinite(v)                                       # (BH, Nk, Dv)
     seen = bad_k | bad_v
     if pad is not None:
         seen = seen & ~pad.keys[..., None]
-    if window is not None:                                           # keys i − j ∈ [0 or −W, W]
-        seen = within(seen, -window, 0 if causal else window)
-    elif causal:
-        seen = seen.cumsum(1) > 0                                    # keys j ≤ i
-    else:
-        seen = seen.any(1, keepdim=True).expand_as(bad_v)
-    seen = seen | bad_q
+    seen = seen_by_rows(seen, q.shape[1], causal, window) | bad_q     # (BH, N, Dv)
     return seen if pad is None or not pad.empty.numel() else seen & ~pad.empty[..., None]
 
 

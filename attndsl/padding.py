@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .nonfinite import within
+from .nonfinite import seen_by_rows
 
 # added to a padded key's score: far below any score (e^(s − 1e30) underflows to 0 in float32 and
 # float64), and finite, so that a row with no key left computes a mean of zeros instead of 0/0
@@ -39,9 +39,9 @@ KEY_OUT = -1e30
 
 @dataclass(frozen=True)
 class Padding:
-    """One call's mask, per batch·head row: `keys` (BH, N) True where key j is padding; `rows`
-    their flat indices into BH·N (None under torch.compile, whose graphs take no data-dependent
-    shapes); `empty` (BH, N) True where row i sees no kept key, or a (0, 0) tensor when no row
+    """One call's mask, per batch·head row: `keys` (BH, Nk) True where key j is padding; `rows`
+    their flat indices into BH·Nk (None under torch.compile, whose graphs take no data-dependent
+    shapes); `empty` (BH, N) True where query row i sees no kept key, or a (0, 0) tensor when no row
     is empty; `scratch`: buffers `drop` may reuse from call to call (a call without autograd),
     by (tag, shape, dtype, device), else None."""
     keys: torch.Tensor
@@ -51,17 +51,13 @@ class Padding:
 
     @staticmethod
     def of(mask: torch.Tensor, heads: int, causal: bool, scratch: dict | None = None,
-           window: int | None = None) -> "Padding":
-        """From the user's (B, N) bool mask; `window`: the spec's sliding window W (a row sees
-        the keys within ±W, or W before it when causal)."""
+           window: int | None = None, queries: int | None = None) -> "Padding":
+        """From the user's (B, Nk) bool mask; `window`: the spec's sliding window W (a row sees
+        the keys within ±W, or W before it when causal); `queries`: the number of query rows
+        (default Nk; cross-attention: `empty` is (BH, queries))."""
         B, N = mask.shape
         keys = mask[:, None, :].expand(B, heads, N).reshape(B * heads, N).contiguous()
-        if window is not None:
-            empty = ~within(~keys[..., None], -window, 0 if causal else window)[..., 0]
-        elif causal:
-            empty = (~keys).cumsum(1) == 0
-        else:
-            empty = keys.all(1, keepdim=True).expand(-1, N)
+        empty = ~seen_by_rows(~keys[..., None], N if queries is None else queries, causal, window)[..., 0]
         if torch.compiler.is_compiling():
             return Padding(keys, None, empty.contiguous())
         if not bool(empty.any()):

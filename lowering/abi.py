@@ -34,6 +34,12 @@ def rows(x: str) -> Alloc:
     return lambda t: t[x].new_empty(t[x].shape[0], t[x].shape[1])
 
 
+def rows_of(x: str, width: str) -> Alloc:
+    """(BH, N, W): the rows of `x`, the width of `width` (an output per query row of q, a value
+    row wide, when q and v may differ in length: cross-attention)."""
+    return lambda t: t[x].new_empty(t[x].shape[0], t[x].shape[1], t[width].shape[2])
+
+
 @dataclass(frozen=True)
 class Scalar:
     """A trailing int64 kernel argument: its value from the sequence length n and the op's
@@ -117,9 +123,9 @@ OPS: dict[str, Op] = {op.name: op for op in [
        scalars=(FFT_LENGTH,), saves=False),
     Op("softmax_attention",
        "(out (BH, N, Dv), lse (BH, N)): softmax(s·q·kᵀ + b + kb) v, flash-style, b(i − j) from tab (H, P) "
-       "(a (1, 1) dummy without a position term), kb (BH, N) a bias per key (padding.KEY_OUT at a "
+       "(a (1, 1) dummy without a position term), kb (BH, Nk) a bias per key (padding.KEY_OUT at a "
        "padded key, else 0); lse is the row log-sum-exp the backward recomputes the weights from.",
-       inputs=("q", "k", "v", "tab", "kb"), outputs=(("out", like("v")), ("lse", rows("v"))),
+       inputs=("q", "k", "v", "tab", "kb"), outputs=(("out", rows_of("q", "v")), ("lse", rows("q"))),
        grads=(("q", like("q")), ("k", like("k")), ("v", like("v")), ("tab", like("tab", zeros=True)))),
     Op("sampled_attention",
        "(out, lse) of the sampled estimate of softmax attention: rows visited in the order pq "

@@ -29,7 +29,9 @@ class Form:
     probe: a spec body whose one site this form computes, which `attndsl calibrate` times
     (attndsl/calibration.py; None: not calibrated, e.g. a form with no rival on its site);
     decode(node, name, dtype) -> the PrimFunc of one decoding step (cpu/decode.py), for the causal
-    forms that carry a running state (None: not decodable token by token)."""
+    forms that carry a running state (None: not decodable token by token);
+    cross: whether its CPU kernels take keys of another length than the queries (q (BH, N, ·),
+    k and v (BH, Nk, ·)), so that cross-attention runs without padding to max(N, Nk)."""
     name: str
     node: type | tuple[type, ...]
     valid: Callable[[Node], bool]
@@ -44,6 +46,7 @@ class Form:
     fft_scores: bool = False
     probe: str | None = None
     decode: Callable | None = None
+    cross: bool = False
 
     def sites(self) -> tuple[type, ...]:
         """The IR node types this form computes."""
@@ -73,8 +76,8 @@ def keys_out(kf, params: dict, fill: float = 0.0, tag: str = "kf"):
 
 
 def key_bias(like, params: dict):
-    """The softmax kernels' kb (BH, N) for q-like `like` (BH, N, ·): padding.KEY_OUT at the call's
-    padded keys, else 0."""
+    """The softmax kernels' kb (BH, Nk) for k-like `like` (BH, Nk, ·): padding.KEY_OUT at the
+    call's padded keys, else 0."""
     pad = params["pad"]
     return like.new_zeros(like.shape[:2]) if pad is None else pad.key_bias(like.dtype)
 

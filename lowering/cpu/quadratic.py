@@ -1,9 +1,11 @@
 """The quadratic form for the softmax kernel: flash-style CPU kernels in TVMScript, forward and
 exact backward, with the position term computed on the fly. No N×N tensor is ever formed.
 
-Shapes: Q, K (BH, N, Dk); V, O, dO (BH, N, Dv); LSE (BH, N); KB (BH, N) a bias per key (the
-key padding mask's, attndsl/padding.py); TAB (H, P) the position parameters (learned table P = 2W+1, alibi slopes P = 1, a dummy otherwise), head h = bh mod H.
-Dk, Dv, dtype, scale s, causal and the position *kind* are baked in; BH, N, H, W are symbolic.
+Shapes: Q (BH, N, Dk), O, dO (BH, N, Dv), LSE (BH, N): N query rows; K (BH, NK, Dk), V (BH, NK, Dv),
+KB (BH, NK) a bias per key (the key padding mask's, attndsl/padding.py): NK keys (NK = N in
+self-attention; cross-attention keeps r = i − j and, causal, j ≤ i); TAB (H, P) the position
+parameters (learned table P = 2W+1, alibi slopes P = 1, a dummy otherwise), head h = bh mod H.
+Dk, Dv, dtype, scale s, causal and the position *kind* are baked in; BH, N, NK, H, W are symbolic.
 
 Tiles: T = four vector registers of query lanes (32 float32 rows with AVX2, 64 with AVX-512;
 schedules/cpu.py); register tiles use about half the vector registers, and outputs wider than
@@ -51,7 +53,7 @@ def _band(position, Tt: int, causal: bool):
     (ast.windowed: the table clipped at W, the window W − 1), those within it; symmetric, so the
     same range holds for the query tiles a key tile reaches."""
     if position is None or position.name != "window":
-        return (lambda t, W: 0), (lambda t, nb, W: t + 1 if causal else nb)
+        return (lambda t, W: 0), (lambda t, nb, W: T.min(t + 1, nb) if causal else nb)
 
     def first(t, W):
         return T.max(t * Tt - (W - 1), 0) // Tt
@@ -87,17 +89,19 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
+        NK = T.int64()
         H = T.int64()
         P = T.int64()
         Q = T.match_buffer(q, (BH, N, Dk), dtype)
-        K = T.match_buffer(k, (BH, N, Dk), dtype)
-        V = T.match_buffer(v, (BH, N, Dv), dtype)
+        K = T.match_buffer(k, (BH, NK, Dk), dtype)
+        V = T.match_buffer(v, (BH, NK, Dv), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
-        KB = T.match_buffer(kb, (BH, N), dtype)
+        KB = T.match_buffer(kb, (BH, NK), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         W = (P - 1) // 2
         nb = (N + Tt - 1) // Tt
+        nbk = (NK + Tt - 1) // Tt
         for task in T.parallel(BH * nb):
             QT = T.alloc_buffer((Dk, Tt), dtype)      # s·q of the block, transposed
             Kc = T.alloc_buffer((Tt, Dk), dtype)
@@ -125,10 +129,10 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                 lsum[i] = zero
             for t in T.vectorized(2 * Tt):
                 Bv[t] = zero
-            for kt in range(first(qb, W), last(qb, nb, W)):
+            for kt in range(first(qb, W), last(qb, nbk, W)):
                 kbase = kt * Tt
                 for j in range(Tt):
-                    if kbase + j < N:
+                    if kbase + j < NK:
                         for c in T.vectorized(Dk):
                             Kc[j, c] = K[b, kbase + j, c]
                         for d in T.vectorized(Dv):
@@ -153,11 +157,11 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                         for i in T.vectorized(Tt):
                             if causal:
                                 ST[j0 * R1 + r, i] = T.Select(
-                                    tirx.all(kbase + j0 * R1 + r < N, kbase + j0 * R1 + r <= qbase + i),
+                                    tirx.all(kbase + j0 * R1 + r < NK, kbase + j0 * R1 + r <= qbase + i),
                                     with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]) + KBc[j0 * R1 + r], lowest)
                             else:
                                 ST[j0 * R1 + r, i] = T.Select(
-                                    kbase + j0 * R1 + r < N,
+                                    kbase + j0 * R1 + r < NK,
                                     with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1]) + KBc[j0 * R1 + r], lowest)
                             mn[i] = T.max(mn[i], ST[j0 * R1 + r, i])
                 for i in T.vectorized(Tt):
@@ -205,8 +209,8 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     # window's first tile never lies past it)
     first, last = _band(position, Tt, False)
 
-    def valid(j, i, kbase, qbase, N):
-        ok = tirx.all(kbase + j < N, qbase + i < N)
+    def valid(j, i, kbase, qbase, N, NK):
+        ok = tirx.all(kbase + j < NK, qbase + i < N)
         return tirx.all(ok, kbase + j <= qbase + i) if causal else ok
 
     @T.prim_func
@@ -215,22 +219,24 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
+        NK = T.int64()
         H = T.int64()
         P = T.int64()
         Q = T.match_buffer(q, (BH, N, Dk), dtype)
-        K = T.match_buffer(k, (BH, N, Dk), dtype)
-        V = T.match_buffer(v, (BH, N, Dv), dtype)
+        K = T.match_buffer(k, (BH, NK, Dk), dtype)
+        V = T.match_buffer(v, (BH, NK, Dv), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
-        KB = T.match_buffer(kb, (BH, N), dtype)
+        KB = T.match_buffer(kb, (BH, NK), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         dO = T.match_buffer(do, (BH, N, Dv), dtype)
         dQ = T.match_buffer(dq, (BH, N, Dk), dtype)
-        dK = T.match_buffer(dk, (BH, N, Dk), dtype)
-        dV = T.match_buffer(dv, (BH, N, Dv), dtype)
+        dK = T.match_buffer(dk, (BH, NK, Dk), dtype)
+        dV = T.match_buffer(dv, (BH, NK, Dv), dtype)
         dTAB = T.match_buffer(dtab, (H, P), dtype)
         W = (P - 1) // 2
         nb = (N + Tt - 1) // Tt
+        nbk = (NK + Tt - 1) // Tt
         # per-bh operands, padded with zero rows to whole tiles (memory linear in N)
         # transposed rows get one cache line of slack: a power-of-two row stride would map a
         # tile's Dk rows onto the same L1 set
@@ -292,10 +298,10 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
             if learn:
                 for p in range(P):
                     dTpart[b, p] = zero
-            for kt in range(nb):
+            for kt in range(nbk):
                 kbase = kt * Tt
                 for j in range(Tt):
-                    if kbase + j < N:
+                    if kbase + j < NK:
                         for c in T.vectorized(Dk):
                             Kc[j, c] = K[b, kbase + j, c]
                         for d in T.vectorized(Dv):
@@ -323,7 +329,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                         for r in T.unroll(R1):
                             for i in T.vectorized(Tt):
                                 PT[j0 * R1 + r, i] = T.Select(
-                                    valid(j0 * R1 + r, i, kbase, qbase, N),
+                                    valid(j0 * R1 + r, i, kbase, qbase, N, NK),
                                     softmax_exp(with_bias(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1])
                                                 + KBc[j0 * R1 + r] - Lp[b, qbase + i]),
                                     zero)
@@ -340,7 +346,7 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                     if learn:          # d b(r) = Σ_{i−j=r} dS_ji
                         diagonals(dTpart, dBv, dST, b, qbase, kbase, W)
                 for j in range(Tt):
-                    if kbase + j < N:
+                    if kbase + j < NK:
                         for c in T.vectorized(Dk):
                             dK[b, kbase + j, c] = dKacc[j, c] * sc
                         for d in T.vectorized(Dv):

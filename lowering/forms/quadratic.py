@@ -41,12 +41,12 @@ def run(node, args, lib, name, params):
     from attndsl import ops
     q, k, v = args[:3]
     tab = args[3] if node.bias is not None else q.new_zeros(1, 1)
-    return rows_seen(ops.fast.softmax_attention(q, k, v, tab, key_bias(q, params), lib, name)[0], params)
+    return rows_seen(ops.fast.softmax_attention(q, k, v, tab, key_bias(k, params), lib, name)[0], params)
 
 
 FORMS = [
     Form("quadratic", SoftmaxAttention, lambda n: True, softmax_cost,
          "flash-style tiles: scores in L1, running max and normalizer, b(i−j) on the fly",
          lower_cpu, lower_portable, run, "softmax_attention", "quadratic", "portable_rows",
-         probe="position = alibi"),
+         probe="position = alibi", cross=True),
 ]

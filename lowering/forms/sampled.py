@@ -39,7 +39,7 @@ def run(node, args, lib, name, params):
     pad = params["pad"]
     s = sampling.draw(*args, node.sampling, params["lsh_planes"], params["seed"], node.scale,
                       None if pad is None else pad.keys)
-    return rows_seen(ops.fast.sampled_attention(*args, *s.args(), key_bias(args[0], params), lib, name,
+    return rows_seen(ops.fast.sampled_attention(*args, *s.args(), key_bias(args[1], params), lib, name,
                                                 s.block)[0], params)
 
 
