@@ -253,6 +253,10 @@ class Attention(nn.Module):
         dtype = UPCAST.get(q.dtype, q.dtype)
         B, H, N, _ = q.shape
         nk = k.shape[2]
+        if key_padding_mask is None and nk != N and self.spec.window is not None:
+            # a sliding window leaves the rows farther than W from every key with none: an empty
+            # mask finds them (padding.py), and they are 0, as a padded row with no key is
+            key_padding_mask = torch.zeros(B, nk, dtype=torch.bool, device=q.device)
         pad = None
         if key_padding_mask is not None:
             pad = self._padding(key_padding_mask, q, nk)

@@ -7,7 +7,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import RTOL, assert_close, assert_masked_matches_reference, shared, shared_form
+from conftest import (RTOL, assert_close, assert_masked_matches_reference, gradcheck_with_table, shared,
+                      shared_form)
 
 import attndsl
 from attndsl import sampling
@@ -388,6 +389,73 @@ def test_cross_attention_and_grouped_heads_errors():
     mlir = attndsl.compile(SPECS["linear"][0], heads=H, head_dim=D, target="mlir-cpu")
     with pytest.raises(ValueError, match="computes self-attention only"):
         mlir(q, torch.randn(1, 1, 8, D), torch.randn(1, 1, 8, D))
+
+
+# softmax specs whose plan (the quadratic form) takes Nq ≠ Nk as it is (Form.cross)
+CROSS = {
+    "plain": "attention a { kernel = softmax }",
+    "alibi_causal": "attention a { position = alibi; mask = causal }",
+    "table": "attention a { position = toeplitz(max_distance=8, init=normal) }",
+    "window": "attention a { position = alibi; mask = causal_window(5) }",
+}
+
+
+def spy_on_softmax(monkeypatch) -> list:
+    """The (q, k) shapes of every quadratic kernel call, as the kernels get them."""
+    from attndsl import ops
+    seen, real = [], ops.fast.softmax_attention
+
+    def spy(q, k, *rest):
+        seen.append((tuple(q.shape), tuple(k.shape)))
+        return real(q, k, *rest)
+    monkeypatch.setattr(ops.fast, "softmax_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(1, 70), (37, 53), (53, 37), (70, 1)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", list(CROSS))
+def test_the_quadratic_form_computes_cross_attention_without_padding(name, shape, dtype, monkeypatch):
+    nq, nk = shape
+    attn = shared(CROSS[name], heads=H, head_dim=D)
+    seen = spy_on_softmax(monkeypatch)
+    q = torch.randn(B, H, nq, D)
+    k, v = (torch.randn(B, 1, nk, D) for _ in range(2))     # multi-query: expanded, then as it is
+    mask = padding_mask(nk) if nk > 12 else None
+    assert_masked_matches_reference(attn, q, k, v, mask, dtype)
+    assert seen == [((B * H, nq, D), (B * H, nk, D))]
+
+
+def test_gradcheck_of_the_quadratic_form_in_cross_attention():
+    attn = shared(CROSS["table"], heads=H, head_dim=D)
+    q = torch.randn(2, H, 5, D, dtype=torch.float64)
+    k, v = (torch.randn(2, H, 11, D, dtype=torch.float64) for _ in range(2))
+    gradcheck_with_table(attn, q, k, v)
+    causal = shared(CROSS["alibi_causal"], heads=H, head_dim=D)
+    q, k, v = (t.requires_grad_() for t in (torch.randn(2, H, 11, D, dtype=torch.float64),
+                                             torch.randn(2, H, 6, D, dtype=torch.float64),
+                                             torch.randn(2, H, 6, D, dtype=torch.float64)))
+    assert torch.autograd.gradcheck(causal, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "padded k"])
+@pytest.mark.parametrize("name", ["plain", "alibi_causal", "window"])
+def test_nan_in_cross_attention_reaches_the_rows_that_see_it(name, where):
+    attn = shared(CROSS[name], heads=H, head_dim=D)
+    q = torch.randn(B, H, 29, D, requires_grad=True)
+    k, v = (torch.randn(B, H, 41, D, requires_grad=True) for _ in range(2))
+    mask = torch.zeros(B, 41, dtype=torch.bool)
+    mask[:, 20] = True
+    with torch.no_grad():
+        t, row = {"q": (q, 13), "k": (k, 10), "v": (v, 10), "padded k": (k, 20)}[where]
+        t[1, 0, row, 0] = float("nan")
+    out = attn(q, k, v, key_padding_mask=mask)
+    ref = attn.reference(*(t.double() for t in (q, k, v)), key_padding_mask=mask)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any() == (where != "padded k")
+    fin = ~ref.isnan()
+    assert_close("finite rows", ref[fin], out[fin], RTOL[torch.float32])
+    dq, dk, dv = torch.autograd.grad(out.masked_fill(out.isnan(), 0).sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
 
 
 # --- nn.MultiheadAttention --------------------------------------------------------------------------

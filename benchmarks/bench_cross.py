@@ -1,0 +1,160 @@
+"""Cross-attention (Nq ≠ Nk) on the quadratic form, beside what a user would otherwise run.
+
+B = 1, H = 8, Dk = Dv = 64, float32, 2 threads; a few queries against a long memory (Nk = 4096) and
+many queries against a short one. For each spec (softmax without a position term, and with ALiBi's
+bias) and shape:
+  attndsl          the compiled module: the quadratic kernels read Nq query rows and Nk keys
+  attndsl padded   the same module called as a self-attention of max(Nq, Nk): the shorter side
+                   padded (the keys with a key padding mask), the rows past Nq dropped; the route
+                   of the forms whose kernels take one length
+  sdpa             F.scaled_dot_product_attention, ALiBi as a float mask (H, Nq, Nk)
+  eager, compile   softmax(s·q·kᵀ + b) v in PyTorch, eager and under torch.compile
+  flex             FlexAttention (torch.compile), ALiBi as a score_mod; forward only (torch 2.13
+                   has no FlexAttention backward on the CPU)
+Times are medians of interleaved rounds (each round runs every method once, starting at another
+one each round); forward under no_grad, and forward + backward.
+
+    python benchmarks/bench_cross.py [--shapes 1x4096,16x4096,...] [--rounds 7] [--no-compile]
+Writes benchmarks/results/bench_cross.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tvm.target.codegen import llvm_get_system_cpu
+
+import attndsl
+from attndsl.reference import alibi_slopes
+from bench_lengths import once, save
+
+RESULTS = Path(__file__).resolve().parent / "results"
+B, H, DIM = 1, 8, 64
+SPECS = {"softmax": "kernel = softmax", "softmax_alibi": "position = alibi"}
+SHAPES = "1x4096,16x4096,128x4096,1024x4096,4096x256"
+FORWARD_ONLY = {"flex"}
+
+
+def alibi(nq: int, nk: int) -> torch.Tensor:
+    """(H, Nq, Nk) ALiBi's bias −slope·|i − j|."""
+    r = (torch.arange(nq)[:, None] - torch.arange(nk)[None, :]).abs()
+    return -alibi_slopes(H).float()[:, None, None] * r
+
+
+def padded(attn, q, k, v):
+    """attn as a self-attention call of max(Nq, Nk): the shorter side padded (keys masked)."""
+    nq, nk = q.shape[2], k.shape[2]
+    n = max(nq, nk)
+    mask = torch.zeros(B, n, dtype=torch.bool)
+    mask[:, nk:] = True
+    q, k, v = (F.pad(t, (0, 0, 0, n - t.shape[2])) for t in (q, k, v))
+    return attn(q, k, v, key_padding_mask=mask if nk < n else None)[:, :, :nq]
+
+
+def methods(name: str, nq: int, nk: int, compiled: bool) -> dict:
+    attn = attndsl.compile(f"attention bench {{ {SPECS[name]} }}", heads=H, head_dim=DIM)
+    bias = alibi(nq, nk) if name == "softmax_alibi" else None
+    scale = DIM ** -0.5
+
+    def eager(q, k, v):
+        s = scale * q @ k.transpose(-1, -2)
+        return torch.softmax(s if bias is None else s + bias, -1) @ v
+    out = {"attndsl": attn,
+           "attndsl padded": lambda q, k, v: padded(attn, q, k, v),
+           "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+           "eager": eager}
+    if compiled:
+        torch._dynamo.reset()
+        out["compile"] = torch.compile(eager, dynamic=False)
+        slopes = alibi_slopes(H).float()
+        from torch.nn.attention.flex_attention import flex_attention
+        run = torch.compile(flex_attention, dynamic=False)
+
+        def score(s, b, h, qi, kj):
+            return s if bias is None else s - slopes[h] * (qi - kj).abs()
+        out["flex"] = lambda q, k, v: run(q, k, v, score_mod=score)
+    return out
+
+
+def measure(name: str, nq: int, nk: int, rounds: int, compiled: bool) -> list[dict]:
+    ms = methods(name, nq, nk, compiled)
+    rows = []
+    for backward in (False, True):
+        run = {m: f for m, f in ms.items() if not (backward and m in FORWARD_ONLY)}
+        q = torch.randn(B, H, nq, DIM, requires_grad=backward)
+        k, v = (torch.randn(B, H, nk, DIM, requires_grad=backward) for _ in range(2))
+        times: dict[str, list[float]] = {m: [] for m in run}
+        for fn in run.values():
+            once(fn, q, k, v, backward)                          # warm-up (and torch.compile)
+        names = list(run)
+        for r in range(rounds):
+            for m in names[r % len(names):] + names[:r % len(names)]:
+                times[m].append(once(run[m], q, k, v, backward))
+        med = {m: 1e3 * statistics.median(t) for m, t in times.items()}
+        rows.append({"spec": name, "nq": nq, "nk": nk, "pass": "fwd+bwd" if backward else "fwd", "ms": med})
+        print(f"  {name:14s} {nq:5d}x{nk:<5d} {rows[-1]['pass']:8s} "
+              + "  ".join(f"{m}={t:.2f}" for m, t in med.items()), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    others = [m for m in ("sdpa", "eager", "compile", "flex") if any(m in r["ms"] for r in rows)]
+    lines = ["| spec | Nq × Nk | pass | attndsl ms | padded route / attndsl | "
+             + " | ".join(f"{m} ms" for m in others) + " | " + " | ".join(f"{m} / attndsl" for m in others) + " |",
+             "|---|---|---|---|---|" + "---|" * (2 * len(others))]
+    for r in rows:
+        t = r["ms"]
+        cell = lambda m, f: f(t[m]) if m in t else "–"   # noqa: E731
+        lines.append(f"| {r['spec']} | {r['nq']} × {r['nk']} | {r['pass']} | {t['attndsl']:.2f} | "
+                     f"**{t['attndsl padded'] / t['attndsl']:.1f}x** | "
+                     + " | ".join(cell(m, lambda x: f"{x:.2f}") for m in others) + " | "
+                     + " | ".join(cell(m, lambda x: f"{x / t['attndsl']:.2f}x") for m in others) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, which in zip(axes, ("fwd", "fwd+bwd")):
+        sel = [r for r in rows if r["pass"] == which]
+        x = range(len(sel))
+        names = [m for m in ("attndsl", "attndsl padded", "sdpa", "eager", "compile", "flex")
+                 if any(m in r["ms"] for r in sel)]
+        width = 0.8 / len(names)
+        for j, m in enumerate(names):
+            ax.bar([i - 0.4 + width * (j + 0.5) for i in x], [r["ms"].get(m, float("nan")) for r in sel], width,
+                   label=m)
+        ax.set_yscale("log")
+        ax.set_xticks(list(x), [f"{r['spec']}\n{r['nq']}×{r['nk']}" for r in sel], fontsize=6, rotation=60)
+        ax.set_title(which)
+        ax.set_ylabel("ms (log), lower is better")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"cross-attention, B={B} H={H} D={DIM}, float32, {torch.get_num_threads()} threads "
+                 f"({llvm_get_system_cpu()})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=SHAPES, help="Nq x Nk pairs, comma-separated")
+    ap.add_argument("--specs", default=",".join(SPECS))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile and FlexAttention")
+    ap.add_argument("--out", default=str(RESULTS / "bench_cross"))
+    args = ap.parse_args(argv)
+    rows = []
+    for name in args.specs.split(","):
+        for shape in args.shapes.split(","):
+            nq, nk = (int(x) for x in shape.split("x"))
+            rows += measure(name, nq, nk, args.rounds, not args.no_compile)
+    save(Path(args.out), "bench_cross", argv, table(rows), rows, plot)
+
+
+if __name__ == "__main__":
+    main()
