@@ -67,7 +67,7 @@ class Attention(nn.Module):
         self._rates_checked = None               # the params' (data_ptr, version)s whose rates are ≥ 0
         self.planned = planned[ladder.index(PLAN_LENGTH)]    # the plan at N = 4096 (explain's default)
         self._planned_index = next(i for i, p in enumerate(self.plans) if p is self.planned)
-        self._chosen: dict = {}                  # (N, dtype) -> index into plans
+        self._chosen: dict = {}                  # (N, dtype) -> index into plans; cross: _cross_plan
         self._programs: dict[int, tuple] = {}    # plan index -> its steps (program())
         self._kappa: dict = {}                   # (N, causal) -> κ of a fixed position term (precision.py)
         self._warned_float64: set[int] = set()   # lengths told they compute in float64
@@ -271,14 +271,14 @@ class Attention(nn.Module):
             if self._mlir is None:
                 self._mlir = self._mlir_program()
             return self._forward_mlir(env, dtype, q, k, v).reshape(B, H, N, self.value_dim).to(out_dtype)
-        if nk != N:                              # cross-attention on the kernels of length max(N, Nk)
-            return self._run(env, dtype, self._plan_index(max(N, nk), dtype), pad)[0] \
-                .reshape(B, H, N, self.value_dim).to(out_dtype)
-        i = self._rates_decay(self._plan_index(N, dtype), N)
-        fft_dtype, i = self._fft_dtype(dtype, N, i, pad)
-        if fft_dtype != dtype:                   # precision.py: float64 resolves what float32 cannot
-            dtype = fft_dtype
-            env = {name: t.to(dtype) for name, t in env.items()}
+        if nk != N:                              # cross-attention: a plan whose kernels take both
+            i = self._cross_plan(N, nk, dtype)
+        else:
+            i = self._rates_decay(self._plan_index(N, dtype), N)
+            fft_dtype, i = self._fft_dtype(dtype, N, i, pad)
+            if fft_dtype != dtype:               # precision.py: float64 resolves what float32 cannot
+                dtype = fft_dtype
+                env = {name: t.to(dtype) for name, t in env.items()}
         out, den = self._run(env, dtype, i, pad)
         # a normalizer near underflow (precision.py): float64, else refused
         low = None if den is None else den < precision.UNDERFLOW[dtype]
@@ -318,7 +318,7 @@ class Attention(nn.Module):
                 parts.append(out[which])
                 continue
             sub = padding.Padding.of(mask[which.view(B, heads)[:, 0]], heads, self.spec.causal, pad.scratch,
-                                     self.spec.window)
+                                     self.spec.window, env["q"].shape[1])
             part, den = self._run({name: t[which].to(d) for name, t in env.items()}, d, i, sub)
             if d == torch.float64 and den is not None and bool((den < precision.UNDERFLOW[d]).any()):
                 raise precision.padding_refusal(self.spec.name, mask.shape[1])
@@ -364,7 +364,7 @@ class Attention(nn.Module):
         if k.shape[1] != H:
             k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
         nk = k.shape[2]
-        if nk == nq or self._native_cross(max(nq, nk), q.dtype):
+        if nk == nq or self._cross_plan(nq, nk, UPCAST.get(q.dtype, q.dtype)) is not None:
             return self._attend(q, k, v, key_padding_mask)
         if self.target.kind == "mlir":
             raise ValueError(f"cross-attention (query length {nq}, key length {nk}): target '{MLIR_TARGET}' "
@@ -376,13 +376,31 @@ class Attention(nn.Module):
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, n - t.shape[2])) for t in (q, k, v))
         return self(q, k, v, key_padding_mask=mask if nk < n or key_padding_mask is not None else None)[:, :, :nq]
 
-    def _native_cross(self, n: int, dtype: torch.dtype) -> bool:
-        """Whether the plan at length n takes keys of another length than the queries: TVM's CPU
-        kernels, every site's form one whose kernels read both lengths (Form.cross)."""
+    def _cross_plan(self, nq: int, nk: int, dtype: torch.dtype) -> int | None:
+        """The plan a call of nq queries and nk keys runs as it is, or None when the padded route
+        (_cross: a self-attention of max(nq, nk)) costs less or no plan takes both lengths. A plan
+        takes them when it runs on TVM's CPU kernels and every site's form reads both (Form.cross;
+        feature maps are row-wise): an O(N²) form, which costs nq·nk, i.e. its cost at √(nq·nk);
+        the padded route costs the cheapest plan's at max(nq, nk). Memoized per (nq, nk, dtype)."""
+        key = ("cross", nq, nk, dtype)
+        if key in self._chosen:
+            return self._chosen[key]
+        padded = self._plan_index(max(nq, nk), dtype)
+        native = [i for i in range(len(self.plans)) if self._takes_two_lengths(i)]
+        n = max(1, round((nq * nk) ** 0.5))
+        best = min(native, key=lambda i: self.plans[i].cost(n), default=None)
+        if best is not None and best != padded and self.plans[best].cost(n) > self.plans[padded].cost(max(nq, nk)):
+            best = None
+        if not torch.compiler.is_compiling():
+            self._chosen[key] = best
+        return best
+
+    def _takes_two_lengths(self, i: int) -> bool:
+        """Whether plan i's kernels read keys of another length than the queries (_cross_plan)."""
         if self.target.kind == "mlir" or self.target.portable:
             return False
-        steps = self._program(self._plan_index(n, UPCAST.get(dtype, dtype)))
-        return all(st.source is not None or getattr(form_of(st.node), "cross", False) for st in steps)
+        return all(st.source is not None or isinstance(st.node, FeatureMap) or getattr(form_of(st.node), "cross", False)
+                   for st in self._program(i))
 
     def _empty(self, q, k, v) -> torch.Tensor:
         """The (0, H, N, Dv) output of an empty batch, as SDPA gives, still connected to q, k, v

@@ -1,16 +1,19 @@
-"""Cross-attention (Nq ≠ Nk) on the quadratic form, beside what a user would otherwise run.
+"""Cross-attention (Nq ≠ Nk) on the O(N²) forms, beside what a user would otherwise run.
 
 B = 1, H = 8, Dk = Dv = 64, float32, 2 threads; a few queries against a long memory (Nk = 4096) and
-many queries against a short one. For each spec (softmax without a position term, and with ALiBi's
-bias) and shape:
-  attndsl          the compiled module: the quadratic kernels read Nq query rows and Nk keys
+many queries against a short one. For each spec (softmax without a position term and with ALiBi's
+bias: the quadratic form; elu1 with a smooth position term: the pairwise form where it costs
+less than the padded route) and shape:
+  attndsl          the compiled module: the kernels read Nq query rows and Nk keys
   attndsl padded   the same module called as a self-attention of max(Nq, Nk): the shorter side
                    padded (the keys with a key padding mask), the rows past Nq dropped; the route
                    of the forms whose kernels take one length
-  sdpa             F.scaled_dot_product_attention, ALiBi as a float mask (H, Nq, Nk)
-  eager, compile   softmax(s·q·kᵀ + b) v in PyTorch, eager and under torch.compile
-  flex             FlexAttention (torch.compile), ALiBi as a score_mod; forward only (torch 2.13
-                   has no FlexAttention backward on the CPU)
+  sdpa             F.scaled_dot_product_attention, the position term as a float mask (H, Nq, Nk)
+                   (for elu1: softmax attention with the same bias, the exact alternative)
+  eager, compile   the spec's maths in PyTorch (softmax(s·q·kᵀ + b) v, or the feature maps'
+                   (φq·φkᵀ)·exp(b) normalized), eager and under torch.compile
+  flex             softmax specs: FlexAttention (torch.compile), ALiBi as a score_mod; forward
+                   only (torch 2.13 has no FlexAttention backward on the CPU)
 Times are medians of interleaved rounds (each round runs every method once, starting at another
 one each round); forward under no_grad, and forward + backward.
 
@@ -30,18 +33,24 @@ from tvm.target.codegen import llvm_get_system_cpu
 import attndsl
 from attndsl.reference import alibi_slopes
 from bench_lengths import once, save
+from bench_linear import torch_feature_map
 
 RESULTS = Path(__file__).resolve().parent / "results"
 B, H, DIM = 1, 8, 64
-SPECS = {"softmax": "kernel = softmax", "softmax_alibi": "position = alibi"}
+SPECS = {"softmax": "kernel = softmax", "softmax_alibi": "position = alibi",
+         "elu1_smooth": "kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)"}
 SHAPES = "1x4096,16x4096,128x4096,1024x4096,4096x256"
 FORWARD_ONLY = {"flex"}
 
 
-def alibi(nq: int, nk: int) -> torch.Tensor:
-    """(H, Nq, Nk) ALiBi's bias −slope·|i − j|."""
-    r = (torch.arange(nq)[:, None] - torch.arange(nk)[None, :]).abs()
-    return -alibi_slopes(H).float()[:, None, None] * r
+def position_bias(name: str, nq: int, nk: int) -> torch.Tensor | None:
+    """(H or 1, Nq, Nk) b(i − j) of spec `name`, None without a position term."""
+    r = (torch.arange(nq)[:, None] - torch.arange(nk)[None, :]).float()
+    if name == "softmax_alibi":
+        return -alibi_slopes(H).float()[:, None, None] * r.abs()
+    if name == "elu1_smooth":
+        return (-0.02 * r.abs() + 0.5 * torch.cos(r / 16))[None]
+    return None
 
 
 def padded(attn, q, k, v):
@@ -56,10 +65,15 @@ def padded(attn, q, k, v):
 
 def methods(name: str, nq: int, nk: int, compiled: bool) -> dict:
     attn = attndsl.compile(f"attention bench {{ {SPECS[name]} }}", heads=H, head_dim=DIM)
-    bias = alibi(nq, nk) if name == "softmax_alibi" else None
+    bias = position_bias(name, nq, nk)
     scale = DIM ** -0.5
+    softmax = attn.spec.kernel.name == "softmax"
+    phi = None if softmax else torch_feature_map(attn)
 
     def eager(q, k, v):
+        if not softmax:
+            a = (phi(q) @ phi(k).transpose(-1, -2)) * torch.exp(bias - bias.amax(-1, keepdim=True))
+            return (a @ v) / a.sum(-1, keepdim=True)
         s = scale * q @ k.transpose(-1, -2)
         return torch.softmax(s if bias is None else s + bias, -1) @ v
     out = {"attndsl": attn,
@@ -69,6 +83,7 @@ def methods(name: str, nq: int, nk: int, compiled: bool) -> dict:
     if compiled:
         torch._dynamo.reset()
         out["compile"] = torch.compile(eager, dynamic=False)
+    if compiled and softmax:
         slopes = alibi_slopes(H).float()
         from torch.nn.attention.flex_attention import flex_attention
         run = torch.compile(flex_attention, dynamic=False)

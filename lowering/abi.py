@@ -94,7 +94,7 @@ def _per_sample(x: str) -> Alloc:
 
 
 _POSITIONAL = dict(inputs=("qf", "kf", "v", "tab", "empty"), reads=("qf", "kf", "v", "tab"),
-                   outputs=(("out", like("v")), ("den", rows("v"))),
+                   outputs=(("out", rows_of("qf", "v")), ("den", rows("qf"))),
                    grads=(("qf", like("qf")), ("kf", like("kf")), ("v", like("v")),
                           ("tab", like("tab", zeros=True))))
 

@@ -391,47 +391,82 @@ def test_cross_attention_and_grouped_heads_errors():
         mlir(q, torch.randn(1, 1, 8, D), torch.randn(1, 1, 8, D))
 
 
-# softmax specs whose plan (the quadratic form) takes Nq ≠ Nk as it is (Form.cross)
+# specs whose plan takes Nq ≠ Nk as it is (Form.cross): name -> (spec, plan, the op it runs)
 CROSS = {
-    "plain": "attention a { kernel = softmax }",
-    "alibi_causal": "attention a { position = alibi; mask = causal }",
-    "table": "attention a { position = toeplitz(max_distance=8, init=normal) }",
-    "window": "attention a { position = alibi; mask = causal_window(5) }",
+    "plain": ("attention a { kernel = softmax }", "auto", "softmax_attention"),
+    "alibi_causal": ("attention a { position = alibi; mask = causal }", "auto", "softmax_attention"),
+    "table": ("attention a { position = toeplitz(max_distance=8, init=normal) }", "auto", "softmax_attention"),
+    "window": ("attention a { position = alibi; mask = causal_window(5) }", "auto", "softmax_attention"),
+    "pairwise_table": ("attention a { kernel = relu; position = toeplitz(max_distance=6, init=normal) }",
+                       "pairwise", "pairwise_attention"),
+    "pairwise_causal": ("attention a { kernel = favor(features=8); position(r) = -0.3 * abs(r) + 2 * cos(r / 3); "
+                        "mask = causal }", "pairwise", "pairwise_attention"),
 }
 
 
-def spy_on_softmax(monkeypatch) -> list:
-    """The (q, k) shapes of every quadratic kernel call, as the kernels get them."""
+def cross_module(name):
+    text, plan, _ = CROSS[name]
+    return shared(text, plan=plan, heads=H, head_dim=D)
+
+
+def spy_on(monkeypatch, op: str) -> list:
+    """The shapes of the first two inputs (q, k or their features) of every call of kernel op `op`."""
     from attndsl import ops
-    seen, real = [], ops.fast.softmax_attention
+    seen, real = [], getattr(ops.fast, op)
 
     def spy(q, k, *rest):
         seen.append((tuple(q.shape), tuple(k.shape)))
         return real(q, k, *rest)
-    monkeypatch.setattr(ops.fast, "softmax_attention", spy)
+    monkeypatch.setattr(ops.fast, op, spy)
     return seen
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("shape", [(1, 70), (37, 53), (53, 37), (70, 1)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(1, 70), (37, 53), (53, 37), (70, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name", list(CROSS))
-def test_the_quadratic_form_computes_cross_attention_without_padding(name, shape, dtype, monkeypatch):
+def test_the_o_n2_forms_compute_cross_attention_without_padding(name, shape, dtype, monkeypatch):
     nq, nk = shape
-    attn = shared(CROSS[name], heads=H, head_dim=D)
-    seen = spy_on_softmax(monkeypatch)
+    attn = cross_module(name)
+    if attn.spec.causal:        # one causal query sees one key: its dq is 0 but for rounding
+        nq = max(nq, 2)
+    seen = spy_on(monkeypatch, CROSS[name][2])
     q = torch.randn(B, H, nq, D)
     k, v = (torch.randn(B, 1, nk, D) for _ in range(2))     # multi-query: expanded, then as it is
     mask = padding_mask(nk) if nk > 12 else None
     assert_masked_matches_reference(attn, q, k, v, mask, dtype)
-    assert seen == [((B * H, nq, D), (B * H, nk, D))]
+    assert [(a[:2], b[:2]) for a, b in seen] == [((B * H, nq), (B * H, nk))]
 
 
-def test_gradcheck_of_the_quadratic_form_in_cross_attention():
-    attn = shared(CROSS["table"], heads=H, head_dim=D)
-    q = torch.randn(2, H, 5, D, dtype=torch.float64)
-    k, v = (torch.randn(2, H, 11, D, dtype=torch.float64) for _ in range(2))
-    gradcheck_with_table(attn, q, k, v)
-    causal = shared(CROSS["alibi_causal"], heads=H, head_dim=D)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(300, 20), (20, 300), (130, 61)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_pairwise_row_shift_follows_the_keys_each_row_sees(shape, causal):
+    """b from −660 to 60, not monotone in r (float32, whose exp spans ±88): each row's shift is the
+    largest b among the keys it sees, also where there are more queries than keys."""
+    attn = shared("attention a { kernel = elu1; position(r) = 60 * cos(r / 5) - 2 * abs(r)"
+                  + ("; mask = causal }" if causal else " }"), plan="pairwise", heads=H, head_dim=D)
+    nq, nk = shape
+    q = torch.randn(2, H, nq, D)
+    k, v = (torch.randn(2, H, nk, D) for _ in range(2))
+    out = attn(q, k, v)
+    assert_close("out", attn.reference(q.double(), k.double(), v.double()), out, RTOL[torch.float32])
+
+
+def test_few_queries_take_the_pairwise_form_as_they_are():
+    attn = shared("attention a { kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16) }",
+                  heads=H, head_dim=D)
+    long = attn._plan_index(4096)
+    assert attn.plans[long].forms == ("toeplitz_fft",)
+    few = attn._cross_plan(16, 4096, torch.float32)
+    assert few is not None and attn.plans[few].forms == ("pairwise",)
+    assert attn._cross_plan(4096, 4000, torch.float32) is None      # many: the padded route, by FFT
+
+
+def test_gradcheck_of_the_o_n2_forms_in_cross_attention():
+    for name in ("table", "pairwise_table"):
+        q = torch.randn(2, H, 5, D, dtype=torch.float64)
+        k, v = (torch.randn(2, H, 11, D, dtype=torch.float64) for _ in range(2))
+        gradcheck_with_table(cross_module(name), q, k, v)
+    causal = cross_module("alibi_causal")
     q, k, v = (t.requires_grad_() for t in (torch.randn(2, H, 11, D, dtype=torch.float64),
                                              torch.randn(2, H, 6, D, dtype=torch.float64),
                                              torch.randn(2, H, 6, D, dtype=torch.float64)))
@@ -439,9 +474,9 @@ def test_gradcheck_of_the_quadratic_form_in_cross_attention():
 
 
 @pytest.mark.parametrize("where", ["q", "k", "v", "padded k"])
-@pytest.mark.parametrize("name", ["plain", "alibi_causal", "window"])
+@pytest.mark.parametrize("name", ["plain", "alibi_causal", "window", "pairwise_causal"])
 def test_nan_in_cross_attention_reaches_the_rows_that_see_it(name, where):
-    attn = shared(CROSS[name], heads=H, head_dim=D)
+    attn = cross_module(name)
     q = torch.randn(B, H, 29, D, requires_grad=True)
     k, v = (torch.randn(B, H, 41, D, requires_grad=True) for _ in range(2))
     mask = torch.zeros(B, 41, dtype=torch.bool)

@@ -4,13 +4,14 @@ N×N tensor is ever formed.
 
     A_ij = (φq_i·φk_j) c(i − j) [j ∈ M(i)],   out_i = Σ_j A_ij v_j / (Σ_j A_ij + eps)
 
-Shapes: Qf, Kf (BH, N, M); V, O, dO (BH, N, D); DEN (BH, N); TAB (H, P) the position parameters
-(learned table P = 2W+1, alibi slopes P = 1, a dummy otherwise); head h = bh mod H. M, D, dtype,
-causal and the position *kind* are baked in; BH, N, H, W are symbolic. The kernels implement the
-op `pairwise_attention` (abi.py).
+Shapes: Qf (BH, N, M), O, dO (BH, N, D), DEN (BH, N): N query rows; Kf (BH, NK, M), V (BH, NK, D):
+NK keys (NK = N in self-attention; cross-attention keeps r = i − j and, causal, j ≤ i); TAB (H, P)
+the position parameters (learned table P = 2W+1, alibi slopes P = 1, a dummy otherwise); head
+h = bh mod H. M, D, dtype, causal and the position *kind* are baked in; BH, N, NK, H, W are
+symbolic. The kernels implement the op `pairwise_attention` (abi.py).
 
 Row shift: row i's weights are exp(b(i − j) − m_i), m_i = max of b over the r = i − j row i sees
-(prefix and suffix maxima of b, O(N) per head), so no weight overflows and every row keeps its
+(running maxima of b, O(N + NK) per head), so no weight overflows and every row keeps its
 largest weight at 1, whatever range b spans; the shift cancels in the ratio, and DEN and the
 floor are in the row's units: DEN_i = Σ_j A_ij e^(−m_i) + eps e^(−m_i).
 
@@ -41,23 +42,41 @@ from ..tir.vmath import exp
 
 
 def _row_shift(dtype: str, causal: bool, bias):
-    """row_shift(RM, TAB, H, N, W): RM[h, i] = max over the r = i − j row i sees of b_h(r):
-    r ∈ [0, i] when causal, [i − N + 1, i] otherwise (a prefix and a suffix maximum)."""
+    """row_shift(RM, TAB, H, N, NK, W): RM[h, i] = max over the r = i − j row i sees of b_h(r),
+    j < NK (and j ≤ i when causal): r ∈ [max(i − NK + 1, 0), i] ∪ (not causal) [i − NK + 1, −1].
+    The r ≥ 0 part is a running maximum within blocks of NK values of r; a row i ≥ NK (more
+    queries than keys) sees the end of the previous block too, [i − NK + 1, its end], a running
+    maximum as i descends (a sliding maximum over windows of NK); the r < 0 part is a running
+    maximum backward from r = −1. O(N + NK) per head."""
     lowest = tirx.min_value(dtype)
 
     @T.macro
-    def row_shift(RM, TAB, H, N, W):
+    def row_shift(RM, TAB, H, N, NK, W):
         for h in T.parallel(H):
             run = T.alloc_buffer((1,), dtype, scope="local")
             run[0] = lowest
             for i in range(N):
+                if i % NK == 0:
+                    run[0] = lowest
                 run[0] = T.max(run[0], bias(TAB, h, i, W))
                 RM[h, i] = run[0]
+            if NK < N:
+                # a = i − NK + 1 descending from N − NK; first the rest of its block, (a, end]
+                run[0] = lowest
+                for u in range(NK - 1 - (N - NK) % NK):
+                    run[0] = T.max(run[0], bias(TAB, h, N - 1 - (N - NK) % NK - u, W))
+                for t in range(N - NK):
+                    if (N - NK - t) % NK == NK - 1:
+                        run[0] = lowest
+                    run[0] = T.max(run[0], bias(TAB, h, N - NK - t, W))
+                    RM[h, N - 1 - t] = T.max(RM[h, N - 1 - t], run[0])
             if not causal:
                 run[0] = lowest
-                for t in range(N):
-                    RM[h, N - 1 - t] = T.max(RM[h, N - 1 - t], run[0])
+                for t in range(NK - 1):
+                    if NK - 1 - t < N:
+                        RM[h, NK - 1 - t] = T.max(RM[h, NK - 1 - t], run[0])
                     run[0] = T.max(run[0], bias(TAB, h, -1 - t, W))
+                RM[h, 0] = T.max(RM[h, 0], run[0])
     return row_shift
 
 
@@ -85,8 +104,8 @@ def pairwise_forward(name: str, M: int, D: int, dtype: str, causal: bool, positi
     def diag_end(i0, kt, qb):          # keys a causal diagonal tile's rows i0*R.. can see
         return T.Select(kt == qb, i0 * R + R, Tt) if causal else Tt
 
-    def valid(j, i, kbase, qbase, N):
-        return tirx.all(kbase + j < N, kbase + j <= qbase + i) if causal else kbase + j < N
+    def valid(j, i, kbase, qbase, NK):
+        return tirx.all(kbase + j < NK, kbase + j <= qbase + i) if causal else kbase + j < NK
 
     def floor(m):                      # eps in the row's units
         return exp(log_eps - m) if bias is not None else T.cast(eps, dtype)
@@ -96,19 +115,21 @@ def pairwise_forward(name: str, M: int, D: int, dtype: str, causal: bool, positi
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
+        NK = T.int64()
         H = T.int64()
         P = T.int64()
         Qf = T.match_buffer(qf, (BH, N, M), dtype)
-        Kf = T.match_buffer(kf, (BH, N, M), dtype)
-        V = T.match_buffer(v, (BH, N, D), dtype)
+        Kf = T.match_buffer(kf, (BH, NK, M), dtype)
+        V = T.match_buffer(v, (BH, NK, D), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
         O = T.match_buffer(o, (BH, N, D), dtype)
         DEN = T.match_buffer(den, (BH, N), dtype)
         W = (P - 1) // 2
         nb = (N + Tt - 1) // Tt
+        nbk = (NK + Tt - 1) // Tt
         RM = T.alloc_buffer((H, N), dtype)            # the row shifts m_i
         if bias is not None:
-            row_shift(RM, TAB, H, N, W)
+            row_shift(RM, TAB, H, N, NK, W)
         for task in T.parallel(BH * nb):
             QT = T.alloc_buffer((M, Tt), dtype)       # φq of the block, transposed
             Kc = T.alloc_buffer((Tt, M), dtype)
@@ -136,10 +157,10 @@ def pairwise_forward(name: str, M: int, D: int, dtype: str, causal: bool, positi
                 lsum[i] = zero
             for t in T.vectorized(2 * Tt):
                 Bv[t] = zero
-            for kt in range(qb + 1 if causal else nb):
+            for kt in range(T.min(qb + 1, nbk) if causal else nbk):
                 kbase = kt * Tt
-                load(Kc, Kf, b, kbase, N, M)
-                load(Vc, V, b, kbase, N, D)
+                load(Kc, Kf, b, kbase, NK, M)
+                load(Vc, V, b, kbase, NK, D)
                 if bias is not None:
                     for t in range(2 * Tt - 1):
                         Bv[t] = bias(TAB, b % H, qbase - kbase + t - (Tt - 1), W)
@@ -149,7 +170,7 @@ def pairwise_forward(name: str, M: int, D: int, dtype: str, causal: bool, positi
                     for r in T.unroll(R1):
                         for i in T.vectorized(Tt):
                             ST[j0 * R1 + r, i] = T.Select(
-                                valid(j0 * R1 + r, i, kbase, qbase, N),
+                                valid(j0 * R1 + r, i, kbase, qbase, NK),
                                 weight(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1], rm[i]), zero)
                             lsum[i] = lsum[i] + ST[j0 * R1 + r, i]
                 for i0, c0 in T.grid(Tt // R, D // CV):
@@ -190,8 +211,8 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
     key_rows, query_rows = flash_backward(Tt, causal)
     diagonals, per_head = table_grads(Tt, dtype)
 
-    def valid(j, i, kbase, qbase, N):
-        ok = tirx.all(kbase + j < N, qbase + i < N)
+    def valid(j, i, kbase, qbase, N, NK):
+        ok = tirx.all(kbase + j < NK, qbase + i < N)
         return tirx.all(ok, kbase + j <= qbase + i) if causal else ok
 
     @T.prim_func
@@ -200,24 +221,26 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
         N = T.int64()
+        NK = T.int64()
         H = T.int64()
         P = T.int64()
         Qf = T.match_buffer(qf, (BH, N, M), dtype)
-        Kf = T.match_buffer(kf, (BH, N, M), dtype)
-        V = T.match_buffer(v, (BH, N, D), dtype)
+        Kf = T.match_buffer(kf, (BH, NK, M), dtype)
+        V = T.match_buffer(v, (BH, NK, D), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
         O = T.match_buffer(o, (BH, N, D), dtype)
         DEN = T.match_buffer(den, (BH, N), dtype)
         dO = T.match_buffer(do, (BH, N, D), dtype)
         dQf = T.match_buffer(dqf, (BH, N, M), dtype)
-        dKf = T.match_buffer(dkf, (BH, N, M), dtype)
-        dV = T.match_buffer(dv, (BH, N, D), dtype)
+        dKf = T.match_buffer(dkf, (BH, NK, M), dtype)
+        dV = T.match_buffer(dv, (BH, NK, D), dtype)
         dTAB = T.match_buffer(dtab, (H, P), dtype)
         W = (P - 1) // 2
         nb = (N + Tt - 1) // Tt
+        nbk = (NK + Tt - 1) // Tt
         RM = T.alloc_buffer((H, N), dtype)
         if bias is not None:
-            row_shift(RM, TAB, H, N, W)
+            row_shift(RM, TAB, H, N, NK, W)
         # per-bh operands, padded with zero rows to whole tiles; transposed rows get one cache
         # line of slack (a power-of-two row stride would map a tile's rows onto one L1 set)
         QT = T.alloc_buffer((BH, M, (N + Tt - 1) // Tt * Tt + L), dtype)       # φq, transposed
@@ -284,10 +307,10 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
             if learn:
                 for p in range(P):
                     dTpart[b, p] = zero
-            for kt in range(nb):
+            for kt in range(nbk):
                 kbase = kt * Tt
-                load(Kc, Kf, b, kbase, N, M)
-                load(Vc, V, b, kbase, N, D)
+                load(Kc, Kf, b, kbase, NK, M)
+                load(Vc, V, b, kbase, NK, D)
                 for j in range(Tt):
                     for c in T.vectorized(M):
                         dKacc[j, c] = zero
@@ -310,7 +333,7 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
                         for r in T.unroll(R1):
                             for i in T.vectorized(Tt):
                                 GT[j0 * R1 + r, i] = T.Select(
-                                    valid(j0 * R1 + r, i, kbase, qbase, N),
+                                    valid(j0 * R1 + r, i, kbase, qbase, N, NK),
                                     weight(Ip[b, qbase + i], Bv[i + (Tt - 1 - r) - j0 * R1], Rp[b, qbase + i]),
                                     zero)
                                 PT[j0 * R1 + r, i] = KT[j0 * R1 + r, i] * GT[j0 * R1 + r, i]
@@ -324,7 +347,7 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
                     if learn:          # d b(r) = Σ_{i−j=r} κ_ji G_ji
                         diagonals(dTpart, dBv, KT, b, qbase, kbase, W)
                 for j in range(Tt):
-                    if kbase + j < N:
+                    if kbase + j < NK:
                         for c in T.vectorized(M):
                             dKf[b, kbase + j, c] = dKacc[j, c]
                         for d in T.vectorized(D):
