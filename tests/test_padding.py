@@ -461,6 +461,20 @@ def test_few_queries_take_the_pairwise_form_as_they_are():
     assert attn._cross_plan(4096, 4000, torch.float32) is None      # many: the padded route, by FFT
 
 
+def test_cross_attention_keeps_the_precision_rule():
+    """Rows 8–39 lie up to 31 keys past the last kept key of batch 1: weights of e^(−155), below
+    float32: that batch element runs in float64 (warned), the other in float32."""
+    attn = shared("attention a { kernel = elu1; position(r) = -5 * abs(r) }", plan="pairwise", heads=H, head_dim=D)
+    q = torch.randn(2, H, 40, D)
+    k, v = (torch.randn(2, H, 30, D) for _ in range(2))
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, 8:] = True
+    with pytest.warns(UserWarning, match="computes in float64: a row far from every key"):
+        out = attn(q, k, v, key_padding_mask=mask)
+    assert_close("out", attn.reference(q.double(), k.double(), v.double(), key_padding_mask=mask), out,
+                 RTOL[torch.float32])
+
+
 def test_gradcheck_of_the_o_n2_forms_in_cross_attention():
     for name in ("table", "pairwise_table"):
         q = torch.randn(2, H, 5, D, dtype=torch.float64)
