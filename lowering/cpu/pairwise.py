@@ -174,13 +174,14 @@ def pairwise_forward(name: str, M: int, D: int, dtype: str, causal: bool, positi
                                 weight(acc1[r, i], Bv[i + (Tt - 1 - r) - j0 * R1], rm[i]), zero)
                             lsum[i] = lsum[i] + ST[j0 * R1 + r, i]
                 for i0, c0 in T.grid(Tt // R, D // CV):
-                    for r in T.unroll(R):
-                        for d in T.vectorized(CV):
-                            acc[r, d] = Oacc[i0 * R + r, c0 * CV + d]
-                    mmc(acc, ST, True, Vc, i0 * R, R, 0, diag_end(i0, kt, qb), c0 * CV, CV)
-                    for r in T.unroll(R):
-                        for d in T.vectorized(CV):
-                            Oacc[i0 * R + r, c0 * CV + d] = acc[r, d]
+                    if qbase + i0 * R < N:         # a block of query rows (cross-attention: few)
+                        for r in T.unroll(R):
+                            for d in T.vectorized(CV):
+                                acc[r, d] = Oacc[i0 * R + r, c0 * CV + d]
+                        mmc(acc, ST, True, Vc, i0 * R, R, 0, diag_end(i0, kt, qb), c0 * CV, CV)
+                        for r in T.unroll(R):
+                            for d in T.vectorized(CV):
+                                Oacc[i0 * R + r, c0 * CV + d] = acc[r, d]
             for i in range(Tt):
                 if qbase + i < N:
                     if floored:
@@ -341,9 +342,9 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
                                 if learn:
                                     KT[j0 * R1 + r, i] = KT[j0 * R1 + r, i] * GT[j0 * R1 + r, i]
                     # dV_j += Σ_i P_ji dO_i,  dKf_j += Σ_i G_ji φq_i,  dQf_i += Σ_j G_ji φk_j
-                    key_rows(accV, dVacc, PT, dOp, b, qbase, RV, CV, D, qt, kt)
-                    key_rows(accK, dKacc, GT, Qp, b, qbase, RK, CK, M, qt, kt)
-                    query_rows(accK, dQacc, GT, Kc, b, qbase, RK, CK, M, qt, kt)
+                    key_rows(accV, dVacc, PT, dOp, b, qbase, N - qbase, RV, CV, D, qt, kt)
+                    key_rows(accK, dKacc, GT, Qp, b, qbase, N - qbase, RK, CK, M, qt, kt)
+                    query_rows(accK, dQacc, GT, Kc, b, qbase, N - qbase, RK, CK, M, qt, kt)
                     if learn:          # d b(r) = Σ_{i−j=r} κ_ji G_ji
                         diagonals(dTpart, dBv, KT, b, qbase, kbase, W)
                 for j in range(Tt):

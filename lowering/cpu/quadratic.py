@@ -173,13 +173,14 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                         ST[j, i] = softmax_exp(ST[j, i] - mx[i])
                         lsum[i] = lsum[i] + ST[j, i]
                 for i0, c0 in T.grid(Tt // R, Dv // CV):
-                    for r in T.unroll(R):
-                        for d in T.vectorized(CV):
-                            acc[r, d] = Oacc[i0 * R + r, c0 * CV + d] * alpha[i0 * R + r]
-                    mmc(acc, ST, True, Vc, i0 * R, R, 0, diag_end(i0, kt, qb), c0 * CV, CV)
-                    for r in T.unroll(R):
-                        for d in T.vectorized(CV):
-                            Oacc[i0 * R + r, c0 * CV + d] = acc[r, d]
+                    if qbase + i0 * R < N:         # a block of query rows (cross-attention: few)
+                        for r in T.unroll(R):
+                            for d in T.vectorized(CV):
+                                acc[r, d] = Oacc[i0 * R + r, c0 * CV + d] * alpha[i0 * R + r]
+                        mmc(acc, ST, True, Vc, i0 * R, R, 0, diag_end(i0, kt, qb), c0 * CV, CV)
+                        for r in T.unroll(R):
+                            for d in T.vectorized(CV):
+                                Oacc[i0 * R + r, c0 * CV + d] = acc[r, d]
             for i in range(Tt):
                 if qbase + i < N:
                     inv: T.let = one / lsum[i]
@@ -340,9 +341,9 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                                 dST[j0 * R1 + r, i] = PT[j0 * R1 + r, i] * (acc1[r, i] - Dd[b, qbase + i])
                     # dV_j += Σ_i P_ji dO_i,  dK_j += Σ_i dS_ji q_i  (s applied at the store),
                     # dQ_i += Σ_j dS_ji k_j
-                    key_rows(accV, dVacc, PT, dOp, b, qbase, RV, CV, Dv, qt, kt)
-                    key_rows(accK, dKacc, dST, Qp, b, qbase, RK, CK, Dk, qt, kt)
-                    query_rows(accK, dQacc, dST, Kc, b, qbase, RK, CK, Dk, qt, kt)
+                    key_rows(accV, dVacc, PT, dOp, b, qbase, N - qbase, RV, CV, Dv, qt, kt)
+                    key_rows(accK, dKacc, dST, Qp, b, qbase, N - qbase, RK, CK, Dk, qt, kt)
+                    query_rows(accK, dQacc, dST, Kc, b, qbase, N - qbase, RK, CK, Dk, qt, kt)
                     if learn:          # d b(r) = Σ_{i−j=r} dS_ji
                         diagonals(dTpart, dBv, dST, b, qbase, kbase, W)
                 for j in range(Tt):

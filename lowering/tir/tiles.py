@@ -208,12 +208,14 @@ def out_cols(width: int, lanes: int) -> int:
 
 def flash_backward(Tt: int, causal: bool):
     """The accumulation steps of a flash-style backward (quadratic.py, pairwise.py) for one (key
-    tile kt, query tile qt) of Tt rows each, with the weights of the tile transposed (P[j, i]):
+    tile kt, query tile qt) of Tt rows each, with the weights of the tile transposed (P[j, i]),
+    of which the first `rows` query rows exist (fewer than Tt in the last tile, or in a
+    cross-attention call of few queries):
 
-        key_rows(acc, Acc, P, X, b, qbase, R, C, width, qt, kt)
+        key_rows(acc, Acc, P, X, b, qbase, rows, R, C, width, qt, kt)
             Acc[j, :] += Σ_i P[j, i] X[b, qbase + i, :]      (a key tile's rows; only i ≥ j on a
                                                              causal diagonal tile)
-        query_rows(acc, Acc, P, Kc, b, qbase, R, C, width, qt, kt)
+        query_rows(acc, Acc, P, Kc, b, qbase, rows, R, C, width, qt, kt)
             Acc[b, qbase + i, :] += Σ_j P[j, i] Kc[j, :]      (the query rows; only j ≤ i on it)
 
     through R × C register tiles acc, C columns of `width` at a time."""
@@ -222,28 +224,29 @@ def flash_backward(Tt: int, causal: bool):
         return T.Select(qt == kt, i0 * R + R, Tt) if causal else Tt
 
     @T.macro
-    def key_rows(acc, Acc, P, X, b, qbase, R, C, width, qt, kt):
+    def key_rows(acc, Acc, P, X, b, qbase, rows, R, C, width, qt, kt):
         for j0, c0 in T.grid(Tt // R, width // C):
             for r in T.unroll(R):
                 for d in T.vectorized(C):
                     acc[r, d] = Acc[j0 * R + r, c0 * C + d]
             if causal and qt == kt:
-                mm3(acc, P, False, X, b, qbase, j0 * R, R, j0 * R, Tt, c0 * C, C)
+                mm3(acc, P, False, X, b, qbase, j0 * R, R, j0 * R, T.max(T.min(Tt, rows), T.int64(j0 * R)), c0 * C, C)
             else:
-                mm3(acc, P, False, X, b, qbase, j0 * R, R, 0, Tt, c0 * C, C)
+                mm3(acc, P, False, X, b, qbase, j0 * R, R, 0, T.min(Tt, rows), c0 * C, C)
             for r in T.unroll(R):
                 for d in T.vectorized(C):
                     Acc[j0 * R + r, c0 * C + d] = acc[r, d]
 
     @T.macro
-    def query_rows(acc, Acc, P, Kc, b, qbase, R, C, width, qt, kt):
+    def query_rows(acc, Acc, P, Kc, b, qbase, rows, R, C, width, qt, kt):
         for i0, c0 in T.grid(Tt // R, width // C):
-            for r in T.unroll(R):
-                for c in T.vectorized(C):
-                    acc[r, c] = Acc[b, qbase + i0 * R + r, c0 * C + c]
-            mmc(acc, P, True, Kc, i0 * R, R, 0, last(i0, R, kt, qt), c0 * C, C)
-            for r in T.unroll(R):
-                for c in T.vectorized(C):
-                    Acc[b, qbase + i0 * R + r, c0 * C + c] = acc[r, c]
+            if T.int64(i0 * R) < rows:
+                for r in T.unroll(R):
+                    for c in T.vectorized(C):
+                        acc[r, c] = Acc[b, qbase + i0 * R + r, c0 * C + c]
+                mmc(acc, P, True, Kc, i0 * R, R, 0, last(i0, R, kt, qt), c0 * C, C)
+                for r in T.unroll(R):
+                    for c in T.vectorized(C):
+                        Acc[b, qbase + i0 * R + r, c0 * C + c] = acc[r, c]
 
     return key_rows, query_rows
