@@ -74,7 +74,9 @@ def seen_by_rows(x: torch.Tensor, rows: int, causal: bool, window: int | None) -
         return within(x, -window, 0 if causal else window, rows)
     if causal:                                                       # any key j ≤ i; past the keys, all
         c = x.cumsum(1) > 0
-        return c[:, :rows] if rows <= c.shape[1] else torch.cat([c, c[:, -1:].expand(-1, rows - c.shape[1], -1)], 1)
+        if rows <= c.shape[1]:
+            return c[:, :rows]
+        return torch.cat([c, c[:, -1:].expand(-1, rows - c.shape[1], -1)], 1)
     return x.any(1, keepdim=True).expand(-1, rows, -1)
 
 
@@ -85,18 +87,20 @@ def rows_of_keys(x: torch.Tensor, keys: int, causal: bool, window: int | None) -
         return within(x, 0 if causal else -window, window, keys)
     if causal:                                                       # any row i ≥ j; past the rows, none
         c = x.flip(1).cumsum(1).flip(1) > 0
-        return c[:, :keys] if keys <= c.shape[1] else torch.cat([c, c.new_zeros(c.shape[0], keys - c.shape[1],
-                                                                                 c.shape[2])], 1)
+        if keys <= c.shape[1]:
+            return c[:, :keys]
+        return torch.cat([c, c.new_zeros(c.shape[0], keys - c.shape[1], c.shape[2])], 1)
     return x.any(1, keepdim=True).expand(-1, keys, -1)
 
 
 def reached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
             pad=None, window: int | None = None) -> torch.Tensor:
-    """(BH, N, Dv) bool: the outputs a non-finite q (BH, N, Dk), k or v (BH, Nk, ·) reaches (row i sees j ≤ i if causal,
-    every j otherwise, only |i − j| ≤ window with a sliding window; with a key padding mask `pad`
-    (padding.Padding) not the padded keys, and nothing from a row that sees no key)."""
+    """(BH, N, Dv) bool: the outputs a non-finite q (BH, N, Dk), k or v (BH, Nk, ·) reaches (row i
+    sees j ≤ i if causal, every j otherwise, only |i − j| ≤ window with a sliding window; with a
+    key padding mask `pad` (padding.Padding) not the padded keys, and nothing from a row that sees
+    no key)."""
     bad_q = ~torch.isfinite(q).all(-1, keepdim=True)                 # (BH, N, 1)
-    bad_k = ~torch.isfinite(k).all(-1, keepdim=True)                 # (BH, N, 1)
+    bad_k = ~torch.isfinite(k).all(-1, keepdim=True)                 # (BH, Nk, 1)
     bad_v = ~torch.isfinite(v)                                       # (BH, Nk, Dv)
     seen = bad_k | bad_v
     if pad is not None:

@@ -340,7 +340,7 @@ def test_kde_with_the_block_covering_the_sequence_is_the_padded_reference(target
     assert_masked_matches_reference(attn, *qkv(40), padding_mask(40), torch.float64)
 
 
-# --- cross-attention and grouped heads (module._cross: on the padding machinery) ----------------------
+# --- cross-attention and grouped heads (module._cross: the O(N²) forms as they are, the others padded) --
 
 @pytest.mark.parametrize("shape", [(29, 37, 2), (45, 21, 1), (37, 37, 1)], ids=["nq<nk", "nq>nk,mqa", "gqa"])
 @pytest.mark.parametrize("name", list(SPECS))
