@@ -23,16 +23,14 @@ Writes benchmarks/results/bench_cross.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tvm.target.codegen import llvm_get_system_cpu
 
 import attndsl
 from attndsl.reference import alibi_slopes
-from bench_lengths import once, save
+from bench_lengths import finish, interleaved, panels, save
 from bench_linear import torch_feature_map
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,14 +99,7 @@ def measure(name: str, nq: int, nk: int, rounds: int, compiled: bool) -> list[di
         run = {m: f for m, f in ms.items() if not (backward and m in FORWARD_ONLY)}
         q = torch.randn(B, H, nq, DIM, requires_grad=backward)
         k, v = (torch.randn(B, H, nk, DIM, requires_grad=backward) for _ in range(2))
-        times: dict[str, list[float]] = {m: [] for m in run}
-        for fn in run.values():
-            once(fn, q, k, v, backward)                          # warm-up (and torch.compile)
-        names = list(run)
-        for r in range(rounds):
-            for m in names[r % len(names):] + names[:r % len(names)]:
-                times[m].append(once(run[m], q, k, v, backward))
-        med = {m: 1e3 * statistics.median(t) for m, t in times.items()}
+        med = interleaved(run, q, k, v, backward, rounds)
         rows.append({"spec": name, "nq": nq, "nk": nk, "pass": "fwd+bwd" if backward else "fwd", "ms": med})
         print(f"  {name:14s} {nq:5d}x{nk:<5d} {rows[-1]['pass']:8s} "
               + "  ".join(f"{m}={t:.2f}" for m, t in med.items()), flush=True)
@@ -131,12 +122,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, which in zip(axes, ("fwd", "fwd+bwd")):
-        sel = [r for r in rows if r["pass"] == which]
+    fig, parts = panels(rows)
+    for ax, which, sel in parts:
         x = range(len(sel))
         names = [m for m in ("attndsl", "attndsl padded", "sdpa", "eager", "compile", "flex")
                  if any(m in r["ms"] for r in sel)]
@@ -149,10 +136,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(which)
         ax.set_ylabel("ms (log), lower is better")
         ax.legend(fontsize=7)
-    fig.suptitle(f"cross-attention, B={B} H={H} D={DIM}, float32, {torch.get_num_threads()} threads "
-                 f"({llvm_get_system_cpu()})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    finish(fig, f"cross-attention, B={B} H={H} D={DIM}, float32", path)
 
 
 def main(argv=None):

@@ -104,24 +104,46 @@ def once(fn, q, k, v, backward: bool) -> float:
     return time.perf_counter() - t0
 
 
+def interleaved(methods: dict, q, k, v, backward: bool, rounds: int) -> dict[str, float]:
+    """{method: median ms} of fn(q, k, v) (forward under no_grad, or forward + backward) over
+    `rounds` rounds after a warm-up (which also compiles); each round runs every method once,
+    starting at another one each round."""
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for fn in methods.values():
+        once(fn, q, k, v, backward)
+    names = list(methods)
+    for r in range(rounds):
+        for m in names[r % len(names):] + names[:r % len(names)]:
+            times[m].append(once(methods[m], q, k, v, backward))
+    return {m: 1e3 * statistics.median(t) for m, t in times.items()}
+
+
+def panels(rows: list[dict]):
+    """A figure of two panels, forward and forward + backward: (fig, [(axis, pass, its rows)])."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    return fig, [(ax, which, [r for r in rows if r["pass"] == which]) for ax, which in zip(axes, ("fwd", "fwd+bwd"))]
+
+
+def finish(fig, title: str, path: Path) -> None:
+    """The figure titled `title` and this machine's threads and CPU, saved at `path`."""
+    fig.suptitle(f"{title}, {torch.get_num_threads()} threads ({llvm_get_system_cpu()})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def measure(name: str, n: int, rounds: int) -> list[dict]:
     attn, ms = methods(name, n)
     chosen = ", ".join(attn.plans[attn._plan_index(n)].forms)
     rows = []
     for backward in (False, True):
         q, k, v = (torch.randn(1, H, n, DIM, requires_grad=backward) for _ in range(3))
-        times: dict[str, list[float]] = {m: [] for m in ms}
-        for fn in ms.values():
-            once(fn, q, k, v, backward)                          # warm-up (and torch.compile)
-        names = list(ms)
-        for r in range(rounds):                                  # each round in another order
-            for m in names[r % len(names):] + names[:r % len(names)]:
-                times[m].append(once(ms[m], q, k, v, backward))
-        med = {m: statistics.median(t) for m, t in times.items()}
-        rows.append({"spec": name, "n": n, "pass": "fwd+bwd" if backward else "fwd", "chosen": chosen,
-                     "ms": {m: 1e3 * t for m, t in med.items()}})
+        med = interleaved(ms, q, k, v, backward, rounds)
+        rows.append({"spec": name, "n": n, "pass": "fwd+bwd" if backward else "fwd", "chosen": chosen, "ms": med})
         print(f"  {name:22s} N={n:6d} {rows[-1]['pass']:8s} chosen {chosen:13s} "
-              + "  ".join(f"{m}={1e3 * t:.2f}" for m, t in med.items()), flush=True)
+              + "  ".join(f"{m}={t:.2f}" for m, t in med.items()), flush=True)
     return rows
 
 
@@ -166,10 +188,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_xlabel("N")
             ax.set_ylabel("ms")
             ax.legend(fontsize=6)
-    fig.suptitle(f"attndsl per-call form choice vs SDPA+bias and torch, B·H={H}, D={DIM}, float32, "
-                 f"{torch.get_num_threads()} threads ({llvm_get_system_cpu()})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    finish(fig, f"attndsl per-call form choice vs SDPA+bias and torch, B·H={H}, D={DIM}, float32", path)
 
 
 def main(argv=None):

@@ -17,16 +17,14 @@ Writes benchmarks/results/bench_window.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tvm.target.codegen import llvm_get_system_cpu
 
 import attndsl
 from attndsl.reference import alibi_slopes
-from bench_lengths import once, save
+from bench_lengths import finish, interleaved, panels, once, save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 B, H, DIM = 2, 4, 64
@@ -114,14 +112,7 @@ def measure(name: str, n: int, rounds: int, with_flex: bool) -> list[dict]:
     for backward in (False, True):
         ms = {m: f for m, f in every.items() if not (backward and m in FORWARD_ONLY)}
         q, k, v = (torch.randn(B, H, n, DIM, requires_grad=backward) for _ in range(3))
-        times: dict[str, list[float]] = {m: [] for m in ms}
-        for fn in ms.values():
-            once(fn, q, k, v, backward)                          # warm-up
-        names = list(ms)
-        for r in range(rounds):
-            for m in names[r % len(names):] + names[:r % len(names)]:
-                times[m].append(once(ms[m], q, k, v, backward))
-        med = {m: 1e3 * statistics.median(t) for m, t in times.items()}
+        med = interleaved(ms, q, k, v, backward, rounds)
         rows.append({"spec": name, "form": ms["attndsl"].planned.decisions[0].form, "n": n,
                      "pass": "fwd+bwd" if backward else "fwd", "ms": med})
         print(f"  {name:32s} N={n:6d} {rows[-1]['pass']:8s} " + "  ".join(f"{m}={t:.2f}" for m, t in med.items()),
@@ -142,12 +133,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, which in zip(axes, ("fwd", "fwd+bwd")):
-        sel = [r for r in rows if r["pass"] == which]
+    fig, parts = panels(rows)
+    for ax, which, sel in parts:
         labels = [f"{r['spec']}\nN={r['n']}" for r in sel]
         methods_ = sorted({m for r in sel for m in r["ms"]} - {"attndsl"})
         width = 0.8 / len(methods_)
@@ -160,10 +147,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(which)
         ax.set_ylabel("time / attndsl's (> 1: attndsl faster)")
         ax.legend(fontsize=7)
-    fig.suptitle(f"sliding windows, B={B} H={H} D={DIM}, float32, {torch.get_num_threads()} threads "
-                 f"({llvm_get_system_cpu()})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    finish(fig, f"sliding windows, B={B} H={H} D={DIM}, float32", path)
 
 
 def main(argv=None):
