@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import decoding, driver, nonfinite, ops, padding, pipeline, precision, sampling
+from . import config, decoding, driver, nonfinite, ops, padding, pipeline, precision, sampling
 from .ast import AttentionSpec, learned_table, t5_slots
 from .diagnostics import SpecError
 from .featuremaps import lookup
@@ -31,6 +31,7 @@ from .reference import alibi_slopes, bias_at, effective_scale, reference
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+ROWS_PER_TILE = 64          # the O(N²) kernels' query tile: 4 vectors of float32 lanes with AVX-512
 
 
 class Attention(nn.Module):
@@ -355,15 +356,21 @@ class Attention(nn.Module):
 
     def _cross(self, q, k, v, key_padding_mask) -> torch.Tensor:
         """Grouped heads and cross-attention. Query head h reads key and value head h // (H / Hkv),
-        as SDPA's enable_gqa (k and v are expanded to H heads: one copy). With Nk ≠ Nq, every index
-        keeps its position (r = i − j); a plan whose kernels take both lengths (the quadratic
-        form's) runs as it is, at a cost of Nq·Nk; any other in a sequence of N = max(Nq, Nk): the
-        keys past Nk are padding (a key padding mask), the query rows past Nq are computed and
-        dropped, so the call costs what a self-attention call of N does."""
+        as SDPA's enable_gqa: the g = H / Hkv query heads of a kv head run as g·Nq rows of one call
+        where rows do not know their position (_groups_as_rows); else k and v are expanded to H
+        heads (one copy). With Nk ≠ Nq, every index keeps its position (r = i − j); a plan whose
+        kernels take both lengths (the O(N²) forms') runs as it is, at a cost of Nq·Nk; any other
+        in a sequence of N = max(Nq, Nk): the keys past Nk are padding (a key padding mask), the
+        query rows past Nq are computed and dropped, so the call costs what a self-attention call
+        of N does."""
         B, H, nq = q.shape[:3]
-        if k.shape[1] != H:
-            k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
-        nk = k.shape[2]
+        hkv, nk = k.shape[1], k.shape[2]
+        if hkv != H and self._groups_as_rows(H // hkv, nq, nk, q.dtype, B * hkv,
+                                             torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+            # query heads h·g … h·g + g − 1 of kv head h as the rows of one call: no copy of anything
+            return self._attend(q.reshape(B, hkv, H // hkv * nq, -1), k, v, key_padding_mask).reshape(B, H, nq, -1)
+        if hkv != H:
+            k, v = (t.repeat_interleave(H // hkv, 1) for t in (k, v))
         if nk == nq or self._cross_plan(nq, nk, UPCAST.get(q.dtype, q.dtype)) is not None:
             return self._attend(q, k, v, key_padding_mask)
         if self.target.kind == "mlir":
@@ -394,6 +401,24 @@ class Attention(nn.Module):
         if not torch.compiler.is_compiling():
             self._chosen[key] = best
         return best
+
+    def _groups_as_rows(self, g: int, nq: int, nk: int, dtype: torch.dtype, calls: int, grads: bool) -> bool:
+        """Whether grouped heads run as rows: the g query heads of a kv head stacked into one call
+        of g·Nq queries against its Nk keys (`calls` = B·Hkv of them), which needs a spec whose rows
+        do not know their position (no position term, causal mask or window) and is exact (not
+        sampled), and a plan that takes those lengths as they are (_cross_plan) or equal lengths.
+        With gradients, also where it takes no longer than k and v expanded to H heads: the O(N²)
+        backward runs a batch·head per thread, and its work is a key pass per tile of queries."""
+        spec = self.spec
+        if (spec.position.name != "none" or spec.causal or spec.window is not None or spec.sampling.name != "none"
+                or self.target.kind == "mlir"):
+            return False
+        if grads:
+            threads, tiles = config.num_threads(), -(-nq // ROWS_PER_TILE)
+            as_rows = calls * -(-g * nq // ROWS_PER_TILE) / min(calls, threads)
+            if as_rows > calls * g * tiles / min(calls * g, threads):
+                return False
+        return g * nq == nk or self._cross_plan(g * nq, nk, UPCAST.get(dtype, dtype)) is not None
 
     def _takes_two_lengths(self, i: int) -> bool:
         """Whether plan i's kernels read keys of another length than the queries (_cross_plan)."""
@@ -646,13 +671,14 @@ class Attention(nn.Module):
                          key_padding_mask=key_padding_mask)
 
     def _padding(self, mask, q, nk: int) -> padding.Padding:
-        """The call's key_padding_mask (B, Nk), checked, per batch·head row, for q (B, H, N, Dk)."""
+        """The call's key_padding_mask (B, Nk), checked, per batch·head row, for q (B, H, N, Dk)
+        (H: the heads of the call, Hkv when grouped heads run as rows)."""
         mask = padding.check_mask(mask, q.shape[0], nk, q.device)
         if self.target.kind == "mlir":
             raise ValueError(f"key_padding_mask: target '{MLIR_TARGET}' computes the spec's mask only; "
                              f"compile with target='llvm' (TVM) for key padding masks")
         scratch = None if torch.is_grad_enabled() else self._scratch
-        return padding.Padding.of(mask, self.heads, self.spec.causal, scratch, self.spec.window, q.shape[2])
+        return padding.Padding.of(mask, q.shape[1], self.spec.causal, scratch, self.spec.window, q.shape[2])
 
     def _validate(self, q, k, v) -> None:
         """The checks of q, k, v's types, shapes, dtypes and devices, once per signature (and, with

@@ -430,11 +430,47 @@ def test_the_o_n2_forms_compute_cross_attention_without_padding(name, shape, dty
     if attn.spec.causal:        # one causal query sees one key: its dq is 0 but for rounding
         nq = max(nq, 2)
     seen = spy_on(monkeypatch, CROSS[name][2])
+    monkeypatch.setattr(attndsl.config, "num_threads", lambda: 1)   # grouped heads as rows, whatever the rows
     q = torch.randn(B, H, nq, D)
     k, v = (torch.randn(B, 1, nk, D) for _ in range(2))     # multi-query: expanded, then as it is
     mask = padding_mask(nk) if nk > 12 else None
     assert_masked_matches_reference(attn, q, k, v, mask, dtype)
-    assert [(a[:2], b[:2]) for a, b in seen] == [((B * H, nq), (B * H, nk))]
+    as_rows = attn.spec.position.name == "none" and not attn.spec.causal     # the grouped heads as rows
+    assert [(a[:2], b[:2]) for a, b in seen] == [((B, H * nq), (B, nk)) if as_rows else ((B * H, nq), (B * H, nk))]
+
+
+@pytest.mark.parametrize("shape", [(1, 70), (37, 53), (29, 29)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", ["plain", "pairwise_favor"])
+def test_grouped_heads_run_as_rows_without_a_copy(name, shape, monkeypatch):
+    """A spec whose rows do not know their position: the query heads of a kv head are the rows of
+    one call against its keys, k and v as they are (no copy to H heads)."""
+    text, plan, op = {"plain": CROSS["plain"],
+                      "pairwise_favor": ("attention a { kernel = favor(features=8) }", "pairwise",
+                                         "pairwise_attention")}[name]
+    attn = shared(text, plan=plan, heads=H, head_dim=D)
+    seen = spy_on(monkeypatch, op)
+    monkeypatch.setattr(attndsl.config, "num_threads", lambda: 1)
+    nq, nk = shape
+    q = torch.randn(B, H, nq, D)
+    k, v = (torch.randn(B, 1, nk, D) for _ in range(2))
+    mask = padding_mask(nk) if nk > 12 else None
+    assert_masked_matches_reference(attn, q, k, v, mask, torch.float32)
+    assert [(a[:2], b[:2]) for a, b in seen] == [((B, H * nq), (B, nk))]
+
+
+def test_grouped_heads_with_gradients_keep_a_call_per_thread(monkeypatch):
+    """The O(N²) backward runs a batch·head per thread: with gradients, B·Hkv calls fewer than the
+    threads take grouped heads as rows only where the rows fit a tile of queries."""
+    attn = shared(CROSS["plain"][0], heads=H, head_dim=D)
+    seen = spy_on(monkeypatch, "softmax_attention")
+    monkeypatch.setattr(attndsl.config, "num_threads", lambda: 8)
+    q = torch.randn(B, H, 40, D, requires_grad=True)                   # B·Hkv = 4 calls, 80 rows
+    k, v = (torch.randn(B, 1, 50, D, requires_grad=True) for _ in range(2))
+    attn(q, k, v)
+    with torch.no_grad():
+        attn(q, k, v)
+    attn(q[:, :, :20], k, v)                                           # 40 rows: one tile
+    assert [a[:2] for a, _ in seen] == [(B * H, 40), (B, H * 40), (B, H * 20)]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
