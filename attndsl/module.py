@@ -395,7 +395,10 @@ class Attention(nn.Module):
         padded = self._plan_index(max(nq, nk), dtype)
         native = [i for i in range(len(self.plans)) if self._takes_two_lengths(i)]
         n = max(1, round((nq * nk) ** 0.5))
-        best = min(native, key=lambda i: self.plans[i].cost(n), default=None)
+        best = None
+        for i in native:                         # (a loop, not min(key=): torch.compile traces it)
+            if best is None or self.plans[i].cost(n) < self.plans[best].cost(n):
+                best = i
         if best is not None and best != padded and self.plans[best].cost(n) > self.plans[padded].cost(max(nq, nk)):
             best = None
         if not torch.compiler.is_compiling():
