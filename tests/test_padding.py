@@ -11,7 +11,7 @@ from conftest import (RTOL, assert_close, assert_masked_matches_reference, gradc
                       shared_form)
 
 import attndsl
-from attndsl import sampling
+from attndsl import config, sampling
 from attndsl.padding import KEY_OUT
 
 pytestmark = pytest.mark.xdist_group("padding")
@@ -430,7 +430,7 @@ def test_the_o_n2_forms_compute_cross_attention_without_padding(name, shape, dty
     if attn.spec.causal:        # one causal query sees one key: its dq is 0 but for rounding
         nq = max(nq, 2)
     seen = spy_on(monkeypatch, CROSS[name][2])
-    monkeypatch.setattr(attndsl.config, "num_threads", lambda: 1)   # grouped heads as rows, whatever the rows
+    monkeypatch.setattr(config, "num_threads", lambda: 1)   # grouped heads as rows, whatever the rows
     q = torch.randn(B, H, nq, D)
     k, v = (torch.randn(B, 1, nk, D) for _ in range(2))     # multi-query: expanded, then as it is
     mask = padding_mask(nk) if nk > 12 else None
@@ -449,7 +449,7 @@ def test_grouped_heads_run_as_rows_without_a_copy(name, shape, monkeypatch):
                                          "pairwise_attention")}[name]
     attn = shared(text, plan=plan, heads=H, head_dim=D)
     seen = spy_on(monkeypatch, op)
-    monkeypatch.setattr(attndsl.config, "num_threads", lambda: 1)
+    monkeypatch.setattr(config, "num_threads", lambda: 1)
     nq, nk = shape
     q = torch.randn(B, H, nq, D)
     k, v = (torch.randn(B, 1, nk, D) for _ in range(2))
@@ -463,7 +463,7 @@ def test_grouped_heads_with_gradients_keep_a_call_per_thread(monkeypatch):
     threads take grouped heads as rows only where the rows fit a tile of queries."""
     attn = shared(CROSS["plain"][0], heads=H, head_dim=D)
     seen = spy_on(monkeypatch, "softmax_attention")
-    monkeypatch.setattr(attndsl.config, "num_threads", lambda: 8)
+    monkeypatch.setattr(config, "num_threads", lambda: 8)
     q = torch.randn(B, H, 40, D, requires_grad=True)                   # B·Hkv = 4 calls, 80 rows
     k, v = (torch.randn(B, 1, 50, D, requires_grad=True) for _ in range(2))
     attn(q, k, v)
@@ -511,7 +511,13 @@ def test_cross_attention_keeps_the_precision_rule():
                  RTOL[torch.float32])
 
 
-def test_gradcheck_of_the_o_n2_forms_in_cross_attention():
+def test_gradcheck_of_the_o_n2_forms_in_cross_attention(monkeypatch):
+    monkeypatch.setattr(config, "num_threads", lambda: 1)       # grouped heads as rows
+    plain = cross_module("plain")
+    q, k, v = (t.requires_grad_() for t in (torch.randn(2, H, 5, D, dtype=torch.float64),
+                                             torch.randn(2, 1, 9, D, dtype=torch.float64),
+                                             torch.randn(2, 1, 9, D, dtype=torch.float64)))
+    assert torch.autograd.gradcheck(plain, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
     for name in ("table", "pairwise_table"):
         q = torch.randn(2, H, 5, D, dtype=torch.float64)
         k, v = (torch.randn(2, H, 11, D, dtype=torch.float64) for _ in range(2))
