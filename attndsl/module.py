@@ -28,6 +28,7 @@ from .lowering.target import Target, resolve
 from .passes.geometric import learned_decay
 from .passes.plan import LADDER, PLAN_LENGTH
 from .reference import alibi_slopes, bias_at, effective_scale, reference
+from .schedules import cpu as cpu_schedule
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -49,6 +50,10 @@ class Attention(nn.Module):
         # where the kernels run (lowering/target.py); the TVM target is resolved (TVM imported) only
         # when building
         self.target = resolve(target)
+        # the most query rows a call runs on the narrow kernels (Form.narrow): one vector of lanes
+        # where the CPU kernels run, none elsewhere
+        self._narrow = {t: cpu_schedule.lanes(name) if self.target.kernels == "cpu" else 0
+                        for t, name in KERNEL_DTYPES.items()}
         self.check_finite = check_finite
         self.tuned = tuned                       # False: the default knobs, whatever the databases say
         # the distinct plans over the lengths of LADDER (one on mlir-cpu, whose program is one
@@ -344,7 +349,7 @@ class Attention(nn.Module):
         watch = ((self.spec.stabilized or (pad is not None and self.spec.position.name != "none"))
                  and not torch.compiler.is_compiling())
         params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed,
-                  "dens": dens if watch else None, "pad": pad}
+                  "dens": dens if watch else None, "pad": pad, "narrow": self._narrow[dtype]}
         steps = self._program(i)
         out = nonfinite.guarded(lambda q, k, v: _execute(steps, {**env, "q": q, "k": k, "v": v}, lib, params),
                                 env["q"], env["k"], env["v"], self.spec.causal,

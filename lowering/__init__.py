@@ -43,7 +43,8 @@ def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = 
     {knob: value}} (schedules/knobs.py) overrides the defaults of the kernels it names; `only`:
     just the nodes owning these kernel names (the tuner's variants); `portable`: the portable
     kernels (GPU targets) instead of the CPU ones, with their loops bound to GPU threads when
-    `gpu` (else CPU loops: how they are tested without a GPU)."""
+    `gpu` (else CPU loops: how they are tested without a GPU). The CPU kernels include the narrow
+    ones of the forms that have them (Form.narrow; never tuned)."""
     check(root, portable)
     script.install()                         # cheaper T.macro expansion (tir/script.py)
     funcs = {}
@@ -52,6 +53,9 @@ def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = 
         if only is None or only.intersection(names):
             extra = (gpu,) if portable else ()
             funcs.update(lowering_of(node, portable)(node, names, dtype, knobs or {}, *extra))
+        form = form_of(node)
+        if only is None and not portable and form is not None and form.narrow:
+            funcs.update(form.cpu(node, kernel_names(i, node, narrow=True), dtype, {}, narrow=True))
     return funcs
 
 

@@ -31,7 +31,10 @@ class Form:
     decode(node, name, dtype) -> the PrimFunc of one decoding step (cpu/decode.py), for the causal
     forms that carry a running state (None: not decodable token by token);
     cross: whether its CPU kernels take keys of another length than the queries (q (BH, N, ·),
-    k and v (BH, Nk, ·)), so that cross-attention runs without padding to max(N, Nk)."""
+    k and v (BH, Nk, ·)), so that cross-attention runs without padding to max(N, Nk);
+    narrow: whether `cpu` also builds narrow kernels (its keyword narrow=True: a tile of one
+    vector of query lanes, named kernel_names(i, node, narrow=True)), which `run` takes for a call
+    of at most params["narrow"] query rows (narrowed())."""
     name: str
     node: type | tuple[type, ...]
     valid: Callable[[Node], bool]
@@ -47,10 +50,20 @@ class Form:
     probe: str | None = None
     decode: Callable | None = None
     cross: bool = False
+    narrow: bool = False
 
     def sites(self) -> tuple[type, ...]:
         """The IR node types this form computes."""
         return self.node if isinstance(self.node, tuple) else (self.node,)
+
+
+NARROW = "_narrow"          # the narrow kernels' names: the node's, then this
+
+
+def narrowed(name: str, q, params: dict) -> str:
+    """The kernels a call of queries q (BH, N, ·) runs: the narrow ones (Form.narrow) when N is at
+    most params["narrow"] (one vector of lanes on CPU targets, 0 elsewhere), else `name`'s."""
+    return name + NARROW if q.shape[1] <= params["narrow"] else name
 
 
 def learns(position) -> bool:

@@ -9,7 +9,7 @@ from typing import Callable
 from attndsl.ir import Add, FeatureMap, Input, Node, Position, postorder
 
 from . import forms
-from .form import Form
+from .form import NARROW, Form
 from .forms import feature_map
 
 FORMS: dict[str, Form] = {f.name: f for f in forms.discover()}
@@ -22,9 +22,10 @@ NODE_KERNELS: dict[type, tuple[Callable, Callable] | None] = {
 }
 
 
-def kernel_names(index: int, node: Node) -> tuple[str, str]:
-    """The forward and backward kernel names of the node at post-order `index`."""
-    base = f"{node.op}{index}"
+def kernel_names(index: int, node: Node, narrow: bool = False) -> tuple[str, str]:
+    """The forward and backward kernel names of the node at post-order `index` (`narrow`: of its
+    form's narrow kernels, Form.narrow)."""
+    base = f"{node.op}{index}{NARROW if narrow else ''}"
     return f"{base}_fwd", f"{base}_bwd"
 
 

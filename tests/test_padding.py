@@ -13,6 +13,7 @@ from conftest import (RTOL, assert_close, assert_masked_matches_reference, gradc
 import attndsl
 from attndsl import config, sampling
 from attndsl.padding import KEY_OUT
+from attndsl.schedules import cpu as cpu_schedule
 
 pytestmark = pytest.mark.xdist_group("padding")
 
@@ -410,12 +411,13 @@ def cross_module(name):
 
 
 def spy_on(monkeypatch, op: str) -> list:
-    """The shapes of the first two inputs (q, k or their features) of every call of kernel op `op`."""
+    """The shapes of the first two inputs (q, k or their features) and the kernels' name of every
+    call of kernel op `op`."""
     from attndsl import ops
     seen, real = [], getattr(ops.fast, op)
 
     def spy(q, k, *rest):
-        seen.append((tuple(q.shape), tuple(k.shape)))
+        seen.append((tuple(q.shape), tuple(k.shape), rest[-1]))
         return real(q, k, *rest)
     monkeypatch.setattr(ops.fast, op, spy)
     return seen
@@ -436,7 +438,10 @@ def test_the_o_n2_forms_compute_cross_attention_without_padding(name, shape, dty
     mask = padding_mask(nk) if nk > 12 else None
     assert_masked_matches_reference(attn, q, k, v, mask, dtype)
     as_rows = attn.spec.position.name == "none" and not attn.spec.causal     # the grouped heads as rows
-    assert [(a[:2], b[:2]) for a, b in seen] == [((B, H * nq), (B, nk)) if as_rows else ((B * H, nq), (B * H, nk))]
+    assert [(a[:2], b[:2]) for a, b, _ in seen] == [((B, H * nq), (B, nk)) if as_rows else ((B * H, nq), (B * H, nk))]
+    # a call of at most one vector of query rows runs the narrow kernels
+    narrow = (H * nq if as_rows else nq) <= cpu_schedule.lanes(str(dtype).split(".")[1])
+    assert [kernels.endswith("_narrow") for *_, kernels in seen] == [narrow]
 
 
 @pytest.mark.parametrize("shape", [(1, 70), (37, 53), (29, 29)], ids=lambda s: f"{s[0]}x{s[1]}")
@@ -455,7 +460,7 @@ def test_grouped_heads_run_as_rows_without_a_copy(name, shape, monkeypatch):
     k, v = (torch.randn(B, 1, nk, D) for _ in range(2))
     mask = padding_mask(nk) if nk > 12 else None
     assert_masked_matches_reference(attn, q, k, v, mask, torch.float32)
-    assert [(a[:2], b[:2]) for a, b in seen] == [((B, H * nq), (B, nk))]
+    assert [(a[:2], b[:2]) for a, b, _ in seen] == [((B, H * nq), (B, nk))]
 
 
 def test_grouped_heads_with_gradients_keep_a_call_per_thread(monkeypatch):
@@ -470,7 +475,7 @@ def test_grouped_heads_with_gradients_keep_a_call_per_thread(monkeypatch):
     with torch.no_grad():
         attn(q, k, v)
     attn(q[:, :, :20], k, v)                                           # 40 rows: one tile
-    assert [a[:2] for a, _ in seen] == [(B * H, 40), (B, H * 40), (B, H * 20)]
+    assert [a[:2] for a, *_ in seen] == [(B * H, 40), (B, H * 40), (B, H * 20)]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

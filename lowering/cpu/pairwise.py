@@ -34,7 +34,6 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from attndsl.schedules import cpu
-from attndsl.schedules.knobs import resolve as knobs_of
 
 from ..tir.position import bias_builder, table_grads
 from ..tir.tiles import chunk_loaders, fill, flash_backward, mm, mm_cols, mmc, out_cols, tile
@@ -86,10 +85,11 @@ def _weight(bias):
 
 
 def pairwise_forward(name: str, M: int, D: int, dtype: str, causal: bool, position, knobs=None,
-                     eps: float | None = None):
+                     eps: float | None = None, narrow: bool = False):
     """(Qf, Kf, V, TAB, O out, DEN out): O_i = Σ_j A_ij v_j / DEN_i as above; `position` None: no
-    b (c = 1). `knobs` (schedules/knobs.py, family "quadratic"): tile."""
-    L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
+    b (c = 1). `knobs` (schedules/knobs.py, family "quadratic"): tile; `narrow`: a tile of one
+    vector of query lanes (tiles.tile), for calls of few query rows."""
+    L, Tt = cpu.lanes(dtype), tile(dtype, knobs, narrow)
     R1 = cpu.tile_rows(Tt, L, Tt)             # rows of a κ tile in registers (Tt columns)
     CV = out_cols(D, L)                       # output columns per register tile
     R = cpu.tile_rows(CV, L, Tt)              # rows of an output register tile
@@ -196,11 +196,11 @@ def pairwise_forward(name: str, M: int, D: int, dtype: str, causal: bool, positi
 
 
 def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, position, learn: bool,
-                      knobs=None):
+                      knobs=None, narrow: bool = False):
     """(Qf, Kf, V, TAB, O, DEN, dO, dQf out, dKf out, dV out, dTAB out (H, P)): the exact gradient
     of pairwise_forward's O (DEN holds the floor). dTAB is written only when `learn` (a learned
-    table), else left alone. `knobs` as pairwise_forward's."""
-    L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
+    table), else left alone. `knobs`, `narrow` as pairwise_forward's."""
+    L, Tt = cpu.lanes(dtype), tile(dtype, knobs, narrow)
     R1 = cpu.tile_rows(Tt, L, Tt)
     CK, CV = out_cols(M, L), out_cols(D, L)
     RK, RV = cpu.tile_rows(CK, L, Tt), cpu.tile_rows(CV, L, Tt)

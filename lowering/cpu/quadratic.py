@@ -8,7 +8,8 @@ parameters (learned table P = 2W+1, alibi slopes P = 1, a dummy otherwise), head
 Dk, Dv, dtype, scale s, causal and the position *kind* are baked in; BH, N, NK, H, W are symbolic.
 
 Tiles: T = four vector registers of query lanes (32 float32 rows with AVX2, 64 with AVX-512;
-schedules/cpu.py); register tiles use about half the vector registers, and outputs wider than
+schedules/cpu.py; the tile knob), or one register in the narrow kernels that a call of at most
+that many query rows runs (a decoding step, a few queries against a memory); register tiles use about half the vector registers, and outputs wider than
 four vectors are computed in column windows, so nothing spills.
 
 Forward (per (bh, block of T query rows), in parallel), for each key tile of T keys:
@@ -35,7 +36,6 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from attndsl.schedules import cpu
-from attndsl.schedules.knobs import resolve as knobs_of
 
 from ..tir.position import bias_builder, table_grads
 from ..tir.tiles import fill, flash_backward, mm, mm_cols, mmc, out_cols, tile
@@ -64,11 +64,12 @@ def _band(position, Tt: int, causal: bool):
 
 
 def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
-                    knobs=None):
+                    knobs=None, narrow: bool = False):
     """(Q, K, V, TAB, KB, O out, LSE out). O_i = Σ_j softmax_j(s·q_i·k_j + b(i−j) + kb_j) v_j over
     j ≤ i when causal; LSE_i = log Σ_j exp(s·q_i·k_j + b(i−j) + kb_j). `position` None: no b.
-    `knobs` (schedules/knobs.py, family "quadratic"): tile."""
-    L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
+    `knobs` (schedules/knobs.py, family "quadratic"): tile; `narrow`: a tile of one vector of
+    query lanes (tiles.tile), for calls of few query rows."""
+    L, Tt = cpu.lanes(dtype), tile(dtype, knobs, narrow)
     R1 = cpu.tile_rows(Tt, L, Tt)             # rows of a score tile in registers (Tt columns)
     CV = out_cols(Dv, L)                 # output columns per register tile
     R = cpu.tile_rows(CV, L, Tt)              # rows of an output register tile
@@ -192,11 +193,11 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
 
 
 def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, position,
-                     learn: bool, knobs=None):
+                     learn: bool, knobs=None, narrow: bool = False):
     """(Q, K, V, TAB, KB, O, LSE, dO, dQ out, dK out, dV out, dTAB out (H, P)): the exact gradient of
     softmax_forward's O. dTAB is written only when `learn` (a learned table), else left alone.
-    `knobs` as softmax_forward's."""
-    L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
+    `knobs`, `narrow` as softmax_forward's."""
+    L, Tt = cpu.lanes(dtype), tile(dtype, knobs, narrow)
     R1 = cpu.tile_rows(Tt, L, Tt)
     CK, CV = out_cols(Dk, L), out_cols(Dv, L)
     RK, RV = cpu.tile_rows(CK, L, Tt), cpu.tile_rows(CV, L, Tt)

@@ -41,7 +41,6 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from attndsl.schedules import cpu
-from attndsl.schedules.knobs import resolve as knobs_of
 
 from ..tir.tiles import fill, mm, mmc, out_cols, tile
 from ..tir.vmath import softmax_exp
@@ -130,7 +129,7 @@ def _helpers(Dk: int, Dv: int, dtype: str, causal: bool, scale: float, Tt: int):
 def sampled_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale: float, knobs=None):
     """(Q, K, V, PQ, PK, SI, LW, SB, VS, KB, O out, LSE out, blk). `knobs` (schedules/knobs.py, family
     "quadratic", as the exact softmax kernels): tile."""
-    L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
+    L, Tt = cpu.lanes(dtype), tile(dtype, knobs)
     R1 = cpu.tile_rows(Tt, L, Tt)
     CV = out_cols(Dv, L)
     R = cpu.tile_rows(CV, L, Tt)
@@ -234,7 +233,7 @@ def sampled_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
     gradient of sampled_forward's O for the given samples; dK, dV hold the block keys' share only
     (the caller adds dKS into rows SI; dVS is VS's gradient); LW's gradient lets p depend on the
     inputs. `knobs` as sampled_forward's."""
-    L, Tt = cpu.lanes(dtype), tile(dtype, knobs_of("quadratic", knobs)["tile"])
+    L, Tt = cpu.lanes(dtype), tile(dtype, knobs)
     R1 = cpu.tile_rows(Tt, L, Tt)
     CK, CV = out_cols(Dk, L), out_cols(Dv, L)
     RK, RV = cpu.tile_rows(CK, L, Tt), cpu.tile_rows(CV, L, Tt)

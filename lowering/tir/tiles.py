@@ -159,10 +159,12 @@ def chunk_loaders(dtype: str, C: int, phi=None):
     return L, zero, load, load_t, load_f, load_ft
 
 
-def tile(dtype: str, vectors: int = 4) -> int:
-    """Query rows and keys per tile: `vectors` (the tile knob, default four) vector registers of
-    query lanes."""
-    return vectors * cpu.lanes(dtype)
+def tile(dtype: str, knobs: dict | None = None, narrow: bool = False) -> int:
+    """Query rows and keys per tile of the O(N²) kernels: the tile knob's vector registers of query
+    lanes (schedules/knobs.py, family "quadratic"), or one register when `narrow` (the kernels a
+    call of at most that many query rows takes: a wider tile would compute absent rows' scores)."""
+    from attndsl.schedules.knobs import resolve
+    return cpu.lanes(dtype) * (1 if narrow else resolve("quadratic", knobs)["tile"])
 
 
 @T.macro
