@@ -41,6 +41,11 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_rpe.py
 	$(PY) benchmarks/bench_softmax.py
 	$(PY) benchmarks/bench_lengths.py
+	$(PY) benchmarks/bench_cross.py
+	$(PY) benchmarks/bench_cross.py --specs softmax --kv-heads 1 --shapes 1x4096,16x4096,512x512 \
+		--out benchmarks/results/bench_cross_mqa
+	$(PY) benchmarks/bench_padding.py
+	$(PY) benchmarks/bench_window.py
 	$(PY) benchmarks/bench_busy.py
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_kde_accuracy.py
