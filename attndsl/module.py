@@ -21,6 +21,7 @@ from .featuremaps import lookup
 from .ir import (Add, FeatureMap, Input, LinearAttention, Node, Position, PositionalAttention,
                  SampledAttention, SoftmaxAttention, ToeplitzValues, format_attr, format_ir,
                  postorder)
+from .lowering.form import NARROW_DTYPES
 from .lowering.forms import feature_map
 from .lowering.registry import FORMS, form_of
 from .lowering.target import MLIR as MLIR_TARGET
@@ -51,8 +52,8 @@ class Attention(nn.Module):
         # when building
         self.target = resolve(target)
         # the most query rows a call runs on the narrow kernels (Form.narrow): one vector of lanes
-        # where the CPU kernels run, none elsewhere
-        self._narrow = {t: cpu_schedule.lanes(name) if self.target.kernels == "cpu" else 0
+        # where the CPU kernels run and have them, none elsewhere
+        self._narrow = {t: cpu_schedule.lanes(name) if self.target.kernels == "cpu" and name in NARROW_DTYPES else 0
                         for t, name in KERNEL_DTYPES.items()}
         self.check_finite = check_finite
         self.tuned = tuned                       # False: the default knobs, whatever the databases say

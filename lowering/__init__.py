@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from attndsl.ir import Node, postorder
 
-from .form import Form
+from .form import NARROW_DTYPES, Form
 from .tir import script
 from .registry import (FORMS, NODE_KERNELS, form_of, forms_for, kernel_names, knob_family, lowered_forms,
                        lowering_of, tunable)
@@ -44,7 +44,7 @@ def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = 
     just the nodes owning these kernel names (the tuner's variants); `portable`: the portable
     kernels (GPU targets) instead of the CPU ones, with their loops bound to GPU threads when
     `gpu` (else CPU loops: how they are tested without a GPU). The CPU kernels include the narrow
-    ones of the forms that have them (Form.narrow; never tuned)."""
+    ones of the forms that have them (Form.narrow, in NARROW_DTYPES; never tuned)."""
     check(root, portable)
     script.install()                         # cheaper T.macro expansion (tir/script.py)
     funcs = {}
@@ -54,7 +54,7 @@ def lower(root: Node, dtype: str, knobs: dict | None = None, only: set | None = 
             extra = (gpu,) if portable else ()
             funcs.update(lowering_of(node, portable)(node, names, dtype, knobs or {}, *extra))
         form = form_of(node)
-        if only is None and not portable and form is not None and form.narrow:
+        if only is None and not portable and form is not None and form.narrow and dtype in NARROW_DTYPES:
             funcs.update(form.cpu(node, kernel_names(i, node, narrow=True), dtype, {}, narrow=True))
     return funcs
 

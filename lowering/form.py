@@ -32,9 +32,9 @@ class Form:
     forms that carry a running state (None: not decodable token by token);
     cross: whether its CPU kernels take keys of another length than the queries (q (BH, N, ·),
     k and v (BH, Nk, ·)), so that cross-attention runs without padding to max(N, Nk);
-    narrow: whether `cpu` also builds narrow kernels (its keyword narrow=True: a tile of one
-    vector of query lanes, named kernel_names(i, node, narrow=True)), which `run` takes for a call
-    of at most params["narrow"] query rows (narrowed())."""
+    narrow: whether `cpu` also builds narrow kernels in the NARROW_DTYPES (its keyword
+    narrow=True: a tile of one vector of query lanes, named kernel_names(i, node, narrow=True)),
+    which `run` takes for a call of at most params["narrow"] query rows (narrowed())."""
     name: str
     node: type | tuple[type, ...]
     valid: Callable[[Node], bool]
@@ -58,6 +58,9 @@ class Form:
 
 
 NARROW = "_narrow"          # the narrow kernels' names: the node's, then this
+# the dtypes with narrow kernels: the working dtype (float16 and bfloat16 compute in it); float64,
+# the precision fallback and the gradchecks' dtype, runs the wide tile at any length
+NARROW_DTYPES = ("float32",)
 
 
 def narrowed(name: str, q, params: dict) -> str:
