@@ -29,6 +29,7 @@ from .lowering.target import Target, resolve
 from .passes.geometric import learned_decay
 from .passes.plan import LADDER, PLAN_LENGTH
 from .reference import alibi_slopes, bias_at, effective_scale, reference
+from .runtime import omp
 from .schedules import cpu as cpu_schedule
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -249,9 +250,15 @@ class Attention(nn.Module):
         attention-and-grouped-heads); key_padding_mask (B, Nk) bool, True = a key left out of every
         row's sums (nn.MultiheadAttention's convention; docs/language.md#key-padding-masks)."""
         self._validate(q, k, v)
-        if k.shape[1:3] != q.shape[1:3]:
-            return self._cross(q, k, v, key_padding_mask)
-        return self._attend(q, k, v, key_padding_mask)
+        # on a busy core torch's ops run on this thread alone, as the kernels' loops then do
+        restore = 0 if torch.compiler.is_compiling() else omp.torch_alone()
+        try:
+            if k.shape[1:3] != q.shape[1:3]:
+                return self._cross(q, k, v, key_padding_mask)
+            return self._attend(q, k, v, key_padding_mask)
+        finally:
+            if restore:
+                torch.set_num_threads(restore)
 
     def _attend(self, q, k, v, key_padding_mask) -> torch.Tensor:
         """forward() of validated q (B, H, N, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv): Nk = N, or

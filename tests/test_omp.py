@@ -12,7 +12,7 @@ import attndsl
 from attndsl import config
 from attndsl.runtime import omp
 
-from conftest import RTOL, assert_close
+from conftest import RTOL, assert_close, shared
 
 pytestmark = pytest.mark.skipif(omp.shim() is None, reason="no C compiler with OpenMP here")
 
@@ -98,3 +98,24 @@ def test_loops_run_alone_when_told_and_kernels_still_match():
     finally:
         omp.shim().attndsl_alone(0)
     assert_close("out", team, alone, 1e-6)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs one thread: nothing to set")
+def test_a_call_runs_torchs_ops_alone_while_the_loops_do(monkeypatch):
+    """On a busy core (the loops told to run alone) a module call runs its torch ops with one
+    thread, and gives torch its thread count back after, a failed call too."""
+    attn = shared("attention t { sampling = kde(buckets=4, block=8, samples=16, seed=0) }", heads=2, head_dim=16)
+    seen, real = [], attn._attend
+    monkeypatch.setattr(attn, "_attend", lambda *a: (seen.append(torch.get_num_threads()), real(*a))[1])
+    q, k, v = (torch.randn(2, 2, 40, 16) for _ in range(3))
+    threads = torch.get_num_threads()
+    quiet = attn(q, k, v)
+    omp.shim().attndsl_alone(10 ** 10)
+    try:
+        busy = attn(q, k, v)
+        with pytest.raises(ValueError, match="key_padding_mask"):
+            attn(q, k, v, key_padding_mask=torch.zeros(2, 39, dtype=torch.bool))
+    finally:
+        omp.shim().attndsl_alone(0)
+    assert seen == [threads, 1, 1] and torch.get_num_threads() == threads
+    assert_close("out", quiet, busy, 1e-6)

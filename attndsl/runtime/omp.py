@@ -24,7 +24,10 @@ thread, its own tasks and whatever it could take from the others done, waits at 
 more than LATE_NS and longer than it worked (more than a last task's imbalance), or was itself off
 its core for more than LATE_NS and half the time it had work (one thread too many), the next loops
 run inline on the calling thread alone for MIN_ALONE_NS, doubled while this recurs (up to
-MAX_ALONE_NS), then a team is tried again (benchmarks/bench_busy.py).
+MAX_ALONE_NS), then a team is tried again (benchmarks/bench_busy.py). Meanwhile a module call runs
+torch's own ops in it (sampling's sort and hashes, copies, sums) on the calling thread too
+(`torch_alone`): each parallel torch op would wait for the late worker, a scheduler slice each
+(measured here: kde's draw, ten such ops, took 10 ms or 90-130 ms by turns).
 
 Fork: neither libgomp nor TVM's pool survives `fork()` (the child inherits a pool whose threads
 do not exist, and the first parallel loop waits for them forever). In a forked child (a
@@ -62,6 +65,7 @@ long attndsl_launches(void) { return launches; }       /* for the tests: how oft
 static long ns_of(clockid_t c) { struct timespec t; clock_gettime(c, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
 static long now_ns(void) { return ns_of(CLOCK_MONOTONIC); }
 void attndsl_alone(long ns) { __atomic_store_n(&alone_until, now_ns() + ns, __ATOMIC_RELAXED); }  /* the tests */
+int attndsl_is_alone(void) { return now_ns() < __atomic_load_n(&alone_until, __ATOMIC_RELAXED); }
 
 static void came_late(long end) {
   long was = __atomic_load_n(&alone_for, __ATOMIC_RELAXED);
@@ -192,12 +196,29 @@ def shim() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(path))
                 lib.attndsl_launches.restype = ctypes.c_long
                 lib.attndsl_alone.argtypes = [ctypes.c_long]
+                lib.attndsl_is_alone.restype = ctypes.c_int
                 lib.attndsl_set_threads(config.num_threads())
                 _SHIM = lib
             except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                 if config.verbose():
                     print(f"attndsl: TVM's own thread pool for the kernels (OpenMP launcher: {e})")
     return _SHIM or None
+
+
+def torch_alone() -> int:
+    """While the kernels' loops run alone (a worker came late: a core is busy), torch's ops on this
+    thread run alone too: torch.set_num_threads(1), and the count to restore after is returned
+    (0: nothing changed, as on a quiet machine or without the shim). The count is torch's
+    process-wide setting: other threads' torch ops see it meanwhile."""
+    lib = _SHIM or None
+    if lib is None or not lib.attndsl_is_alone():
+        return 0
+    import torch
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+        return n
+    return 0
 
 
 def adopt(path: str | Path) -> bool:
