@@ -7,6 +7,7 @@ CPU kernels: linear.py (with a slope); portable: te_forms.py. The kernels read t
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -122,20 +123,28 @@ class _Pieces(NamedTuple):
     o: torch.Tensor
 
 
+# past this many nats a key's weight e^(−rate·lag) is 0 in the dtype (below half its smallest
+# subnormal): the far rows' sums leave such keys out, exactly
+VANISHES = {torch.float32: 105.0, torch.float64: 746.0}
+
+
 class _Far:
     """One side's far rows (_beyond) in the S batch·head rows `sel` that have some: their query
-    rows `rows` (a slice), the keys `keys` they see (a slice), which of rows[sel, rows] are far
-    (`mask` (S, R)), the kept key `at` (S,) they are measured from, and the side (0: past the last
-    kept key, 1: before the first)."""
+    rows `rows` (a slice), the keys `keys` they see with a weight the dtype holds (a slice), which
+    of rows[sel, rows] are far (`mask` (S, R)), the kept key `at` (S,) they are measured from, and
+    the side (0: past the last kept key, 1: before the first). rate: the side's rate per
+    batch·head row (BH,)."""
 
-    def __init__(self, side, rows_mask, at):
+    def __init__(self, side, rows_mask, at, rate):
         self.side = side
         self.sel = rows_mask.any(1).nonzero().flatten()
         span = rows_mask[self.sel].any(0).nonzero().flatten()
         n = rows_mask.shape[1]
         self.rows = slice(int(span[0]), int(span[-1]) + 1)
         self.at = at[self.sel]
-        self.keys = slice(0, int(self.at.max()) + 1) if side == 0 else slice(int(self.at.min()), n)
+        reach = math.ceil(VANISHES.get(rate.dtype, VANISHES[torch.float64]) / float(rate[self.sel].min()))
+        self.keys = (slice(max(0, int(self.at.min()) - reach), int(self.at.max()) + 1) if side == 0
+                     else slice(int(self.at.min()), min(n, int(self.at.max()) + reach + 1)))
         self.mask = rows_mask[self.sel, self.rows]
         self.index = (self.sel[:, None], torch.arange(self.rows.start, self.rows.stop, device=at.device))
         self.key_index = (self.sel[:, None], torch.arange(self.keys.start, self.keys.stop, device=at.device))
@@ -229,7 +238,9 @@ def run(node, args, lib, name, params):
     # normalizer 1) and _Far computes them
     tail, head, last, first = far
     skip = tail | head if empty.numel() == 0 else empty | tail | head
-    fars = [_Far(side, rows, at) for side, rows, at in ((0, tail, last), (1, head, first)) if bool(rows.any())]
+    per_row = a.detach().repeat(qf.shape[0] // a.shape[0], 1)                   # (BH, 2)
+    fars = [_Far(side, rows, at, per_row[:, side]) for side, rows, at in ((0, tail, last), (1, head, first))
+            if bool(rows.any())]
     floor = decayed_floor(node.eps, node.bias.position)
     return watched(_WithFarRows.apply(*qk, v, a, skip, lib, name, fars, floor, qf, kf), params)
 
