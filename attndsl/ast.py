@@ -190,6 +190,17 @@ class Learnable:
     span: Span = field(default=NOWHERE, compare=False)
 
 
+def variables(e: Expr | None) -> set[str]:
+    """Every name EXPR reads: its variable and the params."""
+    out, todo = set(), [] if e is None else [e]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, Var):
+            out.add(n.name)
+        todo.extend(children(n))
+    return out
+
+
 def uses(e: Expr | None, names) -> set[str]:
     """The names among `names` that EXPR reads."""
     out, todo = set(), [] if e is None else [e]
@@ -213,7 +224,7 @@ class AttentionSpec:
     scale:    None means 1/sqrt(head_dim)
     eps:      the normalizer's floor (out_i = num_i / (den_i + eps)); None means the kernel's
               default, `floor` below
-    params:   the block's `param` declarations, which position(r) = EXPR reads
+    params:   the block's `param` declarations, which position(r) = EXPR and kernel(x) = EXPR read
     """
 
     name: str
@@ -243,6 +254,13 @@ class AttentionSpec:
     def learned_position(self) -> bool:
         """Whether position(r) = EXPR reads a `param`: the module then tabulates b(r) per call."""
         return bool(self.params) and bool(uses(self.position.expr, {p.name for p in self.params}))
+
+    @property
+    def map_params(self) -> tuple[str, ...]:
+        """The params kernel(x) = EXPR reads, sorted: the order the map kernels take their values."""
+        if self.kernel.name != "user" or not self.params:
+            return ()
+        return tuple(sorted(uses(self.kernel.expr, {p.name for p in self.params})))
 
     @property
     def window(self) -> int | None:

@@ -117,6 +117,7 @@ FIELDS: dict[str, FieldSpec] = {f.name: f for f in [
     ), default="none"),
 ]}
 SCALE = Param("scale", float, None, gt=0, absent="1/sqrt(head_dim)")
+MAX_MAP_PARAMS = 4             # the params one kernel(x) = EXPR may read (its kernels' accumulators)
 PARAM = Param("init", float)                     # `param NAME = INIT`: any float32 number
 EPS = Param("eps", float, None, lo=0,
             absent="1e-6 with relu, trig or a user map, 0 with the strictly positive maps")
@@ -350,12 +351,17 @@ def check_user_map(fs: FieldSpec, f: WrittenField, params: dict) -> Choice:
     check_size(f.expr, fs)
     if fs.user_var == "r":
         check_finite_position(f.expr, {n: p.init for n, p in params.items()})
+    read = sorted(uses(f.expr, set(params)))
+    if fs.user_var == "x" and len(read) > MAX_MAP_PARAMS:
+        raise SpecError(f"a kernel map reads at most {MAX_MAP_PARAMS} params; this one reads {len(read)} "
+                        f"({', '.join(read)})", f.span,
+                        help="combine some: a * b * x is c * x with one param c")
     return Choice("user", expr=f.expr, span=f.span)
 
 
 def check_expr(e: Expr, fs: FieldSpec, params: dict | None = None) -> None:
-    """Every number finite, every variable `fs.user_var` (or, in a position map, a declared param),
-    every call a known function of right arity."""
+    """Every number finite, every variable `fs.user_var` or a declared param, every call a known
+    function of right arity."""
     var, params = fs.user_var, params or {}
     todo = [e]
     while todo:                     # pre-order, left to right: errors come in source order
@@ -364,11 +370,7 @@ def check_expr(e: Expr, fs: FieldSpec, params: dict | None = None) -> None:
             big = not math.isfinite(n.value) or abs(n.value) > F32_MAX
             raise SpecError(f"number too {'large' if big else 'small'}", n.span,
                             help=F32_RANGE)
-        if isinstance(n, Var) and n.name != var and not (var == "r" and n.name in params):
-            if n.name in params:
-                raise SpecError(f"a {fs.name} map cannot read param '{n.name}'", n.span,
-                                help=f"its expression is compiled into the feature-map kernels; params are read "
-                                     f"by position(r) = EXPR (e.g. position(r) = -{n.name} * abs(r))")
+        if isinstance(n, Var) and n.name != var and n.name not in params:
             raise _bad_variable(n, fs, params)
         if isinstance(n, Call):
             if n.func not in FUNCTIONS:
@@ -456,13 +458,10 @@ def _bad_variable(n: Var, fs: FieldSpec, params: dict | None = None) -> SpecErro
         return SpecError(f"'{n.name}' is not defined in {what}; its variable is '{var}'", n.span,
                          help=f"'{n.name}' is the variable of {others[n.name]} maps; in {fs.name}({var}) = EXPR "
                               f"use '{var}'")
-    if var == "r":
-        declared = f"; declared params: {', '.join(params)}" if params else ""
-        return SpecError(f"unknown variable '{n.name}' in {what}", n.span,
-                         help=f"{fs.name}({var}) = EXPR reads '{var}' and the block's params{declared} "
-                              f"(declare one with `param {n.name} = 1.0`, or `param {n.name}[heads] = 1.0` per head)")
+    declared = f"; declared params: {', '.join(params)}" if params else ""
     return SpecError(f"unknown variable '{n.name}' in {what}", n.span,
-                     help=f"the only variable in {fs.name}({var}) = EXPR is '{var}'")
+                     help=f"{fs.name}({var}) = EXPR reads '{var}' and the block's params{declared} "
+                          f"(declare one with `param {n.name} = 1.0`, or `param {n.name}[heads] = 1.0` per head)")
 
 
 # --- cross-field rules -------------------------------------------------------------------------
@@ -509,9 +508,10 @@ def check_combination(spec: AttentionSpec) -> None:
     if spec.window is not None:
         check_window(spec)
     for p in spec.params:
-        if not uses(spec.position.expr, {p.name}):
+        if not uses(spec.position.expr, {p.name}) and p.name not in spec.map_params:
             raise SpecError(f"param '{p.name}' is declared but not used", p.span,
-                            help=f"params are read by position(r) = EXPR, e.g. position(r) = -{p.name} * abs(r); "
+                            help=f"params are read by position(r) = EXPR, e.g. position(r) = -{p.name} * abs(r), "
+                                 f"and kernel(x) = EXPR, e.g. kernel(x) = elu({p.name} * x) + 1; "
                                  f"use it there or remove it")
     check_eps(spec)
     if spec.apply.name == "values" and spec.position.name == "none":

@@ -129,14 +129,16 @@ def library(spec: AttentionSpec, root: Node, target: Target, dims: tuple[int, in
 @functools.cache
 def kernel_source_hash() -> str:
     """Kernel code is part of the cache key: any edit under lowering/ or schedules/ (every
-    subfolder) rebuilds. Read once per process."""
-    from . import lowering, schedules
+    subfolder), or to expr.py (how a user EXPR is planned and differentiated into the kernels'
+    TIR), rebuilds. Read once per process."""
+    from . import expr, lowering, schedules
     h = hashlib.sha256()
     for pkg in (lowering, schedules):
         root = Path(pkg.__file__).parent
         for p in sorted(root.rglob("*.py")):
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
+    h.update(Path(expr.__file__).read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -236,7 +236,7 @@ def plan(e: Expr) -> Plan:
         if isinstance(n, Num):
             key: tuple = ("num", repr(float(n.value)))      # 0.0 and -0.0 apart
         elif isinstance(n, Var):
-            key = ("var",)
+            key = ("var", n.name)
         elif isinstance(n, Unary):
             key = ("neg", *ks)
         elif isinstance(n, Binary):

@@ -125,6 +125,11 @@ class Attention(nn.Module):
         self._constants: dict = {}               # (what, dtype, device, source version) -> tensors per call
         self._scratch: dict = {}                 # buffers a call without autograd reuses (padding.py)
         eager = _kernel_dtype(dtype)
+        if spec.map_params and self.target.portable:
+            raise SpecError(f"kernel(x) = EXPR reads params ({', '.join(spec.map_params)}), whose kernels are "
+                            f"CPU kernels only: target '{self.target}' builds the portable ones",
+                            spec.span_of("kernel"), help="use target='llvm'; a GPU target takes params in "
+                                                           "position(r) = EXPR only")
         if self.target.kind == "mlir":
             self._mlir = self._mlir_program()
         elif eager is not None:            # build now: fails early, and the first call is fast
@@ -230,9 +235,10 @@ class Attention(nn.Module):
 
     def _mlir_program(self):
         from .mlir import backend, linalg
-        if self.spec.learned_position:
-            raise SpecError(f"target '{MLIR_TARGET}' takes no param: its program reads a fixed position term",
-                            self.spec.params[0].span, help="use target='llvm' (TVM), which learns params")
+        if self.spec.learned_position or self.spec.map_params:
+            raise SpecError(f"target '{MLIR_TARGET}' takes no param: its program reads a fixed position term "
+                            f"and kernel map", self.spec.params[0].span,
+                            help="use target='llvm' (TVM), which learns params")
         try:
             return backend.Program(self.planned.root, self.spec.name,
                                    backend.params(self.spec, self.heads, self.head_dim))
@@ -357,7 +363,8 @@ class Attention(nn.Module):
         watch = ((self.spec.stabilized or (pad is not None and self.spec.position.name != "none"))
                  and not torch.compiler.is_compiling())
         params = {"w": w, "wt": wt, "lsh_planes": self.lsh_planes, "seed": self.sampling_seed,
-                  "dens": dens if watch else None, "pad": pad, "narrow": self._narrow[dtype]}
+                  "dens": dens if watch else None, "pad": pad, "narrow": self._narrow[dtype],
+                  "map": self._map_values(dtype, device)}
         steps = self._program(i)
         out = nonfinite.guarded(lambda q, k, v: _execute(steps, {**env, "q": q, "k": k, "v": v}, lib, params),
                                 env["q"], env["k"], env["v"], self.spec.causal,
@@ -421,13 +428,14 @@ class Attention(nn.Module):
     def _groups_as_rows(self, g: int, nq: int, nk: int, dtype: torch.dtype, calls: int, grads: bool) -> bool:
         """Whether grouped heads run as rows: the g query heads of a kv head stacked into one call
         of g·Nq queries against its Nk keys (`calls` = B·Hkv of them), which needs a spec whose rows
-        do not know their position (no position term, causal mask or window) and is exact (not
+        do not know their position or head (no position term, causal mask, window or kernel map
+        reading params) and is exact (not
         sampled), and a plan that takes those lengths as they are (_cross_plan) or equal lengths.
         With gradients, also where it takes no longer than k and v expanded to H heads: the O(N²)
         backward runs a batch·head per thread, and its work is a key pass per tile of queries."""
         spec = self.spec
         if (spec.position.name != "none" or spec.causal or spec.window is not None or spec.sampling.name != "none"
-                or self.target.kind == "mlir"):
+                or spec.map_params or self.target.kind == "mlir"):
             return False
         if grads:
             threads, tiles = config.num_threads(), -(-nq // ROWS_PER_TILE)
@@ -671,6 +679,14 @@ class Attention(nn.Module):
         (H, 2n − 1) (ast.tabulated): differentiable in the params."""
         r = torch.arange(-(n - 1), n)
         return bias_at(self.spec.position, r, self.heads, dtype, params=self._params(dtype)).contiguous()
+
+    def _map_values(self, dtype, device) -> torch.Tensor | None:
+        """The values of the params kernel(x) = EXPR reads, (H, P) in spec.map_params's order (a
+        scalar param in every row; differentiable), as its kernels read them; None when it reads none."""
+        names = self.spec.map_params
+        if not names:
+            return None
+        return torch.stack([self.spec_params[n].to(dtype).expand(self.heads) for n in names], 1).to(device)
 
     def _params(self, dtype) -> dict[str, torch.Tensor]:
         """The params' values in `dtype` as EXPR reads them: a scalar, or (H, 1) per head."""

@@ -58,13 +58,21 @@ def bias_at(position: Choice, r: torch.Tensor, heads: int, dtype, table: torch.T
     raise NotImplementedError(position.name)
 
 
-def kernel_logits_or_values(spec: AttentionSpec, q, k, scale, projection):
-    """softmax: the logits s·q·kᵀ (B, H, N, N); a feature map: κ = φ(√s q)·φ(√s k)ᵀ."""
+def kernel_logits_or_values(spec: AttentionSpec, q, k, scale, projection, params: dict | None = None):
+    """softmax: the logits s·q·kᵀ (B, H, N, N); a feature map: κ = φ(√s q)·φ(√s k)ᵀ, kernel(x) =
+    EXPR with the params' values `params` (a scalar, or (H, 1) per head)."""
     if spec.kernel.name == "softmax":
         return scale * q @ k.transpose(-1, -2)
+    c = math.sqrt(scale)
+    if spec.map_params:
+        missing = [n for n in spec.map_params if n not in (params or {})]
+        if missing:
+            raise ValueError(f"kernel(x) = EXPR reads the params {', '.join(missing)}: pass their values, "
+                             f"params={{name: a scalar or (H, 1) tensor}}")
+        env = {n: params[n].to(q.dtype).reshape(params[n].shape + (1,)) for n in spec.map_params}
+        return evaluate(spec.kernel.expr, c * q, env) @ evaluate(spec.kernel.expr, c * k, env).transpose(-1, -2)
     fmap = lookup(spec.kernel)
     w = None if projection is None else projection.to(q.dtype)
-    c = math.sqrt(scale)
     return fmap.apply(spec.kernel, c * q, w, "q") @ fmap.apply(spec.kernel, c * k, w, "k").transpose(-1, -2)
 
 
@@ -117,7 +125,7 @@ def reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         mask = mask & ~key_padding_mask.to(q.device)[:, None, None, :]
     empty = ~mask.any(-1, keepdim=True)                 # rows with no key: 0, gradients 0
 
-    kv = kernel_logits_or_values(spec, q, k, scale, projection)
+    kv = kernel_logits_or_values(spec, q, k, scale, projection, params)
     scores_bias = bias if spec.apply.name == "scores" else None
     if spec.kernel.name == "softmax":                   # A = exp(s q·k + b) M, normalised
         logits = kv if scores_bias is None else kv + scores_bias

@@ -84,11 +84,13 @@ def lower_tuned(root: Node, dtype: str, dirs: list, target, portable: bool = Fal
 
 def decodable(root: Node) -> bool:
     """Whether a planned IR decodes token by token: its root a causal site of a form with a running
-    state (Form.decode) whose φ is one map of the raw q, k."""
+    state (Form.decode) whose φ is one map of the raw q, k, reading no params."""
     from .forms.feature_map import site_map
     form = form_of(root)
-    return (form is not None and form.decode is not None and getattr(root, "causal", False)
-            and site_map(root) is not None)
+    if form is None or form.decode is None or not getattr(root, "causal", False):
+        return False
+    k = site_map(root)
+    return k is not None and not k.params
 
 
 def lower_decode(root: Node, dtype: str) -> dict:

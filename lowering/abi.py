@@ -88,6 +88,11 @@ def _fold_samples(t: dict) -> None:
     t["dk"].view(-1, k.shape[2]).index_add_(0, rows_, t["dks"].view(-1, k.shape[2]))
 
 
+def _fold_params(t: dict) -> None:
+    """A map's params: each batch·head row's share (part (BH, P)) summed per head into dprm (H, P)."""
+    t["dprm"].copy_(t["part"].view(-1, *t["prm"].shape).sum(0))
+
+
 def _per_sample(x: str) -> Alloc:
     """(BH, S, width of x): a row per sampled key."""
     return lambda t: t[x].new_empty(t["si"].shape[0], t["si"].shape[1], t[x].shape[2])
@@ -103,6 +108,12 @@ OPS: dict[str, Op] = {op.name: op for op in [
        inputs=("x", "w", "wt"), attrs=("width",), reads=("x", "wt"),
        outputs=(("f", lambda t: t["x"].new_empty(t["x"].shape[0], t["x"].shape[1], t["width"])),),
        grads=(("x", like("x")),)),
+    Op("param_map", "φ(x; p) of a kernel map reading params: x (BH, N, Dk), prm (H, P) the params' values "
+       "per head (row bh reads head bh mod H) -> (BH, N, Dk); the backward writes each row's share of the "
+       "params' gradient, part (BH, P), which is folded into dprm.",
+       inputs=("x", "prm"), outputs=(("f", like("x")),), saves=False, fold=_fold_params,
+       grads=(("x", like("x")), ("prm", like("prm", zeros=True)),
+              ("part", lambda t: t["x"].new_empty(t["x"].shape[0], t["prm"].shape[1])))),
     Op("linear_attention",
        "(out (BH, N, Dv), den (BH, N)) = φq_i·Σ_{j∈M(i)} φk_j v_jᵀ / φq_i·Σ_{j∈M(i)} φk_j (+ eps) from "
        "φq, φk (BH, N, M), v; tab (H, 2): the decayed form's per-head rates (a_earlier, a_later), "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from attndsl.ast import variables
 from attndsl.ir import Add, FeatureMap, Input, Node, Position, postorder
 
 from . import forms
@@ -39,6 +40,8 @@ def lowering_of(node: Node, portable: bool) -> Callable | None:
     """The function that writes `node`'s kernels, or None when it has none (its form unlowered)."""
     if type(node) in NODE_KERNELS:
         pair = NODE_KERNELS[type(node)]
+        if portable and isinstance(node, FeatureMap) and variables(node.kernel.expr) - {"x"}:
+            return None              # a map reading params: CPU kernels only
         return (lambda *_: {}) if pair is None else pair[portable]
     f = form_of(node)
     if f is None:

@@ -1,6 +1,7 @@
 """Learnable scalars (`param a = 1.0`, `param c[heads] = 0.5`) in position(r) = EXPR: every form that
-reads the tabulated term, and the decayed form of learned rates, against the reference, forward and
-backward (the params' gradients included), gradchecks, training and state_dict, and the spec errors."""
+reads the tabulated term, and the decayed form of learned rates; in kernel(x) = EXPR: the feature-map
+kernels that take their values. Against the reference, forward and backward (the params' gradients
+included), gradchecks, training and state_dict, and the spec errors."""
 from __future__ import annotations
 
 import pytest
@@ -27,6 +28,12 @@ SPECS = {
     "decayed": (DECAY, "decayed", ["decayed"]),
     "decayed_favor": ("param s = 0.5; kernel = favor(features=8); position(r) = -exp(s) * abs(r) / 2 + 1; "
                       "mask = causal", "decayed", ["decayed"]),
+    # kernel maps reading params: their own kernels (never fused into the linear ones)
+    "map_prefix_sum": ("param a = 1.5; param c[heads] = 0.2; kernel(x) = elu(a * x) + 1 + c * x * x; "
+                       "mask = causal", "auto", ["prefix_sum"]),
+    "map_linear": ("param a[heads] = 0.7; kernel(x) = softplus(a * x) + 0.1", "auto", ["linear"]),
+    "map_pairwise": ("param a = 0.8; param c[heads] = 0.5; kernel(x) = elu(a * x) + 1; "
+                     "position(r) = -c * log(1 + abs(r))", "pairwise", ["pairwise"]),
 }
 B, H, N, D = 2, 2, 70, 8
 
@@ -77,7 +84,8 @@ def assert_learns(attn, dtype, mask=None):
         assert_close(what, a, b, 20 * RTOL[dtype])
 
 
-@pytest.mark.parametrize("name", ["pairwise", "quadratic", "banded_window", "decayed"])
+@pytest.mark.parametrize("name", ["pairwise", "quadratic", "banded_window", "decayed", "map_prefix_sum",
+                                  "map_pairwise"])
 def test_gradcheck(name):
     attn = module(name)
     q, k, v = (torch.randn(1, H, 11, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -165,7 +173,7 @@ def test_check_finite_checks_the_params():
 
 
 @pytest.mark.parametrize("body, message", [
-    ("param a = 1; kernel(x) = a * x", "a kernel map cannot read param 'a'"),
+    ("param a = 1; kernel(x) = b * x", "unknown variable 'b' in a kernel map"),
     ("param a = 1; position(r) = -b * abs(r)", "unknown variable 'b' in a position map"),
     ("param a = 1", "param 'a' is declared but not used"),
     ("param a = 1; position = alibi", "param 'a' is declared but not used"),
@@ -186,3 +194,49 @@ def test_the_error_points_at_the_param():
         attndsl.parse("attention a {\n    param width[tokens] = 1\n    position(r) = width * r\n}", "m.attn")
     text = str(e.value)
     assert "m.attn:2:16" in text and "^^^^^^^^" in text
+
+
+def test_kernel_maps_with_params_run_their_own_kernels_under_a_mask_and_grouped_heads(monkeypatch):
+    """A map reading params runs the param_map kernels, not fused into the linear ones; a padded
+    key's NaN reaches no param's gradient; grouped heads (one kv head) read each query head's
+    params."""
+    from attndsl import ops
+    attn = module("map_prefix_sum")
+    assert "phi=" not in attn.explain(n=256) and "feature_map" in attn.explain(n=256)
+    calls, real = [], ops.fast.param_map
+    monkeypatch.setattr(ops.fast, "param_map", lambda *a: (calls.append(a[1].shape), real(*a))[1])
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[1, N - 20:] = True
+    assert_learns(attn, torch.float32, mask)
+    assert calls == [(H, 2), (H, 2)]                 # q's map and k's, their (H, P) values
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    clean = attn(q, k, v, key_padding_mask=mask)
+    k[1, :, N - 5] = float("nan")
+    qc = q.clone().requires_grad_()
+    out = attn(qc, k, v, key_padding_mask=mask)
+    assert torch.equal(out, clean)
+    out.sum().backward()
+    assert torch.isfinite(qc.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in attn.spec_params.values())
+    attn.zero_grad()
+    q1, k1, v1 = (t.double() for t in (q, k[:, :1].nan_to_num(), v[:, :1]))
+    assert_close("grouped", attn.reference(q1, k1, v1), attn(q1.float(), k1.float(), v1.float()),
+                 RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("target, message", [
+    ("portable", "CPU kernels only"), ("mlir-cpu", "takes no param")])
+def test_kernel_maps_with_params_need_the_cpu_kernels(target, message):
+    body = "attention a { param a = 1.5; kernel(x) = elu(a * x) + 1 }"
+    where = attndsl.Target("llvm", kernels="portable") if target == "portable" else target
+    with pytest.raises(attndsl.SpecError, match=message):
+        attndsl.compile(body, heads=H, head_dim=D, target=where)
+
+
+def test_kernel_maps_with_params_do_not_decode_and_read_at_most_four():
+    attn = module("map_prefix_sum")
+    with pytest.raises(attndsl.SpecError, match="cannot be decoded token by token"):
+        attn.initial_state(1)
+    with pytest.raises(attndsl.SpecError, match="a kernel map reads at most 4 params; this one reads 5"):
+        attndsl.parse("attention a { param a = 1; param b = 1; param c = 1; param d = 1; param e = 1; "
+                      "kernel(x) = a * b * c * d * e * x * x }")

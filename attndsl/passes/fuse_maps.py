@@ -4,18 +4,21 @@
         when φ is elementwise (relu, elu1, user maps): φ is applied to each chunk as the kernel
         loads it, and its derivative to dφq, dφk as the backward stores them, so the (BH, N, M)
         feature tensors are never written to memory.
-Maps with a projection or a stabilizer (favor, hyperbolic, trig, exp_shift) stay separate nodes.
+Maps with a projection or a stabilizer (favor, hyperbolic, trig, exp_shift), and user maps that
+read params (their kernels take the params' values), stay separate nodes.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
+from ..ast import variables
 from ..featuremaps import FEATURE_MAPS
 from ..ir import FeatureMap, LinearAttention
 
 
 def _elementwise(n) -> bool:
-    return isinstance(n, FeatureMap) and FEATURE_MAPS[n.kernel.name].elementwise
+    return (isinstance(n, FeatureMap) and FEATURE_MAPS[n.kernel.name].elementwise
+            and variables(n.kernel.expr) <= {"x"})
 
 
 def linear_of_elementwise_maps(n):

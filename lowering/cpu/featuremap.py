@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
+from attndsl.check import MAX_MAP_PARAMS
 from attndsl.expr import diff
 
 from ..tir import vmath
@@ -36,6 +37,7 @@ class MapKernel:
     projected: bool = False
     stabilize: bool = True
     expr: object = None    # elementwise: the EXPR
+    params: tuple = ()     # elementwise: the params EXPR reads, in the order of PRM's columns
 
 
 def _lowest(dtype):
@@ -90,6 +92,92 @@ def elementwise_backward(name: str, k: MapKernel, dtype: str):
             for i in range(N):
                 for d in T.vectorized(dk):
                     dX[b, i, d] = df(X[b, i, d]) * dF[b, i, d]
+    return kernel
+
+
+# --- elementwise maps reading params: φ(c x; p_h) ----------------------------------------------------
+
+MAX_PARAMS = MAX_MAP_PARAMS      # the params one map may read (check.py refuses more)
+
+
+def _param_env(k: MapKernel, PRM, h) -> dict:
+    """The map's params as EXPR reads them: PRM[h, j], column j the j-th of k.params."""
+    return {n: PRM[h, j] for j, n in enumerate(k.params)}
+
+
+def param_forward(name: str, k: MapKernel, role: str, dtype: str):
+    """(X, PRM, F): F = φ(c·X; p_h) elementwise, PRM (H, P) the values of the map's params per
+    head (h = bh mod H; a scalar param is the same in every row)."""
+    dk, P, c = k.dk, len(k.params), tirx.const(k.c, dtype)
+
+    def f(x, PRM, h):
+        return to_tir(k.expr, x * c, dtype, _param_env(k, PRM, h))
+
+    @T.prim_func
+    def kernel(x: T.handle, prm: T.handle, out: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        H = T.int64()
+        X = T.match_buffer(x, (BH, N, dk), dtype)
+        PRM = T.match_buffer(prm, (H, P), dtype)
+        F = T.match_buffer(out, (BH, N, dk), dtype)
+        for b in T.parallel(BH):
+            for i in range(N):
+                for d in T.vectorized(dk):
+                    F[b, i, d] = f(X[b, i, d], PRM, b % H)
+    return kernel
+
+
+def param_backward(name: str, k: MapKernel, dtype: str):
+    """(X, PRM, dF, dX, dPRM, PART): dX = c·∂φ/∂x(c·X; p_h)·dF, and each row's share of the params'
+    gradient PART[b, j] = Σ_{i, d} dF·∂φ/∂p_j(c·X; p_h) (BH, P), from EXPR's symbolic derivatives;
+    the op folds PART into dPRM (H, P) (abi.py), which the kernel leaves alone. An element whose
+    dF is 0 (a padded key's, a masked row's) adds nothing, whatever its φ."""
+    dk, P, c = k.dk, len(k.params), tirx.const(k.c, dtype)
+    zero = tirx.const(0, dtype)
+    dx_expr = diff(k.expr, "x")
+    dp = [diff(k.expr, n) for n in k.params] + [None] * (MAX_PARAMS - len(k.params))
+
+    def fx(x, PRM, h):
+        return to_tir(dx_expr, x * c, dtype, _param_env(k, PRM, h)) * c
+
+    def share(j):
+        def g(x, g_out, PRM, h):
+            return tirx.Select(g_out != zero, g_out * to_tir(dp[j], x * c, dtype, _param_env(k, PRM, h)), zero)
+        return g
+    fp0, fp1, fp2, fp3 = (share(j) for j in range(MAX_PARAMS))
+
+    @T.prim_func
+    def kernel(x: T.handle, prm: T.handle, df_: T.handle, dx: T.handle, dprm: T.handle, part: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        BH = T.int64()
+        N = T.int64()
+        H = T.int64()
+        X = T.match_buffer(x, (BH, N, dk), dtype)
+        PRM = T.match_buffer(prm, (H, P), dtype)
+        dF = T.match_buffer(df_, (BH, N, dk), dtype)
+        dX = T.match_buffer(dx, (BH, N, dk), dtype)
+        PART = T.match_buffer(part, (BH, P), dtype)
+        for b in T.parallel(BH):
+            acc = T.alloc_buffer((MAX_PARAMS, dk), dtype)
+            for j, d in T.grid(MAX_PARAMS, dk):
+                acc[j, d] = zero
+            for i in range(N):
+                for d in T.vectorized(dk):
+                    dX[b, i, d] = fx(X[b, i, d], PRM, b % H) * dF[b, i, d]
+                    if P > 0:
+                        acc[0, d] = acc[0, d] + fp0(X[b, i, d], dF[b, i, d], PRM, b % H)
+                    if P > 1:
+                        acc[1, d] = acc[1, d] + fp1(X[b, i, d], dF[b, i, d], PRM, b % H)
+                    if P > 2:
+                        acc[2, d] = acc[2, d] + fp2(X[b, i, d], dF[b, i, d], PRM, b % H)
+                    if P > 3:
+                        acc[3, d] = acc[3, d] + fp3(X[b, i, d], dF[b, i, d], PRM, b % H)
+            for j in range(P):
+                PART[b, j] = zero
+                for d in range(dk):
+                    PART[b, j] = PART[b, j] + acc[j, d]
     return kernel
 
 
@@ -273,8 +361,10 @@ FAMILIES = {
 
 
 def _elementwise(kernel, dk, width, c):
+    from attndsl.ast import variables
     from attndsl.expr import BUILTIN_MAPS
-    return MapKernel("elementwise", dk, width, c, expr=kernel.expr or BUILTIN_MAPS[kernel.name])
+    expr = kernel.expr or BUILTIN_MAPS[kernel.name]
+    return MapKernel("elementwise", dk, width, c, expr=expr, params=tuple(sorted(variables(expr) - {"x"})))
 
 
 # kernel name of the language -> (Choice, Dk, width, √s) -> MapKernel

@@ -33,7 +33,7 @@ def site_map(node):
 def lower_cpu(node: FeatureMap, names, dtype, knobs):
     from ..cpu import featuremap
     k = map_kernel(node)
-    fwd, bwd = featuremap.FAMILIES[k.family]
+    fwd, bwd = (featuremap.param_forward, featuremap.param_backward) if k.params else featuremap.FAMILIES[k.family]
     return {names[0]: fwd(names[0], k, node.role, dtype), names[1]: bwd(names[1], k, dtype)}
 
 
@@ -45,5 +45,9 @@ def lower_portable(node: FeatureMap, names, dtype, knobs, gpu):
 
 
 def run(node, args, lib, name, params):
+    """φ of the step's input; a map reading params (the spec's kernel map, params["map"] (H, P) their
+    values, else None) through their op."""
     from attndsl import ops
+    if params["map"] is not None:
+        return ops.fast.param_map(args[0], params["map"], lib, name)
     return ops.fast.feature_map(args[0], params["w"], params["wt"], lib, name, node.width)

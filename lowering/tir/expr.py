@@ -76,8 +76,10 @@ def _power(a: tirx.PrimExpr, b: Expr, b_tir: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.power(a, b_tir)
 
 
-def to_tir(e: Expr, value: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
-    """EXPR with its variable bound to `value` (a PrimExpr of `dtype`), repeats let-bound."""
+def to_tir(e: Expr, value: tirx.PrimExpr, dtype: str, env: dict | None = None) -> tirx.PrimExpr:
+    """EXPR with its variable bound to `value` (a PrimExpr of `dtype`) and its params to their
+    values `env` ({name: PrimExpr}, e.g. a load of the params' buffer), repeats let-bound."""
+    env = env or {}
     p = plan(e)
     reads = [0] * len(p.nodes)                  # how many times each node's TIR is read
     for n, ks in zip(p.nodes, p.kids):
@@ -92,7 +94,7 @@ def to_tir(e: Expr, value: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
         if isinstance(n, Num):
             out = tirx.const(n.value, dtype)
         elif isinstance(n, Var):
-            out = value
+            out = env.get(n.name, value)
         elif isinstance(n, Unary):
             out = -args[0]
         elif isinstance(n, Binary):
