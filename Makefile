@@ -38,6 +38,7 @@ gpu-bundle: $(VENV)/.installed
 
 bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_linear.py
+	$(PY) benchmarks/bench_linear.py --kernel learned --lengths 1024,4096
 	$(PY) benchmarks/bench_rpe.py
 	$(PY) benchmarks/bench_softmax.py
 	$(PY) benchmarks/bench_lengths.py

@@ -190,15 +190,16 @@ class Learnable:
     span: Span = field(default=NOWHERE, compare=False)
 
 
-def variables(e: Expr | None) -> set[str]:
-    """Every name EXPR reads: its variable and the params."""
-    out, todo = set(), [] if e is None else [e]
+def map_params(kernel: Choice) -> tuple[str, ...]:
+    """The params kernel(x) = EXPR reads (every name of EXPR but x), sorted: the order its kernels
+    take their values in; () for a built-in map."""
+    out, todo = set(), [] if kernel.expr is None else [kernel.expr]
     while todo:
         n = todo.pop()
-        if isinstance(n, Var):
+        if isinstance(n, Var) and n.name != "x":
             out.add(n.name)
         todo.extend(children(n))
-    return out
+    return tuple(sorted(out))
 
 
 def uses(e: Expr | None, names) -> set[str]:
@@ -257,10 +258,8 @@ class AttentionSpec:
 
     @property
     def map_params(self) -> tuple[str, ...]:
-        """The params kernel(x) = EXPR reads, sorted: the order the map kernels take their values."""
-        if self.kernel.name != "user" or not self.params:
-            return ()
-        return tuple(sorted(uses(self.kernel.expr, {p.name for p in self.params})))
+        """The params kernel(x) = EXPR reads, sorted (ast.map_params)."""
+        return map_params(self.kernel)
 
     @property
     def window(self) -> int | None:

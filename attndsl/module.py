@@ -429,8 +429,8 @@ class Attention(nn.Module):
         """Whether grouped heads run as rows: the g query heads of a kv head stacked into one call
         of g·Nq queries against its Nk keys (`calls` = B·Hkv of them), which needs a spec whose rows
         do not know their position or head (no position term, causal mask, window or kernel map
-        reading params) and is exact (not
-        sampled), and a plan that takes those lengths as they are (_cross_plan) or equal lengths.
+        reading params) and is exact (not sampled), and a plan that takes those lengths as they are
+        (_cross_plan) or equal lengths.
         With gradients, also where it takes no longer than k and v expanded to H heads: the O(N²)
         backward runs a batch·head per thread, and its work is a key pass per tile of queries."""
         spec = self.spec

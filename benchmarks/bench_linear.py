@@ -6,8 +6,11 @@ For causal and full masks, B·H = 16, M = Dk = Dv = 64, N in {1024, 4096, 16384}
   torch.compile     the same function under torch.compile
   sdpa              exact softmax attention (F.scaled_dot_product_attention)
 forward and forward+backward; ratios are (baseline time) / (attndsl time): >1 means attndsl wins.
+--kernel learned is elu(a·x) + 1 with a learnable slope per head (`param a[heads]`): its map runs
+its own kernels (the params' gradient included), and the table adds the fixed elu1 map, which the
+linear kernels apply as they load q and k, beside it.
 
-    python benchmarks/bench_linear.py [--kernel elu1|favor] [--lengths 1024,4096,16384] [--quick]
+    python benchmarks/bench_linear.py [--kernel elu1|favor|learned] [--lengths 1024,4096,16384] [--quick]
 Writes benchmarks/results/bench_linear_<kernel>.{md,png}.
 """
 from __future__ import annotations
@@ -26,12 +29,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SPECS = {
     "elu1": "attention bench {{ kernel = elu1 \n mask = {mask} }}",
     "favor": "attention bench {{ kernel = favor(features=64) \n mask = {mask} }}",
+    "learned": "attention bench {{ param a[heads] = 1.0 \n kernel(x) = elu(a * x) + 1 \n mask = {mask} }}",
 }
+FIXED = "attndsl, elu1"         # the learned map's run: the fixed map, fused, beside it
 
 
 def torch_feature_map(attn: attndsl.Attention):
     """φ(√s·x) in plain torch, the same maps the spec compiles (the user's own code)."""
     c = math.sqrt(attn.scale)
+    if attn.spec.map_params:                   # elu(a·x) + 1, a per head, learned as attndsl learns it
+        a = attn.spec_params["a"]
+        return lambda x: F.elu(a.view(1, -1, 1, 1) * (c * x)) + 1
     if attn.projection is None:
         return lambda x: F.elu(c * x) + 1
     w = attn.projection
@@ -105,12 +113,16 @@ def methods(attn, causal):
     def plain(q, k, v):
         return core(phi(q), phi(k), v)
     compiled = torch.compile(plain, dynamic=False)
-    return {
+    out = {
         "attndsl": attn,
         "torch": plain,
         "torch.compile": compiled,
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
     }
+    if attn.spec.map_params:
+        out[FIXED] = attndsl.compile(SPECS["elu1"].format(mask="causal" if causal else "none"),
+                                     heads=attn.heads, head_dim=attn.head_dim)
+    return out
 
 
 def run(kernel: str, lengths: list[int], bh=(2, 8), dim=64, with_backward=True):
@@ -137,6 +149,10 @@ def table(rows, kernel) -> str:
            "", "| mask | N | attndsl fwd ms | torch | torch.compile | sdpa | fwd speed-up vs torch / "
            "compile / sdpa | attndsl fwd+bwd ms | fwd+bwd speed-up vs torch / compile / sdpa |",
            "|---|---|---|---|---|---|---|---|---|"]
+    fixed = any(r["method"] == FIXED for r in rows)
+    if fixed:
+        out[2] += " elu1 fused / learned, fwd, fwd+bwd |"
+        out[3] += "---|"
     for mask, n in sorted({(r["mask"], r["n"]) for r in rows}):
         a = by[(mask, n, "attndsl")]
         base = [by[(mask, n, m)] for m in ("torch", "torch.compile", "sdpa")]
@@ -145,6 +161,9 @@ def table(rows, kernel) -> str:
                    + " | " + " / ".join(f"{b['fwd'] / a['fwd']:.1f}x" for b in base)
                    + f" | {a['fwd_bwd'] * 1e3:.2f} | "
                    + " / ".join(f"{b['fwd_bwd'] / a['fwd_bwd']:.1f}x" for b in base) + " |")
+        if fixed:
+            f = by[(mask, n, FIXED)]
+            out[-1] += f" {f['fwd'] / a['fwd']:.2f}, {f['fwd_bwd'] / a['fwd_bwd']:.2f} |"
     return "\n".join(out)
 
 

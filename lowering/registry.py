@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from attndsl.ast import variables
+from attndsl.ast import map_params
 from attndsl.ir import Add, FeatureMap, Input, Node, Position, postorder
 
 from . import forms
@@ -40,7 +40,7 @@ def lowering_of(node: Node, portable: bool) -> Callable | None:
     """The function that writes `node`'s kernels, or None when it has none (its form unlowered)."""
     if type(node) in NODE_KERNELS:
         pair = NODE_KERNELS[type(node)]
-        if portable and isinstance(node, FeatureMap) and variables(node.kernel.expr) - {"x"}:
+        if portable and isinstance(node, FeatureMap) and map_params(node.kernel):
             return None              # a map reading params: CPU kernels only
         return (lambda *_: {}) if pair is None else pair[portable]
     f = form_of(node)

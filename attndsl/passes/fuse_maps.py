@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..ast import variables
+from ..ast import map_params
 from ..featuremaps import FEATURE_MAPS
 from ..ir import FeatureMap, LinearAttention
 
 
 def _elementwise(n) -> bool:
     return (isinstance(n, FeatureMap) and FEATURE_MAPS[n.kernel.name].elementwise
-            and variables(n.kernel.expr) <= {"x"})
+            and not map_params(n.kernel))
 
 
 def linear_of_elementwise_maps(n):

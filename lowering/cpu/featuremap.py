@@ -361,10 +361,10 @@ FAMILIES = {
 
 
 def _elementwise(kernel, dk, width, c):
-    from attndsl.ast import variables
+    from attndsl.ast import map_params
     from attndsl.expr import BUILTIN_MAPS
-    expr = kernel.expr or BUILTIN_MAPS[kernel.name]
-    return MapKernel("elementwise", dk, width, c, expr=expr, params=tuple(sorted(variables(expr) - {"x"})))
+    return MapKernel("elementwise", dk, width, c, expr=kernel.expr or BUILTIN_MAPS[kernel.name],
+                     params=map_params(kernel))
 
 
 # kernel name of the language -> (Choice, Dk, width, √s) -> MapKernel
