@@ -240,3 +240,20 @@ def test_kernel_maps_with_params_do_not_decode_and_read_at_most_four():
     with pytest.raises(attndsl.SpecError, match="a kernel map reads at most 4 params; this one reads 5"):
         attndsl.parse("attention a { param a = 1; param b = 1; param c = 1; param d = 1; param e = 1; "
                       "kernel(x) = a * b * c * d * e * x * x }")
+
+
+def test_a_map_reading_params_under_torch_compile_and_opcheck():
+    from attndsl import ops
+    attn = attndsl.compile("attention a { param a[heads] = 0.7; kernel(x) = elu(a * x) + 1; mask = causal }",
+                           heads=H, head_dim=D)
+    q, k, v = (torch.randn(1, H, 33, D) for _ in range(3))
+    out = torch.compile(attn, fullgraph=True, dynamic=True)(q, k, v)
+    assert_close("out", attn(q, k, v), out, 1e-6)
+    out.sum().backward()
+    traced = attn.spec_params["a"].grad.clone()
+    attn.zero_grad()
+    attn(q, k, v).sum().backward()
+    assert_close("da", attn.spec_params["a"].grad, traced, 1e-6)
+    x = torch.randn(2 * H, 9, D, dtype=torch.float64, requires_grad=True)
+    prm = torch.rand(H, 1, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(ops.param_map, (x, prm, attn._library("float64"), "feature_map1"))
