@@ -65,6 +65,26 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _launcher_team():
+    """The OpenMP launcher (attndsl/runtime/omp.py) loaded before any test runs, so that its team
+    is the machine's thread count, not what a test patches config.num_threads to."""
+    from attndsl.runtime import omp
+    omp.shim()
+
+
+@pytest.fixture(autouse=True)
+def _tvm_threads_kept():
+    """A build exports config.num_threads() as TVM_NUM_THREADS (config.export_tvm_threads), which
+    num_threads() then reads: a test that patches it leaves its count to no test after it."""
+    kept = os.environ.get("TVM_NUM_THREADS")
+    yield
+    if kept is None:
+        os.environ.pop("TVM_NUM_THREADS", None)
+    else:
+        os.environ["TVM_NUM_THREADS"] = kept
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     a, b = a.double(), b.double()
