@@ -479,17 +479,24 @@ def test_grouped_heads_with_gradients_keep_a_call_per_thread(monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("shape", [(300, 20), (20, 300), (130, 61)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(300, 20), (20, 300), (130, 61), (7, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_the_pairwise_row_shift_follows_the_keys_each_row_sees(shape, causal):
     """b from −660 to 60, not monotone in r (float32, whose exp spans ±88): each row's shift is the
-    largest b among the keys it sees, also where there are more queries than keys."""
+    largest b among the keys it sees, also where there are more queries than keys and in the
+    narrow kernels of a few queries; forward and backward."""
     attn = shared("attention a { kernel = elu1; position(r) = 60 * cos(r / 5) - 2 * abs(r)"
                   + ("; mask = causal }" if causal else " }"), plan="pairwise", heads=H, head_dim=D)
     nq, nk = shape
-    q = torch.randn(2, H, nq, D)
-    k, v = (torch.randn(2, H, nk, D) for _ in range(2))
+    q = torch.randn(2, H, nq, D, requires_grad=True)
+    k, v = (torch.randn(2, H, nk, D, requires_grad=True) for _ in range(2))
     out = attn(q, k, v)
-    assert_close("out", attn.reference(q.double(), k.double(), v.double()), out, RTOL[torch.float32])
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attn.reference(*leaves)
+    assert_close("out", ref, out, RTOL[torch.float32])
+    g = torch.randn_like(out)
+    for what, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(ref, leaves, g.double()),
+                          torch.autograd.grad(out, (q, k, v), g)):
+        assert_close(what, a, b, 20 * RTOL[torch.float32])
 
 
 def test_few_queries_take_the_pairwise_form_as_they_are():
