@@ -125,7 +125,8 @@ class Attention(nn.Module):
         self._constants: dict = {}               # (what, dtype, device, source version) -> tensors per call
         self._scratch: dict = {}                 # buffers a call without autograd reuses (padding.py)
         eager = _kernel_dtype(dtype)
-        if spec.map_params and self.target.portable:
+        self._map_names = spec.map_params        # the params kernel(x) = EXPR reads (its walk, once)
+        if self._map_names and self.target.portable:
             raise SpecError(f"kernel(x) = EXPR reads params ({', '.join(spec.map_params)}), whose kernels are "
                             f"CPU kernels only: target '{self.target}' builds the portable ones",
                             spec.span_of("kernel"), help="use target='llvm'; a GPU target takes params in "
@@ -435,7 +436,7 @@ class Attention(nn.Module):
         backward runs a batch·head per thread, and its work is a key pass per tile of queries."""
         spec = self.spec
         if (spec.position.name != "none" or spec.causal or spec.window is not None or spec.sampling.name != "none"
-                or spec.map_params or self.target.kind == "mlir"):
+                or self._map_names or self.target.kind == "mlir"):
             return False
         if grads:
             threads, tiles = config.num_threads(), -(-nq // ROWS_PER_TILE)
@@ -683,10 +684,9 @@ class Attention(nn.Module):
     def _map_values(self, dtype, device) -> torch.Tensor | None:
         """The values of the params kernel(x) = EXPR reads, (H, P) in spec.map_params's order (a
         scalar param in every row; differentiable), as its kernels read them; None when it reads none."""
-        names = self.spec.map_params
-        if not names:
+        if not self._map_names:
             return None
-        return torch.stack([self.spec_params[n].to(dtype).expand(self.heads) for n in names], 1).to(device)
+        return torch.stack([self.spec_params[n].to(dtype).expand(self.heads) for n in self._map_names], 1).to(device)
 
     def _params(self, dtype) -> dict[str, torch.Tensor]:
         """The params' values in `dtype` as EXPR reads them: a scalar, or (H, 1) per head."""

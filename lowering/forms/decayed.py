@@ -132,22 +132,25 @@ class _Far:
     """One side's far rows (_beyond) in the S batch·head rows `sel` that have some: their query
     rows `rows` (a slice), the keys `keys` they see with a weight the dtype holds (a slice), which
     of rows[sel, rows] are far (`mask` (S, R)), the kept key `at` (S,) they are measured from, and
-    the side (0: past the last kept key, 1: before the first). rate: the side's rate per
-    batch·head row (BH,)."""
+    the side (0: past the last kept key, 1: before the first). a: the rates (H, 2)."""
 
-    def __init__(self, side, rows_mask, at, rate):
+    def __init__(self, side, rows_mask, at, a):
         self.side = side
         self.sel = rows_mask.any(1).nonzero().flatten()
         span = rows_mask[self.sel].any(0).nonzero().flatten()
         n = rows_mask.shape[1]
         self.rows = slice(int(span[0]), int(span[-1]) + 1)
         self.at = at[self.sel]
-        reach = math.ceil(VANISHES.get(rate.dtype, VANISHES[torch.float64]) / float(rate[self.sel].min()))
+        reach = math.ceil(VANISHES.get(a.dtype, VANISHES[torch.float64]) / float(self.rates(a.detach()).min()))
         self.keys = (slice(max(0, int(self.at.min()) - reach), int(self.at.max()) + 1) if side == 0
                      else slice(int(self.at.min()), min(n, int(self.at.max()) + reach + 1)))
         self.mask = rows_mask[self.sel, self.rows]
         self.index = (self.sel[:, None], torch.arange(self.rows.start, self.rows.stop, device=at.device))
         self.key_index = (self.sel[:, None], torch.arange(self.keys.start, self.keys.stop, device=at.device))
+
+    def rates(self, a):
+        """The side's rate of each selected batch·head row (S,) (head bh mod H), from a (H, 2)."""
+        return a[self.sel % a.shape[0], self.side]
 
     def pieces(self, qf, kf, v, a, floor) -> _Pieces:
         """Every kept key lies on one side, so a far row's weights are e^(−a·|i − at|) times those
@@ -156,7 +159,7 @@ class _Far:
         (O((R + keys)·M·Dv) in torch; 1 / denominator in float64: a row far enough out gives 0,
         as the reference does)."""
         dev, dt = qf.device, qf.dtype
-        rate = a[:, self.side].repeat(qf.shape[0] // a.shape[0])[self.sel]
+        rate = self.rates(a)
         qs, ks, vs = qf[self.index], kf[self.key_index], v[self.key_index]
         i = torch.arange(self.rows.start, self.rows.stop, device=dev, dtype=dt)
         j = torch.arange(self.keys.start, self.keys.stop, device=dev, dtype=dt)
@@ -238,9 +241,7 @@ def run(node, args, lib, name, params):
     # normalizer 1) and _Far computes them
     tail, head, last, first = far
     skip = tail | head if empty.numel() == 0 else empty | tail | head
-    per_row = a.detach().repeat(qf.shape[0] // a.shape[0], 1)                   # (BH, 2)
-    fars = [_Far(side, rows, at, per_row[:, side]) for side, rows, at in ((0, tail, last), (1, head, first))
-            if bool(rows.any())]
+    fars = [_Far(side, rows, at, a) for side, rows, at in ((0, tail, last), (1, head, first)) if bool(rows.any())]
     floor = decayed_floor(node.eps, node.bias.position)
     return watched(_WithFarRows.apply(*qk, v, a, skip, lib, name, fars, floor, qf, kf), params)
 
