@@ -268,8 +268,9 @@ class Attention(nn.Module):
                 torch.set_num_threads(restore)
 
     def _attend(self, q, k, v, key_padding_mask) -> torch.Tensor:
-        """forward() of validated q (B, H, N, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv): Nk = N, or
-        Nk ≠ N where the plan's kernels take both lengths (_native_cross)."""
+        """forward() of validated q (B, H, N, Dk), k (B, Hkv, Nk, Dk), v (B, Hkv, Nk, Dv): Nk = N, or
+        Nk ≠ N where the plan's kernels take both lengths (_cross_plan); Hkv < H (grouped heads)
+        read as they are where the plan's kernels do (_reads_grouped), else expanded to H."""
         out_dtype = q.dtype
         dtype = UPCAST.get(q.dtype, q.dtype)
         B, H, N, _ = q.shape
@@ -283,23 +284,29 @@ class Attention(nn.Module):
             pad = self._padding(key_padding_mask, q, nk)
         if B == 0:
             return self._empty(q, k, v)
-        env = {"q": q.to(dtype).reshape(B * H, N, -1).contiguous(),
-               "k": k.to(dtype).reshape(B * H, nk, -1).contiguous(),
-               "v": v.to(dtype).reshape(B * H, nk, -1).contiguous()}
+        i, run_dtype = None, dtype
+        if self.target.kind != "mlir":
+            if nk != N:                          # cross-attention: a plan whose kernels take both
+                i = self._cross_plan(N, nk, dtype)
+            else:
+                i = self._rates_decay(self._plan_index(N, dtype), N)
+                # precision.py: float64 resolves what float32 cannot
+                run_dtype, i = self._fft_dtype(dtype, N, i, pad)
+        g = H // k.shape[1]                      # grouped heads: query heads per kv head
+        if g > 1 and (i is None or not self._reads_grouped(i)):
+            k, v = (t.repeat_interleave(g, 1) for t in (k, v))
+            g = 1
+        env = {"q": q.to(run_dtype).reshape(B * H, N, -1).contiguous(),
+               "k": k.to(run_dtype).reshape(B * H // g, nk, -1).contiguous(),
+               "v": v.to(run_dtype).reshape(B * H // g, nk, -1).contiguous()}
         if pad is not None and (self.spec.kernel.name == "softmax" or self.spec.stabilized):
-            env["k"] = pad.drop(env["k"], tag="k")   # 0: no score or stabilizer sees what they held
+            # 0: no score or stabilizer sees what they held (a kv row's keys are its query rows')
+            env["k"] = pad.drop(env["k"], tag="k") if g == 1 else env["k"].masked_fill(pad.keys[::g, :, None], 0)
         if self.target.kind == "mlir":
             if self._mlir is None:
                 self._mlir = self._mlir_program()
             return self._forward_mlir(env, dtype, q, k, v).reshape(B, H, N, self.value_dim).to(out_dtype)
-        if nk != N:                              # cross-attention: a plan whose kernels take both
-            i = self._cross_plan(N, nk, dtype)
-        else:
-            i = self._rates_decay(self._plan_index(N, dtype), N)
-            fft_dtype, i = self._fft_dtype(dtype, N, i, pad)
-            if fft_dtype != dtype:               # precision.py: float64 resolves what float32 cannot
-                dtype = fft_dtype
-                env = {name: t.to(dtype) for name, t in env.items()}
+        dtype = run_dtype
         out, den = self._run(env, dtype, i, pad)
         # a normalizer near underflow (precision.py): float64, else refused
         low = None if den is None else den < precision.UNDERFLOW[dtype]
@@ -378,20 +385,19 @@ class Attention(nn.Module):
     def _cross(self, q, k, v, key_padding_mask) -> torch.Tensor:
         """Grouped heads and cross-attention. Query head h reads key and value head h // (H / Hkv),
         as SDPA's enable_gqa: the g = H / Hkv query heads of a kv head run as g·Nq rows of one call
-        where rows do not know their position (_groups_as_rows); else k and v are expanded to H
-        heads (one copy). With Nk ≠ Nq, every index keeps its position (r = i − j); a plan whose
-        kernels take both lengths (the O(N²) forms') runs as it is, at a cost of Nq·Nk; any other
-        in a sequence of N = max(Nq, Nk): the keys past Nk are padding (a key padding mask), the
-        query rows past Nq are computed and dropped, so the call costs what a self-attention call
-        of N does."""
+        where rows do not know their position (_groups_as_rows); else the quadratic form's kernels
+        read each kv head for its g query heads (_reads_grouped), and any other plan's get k and v
+        expanded to H heads (one copy). With Nk ≠ Nq, every index keeps its position (r = i − j);
+        a plan whose kernels take both lengths (the O(N²) forms') runs as it is, at a cost of
+        Nq·Nk; any other in a sequence of N = max(Nq, Nk): the keys past Nk are padding (a key
+        padding mask), the query rows past Nq are computed and dropped, so the call costs what a
+        self-attention call of N does."""
         B, H, nq = q.shape[:3]
         hkv, nk = k.shape[1], k.shape[2]
         if hkv != H and self._groups_as_rows(H // hkv, nq, nk, q.dtype, B * hkv,
                                              torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
             # query heads h·g … h·g + g − 1 of kv head h as the rows of one call: no copy of anything
             return self._attend(q.reshape(B, hkv, H // hkv * nq, -1), k, v, key_padding_mask).reshape(B, H, nq, -1)
-        if hkv != H:
-            k, v = (t.repeat_interleave(H // hkv, 1) for t in (k, v))
         if nk == nq or self._cross_plan(nq, nk, UPCAST.get(q.dtype, q.dtype)) is not None:
             return self._attend(q, k, v, key_padding_mask)
         if self.target.kind == "mlir":
@@ -444,6 +450,13 @@ class Attention(nn.Module):
             if as_rows > calls * g * tiles / min(calls * g, threads):
                 return False
         return g * nq == nk or self._cross_plan(g * nq, nk, UPCAST.get(dtype, dtype)) is not None
+
+    def _reads_grouped(self, i: int) -> bool:
+        """Whether plan i's kernels read k and v of fewer heads than q (Form.grouped: TVM's CPU
+        kernels of the quadratic form), so that grouped heads run without expanding k and v."""
+        if self.target.kind == "mlir" or self.target.portable:
+            return False
+        return all(st.source is not None or getattr(form_of(st.node), "grouped", False) for st in self._program(i))
 
     def _takes_two_lengths(self, i: int) -> bool:
         """Whether plan i's kernels read keys of another length than the queries (_cross_plan)."""

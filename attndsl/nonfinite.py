@@ -128,7 +128,10 @@ def guarded(run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 
 
 def _exact(run, q, k, v, causal, pad=None, window=None):
-    """run on the inputs with their non-finite entries zeroed, NaN where the reference has it."""
+    """run on the inputs with their non-finite entries zeroed, NaN where the reference has it.
+    Grouped heads (k, v of BH / G rows, Form.grouped) are expanded to a key row per query row."""
+    if k.shape[0] != q.shape[0]:
+        k, v = (t.repeat_interleave(q.shape[0] // k.shape[0], 0) for t in (k, v))
     clean = [t.masked_fill(~torch.isfinite(t), 0) for t in (q, k, v)]
     padded = torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device) if pad is None else pad.keys
     return _Poisoned.apply(run(*clean), reached(q, k, v, causal, pad, window), q, k, v, causal, window, padded)

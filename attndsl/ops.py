@@ -83,13 +83,16 @@ def _define(op: Op):
             dout = dout.masked_fill(t["empty"][..., None], 0)
         _kernel(t["lib"], t["node"] + "_bwd")(*(t[x] for x in bwd_reads), dout.contiguous(),
                                               *bufs.values(), *scalar_values(op, n, t))
+        return folded(t, bufs)
+
+    def folded(t: dict, bufs: dict):
         if op.fold is not None:
-            op.fold({**t, **bufs})
+            bufs.update(op.fold({**t, **bufs}) or {})
         return _one_or_tuple([bufs["d" + name] for name in grads])
 
     def backward_fake(*args):
         t = dict(zip(bwd_args, args))
-        return _one_or_tuple([alloc(t) for name, alloc in op.grads if name in op.inputs])
+        return folded(t, {("d" + name if name in op.inputs else name): alloc(t) for name, alloc in op.grads})
 
     fwd = torch.library.custom_op(f"attndsl::{op.name}", forward_impl, mutates_args=(),
                                   schema=_schema(list(op.inputs), op.attrs, len(op.outputs)))

@@ -54,8 +54,9 @@ class Op:
     outputs: (name, shape rule), the value first; grads: (name, shape rule) of the backward
     kernel's output buffers: an input's name for its gradient (the inputs not named get None),
     another name for scratch that `fold` (tensors by name, gradients as "d" + input) folds into
-    the gradients; reads: the inputs the forward kernel takes (default all); saves: whether the
-    backward kernel reads the outputs."""
+    the gradients (in place, or returning {"d" + input: its gradient} to replace them); reads: the
+    inputs the forward kernel takes (default all); saves: whether the backward kernel reads the
+    outputs."""
     name: str
     doc: str
     inputs: tuple[str, ...]
@@ -91,6 +92,21 @@ def _fold_samples(t: dict) -> None:
 def _fold_params(t: dict) -> None:
     """A map's params: each batch·head row's share (part (BH, P)) summed per head into dprm (H, P)."""
     t["dprm"].copy_(t["part"].view(-1, *t["prm"].shape).sum(0))
+
+
+def per_query_row(x: str) -> Alloc:
+    """(BH of q, the rest of x's shape): a gradient of k-like `x` (BHK, Nk, width) written per
+    query row; with grouped heads (BHK = BH / G) _fold_groups sums it per key row."""
+    return lambda t: t[x].new_empty(t["q"].shape[0], *t[x].shape[1:])
+
+
+def _fold_groups(t: dict) -> dict | None:
+    """Grouped heads: the G query rows of a key row each wrote their share of dk, dv (BH, Nk, ·);
+    their sums (BHK, Nk, ·) are the gradients. None when every query row has its own keys."""
+    bhk, bh = t["k"].shape[0], t["q"].shape[0]
+    if bhk == bh:
+        return None
+    return {name: t[name].view(bhk, bh // bhk, *t[name].shape[1:]).sum(1) for name in ("dk", "dv")}
 
 
 def _per_sample(x: str) -> Alloc:
@@ -134,10 +150,12 @@ OPS: dict[str, Op] = {op.name: op for op in [
        scalars=(FFT_LENGTH,), saves=False),
     Op("softmax_attention",
        "(out (BH, N, Dv), lse (BH, N)): softmax(s·q·kᵀ + b + kb) v, flash-style, b(i − j) from tab (H, P) "
-       "(a (1, 1) dummy without a position term), kb (BH, Nk) a bias per key (padding.KEY_OUT at a "
-       "padded key, else 0); lse is the row log-sum-exp the backward recomputes the weights from.",
+       "(a (1, 1) dummy without a position term), kb (BHK, Nk) a bias per key (padding.KEY_OUT at a "
+       "padded key, else 0); lse is the row log-sum-exp the backward recomputes the weights from. k, v "
+       "and kb may have BHK = BH / G rows (grouped heads): query row bh reads key row bh // G.",
        inputs=("q", "k", "v", "tab", "kb"), outputs=(("out", rows_of("q", "v")), ("lse", rows("q"))),
-       grads=(("q", like("q")), ("k", like("k")), ("v", like("v")), ("tab", like("tab", zeros=True)))),
+       grads=(("q", like("q")), ("k", per_query_row("k")), ("v", per_query_row("v")),
+              ("tab", like("tab", zeros=True))), fold=_fold_groups),
     Op("sampled_attention",
        "(out, lse) of the sampled estimate of softmax attention: rows visited in the order pq "
        "(queries), pk (keys) (BH, N) int32 and cut into blocks of `block`; each query sees its "

@@ -34,7 +34,9 @@ class Form:
     k and v (BH, Nk, ·)), so that cross-attention runs without padding to max(N, Nk);
     narrow: whether `cpu` also builds narrow kernels in the NARROW_DTYPES (its keyword
     narrow=True: a tile of one vector of query lanes, named kernel_names(i, node, narrow=True)),
-    which `run` takes for a call of at most params["narrow"] query rows (narrowed())."""
+    which `run` takes for a call of at most params["narrow"] query rows (narrowed());
+    grouped: whether its CPU kernels read k and v of fewer rows than q (BHK = BH / G: query row
+    bh reads key row bh // G), so that grouped-query attention runs without copying k and v."""
     name: str
     node: type | tuple[type, ...]
     valid: Callable[[Node], bool]
@@ -51,6 +53,7 @@ class Form:
     decode: Callable | None = None
     cross: bool = False
     narrow: bool = False
+    grouped: bool = False
 
     def sites(self) -> tuple[type, ...]:
         """The IR node types this form computes."""
@@ -92,10 +95,14 @@ def keys_out(kf, params: dict, fill: float = 0.0, tag: str = "kf"):
 
 
 def key_bias(like, params: dict):
-    """The softmax kernels' kb (BH, Nk) for k-like `like` (BH, Nk, ·): padding.KEY_OUT at the
-    call's padded keys, else 0."""
+    """The softmax kernels' kb (BHK, Nk) for k-like `like` (BHK, Nk, ·): padding.KEY_OUT at the
+    call's padded keys, else 0. With grouped heads (BHK = BH / G) a key row's mask is that of its
+    query rows (one mask per batch element)."""
     pad = params["pad"]
-    return like.new_zeros(like.shape[:2]) if pad is None else pad.key_bias(like.dtype)
+    if pad is None:
+        return like.new_zeros(like.shape[:2])
+    kb = pad.key_bias(like.dtype)
+    return kb if kb.shape[0] == like.shape[0] else kb[::kb.shape[0] // like.shape[0]].contiguous()
 
 
 def rows_seen(out, params: dict):

@@ -213,7 +213,8 @@ def tune(root, dtype: str, *, sizes: dict[str, int], lengths: list[int], trials:
                 if b.error_msg:
                     results[k, n].errors[label] = b.error_msg.strip().splitlines()[-1]
                     continue
-                info = arg_shapes(func, {**sizes, "N": n, "NK": n})   # NK: a key length (quadratic.py)
+                # NK, BHK: the keys' length and rows (quadratic.py), as the queries'
+                info = arg_shapes(func, {**sizes, "N": n, "NK": n, "BHK": sizes["BH"]})
                 runs.append((k, n, info, runner.run([ms.runner.RunnerInput(b.artifact_path, device, info)])[0]))
             for k, n, info, future in runs:
                 res = future.result()

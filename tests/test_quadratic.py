@@ -1,6 +1,7 @@
 """The quadratic form (softmax, flash-style TVM kernels) vs the O(N²) reference: every position
 kind × mask × dtype, forward and backward (d position_table included), float64 gradcheck, apply =
-values beside it, lengths one build serves, huge logits, opcheck, torch.compile, the plan."""
+values beside it, lengths one build serves, huge logits, opcheck, torch.compile, the plan, grouped
+heads read without a copy."""
 from __future__ import annotations
 
 import pytest
@@ -134,17 +135,68 @@ def test_table_gradient_reaches_the_parameter_and_trains():
     assert attn(q, k, v).square().mean() < loss
 
 
+@pytest.mark.parametrize("kv_rows", [2, 1], ids=["heads", "grouped"])
 @pytest.mark.parametrize("position", ["none", "table"])
-def test_opcheck(position):
+def test_opcheck(position, kv_rows):
+    """The op with a key row per query row, and grouped (two query rows reading one key row:
+    its backward sums their dk, dv)."""
     attn = compiled(position, "scores", "causal")
     lib = attn._library("float64")
     name = next(f"{n.op}{i}" for i, n in enumerate(postorder(attn.planned.root)) if n.op == "softmax_attention")
     q = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(kv_rows, 9, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(kv_rows, 9, 6, dtype=torch.float64, requires_grad=True)
     tab = (torch.randn(2, 13, dtype=torch.float64, requires_grad=True) if position == "table"
            else torch.zeros(1, 1, dtype=torch.float64))
-    torch.library.opcheck(ops.softmax_attention, (q, k, v, tab, q.new_zeros(q.shape[:2]), lib, name))
+    torch.library.opcheck(ops.softmax_attention, (q, k, v, tab, k.new_zeros(k.shape[:2]), lib, name))
+
+
+# (position, mask, dtype, N): the narrow kernels (float32, N ≤ one vector of lanes) and the wide ones
+GROUPED = [("alibi", "causal", torch.float32, 9), ("alibi", "causal", torch.float32, 70),
+           ("table", "full", torch.float32, 70), ("user", "causal", torch.float64, 70)]
+
+
+@pytest.mark.parametrize("position,mask,dtype,n", GROUPED,
+                         ids=[f"{p}-{m}-{str(d)[-2:]}-n{n}" for p, m, d, n in GROUPED])
+def test_grouped_heads_read_the_shared_kv_head_without_a_copy(position, mask, dtype, n, monkeypatch):
+    """Multi-query k and v (one kv head for the two query heads) with a position term or a causal
+    mask: the kernels read the kv head for both query heads (no copy to two heads), and output and
+    gradients equal those of k and v expanded to two heads, a key padding mask included."""
+    attn = compiled(position, "scores", mask)
+    seen, real = [], ops.fast.softmax_attention
+
+    def spy(q, k, *rest):
+        seen.append((q.shape[0], k.shape[0]))
+        return real(q, k, *rest)
+    monkeypatch.setattr(ops.fast, "softmax_attention", spy)
+    B = 3
+    q = torch.randn(B, 2, n, 8, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, 1, n, d, dtype=dtype, requires_grad=True) for d in (8, 6))
+    mask_ = torch.zeros(B, n, dtype=torch.bool)
+    mask_[1, n // 2:] = True
+    qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k.expand(B, 2, n, 8), v.expand(B, 2, n, 6)))
+    out, want = attn(q, k, v, key_padding_mask=mask_), attn(qe, ke, ve, key_padding_mask=mask_)
+    assert seen == [(B * 2, B), (B * 2, B * 2)]
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    out.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(q.grad, qe.grad, rtol=0, atol=0)
+    torch.testing.assert_close(k.grad, ke.grad.sum(1, keepdim=True), rtol=0, atol=0)
+    torch.testing.assert_close(v.grad, ve.grad.sum(1, keepdim=True), rtol=0, atol=0)
+
+
+def test_grouped_heads_gradcheck_float64():
+    """One kv head for two query heads, a learned table, causal, across a tile border."""
+    attn = compiled("table", "scores", "causal")
+    q = torch.randn(1, 2, 35, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 35, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 35, 6, dtype=torch.float64, requires_grad=True)
+    table = attn.position_table.detach().double().requires_grad_()
+
+    def f(q, k, v, table):
+        return functional_call(attn, {"position_table": table}, (q, k, v))
+    assert torch.autograd.gradcheck(f, (q, k, v, table), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_torch_compile_fullgraph():
@@ -153,6 +205,8 @@ def test_torch_compile_fullgraph():
     q, k, v = inputs(1, 33, 8, 6, torch.float32)
     want = attn(q, k, v)                 # eager first: builds the kernels a lazy module lacks
     torch.testing.assert_close(fn(q, k, v), want)
+    k1, v1 = k[:, :1], v[:, :1]          # grouped heads: one kv head for both query heads
+    torch.testing.assert_close(fn(q, k1, v1), attn(q, k1, v1))
 
 
 def test_torch_compile_of_an_unbuilt_module_says_what_to_do():

@@ -1,11 +1,14 @@
 """The quadratic form for the softmax kernel: flash-style CPU kernels in TVMScript, forward and
 exact backward, with the position term computed on the fly. No N×N tensor is ever formed.
 
-Shapes: Q (BH, N, Dk), O, dO (BH, N, Dv), LSE (BH, N): N query rows; K (BH, NK, Dk), V (BH, NK, Dv),
-KB (BH, NK) a bias per key (the key padding mask's, attndsl/padding.py): NK keys (NK = N in
-self-attention; cross-attention keeps r = i − j and, causal, j ≤ i); TAB (H, P) the position
-parameters (learned table P = 2W+1, alibi slopes P = 1, a dummy otherwise), head h = bh mod H.
-Dk, Dv, dtype, scale s, causal and the position *kind* are baked in; BH, N, NK, H, W are symbolic.
+Shapes: Q (BH, N, Dk), O, dO (BH, N, Dv), LSE (BH, N): N query rows; K (BHK, NK, Dk), V (BHK, NK, Dv),
+KB (BHK, NK) a bias per key (the key padding mask's, attndsl/padding.py): NK keys (NK = N in
+self-attention; cross-attention keeps r = i − j and, causal, j ≤ i) of BHK = BH / G rows, query
+row bh reading key row bh // G (grouped-query attention: the G query heads of a kv head, with
+no copy of K and V; G = 1 otherwise); TAB (H, P) the position parameters (learned table
+P = 2W+1, alibi slopes P = 1, a dummy otherwise), head h = bh mod H. The backward writes dK, dV
+per query row, (BH, NK, ·), which the op sums per group. Dk, Dv, dtype, scale s, causal and the
+position *kind* are baked in; BH, BHK, N, NK, H, W are symbolic.
 
 Tiles: T = four vector registers of query lanes (32 float32 rows with AVX2, 64 with AVX-512;
 schedules/cpu.py; the tile knob), or one register in the narrow kernels that a call of at most
@@ -89,15 +92,16 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
     def kernel(q: T.handle, k: T.handle, v: T.handle, tab: T.handle, kb: T.handle, o: T.handle, lse: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
+        BHK = T.int64()
         N = T.int64()
         NK = T.int64()
         H = T.int64()
         P = T.int64()
         Q = T.match_buffer(q, (BH, N, Dk), dtype)
-        K = T.match_buffer(k, (BH, NK, Dk), dtype)
-        V = T.match_buffer(v, (BH, NK, Dv), dtype)
+        K = T.match_buffer(k, (BHK, NK, Dk), dtype)
+        V = T.match_buffer(v, (BHK, NK, Dv), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
-        KB = T.match_buffer(kb, (BH, NK), dtype)
+        KB = T.match_buffer(kb, (BHK, NK), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         W = (P - 1) // 2
@@ -135,10 +139,10 @@ def softmax_forward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scale
                 for j in range(Tt):
                     if kbase + j < NK:
                         for c in T.vectorized(Dk):
-                            Kc[j, c] = K[b, kbase + j, c]
+                            Kc[j, c] = K[b // (BH // BHK), kbase + j, c]
                         for d in T.vectorized(Dv):
-                            Vc[j, d] = V[b, kbase + j, d]
-                        KBc[j] = KB[b, kbase + j]
+                            Vc[j, d] = V[b // (BH // BHK), kbase + j, d]
+                        KBc[j] = KB[b // (BH // BHK), kbase + j]
                     else:
                         for c in T.vectorized(Dk):
                             Kc[j, c] = zero
@@ -220,15 +224,16 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                do: T.handle, dq: T.handle, dk: T.handle, dv: T.handle, dtab: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
+        BHK = T.int64()
         N = T.int64()
         NK = T.int64()
         H = T.int64()
         P = T.int64()
         Q = T.match_buffer(q, (BH, N, Dk), dtype)
-        K = T.match_buffer(k, (BH, NK, Dk), dtype)
-        V = T.match_buffer(v, (BH, NK, Dv), dtype)
+        K = T.match_buffer(k, (BHK, NK, Dk), dtype)
+        V = T.match_buffer(v, (BHK, NK, Dv), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
-        KB = T.match_buffer(kb, (BH, NK), dtype)
+        KB = T.match_buffer(kb, (BHK, NK), dtype)
         O = T.match_buffer(o, (BH, N, Dv), dtype)
         LSE = T.match_buffer(lse, (BH, N), dtype)
         dO = T.match_buffer(do, (BH, N, Dv), dtype)
@@ -305,10 +310,10 @@ def softmax_backward(name: str, Dk: int, Dv: int, dtype: str, causal: bool, scal
                 for j in range(Tt):
                     if kbase + j < NK:
                         for c in T.vectorized(Dk):
-                            Kc[j, c] = K[b, kbase + j, c]
+                            Kc[j, c] = K[b // (BH // BHK), kbase + j, c]
                         for d in T.vectorized(Dv):
-                            Vc[j, d] = V[b, kbase + j, d]
-                        KBc[j] = KB[b, kbase + j]
+                            Vc[j, d] = V[b // (BH // BHK), kbase + j, d]
+                        KBc[j] = KB[b // (BH // BHK), kbase + j]
                     else:
                         for c in T.vectorized(Dk):
                             Kc[j, c] = zero

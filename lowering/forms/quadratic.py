@@ -49,5 +49,5 @@ FORMS = [
     Form("quadratic", SoftmaxAttention, lambda n: True, softmax_cost,
          "flash-style tiles: scores in L1, running max and normalizer, b(i−j) on the fly",
          lower_cpu, lower_portable, run, "softmax_attention", "quadratic", "portable_rows",
-         probe="position = alibi", cross=True, narrow=True),
+         probe="position = alibi", cross=True, narrow=True, grouped=True),
 ]
