@@ -45,8 +45,8 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_cross.py
 	$(PY) benchmarks/bench_cross.py --specs softmax --kv-heads 1 --shapes 1x4096,16x4096,512x512 \
 		--out benchmarks/results/bench_cross_mqa
-	$(PY) benchmarks/bench_cross.py --specs softmax_alibi --kv-heads 1 --shapes 1x4096,16x4096,512x512 \
-		--out benchmarks/results/bench_cross_mqa_alibi
+	$(PY) benchmarks/bench_cross.py --specs softmax_alibi,elu1_smooth --kv-heads 1 --shapes 1x4096,16x4096,512x512 \
+		--out benchmarks/results/bench_cross_mqa_positional
 	$(PY) benchmarks/bench_padding.py
 	$(PY) benchmarks/bench_window.py
 	$(PY) benchmarks/bench_busy.py

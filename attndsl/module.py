@@ -336,18 +336,21 @@ class Attention(nn.Module):
                out: torch.Tensor) -> torch.Tensor:
         """The call with the batch elements `batch` (B,) bool, whose rows' normalizers underflow in
         `dtype` under a key padding mask, rerun in float64 (else refused), and the others in `dtype`
-        (without autograd: `out`'s rows, the first run's): out (BH, N, Dv) in `dtype`."""
+        (without autograd: `out`'s rows, the first run's): out (BH, N, Dv) in `dtype`. k and v
+        may have a row per kv head of grouped heads (_reads_grouped)."""
         B, heads = batch.shape[0], self.heads
         rows = batch.repeat_interleave(heads)                          # (BH,)
+        kv_rows = batch.repeat_interleave(env["k"].shape[0] // B)      # (B·Hkv,)
         mask = pad.keys.view(B, heads, -1)[:, 0]
         parts = []
-        for which, d in ((~rows, dtype), (rows, torch.float64)):
+        for which, which_kv, d in ((~rows, ~kv_rows, dtype), (rows, kv_rows, torch.float64)):
             if d == dtype and not torch.is_grad_enabled():
                 parts.append(out[which])
                 continue
             sub = padding.Padding.of(mask[which.view(B, heads)[:, 0]], heads, self.spec.causal, pad.scratch,
                                      self.spec.window, env["q"].shape[1])
-            part, den = self._run({name: t[which].to(d) for name, t in env.items()}, d, i, sub)
+            part, den = self._run({name: t[which if name == "q" else which_kv].to(d) for name, t in env.items()},
+                                  d, i, sub)
             if d == torch.float64 and den is not None and bool((den < precision.UNDERFLOW[d]).any()):
                 raise precision.padding_refusal(self.spec.name, mask.shape[1])
             parts.append(part.to(dtype))
@@ -453,10 +456,12 @@ class Attention(nn.Module):
 
     def _reads_grouped(self, i: int) -> bool:
         """Whether plan i's kernels read k and v of fewer heads than q (Form.grouped: TVM's CPU
-        kernels of the quadratic form), so that grouped heads run without expanding k and v."""
-        if self.target.kind == "mlir" or self.target.portable:
+        kernels of the O(N²) forms, after feature maps that are the same for every head), so that
+        grouped heads run without expanding k and v."""
+        if self.target.kind == "mlir" or self.target.portable or self._map_names:
             return False
-        return all(st.source is not None or getattr(form_of(st.node), "grouped", False) for st in self._program(i))
+        return all(st.source is not None or isinstance(st.node, FeatureMap) or getattr(form_of(st.node), "grouped", False)
+                   for st in self._program(i))
 
     def _takes_two_lengths(self, i: int) -> bool:
         """Whether plan i's kernels read keys of another length than the queries (_cross_plan)."""

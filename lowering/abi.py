@@ -94,19 +94,22 @@ def _fold_params(t: dict) -> None:
     t["dprm"].copy_(t["part"].view(-1, *t["prm"].shape).sum(0))
 
 
-def per_query_row(x: str) -> Alloc:
+def per_query_row(x: str, q: str) -> Alloc:
     """(BH of q, the rest of x's shape): a gradient of k-like `x` (BHK, Nk, width) written per
-    query row; with grouped heads (BHK = BH / G) _fold_groups sums it per key row."""
-    return lambda t: t[x].new_empty(t["q"].shape[0], *t[x].shape[1:])
+    query row; with grouped heads (BHK = BH / G) fold_groups sums it per key row."""
+    return lambda t: t[x].new_empty(t[q].shape[0], *t[x].shape[1:])
 
 
-def _fold_groups(t: dict) -> dict | None:
-    """Grouped heads: the G query rows of a key row each wrote their share of dk, dv (BH, Nk, ·);
-    their sums (BHK, Nk, ·) are the gradients. None when every query row has its own keys."""
-    bhk, bh = t["k"].shape[0], t["q"].shape[0]
-    if bhk == bh:
-        return None
-    return {name: t[name].view(bhk, bh // bhk, *t[name].shape[1:]).sum(1) for name in ("dk", "dv")}
+def fold_groups(q: str, k: str, v: str) -> Callable[[dict], dict | None]:
+    """Grouped heads: the G query rows (of `q`) of a key row each wrote their share of the
+    gradients of `k` and `v` (BH, Nk, ·); their sums (BHK, Nk, ·) are the gradients. None when
+    every query row has its own keys."""
+    def fold(t: dict) -> dict | None:
+        bhk, bh = t[k].shape[0], t[q].shape[0]
+        if bhk == bh:
+            return None
+        return {"d" + x: t["d" + x].view(bhk, bh // bhk, *t["d" + x].shape[1:]).sum(1) for x in (k, v)}
+    return fold
 
 
 def _per_sample(x: str) -> Alloc:
@@ -143,8 +146,11 @@ OPS: dict[str, Op] = {op.name: op for op in [
     Op("banded_attention", "toeplitz_attention's (out, den) for a table clipped at ±W: the band exactly, "
        "the far keys by chunk prefix sums.", **_POSITIONAL),
     Op("pairwise_attention", "toeplitz_attention's (out, den) pair by pair, exactly, in O(N²) tiles; "
-       "den in each row's units (shifted by the row's largest b); tab a (1, 1) dummy without a position term.",
-       **_POSITIONAL),
+       "den in each row's units (shifted by the row's largest b); tab a (1, 1) dummy without a position term. "
+       "kf and v may have BHK = BH / G rows (grouped heads): query row bh reads key row bh // G.",
+       inputs=_POSITIONAL["inputs"], reads=_POSITIONAL["reads"], outputs=_POSITIONAL["outputs"],
+       grads=(_POSITIONAL["grads"][0], ("kf", per_query_row("kf", "qf")), ("v", per_query_row("v", "qf")),
+              _POSITIONAL["grads"][3]), fold=fold_groups("qf", "kf", "v")),
     Op("toeplitz_values", "Σ_j b(i−j) v_j (BH, N, Dv) (FastRPB), b from tab (H, P), by FFT.",
        inputs=("v", "tab"), outputs=(("y", like("v")),), grads=(("v", like("v")), ("tab", like("tab", zeros=True))),
        scalars=(FFT_LENGTH,), saves=False),
@@ -154,8 +160,8 @@ OPS: dict[str, Op] = {op.name: op for op in [
        "padded key, else 0); lse is the row log-sum-exp the backward recomputes the weights from. k, v "
        "and kb may have BHK = BH / G rows (grouped heads): query row bh reads key row bh // G.",
        inputs=("q", "k", "v", "tab", "kb"), outputs=(("out", rows_of("q", "v")), ("lse", rows("q"))),
-       grads=(("q", like("q")), ("k", per_query_row("k")), ("v", per_query_row("v")),
-              ("tab", like("tab", zeros=True))), fold=_fold_groups),
+       grads=(("q", like("q")), ("k", per_query_row("k", "q")), ("v", per_query_row("v", "q")),
+              ("tab", like("tab", zeros=True))), fold=fold_groups("q", "k", "v")),
     Op("sampled_attention",
        "(out, lse) of the sampled estimate of softmax attention: rows visited in the order pq "
        "(queries), pk (keys) (BH, N) int32 and cut into blocks of `block`; each query sees its "

@@ -86,11 +86,14 @@ def knob(knobs: dict, names, family: str, name: str) -> list[int]:
 def keys_out(kf, params: dict, fill: float = 0.0, tag: str = "kf"):
     """(kf with the call's padded keys set to `fill`, the op's `empty` rows) under a key padding
     mask (attndsl/padding.py; params["pad"]), else (kf, a (0, 0) tensor). `tag` names the
-    scratch buffer a call without autograd fills."""
+    scratch buffer a call without autograd fills. kf may have a row per kv head of grouped heads
+    (Form.grouped), whose keys are those of its query rows."""
     from attndsl.padding import no_rows
     pad = params["pad"]
     if pad is None:
         return kf, no_rows(kf.device)
+    if kf.shape[0] != pad.keys.shape[0]:
+        return kf.masked_fill(pad.keys[::pad.keys.shape[0] // kf.shape[0], :, None], fill), pad.empty
     return pad.drop(kf, fill, tag), pad.empty
 
 

@@ -438,9 +438,8 @@ def test_the_o_n2_forms_compute_cross_attention_without_padding(name, shape, dty
     mask = padding_mask(nk) if nk > 12 else None
     assert_masked_matches_reference(attn, q, k, v, mask, dtype)
     as_rows = attn.spec.position.name == "none" and not attn.spec.causal     # the grouped heads as rows
-    # else the softmax kernels read the one kv head for every query head, the pairwise ones an expanded copy
-    kv_rows = B if CROSS[name][2] == "softmax_attention" else B * H
-    assert [(a[:2], b[:2]) for a, b, _ in seen] == [((B, H * nq), (B, nk)) if as_rows else ((B * H, nq), (kv_rows, nk))]
+    # else the kernels read the one kv head for every query head
+    assert [(a[:2], b[:2]) for a, b, _ in seen] == [((B, H * nq), (B, nk)) if as_rows else ((B * H, nq), (B, nk))]
     # a float32 call of at most one vector of query rows runs the narrow kernels
     narrow = dtype == torch.float32 and (H * nq if as_rows else nq) <= cpu_schedule.lanes("float32")
     assert [kernels.endswith("_narrow") for *_, kernels in seen] == [narrow]

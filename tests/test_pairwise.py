@@ -1,12 +1,12 @@
 """The pairwise form: its kernels against the maths in torch (every position kind, causal or not,
 ragged lengths, the row shift at extreme bias ranges), and as a module against the reference,
-forward, backward and a float64 gradcheck."""
+forward, backward and a float64 gradcheck, grouped heads read without a copy."""
 import pytest
 import torch
 
 from attndsl.parse import parse
 
-from conftest import assert_matches_reference, shared
+from conftest import assert_masked_matches_reference, assert_matches_reference, shared
 
 POSITIONS = {
     "none": None,
@@ -119,3 +119,66 @@ def test_each_call_runs_the_plan_chosen_for_its_length(text, forms):
         assert f"positional_attention: {form}" in attn.explain(n)
         q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
         assert_matches_reference(attn, q, k, v, torch.float64)
+
+
+# --- grouped heads: the kernels read a kv head's features for each of its query heads ------------
+
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 9), (torch.float32, 45), (torch.float64, 45)],
+                         ids=["f32-narrow", "f32", "f64"])
+@pytest.mark.parametrize("name", SPECS)
+def test_grouped_heads_read_the_shared_kv_head_without_a_copy(name, dtype, n, monkeypatch):
+    """One kv head for two query heads with a position term: φ(k) is computed once per kv head
+    and the kernels read it for both query heads (no copy of k, v or the features), against the
+    reference, forward and backward, under a key padding mask."""
+    from attndsl import ops
+    attn = shared(SPECS[name], heads=2, head_dim=8, plan="pairwise")
+    seen, real = [], ops.fast.pairwise_attention
+
+    def spy(qf, kf, *rest):
+        seen.append((qf.shape[0], kf.shape[0]))
+        return real(qf, kf, *rest)
+    monkeypatch.setattr(ops.fast, "pairwise_attention", spy)
+    B = 3
+    q = torch.randn(B, 2, n, 8)
+    k, v = (torch.randn(B, 1, n, 8) for _ in range(2))
+    mask = torch.zeros(B, n, dtype=torch.bool)
+    mask[1, n // 2:] = True
+    assert_masked_matches_reference(attn, q, k, v, mask, dtype)
+    assert seen == [(B * 2, B)]
+
+
+def test_grouped_heads_gradcheck_and_opcheck_float64():
+    from attndsl import ops
+    from attndsl.ir import postorder
+    attn = shared(SPECS["table-causal"], heads=2, head_dim=8, plan="pairwise")
+    q = torch.randn(1, 2, 13, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 1, 13, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-6)
+    name = next(f"{n.op}{i}" for i, n in enumerate(postorder(attn.planned.root)) if n.op == "positional_attention")
+    qf = torch.rand(2, 9, 8, dtype=torch.float64, requires_grad=True) + 0.1
+    kf = torch.rand(1, 9, 8, dtype=torch.float64, requires_grad=True) + 0.1      # grouped: one key row
+    vv = torch.randn(1, 9, 8, dtype=torch.float64, requires_grad=True)
+    tab = torch.randn(2, 33, dtype=torch.float64, requires_grad=True)
+    empty = torch.tensor([[False] * 8 + [True]] * 2)
+    torch.library.opcheck(ops.pairwise_attention, (qf, kf, vv, tab, empty, attn._library("float64"), name))
+
+
+def test_grouped_heads_rows_far_from_every_kept_key(monkeypatch):
+    """A batch element whose rows see only keys far away (weights e^(−60)) reruns in float64 on
+    its own (module._split), its one kv head still read by both query heads; the result matches
+    the reference."""
+    attn = shared("attention t { kernel = elu1; position(r) = -1.5 * abs(r); mask = causal }", heads=2,
+                  head_dim=8, plan="pairwise")
+    split, real = [], attn._split
+
+    def spy(env, *rest):
+        split.append(tuple(env["k"].shape))
+        return real(env, *rest)
+    monkeypatch.setattr(attn, "_split", spy)
+    B, n = 3, 60
+    q, k, v = torch.rand(B, 2, n, 8), torch.rand(B, 1, n, 8), torch.randn(B, 1, n, 8)
+    mask = torch.zeros(B, n, dtype=torch.bool)
+    mask[1, 20:] = True
+    with pytest.warns(UserWarning, match="computes in float64: a row far from every key"):
+        assert_masked_matches_reference(attn, q, k, v, mask, torch.float32)
+    assert split == [(B, n, 8)]

@@ -4,11 +4,13 @@ N×N tensor is ever formed.
 
     A_ij = (φq_i·φk_j) c(i − j) [j ∈ M(i)],   out_i = Σ_j A_ij v_j / (Σ_j A_ij + eps)
 
-Shapes: Qf (BH, N, M), O, dO (BH, N, D), DEN (BH, N): N query rows; Kf (BH, NK, M), V (BH, NK, D):
-NK keys (NK = N in self-attention; cross-attention keeps r = i − j and, causal, j ≤ i); TAB (H, P)
-the position parameters (learned table P = 2W+1, alibi slopes P = 1, a dummy otherwise); head
-h = bh mod H. M, D, dtype, causal and the position *kind* are baked in; BH, N, NK, H, W are
-symbolic. The kernels implement the op `pairwise_attention` (abi.py).
+Shapes: Qf (BH, N, M), O, dO (BH, N, D), DEN (BH, N): N query rows; Kf (BHK, NK, M), V (BHK, NK, D):
+NK keys (NK = N in self-attention; cross-attention keeps r = i − j and, causal, j ≤ i) of
+BHK = BH / G rows, query row bh reading key row bh // G (grouped-query attention, as the quadratic
+form's kernels; G = 1 otherwise; the backward writes dKf, dV per query row, which the op sums per
+group); TAB (H, P) the position parameters (learned table P = 2W+1, alibi slopes P = 1, a dummy
+otherwise); head h = bh mod H. M, D, dtype, causal and the position *kind* are baked in; BH, BHK,
+N, NK, H, W are symbolic. The kernels implement the op `pairwise_attention` (abi.py).
 
 Row shift: row i's weights are exp(b(i − j) − m_i), m_i = max of b over the r = i − j row i sees
 (running maxima of b, O(N + NK) per head), so no weight overflows and every row keeps its
@@ -114,13 +116,14 @@ def pairwise_forward(name: str, M: int, D: int, dtype: str, causal: bool, positi
     def kernel(qf: T.handle, kf: T.handle, v: T.handle, tab: T.handle, o: T.handle, den: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
+        BHK = T.int64()
         N = T.int64()
         NK = T.int64()
         H = T.int64()
         P = T.int64()
         Qf = T.match_buffer(qf, (BH, N, M), dtype)
-        Kf = T.match_buffer(kf, (BH, NK, M), dtype)
-        V = T.match_buffer(v, (BH, NK, D), dtype)
+        Kf = T.match_buffer(kf, (BHK, NK, M), dtype)
+        V = T.match_buffer(v, (BHK, NK, D), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
         O = T.match_buffer(o, (BH, N, D), dtype)
         DEN = T.match_buffer(den, (BH, N), dtype)
@@ -159,8 +162,8 @@ def pairwise_forward(name: str, M: int, D: int, dtype: str, causal: bool, positi
                 Bv[t] = zero
             for kt in range(T.min(qb + 1, nbk) if causal else nbk):
                 kbase = kt * Tt
-                load(Kc, Kf, b, kbase, NK, M)
-                load(Vc, V, b, kbase, NK, D)
+                load(Kc, Kf, b // (BH // BHK), kbase, NK, M)
+                load(Vc, V, b // (BH // BHK), kbase, NK, D)
                 if bias is not None:
                     for t in range(2 * Tt - 1):
                         Bv[t] = bias(TAB, b % H, qbase - kbase + t - (Tt - 1), W)
@@ -221,13 +224,14 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
                do: T.handle, dqf: T.handle, dkf: T.handle, dv: T.handle, dtab: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         BH = T.int64()
+        BHK = T.int64()
         N = T.int64()
         NK = T.int64()
         H = T.int64()
         P = T.int64()
         Qf = T.match_buffer(qf, (BH, N, M), dtype)
-        Kf = T.match_buffer(kf, (BH, NK, M), dtype)
-        V = T.match_buffer(v, (BH, NK, D), dtype)
+        Kf = T.match_buffer(kf, (BHK, NK, M), dtype)
+        V = T.match_buffer(v, (BHK, NK, D), dtype)
         TAB = T.match_buffer(tab, (H, P), dtype)
         O = T.match_buffer(o, (BH, N, D), dtype)
         DEN = T.match_buffer(den, (BH, N), dtype)
@@ -310,8 +314,8 @@ def pairwise_backward(name: str, M: int, D: int, dtype: str, causal: bool, posit
                     dTpart[b, p] = zero
             for kt in range(nbk):
                 kbase = kt * Tt
-                load(Kc, Kf, b, kbase, NK, M)
-                load(Vc, V, b, kbase, NK, D)
+                load(Kc, Kf, b // (BH // BHK), kbase, NK, M)
+                load(Vc, V, b // (BH // BHK), kbase, NK, D)
                 for j in range(Tt):
                     for c in T.vectorized(M):
                         dKacc[j, c] = zero

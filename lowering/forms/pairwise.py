@@ -55,5 +55,6 @@ FORMS = [
     Form("pairwise", (PositionalAttention, LinearAttention), _valid, _cost,
          "A_ij = (φq_i·φk_j)·exp(b(i−j)) pair by pair in L1 tiles, exact, O(N²)",
          lower_cpu, None, run, "pairwise_attention", "quadratic",
-         probe="kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)", cross=True, narrow=True),
+         probe="kernel = elu1; position(r) = -0.02 * abs(r) + 0.5 * cos(r / 16)", cross=True, narrow=True,
+         grouped=True),
 ]
