@@ -558,8 +558,9 @@ class Attention(nn.Module):
                    pad: padding.Padding | None = None) -> tuple[torch.dtype, int]:
         """The dtype and plan a call of length n runs in: its own while plan i's Toeplitz-FFT form
         resolves the position term there (with the call's key padding mask `pad`, over the rows'
-        kept keys); float64 where only that does; the exact pairwise plan where neither does (both
-        warned once); else PrecisionError."""
+        kept keys); where only float64 does, float64, or the cheapest exact plan (no FFT site) in
+        its own dtype where the cost model puts that below precision.FLOAT64_COST times plan i's;
+        the exact plan where neither dtype does (each warned once); else PrecisionError."""
         site = self._fft_site(i)
         if site is None or torch.compiler.is_compiling():    # the check runs in eager mode
             return dtype, i
@@ -590,6 +591,15 @@ class Attention(nn.Module):
                 warnings.warn(f"attndsl: {self.spec.name} at N={n} runs the exact pairwise form, O(N²): the "
                               f"Toeplitz-FFT form cannot resolve {what} (condition κ = {kappa:.3g}, beyond "
                               f"float64's {precision.limit(torch.float64):.3g})", stacklevel=3)
+            return dtype, exact
+        exact = self._exact_index(n) if chosen != dtype else None
+        if exact is not None and self.plans[exact].cost(n) < precision.FLOAT64_COST * self.plans[i].cost(n):
+            if n not in self._warned_exact:
+                self._warned_exact.add(n)
+                warnings.warn(f"attndsl: {self.spec.name} at N={n} runs the exact {'+'.join(self.plans[exact].forms)} "
+                              f"form in {str(dtype).removeprefix('torch.')}: the Toeplitz-FFT form would compute "
+                              f"in float64 to resolve {what} (condition κ = {kappa:.3g} > "
+                              f"{precision.limit(dtype):.3g}), which costs more", stacklevel=3)
             return dtype, exact
         if chosen != dtype and n not in self._warned_float64:
             self._warned_float64.add(n)

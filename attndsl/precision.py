@@ -11,7 +11,9 @@ bounds the worst row's relative error by about ε·κ (measured: 0.3–1 ε·κ 
 decaying with |r| and r, causal and not, N = 512). A call is run in its dtype while 2·ε·κ ≤ TOL,
 else in float64 where that suffices (float32 in, float32 out), else refused with an error that
 says why and what to use instead. TOL is the caller's dtype's: a float32 call computed in
-float64 need only be right to float32's tolerance.
+float64 need only be right to float32's tolerance. Where the module has an exact plan (no FFT
+site) that its cost model puts below FLOAT64_COST times the FFT plan's, a call the FFT would run
+in float64 runs that plan in its own dtype instead.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ from .expr import evaluate
 TOL = {torch.float32: 1e-3, torch.float64: 1e-9}
 EPS = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 SAFETY = 2.0                       # the predicted error is SAFETY·ε·κ
+# a float64 run's time over the same run's in float32 (half the vector lanes; the Toeplitz-FFT
+# form measured 2.1x at N = 4096, benchmarks/bench_padding.py)
+FLOAT64_COST = 2.0
 
 
 class PrecisionError(ValueError):

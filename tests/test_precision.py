@@ -91,6 +91,32 @@ def test_past_the_fft_s_reach_auto_runs_the_exact_pairwise_form():
     assert worst_row(out, attn.reference(q, k, v)) <= TOL[torch.float64]
 
 
+@pytest.mark.parametrize("n,exact", [(200, True), (1024, False)])
+def test_where_float64_costs_more_than_the_exact_form_a_padded_call_runs_the_exact_form(n, exact, monkeypatch):
+    """A key padding mask leaves rows whose kept keys lie far away (weights e^(−18)): the FFT form
+    would need float64. At N = 200 the cost model puts the pairwise form below twice the FFT's
+    (precision.FLOAT64_COST), and the call runs it in float32; at N = 1024 it does not, and the
+    call runs the FFT form in float64. Both warned, both within tolerance of the reference."""
+    from attndsl import ops
+    attn = attndsl.compile("attention t { kernel = elu1; position(r) = -0.3 * abs(r) + 0.5 * cos(r / 3) }",
+                           heads=2, head_dim=8, dtype=None)
+    assert [p.forms for p in attn.plans] == [("pairwise",), ("toeplitz_fft",)]
+    assert attn.plans[attn._plan_index(n)].forms == ("toeplitz_fft",)
+    seen = []
+    for op in ("pairwise_attention", "toeplitz_attention"):
+        real = getattr(ops.fast, op)
+        monkeypatch.setattr(ops.fast, op, lambda qf, *rest, op=op, real=real: seen.append((op, qf.dtype)) or real(qf, *rest))
+    q, k, v = (torch.randn(2, 2, n, 8) for _ in range(3))
+    mask = torch.zeros(2, n, dtype=torch.bool)
+    mask[1, n - 60:] = True
+    warned = "runs the exact pairwise form in float32" if exact else "computes in float64"
+    with pytest.warns(UserWarning, match=warned):
+        out = attn(q, k, v, key_padding_mask=mask)
+    assert seen == [("pairwise_attention", torch.float32) if exact else ("toeplitz_attention", torch.float64)]
+    assert out.dtype == torch.float32
+    assert worst_row(out, attn.reference(q.double(), k.double(), v.double(), key_padding_mask=mask)) <= TOL[torch.float32]
+
+
 def test_a_position_function_the_fft_cannot_resolve_at_any_useful_length_is_refused_at_compile():
     """... when the FFT form is forced; auto plans the exact pairwise form at every length."""
     text = "attention g {\n kernel = elu1\n position(r) = -r\n}"
