@@ -388,8 +388,8 @@ class Attention(nn.Module):
     def _cross(self, q, k, v, key_padding_mask) -> torch.Tensor:
         """Grouped heads and cross-attention. Query head h reads key and value head h // (H / Hkv),
         as SDPA's enable_gqa: the g = H / Hkv query heads of a kv head run as g·Nq rows of one call
-        where rows do not know their position (_groups_as_rows); else the quadratic form's kernels
-        read each kv head for its g query heads (_reads_grouped), and any other plan's get k and v
+        where rows do not know their position (_groups_as_rows); else the O(N²) forms' kernels read
+        each kv head for its g query heads (_reads_grouped), and any other plan's get k and v
         expanded to H heads (one copy). With Nk ≠ Nq, every index keeps its position (r = i − j);
         a plan whose kernels take both lengths (the O(N²) forms') runs as it is, at a cost of
         Nq·Nk; any other in a sequence of N = max(Nq, Nk): the keys past Nk are padding (a key
@@ -460,8 +460,8 @@ class Attention(nn.Module):
         grouped heads run without expanding k and v."""
         if self.target.kind == "mlir" or self.target.portable or self._map_names:
             return False
-        return all(st.source is not None or isinstance(st.node, FeatureMap) or getattr(form_of(st.node), "grouped", False)
-                   for st in self._program(i))
+        return all(st.source is not None or isinstance(st.node, FeatureMap)
+                   or getattr(form_of(st.node), "grouped", False) for st in self._program(i))
 
     def _takes_two_lengths(self, i: int) -> bool:
         """Whether plan i's kernels read keys of another length than the queries (_cross_plan)."""
@@ -596,8 +596,9 @@ class Attention(nn.Module):
         if exact is not None and self.plans[exact].cost(n) < precision.FLOAT64_COST * self.plans[i].cost(n):
             if n not in self._warned_exact:
                 self._warned_exact.add(n)
-                warnings.warn(f"attndsl: {self.spec.name} at N={n} runs the exact {'+'.join(self.plans[exact].forms)} "
-                              f"form in {str(dtype).removeprefix('torch.')}: the Toeplitz-FFT form would compute "
+                forms = "+".join(self.plans[exact].forms)
+                warnings.warn(f"attndsl: {self.spec.name} at N={n} runs the exact {forms} form in "
+                              f"{str(dtype).removeprefix('torch.')}: the Toeplitz-FFT form would compute "
                               f"in float64 to resolve {what} (condition κ = {kappa:.3g} > "
                               f"{precision.limit(dtype):.3g}), which costs more", stacklevel=3)
             return dtype, exact

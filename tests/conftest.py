@@ -85,6 +85,19 @@ def _tvm_threads_kept():
         os.environ["TVM_NUM_THREADS"] = kept
 
 
+def spy_on(monkeypatch, op: str) -> list:
+    """The shapes of the first two inputs (q, k or their features) and the kernels' name of every
+    call of kernel op `op`."""
+    from attndsl import ops
+    seen, real = [], getattr(ops.fast, op)
+
+    def spy(q, k, *rest):
+        seen.append((tuple(q.shape), tuple(k.shape), rest[-1]))
+        return real(q, k, *rest)
+    monkeypatch.setattr(ops.fast, op, spy)
+    return seen
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     a, b = a.double(), b.double()

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from conftest import (RTOL, assert_close, assert_masked_matches_reference, gradcheck_with_table, shared,
-                      shared_form)
+                      shared_form, spy_on)
 
 import attndsl
 from attndsl import config, sampling
@@ -408,19 +408,6 @@ CROSS = {
 def cross_module(name):
     text, plan, _ = CROSS[name]
     return shared(text, plan=plan, heads=H, head_dim=D)
-
-
-def spy_on(monkeypatch, op: str) -> list:
-    """The shapes of the first two inputs (q, k or their features) and the kernels' name of every
-    call of kernel op `op`."""
-    from attndsl import ops
-    seen, real = [], getattr(ops.fast, op)
-
-    def spy(q, k, *rest):
-        seen.append((tuple(q.shape), tuple(k.shape), rest[-1]))
-        return real(q, k, *rest)
-    monkeypatch.setattr(ops.fast, op, spy)
-    return seen
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
