@@ -64,13 +64,18 @@ class Padding:
             empty = no_rows(keys.device)
         return Padding(keys, keys.reshape(-1).nonzero().flatten(), empty.contiguous(), scratch)
 
+    def keys_of(self, rows: int) -> torch.Tensor:
+        """`keys` for k-like tensors of `rows` rows: BH, or a row per kv head of grouped heads
+        (BH / G), whose keys are those of its query rows (one mask per batch element)."""
+        return self.keys if rows == self.keys.shape[0] else self.keys[::self.keys.shape[0] // rows]
+
     def drop(self, x: torch.Tensor, fill: float = 0.0, tag: str = "") -> torch.Tensor:
         """x (BH, N, width) with the padded rows set to `fill`: a copy (differentiable: those rows
         get no gradient) and a fill of the padded rows only; without autograd, into this call's
         scratch buffer `tag` (a fresh tensor of tens of MB costs more in page faults than the
-        copy: docs/performance.md)."""
-        if self.rows is None:
-            return x.masked_fill(self.keys[..., None], fill)
+        copy: docs/performance.md). x may have a row per kv head of grouped heads (keys_of)."""
+        if self.rows is None or x.shape[0] != self.keys.shape[0]:
+            return x.masked_fill(self.keys_of(x.shape[0])[..., None], fill)
         if self.rows.numel() == 0:
             return x
         if self.scratch is None:
@@ -90,9 +95,10 @@ class Padding:
         """out (BH, N, width) with the rows that see no kept key set to 0."""
         return out.masked_fill(self.empty[..., None], 0) if self.empty.numel() else out
 
-    def key_bias(self, dtype) -> torch.Tensor:
-        """(BH, N): KEY_OUT at padded keys, 0 elsewhere."""
-        return torch.zeros(self.keys.shape, dtype=dtype, device=self.keys.device).masked_fill_(self.keys, KEY_OUT)
+    def key_bias(self, dtype, rows: int | None = None) -> torch.Tensor:
+        """(rows, N), rows BH by default (keys_of): KEY_OUT at padded keys, 0 elsewhere."""
+        keys = self.keys_of(self.keys.shape[0] if rows is None else rows)
+        return torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill_(keys, KEY_OUT)
 
 
 _NO_ROWS: dict = {}

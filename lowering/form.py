@@ -92,8 +92,6 @@ def keys_out(kf, params: dict, fill: float = 0.0, tag: str = "kf"):
     pad = params["pad"]
     if pad is None:
         return kf, no_rows(kf.device)
-    if kf.shape[0] != pad.keys.shape[0]:
-        return kf.masked_fill(pad.keys[::pad.keys.shape[0] // kf.shape[0], :, None], fill), pad.empty
     return pad.drop(kf, fill, tag), pad.empty
 
 
@@ -102,10 +100,7 @@ def key_bias(like, params: dict):
     call's padded keys, else 0. With grouped heads (BHK = BH / G) a key row's mask is that of its
     query rows (one mask per batch element)."""
     pad = params["pad"]
-    if pad is None:
-        return like.new_zeros(like.shape[:2])
-    kb = pad.key_bias(like.dtype)
-    return kb if kb.shape[0] == like.shape[0] else kb[::kb.shape[0] // like.shape[0]].contiguous()
+    return like.new_zeros(like.shape[:2]) if pad is None else pad.key_bias(like.dtype, like.shape[0])
 
 
 def rows_seen(out, params: dict):

@@ -421,7 +421,7 @@ def test_the_o_n2_forms_compute_cross_attention_without_padding(name, shape, dty
     seen = spy_on(monkeypatch, CROSS[name][2])
     monkeypatch.setattr(config, "num_threads", lambda: 1)   # grouped heads as rows, whatever the rows
     q = torch.randn(B, H, nq, D)
-    k, v = (torch.randn(B, 1, nk, D) for _ in range(2))     # multi-query: read as it is, or expanded
+    k, v = (torch.randn(B, 1, nk, D) for _ in range(2))     # multi-query: one kv head, read as it is
     mask = padding_mask(nk) if nk > 12 else None
     assert_masked_matches_reference(attn, q, k, v, mask, dtype)
     as_rows = attn.spec.position.name == "none" and not attn.spec.causal     # the grouped heads as rows
