@@ -149,8 +149,8 @@ OPS: dict[str, Op] = {op.name: op for op in [
        "den in each row's units (shifted by the row's largest b); tab a (1, 1) dummy without a position term. "
        "kf and v may have BHK = BH / G rows (grouped heads): query row bh reads key row bh // G.",
        inputs=_POSITIONAL["inputs"], reads=_POSITIONAL["reads"], outputs=_POSITIONAL["outputs"],
-       grads=(_POSITIONAL["grads"][0], ("kf", per_query_row("kf", "qf")), ("v", per_query_row("v", "qf")),
-              _POSITIONAL["grads"][3]), fold=fold_groups("qf", "kf", "v")),
+       grads=(("qf", like("qf")), ("kf", per_query_row("kf", "qf")), ("v", per_query_row("v", "qf")),
+              ("tab", like("tab", zeros=True))), fold=fold_groups("qf", "kf", "v")),
     Op("toeplitz_values", "Σ_j b(i−j) v_j (BH, N, Dv) (FastRPB), b from tab (H, P), by FFT.",
        inputs=("v", "tab"), outputs=(("y", like("v")),), grads=(("v", like("v")), ("tab", like("tab", zeros=True))),
        scalars=(FFT_LENGTH,), saves=False),
